@@ -1,0 +1,536 @@
+"""Quadratic Bregman divergences with a per-leaf Kronecker-factored metric.
+
+For a parameter leaf viewed as a matrix ``W`` of shape ``(m, n)`` the potential is
+
+.. math::
+
+  \\phi(W) = \\tfrac12 \\operatorname{tr}(W^\\top L W R), \\qquad
+  B_\\phi(X, Y) = \\tfrac12 \\operatorname{tr}((X - Y)^\\top L (X - Y) R),
+
+with ``L = A A^T + eps I`` and ``R = B B^T + eps I``, so the metric ``M = R (x) L`` is
+positive definite by construction and ``phi`` is ``eps**2``-strongly convex whatever the
+unconstrained meta-parameters ``A``, ``B`` are. A factor may be dense (``A`` is
+``(d, d)``) or diagonal (``A`` is ``(d,)`` and the factor is ``diag(A**2) + eps``); the
+shape of the meta-parameter says which.
+
+Two further per-leaf families are special cases used as baselines and in checks:
+:class:`DiagonalMetric` (one positive scale per parameter entry, Meta-SGD style) and
+:class:`ScalarMetric` (one positive scale per leaf: a learning rate).
+
+A *divergence* is a pytree with the structure of the parameters whose leaves are
+metric objects; its own leaves are the float meta-parameters, so it can be handed to
+``jax.grad``, ``vmap``, ``pmap`` and any optax meta-optimiser.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metamd_jax import tree_utils
+
+Array = jax.Array
+PyTree = Any
+
+STRUCTURES = ('kronecker', 'diagonal', 'scalar')
+
+
+class KroneckerAxes(NamedTuple):
+  """Which axes of an n-D leaf form the rows and the columns of its matrix view.
+
+  ``rows`` and ``cols`` must together list every axis once. A conv kernel
+  ``(H, W, C_in, C_out)`` uses ``rows=(0, 1, 2)``, ``cols=(3,)`` by default; an
+  attention projection ``(in, heads, head_dim)`` may use ``rows=(0,)``, ``cols=(1, 2)``.
+  """
+
+  rows: tuple[int, ...]
+  cols: tuple[int, ...]
+
+
+DimensionNumbers = Union[
+    None,
+    KroneckerAxes,
+    Callable[[tuple, jax.ShapeDtypeStruct], KroneckerAxes | None],
+    PyTree,
+]
+
+
+# ---------------------------------------------------------------------------
+# Factor helpers: a factor is dense (d, d) or diagonal (d,).
+# ---------------------------------------------------------------------------
+
+
+def factor_matrix(raw: Array, eps: float) -> Array:
+  """``A A^T + eps I`` for a dense raw factor, ``A**2 + eps`` for a diagonal one."""
+  if raw.ndim == 2:
+    return raw @ raw.T + eps * jnp.eye(raw.shape[0], dtype=raw.dtype)
+  return raw * raw + eps
+
+
+def factor_matmul(factor: Array, x: Array, side: str) -> Array:
+  """``F @ x`` (side='left') or ``x @ F`` (side='right'); F symmetric or diagonal."""
+  if factor.ndim == 2:
+    return factor @ x if side == 'left' else x @ factor
+  return factor[:, None] * x if side == 'left' else x * factor[None, :]
+
+
+def factor_solve(factor: Array, x: Array, side: str) -> Array:
+  """``F^{-1} @ x`` (side='left') or ``x @ F^{-1}`` (side='right')."""
+  if factor.ndim == 2:
+    chol = jax.scipy.linalg.cho_factor(factor, lower=True)
+    if side == 'left':
+      return jax.scipy.linalg.cho_solve(chol, x)
+    return jax.scipy.linalg.cho_solve(chol, x.T).T
+  return x / factor[:, None] if side == 'left' else x / factor[None, :]
+
+
+def factor_inverse(factor: Array) -> Array:
+  """Inverse of a symmetric positive-definite dense factor, or of a diagonal one."""
+  if factor.ndim == 2:
+    eye = jnp.eye(factor.shape[0], dtype=factor.dtype)
+    inverse = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(factor, lower=True), eye)
+    return 0.5 * (inverse + inverse.T)
+  return 1.0 / factor
+
+
+def factor_min_eigenvalue(factor: Array) -> Array:
+  if factor.ndim == 2:
+    return jnp.linalg.eigvalsh(factor)[0]
+  return jnp.min(factor)
+
+
+# ---------------------------------------------------------------------------
+# Per-leaf metrics.
+# ---------------------------------------------------------------------------
+
+
+def to_matrix(x: Array, shape: tuple[int, ...], rows: tuple[int, ...],
+              cols: tuple[int, ...]) -> Array:
+  """View a leaf of ``shape`` as a ``(prod(rows), prod(cols))`` matrix."""
+  perm = tuple(rows) + tuple(cols)
+  if perm != tuple(range(len(shape))):
+    x = jnp.transpose(x, perm)
+  return x.reshape(math.prod(shape[a] for a in rows), math.prod(shape[a] for a in cols))
+
+
+def from_matrix(x: Array, shape: tuple[int, ...], rows: tuple[int, ...],
+                cols: tuple[int, ...]) -> Array:
+  """Inverse of :func:`to_matrix`."""
+  perm = tuple(rows) + tuple(cols)
+  x = x.reshape(tuple(shape[a] for a in perm))
+  if perm != tuple(range(len(shape))):
+    x = jnp.transpose(x, np.argsort(perm))
+  return x
+
+
+@dataclasses.dataclass(frozen=True)
+class KroneckerMetric:
+  """Metric ``M = R (x) L`` on a leaf viewed as a ``(rows, cols)`` matrix.
+
+  Attributes:
+    left: raw factor ``A``, ``(m, m)`` dense or ``(m,)`` diagonal; ``L = A A^T + eps I``.
+    right: raw factor ``B``, ``(n, n)`` dense or ``(n,)`` diagonal; ``R = B B^T + eps I``.
+    shape: shape of the parameter leaf this metric is for (static).
+    rows: axes of the leaf forming the matrix rows (static).
+    cols: axes of the leaf forming the matrix columns (static).
+    eps: eigenvalue floor of each factor (static).
+  """
+
+  left: Array
+  right: Array
+  shape: tuple[int, ...]
+  rows: tuple[int, ...]
+  cols: tuple[int, ...]
+  eps: float
+
+  @property
+  def matrix_shape(self) -> tuple[int, int]:
+    m = math.prod(self.shape[a] for a in self.rows)
+    n = math.prod(self.shape[a] for a in self.cols)
+    return m, n
+
+  def to_matrix(self, x: Array) -> Array:
+    return to_matrix(x, self.shape, self.rows, self.cols)
+
+  def from_matrix(self, x: Array) -> Array:
+    return from_matrix(x, self.shape, self.rows, self.cols)
+
+  def factors(self) -> tuple[Array, Array]:
+    """The positive-definite factors ``(L, R)`` (dense matrices or diagonals)."""
+    return factor_matrix(self.left, self.eps), factor_matrix(self.right, self.eps)
+
+  def apply(self, x: Array) -> Array:
+    """``M x``, i.e. ``L X R``: the gradient of the potential at ``x``."""
+    left, right = self.factors()
+    xm = self.to_matrix(x.astype(self.left.dtype))
+    return self.from_matrix(factor_matmul(right, factor_matmul(left, xm, 'left'), 'right'))
+
+  def solve(self, x: Array) -> Array:
+    """``M^{-1} x``, i.e. ``L^{-1} X R^{-1}``, by Cholesky solves (differentiable)."""
+    left, right = self.factors()
+    xm = self.to_matrix(x.astype(self.left.dtype))
+    return self.from_matrix(factor_solve(right, factor_solve(left, xm, 'left'), 'right'))
+
+  def inverse(self) -> KroneckerPreconditioner:
+    left, right = self.factors()
+    return KroneckerPreconditioner(
+        left=factor_inverse(left), right=factor_inverse(right),
+        shape=self.shape, rows=self.rows, cols=self.cols)
+
+  def min_eigenvalue(self) -> Array:
+    left, right = self.factors()
+    return factor_min_eigenvalue(left) * factor_min_eigenvalue(right)
+
+  def floor(self) -> float:
+    return self.eps * self.eps
+
+
+@dataclasses.dataclass(frozen=True)
+class DiagonalMetric:
+  """Elementwise metric ``diag(a**2 + eps)`` with ``a`` of the leaf's shape."""
+
+  scale: Array
+  shape: tuple[int, ...]
+  eps: float
+
+  def values(self) -> Array:
+    return self.scale * self.scale + self.eps
+
+  def apply(self, x: Array) -> Array:
+    return self.values() * x.astype(self.scale.dtype)
+
+  def solve(self, x: Array) -> Array:
+    return x.astype(self.scale.dtype) / self.values()
+
+  def inverse(self) -> ElementwisePreconditioner:
+    return ElementwisePreconditioner(scale=1.0 / self.values(), shape=self.shape)
+
+  def min_eigenvalue(self) -> Array:
+    return jnp.min(self.values())
+
+  def floor(self) -> float:
+    return self.eps
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalarMetric:
+  """Isotropic metric ``(a**2 + eps) I`` with a scalar ``a``: a learned step size."""
+
+  scale: Array
+  shape: tuple[int, ...]
+  eps: float
+
+  def values(self) -> Array:
+    return self.scale * self.scale + self.eps
+
+  def apply(self, x: Array) -> Array:
+    return self.values() * x.astype(self.scale.dtype)
+
+  def solve(self, x: Array) -> Array:
+    return x.astype(self.scale.dtype) / self.values()
+
+  def inverse(self) -> ElementwisePreconditioner:
+    return ElementwisePreconditioner(scale=1.0 / self.values(), shape=self.shape)
+
+  def min_eigenvalue(self) -> Array:
+    return self.values()
+
+  def floor(self) -> float:
+    return self.eps
+
+
+@dataclasses.dataclass(frozen=True)
+class KroneckerPreconditioner:
+  """Cached inverse factors ``P = L^{-1}``, ``Q = R^{-1}``: ``apply(G) = P G Q``."""
+
+  left: Array
+  right: Array
+  shape: tuple[int, ...]
+  rows: tuple[int, ...]
+  cols: tuple[int, ...]
+
+  def apply(self, x: Array) -> Array:
+    xm = to_matrix(x.astype(self.left.dtype), self.shape, self.rows, self.cols)
+    out = factor_matmul(self.right, factor_matmul(self.left, xm, 'left'), 'right')
+    return from_matrix(out, self.shape, self.rows, self.cols)
+
+
+@dataclasses.dataclass(frozen=True)
+class ElementwisePreconditioner:
+  """Cached elementwise (or scalar) inverse metric."""
+
+  scale: Array
+  shape: tuple[int, ...]
+
+  def apply(self, x: Array) -> Array:
+    return self.scale * x.astype(self.scale.dtype)
+
+
+for _cls, _data, _meta in (
+    (KroneckerMetric, ['left', 'right'], ['shape', 'rows', 'cols', 'eps']),
+    (DiagonalMetric, ['scale'], ['shape', 'eps']),
+    (ScalarMetric, ['scale'], ['shape', 'eps']),
+    (KroneckerPreconditioner, ['left', 'right'], ['shape', 'rows', 'cols']),
+    (ElementwisePreconditioner, ['scale'], ['shape']),
+):
+  jax.tree_util.register_dataclass(_cls, data_fields=_data, meta_fields=_meta)
+
+Metric = Union[KroneckerMetric, DiagonalMetric, ScalarMetric]
+METRIC_TYPES = (KroneckerMetric, DiagonalMetric, ScalarMetric)
+PRECONDITIONER_TYPES = (KroneckerPreconditioner, ElementwisePreconditioner)
+
+
+def is_metric(x: Any) -> bool:
+  return isinstance(x, METRIC_TYPES)
+
+
+def is_preconditioner(x: Any) -> bool:
+  return isinstance(x, PRECONDITIONER_TYPES)
+
+
+# ---------------------------------------------------------------------------
+# Construction.
+# ---------------------------------------------------------------------------
+
+
+def default_axes(shape: Sequence[int]) -> KroneckerAxes | None:
+  """Rows = all axes but the last, cols = the last (flax ``(in, out)`` layout).
+
+  1-D leaves get ``rows=(0,)``, ``cols=()`` (a factor over their length and a positive
+  scalar); scalars return ``None`` (a scalar metric).
+  """
+  ndim = len(shape)
+  if ndim == 0:
+    return None
+  if ndim == 1:
+    return KroneckerAxes(rows=(0,), cols=())
+  return KroneckerAxes(rows=tuple(range(ndim - 1)), cols=(ndim - 1,))
+
+
+def _resolve_axes(dimension_numbers: DimensionNumbers, params: PyTree) -> list:
+  """One ``KroneckerAxes | None`` per params leaf, in flattening order."""
+  leaves_with_path = jax.tree_util.tree_flatten_with_path(params)[0]
+  if dimension_numbers is None:
+    return [default_axes(np.shape(leaf)) for _, leaf in leaves_with_path]
+  if isinstance(dimension_numbers, KroneckerAxes):
+    return [dimension_numbers] * len(leaves_with_path)
+  if callable(dimension_numbers):
+    return [dimension_numbers(path, jax.ShapeDtypeStruct(np.shape(leaf), jnp.result_type(leaf)))
+            for path, leaf in leaves_with_path]
+  # A pytree with the params' structure whose leaves are KroneckerAxes or None.
+  axes = jax.tree_util.tree_flatten(
+      dimension_numbers, is_leaf=lambda x: x is None or isinstance(x, KroneckerAxes))[0]
+  if len(axes) != len(leaves_with_path):
+    raise ValueError(
+        f'dimension_numbers has {len(axes)} entries but params have '
+        f'{len(leaves_with_path)} leaves; give one KroneckerAxes (or None for the '
+        'default) per leaf, or a callable (path, leaf) -> KroneckerAxes | None.')
+  return [a if a is not None else default_axes(np.shape(leaf))
+          for a, (_, leaf) in zip(axes, leaves_with_path)]
+
+
+def _check_axes(path: tuple, shape: tuple[int, ...], axes: KroneckerAxes) -> KroneckerAxes:
+  ndim = len(shape)
+  rows = tuple(int(a) % ndim for a in axes.rows) if ndim else ()
+  cols = tuple(int(a) % ndim for a in axes.cols) if ndim else ()
+  if sorted(rows + cols) != list(range(ndim)):
+    raise ValueError(
+        f'KroneckerAxes(rows={axes.rows}, cols={axes.cols}) for leaf '
+        f'{jax.tree_util.keystr(path)} of shape {shape} must list every axis exactly once.')
+  return KroneckerAxes(rows, cols)
+
+
+def _sqrt_floor_gap(value: float, eps: float, what: str) -> float:
+  if not value > eps:
+    raise ValueError(
+        f'{what} = {value:g} must exceed the eigenvalue floor eps = {eps:g} to reproduce '
+        'SGD; lower eps or the learning rate.')
+  return math.sqrt(value - eps)
+
+
+def init_divergence(
+    params: PyTree,
+    learning_rate: float,
+    *,
+    structure: str = 'kronecker',
+    eps: float = 1e-3,
+    max_factor_size: int = 2048,
+    dimension_numbers: DimensionNumbers = None,
+    dtype: Any = jnp.float32,
+) -> PyTree:
+  """Meta-parameters of a divergence whose mirror step is SGD with ``learning_rate``.
+
+  For the Kronecker structure each factor starts at ``L = R = I / sqrt(lr)``, so
+  ``M^{-1} g = lr * g`` exactly; the diagonal and scalar structures start at ``1 / lr``.
+
+  Args:
+    params: the model parameters (any pytree of arrays, e.g. flax ``variables['params']``).
+    learning_rate: positive SGD learning rate that the initial divergence reproduces.
+    structure: ``'kronecker'`` (default), ``'diagonal'`` (one scale per entry) or
+      ``'scalar'`` (one scale per leaf).
+    eps: eigenvalue floor of every factor; the potential is ``eps**2``-strongly convex
+      (Kronecker) or ``eps``-strongly convex (diagonal, scalar).
+    max_factor_size: factors over more than this many rows (or columns) are diagonal
+      instead of dense, so a wide embedding does not allocate a huge dense factor.
+    dimension_numbers: how n-D leaves are viewed as matrices: ``None`` (all axes but the
+      last are rows), one :class:`KroneckerAxes` for every leaf, a pytree of them (or
+      ``None``) with the params' structure, or a callable ``(path, leaf) -> axes``.
+    dtype: float dtype of the meta-parameters.
+
+  Returns:
+    The divergence: a pytree with the params' structure whose leaves are metrics.
+
+  Examples:
+    >>> import jax.numpy as jnp, metamd_jax
+    >>> params = {'w': jnp.ones((3, 2)), 'b': jnp.zeros(2)}
+    >>> divergence = metamd_jax.init_divergence(params, learning_rate=0.1)
+    >>> grads = {'w': jnp.ones((3, 2)), 'b': jnp.ones(2)}
+    >>> new = metamd_jax.mirror_step(divergence, params, grads)
+    >>> bool(jnp.allclose(new['w'], 0.9))
+    True
+  """
+  if structure not in STRUCTURES:
+    raise ValueError(f'structure must be one of {STRUCTURES}, got {structure!r}.')
+  if not isinstance(learning_rate, (int, float, np.floating, np.integer)) or isinstance(
+      learning_rate, bool):
+    raise TypeError(f'learning_rate must be a Python float, got {type(learning_rate)}.')
+  if not math.isfinite(learning_rate) or learning_rate <= 0:
+    raise ValueError(f'learning_rate must be positive and finite, got {learning_rate}.')
+  if not (math.isfinite(eps) and eps > 0):
+    raise ValueError(f'eps must be positive and finite, got {eps}.')
+  if max_factor_size < 1:
+    raise ValueError(f'max_factor_size must be >= 1, got {max_factor_size}.')
+
+  leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+  axes_per_leaf = _resolve_axes(dimension_numbers, params)
+  metrics = []
+  for (path, leaf), axes in zip(leaves_with_path, axes_per_leaf):
+    shape = tuple(np.shape(leaf))
+    if structure == 'scalar' or (structure == 'kronecker' and axes is None):
+      gap = _sqrt_floor_gap(1.0 / learning_rate, eps, '1 / learning_rate')
+      metrics.append(ScalarMetric(jnp.asarray(gap, dtype), shape, eps))
+    elif structure == 'diagonal':
+      gap = _sqrt_floor_gap(1.0 / learning_rate, eps, '1 / learning_rate')
+      metrics.append(DiagonalMetric(jnp.full(shape, gap, dtype), shape, eps))
+    else:
+      axes = _check_axes(path, shape, axes)
+      gap = _sqrt_floor_gap(learning_rate ** -0.5, eps, '1 / sqrt(learning_rate)')
+      m = math.prod(shape[a] for a in axes.rows)
+      n = math.prod(shape[a] for a in axes.cols)
+
+      left, right = (jnp.full((d,), gap, dtype) if d > max_factor_size
+                     else gap * jnp.eye(d, dtype=dtype) for d in (m, n))
+      metrics.append(KroneckerMetric(left, right, shape, axes.rows, axes.cols, eps))
+  return jax.tree_util.tree_unflatten(treedef, metrics)
+
+
+# ---------------------------------------------------------------------------
+# Whole-divergence operations.
+# ---------------------------------------------------------------------------
+
+
+def check_divergence(divergence: PyTree) -> None:
+  """Raise ``ValueError`` if any concrete meta-parameter is NaN or infinite.
+
+  Traced values (inside ``jit``) cannot be inspected and are skipped.
+  """
+  metric_paths = jax.tree_util.tree_flatten_with_path(divergence, is_leaf=is_metric)[0]
+  if not metric_paths or not all(is_metric(m) for _, m in metric_paths):
+    raise TypeError('expected a divergence (a pytree of metrics from init_divergence), got '
+                    f'{type(divergence).__name__}.')
+  for path, metric in metric_paths:
+    for field_path, value in jax.tree_util.tree_flatten_with_path(metric)[0]:
+      if isinstance(value, jax.core.Tracer):
+        continue
+      if not np.all(np.isfinite(np.asarray(value))):
+        raise ValueError(
+            f'divergence leaf {jax.tree_util.keystr(path)}{jax.tree_util.keystr(field_path)} '
+            'has non-finite meta-parameters (NaN or inf).')
+
+
+def apply_metric(divergence: PyTree, tree: PyTree) -> PyTree:
+  """``M x`` leaf by leaf: the gradient of the potential at ``tree``."""
+  return tree_utils.map_metrics(lambda m, x: m.apply(x), divergence, tree, is_leaf=is_metric)
+
+
+def solve_metric(divergence: PyTree, tree: PyTree) -> PyTree:
+  """``M^{-1} x`` leaf by leaf (exact, via the factor structure)."""
+  return tree_utils.map_metrics(lambda m, x: m.solve(x), divergence, tree, is_leaf=is_metric)
+
+
+def preconditioner(divergence: PyTree) -> PyTree:
+  """Cached inverse of every metric: apply with :func:`precondition`."""
+  return jax.tree.map(lambda m: m.inverse(), divergence, is_leaf=is_metric)
+
+
+def precondition(inverse: PyTree, tree: PyTree) -> PyTree:
+  """Apply cached inverse metrics (from :func:`preconditioner`): matrix products only.
+
+  The result has the dtype of ``tree``'s leaves.
+  """
+  return tree_utils.map_metrics(lambda p, x: p.apply(x).astype(x.dtype), inverse, tree,
+                                is_leaf=is_preconditioner, name='updates')
+
+
+def bregman_divergence(divergence: PyTree, x: PyTree, y: PyTree) -> Array:
+  """``B(x, y) = 1/2 <x - y, M (x - y)>`` summed over leaves (a scalar).
+
+  Args:
+    divergence: the divergence (from :func:`init_divergence`).
+    x: first point, with the params' structure.
+    y: second point, with the params' structure.
+
+  Returns:
+    The non-negative scalar ``B(x, y)``.
+  """
+  check_divergence(divergence)
+  diff = jax.tree.map(lambda a, b: jnp.asarray(a) - jnp.asarray(b), x, y)
+
+  def leaf_term(metric, d):
+    md = metric.apply(d)
+    return 0.5 * jnp.vdot(md, d.astype(md.dtype))
+
+  terms = tree_utils.map_metrics(leaf_term, divergence, diff, is_leaf=is_metric, name='x - y')
+  return sum(jax.tree.leaves(terms), jnp.zeros((), jnp.float32))
+
+
+def strong_convexity(divergence: PyTree) -> tuple[Array, float]:
+  """``(sigma, floor)``: the potential's strong-convexity constant and its guaranteed floor.
+
+  ``sigma`` is the smallest eigenvalue of the metric over all leaves (computed by
+  eigendecomposition, for reporting); ``floor`` is the lower bound that holds by
+  construction for any meta-parameters (``eps**2`` for Kronecker factors).
+  """
+  metrics = jax.tree.leaves(divergence, is_leaf=is_metric)
+  sigma = jnp.min(jnp.stack([m.min_eigenvalue() for m in metrics]))
+  return sigma, min(m.floor() for m in metrics)
+
+
+def convergence_bound(divergence: PyTree, distance: float, gradient_bound: float,
+                      num_steps: int) -> Array:
+  """The guarantee of mirror descent with this divergence (step size folded in).
+
+  ``B(theta*, theta_1) / T + G^2 / (2 sigma)`` with ``B(theta*, theta_1)`` bounded by
+  ``lambda_max(M) D^2 / 2`` for ``||theta* - theta_1|| <= D`` and ``E||g||^2 <= G^2``.
+  """
+  metrics = jax.tree.leaves(divergence, is_leaf=is_metric)
+  sigma, _ = strong_convexity(divergence)
+  lam_max = jnp.max(jnp.stack([_max_eigenvalue(m) for m in metrics]))
+  return lam_max * distance ** 2 / (2 * num_steps) + gradient_bound ** 2 / (2 * sigma)
+
+
+def _max_eigenvalue(metric: Metric) -> Array:
+  if isinstance(metric, KroneckerMetric):
+    left, right = metric.factors()
+
+    def top(f):
+      return jnp.linalg.eigvalsh(f)[-1] if f.ndim == 2 else jnp.max(f)
+
+    return top(left) * top(right)
+  return jnp.max(metric.values())

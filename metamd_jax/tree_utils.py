@@ -1,0 +1,74 @@
+"""Pairing a divergence (a pytree of per-leaf metrics) with trees of arrays."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+
+PyTree = Any
+
+
+def _is_masked(x: Any) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def _describe(paths) -> str:
+  shown = ', '.join(jax.tree_util.keystr(p) for p in list(paths)[:5])
+  return shown + (', ...' if len(paths) > 5 else '')
+
+
+def map_metrics(
+    fn: Callable[..., Any],
+    divergence: PyTree,
+    *trees: PyTree,
+    is_leaf: Callable[[Any], bool],
+    name: str = 'params',
+) -> PyTree:
+  """``fn(node, *leaves)`` for each divergence node and the matching leaves of ``trees``.
+
+  ``trees`` must have the structure the divergence was built for and the same leaf
+  shapes; leaves that are ``optax.MaskedNode`` (from ``optax.masked``) pass through.
+
+  Raises:
+    ValueError: naming the leaf path (and both shapes) where a tree does not match.
+  """
+  nodes_with_path, treedef = jax.tree_util.tree_flatten_with_path(divergence, is_leaf=is_leaf)
+  flat_trees = []
+  for tree in trees:
+    leaves_with_path, tree_def = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_masked)
+    if tree_def != treedef:
+      div_paths = {p for p, _ in nodes_with_path}
+      tree_paths = {p for p, _ in leaves_with_path}
+      only_div = sorted(div_paths - tree_paths, key=str)
+      only_tree = sorted(tree_paths - div_paths, key=str)
+      detail = []
+      if only_div:
+        detail.append(f'leaves only in the divergence: {_describe(only_div)}')
+      if only_tree:
+        detail.append(f'leaves only in {name}: {_describe(only_tree)}')
+      if not detail:
+        detail.append(f'divergence structure {treedef} vs {name} structure {tree_def}')
+      raise ValueError(
+          f'{name} do not have the structure the divergence was built for; '
+          + '; '.join(detail) + '.')
+    for (path, node), (_, leaf) in zip(nodes_with_path, leaves_with_path):
+      if _is_masked(leaf):
+        continue
+      shape = tuple(getattr(leaf, 'shape', ()))
+      if shape != tuple(node.shape):
+        raise ValueError(
+            f'{name} leaf {jax.tree_util.keystr(path)} has shape {shape} but the '
+            f'divergence was built for shape {tuple(node.shape)}.')
+    flat_trees.append([leaf for _, leaf in leaves_with_path])
+
+  outputs = []
+  for i, (_, node) in enumerate(nodes_with_path):
+    leaves = [flat[i] for flat in flat_trees]
+    if any(_is_masked(leaf) for leaf in leaves):
+      outputs.append(leaves[0])
+    else:
+      outputs.append(fn(node, *leaves))
+  return jax.tree_util.tree_unflatten(treedef, outputs)

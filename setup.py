@@ -1,0 +1,41 @@
+"""Installation of metamd_jax: `pip install -e '.[test]'`."""
+
+import pathlib
+import re
+
+from setuptools import find_packages, setup
+
+_here = pathlib.Path(__file__).parent
+_version = re.search(r"__version__ = '([^']+)'",
+                     (_here / 'metamd_jax' / '__init__.py').read_text()).group(1)
+
+setup(
+    name='metamd-jax',
+    version=_version,
+    description='Meta Mirror Descent: meta-learned Kronecker Bregman divergences as optax '
+                'optimisers, with a convergence guarantee.',
+    long_description=(_here / 'README.md').read_text(),
+    long_description_content_type='text/markdown',
+    packages=find_packages(include=['metamd_jax', 'metamd_jax.*']),
+    python_requires='>=3.11',
+    install_requires=[
+        'jax>=0.4.35',
+        'jaxlib>=0.4.35',
+        'optax>=0.2.4',
+        'flax>=0.10',
+        'chex>=0.1.87',
+        'ml_collections>=0.1.1',
+        'numpy>=1.26',
+    ],
+    extras_require={
+        'test': [
+            'pytest>=8',
+            'ruff>=0.6',
+        ],
+    },
+    license='Apache-2.0',
+    classifiers=[
+        'Programming Language :: Python :: 3',
+        'Topic :: Scientific/Engineering :: Artificial Intelligence',
+    ],
+)

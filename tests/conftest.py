@@ -1,0 +1,56 @@
+"""Shared fixtures and independent references for the tests."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+
+@pytest.fixture
+def x64():
+  """Run a test with float64 enabled (and restore the previous setting after)."""
+  previous = jax.config.jax_enable_x64
+  jax.config.update('jax_enable_x64', True)
+  yield
+  jax.config.update('jax_enable_x64', previous)
+
+
+def randomize(divergence, seed, scale=1.0, dtype=None):
+  """Replace every meta-parameter by Gaussian noise (a random divergence)."""
+  leaves, treedef = jax.tree_util.tree_flatten(divergence)
+  rng = np.random.default_rng(seed)
+  new = [jnp.asarray(scale * rng.standard_normal(np.shape(x)), dtype or x.dtype) for x in leaves]
+  return jax.tree_util.tree_unflatten(treedef, new)
+
+
+def dense_factor(raw, eps):
+  """``A A^T + eps I`` (dense raw) or ``diag(a^2 + eps)`` (diagonal raw), in numpy float64."""
+  raw = np.asarray(raw, np.float64)
+  if raw.ndim == 2:
+    return raw @ raw.T + eps * np.eye(raw.shape[0])
+  return np.diag(raw * raw + eps)
+
+
+def dense_metric(metric):
+  """The full ``(size x size)`` metric acting on the row-major flattened leaf.
+
+  Built from the definition alone: for a leaf whose matrix view is ``W`` (rows x cols,
+  row-major), ``vec_r(L W R) = (L kron R) vec_r(W)``; axes are permuted explicitly.
+  """
+  import metamd_jax
+
+  size = int(np.prod(metric.shape))
+  if isinstance(metric, metamd_jax.ScalarMetric):
+    return float(np.asarray(metric.scale, np.float64) ** 2 + metric.eps) * np.eye(size)
+  if isinstance(metric, metamd_jax.DiagonalMetric):
+    values = np.asarray(metric.scale, np.float64).ravel() ** 2 + metric.eps
+    return np.diag(values)
+  left = dense_factor(metric.left, metric.eps)
+  right = dense_factor(metric.right, metric.eps)
+  m_perm = np.kron(left, right)  # acts on the permuted leaf, row-major
+  perm = tuple(metric.rows) + tuple(metric.cols)
+  # index map: position in the permuted flattening -> position in the original flattening
+  idx = np.arange(size).reshape(metric.shape).transpose(perm).ravel()
+  dense = np.zeros((size, size))
+  dense[np.ix_(idx, idx)] = m_perm
+  return dense

@@ -1,0 +1,181 @@
+"""The optax transformation against optax's own optimisers and dense references."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import randomize
+
+import metamd_jax
+from metamd_jax import models
+
+
+def _model_and_batch(name):
+  rng = np.random.default_rng(0)
+  if name == 'mlp':
+    model = models.MLP(hidden_sizes=(32, 16), num_classes=5)
+    x = rng.standard_normal((8, 12)).astype(np.float32)
+  else:
+    model = models.CNN(channels=(4, 6), num_classes=5)
+    x = rng.standard_normal((8, 8, 8, 1)).astype(np.float32)
+  y = rng.integers(0, 5, size=8)
+  params = model.init(jax.random.key(0), x)['params']
+
+  def loss(p):
+    logits = model.apply({'params': p}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  return params, loss
+
+
+def _run(optimizer, params, loss, steps=5):
+  state = optimizer.init(params)
+
+  @jax.jit
+  def step(params, state):
+    grads = jax.grad(loss)(params)
+    updates, state = optimizer.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  for _ in range(steps):
+    params, state = step(params, state)
+  return params
+
+
+@pytest.mark.parametrize('model', ['mlp', 'cnn'])
+def test_initial_divergence_reproduces_sgd(model):
+  params, loss = _model_and_batch(model)
+  divergence = metamd_jax.init_divergence(params, 0.05)
+  ours = _run(metamd_jax.metamd(divergence), params, loss)
+  reference = _run(optax.sgd(0.05), params, loss)
+  chex.assert_trees_all_close(ours, reference, rtol=1e-6, atol=1e-6)
+
+
+def _chains(divergence, lr):
+  """Pairs (ours, optax reference) that must agree when the divergence is SGD(lr)."""
+  return {
+      'chain': (
+          optax.chain(optax.clip_by_global_norm(0.1), optax.add_decayed_weights(1e-2),
+                      metamd_jax.metamd(divergence)),
+          optax.chain(optax.clip_by_global_norm(0.1), optax.add_decayed_weights(1e-2),
+                      optax.sgd(lr)),
+      ),
+      'schedule': (
+          metamd_jax.metamd(divergence, optax.linear_schedule(1.0, 0.2, 4)),
+          optax.sgd(optax.linear_schedule(lr, 0.2 * lr, 4)),
+      ),
+      'multi_steps': (
+          optax.MultiSteps(metamd_jax.metamd(divergence), every_k_schedule=2),
+          optax.MultiSteps(optax.sgd(lr), every_k_schedule=2),
+      ),
+      'masked': (
+          optax.chain(optax.masked(metamd_jax.metamd(divergence),
+                                   lambda p: jax.tree.map(lambda x: x.ndim > 1, p)),
+                      optax.masked(optax.sgd(3 * lr),
+                                   lambda p: jax.tree.map(lambda x: x.ndim <= 1, p))),
+          optax.chain(optax.masked(optax.sgd(lr),
+                                   lambda p: jax.tree.map(lambda x: x.ndim > 1, p)),
+                      optax.masked(optax.sgd(3 * lr),
+                                   lambda p: jax.tree.map(lambda x: x.ndim <= 1, p))),
+      ),
+      'apply_if_finite': (
+          optax.apply_if_finite(metamd_jax.metamd(divergence), max_consecutive_errors=3),
+          optax.apply_if_finite(optax.sgd(lr), max_consecutive_errors=3),
+      ),
+  }
+
+
+@pytest.mark.parametrize('name', ['chain', 'schedule', 'multi_steps', 'masked',
+                                  'apply_if_finite'])
+def test_composes_with_optax_wrappers(name):
+  params, loss = _model_and_batch('mlp')
+  divergence = metamd_jax.init_divergence(params, 0.05)
+  ours, reference = _chains(divergence, 0.05)[name]
+  chex.assert_trees_all_close(_run(ours, params, loss), _run(reference, params, loss),
+                              rtol=1e-6, atol=1e-6)
+
+
+def test_apply_if_finite_skips_non_finite_gradients():
+  params, _ = _model_and_batch('mlp')
+  divergence = metamd_jax.init_divergence(params, 0.05)
+  optimizer = optax.apply_if_finite(metamd_jax.metamd(divergence), max_consecutive_errors=3)
+  state = optimizer.init(params)
+  bad = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), params)
+  updates, state = optimizer.update(bad, state, params)
+  assert int(state.notfinite_count) == 1
+  chex.assert_trees_all_close(updates, jax.tree.map(jnp.zeros_like, params))
+
+
+def test_inject_hyperparams_learning_rate():
+  params, loss = _model_and_batch('mlp')
+  divergence = randomize(metamd_jax.init_divergence(params, 0.05), seed=1, scale=0.5)
+  optimizer = optax.inject_hyperparams(metamd_jax.metamd)(divergence=divergence,
+                                                           learning_rate=0.5)
+  state = optimizer.init(params)
+  grads = jax.grad(loss)(params)
+  updates, state = optimizer.update(grads, state, params)
+  direction, _ = metamd_jax.scale_by_mirror_descent(divergence).update(
+      grads, metamd_jax.scale_by_mirror_descent(divergence).init(params))
+  chex.assert_trees_all_close(updates, jax.tree.map(lambda d: -0.5 * d, direction),
+                              rtol=1e-6, atol=1e-8)
+  state.hyperparams['learning_rate'] = jnp.asarray(0.25)
+  updates, state = optimizer.update(grads, state, params)
+  chex.assert_trees_all_close(updates, jax.tree.map(lambda d: -0.25 * d, direction),
+                              rtol=1e-6, atol=1e-8)
+
+
+def test_jitted_update_does_not_recompile():
+  params, loss = _model_and_batch('cnn')
+  divergence = randomize(metamd_jax.init_divergence(params, 0.05), seed=2, scale=0.3)
+  optimizer = metamd_jax.metamd(divergence)
+  traces = []
+
+  @jax.jit
+  def update(grads, state, params):
+    traces.append(1)
+    return optimizer.update(grads, state, params)
+
+  state = optimizer.init(params)
+  grads = jax.grad(loss)(params)
+  for _ in range(3):
+    updates, state = update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  assert len(traces) == 1
+
+
+def test_update_is_matrix_products_only():
+  """No solve, Cholesky, root or eigendecomposition in the per-step update."""
+  params, loss = _model_and_batch('cnn')
+  divergence = randomize(metamd_jax.init_divergence(params, 0.05), seed=3, scale=0.3)
+  optimizer = metamd_jax.metamd(divergence)
+  state = optimizer.init(params)
+  grads = jax.grad(loss)(params)
+  jaxpr = str(jax.make_jaxpr(optimizer.update)(grads, state, params))
+  assert 'dot_general' in jaxpr
+  for primitive in ('cholesky', 'triangular_solve', 'eigh', 'sqrt', 'lu', 'svd',
+                    'custom_linear_solve'):
+    assert primitive not in jaxpr, primitive
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_keeps_parameter_dtype(dtype):
+  params, loss = _model_and_batch('mlp')
+  params = jax.tree.map(lambda x: x.astype(dtype), params)
+  divergence = randomize(metamd_jax.init_divergence(params, 0.05), seed=4, scale=0.3)
+  optimizer = metamd_jax.metamd(divergence, 0.5)
+  grads = jax.tree.map(lambda x: x.astype(dtype), jax.grad(loss)(params))
+  updates, _ = jax.jit(optimizer.update)(grads, optimizer.init(params), params)
+  new = optax.apply_updates(params, updates)
+  for leaf in jax.tree.leaves(new):
+    assert leaf.dtype == dtype
+  assert jax.tree.leaves(metamd_jax.mirror_step(divergence, params, grads))[0].dtype == dtype
+
+
+@pytest.mark.parametrize('learning_rate', [0.0, -0.1, float('nan')])
+def test_metamd_rejects_bad_learning_rate(learning_rate):
+  params, _ = _model_and_batch('mlp')
+  divergence = metamd_jax.init_divergence(params, 0.05)
+  with pytest.raises(ValueError, match='learning_rate'):
+    metamd_jax.metamd(divergence, learning_rate)
