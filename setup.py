@@ -26,6 +26,9 @@ setup(
         'chex>=0.1.87',
         'ml_collections>=0.1.1',
         'numpy>=1.26',
+        'scikit-learn>=1.3',
+        'mlxtend>=0.23',
+        'mnist1d>=0.0.2',
     ],
     extras_require={
         'test': [

@@ -11,7 +11,10 @@ from metamd_jax.divergence import (
     init_divergence,
     strong_convexity,
 )
+from metamd_jax.inner_loop import Rollout, rollout
 from metamd_jax.mirror import mirror_step
+from metamd_jax.objectives import MetaGradient, meta_gradient, regret_bound, unrolled_loss
+from metamd_jax.tasks.base import Task, TaskFamily
 from metamd_jax.transform import ScaleByMirrorDescentState, metamd, scale_by_mirror_descent
 
 __version__ = '0.1.0'
@@ -20,14 +23,22 @@ __all__ = (
     'DiagonalMetric',
     'KroneckerAxes',
     'KroneckerMetric',
+    'MetaGradient',
+    'Rollout',
     'ScalarMetric',
     'ScaleByMirrorDescentState',
+    'Task',
+    'TaskFamily',
     'bregman_divergence',
     'check_divergence',
     'convergence_bound',
     'init_divergence',
+    'meta_gradient',
     'metamd',
     'mirror_step',
+    'regret_bound',
+    'rollout',
     'scale_by_mirror_descent',
     'strong_convexity',
+    'unrolled_loss',
 )

@@ -1,4 +1,4 @@
-"""The mirror-descent step: the closed-form argmin of the strongly convex sub-problem."""
+"""The mirror-descent step: closed form forward, implicit differentiation backward."""
 
 from __future__ import annotations
 
@@ -8,11 +8,51 @@ import jax
 import jax.numpy as jnp
 
 from metamd_jax import divergence as divergence_lib
+from metamd_jax import implicit_diff, linear_solve
 
 PyTree = Any
 
 
-def mirror_step(divergence: PyTree, params: PyTree, grads: PyTree) -> PyTree:
+def step_optimality(new_params: PyTree, divergence: PyTree, params: PyTree,
+                    grads: PyTree) -> PyTree:
+  """``F = grad phi(x+) - grad phi(x) + g = M (x+ - x) + g``: zero at the mirror step."""
+  diff = jax.tree.map(lambda a, b: a - b.astype(a.dtype), new_params, params)
+  moved = divergence_lib.apply_metric(divergence, diff)
+  return jax.tree.map(lambda m, g: m + g.astype(m.dtype), moved, grads)
+
+
+def exact_solver(matvec, b, divergence, *unused_args):
+  """The adjoint system of the step is ``M u = v``; solve it with the Kronecker inverse."""
+  del matvec
+  return divergence_lib.solve_metric(divergence, b)
+
+
+def make_solver(solver: str | linear_solve.Solver = 'exact', **options) -> linear_solve.Solver:
+  """A solver for the step's adjoint system: ``'exact'``, ``'cg'``, ``'neumann'``, ``'dense'``.
+
+  ``options`` (e.g. ``tol``, ``maxiter``) go to the matrix-free solvers.
+  """
+  if callable(solver):
+    return solver
+  if solver == 'exact':
+    if options:
+      raise ValueError(f'the exact solver takes no options, got {sorted(options)}.')
+    return exact_solver
+  factories = {'cg': linear_solve.conjugate_gradient, 'neumann': linear_solve.neumann_series,
+               'dense': linear_solve.dense}
+  if solver not in factories:
+    raise ValueError(
+        f"unknown solver {solver!r}; expected one of {('exact', *factories)} or a callable.")
+  return factories[solver](**options)
+
+
+def _closed_form(divergence: PyTree, params: PyTree, grads: PyTree) -> PyTree:
+  direction = divergence_lib.solve_metric(divergence, grads)
+  return jax.tree.map(lambda p, d: (p - d).astype(jnp.result_type(p)), params, direction)
+
+
+def mirror_step(divergence: PyTree, params: PyTree, grads: PyTree, *,
+                solver: str | linear_solve.Solver = 'exact', **solver_options) -> PyTree:
   """One mirror-descent step with the step size folded into the divergence.
 
   .. math::
@@ -20,16 +60,25 @@ def mirror_step(divergence: PyTree, params: PyTree, grads: PyTree) -> PyTree:
     \\theta^+ = \\arg\\min_x \\langle g, x \\rangle + B_\\phi(x, \\theta)
               = \\theta - M^{-1} g,
 
-  i.e. ``W+ = W - L^{-1} G R^{-1}`` for a Kronecker leaf.
+  i.e. ``W+ = W - L^{-1} G R^{-1}`` for a Kronecker leaf. Differentiable in all three
+  arguments: the backward pass solves the adjoint system of the optimality condition
+  ``M (theta+ - theta) + g = 0`` (implicit function theorem) with ``solver``, and never
+  differentiates through the closed form.
 
   Args:
     divergence: the divergence (from :func:`metamd_jax.init_divergence`).
     params: current parameters ``theta``.
     grads: gradients ``g`` at ``params``.
+    solver: adjoint solver, ``'exact'`` (Kronecker inverse, default), ``'cg'``,
+      ``'neumann'``, ``'dense'`` or a callable ``solve(matvec, b, *args)``.
+    **solver_options: options of the matrix-free solvers (``tol``, ``maxiter``).
 
   Returns:
     The new parameters, with the dtypes of ``params``.
   """
   divergence_lib.check_divergence(divergence)
-  direction = divergence_lib.solve_metric(divergence, grads)
-  return jax.tree.map(lambda p, d: (p - d).astype(jnp.result_type(p)), params, direction)
+  # Validates structures and shapes with clear errors before tracing the custom VJP.
+  divergence_lib.apply_metric(divergence, grads)
+  step = implicit_diff.custom_root(step_optimality, make_solver(solver, **solver_options))(
+      _closed_form)
+  return step(divergence, params, grads)

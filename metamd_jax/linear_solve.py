@@ -1,0 +1,106 @@
+"""Matrix-free linear solvers for the adjoint systems of implicit differentiation.
+
+A solver is a callable ``solve(matvec, b, *args) -> x`` with ``matvec(x) = A x`` for a
+linear operator ``A`` on pytrees. ``args`` are the arguments of the optimality function
+whose Jacobian ``A`` is; matrix-free solvers ignore them, structured ones (the exact
+Kronecker inverse in :mod:`metamd_jax.mirror`) use them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+MatVec = Callable[[PyTree], PyTree]
+Solver = Callable[..., PyTree]
+
+
+def _vdot(x: PyTree, y: PyTree) -> jax.Array:
+  return optax.tree.vdot(x, y)
+
+
+def _norm(x: PyTree) -> jax.Array:
+  return jnp.sqrt(_vdot(x, x))
+
+
+def conjugate_gradient(tol: float = 1e-10, maxiter: int | None = None) -> Solver:
+  """Conjugate gradient for symmetric positive-definite ``A`` (relative tolerance ``tol``)."""
+  if not tol > 0:
+    raise ValueError(f'conjugate_gradient tol must be positive, got {tol}.')
+
+  def solve(matvec: MatVec, b: PyTree, *unused_args) -> PyTree:
+    x, _ = jax.scipy.sparse.linalg.cg(matvec, b, tol=tol, atol=0.0, maxiter=maxiter)
+    return x
+
+  return solve
+
+
+def power_iteration(matvec: MatVec, like: PyTree, num_iters: int = 30) -> jax.Array:
+  """Estimate of the largest eigenvalue of a symmetric positive-definite operator."""
+  leaves, treedef = jax.tree_util.tree_flatten(like)
+  keys = jax.random.split(jax.random.key(0), len(leaves))
+  x = jax.tree_util.tree_unflatten(
+      treedef, [jax.random.normal(k, jnp.shape(x), jnp.result_type(x))
+                for k, x in zip(keys, leaves)])
+
+  def body(_, x):
+    y = matvec(x)
+    return jax.tree.map(lambda a: a / _norm(y), y)
+
+  x = jax.lax.fori_loop(0, num_iters, body, x)
+  return _vdot(x, matvec(x)) / _vdot(x, x)
+
+
+def neumann_series(tol: float = 1e-10, maxiter: int = 1000, step: float | None = None,
+                   safety: float = 1.2) -> Solver:
+  """Neumann series ``x = alpha sum_k (I - alpha A)^k b`` (Richardson iteration).
+
+  Converges for symmetric positive-definite ``A`` when ``0 < alpha < 2 / lambda_max``;
+  with ``step=None``, ``alpha = 1 / (safety * lambda_max)`` from a power iteration.
+  Stops when the residual ``||b - A x|| <= tol ||b||`` or after ``maxiter`` terms.
+  """
+  if not tol > 0 or maxiter < 1:
+    raise ValueError(f'neumann_series needs tol > 0 and maxiter >= 1, got {tol}, {maxiter}.')
+
+  def solve(matvec: MatVec, b: PyTree, *unused_args) -> PyTree:
+    alpha = step if step is not None else 1.0 / (safety * power_iteration(matvec, b))
+    b_norm = _norm(b)
+
+    def residual(x):
+      return jax.tree.map(jnp.subtract, b, matvec(x))
+
+    def cond(carry):
+      i, _, r = carry
+      return (i < maxiter) & (_norm(r) > tol * b_norm)
+
+    def body(carry):
+      i, x, r = carry
+      x = jax.tree.map(lambda xi, ri: xi + alpha * ri, x, r)
+      return i + 1, x, residual(x)
+
+    x0 = jax.tree.map(jnp.zeros_like, b)
+    _, x, _ = jax.lax.while_loop(cond, body, (0, x0, b))
+    return x
+
+  return solve
+
+
+def dense(*unused) -> Solver:
+  """Materialise ``A`` column by column and solve with ``jnp.linalg.solve`` (small problems)."""
+
+  def solve(matvec: MatVec, b: PyTree, *unused_args) -> PyTree:
+    flat_b, unravel = jax.flatten_util.ravel_pytree(b)
+    matrix = jax.vmap(lambda e: jax.flatten_util.ravel_pytree(matvec(unravel(e)))[0],
+                      out_axes=1)(jnp.eye(flat_b.size, dtype=flat_b.dtype))
+    return unravel(jnp.linalg.solve(matrix, flat_b))
+
+  return solve
+
+
+

@@ -1,0 +1,57 @@
+"""Tasks (one training problem) and task families (distributions over tasks)."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+PyTree = Any
+Batch = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """One training problem, as pure functions that can be traced, vmapped and scanned.
+
+  Attributes:
+    init: ``() -> params``, this task's initial parameters.
+    loss: ``(params, batch) -> scalar`` training loss.
+    batch: ``(step) -> batch``, the training batch of inner step ``step`` (an int32
+      scalar); its batch order is part of the task.
+    evaluate: optional ``(params) -> dict`` of metrics on the task's held-out data.
+  """
+
+  init: Callable[[], PyTree]
+  loss: Callable[[PyTree, Batch], jax.Array]
+  batch: Callable[[jax.Array], Batch]
+  evaluate: Callable[[PyTree], dict] | None = None
+
+
+class TaskFamily(abc.ABC):
+  """A distribution over tasks of one architecture.
+
+  ``sample(key)`` returns the *task parameters*: a pytree of arrays (data subset,
+  classes, initialisation and batch-order keys) so that a meta-batch of tasks is a
+  stacked pytree that ``vmap`` and ``pmap`` can split; ``task(task_params)`` builds the
+  :class:`Task` inside a traced function.
+  """
+
+  @abc.abstractmethod
+  def sample(self, key: jax.Array) -> PyTree:
+    """Task parameters of a random task."""
+
+  @abc.abstractmethod
+  def task(self, task_params: PyTree) -> Task:
+    """The task with these task parameters."""
+
+  def sample_batch(self, key: jax.Array, num_tasks: int) -> PyTree:
+    """Stacked task parameters of ``num_tasks`` random tasks."""
+    return jax.vmap(self.sample)(jax.random.split(key, num_tasks))
+
+  def init_params(self) -> PyTree:
+    """Parameters of one task, used to build a divergence with the right structure."""
+    return self.task(self.sample(jax.random.key(0))).init()

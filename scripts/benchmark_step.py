@@ -1,0 +1,510 @@
+"""Benchmark (not a test): the cost of a MetaMD training step and the FLOP rate of its update.
+
+Part 1 times one full jitted training step (forward, backward, optimiser update,
+``optax.apply_updates``; softmax cross-entropy on random inputs and random labels) with
+MetaMD (a random, dense, positive-definite Kronecker divergence), ``optax.adam(1e-3)`` and
+``optax.sgd(0.1)`` on an MLP 784-256-256-10 and a small CNN, at batch sizes 128 and 1024.
+The three optimisers are timed round-robin in the same loop so machine noise hits all alike;
+each figure is the median over the repetitions.
+
+Part 2 times the jitted MetaMD ``optimizer.update(grads, state, params)`` alone (fixed
+gradients), counts its FLOPs analytically (per Kronecker leaf ``P @ G @ Q``: ``2 m m n`` +
+``2 m n n`` for dense factors, ``m n`` for a diagonal one), cross-checks the count against
+XLA's ``cost_analysis()`` and compares the achieved FLOP rate with that of plain float32
+``jnp.dot`` calls timed in the same loop: the matmul of the update's largest product, a
+1024^3 matmul, and the same set of products written directly in ``jnp``.
+
+Usage (from the repository root)::
+
+  python scripts/benchmark_step.py                 # default settings, a few minutes on 2 cores
+  python scripts/benchmark_step.py --quick         # smoke run
+  python scripts/benchmark_step.py --json out.json # also write the figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:
+  sys.path.insert(0, str(_ROOT))
+
+import metamd_jax  # noqa: E402
+from metamd_jax import divergence as divergence_lib  # noqa: E402
+from metamd_jax import models  # noqa: E402
+
+BATCH_SIZES = (128, 1024)
+OPTIMISERS = ('metamd', 'adam', 'sgd')
+NUM_CLASSES = 10
+
+
+# ---------------------------------------------------------------------------
+# Set-up.
+# ---------------------------------------------------------------------------
+
+
+def make_model(name: str):
+  """``(module, input shape without the batch axis)``."""
+  if name == 'mlp':
+    return models.MLP(hidden_sizes=(256, 256), num_classes=NUM_CLASSES), (784,)
+  if name == 'cnn':
+    return models.CNN(channels=(16, 32), num_classes=NUM_CLASSES), (28, 28, 1)
+  raise ValueError(name)
+
+
+def init_params(model, input_shape, seed: int = 0):
+  return model.init(jax.random.key(seed), jnp.zeros((1, *input_shape), jnp.float32))['params']
+
+
+def random_divergence(params, seed: int = 1, scale: float = 0.1):
+  """``init_divergence(params, 0.1)`` with every meta-parameter perturbed by noise.
+
+  A dense raw factor ``gap * I`` becomes ``gap * I + scale * N / sqrt(d)`` (dense, well
+  conditioned, so the random training run stays finite); diagonal and scalar raw factors get
+  ``scale * N`` added. ``L = A A^T + eps I`` is positive definite whatever ``A`` is.
+  """
+  base = metamd_jax.init_divergence(params, 0.1)
+  leaves, treedef = jax.tree_util.tree_flatten(base)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  out = []
+  for key, leaf in zip(keys, leaves):
+    noise = jax.random.normal(key, leaf.shape, leaf.dtype)
+    if leaf.ndim == 2:
+      noise = noise / math.sqrt(leaf.shape[0])
+    out.append(leaf + scale * noise)
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def make_optimiser(name: str, params):
+  if name == 'metamd':
+    return metamd_jax.metamd(random_divergence(params))
+  if name == 'adam':
+    return optax.adam(1e-3)
+  if name == 'sgd':
+    return optax.sgd(0.1)
+  raise ValueError(name)
+
+
+def make_step(model, optimiser, donate: bool):
+  def loss_fn(params, x, y):
+    logits = model.apply({'params': params}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  def step(params, opt_state, x, y):
+    loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+    updates, opt_state = optimiser.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+def xla_flops(jitted, *args) -> float | None:
+  """XLA's FLOP count of ``jitted(*args)``, or ``None`` where unavailable."""
+  try:
+    analysis = jitted.lower(*args).compile().cost_analysis()
+  except Exception:  # noqa: BLE001 - a benchmark: report "n/a" rather than fail.
+    return None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  if not analysis or 'flops' not in analysis:
+    return None
+  return float(analysis['flops'])
+
+
+# ---------------------------------------------------------------------------
+# Timing.
+# ---------------------------------------------------------------------------
+
+
+class Timed:
+  """A repeatedly callable benchmark body: one sample = ``number`` calls, then a sync.
+
+  ``fn(*carry) -> outputs``; ``feedback(outputs) -> carry`` lets a training step consume its
+  own output (new params and optimiser state) on the next call.
+  """
+
+  def __init__(self, fn: Callable, carry: tuple, feedback: Callable | None = None,
+               number: int = 1):
+    self.fn = fn
+    self.carry = carry
+    self.feedback = feedback
+    self.number = number
+    self.samples: list[float] = []
+    self.last = None
+
+  def run(self) -> float:
+    start = time.perf_counter()
+    for _ in range(self.number):
+      out = self.fn(*self.carry)
+      if self.feedback is not None:
+        self.carry = self.feedback(out)
+    jax.block_until_ready(out)
+    elapsed = (time.perf_counter() - start) / self.number
+    self.last = out
+    return elapsed
+
+  def warm_up(self, calls: int, min_sample_s: float | None = None) -> None:
+    for _ in range(calls):
+      elapsed = self.run()
+    if min_sample_s is not None:  # Amortise dispatch for very short bodies.
+      self.number = max(1, math.ceil(min_sample_s / max(elapsed, 1e-7)))
+
+  @property
+  def median(self) -> float:
+    return statistics.median(self.samples)
+
+  @property
+  def quartiles(self) -> tuple[float, float]:
+    q = np.percentile(self.samples, [25, 75])
+    return float(q[0]), float(q[1])
+
+
+def round_robin(bodies: dict[str, Timed], repeats: int) -> None:
+  """``repeats`` rounds; each round runs every body once, the starting one rotating."""
+  names = list(bodies)
+  for r in range(repeats):
+    for i in range(len(names)):
+      name = names[(r + i) % len(names)]
+      bodies[name].samples.append(bodies[name].run())
+
+
+# ---------------------------------------------------------------------------
+# Part 1: the full training step.
+# ---------------------------------------------------------------------------
+
+
+def bench_steps(model_name: str, batch: int, repeats: int, donate: bool) -> dict:
+  model, input_shape = make_model(model_name)
+  params = init_params(model, input_shape)
+  kx, ky = jax.random.split(jax.random.key(batch))
+  x = jax.random.normal(kx, (batch, *input_shape), jnp.float32)
+  y = jax.random.randint(ky, (batch,), 0, NUM_CLASSES)
+
+  bodies, flops = {}, {}
+  for name in OPTIMISERS:
+    optimiser = make_optimiser(name, params)
+    step = make_step(model, optimiser, donate)
+    p0 = jax.tree.map(jnp.copy, params)
+    s0 = optimiser.init(p0)
+    flops[name] = xla_flops(step, p0, s0, x, y)
+    bodies[name] = Timed(step, (p0, s0, x, y),
+                         feedback=lambda out, x=x, y=y: (out[0], out[1], x, y))
+    bodies[name].warm_up(3)  # The first call compiles.
+  round_robin(bodies, repeats)
+
+  result = {'model': model_name, 'batch': batch, 'repeats': repeats}
+  for name, body in bodies.items():
+    loss = float(body.last[2])
+    result[name] = {
+        'median_ms': 1e3 * body.median,
+        'q25_ms': 1e3 * body.quartiles[0],
+        'q75_ms': 1e3 * body.quartiles[1],
+        'xla_gflop': None if flops[name] is None else flops[name] / 1e9,
+        'final_loss': loss,
+    }
+  for other in ('adam', 'sgd'):
+    paired = [a / b for a, b in zip(bodies['metamd'].samples, bodies[other].samples)]
+    result[f'metamd_over_{other}'] = bodies['metamd'].median / bodies[other].median
+    result[f'metamd_over_{other}_paired'] = statistics.median(paired)
+  return result
+
+
+# ---------------------------------------------------------------------------
+# Part 2: the MetaMD update alone, against plain matmuls.
+# ---------------------------------------------------------------------------
+
+
+def update_products(state) -> tuple[list[dict], float]:
+  """The products of one MetaMD update, read off the cached preconditioner.
+
+  Returns ``(products, elementwise_flops)``: one entry per matrix product (``lhs``, ``rhs``
+  shapes and ``2 a b c`` FLOPs) and the FLOPs of diagonal-factor, scalar and learning-rate
+  scalings (one per entry each).
+  """
+  precond = state[0].preconditioner
+  products, elementwise = [], 0.0
+  for leaf in jax.tree.leaves(precond, is_leaf=divergence_lib.is_preconditioner):
+    size = math.prod(leaf.shape)
+    elementwise += size  # optax.scale_by_learning_rate.
+    if isinstance(leaf, divergence_lib.KroneckerPreconditioner):
+      m = math.prod(leaf.shape[a] for a in leaf.rows)
+      n = math.prod(leaf.shape[a] for a in leaf.cols)
+      if leaf.left.ndim == 2:
+        products.append({'lhs': (m, m), 'rhs': (m, n), 'flops': 2.0 * m * m * n})
+      else:
+        elementwise += m * n
+      if leaf.right.ndim == 2:
+        products.append({'lhs': (m, n), 'rhs': (n, n), 'flops': 2.0 * m * n * n})
+      else:
+        elementwise += m * n
+    else:
+      elementwise += size
+  return products, elementwise
+
+
+def plain_products(state, seed: int = 3):
+  """The same ``P @ G @ Q`` products in plain ``jnp`` on fresh random arrays."""
+  precond = state[0].preconditioner
+  leaves = jax.tree.leaves(precond, is_leaf=divergence_lib.is_preconditioner)
+  keys = iter(jax.random.split(jax.random.key(seed), 3 * len(leaves)))
+  operands = []
+  for leaf in leaves:
+    if isinstance(leaf, divergence_lib.KroneckerPreconditioner):
+      m = math.prod(leaf.shape[a] for a in leaf.rows)
+      n = math.prod(leaf.shape[a] for a in leaf.cols)
+      operands.append((jax.random.normal(next(keys), leaf.left.shape),
+                       jax.random.normal(next(keys), (m, n)),
+                       jax.random.normal(next(keys), leaf.right.shape)))
+
+  def fn(ops):
+    out = []
+    for p, g, q in ops:
+      pg = p @ g if p.ndim == 2 else p[:, None] * g
+      out.append(pg @ q if q.ndim == 2 else pg * q[None, :])
+    return out
+
+  return jax.jit(fn), operands
+
+
+def bench_updates(model_names, repeats: int, min_sample_s: float) -> dict:
+  bodies: dict[str, Timed] = {}
+  info: dict[str, dict] = {}
+  matmul_shapes: dict[tuple, None] = {}
+  for model_name in model_names:
+    model, input_shape = make_model(model_name)
+    params = init_params(model, input_shape)
+    optimiser = make_optimiser('metamd', params)
+    state = optimiser.init(params)
+    keys = jax.random.split(jax.random.key(2), len(jax.tree.leaves(params)))
+    grads = jax.tree.unflatten(
+        jax.tree.structure(params),
+        [jax.random.normal(k, p.shape, p.dtype) for k, p in zip(keys, jax.tree.leaves(params))])
+    products, elementwise = update_products(state)
+    largest = max(products, key=lambda p: p['flops'])
+    matmul_shapes[(largest['lhs'], largest['rhs'])] = None
+
+    full = jax.jit(lambda g, s, p, opt=optimiser: opt.update(g, s, p))
+    only = jax.jit(lambda g, s, p, opt=optimiser: opt.update(g, s, p)[0])
+    plain, operands = plain_products(state)
+    info[model_name] = {
+        'matmul_flops': sum(p['flops'] for p in products),
+        'elementwise_flops': elementwise,
+        'xla_flops': xla_flops(full, grads, state, params),
+        'xla_flops_plain': xla_flops(plain, operands),
+        'num_products': len(products),
+        'largest': largest,
+        'state_mib': sum(x.nbytes for x in jax.tree.leaves(state)) / 2 ** 20,
+    }
+    bodies[f'{model_name}/update'] = Timed(full, (grads, state, params))
+    bodies[f'{model_name}/update_only'] = Timed(only, (grads, state, params))
+    bodies[f'{model_name}/plain'] = Timed(plain, (operands,))
+
+  matmul_shapes[((1024, 1024), (1024, 1024))] = None
+  matmul = jax.jit(jnp.dot)
+  for i, (lhs, rhs) in enumerate(matmul_shapes):
+    ka, kb = jax.random.split(jax.random.key(10 + i))
+    a = jax.random.normal(ka, lhs, jnp.float32)
+    b = jax.random.normal(kb, rhs, jnp.float32)
+    bodies[f'matmul {lhs}@{rhs}'] = Timed(matmul, (a, b))
+
+  for body in bodies.values():
+    body.warm_up(3, min_sample_s=min_sample_s)
+  round_robin(bodies, repeats)
+
+  def matmul_rate(lhs, rhs):
+    return 2.0 * lhs[0] * lhs[1] * rhs[1] / bodies[f'matmul {lhs}@{rhs}'].median
+
+  big = ((1024, 1024), (1024, 1024))
+  result = {'repeats': repeats, 'matmuls': {}, 'models': {}}
+  for lhs, rhs in matmul_shapes:
+    body = bodies[f'matmul {lhs}@{rhs}']
+    result['matmuls'][f'{lhs}@{rhs}'] = {
+        'median_ms': 1e3 * body.median, 'gflops': matmul_rate(lhs, rhs) / 1e9,
+        'calls_per_sample': body.number}
+  for model_name, data in info.items():
+    t_full = bodies[f'{model_name}/update'].median
+    t_only = bodies[f'{model_name}/update_only'].median
+    t_plain = bodies[f'{model_name}/plain'].median
+    flops = data['matmul_flops']
+    largest = data['largest']
+    rate = flops / t_full
+    ref_largest = matmul_rate(largest['lhs'], largest['rhs'])
+    ref_big = matmul_rate(*big)
+    result['models'][model_name] = {
+        **{k: v for k, v in data.items() if k != 'largest'},
+        'largest_product': f"{largest['lhs']}@{largest['rhs']}",
+        'update_ms': 1e3 * t_full,
+        'update_only_ms': 1e3 * t_only,
+        'plain_ms': 1e3 * t_plain,
+        'gflops': rate / 1e9,
+        'gflops_update_only': flops / t_only / 1e9,
+        'gflops_plain': flops / t_plain / 1e9,
+        'fraction_of_largest_matmul': rate / ref_largest,
+        'fraction_of_1024_matmul': rate / ref_big,
+        'fraction_of_plain_products': t_plain / t_full,
+        'calls_per_sample': bodies[f'{model_name}/update'].number,
+    }
+  return result
+
+
+# ---------------------------------------------------------------------------
+# Report.
+# ---------------------------------------------------------------------------
+
+
+def environment() -> dict:
+  device = jax.devices()[0]
+  try:
+    affinity = len(os.sched_getaffinity(0))
+  except AttributeError:
+    affinity = None
+  return {
+      'jax': jax.__version__,
+      'jaxlib': getattr(jax.lib, '__version__', None) or _jaxlib_version(),
+      'optax': optax.__version__,
+      'device': f'{device.platform}:{device.device_kind}',
+      'num_devices': jax.device_count(),
+      'cpu_count': os.cpu_count(),
+      'cpu_affinity': affinity,
+      'python': platform.python_version(),
+      'machine': platform.machine(),
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
+  }
+
+
+def _jaxlib_version():
+  try:
+    import jaxlib
+
+    return jaxlib.__version__
+  except Exception:  # noqa: BLE001
+    return None
+
+
+def _fmt(value, spec='.2f'):
+  return 'n/a' if value is None else format(value, spec)
+
+
+def print_report(env: dict, steps: list[dict], updates: dict, args) -> None:
+  print('## MetaMD step benchmark\n')
+  print(f"jax {env['jax']} (jaxlib {env['jaxlib']}), optax {env['optax']}, "
+        f"device {env['device']} x{env['num_devices']}, os.cpu_count() = {env['cpu_count']} "
+        f"(affinity {env['cpu_affinity']}), python {env['python']} {env['machine']}, "
+        f"XLA_FLAGS={env['xla_flags']!r}")
+  print(f'donated params/opt_state: {args.donate}; step repeats {args.repeats}, '
+        f'update repeats {updates["repeats"]}; medians, optimisers interleaved round-robin.\n')
+
+  print('### Full training step (fwd + bwd + update + apply_updates), ms per step\n')
+  print('| model | batch | MetaMD ms | Adam ms | SGD ms | MetaMD/Adam | MetaMD/SGD '
+        '| XLA GFLOP/step MetaMD / SGD |')
+  print('| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
+  def cell(t):
+    return f"{t['median_ms']:.2f} [{t['q25_ms']:.2f}-{t['q75_ms']:.2f}]"
+
+  for r in steps:
+    print(f"| {r['model']} | {r['batch']} "
+          f"| {cell(r['metamd'])} | {cell(r['adam'])} | {cell(r['sgd'])} "
+          f"| {r['metamd_over_adam']:.2f} (paired {r['metamd_over_adam_paired']:.2f}) "
+          f"| {r['metamd_over_sgd']:.2f} (paired {r['metamd_over_sgd_paired']:.2f}) "
+          f"| {_fmt(r['metamd']['xla_gflop'], '.3f')} / {_fmt(r['sgd']['xla_gflop'], '.3f')} |")
+  print('\n[q25-q75] interquartile range; "paired" = median of per-round ratios.\n')
+
+  print('### MetaMD update alone: analytic FLOPs vs XLA cost_analysis\n')
+  print('| model | products | analytic matmul GFLOP | + elementwise | analytic total '
+        '| XLA flops (update) | XLA flops (plain P@G@Q) | preconditioner MiB |')
+  print('| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
+  for name, m in updates['models'].items():
+    total = m['matmul_flops'] + m['elementwise_flops']
+    print(f"| {name} | {m['num_products']} | {m['matmul_flops'] / 1e9:.4f} "
+          f"| {m['elementwise_flops'] / 1e9:.6f} | {total / 1e9:.4f} "
+          f"| {_fmt(None if m['xla_flops'] is None else m['xla_flops'] / 1e9, '.4f')} "
+          f"| {_fmt(None if m['xla_flops_plain'] is None else m['xla_flops_plain'] / 1e9, '.4f')} "
+          f"| {m['state_mib']:.2f} |")
+
+  print('\n### MetaMD update FLOP rate vs plain float32 jnp.dot (same run)\n')
+  print('| model | update ms | GFLOP/s | largest product | matmul of that shape GFLOP/s '
+        '| fraction | 1024^3 GFLOP/s | fraction | update w/o state out ms | plain P@G@Q ms '
+        '| plain/update |')
+  print('| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
+  big = updates['matmuls'][f'{(1024, 1024)}@{(1024, 1024)}']
+  for name, m in updates['models'].items():
+    ref = updates['matmuls'][m['largest_product']]
+    print(f"| {name} | {m['update_ms']:.3f} | {m['gflops']:.1f} | {m['largest_product']} "
+          f"| {ref['gflops']:.1f} | {100 * m['fraction_of_largest_matmul']:.0f}% "
+          f"| {big['gflops']:.1f} | {100 * m['fraction_of_1024_matmul']:.0f}% "
+          f"| {m['update_only_ms']:.3f} | {m['plain_ms']:.3f} "
+          f"| {100 * m['fraction_of_plain_products']:.0f}% |")
+  print('\nGFLOP/s: analytic matmul FLOPs / median time of the jitted '
+        '`optimizer.update(grads, state, params)` (returns (updates, state)). '
+        '"w/o state out": the same update returning only the updates (no copy of the unchanged '
+        'preconditioner state). "plain P@G@Q": the same products written directly in jnp. '
+        'Target: >= 50% of a plain matmul\'s FLOP rate.')
+  print('Reference matmuls: ' + ', '.join(
+      f"{shape}: {v['median_ms']:.3f} ms = {v['gflops']:.1f} GFLOP/s"
+      for shape, v in updates['matmuls'].items()))
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--repeats', type=int, default=None,
+                      help='timed rounds of the full step (default 20, 5 with --quick)')
+  parser.add_argument('--update-repeats', type=int, default=None,
+                      help='timed rounds of the update and matmul part (default 5 x repeats)')
+  parser.add_argument('--quick', action='store_true', help='few repeats: a smoke run')
+  parser.add_argument('--models', default='mlp,cnn', help='comma-separated: mlp,cnn')
+  parser.add_argument('--batch-sizes', default=','.join(map(str, BATCH_SIZES)))
+  parser.add_argument('--donate', action='store_true',
+                      help='donate params and optimiser state to the jitted step')
+  parser.add_argument('--min-sample-ms', type=float, default=5.0,
+                      help='part 2: repeat short calls so one sample lasts at least this long')
+  parser.add_argument('--json', default=None, help='write the figures to this path')
+  args = parser.parse_args(argv)
+  if args.repeats is None:
+    args.repeats = 5 if args.quick else 20
+  if args.update_repeats is None:
+    args.update_repeats = 5 * args.repeats
+  if args.quick:
+    args.min_sample_ms = min(args.min_sample_ms, 2.0)
+  model_names = [m for m in args.models.split(',') if m]
+  batch_sizes = [int(b) for b in args.batch_sizes.split(',') if b]
+
+  start = time.perf_counter()
+  env = environment()
+  steps = []
+  for model_name in model_names:
+    for batch in batch_sizes:
+      steps.append(bench_steps(model_name, batch, args.repeats, args.donate))
+      print(f'[{time.perf_counter() - start:6.1f}s] step {model_name} B={batch} done',
+            file=sys.stderr, flush=True)
+  updates = bench_updates(model_names, args.update_repeats, args.min_sample_ms / 1e3)
+  print(f'[{time.perf_counter() - start:6.1f}s] update/matmul part done', file=sys.stderr,
+        flush=True)
+
+  print_report(env, steps, updates, args)
+  print(f'\ntotal wall time {time.perf_counter() - start:.0f} s')
+  for r in steps:
+    for name in OPTIMISERS:
+      if not math.isfinite(r[name]['final_loss']):
+        print(f"warning: non-finite loss for {name} on {r['model']} B={r['batch']}")
+  if args.json:
+    payload = {'environment': env, 'args': vars(args), 'steps': steps, 'updates': updates}
+    pathlib.Path(args.json).write_text(json.dumps(payload, indent=2, default=str))
+    print(f'wrote {args.json}')
+
+
+if __name__ == '__main__':
+  main()

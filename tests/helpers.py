@@ -1,0 +1,47 @@
+"""Small tasks and references shared by the tests."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metamd_jax import divergence as divergence_lib
+from metamd_jax.tasks.base import Task
+
+
+def well_conditioned(divergence, seed, noise=0.1):
+  """A random divergence near the identity: factors ``I + noise * N(0, 1)``."""
+  rng = np.random.default_rng(seed)
+
+  def perturb(metric):
+    def one(x, dense):
+      base = np.eye(x.shape[0]) if dense else np.ones(np.shape(x))
+      return jnp.asarray(base + noise * rng.standard_normal(np.shape(x)), x.dtype)
+
+    if isinstance(metric, divergence_lib.KroneckerMetric):
+      return dataclasses.replace(metric, left=one(metric.left, metric.left.ndim == 2),
+                                 right=one(metric.right, metric.right.ndim == 2))
+    return dataclasses.replace(metric, scale=one(metric.scale, False))
+
+  return jax.tree.map(perturb, divergence, is_leaf=divergence_lib.is_metric)
+
+
+def quadratic_task(dims=(4, 3), seed=0, noise=0.0, dtype=jnp.float32):
+  """A least-squares task ``1/2 ||X W - Y||^2 / n`` with a bias, minibatches of 8 rows."""
+  rng = np.random.default_rng(seed)
+  n = 32
+  x = jnp.asarray(rng.standard_normal((n, dims[0])), dtype)
+  y = jnp.asarray(rng.standard_normal((n, dims[1])) + noise, dtype)
+  init = {'w': jnp.asarray(0.1 * rng.standard_normal(dims), dtype),
+          'b': jnp.zeros(dims[1], dtype)}
+
+  def loss(params, batch):
+    bx, by = batch
+    return 0.5 * jnp.mean(jnp.sum((bx @ params['w'] + params['b'] - by) ** 2, axis=-1))
+
+  def batch(step):
+    start = (step * 8) % n
+    return (jax.lax.dynamic_slice_in_dim(x, start, 8), jax.lax.dynamic_slice_in_dim(y, start, 8))
+
+  return Task(init=lambda: init, loss=loss, batch=batch)

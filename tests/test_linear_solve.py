@@ -1,0 +1,55 @@
+"""Matrix-free solvers against numpy's dense solve."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metamd_jax import linear_solve
+
+
+def _spd(dim, condition, seed):
+  rng = np.random.default_rng(seed)
+  q, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
+  return (q * np.geomspace(1.0, condition, dim)) @ q.T
+
+
+@pytest.mark.parametrize('solver,tol', [
+    (linear_solve.conjugate_gradient(tol=1e-12), 1e-9),
+    (linear_solve.neumann_series(tol=1e-12, maxiter=20000), 1e-9),
+    (linear_solve.dense(), 1e-12),
+])
+def test_solvers_match_numpy(x64, solver, tol):
+  matrix = _spd(6, 20.0, 0)
+  b = {'a': jnp.asarray(np.arange(4.0)), 'b': jnp.asarray([1.0, -2.0])}
+
+  def matvec(x):
+    y = jnp.asarray(matrix) @ jnp.concatenate([x['a'], x['b']])
+    return {'a': y[:4], 'b': y[4:]}
+
+  x = solver(matvec, b)
+  expected = np.linalg.solve(matrix, np.concatenate([b['a'], b['b']]))
+  np.testing.assert_allclose(np.concatenate([x['a'], x['b']]), expected, rtol=tol, atol=tol)
+
+
+def test_neumann_respects_iteration_budget(x64):
+  matrix = jnp.asarray(_spd(5, 1000.0, 1))
+  b = jnp.ones(5)
+  rough = linear_solve.neumann_series(tol=1e-14, maxiter=3)(lambda x: matrix @ x, b)
+  exact = np.linalg.solve(matrix, b)
+  assert np.linalg.norm(rough - exact) > 1e-3 * np.linalg.norm(exact)
+
+
+def test_power_iteration_finds_top_eigenvalue(x64):
+  matrix = _spd(8, 50.0, 2)
+  estimate = linear_solve.power_iteration(lambda x: jnp.asarray(matrix) @ x, jnp.ones(8),
+                                          num_iters=200)
+  np.testing.assert_allclose(float(estimate), 50.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize('factory,kwargs', [
+    (linear_solve.conjugate_gradient, dict(tol=0.0)),
+    (linear_solve.neumann_series, dict(maxiter=0)),
+])
+def test_bad_options_are_rejected(factory, kwargs):
+  with pytest.raises(ValueError):
+    factory(**kwargs)

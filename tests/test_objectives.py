@@ -1,0 +1,148 @@
+"""Meta-objectives: analytic optima of the bound, unrolled gradients, learned geometry."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import quadratic_task, well_conditioned
+
+import metamd_jax
+from metamd_jax import divergence as divergence_lib
+from metamd_jax import inner_loop, objectives
+from metamd_jax.tasks.base import Task
+
+
+def _fixed_trajectory(seed=0, num_steps=12, shape=(5,)):
+  """A stored trajectory: the gradients are data, as in the regret view."""
+  rng = np.random.default_rng(seed)
+  grads = rng.standard_normal((num_steps, *shape))
+  params = rng.standard_normal((num_steps + 1, *shape))
+  params[-1] = params[0] + rng.uniform(0.5, 1.5, shape)  # comparator well away from the start
+  return {'w': jnp.asarray(params)}, {'w': jnp.asarray(grads)}
+
+
+def _minimise(divergence, params_seq, grads_seq, steps=3000):
+  optimizer = optax.adam(optax.cosine_decay_schedule(0.2, steps, alpha=1e-3))
+
+  @jax.jit
+  def step(divergence, state):
+    grad = jax.grad(objectives.regret_bound)(divergence, params_seq, grads_seq)
+    updates, state = optimizer.update(grad, state, divergence)
+    return optax.apply_updates(divergence, updates), state
+
+  state = optimizer.init(divergence)
+  for _ in range(steps):
+    divergence, state = step(divergence, state)
+  return divergence
+
+
+def test_scalar_bound_minimiser_is_the_step_size_formula(x64):
+  params_seq, grads_seq = _fixed_trajectory()
+  divergence = metamd_jax.init_divergence({'w': params_seq['w'][0]}, 0.5, structure='scalar',
+                                          dtype=jnp.float64)
+  learned = _minimise(divergence, params_seq, grads_seq)
+  distance = np.linalg.norm(params_seq['w'][-1] - params_seq['w'][0])
+  s_star = distance / np.sqrt(np.sum(np.asarray(grads_seq['w']) ** 2))
+  np.testing.assert_allclose(1.0 / float(learned['w'].values()), s_star, rtol=1e-4)
+
+
+def test_diagonal_bound_minimiser_is_per_coordinate(x64):
+  params_seq, grads_seq = _fixed_trajectory(seed=1)
+  divergence = metamd_jax.init_divergence({'w': params_seq['w'][0]}, 0.5,
+                                          structure='diagonal', dtype=jnp.float64)
+  learned = _minimise(divergence, params_seq, grads_seq)
+  distance = np.abs(params_seq['w'][-1] - params_seq['w'][0])
+  s_star = distance / np.sqrt(np.sum(np.asarray(grads_seq['w']) ** 2, axis=0))
+  np.testing.assert_allclose(1.0 / np.asarray(learned['w'].values()), s_star, rtol=1e-3)
+
+
+def _plain_unrolled_loss(divergence, task, num_steps):
+  """Reference: the unroll written with the closed form and plain autodiff."""
+  params = task.init()
+  for t in range(num_steps):
+    grads = jax.grad(task.loss)(params, task.batch(t))
+    direction = divergence_lib.solve_metric(divergence, grads)
+    params = jax.tree.map(jnp.subtract, params, direction)
+  return task.loss(params, task.batch(num_steps))
+
+
+def test_unrolled_meta_gradient_equals_plain_autodiff(x64):
+  task = quadratic_task(dtype=jnp.float64)
+  divergence = jax.tree.map(lambda x: 2.0 * x, well_conditioned(
+      metamd_jax.init_divergence(task.init(), 0.1, dtype=jnp.float64), seed=1, noise=0.3))
+  result = objectives.meta_gradient(divergence, task, 5, objective='unrolled')
+  value, grad = jax.value_and_grad(_plain_unrolled_loss)(divergence, task, 5)
+  np.testing.assert_allclose(float(result.loss), float(value), rtol=1e-12)
+  for a, b in zip(jax.tree.leaves(result.grad), jax.tree.leaves(grad)):
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-13)
+
+
+@pytest.mark.parametrize('objective', objectives.OBJECTIVES)
+def test_one_argument_switches_the_objective(objective):
+  task = quadratic_task()
+  divergence = metamd_jax.init_divergence(task.init(), 0.1)
+  result = jax.jit(lambda d: objectives.meta_gradient(d, task, 4, objective=objective))(
+      divergence)
+  assert jax.tree.structure(result.grad) == jax.tree.structure(divergence)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(result.grad))
+  assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(result.grad))
+  if objective == 'bound':
+    expected = inner_loop.rollout(divergence, task, 4).bound
+    np.testing.assert_allclose(result.loss, expected, rtol=1e-5)
+
+
+def test_unknown_objective_is_rejected():
+  task = quadratic_task()
+  divergence = metamd_jax.init_divergence(task.init(), 0.1)
+  with pytest.raises(ValueError, match='unknown objective'):
+    objectives.meta_gradient(divergence, task, 3, objective='validation')
+
+
+def _spd(rng, dim, condition):
+  q, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
+  return (q * np.geomspace(1.0, condition, dim)) @ q.T
+
+
+def test_bound_meta_training_learns_the_kronecker_geometry():
+  """Least squares with Hessian A (x) B, condition number 100: the learned metric
+  preconditions it to condition number <= 2."""
+  rng = np.random.default_rng(0)
+  m, n = 4, 3
+  left = jnp.asarray(_spd(rng, m, 10.0), jnp.float32)
+  right = jnp.asarray(_spd(rng, n, 10.0), jnp.float32)
+
+  def make_task(key):
+    target = jax.random.normal(key, (m, n))
+
+    def loss(params, batch):
+      diff = params['w'] - target
+      return 0.5 * jnp.sum(diff * (left @ diff @ right))
+
+    return Task(init=lambda: {'w': jnp.zeros((m, n))}, loss=loss, batch=lambda step: None)
+
+  def preconditioned_condition(divergence):
+    lf, rf = divergence['w'].factors()
+    eig_left = np.linalg.eigvals(np.linalg.solve(lf, left)).real
+    eig_right = np.linalg.eigvals(np.linalg.solve(rf, right)).real
+    spectrum = np.outer(eig_left, eig_right)
+    return spectrum.max() / spectrum.min()
+
+  divergence = metamd_jax.init_divergence({'w': jnp.zeros((m, n))}, 0.01)
+  assert preconditioned_condition(divergence) >= 99
+  optimizer = optax.adam(0.03)
+  state = optimizer.init(divergence)
+
+  @jax.jit
+  def meta_step(divergence, state, key):
+    results = jax.vmap(lambda k: objectives.meta_gradient(divergence, make_task(k), 10))(
+        jax.random.split(key, 16))
+    grad = jax.tree.map(lambda g: g.mean(0), results.grad)
+    updates, state = optimizer.update(grad, state, divergence)
+    return optax.apply_updates(divergence, updates), state
+
+  key = jax.random.key(1)
+  for _ in range(200):
+    key, subkey = jax.random.split(key)
+    divergence, state = meta_step(divergence, state, subkey)
+  assert preconditioned_condition(divergence) <= 2.0
