@@ -177,6 +177,12 @@ class KroneckerMetric:
     xm = self.to_matrix(x.astype(self.left.dtype))
     return self.from_matrix(factor_solve(right, factor_solve(left, xm, 'left'), 'right'))
 
+  def operator(self) -> KroneckerOperator:
+    left, right = self.factors()
+    return KroneckerOperator(left=left, right=right, left_inverse=factor_inverse(left),
+                             right_inverse=factor_inverse(right), shape=self.shape,
+                             rows=self.rows, cols=self.cols)
+
   def inverse(self) -> KroneckerPreconditioner:
     left, right = self.factors()
     return KroneckerPreconditioner(
@@ -208,6 +214,10 @@ class DiagonalMetric:
   def solve(self, x: Array) -> Array:
     return x.astype(self.scale.dtype) / self.values()
 
+  def operator(self) -> ElementwiseOperator:
+    values = self.values()
+    return ElementwiseOperator(values=values, inverse_values=1.0 / values, shape=self.shape)
+
   def inverse(self) -> ElementwisePreconditioner:
     return ElementwisePreconditioner(scale=1.0 / self.values(), shape=self.shape)
 
@@ -235,6 +245,10 @@ class ScalarMetric:
   def solve(self, x: Array) -> Array:
     return x.astype(self.scale.dtype) / self.values()
 
+  def operator(self) -> ElementwiseOperator:
+    values = self.values()
+    return ElementwiseOperator(values=values, inverse_values=1.0 / values, shape=self.shape)
+
   def inverse(self) -> ElementwisePreconditioner:
     return ElementwisePreconditioner(scale=1.0 / self.values(), shape=self.shape)
 
@@ -243,6 +257,52 @@ class ScalarMetric:
 
   def floor(self) -> float:
     return self.eps
+
+
+def _kronecker_product(left: Array, right: Array, x: Array, shape, rows, cols) -> Array:
+  xm = to_matrix(x.astype(left.dtype), shape, rows, cols)
+  return from_matrix(factor_matmul(right, factor_matmul(left, xm, 'left'), 'right'),
+                     shape, rows, cols)
+
+
+@dataclasses.dataclass(frozen=True)
+class KroneckerOperator:
+  """A Kronecker metric materialised for repeated use within one inner run.
+
+  Holds ``L``, ``R`` and their inverses ``P``, ``Q`` so that both ``M x = L X R`` and
+  ``M^{-1} x = P X Q`` are matrix products. Differentiating through it (as the
+  meta-gradient does) only ever needs cotangents of ``L`` and ``R``.
+  """
+
+  left: Array
+  right: Array
+  left_inverse: Array
+  right_inverse: Array
+  shape: tuple[int, ...]
+  rows: tuple[int, ...]
+  cols: tuple[int, ...]
+
+  def apply(self, x: Array) -> Array:
+    return _kronecker_product(self.left, self.right, x, self.shape, self.rows, self.cols)
+
+  def solve(self, x: Array) -> Array:
+    return _kronecker_product(self.left_inverse, self.right_inverse, x, self.shape, self.rows,
+                              self.cols)
+
+
+@dataclasses.dataclass(frozen=True)
+class ElementwiseOperator:
+  """A diagonal or scalar metric materialised for repeated use: values and inverses."""
+
+  values: Array
+  inverse_values: Array
+  shape: tuple[int, ...]
+
+  def apply(self, x: Array) -> Array:
+    return self.values * x.astype(self.values.dtype)
+
+  def solve(self, x: Array) -> Array:
+    return self.inverse_values * x.astype(self.values.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,9 +316,7 @@ class KroneckerPreconditioner:
   cols: tuple[int, ...]
 
   def apply(self, x: Array) -> Array:
-    xm = to_matrix(x.astype(self.left.dtype), self.shape, self.rows, self.cols)
-    out = factor_matmul(self.right, factor_matmul(self.left, xm, 'left'), 'right')
-    return from_matrix(out, self.shape, self.rows, self.cols)
+    return _kronecker_product(self.left, self.right, x, self.shape, self.rows, self.cols)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,6 +334,9 @@ for _cls, _data, _meta in (
     (KroneckerMetric, ['left', 'right'], ['shape', 'rows', 'cols', 'eps']),
     (DiagonalMetric, ['scale'], ['shape', 'eps']),
     (ScalarMetric, ['scale'], ['shape', 'eps']),
+    (KroneckerOperator, ['left', 'right', 'left_inverse', 'right_inverse'],
+     ['shape', 'rows', 'cols']),
+    (ElementwiseOperator, ['values', 'inverse_values'], ['shape']),
     (KroneckerPreconditioner, ['left', 'right'], ['shape', 'rows', 'cols']),
     (ElementwisePreconditioner, ['scale'], ['shape']),
 ):
@@ -283,11 +344,16 @@ for _cls, _data, _meta in (
 
 Metric = Union[KroneckerMetric, DiagonalMetric, ScalarMetric]
 METRIC_TYPES = (KroneckerMetric, DiagonalMetric, ScalarMetric)
+OPERATOR_TYPES = (KroneckerOperator, ElementwiseOperator)
 PRECONDITIONER_TYPES = (KroneckerPreconditioner, ElementwisePreconditioner)
 
 
 def is_metric(x: Any) -> bool:
   return isinstance(x, METRIC_TYPES)
+
+
+def is_metric_or_operator(x: Any) -> bool:
+  return isinstance(x, METRIC_TYPES + OPERATOR_TYPES)
 
 
 def is_preconditioner(x: Any) -> bool:
@@ -440,8 +506,9 @@ def check_divergence(divergence: PyTree) -> None:
 
   Traced values (inside ``jit``) cannot be inspected and are skipped.
   """
-  metric_paths = jax.tree_util.tree_flatten_with_path(divergence, is_leaf=is_metric)[0]
-  if not metric_paths or not all(is_metric(m) for _, m in metric_paths):
+  metric_paths = jax.tree_util.tree_flatten_with_path(
+      divergence, is_leaf=is_metric_or_operator)[0]
+  if not metric_paths or not all(is_metric_or_operator(m) for _, m in metric_paths):
     raise TypeError('expected a divergence (a pytree of metrics from init_divergence), got '
                     f'{type(divergence).__name__}.')
   for path, metric in metric_paths:
@@ -455,13 +522,29 @@ def check_divergence(divergence: PyTree) -> None:
 
 
 def apply_metric(divergence: PyTree, tree: PyTree) -> PyTree:
-  """``M x`` leaf by leaf: the gradient of the potential at ``tree``."""
-  return tree_utils.map_metrics(lambda m, x: m.apply(x), divergence, tree, is_leaf=is_metric)
+  """``M x`` leaf by leaf: the gradient of the potential at ``tree``.
+
+  ``divergence`` may be a divergence or its :func:`operators`.
+  """
+  return tree_utils.map_metrics(lambda m, x: m.apply(x), divergence, tree,
+                                is_leaf=is_metric_or_operator)
 
 
 def solve_metric(divergence: PyTree, tree: PyTree) -> PyTree:
-  """``M^{-1} x`` leaf by leaf (exact, via the factor structure)."""
-  return tree_utils.map_metrics(lambda m, x: m.solve(x), divergence, tree, is_leaf=is_metric)
+  """``M^{-1} x`` leaf by leaf (exact: Cholesky solves, or products with cached inverses).
+
+  ``divergence`` may be a divergence or its :func:`operators`.
+  """
+  return tree_utils.map_metrics(lambda m, x: m.solve(x), divergence, tree,
+                                is_leaf=is_metric_or_operator)
+
+
+def operators(divergence: PyTree) -> PyTree:
+  """Materialise every metric (factors and their inverses) for repeated use.
+
+  Differentiable: gradients flow back to the meta-parameters.
+  """
+  return jax.tree.map(lambda m: m.operator(), divergence, is_leaf=is_metric)
 
 
 def preconditioner(divergence: PyTree) -> PyTree:
@@ -482,7 +565,7 @@ def bregman_divergence(divergence: PyTree, x: PyTree, y: PyTree) -> Array:
   """``B(x, y) = 1/2 <x - y, M (x - y)>`` summed over leaves (a scalar).
 
   Args:
-    divergence: the divergence (from :func:`init_divergence`).
+    divergence: the divergence (from :func:`init_divergence`) or its :func:`operators`.
     x: first point, with the params' structure.
     y: second point, with the params' structure.
 
@@ -496,7 +579,8 @@ def bregman_divergence(divergence: PyTree, x: PyTree, y: PyTree) -> Array:
     md = metric.apply(d)
     return 0.5 * jnp.vdot(md, d.astype(md.dtype))
 
-  terms = tree_utils.map_metrics(leaf_term, divergence, diff, is_leaf=is_metric, name='x - y')
+  terms = tree_utils.map_metrics(leaf_term, divergence, diff, is_leaf=is_metric_or_operator,
+                                 name='x - y')
   return sum(jax.tree.leaves(terms), jnp.zeros((), jnp.float32))
 
 

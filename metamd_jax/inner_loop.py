@@ -52,13 +52,17 @@ class Rollout(NamedTuple):
   trajectory: tuple | None = None
 
 
-def step_term(divergence: PyTree, params: PyTree, grads: PyTree, *, solver='exact',
+def step_term(operators: PyTree, params: PyTree, grads: PyTree, *, solver='exact',
               **solver_options) -> tuple[jax.Array, PyTree]:
-  """``(B(theta, theta+), theta+)`` with ``theta+`` the mirror step from ``theta``."""
+  """``(B(theta, theta+), theta+)`` with ``theta+`` the mirror step from ``theta``.
+
+  ``operators`` are the materialised metrics (:func:`divergence.operators`); ``params``
+  and ``grads`` are data (stop-gradient).
+  """
   params = jax.lax.stop_gradient(params)
   grads = jax.lax.stop_gradient(grads)
-  new_params = mirror.mirror_step(divergence, params, grads, solver=solver, **solver_options)
-  return divergence_lib.bregman_divergence(divergence, params, new_params), new_params
+  new_params = mirror.operator_step(operators, params, grads, solver=solver, **solver_options)
+  return divergence_lib.bregman_divergence(operators, params, new_params), new_params
 
 
 def distance_term(divergence: PyTree, final_params: PyTree, init_params: PyTree) -> jax.Array:
@@ -96,24 +100,29 @@ def rollout(
   if int(num_steps) != num_steps or num_steps < 1:
     raise ValueError(f'num_steps must be a positive integer, got {num_steps}.')
   init_params = task.init() if params is None else params
+  divergence_lib.check_divergence(divergence)
+  divergence_lib.apply_metric(divergence, init_params)  # structure and shape check
   loss_and_grad = jax.value_and_grad(task.loss)
-  zeros = jax.tree.map(jnp.zeros_like, divergence)
-  if not meta_gradient:
-    inverse = divergence_lib.preconditioner(divergence)
+  # Factors and their inverses once per run: every step is matrix products only.
+  if meta_gradient:
+    operators, pullback = jax.vjp(divergence_lib.operators, divergence)
+    zeros = jax.tree.map(jnp.zeros_like, operators)
+  else:
+    operators, zeros = divergence_lib.operators(divergence), None
 
   def body(carry, step):
     params, term_sum, grad_sum = carry
     loss, grads = loss_and_grad(params, task.batch(step))
     if meta_gradient:
+      # The step term's gradient w.r.t. the factors, through the implicit VJP.
       (term, new_params), term_grad = jax.value_and_grad(step_term, has_aux=True)(
-          divergence, params, grads, solver=solver, **solver_options)
+          operators, params, grads, solver=solver, **solver_options)
       grad_sum = jax.tree.map(jnp.add, grad_sum, term_grad)
     else:
-      # Value only: cached inverse factors, matrix products only.
-      direction = divergence_lib.precondition(inverse, grads)
-      new_params = jax.tree.map(lambda p, d: p - d, params, direction)
-      term = 0.5 * sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads),
-                                                          jax.tree.leaves(direction)))
+      direction = divergence_lib.solve_metric(operators, grads)
+      new_params = jax.tree.map(lambda p, d: (p - d).astype(p.dtype), params, direction)
+      term = 0.5 * sum(jnp.vdot(g.astype(d.dtype), d) for g, d in
+                       zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
     outputs = (loss, (params, grads) if return_trajectory else None)
     return (new_params, term_sum + term.astype(term_sum.dtype), grad_sum), outputs
 
@@ -124,7 +133,8 @@ def rollout(
 
   if meta_gradient:
     dist, dist_grad = jax.value_and_grad(distance_term)(divergence, final_params, init_params)
-    meta_grad = jax.tree.map(lambda a, b: (a + b) / num_steps, dist_grad, grad_sum)
+    (steps_grad,) = pullback(grad_sum)
+    meta_grad = jax.tree.map(lambda a, b: (a + b) / num_steps, dist_grad, steps_grad)
   else:
     dist = distance_term(divergence, final_params, init_params)
     meta_grad = None

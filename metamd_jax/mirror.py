@@ -22,7 +22,7 @@ def step_optimality(new_params: PyTree, divergence: PyTree, params: PyTree,
 
 
 def exact_solver(matvec, b, divergence, *unused_args):
-  """The adjoint system of the step is ``M u = v``; solve it with the Kronecker inverse."""
+  """The adjoint system of the step is ``M u = v``; solve it with the cached inverse."""
   del matvec
   return divergence_lib.solve_metric(divergence, b)
 
@@ -46,9 +46,21 @@ def make_solver(solver: str | linear_solve.Solver = 'exact', **options) -> linea
   return factories[solver](**options)
 
 
-def _closed_form(divergence: PyTree, params: PyTree, grads: PyTree) -> PyTree:
-  direction = divergence_lib.solve_metric(divergence, grads)
+def _closed_form(operators: PyTree, params: PyTree, grads: PyTree) -> PyTree:
+  direction = divergence_lib.solve_metric(operators, grads)
   return jax.tree.map(lambda p, d: (p - d).astype(jnp.result_type(p)), params, direction)
+
+
+def operator_step(operators: PyTree, params: PyTree, grads: PyTree, *,
+                  solver: str | linear_solve.Solver = 'exact', **solver_options) -> PyTree:
+  """:func:`mirror_step` with materialised metrics (:func:`divergence.operators`).
+
+  The inner loop materialises the metrics once per run, so that each step, and each
+  step's implicit VJP, is matrix products only. Gradients flow to ``operators``' factors.
+  """
+  step = implicit_diff.custom_root(step_optimality, make_solver(solver, **solver_options))(
+      _closed_form)
+  return step(operators, params, grads)
 
 
 def mirror_step(divergence: PyTree, params: PyTree, grads: PyTree, *,
@@ -79,6 +91,5 @@ def mirror_step(divergence: PyTree, params: PyTree, grads: PyTree, *,
   divergence_lib.check_divergence(divergence)
   # Validates structures and shapes with clear errors before tracing the custom VJP.
   divergence_lib.apply_metric(divergence, grads)
-  step = implicit_diff.custom_root(step_optimality, make_solver(solver, **solver_options))(
-      _closed_form)
-  return step(divergence, params, grads)
+  return operator_step(divergence_lib.operators(divergence), params, grads, solver=solver,
+                       **solver_options)

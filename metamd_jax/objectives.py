@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from metamd_jax import divergence as divergence_lib
 from metamd_jax import inner_loop, mirror
 from metamd_jax.tasks.base import Task
 
@@ -43,10 +44,11 @@ def regret_bound(divergence: PyTree, params_sequence: PyTree, grads_sequence: Py
   if lengths != {num_steps + 1}:
     raise ValueError(f'params_sequence must hold T + 1 = {num_steps + 1} iterates for '
                      f'T = {num_steps} gradients, got leading sizes {sorted(lengths)}.')
+  operators = divergence_lib.operators(divergence)
   first = jax.tree.map(lambda x: x[0], params_sequence)
   final = jax.tree.map(lambda x: x[-1], params_sequence)
   iterates = jax.tree.map(lambda x: x[:-1], params_sequence)
-  terms = jax.vmap(lambda p, g: inner_loop.step_term(divergence, p, g, solver=solver,
+  terms = jax.vmap(lambda p, g: inner_loop.step_term(operators, p, g, solver=solver,
                                                      **solver_options)[0])(
       iterates, grads_sequence)
   dist = inner_loop.distance_term(divergence, final, first)
