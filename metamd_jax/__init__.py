@@ -1,5 +1,6 @@
 """metamd_jax: Meta Mirror Descent, a meta-learned Bregman divergence as an optax optimiser."""
 
+from metamd_jax.artifact import load_divergence, save_divergence
 from metamd_jax.divergence import (
     DiagonalMetric,
     KroneckerAxes,
@@ -33,11 +34,13 @@ __all__ = (
     'check_divergence',
     'convergence_bound',
     'init_divergence',
+    'load_divergence',
     'meta_gradient',
     'metamd',
     'mirror_step',
     'regret_bound',
     'rollout',
+    'save_divergence',
     'scale_by_mirror_descent',
     'strong_convexity',
     'unrolled_loss',

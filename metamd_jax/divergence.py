@@ -387,8 +387,10 @@ def _resolve_axes(dimension_numbers: DimensionNumbers, params: PyTree) -> list:
   if isinstance(dimension_numbers, KroneckerAxes):
     return [dimension_numbers] * len(leaves_with_path)
   if callable(dimension_numbers):
-    return [dimension_numbers(path, jax.ShapeDtypeStruct(np.shape(leaf), jnp.result_type(leaf)))
+    axes = [dimension_numbers(path, jax.ShapeDtypeStruct(np.shape(leaf), jnp.result_type(leaf)))
             for path, leaf in leaves_with_path]
+    return [a if a is not None else default_axes(np.shape(leaf))
+            for a, (_, leaf) in zip(axes, leaves_with_path)]
   # A pytree with the params' structure whose leaves are KroneckerAxes or None.
   axes = jax.tree_util.tree_flatten(
       dimension_numbers, is_leaf=lambda x: x is None or isinstance(x, KroneckerAxes))[0]

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from metamd_jax import divergence as divergence_lib
-from metamd_jax.tasks.base import Task
+from metamd_jax.tasks.base import Task, TaskFamily
 
 
 def well_conditioned(divergence, seed, noise=0.1):
@@ -45,3 +45,34 @@ def quadratic_task(dims=(4, 3), seed=0, noise=0.0, dtype=jnp.float32):
     return (jax.lax.dynamic_slice_in_dim(x, start, 8), jax.lax.dynamic_slice_in_dim(y, start, 8))
 
   return Task(init=lambda: init, loss=loss, batch=batch)
+
+
+class QuadraticFamily(TaskFamily):
+  """Least-squares tasks ``1/2 ||W - W*||^2_A`` with random targets; optionally poisoned
+  (a NaN loss) so the meta-trainer's guards can be checked."""
+
+  def __init__(self, shape=(3, 2), poison_every=0):
+    self.shape = shape
+    self.poison_every = poison_every
+    self.count = 0
+
+  def sample(self, key):
+    return {'target': jax.random.normal(key, self.shape),
+            'poison': jax.random.uniform(jax.random.fold_in(key, 1)) < 0}
+
+  def sample_batch(self, key, num_tasks):
+    params = jax.vmap(self.sample)(jax.random.split(key, num_tasks))
+    if self.poison_every:
+      params['poison'] = jnp.arange(num_tasks) % self.poison_every == 0
+    return params
+
+  def task(self, task_params):
+    scale = jnp.where(task_params['poison'], jnp.nan, 1.0)
+
+    def loss(params, batch):
+      diff = params['w'] - task_params['target']
+      return 0.5 * scale * jnp.sum(jnp.linspace(1.0, 3.0, diff.size).reshape(diff.shape)
+                                   * diff ** 2)
+
+    return Task(init=lambda: {'w': jnp.zeros(self.shape)}, loss=loss,
+                batch=lambda step: None)

@@ -1,5 +1,13 @@
 """Task families for meta-training and meta-testing."""
 
 from metamd_jax.tasks.base import Task, TaskFamily
+from metamd_jax.tasks.classification import ClassificationFamily
+from metamd_jax.tasks.convex import LeastSquaresFamily, LogisticRegressionFamily
 
-__all__ = ('Task', 'TaskFamily')
+__all__ = (
+  'ClassificationFamily',
+  'LeastSquaresFamily',
+  'LogisticRegressionFamily',
+  'Task',
+  'TaskFamily',
+)

@@ -1,0 +1,38 @@
+"""Meta-train MetaMD from a config, then meta-test it against tuned baselines.
+
+  python -m experiments.main --config configs/default.py --workdir runs/default
+  python -m experiments.main --config configs/default.py --workdir runs/x \
+      --config.meta.learning_rate=3e-4 --mode meta_train
+"""
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from experiments import evaluate, meta_train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
+flags.DEFINE_enum('mode', 'all', ['all', 'meta_train', 'evaluate'], 'What to run.')
+config_flags.DEFINE_config_file('config', 'configs/default.py', 'Experiment config file.',
+                                lock_config=True)
+flags.mark_flags_as_required(['workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # checkpointing logs at INFO; --verbosity=0 shows it
+  logging.info('JAX devices: %s (process %d of %d)', jax.devices(), jax.process_index(),
+               jax.process_count())
+  config = FLAGS.config
+  divergence = None
+  if FLAGS.mode in ('all', 'meta_train'):
+    divergence = meta_train.meta_train(config, FLAGS.workdir)
+  if FLAGS.mode in ('all', 'evaluate'):
+    evaluate.evaluate(config, FLAGS.workdir, divergence)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,137 @@
+"""Meta-training: the meta-step over a meta-batch of tasks, device-agnostic.
+
+A meta-step runs ``T`` inner mirror steps on every task of the meta-batch (``vmap``),
+computes the meta-gradient of each task (the implicit bound by default, or the unrolled
+loss), averages it over the tasks whose inner run stayed finite, and applies any optax
+meta-optimiser. A task whose inner loss becomes NaN or infinite is dropped from the
+meta-batch and counted; a non-finite meta-gradient is skipped and counted, and never
+written into the divergence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from metamd_jax import objectives, parallel
+from metamd_jax.tasks.base import TaskFamily
+
+PyTree = Any
+
+
+class MetaTrainState(NamedTuple):
+  """State of meta-training.
+
+  Attributes:
+    step: number of meta-steps taken, int32 ``()``.
+    divergence: the divergence being learned (its leaves are the meta-parameters).
+    opt_state: the meta-optimiser's state.
+    skipped_updates: meta-steps whose meta-gradient was not finite, int32 ``()``.
+    dropped_tasks: inner runs dropped for a non-finite loss, int32 ``()``.
+  """
+
+  step: jax.Array
+  divergence: PyTree
+  opt_state: optax.OptState
+  skipped_updates: jax.Array
+  dropped_tasks: jax.Array
+
+
+def init_state(divergence: PyTree, meta_optimizer: optax.GradientTransformation
+               ) -> MetaTrainState:
+  """The meta-training state at step 0."""
+  zero = jnp.zeros((), jnp.int32)
+  return MetaTrainState(step=zero, divergence=divergence,
+                        opt_state=meta_optimizer.init(divergence), skipped_updates=zero,
+                        dropped_tasks=zero)
+
+
+def sample_tasks(family: TaskFamily, key: jax.Array, step: int | jax.Array,
+                 meta_batch_size: int) -> PyTree:
+  """Task parameters of the meta-batch of meta-step ``step`` (a function of the step only,
+  so that a resumed run sees exactly the tasks an uninterrupted one would)."""
+  return family.sample_batch(jax.random.fold_in(key, step), meta_batch_size)
+
+
+def _all_finite(tree: PyTree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def make_meta_step(
+    family: TaskFamily,
+    meta_optimizer: optax.GradientTransformation,
+    *,
+    num_steps: int,
+    objective: str = 'bound',
+    solver: str = 'exact',
+    solver_options: dict | None = None,
+    axis_name: str | None = None,
+) -> Callable[[MetaTrainState, PyTree], tuple[MetaTrainState, dict]]:
+  """Build ``meta_step(state, task_params) -> (state, metrics)``.
+
+  Args:
+    family: the task family (``task_params`` are stacked samples of it).
+    meta_optimizer: any optax transformation, applied to the divergence.
+    num_steps: the inner horizon ``T``.
+    objective: ``'bound'`` or ``'unrolled'`` (see :func:`metamd_jax.meta_gradient`).
+    solver: adjoint solver of the mirror step.
+    solver_options: options of a matrix-free solver.
+    axis_name: the ``pmap`` axis the meta-batch is sharded over, or ``None``.
+
+  Returns:
+    The meta-step function (jit it, or pmap it with ``axis_name``).
+  """
+  if objective not in objectives.OBJECTIVES:
+    raise ValueError(f'unknown objective {objective!r}; expected one of {objectives.OBJECTIVES}.')
+  solver_options = dict(solver_options or {})
+
+  def meta_step(state: MetaTrainState, task_params: PyTree) -> tuple[MetaTrainState, dict]:
+    def one_task(tp):
+      result = objectives.meta_gradient(state.divergence, family.task(tp), num_steps,
+                                        objective=objective, solver=solver, **solver_options)
+      finite = (jnp.isfinite(result.loss) & jnp.all(jnp.isfinite(result.losses))
+                & jnp.isfinite(result.final_loss) & _all_finite(result.grad))
+      return result, finite
+
+    results, finite = jax.vmap(one_task)(task_params)
+    weights = finite.astype(jnp.float32)
+
+    def masked_sum(x):
+      w = weights.reshape((-1,) + (1,) * (x.ndim - 1))
+      return jnp.sum(jnp.where(w > 0, x, 0), axis=0)
+
+    num_ok = parallel.psum_if_pmap(jnp.sum(weights), axis_name)
+    num_tasks = parallel.psum_if_pmap(jnp.asarray(weights.shape[0], jnp.float32), axis_name)
+    denominator = jnp.maximum(num_ok, 1.0)
+    grad = parallel.psum_if_pmap(jax.tree.map(masked_sum, results.grad), axis_name)
+    grad = jax.tree.map(lambda g: g / denominator, grad)
+    sums = parallel.psum_if_pmap(
+        {'meta_loss': masked_sum(results.loss), 'first_loss': masked_sum(results.losses[:, 0]),
+         'final_loss': masked_sum(results.final_loss)}, axis_name)
+    metrics = {k: v / denominator for k, v in sums.items()}
+
+    updates, opt_state = meta_optimizer.update(grad, state.opt_state, state.divergence)
+    divergence = optax.apply_updates(state.divergence, updates)
+    ok = (num_ok > 0) & _all_finite(grad) & _all_finite(divergence)
+
+    def choose(new, old):
+      return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+    dropped = (num_tasks - num_ok).astype(jnp.int32)
+    new_state = MetaTrainState(
+        step=state.step + 1,
+        divergence=choose(divergence, state.divergence),
+        opt_state=choose(opt_state, state.opt_state),
+        skipped_updates=state.skipped_updates + (~ok).astype(jnp.int32),
+        dropped_tasks=state.dropped_tasks + dropped,
+    )
+    metrics.update(grad_norm=optax.tree.norm(grad), dropped_tasks=dropped,
+                   skipped=(~ok).astype(jnp.int32))
+    return new_state, metrics
+
+  return meta_step

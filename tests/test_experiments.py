@@ -1,0 +1,114 @@
+"""The whole pipeline on a tiny config: launches, artifacts, validation, kill and resume."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import metamd_jax
+from configs import tiny
+from experiments import builders, evaluate, meta_train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _launch(workdir, *overrides, mode='meta_train'):
+  command = [sys.executable, '-m', 'experiments.main', '--config', 'configs/tiny.py',
+             '--workdir', str(workdir), '--mode', mode, *overrides]
+  return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu'))
+
+
+def test_tiny_pipeline_writes_every_output(tmp_path):
+  config = tiny.get_config()
+  divergence = meta_train.meta_train(config, tmp_path, progress=False)
+  records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in records] == [1, 2, 3, 4]
+  assert all(np.isfinite(r['meta_loss']) for r in records)
+  loaded, metadata = metamd_jax.load_divergence(tmp_path / meta_train.ARTIFACT)
+  for a, b in zip(jax.tree.leaves(loaded),
+                  jax.tree.leaves(divergence)):
+    np.testing.assert_array_equal(a, b)
+  assert metadata['config']['meta']['horizon'] == config.meta.horizon
+  results = evaluate.evaluate(config, tmp_path)
+  assert set(results['optimizers']) == {'metamd', 'sgd', 'adam'}
+  assert results['optimizers']['sgd']['learning_rate'] in config.eval.learning_rates
+  for name in ('results.json', 'results.md', 'loss_curves.png'):
+    assert (tmp_path / name).stat().st_size > 0
+  assert (tmp_path / 'loss_curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.mark.parametrize('field,value', [
+    ('task.family', 'vision'),
+    ('task.dataset', 'imagenet'),
+    ('meta.horizon', -1),
+    ('meta.meta_batch_size', 0),
+    ('meta.solver', 'lu'),
+    ('meta.objective', 'validation'),
+    ('meta.learning_rate', 0.0),
+    ('eval.baselines', ('sgd', 'lion')),
+])
+def test_bad_config_values_name_the_field(field, value):
+  config = tiny.get_config()
+  section, name = field.split('.')
+  config[section][name] = value
+  with pytest.raises(ValueError, match=rf'config\.{field}'):
+    builders.validate_config(config)
+
+
+def test_command_line_rejects_a_bad_value_at_start(tmp_path):
+  process = _launch(tmp_path / 'run', '--config.meta.horizon=-3')
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode != 0
+  assert b'config.meta.horizon must be an integer >= 1' in stderr
+  assert not (tmp_path / 'run' / 'metrics.jsonl').exists()
+
+
+def _wait_for(predicate, process, timeout):
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if predicate():
+      return True
+    if process.poll() is not None:
+      return False
+    time.sleep(0.02)
+  return False
+
+
+def test_resume_after_sigkill_gives_the_same_divergence(tmp_path):
+  overrides = ('--config.meta.num_meta_steps=400', '--config.meta.checkpoint_every=5')
+  killed_dir, clean_dir = tmp_path / 'killed', tmp_path / 'clean'
+  process = _launch(killed_dir, *overrides)
+  checkpoints = killed_dir / 'checkpoints'
+  try:
+    started = _wait_for(lambda: checkpoints.exists() and any(
+        p.name.isdigit() and int(p.name) >= 10 for p in checkpoints.iterdir()), process, 240)
+    assert started, process.communicate()[1].decode()[-2000:]
+  finally:
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+  assert process.returncode == -signal.SIGKILL
+  assert not (killed_dir / meta_train.ARTIFACT).exists(), 'the run finished before the kill'
+  logged = len((killed_dir / 'metrics.jsonl').read_text().splitlines())
+  assert logged < 400
+
+  resumed = _launch(killed_dir, *overrides)
+  clean = _launch(clean_dir, *overrides)
+  for p in (resumed, clean):
+    _, stderr = p.communicate(timeout=400)
+    assert p.returncode == 0, stderr.decode()[-2000:]
+  a, _ = metamd_jax.load_divergence(killed_dir / meta_train.ARTIFACT)
+  b, _ = metamd_jax.load_divergence(clean_dir / meta_train.ARTIFACT)
+  for x, y in zip(jax.tree.leaves(a),
+                  jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  steps = [json.loads(line)['step']
+           for line in (killed_dir / 'metrics.jsonl').read_text().splitlines()]
+  assert steps == list(range(1, 401))

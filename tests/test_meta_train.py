@@ -1,0 +1,82 @@
+"""The meta-step against per-task meta-gradients and optax's own update."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import QuadraticFamily
+
+import metamd_jax
+from metamd_jax import meta_train, objectives
+
+
+def _setup(poison_every=0, objective='bound'):
+  family = QuadraticFamily(poison_every=poison_every)
+  divergence = metamd_jax.init_divergence(family.init_params(), 0.2)
+  optimizer = optax.adam(0.05)
+  state = meta_train.init_state(divergence, optimizer)
+  step = jax.jit(meta_train.make_meta_step(family, optimizer, num_steps=5,
+                                           objective=objective))
+  return family, divergence, optimizer, state, step
+
+
+@pytest.mark.parametrize('objective', ['bound', 'unrolled'])
+def test_meta_step_is_the_mean_meta_gradient_through_optax(objective):
+  family, divergence, optimizer, state, step = _setup(objective=objective)
+  task_params = meta_train.sample_tasks(family, jax.random.key(0), 0, 4)
+  new_state, metrics = step(state, task_params)
+  grads, losses = [], []
+  for i in range(4):
+    tp = jax.tree.map(lambda x, i=i: x[i], task_params)
+    result = objectives.meta_gradient(divergence, family.task(tp), 5, objective=objective)
+    grads.append(result.grad)
+    losses.append(result.loss)
+  mean_grad = jax.tree.map(lambda *g: sum(g) / 4, *grads)
+  updates, _ = optimizer.update(mean_grad, optimizer.init(divergence), divergence)
+  expected = optax.apply_updates(divergence, updates)
+  for a, b in zip(jax.tree.leaves(new_state.divergence), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(metrics['meta_loss'], np.mean(losses), rtol=1e-5)
+  assert int(new_state.step) == 1 and int(metrics['dropped_tasks']) == 0
+
+
+def test_non_finite_inner_runs_are_dropped_and_counted():
+  family, divergence, optimizer, state, step = _setup(poison_every=2)
+  task_params = meta_train.sample_tasks(family, jax.random.key(0), 0, 4)
+  assert list(np.asarray(task_params['poison'])) == [True, False, True, False]
+  new_state, metrics = step(state, task_params)
+  assert int(metrics['dropped_tasks']) == 2 and int(new_state.dropped_tasks) == 2
+  assert int(metrics['skipped']) == 0
+  clean = jax.tree.map(lambda x: x[1::2], task_params)
+  _, _, _, clean_state, clean_step = _setup()
+  expected, _ = clean_step(clean_state, clean)
+  for a, b in zip(jax.tree.leaves(new_state.divergence), jax.tree.leaves(expected.divergence)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(new_state.divergence))
+
+
+def test_all_non_finite_meta_batch_is_skipped():
+  family, divergence, optimizer, state, step = _setup(poison_every=1)
+  task_params = meta_train.sample_tasks(family, jax.random.key(0), 0, 3)
+  new_state, metrics = step(state, task_params)
+  assert int(metrics['skipped']) == 1 and int(new_state.skipped_updates) == 1
+  for a, b in zip(jax.tree.leaves(new_state.divergence), jax.tree.leaves(divergence)):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(new_state.opt_state), jax.tree.leaves(state.opt_state)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_tasks_depend_only_on_the_step():
+  family = QuadraticFamily()
+  a = meta_train.sample_tasks(family, jax.random.key(3), 7, 2)
+  b = meta_train.sample_tasks(family, jax.random.key(3), 7, 2)
+  c = meta_train.sample_tasks(family, jax.random.key(3), 8, 2)
+  np.testing.assert_array_equal(a['target'], b['target'])
+  assert not np.allclose(a['target'], c['target'])
+
+
+def test_unknown_objective_fails_at_build_time():
+  family = QuadraticFamily()
+  with pytest.raises(ValueError, match='objective'):
+    meta_train.make_meta_step(family, optax.adam(1e-3), num_steps=3, objective='val')
