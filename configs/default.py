@@ -43,10 +43,15 @@ def get_config() -> ml_collections.ConfigDict:
   meta.eps = 1e-3  # eigenvalue floor of every factor (the guarantee's constant)
   meta.max_factor_size = 1024  # larger factors are diagonal
   meta.horizon = 100  # inner steps T per task
-  meta.meta_batch_size = 4  # tasks per meta-step
-  meta.num_meta_steps = 60
-  meta.optimizer = 'adam'  # any of experiments.builders.META_OPTIMIZERS
-  meta.learning_rate = 3e-2
+  meta.meta_batch_size = 4  # tasks per meta-step, over all devices and processes
+  meta.num_devices = 0  # local devices to shard tasks over (0: all); per device = batch / all
+  meta.num_meta_steps = 100
+  # Muon's orthogonalised updates change each factor by a bounded spectral norm per step,
+  # which keeps the learned step sizes stable (elementwise Adam moves a dense m x m factor
+  # by up to ~m * learning_rate in spectral norm).
+  meta.optimizer = 'muon'  # any of experiments.builders.META_OPTIMIZERS
+  meta.learning_rate = 0.1
+  meta.schedule = 'cosine'  # 'constant' | 'cosine' (decays to 10% over num_meta_steps)
   meta.grad_clip = 1.0  # global-norm clip of the meta-gradient (None: off)
   meta.checkpoint_every = 10  # meta-steps between checkpoints
 

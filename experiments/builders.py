@@ -96,8 +96,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _one_of(meta.solver, 'meta.solver', SOLVERS)
   _one_of(meta.structure, 'meta.structure', metamd_jax.divergence.STRUCTURES)
   _one_of(meta.optimizer, 'meta.optimizer', META_OPTIMIZERS)
+  _one_of(meta.schedule, 'meta.schedule', ('constant', 'cosine'))
   _positive_int(config, 'meta.horizon')
   _positive_int(config, 'meta.meta_batch_size')
+  _positive_int(config, 'meta.num_devices', minimum=0)
   _positive_int(config, 'meta.num_meta_steps', minimum=0)
   _positive_int(config, 'meta.checkpoint_every')
   _positive_int(config, 'meta.max_factor_size')
@@ -177,7 +179,11 @@ def build_divergence(config: ml_collections.ConfigDict, family: TaskFamily):
 
 def build_meta_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   meta = config.meta
-  optimizer = META_OPTIMIZERS[meta.optimizer](meta.learning_rate)
+  learning_rate = meta.learning_rate
+  if meta.schedule == 'cosine':
+    learning_rate = optax.cosine_decay_schedule(meta.learning_rate,
+                                                max(meta.num_meta_steps, 1), alpha=0.1)
+  optimizer = META_OPTIMIZERS[meta.optimizer](learning_rate)
   if meta.grad_clip is not None:
     optimizer = optax.chain(optax.clip_by_global_norm(meta.grad_clip), optimizer)
   return optimizer

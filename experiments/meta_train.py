@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -9,12 +10,11 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 import tqdm
 
 import metamd_jax
 from experiments import builders
-from metamd_jax import checkpoint
+from metamd_jax import checkpoint, parallel
 from metamd_jax import meta_train as meta_train_lib
 
 ARTIFACT = 'divergence.npz'
@@ -28,6 +28,12 @@ def _truncate_metrics(path: pathlib.Path, last_step: int) -> None:
   kept = [line for line in path.read_text().splitlines()
           if line.strip() and json.loads(line)['step'] <= last_step]
   path.write_text(''.join(line + '\n' for line in kept))
+
+
+def _build_meta_step(family, meta_optimizer, config, solver_options, axis_name):
+  return meta_train_lib.make_meta_step(
+      family, meta_optimizer, num_steps=config.meta.horizon, objective=config.meta.objective,
+      solver=config.meta.solver, solver_options=solver_options, axis_name=axis_name)
 
 
 def meta_train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
@@ -56,35 +62,46 @@ def meta_train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   metrics_path = workdir / METRICS
   _truncate_metrics(metrics_path, start)
 
-  meta_step = jax.jit(meta_train_lib.make_meta_step(
-      family, meta_optimizer, num_steps=config.meta.horizon, objective=config.meta.objective,
-      solver=config.meta.solver, solver_options=solver_options))
+  runner = parallel.MetaStepRunner(
+      functools.partial(_build_meta_step, family, meta_optimizer, config, solver_options),
+      config.meta.meta_batch_size, config.meta.num_devices)
+  is_writer = jax.process_index() == 0  # only process 0 writes logs and artifacts
+  device_state = runner.to_devices(state)
   key = jax.random.key(config.seed)
   total = config.meta.num_meta_steps
-  with open(metrics_path, 'a') as log, tqdm.tqdm(
-      total=total, initial=start, desc='meta-train', disable=not progress,
-      dynamic_ncols=True) as bar:
-    if resumed:
-      bar.write(f'resumed from meta-step {start} ({checkpointer.directory})')
+  log = open(metrics_path, 'a') if is_writer else None
+  bar = tqdm.tqdm(total=total, initial=start, desc='meta-train',
+                  disable=not (progress and is_writer), dynamic_ncols=True)
+  if resumed:
+    bar.write(f'resumed from meta-step {start} ({checkpointer.directory})')
+  try:
     for step in range(start, total):
       task_params = meta_train_lib.sample_tasks(family, key, step,
                                                 config.meta.meta_batch_size)
       started = time.perf_counter()
-      state, metrics = meta_step(state, task_params)
-      record = {'step': step + 1, **{k: float(np.asarray(v)) for k, v in metrics.items()},
-                'seconds': time.perf_counter() - started}
-      log.write(json.dumps(record) + '\n')
-      log.flush()
+      device_state, metrics = runner.step(device_state, task_params)
+      record = {'step': step + 1, **metrics, 'seconds': time.perf_counter() - started}
+      if log is not None:
+        log.write(json.dumps(record) + '\n')
+        log.flush()
       bar.set_postfix(meta_loss=f"{record['meta_loss']:.4g}",
                       final_loss=f"{record['final_loss']:.4g}")
       bar.update()
-      checkpointer.save(step + 1, state)
+      if checkpointer.should_save(step + 1):
+        checkpointer.save(step + 1, runner.to_host(device_state))
+  finally:
+    bar.close()
+    if log is not None:
+      log.close()
+  state = runner.to_host(device_state)
   if checkpointer.latest_step() != int(state.step):
     checkpointer.save(int(state.step), state, force=True)
   checkpointer.close()
-  if int(state.skipped_updates) or int(state.dropped_tasks):
+  if is_writer and (int(state.skipped_updates) or int(state.dropped_tasks)):
     print(f'meta-training skipped {int(state.skipped_updates)} non-finite meta-gradients and '
           f'dropped {int(state.dropped_tasks)} diverged inner runs.')
-  metamd_jax.save_divergence(workdir / ARTIFACT, state.divergence, family.init_params(),
-                             config=config)
-  return state.divergence
+  divergence = jax.tree.map(jax.numpy.asarray, state.divergence)
+  if is_writer:
+    metamd_jax.save_divergence(workdir / ARTIFACT, divergence, family.init_params(),
+                               config=config)
+  return divergence

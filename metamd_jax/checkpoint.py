@@ -36,6 +36,9 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def should_save(self, step: int) -> bool:
+    return self._manager.should_save(step)
+
   def save(self, step: int, state: PyTree, *, force: bool = False) -> bool:
     """Save ``state`` at ``step`` if the interval says so (or ``force``)."""
     return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)

@@ -19,11 +19,13 @@ from experiments import builders, evaluate, meta_train
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _launch(workdir, *overrides, mode='meta_train'):
+def _launch(workdir, *overrides, mode='meta_train', devices=1):
   command = [sys.executable, '-m', 'experiments.main', '--config', 'configs/tiny.py',
              '--workdir', str(workdir), '--mode', mode, *overrides]
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
   return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          env=dict(os.environ, JAX_PLATFORMS='cpu'))
+                          env=env)
 
 
 def test_tiny_pipeline_writes_every_output(tmp_path):
@@ -82,10 +84,14 @@ def _wait_for(predicate, process, timeout):
   return False
 
 
-def test_resume_after_sigkill_gives_the_same_divergence(tmp_path):
-  overrides = ('--config.meta.num_meta_steps=400', '--config.meta.checkpoint_every=5')
+@pytest.mark.parametrize('devices', [1, 4])
+def test_resume_after_sigkill_gives_the_same_divergence(tmp_path, devices):
+  """A real ``kill -9`` mid-run, on one device and with tasks sharded over four."""
+  total = 400 if devices == 1 else 40  # a sharded step is slower on fake CPU devices
+  overrides = (f'--config.meta.num_meta_steps={total}', '--config.meta.checkpoint_every=5',
+               f'--config.meta.meta_batch_size={2 * devices}')
   killed_dir, clean_dir = tmp_path / 'killed', tmp_path / 'clean'
-  process = _launch(killed_dir, *overrides)
+  process = _launch(killed_dir, *overrides, devices=devices)
   checkpoints = killed_dir / 'checkpoints'
   try:
     started = _wait_for(lambda: checkpoints.exists() and any(
@@ -97,10 +103,10 @@ def test_resume_after_sigkill_gives_the_same_divergence(tmp_path):
   assert process.returncode == -signal.SIGKILL
   assert not (killed_dir / meta_train.ARTIFACT).exists(), 'the run finished before the kill'
   logged = len((killed_dir / 'metrics.jsonl').read_text().splitlines())
-  assert logged < 400
+  assert logged < total
 
-  resumed = _launch(killed_dir, *overrides)
-  clean = _launch(clean_dir, *overrides)
+  resumed = _launch(killed_dir, *overrides, devices=devices)
+  clean = _launch(clean_dir, *overrides, devices=devices)
   for p in (resumed, clean):
     _, stderr = p.communicate(timeout=400)
     assert p.returncode == 0, stderr.decode()[-2000:]
@@ -111,4 +117,28 @@ def test_resume_after_sigkill_gives_the_same_divergence(tmp_path):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   steps = [json.loads(line)['step']
            for line in (killed_dir / 'metrics.jsonl').read_text().splitlines()]
-  assert steps == list(range(1, 401))
+  assert steps == list(range(1, total + 1))
+
+
+@pytest.mark.parametrize('name', ['default', 'tiny', 'digits_mlp', 'mnist1d_cnn', 'class_split',
+                                  'least_squares'])
+def test_shipped_configs_validate_and_build(name):
+  import importlib
+
+  config = importlib.import_module(f'configs.{name}').get_config()
+  builders.validate_config(config)
+  meta_train_family, meta_test_family = builders.build_families(config)
+  divergence = builders.build_divergence(config, meta_train_family)
+  metamd_jax.artifact.check_compatible(divergence, meta_test_family.init_params())
+  if name == 'class_split':
+    assert meta_train_family is not meta_test_family
+    assert meta_train_family.num_classes == meta_test_family.num_classes == 5
+
+
+def test_user_file_config_without_files_names_the_field():
+  from configs import cifar10_resnet
+
+  config = cifar10_resnet.get_config()
+  builders.validate_config(config)
+  with pytest.raises(ValueError, match='data_dir'):
+    builders.build_families(config)

@@ -1,0 +1,12 @@
+"""An MLP on scikit-learn's 8x8 digits."""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.task.dataset = 'digits'
+  config.task.hidden_sizes = (32,)
+  config.task.batch_size = 32
+  config.task.subset_size = 1000
+  return config

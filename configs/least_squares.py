@@ -1,0 +1,22 @@
+"""Convex least squares with a shared Kronecker-structured curvature (condition 100).
+
+The setting of the convergence guarantee: the learned divergence should approach the
+shared Hessian ``S (x) C``.
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.task.family = 'least_squares'
+  config.task.input_dim = 16
+  config.task.output_dim = 8
+  config.task.num_samples = 512
+  config.task.batch_size = 64
+  config.task.condition = 100.0
+  config.meta.init_learning_rate = 0.01
+  config.meta.horizon = 50
+  config.meta.num_meta_steps = 200
+  config.eval.learning_rates = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+  return config
