@@ -13,6 +13,7 @@ import optax
 
 import metamd_jax
 from metamd_jax import datasets, models
+from metamd_jax.inner_loop import ADJOINTS
 from metamd_jax.mirror import make_solver
 from metamd_jax.objectives import OBJECTIVES
 from metamd_jax.tasks import (
@@ -94,6 +95,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _positive_float(config, 'task.condition')
   _one_of(meta.objective, 'meta.objective', OBJECTIVES)
   _one_of(meta.solver, 'meta.solver', SOLVERS)
+  _one_of(meta.adjoint, 'meta.adjoint', ADJOINTS)
   _one_of(meta.structure, 'meta.structure', metamd_jax.divergence.STRUCTURES)
   _one_of(meta.optimizer, 'meta.optimizer', META_OPTIMIZERS)
   _one_of(meta.schedule, 'meta.schedule', ('constant', 'cosine'))

@@ -33,7 +33,8 @@ def _truncate_metrics(path: pathlib.Path, last_step: int) -> None:
 def _build_meta_step(family, meta_optimizer, config, solver_options, axis_name):
   return meta_train_lib.make_meta_step(
       family, meta_optimizer, num_steps=config.meta.horizon, objective=config.meta.objective,
-      solver=config.meta.solver, solver_options=solver_options, axis_name=axis_name)
+      adjoint=config.meta.adjoint, solver=config.meta.solver, solver_options=solver_options,
+      axis_name=axis_name)
 
 
 def meta_train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,

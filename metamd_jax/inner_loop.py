@@ -65,6 +65,18 @@ def step_term(operators: PyTree, params: PyTree, grads: PyTree, *, solver='exact
   return divergence_lib.bregman_divergence(operators, params, new_params), new_params
 
 
+ADJOINTS = ('implicit', 'statistics')
+
+
+def _statistics_term(operators: PyTree, grads: PyTree) -> tuple[jax.Array, PyTree]:
+  """``(1/2 <g, M^{-1} g>, M^{-1} g)`` with ``M^{-1}`` from the cached inverse factors."""
+  grads = jax.lax.stop_gradient(grads)
+  direction = divergence_lib.solve_metric(operators, grads)
+  term = 0.5 * sum(jnp.vdot(g.astype(d.dtype), d) for g, d in
+                   zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
+  return term, direction
+
+
 def distance_term(divergence: PyTree, final_params: PyTree, init_params: PyTree) -> jax.Array:
   """``B(stop_gradient(theta*), theta_1)``: the comparator is held constant."""
   return divergence_lib.bregman_divergence(
@@ -79,6 +91,7 @@ def rollout(
     params: PyTree | None = None,
     meta_gradient: bool = False,
     return_trajectory: bool = False,
+    adjoint: str = 'implicit',
     solver='exact',
     **solver_options,
 ) -> Rollout:
@@ -91,6 +104,11 @@ def rollout(
     params: initial parameters; ``task.init()`` if ``None``.
     meta_gradient: also accumulate the bound's gradient w.r.t. the divergence.
     return_trajectory: also return the stacked iterates and gradients.
+    adjoint: how each step term is differentiated: ``'implicit'`` (the mirror step's
+      ``custom_vjp``, any divergence and adjoint solver) or ``'statistics'`` (the same
+      gradient collapsed into running statistics: with the cached inverses ``P``, ``Q``
+      the term is ``1/2 tr(G^T P G Q)``, whose gradients ``1/2 G Q G^T`` and
+      ``1/2 G^T P G`` are accumulated and pulled back to the meta-parameters once).
     solver: adjoint solver of the mirror step (see :func:`metamd_jax.mirror_step`).
     **solver_options: options of a matrix-free solver.
 
@@ -99,6 +117,8 @@ def rollout(
   """
   if int(num_steps) != num_steps or num_steps < 1:
     raise ValueError(f'num_steps must be a positive integer, got {num_steps}.')
+  if adjoint not in ADJOINTS:
+    raise ValueError(f'unknown adjoint {adjoint!r}; expected one of {ADJOINTS}.')
   init_params = task.init() if params is None else params
   divergence_lib.check_divergence(divergence)
   divergence_lib.apply_metric(divergence, init_params)  # structure and shape check
@@ -113,10 +133,16 @@ def rollout(
   def body(carry, step):
     params, term_sum, grad_sum = carry
     loss, grads = loss_and_grad(params, task.batch(step))
-    if meta_gradient:
+    if meta_gradient and adjoint == 'implicit':
       # The step term's gradient w.r.t. the factors, through the implicit VJP.
       (term, new_params), term_grad = jax.value_and_grad(step_term, has_aux=True)(
           operators, params, grads, solver=solver, **solver_options)
+      grad_sum = jax.tree.map(jnp.add, grad_sum, term_grad)
+    elif meta_gradient:
+      # B(theta, theta+) = 1/2 <g, M^{-1} g>: gradients w.r.t. the cached inverses only.
+      (term, direction), term_grad = jax.value_and_grad(_statistics_term, has_aux=True)(
+          operators, grads)
+      new_params = jax.tree.map(lambda p, d: (p - d).astype(p.dtype), params, direction)
       grad_sum = jax.tree.map(jnp.add, grad_sum, term_grad)
     else:
       direction = divergence_lib.solve_metric(operators, grads)

@@ -68,6 +68,7 @@ def make_meta_step(
     *,
     num_steps: int,
     objective: str = 'bound',
+    adjoint: str = 'implicit',
     solver: str = 'exact',
     solver_options: dict | None = None,
     axis_name: str | None = None,
@@ -79,6 +80,7 @@ def make_meta_step(
     meta_optimizer: any optax transformation, applied to the divergence.
     num_steps: the inner horizon ``T``.
     objective: ``'bound'`` or ``'unrolled'`` (see :func:`metamd_jax.meta_gradient`).
+    adjoint: ``'implicit'`` or ``'statistics'`` (see :func:`metamd_jax.rollout`).
     solver: adjoint solver of the mirror step.
     solver_options: options of a matrix-free solver.
     axis_name: the ``pmap`` axis the meta-batch is sharded over, or ``None``.
@@ -93,7 +95,8 @@ def make_meta_step(
   def meta_step(state: MetaTrainState, task_params: PyTree) -> tuple[MetaTrainState, dict]:
     def one_task(tp):
       result = objectives.meta_gradient(state.divergence, family.task(tp), num_steps,
-                                        objective=objective, solver=solver, **solver_options)
+                                        objective=objective, adjoint=adjoint, solver=solver,
+                                        **solver_options)
       finite = (jnp.isfinite(result.loss) & jnp.all(jnp.isfinite(result.losses))
                 & jnp.isfinite(result.final_loss) & _all_finite(result.grad))
       return result, finite

@@ -88,7 +88,7 @@ class MetaGradient(NamedTuple):
 
 def meta_gradient(divergence: PyTree, task: Task, num_steps: int, *,
                   objective: str = 'bound', params: PyTree | None = None,
-                  solver='exact', **solver_options) -> MetaGradient:
+                  adjoint: str = 'implicit', solver='exact', **solver_options) -> MetaGradient:
   """The meta-objective and its gradient w.r.t. the divergence on one task.
 
   Args:
@@ -99,6 +99,8 @@ def meta_gradient(divergence: PyTree, task: Task, num_steps: int, *,
       constant in ``T``) or ``'unrolled'`` (training loss after ``T`` steps,
       back-propagated through the unroll, memory linear in ``T``).
     params: initial parameters (``task.init()`` if ``None``).
+    adjoint: ``'implicit'`` or ``'statistics'`` (bound objective; see
+      :func:`metamd_jax.rollout`).
     solver: adjoint solver of the mirror step (bound objective).
     **solver_options: options of a matrix-free solver.
 
@@ -107,7 +109,8 @@ def meta_gradient(divergence: PyTree, task: Task, num_steps: int, *,
   """
   if objective == 'bound':
     result = inner_loop.rollout(divergence, task, num_steps, params=params,
-                                meta_gradient=True, solver=solver, **solver_options)
+                                meta_gradient=True, adjoint=adjoint, solver=solver,
+                                **solver_options)
     final_loss = task.loss(result.final_params,
                            task.batch(jnp.asarray(num_steps, jnp.int32)))
     return MetaGradient(result.bound, result.meta_grad, result.losses, final_loss)

@@ -67,3 +67,18 @@ def test_rollout_memory_does_not_store_the_trajectory():
   scan = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == 'scan'][0]
   stacked = [v.aval.shape for v in scan.outvars if v.aval.shape[:1] == (50,)]
   assert stacked == [(50,)]
+
+
+@pytest.mark.parametrize('structure', ['kronecker', 'diagonal', 'scalar'])
+def test_statistics_adjoint_equals_the_implicit_vjp(x64, structure):
+  task = quadratic_task(dtype=jnp.float64)
+  divergence = jax.tree.map(lambda x: 2.0 * x, well_conditioned(
+      metamd_jax.init_divergence(task.init(), 0.1, dtype=jnp.float64, structure=structure,
+                                 max_factor_size=3), seed=4, noise=0.3))
+  implicit = inner_loop.rollout(divergence, task, 6, meta_gradient=True, adjoint='implicit')
+  statistics = inner_loop.rollout(divergence, task, 6, meta_gradient=True, adjoint='statistics')
+  np.testing.assert_allclose(float(statistics.bound), float(implicit.bound), rtol=1e-12)
+  for a, b in zip(jax.tree.leaves(statistics.meta_grad), jax.tree.leaves(implicit.meta_grad)):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+  with pytest.raises(ValueError, match='adjoint'):
+    inner_loop.rollout(divergence, task, 2, meta_gradient=True, adjoint='reverse')
