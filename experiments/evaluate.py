@@ -86,8 +86,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     entry['mean_curve'] = np.nanmean(evaluation.smooth(run.losses, ev.window), axis=0).tolist()
     results['optimizers'][name] = entry
 
-  (workdir / 'results.json').write_text(json.dumps(results, indent=1))
   table = format_table(results)
+  if jax.process_index() != 0:  # every process evaluates; process 0 writes
+    return results
+  (workdir / 'results.json').write_text(json.dumps(results, indent=1))
   (workdir / 'results.md').write_text(table + '\n')
   print(table)
   plot_curves(results, workdir / 'loss_curves.png', title=_title(config))

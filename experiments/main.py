@@ -10,10 +10,17 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import evaluate, meta_train
+from metamd_jax import parallel
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
 flags.DEFINE_enum('mode', 'all', ['all', 'meta_train', 'evaluate'], 'What to run.')
+flags.DEFINE_bool('distributed', False,
+                  'Multi-process run (TPU pod, SLURM, ...): call jax.distributed.initialize; '
+                  'the cluster is detected unless the coordinator flags are given.')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process).')
+flags.DEFINE_integer('process_id', None, 'This process (multi-process).')
 config_flags.DEFINE_config_file('config', 'configs/default.py', 'Experiment config file.',
                                 lock_config=True)
 flags.mark_flags_as_required(['workdir'])
@@ -24,6 +31,9 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # checkpointing logs at INFO; --verbosity=0 shows it
+  if FLAGS.distributed:
+    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                    FLAGS.process_id)
   logging.info('JAX devices: %s (process %d of %d)', jax.devices(), jax.process_index(),
                jax.process_count())
   config = FLAGS.config

@@ -229,34 +229,11 @@ class DiagonalMetric:
 
 
 @dataclasses.dataclass(frozen=True)
-class ScalarMetric:
-  """Isotropic metric ``(a**2 + eps) I`` with a scalar ``a``: a learned step size."""
+class ScalarMetric(DiagonalMetric):
+  """Isotropic metric ``(a**2 + eps) I`` with a scalar ``a``: a learned step size.
 
-  scale: Array
-  shape: tuple[int, ...]
-  eps: float
-
-  def values(self) -> Array:
-    return self.scale * self.scale + self.eps
-
-  def apply(self, x: Array) -> Array:
-    return self.values() * x.astype(self.scale.dtype)
-
-  def solve(self, x: Array) -> Array:
-    return x.astype(self.scale.dtype) / self.values()
-
-  def operator(self) -> ElementwiseOperator:
-    values = self.values()
-    return ElementwiseOperator(values=values, inverse_values=1.0 / values, shape=self.shape)
-
-  def inverse(self) -> ElementwisePreconditioner:
-    return ElementwisePreconditioner(scale=1.0 / self.values(), shape=self.shape)
-
-  def min_eigenvalue(self) -> Array:
-    return self.values()
-
-  def floor(self) -> float:
-    return self.eps
+  The diagonal metric with one shared entry (``scale`` has shape ``()``).
+  """
 
 
 def _kronecker_product(left: Array, right: Array, x: Array, shape, rows, cols) -> Array:

@@ -136,3 +136,20 @@ class MetaStepRunner:
     else:
       state, metrics = self._step(state, task_params)
     return state, {k: float(np.asarray(v)) for k, v in metrics.items()}
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """Start the multi-process runtime (once, before any other JAX call).
+
+  With no arguments JAX detects the cluster itself (TPU pods, SLURM, Open MPI); on CPU
+  the collectives use gloo. Afterwards every process runs the same program: each takes its
+  slice of the meta-batch and process 0 writes logs, checkpoints and artifacts.
+  """
+  try:
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  except (AttributeError, ValueError):  # older or newer JAX without this option
+    pass
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)

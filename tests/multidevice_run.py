@@ -31,10 +31,9 @@ def main():
   if args.x64:
     jax.config.update('jax_enable_x64', True)
   if args.processes > 1:
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(coordinator_address=f'127.0.0.1:{args.port}',
-                               num_processes=args.processes, process_id=args.process_id,
-                               initialization_timeout=60)
+    from metamd_jax import parallel
+
+    parallel.initialize_distributed(f'127.0.0.1:{args.port}', args.processes, args.process_id)
   import functools
 
   import numpy as np

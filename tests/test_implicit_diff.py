@@ -93,7 +93,7 @@ def test_generic_custom_root_on_a_linear_system(x64):
     np.testing.assert_allclose(got, expected, rtol=1e-10)
 
 
-def test_unknown_solver_is_rejected():
+def test_unknown_solver_is_rejected(x64):
   divergence, params, grads, _ = _problem(STRUCTURES[0])
   with pytest.raises(ValueError, match='unknown solver'):
     metamd_jax.mirror_step(divergence, params, grads, solver='lu')

@@ -1,0 +1,104 @@
+"""Benchmark MetaMD against tuned optax optimisers on several task families (issue #6).
+
+  python -m experiments.benchmark --config configs/benchmark.py --workdir runs/benchmark
+  python -m experiments.benchmark --config configs/benchmark.py --workdir runs/smoke \
+      --config.quick=True
+
+Each entry of ``families`` is a full experiment config (as ``experiments.main`` takes),
+plus a ``heldout`` section naming an optional dataset that meta-training never sees.
+``family_names`` says which families run, in order. Per family, three learned optimisers
+are meta-trained at horizon ``T = meta.horizon`` (``variants``: MetaMD, the diagonal
+Meta-SGD divergence and the Kronecker divergence on the unrolled objective), every
+baseline's learning rate is tuned on meta-train tasks over ``learning_rates``, and all
+optimisers run on the same ``num_tasks`` held-out tasks for ``T`` steps; the learned ones
+also for ``horizon_multiplier * T`` steps.
+
+Budget: the default finishes in about 30 minutes on 2 CPU cores. Meta-training dominates;
+``variants.<name>.meta_steps_fraction`` scales each family's ``meta.num_meta_steps`` for a
+variant (the learned baselines get fewer meta-steps than MetaMD where they are slower; the
+results say how many each got).
+"""
+
+import ml_collections
+
+from configs import default, digits_mlp, least_squares, mnist1d_cnn
+
+
+def _family(config: ml_collections.ConfigDict, heldout_dataset: str = '',
+            **generator) -> ml_collections.ConfigDict:
+  """An experiment config with a ``heldout`` section (a dataset meta-training never sees)."""
+  config.heldout = ml_collections.ConfigDict()
+  # '' (none), 'digits28' (sklearn digits resized to 28x28x1: fits the MNIST MLP) or
+  # 'mnist1d' (MNIST-1D from another generator seed and generator arguments).
+  config.heldout.dataset = heldout_dataset
+  config.heldout.generator = ml_collections.ConfigDict(generator)
+  return config
+
+
+def _mnist_mlp() -> ml_collections.ConfigDict:
+  config = default.get_config()
+  config.meta.num_meta_steps = 60
+  config.meta.checkpoint_every = 20
+  return _family(config, 'digits28')
+
+
+def _mnist1d_cnn() -> ml_collections.ConfigDict:
+  config = mnist1d_cnn.get_config()
+  config.meta.num_meta_steps = 40
+  config.meta.checkpoint_every = 20
+  # Same 40-sample length and templates; another seed, more noise and shear.
+  return _family(config, 'mnist1d', seed=1, iid_noise_scale=0.05, corr_noise_scale=0.35,
+                 shear_scale=1.0)
+
+
+def _digits_mlp() -> ml_collections.ConfigDict:
+  config = digits_mlp.get_config()
+  config.meta.num_meta_steps = 60
+  config.meta.checkpoint_every = 20
+  return _family(config)
+
+
+def _least_squares() -> ml_collections.ConfigDict:
+  config = least_squares.get_config()
+  config.meta.num_meta_steps = 150
+  config.meta.checkpoint_every = 50
+  return _family(config)
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.quick = False  # smoke run: few meta-steps, 2 tasks, 3 learning rates (~2 minutes)
+  config.seed = 0
+  config.families = ml_collections.ConfigDict()
+  config.families.mnist_mlp = _mnist_mlp()
+  config.families.mnist1d_cnn = _mnist1d_cnn()
+  config.families.digits_mlp = _digits_mlp()
+  config.families.least_squares = _least_squares()
+  config.family_names = ('mnist_mlp', 'mnist1d_cnn', 'digits_mlp', 'least_squares')
+
+  # Learned optimisers: structure and meta-objective of each, and the fraction of the
+  # family's meta.num_meta_steps it is meta-trained for.
+  config.variants = ml_collections.ConfigDict()
+  config.variants.metamd = ml_collections.ConfigDict(
+      dict(structure='kronecker', objective='bound', meta_steps_fraction=1.0))
+  config.variants.meta_sgd = ml_collections.ConfigDict(
+      dict(structure='diagonal', objective='bound', meta_steps_fraction=1.0))
+  config.variants.unrolled = ml_collections.ConfigDict(
+      dict(structure='kronecker', objective='unrolled', meta_steps_fraction=0.5))
+  config.variant_names = ('metamd', 'meta_sgd', 'unrolled')
+
+  config.num_tasks = 5  # held-out tasks (seeds), the same for every optimiser
+  config.num_tune_tasks = 3  # meta-train tasks the baselines' learning rates are tuned on
+  config.learning_rates = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+  config.baselines = ('sgd', 'momentum', 'adam', 'adagrad', 'rmsprop', 'muon')
+  config.reference = 'adam'  # steps and seconds to this tuned baseline's final loss
+  config.horizon_multiplier = 10  # learned optimisers also run for this many times T
+  config.timing_repeats = 3  # timed runs per task (after a warm-up); the median is kept
+  # A 10T training loss above blow_up_factor x the initial loss (or non-finite) is a blow-up.
+  config.blow_up_factor = 1.0
+
+  # --config.quick=True: what a smoke run uses instead.
+  config.quick_meta_steps = 3
+  config.quick_num_tasks = 2
+  config.quick_learning_rates = (1e-3, 3e-2, 1.0)
+  return config

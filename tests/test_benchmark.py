@@ -1,0 +1,73 @@
+"""Smoke test of the benchmark (experiments/benchmark.py) on one tiny family."""
+
+import json
+import math
+
+import ml_collections
+
+from configs import benchmark as benchmark_config
+from configs import tiny
+from experiments import benchmark
+
+
+def _tiny_benchmark_config() -> ml_collections.ConfigDict:
+  config = benchmark_config.get_config()
+  config.quick = True
+  family = tiny.get_config()
+  family.heldout = ml_collections.ConfigDict({'dataset': '', 'generator': {}})
+  config.families = ml_collections.ConfigDict({'tiny': family})
+  config.family_names = ('tiny',)
+  config.quick_num_tasks = 2
+  config.quick_learning_rates = (0.01, 0.1)
+  config.quick_meta_steps = 2
+  config.baselines = ('sgd', 'adam')
+  config.horizon_multiplier = 3
+  config.timing_repeats = 1
+  return config
+
+
+def _finite_pair(value):
+  assert isinstance(value, list) and len(value) == 2, value
+  assert all(isinstance(v, float) and math.isfinite(v) for v in value), value
+
+
+def test_quick_benchmark_writes_documented_results(tmp_path, capsys):
+  config = _tiny_benchmark_config()
+  benchmark.benchmark(config, tmp_path, progress=False)
+  assert '## tiny' in capsys.readouterr().out
+
+  results = json.loads((tmp_path / 'results.json').read_text())
+  assert results['settings']['num_tasks'] == 2
+  family = results['families']['tiny']
+  assert set(family['optimizers']) == {'metamd', 'meta_sgd', 'unrolled', 'sgd', 'adam'}
+  for name, entry in family['optimizers'].items():
+    if entry['kind'] == 'baseline':
+      assert entry['learning_rate'] in config.quick_learning_rates
+    else:
+      assert entry['learning_rate'] is None
+    for field in ('final_train_loss', 'test_accuracy', 'wall_clock_seconds',
+                  'seconds_per_step'):
+      _finite_pair(entry[field])
+    assert entry['wall_clock_seconds'][0] > 0
+    # adam reaches its own final loss; the others may not, then the mean is null.
+    steps = entry['steps_to_adam_final_loss']
+    seconds = entry['seconds_to_adam_final_loss']
+    if entry['reached_fraction'] > 0:
+      _finite_pair(steps)
+      _finite_pair(seconds)
+      assert 1 <= steps[0] <= family['horizon']
+    if name == 'adam':
+      assert entry['reached_fraction'] == 1.0
+  for variant, info in family['meta_training'].items():
+    assert info['num_meta_steps'] >= 1, variant
+    assert (tmp_path / 'tiny' / variant / 'divergence.npz').exists()
+  for row in family['learned_vs_baselines']['metamd'].values():
+    _finite_pair(row['baseline_final_train_loss'])
+    _finite_pair(row['baseline_wall_clock_seconds'])
+  for entry in family['beyond_horizon'].values():
+    assert entry['steps'] == 3 * family['horizon']
+    _finite_pair(entry['loss_at_T'])
+    assert 0.0 <= entry['blew_up_fraction'] <= 1.0
+  assert (tmp_path / 'results.md').read_text().startswith('## tiny')
+  for suffix in ('loss_vs_step', 'loss_vs_time', 'beyond_horizon'):
+    assert (tmp_path / f'tiny_{suffix}.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
