@@ -15,8 +15,8 @@ also for ``horizon_multiplier * T`` steps.
 
 Budget: the default finishes in about 30 minutes on 2 CPU cores. Meta-training dominates;
 ``variants.<name>.meta_steps_fraction`` scales each family's ``meta.num_meta_steps`` for a
-variant (the learned baselines get fewer meta-steps than MetaMD where they are slower; the
-results say how many each got).
+variant (the unrolled objective, 3-4 times slower per meta-step than the bound, gets a quarter;
+results.json and results.md say how many meta-steps each variant got).
 """
 
 import ml_collections
@@ -38,7 +38,7 @@ def _family(config: ml_collections.ConfigDict, heldout_dataset: str = '',
 def _mnist_mlp() -> ml_collections.ConfigDict:
   config = default.get_config()
   config.meta.num_meta_steps = 60
-  config.meta.checkpoint_every = 20
+  config.meta.checkpoint_every = 10
   return _family(config, 'digits28')
 
 
@@ -67,7 +67,7 @@ def _least_squares() -> ml_collections.ConfigDict:
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.quick = False  # smoke run: few meta-steps, 2 tasks, 3 learning rates (~2 minutes)
+  config.quick = False  # smoke run: 2 fast families, few meta-steps, 2 tasks, 3 learning rates
   config.seed = 0
   config.families = ml_collections.ConfigDict()
   config.families.mnist_mlp = _mnist_mlp()
@@ -84,7 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.variants.meta_sgd = ml_collections.ConfigDict(
       dict(structure='diagonal', objective='bound', meta_steps_fraction=1.0))
   config.variants.unrolled = ml_collections.ConfigDict(
-      dict(structure='kronecker', objective='unrolled', meta_steps_fraction=0.5))
+      dict(structure='kronecker', objective='unrolled', meta_steps_fraction=0.25))
   config.variant_names = ('metamd', 'meta_sgd', 'unrolled')
 
   config.num_tasks = 5  # held-out tasks (seeds), the same for every optimiser
@@ -94,10 +94,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.reference = 'adam'  # steps and seconds to this tuned baseline's final loss
   config.horizon_multiplier = 10  # learned optimisers also run for this many times T
   config.timing_repeats = 3  # timed runs per task (after a warm-up); the median is kept
+  # 'batched': evaluation.tune_learning_rate's selection, compiled once per baseline for the
+  # whole grid; 'library': evaluation.tune_learning_rate itself (one compile per grid point).
+  config.tuning = 'batched'
   # A 10T training loss above blow_up_factor x the initial loss (or non-finite) is a blow-up.
   config.blow_up_factor = 1.0
 
   # --config.quick=True: what a smoke run uses instead.
+  config.quick_family_names = ('digits_mlp', 'least_squares')
   config.quick_meta_steps = 3
   config.quick_num_tasks = 2
   config.quick_learning_rates = (1e-3, 3e-2, 1.0)

@@ -105,9 +105,16 @@ def variant_config(family: ml_collections.ConfigDict,
   return config
 
 
+def family_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The families to run (``quick_family_names`` in a quick run)."""
+  if config.quick and config.quick_family_names:
+    return tuple(config.quick_family_names)
+  return tuple(config.family_names)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Check the benchmark's own fields and every family's config; raise ``ValueError``."""
-  if not config.family_names:
+  if not family_names(config):
     raise ValueError('config.family_names must name at least one family.')
   if config.reference not in config.baselines:
     raise ValueError(f'config.reference ({config.reference!r}) must be one of config.baselines '
@@ -119,11 +126,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f'variant {name!r} has the name of a baseline.')
   if 'metamd' not in config.variant_names:
     raise ValueError("config.variant_names must include 'metamd'.")
+  if config.tuning not in ('batched', 'library'):
+    raise ValueError(f"config.tuning must be 'batched' or 'library', got {config.tuning!r}.")
   for field in ('num_tasks', 'num_tune_tasks', 'horizon_multiplier', 'timing_repeats'):
     value = config[field]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f'config.{field} must be an integer >= 1, got {value!r}.')
-  for name in config.family_names:
+  for name in family_names(config):
     family = family_config(config, name)
     for variant in config.variant_names:
       variant_config(family, config.variants[variant])
@@ -168,7 +177,52 @@ def _task(task_params, index: int):
   return jax.tree.map(lambda x: x[index], task_params)
 
 
-def timed_run(optimizer, family, task_params, num_steps: int, repeats: int) -> dict:
+def tune_learning_rate(make_optimizer, learning_rates, family, task_params, num_steps: int,
+                       window: int) -> tuple[float, dict[float, float]]:
+  """:func:`metamd_jax.evaluation.tune_learning_rate`, compiled once for the whole grid.
+
+  The same selection (lowest mean final training loss over ``task_params``, ties to the
+  smaller learning rate), but the learning rate is a traced argument vmapped over the
+  grid: one compilation per baseline instead of one per grid point.
+  """
+  if not learning_rates:
+    raise ValueError('learning_rates must not be empty.')
+
+  def losses(lr, tp):
+    return evaluation.train(make_optimizer(lr), family.task(tp), num_steps)[1]
+
+  run = jax.jit(jax.vmap(jax.vmap(losses, in_axes=(None, 0)), in_axes=(0, None)))
+  curves = np.asarray(run(jnp.asarray(learning_rates, jnp.float32), task_params))
+  scores = {float(lr): float(np.mean(evaluation.final_loss(c, window)))
+            for lr, c in zip(learning_rates, curves)}
+  best = min(scores, key=lambda lr: (scores[lr], lr))
+  if not math.isfinite(scores[best]):
+    raise ValueError(f'every learning rate in {list(learning_rates)} diverged.')
+  return best, scores
+
+
+def _evaluator(family):
+  """One compiled ``(task_params, final_params) -> metrics`` for every optimiser."""
+  if family.task(family.sample(jax.random.key(0))).evaluate is None:
+    return None
+  return jax.jit(jax.vmap(lambda tp, p: family.task(tp).evaluate(p)))
+
+
+def _metrics(evaluate, task_params, final_params) -> dict:
+  if evaluate is None:
+    return {}
+  return {k: np.asarray(v) for k, v in evaluate(task_params, final_params).items()}
+
+
+def train_tasks(optimizer, family, task_params, num_steps: int, evaluate) -> dict:
+  """Train every task (vmapped) for ``num_steps``; ``{'losses', 'metrics'}``."""
+  run = jax.jit(jax.vmap(lambda tp: evaluation.train(optimizer, family.task(tp), num_steps)))
+  final_params, losses = run(task_params)
+  return {'losses': np.asarray(losses), 'metrics': _metrics(evaluate, task_params, final_params)}
+
+
+def timed_run(optimizer, family, task_params, num_steps: int, repeats: int,
+              evaluate) -> dict:
   """Train each task (one at a time, compiled once), timing every run after a warm-up.
 
   Returns:
@@ -190,11 +244,8 @@ def timed_run(optimizer, family, task_params, num_steps: int, repeats: int) -> d
     losses.append(np.asarray(curve))
     seconds.append(float(np.median(times)))
   final_params = jax.tree.map(lambda *xs: jnp.stack(xs), *finals)
-  metrics = {}
-  if family.task(_task(task_params, 0)).evaluate is not None:
-    evaluate = jax.jit(jax.vmap(lambda tp, p: family.task(tp).evaluate(p)))
-    metrics = {k: np.asarray(v) for k, v in evaluate(task_params, final_params).items()}
-  return {'losses': np.stack(losses), 'metrics': metrics, 'seconds': np.asarray(seconds)}
+  return {'losses': np.stack(losses), 'metrics': _metrics(evaluate, task_params, final_params),
+          'seconds': np.asarray(seconds)}
 
 
 def _mean_std(x) -> list:
@@ -257,10 +308,10 @@ def _tune_baselines(config, family_cfg, train_family, tune_tasks) -> tuple[dict,
   ev = family_cfg.eval
   learning_rates, scores = {}, {}
   for name in config.baselines:
+    tune = evaluation.tune_learning_rate if config.tuning == 'library' else tune_learning_rate
     try:
-      best, score = evaluation.tune_learning_rate(builders.BASELINES[name], ev.learning_rates,
-                                                  train_family, tune_tasks, ev.num_steps,
-                                                  ev.window)
+      best, score = tune(builders.BASELINES[name], ev.learning_rates, train_family, tune_tasks,
+                         ev.num_steps, ev.window)
     except ValueError as error:  # every learning rate diverged
       logging.warning('baseline %s: %s', name, error)
       best, score = None, {}
@@ -331,7 +382,9 @@ def benchmark_family(config: ml_collections.ConfigDict, name: str, workdir: path
   optimizers.update({b: builders.BASELINES[b](lr) for b, lr in learning_rates.items()
                      if lr is not None})
 
-  runs = {opt: timed_run(optimizer, test_family, test_tasks, horizon, config.timing_repeats)
+  evaluate = _evaluator(test_family)
+  repeats = 1 if config.quick else config.timing_repeats
+  runs = {opt: timed_run(optimizer, test_family, test_tasks, horizon, repeats, evaluate)
           for opt, optimizer in optimizers.items()}
   seconds_per_step = {opt: run['seconds'] / horizon for opt, run in runs.items()}
   finals = {opt: evaluation.final_loss(run['losses'], window) for opt, run in runs.items()}
@@ -387,8 +440,8 @@ def benchmark_family(config: ml_collections.ConfigDict, name: str, workdir: path
   for opt in [*learned, reference]:
     if opt not in optimizers:
       continue
-    curves = evaluation.run(optimizers[opt], test_family, test_tasks, long_steps)
-    losses = curves.losses
+    curves = train_tasks(optimizers[opt], test_family, test_tasks, long_steps, evaluate)
+    losses = curves['losses']
     initial = np.mean(losses[:, :window], axis=-1)
     at_long = evaluation.final_loss(losses, window)
     blew_up = ~np.isfinite(at_long) | (at_long > config.blow_up_factor * initial)
@@ -398,7 +451,7 @@ def benchmark_family(config: ml_collections.ConfigDict, name: str, workdir: path
         'loss_at_long': _mean_std(at_long),
         'blew_up_fraction': float(np.mean(blew_up)),
         'any_non_finite': bool(not np.all(np.isfinite(losses))),
-        **{f'{metric}_at_long': _mean_std(v) for metric, v in curves.metrics.items()},
+        **{f'{metric}_at_long': _mean_std(v) for metric, v in curves['metrics'].items()},
     }
     beyond[opt]['mean_curve'], beyond[opt]['std_curve'] = _curve_stats(losses, window)
   result['beyond_horizon'] = beyond
@@ -436,19 +489,20 @@ def _heldout_report(family_cfg, family, learned, optimizers, reference, horizon,
     metamd_jax.artifact.check_compatible(divergence, family.init_params())
   tasks = meta_train_lib.sample_tasks(
       family, jax.random.key(family_cfg.seed + TEST_KEY_OFFSET), 0, family_cfg.eval.num_tasks)
-  curves = {opt: evaluation.run(optimizer, family, tasks, horizon)
+  evaluate = _evaluator(family)
+  curves = {opt: train_tasks(optimizer, family, tasks, horizon, evaluate)
             for opt, optimizer in optimizers.items()}
   report = {'dataset': family.train.name.split(':')[0], 'train': family.train.name,
             'test': family.test.name, 'optimizers': {}}
-  target = (evaluation.final_loss(curves[reference].losses, window)
+  target = (evaluation.final_loss(curves[reference]['losses'], window)
             if reference in curves else None)
   for opt, run in curves.items():
-    entry = {'final_train_loss': _mean_std(evaluation.final_loss(run.losses, window))}
+    entry = {'final_train_loss': _mean_std(evaluation.final_loss(run['losses'], window))}
     if target is not None:
-      reach = _steps_and_seconds(run.losses, target, 0.0, window)
+      reach = _steps_and_seconds(run['losses'], target, 0.0, window)
       entry[f'steps_to_{reference}_final_loss'] = reach['steps']
       entry['reached_fraction'] = reach['reached_fraction']
-    for metric, values in run.metrics.items():
+    for metric, values in run['metrics'].items():
       entry[metric] = _mean_std(values)
     report['optimizers'][opt] = entry
   return report
@@ -692,7 +746,7 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
       },
       'families': {},
   }
-  for name in config.family_names:
+  for name in family_names(config):
     family_cfg = family_config(config, name)
     results['settings'].setdefault('num_tasks', family_cfg.eval.num_tasks)
     results['settings'].setdefault('learning_rates', list(family_cfg.eval.learning_rates))

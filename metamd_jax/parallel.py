@@ -113,12 +113,15 @@ class MetaStepRunner:
       # In a multi-process job pmap maps over every process's local devices.
       devices = self.devices if jax.process_count() == 1 else None
       self._step = jax.pmap(build_meta_step(AXIS_NAME), axis_name=AXIS_NAME, devices=devices)
+      # Places stacked host copies exactly as pmap returns its outputs, so the step
+      # compiles once whether it gets a fresh or a returned state.
+      self._place = jax.pmap(lambda tree: tree, axis_name=AXIS_NAME, devices=devices)
     else:
       self._step = jax.jit(build_meta_step(None))
 
   def to_devices(self, state: PyTree) -> PyTree:
     """Place a host state for :meth:`step` (replicated when sharded)."""
-    return replicate(state, self.devices) if self.sharded else state
+    return self._place(replicate(state, self.devices)) if self.sharded else state
 
   def to_host(self, state: PyTree) -> PyTree:
     """The single copy of a state returned by :meth:`step` (for checkpoints, artifacts)."""
