@@ -320,7 +320,7 @@ def _tune_baselines(config, family_cfg, train_family, tune_tasks) -> tuple[dict,
   return learning_rates, scores
 
 
-def _convex_report(family_cfg, family: LeastSquaresFamily, divergences: dict, test_tasks,
+def _convex_report(family: LeastSquaresFamily, divergences: dict, test_tasks,
                    num_steps: int) -> dict:
   """Strong convexity, bound and observed suboptimality of each divergence (held-out)."""
 
@@ -353,7 +353,6 @@ def _convex_report(family_cfg, family: LeastSquaresFamily, divergences: dict, te
     values = {k: np.asarray(v) for k, v in run(divergence, test_tasks).items()}
     report[name] = {'strong_convexity': float(sigma), 'strong_convexity_floor': float(floor),
                     **{k: _mean_std(v) for k, v in values.items()}}
-  del family_cfg
   return report
 
 
@@ -456,10 +455,15 @@ def benchmark_family(config: ml_collections.ConfigDict, name: str, workdir: path
     beyond[opt]['mean_curve'], beyond[opt]['std_curve'] = _curve_stats(losses, window)
   result['beyond_horizon'] = beyond
 
-  heldout = heldout_family(family_cfg)
-  if heldout is not None:
-    result['heldout_dataset'] = _heldout_report(family_cfg, heldout, learned, optimizers,
-                                                reference, horizon, window)
+  # The extra reports are recorded as an error rather than losing the family's results.
+  try:
+    heldout = heldout_family(family_cfg)
+    if heldout is not None:
+      result['heldout_dataset'] = _heldout_report(family_cfg, heldout, learned, optimizers,
+                                                  reference, horizon, window)
+  except Exception as error:  # noqa: BLE001
+    logging.exception('held-out dataset of %s failed', name)
+    result['heldout_dataset'] = {'error': repr(error)}
 
   if isinstance(test_family, LeastSquaresFamily):
     sgd_lr = family_cfg.meta.init_learning_rate
@@ -468,7 +472,11 @@ def benchmark_family(config: ml_collections.ConfigDict, name: str, workdir: path
       divergences[f"sgd_tuned (lr {learning_rates['sgd']:g})"] = _sgd_divergence(
           family_cfg, test_family, learning_rates['sgd'])
     divergences.update(learned)
-    result['convex'] = _convex_report(family_cfg, test_family, divergences, test_tasks, horizon)
+    try:
+      result['convex'] = _convex_report(test_family, divergences, test_tasks, horizon)
+    except Exception as error:  # noqa: BLE001
+      logging.exception('convex report of %s failed', name)
+      result['convex'] = {'error': repr(error)}
 
   result['targets'] = _targets(name, result, learned, learning_rates)
   result['seconds'] = time.perf_counter() - started
@@ -492,8 +500,9 @@ def _heldout_report(family_cfg, family, learned, optimizers, reference, horizon,
   evaluate = _evaluator(family)
   curves = {opt: train_tasks(optimizer, family, tasks, horizon, evaluate)
             for opt, optimizer in optimizers.items()}
-  report = {'dataset': family.train.name.split(':')[0], 'train': family.train.name,
-            'test': family.test.name, 'optimizers': {}}
+  spec = family_cfg.heldout
+  report = {'dataset': spec.dataset, 'generator': dict(spec.generator),
+            'train': family.train.name, 'test': family.test.name, 'optimizers': {}}
   target = (evaluation.final_loss(curves[reference]['losses'], window)
             if reference in curves else None)
   for opt, run in curves.items():
@@ -624,9 +633,14 @@ def format_family(name: str, result: dict) -> str:
                    f"{e['blew_up_fraction']:.0%} of tasks | "
                    f"{_fmt(e.get('test_accuracy_at_long'), 3, 'f')} |")
   heldout = result.get('heldout_dataset')
-  if heldout:
-    lines += ['', f"Held-out dataset {heldout['train']} / {heldout['test']} (never seen in "
-              'meta-training; baselines keep their tuned learning rates):', '',
+  if heldout and 'error' in heldout:
+    lines += ['', f"Held-out dataset: failed ({heldout['error']})."]
+  elif heldout:
+    generator = ', '.join(f'{k}={v}' for k, v in heldout['generator'].items())
+    lines += ['', f"Held-out dataset {heldout['dataset']}"
+              f"{f' ({generator})' if generator else ''}: {heldout['train']} / "
+              f"{heldout['test']}, never seen in meta-training; baselines keep the learning "
+              'rates tuned on the meta-train family:', '',
               f'| optimiser | steps to {reference} final loss | final train loss | '
               'test accuracy |', '| --- | --- | --- | --- |']
     for opt, e in heldout['optimizers'].items():
@@ -635,7 +649,9 @@ def format_family(name: str, result: dict) -> str:
       lines.append(f"| {opt} | {reach} | {_fmt(e['final_train_loss'])} | "
                    f"{_fmt(e.get('test_accuracy'), 3, 'f')} |")
   convex = result.get('convex')
-  if convex:
+  if convex and 'error' in convex:
+    lines += ['', f"Convex report: failed ({convex['error']})."]
+  elif convex:
     lines += ['', 'Convex guarantee (held-out tasks; the bound is the regret bound '
               'against the final iterate, step size folded into the divergence):', '',
               '| divergence | strong convexity (floor) | bound | linearised regret | '

@@ -52,8 +52,18 @@ def main():
     for name, optimizer, steps in (('gradient', optax.sgd(1.0), 1),
                                    ('three_steps', optax.adam(0.05), 3)):
       build = functools.partial(meta_train.make_meta_step, family, optimizer, num_steps=4)
-      runner = parallel.MetaStepRunner(lambda axis, build=build: build(axis_name=axis),
-                                       meta_batch_size=8, num_devices=num_devices)
+      traces = []
+
+      def counted(axis, build=build, traces=traces):
+        meta_step = build(axis_name=axis)
+
+        def traced(*a):
+          traces.append(1)  # runs once per compilation
+          return meta_step(*a)
+
+        return traced
+
+      runner = parallel.MetaStepRunner(counted, meta_batch_size=8, num_devices=num_devices)
       state = runner.to_devices(meta_train.init_state(divergence, optimizer))
       for step in range(steps):
         tasks = meta_train.sample_tasks(family, jax.random.key(0), step, 8)
@@ -64,6 +74,7 @@ def main():
         leaves = [a - np.asarray(b, np.float64)
                   for a, b in zip(jax.tree.leaves(divergence), leaves)]
       out[name] = [x.tolist() for x in leaves]
+      out[name + '_traces'] = len(traces)
     results[str(num_devices)] = out
   if jax.process_index() == 0:
     pathlib.Path(args.output).write_text(json.dumps(results))

@@ -47,6 +47,7 @@ def test_four_devices_equal_one_device(tmp_path, x64, rtol):
   assert results['device_count'] == 4
   for name in ('gradient', 'three_steps'):
     _compare(results['4'][name], results['1'][name], rtol)
+  assert results['4']['three_steps_traces'] == 1  # no recompilation across meta-steps
   assert np.max(np.abs(np.asarray(results['1']['gradient'][0]))) > 0
 
 
