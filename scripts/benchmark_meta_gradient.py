@@ -57,7 +57,7 @@ import metamd_jax  # noqa: E402
 from metamd_jax import datasets, inner_loop, models, objectives  # noqa: E402
 from metamd_jax.tasks.base import Task  # noqa: E402
 
-FUNCTIONS = ('rollout', 'implicit', 'unrolled')
+FUNCTIONS = ('rollout', 'implicit', 'statistics', 'unrolled')
 MEMORY_TARGET = 1.2
 TIME_TARGET = 1.3
 MIB = 2.0 ** 20
@@ -138,12 +138,19 @@ def make_functions(model, batch_size: int, num_steps: int) -> dict[str, Callable
     result = objectives.meta_gradient(divergence, task, num_steps, objective='bound')
     return result.loss, result.grad, result.losses
 
+  def statistics_adjoint(divergence, data):
+    task = make_task(model, data, batch_size)
+    result = objectives.meta_gradient(divergence, task, num_steps, objective='bound',
+                                      adjoint='statistics')
+    return result.loss, result.grad, result.losses
+
   def unrolled(divergence, data):
     task = make_task(model, data, batch_size)
     result = objectives.meta_gradient(divergence, task, num_steps, objective='unrolled')
     return result.loss, result.grad, result.losses
 
-  return {'rollout': rollout, 'implicit': implicit, 'unrolled': unrolled}
+  return {'rollout': rollout, 'implicit': implicit, 'statistics': statistics_adjoint,
+          'unrolled': unrolled}
 
 
 # ---------------------------------------------------------------------------
@@ -258,6 +265,7 @@ def bench_horizon(model, data, divergence, num_steps: int, args, log) -> dict:
   result['implicit_over_rollout_paired'] = statistics.median(paired)
   result['implicit_over_rollout_min'] = min(implicit.samples) / min(rollout.samples)
   result['unrolled_over_implicit'] = bodies['unrolled'].median / implicit.median
+  result['statistics_over_rollout'] = bodies['statistics'].median / rollout.median
   return result
 
 
@@ -363,13 +371,15 @@ def print_report(env: dict, setup: dict, results: list[dict], checks: dict) -> N
   print('times: median ms per call over the rounds (a, b, c interleaved round-robin); '
         'memory: XLA buffer assignment of the compiled executable.\n')
 
-  print('| T | rollout ms | implicit ms | unrolled ms | implicit/rollout '
-        '| implicit peak temp MB | unrolled peak temp MB |')
-  print('| ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
+  print('| T | rollout ms | implicit ms | statistics ms | unrolled ms | implicit/rollout '
+        '| statistics/rollout | implicit peak temp MB | unrolled peak temp MB |')
+  print('| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
   for r in results:
     f = r['functions']
     print(f"| {r['T']} | {f['rollout']['median_ms']:.2f} | {f['implicit']['median_ms']:.2f} "
+          f"| {f['statistics']['median_ms']:.2f} "
           f"| {f['unrolled']['median_ms']:.2f} | {r['implicit_over_rollout']:.2f} "
+          f"| {r['statistics_over_rollout']:.2f} "
           f"| {f['implicit']['memory']['temp'] / MIB:.3f} "
           f"| {f['unrolled']['memory']['temp'] / MIB:.3f} |")
   print('\nMB = MiB (2^20 bytes).\n')
@@ -387,7 +397,7 @@ def print_report(env: dict, setup: dict, results: list[dict], checks: dict) -> N
             f"| {f['repeats']} x {f['calls_per_sample']} "
             f"| {f['compile_s']:.1f} | {m['temp'] / MIB:.3f} | {m['argument'] / MIB:.3f} "
             f"| {m['output'] / MIB:.3f} | {m['total'] / MIB:.3f} | {f['value']:.4g} |")
-  print('\nvalue: the bound (rollout, implicit) or the final training loss (unrolled). '
+  print('\nvalue: the bound (rollout, implicit, statistics) or the final training loss (unrolled). '
         'total = args + out + temp - aliased.\n')
 
   print('### Targets\n')
