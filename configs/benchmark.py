@@ -53,6 +53,9 @@ def _mnist1d_cnn() -> ml_collections.ConfigDict:
 
 def _digits_mlp() -> ml_collections.ConfigDict:
   config = digits_mlp.get_config()
+  # At the experiment configs' meta learning rate 0.1 the learned divergence overshot into
+  # inner-loop divergence after ~20 meta-steps (every task then dropped, no recovery).
+  config.meta.learning_rate = 0.03
   config.meta.num_meta_steps = 60
   config.meta.checkpoint_every = 20
   return _family(config)
@@ -60,6 +63,7 @@ def _digits_mlp() -> ml_collections.ConfigDict:
 
 def _least_squares() -> ml_collections.ConfigDict:
   config = least_squares.get_config()
+  config.meta.learning_rate = 0.03  # 0.1 overshot into divergence after ~30 meta-steps
   config.meta.num_meta_steps = 150
   config.meta.checkpoint_every = 50
   return _family(config)

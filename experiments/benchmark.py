@@ -687,7 +687,8 @@ def _plot_family(name: str, result: dict, workdir: pathlib.Path, title: str) -> 
       lr = result['optimizers'].get(opt, {}).get('learning_rate')
       label = opt if lr is None else f'{opt} (lr {lr:g})'
       line, = ax.plot(x, mean, label=label, lw=2.2 if opt == 'metamd' else 1.2)
-      ax.fill_between(x, np.maximum(mean - std, 1e-12), mean + std, color=line.get_color(),
+      # On a log axis mean - std can reach 0: the band is cut at a third of the mean.
+      ax.fill_between(x, np.maximum(mean - std, mean / 3), mean + std, color=line.get_color(),
                       alpha=0.15)
     ax.set_yscale('log')
     ax.set_ylabel('training loss (smoothed; mean ± std over tasks)')

@@ -77,10 +77,14 @@ def _statistics_term(operators: PyTree, grads: PyTree) -> tuple[jax.Array, PyTre
   return term, direction
 
 
-def distance_term(divergence: PyTree, final_params: PyTree, init_params: PyTree) -> jax.Array:
-  """``B(stop_gradient(theta*), theta_1)``: the comparator is held constant."""
+def distance_term(operators: PyTree, final_params: PyTree,
+                  init_params: PyTree) -> jax.Array:
+  """``B(stop_gradient(theta*), theta_1)``: the comparator is held constant.
+
+  ``operators`` may also be a divergence (see :func:`divergence.bregman_divergence`).
+  """
   return divergence_lib.bregman_divergence(
-      divergence, jax.lax.stop_gradient(final_params), jax.lax.stop_gradient(init_params))
+      operators, jax.lax.stop_gradient(final_params), jax.lax.stop_gradient(init_params))
 
 
 def rollout(
@@ -158,11 +162,12 @@ def rollout(
       body, carry, jnp.arange(num_steps, dtype=jnp.int32))
 
   if meta_gradient:
-    dist, dist_grad = jax.value_and_grad(distance_term)(divergence, final_params, init_params)
-    (steps_grad,) = pullback(grad_sum)
-    meta_grad = jax.tree.map(lambda a, b: (a + b) / num_steps, dist_grad, steps_grad)
+    # The distance term through the same operators: one pull-back to the meta-parameters.
+    dist, dist_grad = jax.value_and_grad(distance_term)(operators, final_params, init_params)
+    (meta_grad,) = pullback(jax.tree.map(lambda a, b: (a + b) / num_steps, dist_grad,
+                                         grad_sum))
   else:
-    dist = distance_term(divergence, final_params, init_params)
+    dist = distance_term(operators, final_params, init_params)
     meta_grad = None
   if return_trajectory:
     params_seq, grads_seq = trajectory

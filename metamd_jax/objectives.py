@@ -51,7 +51,7 @@ def regret_bound(divergence: PyTree, params_sequence: PyTree, grads_sequence: Py
   terms = jax.vmap(lambda p, g: inner_loop.step_term(operators, p, g, solver=solver,
                                                      **solver_options)[0])(
       iterates, grads_sequence)
-  dist = inner_loop.distance_term(divergence, final, first)
+  dist = inner_loop.distance_term(operators, final, first)
   return (dist + jnp.sum(terms)) / num_steps
 
 

@@ -57,9 +57,9 @@ def main():
       def counted(axis, build=build, traces=traces):
         meta_step = build(axis_name=axis)
 
-        def traced(*a):
+        def traced(*call_args):
           traces.append(1)  # runs once per compilation
-          return meta_step(*a)
+          return meta_step(*call_args)
 
         return traced
 
