@@ -52,7 +52,6 @@ from metamd_jax import meta_train as meta_train_lib
 from metamd_jax.tasks import ClassificationFamily, LeastSquaresFamily
 
 HELDOUT_DATASETS = ('', 'digits28', 'mnist1d')
-TARGET_SLACK = 1e-6
 
 
 # ---------------------------------------------------------------------------
@@ -268,9 +267,6 @@ def _curve_stats(losses: np.ndarray, window: int) -> tuple[list, list]:
 
 
 def _steps_and_seconds(losses, target, seconds_per_step, window: int) -> dict:
-  # A relative slack of TARGET_SLACK: an optimiser's own final loss (a float32 mean) may
-  # round just below its smoothed curve's last value (a float64 difference of cumsums).
-  target = np.asarray(target, np.float64) * (1.0 + TARGET_SLACK)
   steps = evaluation.steps_to_reach(losses, target, window)
   return {'steps': _mean_std(steps), 'seconds': _mean_std(steps * seconds_per_step),
           'reached_fraction': _fraction_finite(steps),

@@ -73,14 +73,16 @@ def smooth(losses: np.ndarray, window: int) -> np.ndarray:
 
 def final_loss(losses: np.ndarray, window: int) -> np.ndarray:
   """Mean of the last ``window`` training losses (``inf`` where a run diverged)."""
-  value = np.mean(np.asarray(losses)[..., -window:], axis=-1)
+  value = np.mean(np.asarray(losses, np.float64)[..., -window:], axis=-1)
   return np.where(np.isfinite(value), value, np.inf)
 
 
 def steps_to_reach(losses: np.ndarray, target: float | np.ndarray, window: int) -> np.ndarray:
   """Steps until the smoothed training loss first reaches ``target`` (``nan`` if never)."""
   smoothed = smooth(losses, window)
-  reached = smoothed <= np.asarray(target)[..., None]
+  target = np.asarray(target, np.float64)[..., None]
+  # A run reaches its own final_loss: allow the rounding between the two float64 means.
+  reached = smoothed <= target + 1e-9 * np.abs(target)
   first = np.argmax(reached, axis=-1).astype(np.float64) + 1
   return np.where(np.any(reached, axis=-1), first, np.nan)
 

@@ -46,3 +46,9 @@ def test_tune_learning_rate_picks_the_lowest_final_loss():
   assert scores[10.0] == np.inf and scores[1e-3] > scores[0.3]
   with pytest.raises(ValueError, match='diverged'):
     evaluation.tune_learning_rate(optax.sgd, [10.0, 100.0], family, tasks, 20, window=3)
+
+
+def test_a_run_reaches_its_own_final_loss():
+  losses = np.random.default_rng(0).uniform(0.1, 2.0, size=(50, 37)).astype(np.float32)
+  steps = evaluation.steps_to_reach(losses, evaluation.final_loss(losses, 7), window=7)
+  assert np.all(np.isfinite(steps)) and np.all(steps <= 37)
