@@ -91,7 +91,7 @@ def neumann_series(tol: float = 1e-10, maxiter: int = 1000, step: float | None =
   return solve
 
 
-def dense(*unused) -> Solver:
+def dense() -> Solver:
   """Materialise ``A`` column by column and solve with ``jnp.linalg.solve`` (small problems)."""
 
   def solve(matvec: MatVec, b: PyTree, *unused_args) -> PyTree:

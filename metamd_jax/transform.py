@@ -78,8 +78,9 @@ def metamd(divergence: PyTree, learning_rate: optax.ScalarOrSchedule = 1.0
     >>> params = optax.apply_updates(params, updates)
 
   References:
-    Gao et al., `MetaMD: principled optimiser meta-learning for deep learning`;
-    Nemirovski & Yudin, mirror descent.
+    `Meta Mirror Descent: optimiser learning for fast convergence`, arXiv:2203.02711
+    (later `MetaMD: principled optimiser meta-learning for deep learning`);
+    Nemirovski & Yudin (1983), mirror descent.
   """
   if not callable(learning_rate):
     try:
