@@ -563,6 +563,23 @@ def bregman_divergence(divergence: PyTree, x: PyTree, y: PyTree) -> Array:
   return sum(jax.tree.leaves(terms), jnp.zeros((), jnp.float32))
 
 
+def scale_steps(divergence: PyTree, factor: float) -> PyTree:
+  """A divergence whose mirror steps ``M^{-1} g`` are about ``factor`` times as long.
+
+  Scales the raw factors (``A -> factor**-0.25 A`` for each Kronecker factor,
+  ``a -> factor**-0.5 a`` for diagonal and scalar metrics), so ``M`` scales by
+  ``1 / factor`` up to the floor ``eps``, which is kept: the result is as positive
+  definite as the input.
+  """
+  def scale(metric):
+    if isinstance(metric, KroneckerMetric):
+      c = factor ** -0.25
+      return dataclasses.replace(metric, left=c * metric.left, right=c * metric.right)
+    return dataclasses.replace(metric, scale=factor ** -0.5 * metric.scale)
+
+  return jax.tree.map(scale, divergence, is_leaf=is_metric)
+
+
 def strong_convexity(divergence: PyTree) -> tuple[Array, float]:
   """``(sigma, floor)``: the potential's strong-convexity constant and its guaranteed floor.
 

@@ -5,7 +5,8 @@ computes the meta-gradient of each task (the implicit bound by default, or the u
 loss), averages it over the tasks whose inner run stayed finite, and applies any optax
 meta-optimiser. A task whose inner loss becomes NaN or infinite is dropped from the
 meta-batch and counted; a non-finite meta-gradient is skipped and counted, and never
-written into the divergence.
+written into the divergence. When every inner run of a meta-step diverges, the step sizes
+are backed off (halved) so that meta-training can recover.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from metamd_jax import divergence as divergence_lib
 from metamd_jax import objectives, parallel
 from metamd_jax.tasks.base import TaskFamily
 
@@ -72,6 +74,7 @@ def make_meta_step(
     solver: str = 'exact',
     solver_options: dict | None = None,
     axis_name: str | None = None,
+    backoff: float = 0.5,
 ) -> Callable[[MetaTrainState, PyTree], tuple[MetaTrainState, dict]]:
   """Build ``meta_step(state, task_params) -> (state, metrics)``.
 
@@ -84,10 +87,14 @@ def make_meta_step(
     solver: adjoint solver of the mirror step.
     solver_options: options of a matrix-free solver.
     axis_name: the ``pmap`` axis the meta-batch is sharded over, or ``None``.
+    backoff: when every inner run of a meta-step diverges, the divergence's steps are
+      multiplied by this factor (see :func:`metamd_jax.divergence.scale_steps`).
 
   Returns:
     The meta-step function (jit it, or pmap it with ``axis_name``).
   """
+  if not 0 < backoff <= 1:
+    raise ValueError(f'backoff must be in (0, 1], got {backoff}.')
   if objective not in objectives.OBJECTIVES:
     raise ValueError(f'unknown objective {objective!r}; expected one of {objectives.OBJECTIVES}.')
   solver_options = dict(solver_options or {})
@@ -125,16 +132,22 @@ def make_meta_step(
     def choose(new, old):
       return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
+    # Every inner run diverged: the learned steps are too long for this family. Back
+    # off (halve the mirror-descent steps) instead of keeping a divergence no task survives.
+    all_dropped = num_ok == 0
+    kept = jax.tree.map(lambda a, b: jnp.where(all_dropped, a, b),
+                        divergence_lib.scale_steps(state.divergence, backoff),
+                        state.divergence)
     dropped = (num_tasks - num_ok).astype(jnp.int32)
     new_state = MetaTrainState(
         step=state.step + 1,
-        divergence=choose(divergence, state.divergence),
+        divergence=choose(divergence, kept),
         opt_state=choose(opt_state, state.opt_state),
         skipped_updates=state.skipped_updates + (~ok).astype(jnp.int32),
         dropped_tasks=state.dropped_tasks + dropped,
     )
     metrics.update(grad_norm=optax.tree.norm(grad), dropped_tasks=dropped,
-                   skipped=(~ok).astype(jnp.int32))
+                   skipped=(~ok).astype(jnp.int32), backed_off=all_dropped.astype(jnp.int32))
     return new_state, metrics
 
   return meta_step

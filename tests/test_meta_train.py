@@ -56,15 +56,27 @@ def test_non_finite_inner_runs_are_dropped_and_counted():
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(new_state.divergence))
 
 
-def test_all_non_finite_meta_batch_is_skipped():
+def test_all_non_finite_meta_batch_is_skipped_and_backs_off():
   family, divergence, optimizer, state, step = _setup(poison_every=1)
   task_params = meta_train.sample_tasks(family, jax.random.key(0), 0, 3)
   new_state, metrics = step(state, task_params)
   assert int(metrics['skipped']) == 1 and int(new_state.skipped_updates) == 1
-  for a, b in zip(jax.tree.leaves(new_state.divergence), jax.tree.leaves(divergence)):
-    np.testing.assert_array_equal(a, b)
+  assert int(metrics['backed_off']) == 1
   for a, b in zip(jax.tree.leaves(new_state.opt_state), jax.tree.leaves(state.opt_state)):
     np.testing.assert_array_equal(a, b)
+  # No gradient is written; the steps are halved (up to the eps floor).
+  params = family.init_params()
+  grads = jax.tree.map(jnp.ones_like, params)
+  old = jax.tree.map(jnp.subtract, params, metamd_jax.mirror_step(divergence, params, grads))
+  new = jax.tree.map(jnp.subtract, params,
+                     metamd_jax.mirror_step(new_state.divergence, params, grads))
+  for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(old)):
+    np.testing.assert_allclose(a, 0.5 * b, rtol=1e-2)
+
+
+def test_bad_backoff_is_rejected():
+  with pytest.raises(ValueError, match='backoff'):
+    meta_train.make_meta_step(QuadraticFamily(), optax.adam(1e-3), num_steps=3, backoff=0.0)
 
 
 def test_tasks_depend_only_on_the_step():
