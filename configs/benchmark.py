@@ -98,9 +98,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.reference = 'adam'  # steps and seconds to this tuned baseline's final loss
   config.horizon_multiplier = 10  # learned optimisers also run for this many times T
   config.timing_repeats = 3  # timed runs per task (after a warm-up); the median is kept
-  # 'batched': evaluation.tune_learning_rate's selection, compiled once per baseline for the
-  # whole grid; 'library': evaluation.tune_learning_rate itself (one compile per grid point).
-  config.tuning = 'batched'
   # A 10T training loss above blow_up_factor x the initial loss (or non-finite) is a blow-up.
   config.blow_up_factor = 1.0
 

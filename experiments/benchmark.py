@@ -125,8 +125,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f'variant {name!r} has the name of a baseline.')
   if 'metamd' not in config.variant_names:
     raise ValueError("config.variant_names must include 'metamd'.")
-  if config.tuning not in ('batched', 'library'):
-    raise ValueError(f"config.tuning must be 'batched' or 'library', got {config.tuning!r}.")
   for field in ('num_tasks', 'num_tune_tasks', 'horizon_multiplier', 'timing_repeats'):
     value = config[field]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -174,30 +172,6 @@ def heldout_family(family: ml_collections.ConfigDict) -> ClassificationFamily | 
 
 def _task(task_params, index: int):
   return jax.tree.map(lambda x: x[index], task_params)
-
-
-def tune_learning_rate(make_optimizer, learning_rates, family, task_params, num_steps: int,
-                       window: int) -> tuple[float, dict[float, float]]:
-  """:func:`metamd_jax.evaluation.tune_learning_rate`, compiled once for the whole grid.
-
-  The same selection (lowest mean final training loss over ``task_params``, ties to the
-  smaller learning rate), but the learning rate is a traced argument vmapped over the
-  grid: one compilation per baseline instead of one per grid point.
-  """
-  if not learning_rates:
-    raise ValueError('learning_rates must not be empty.')
-
-  def losses(lr, tp):
-    return evaluation.train(make_optimizer(lr), family.task(tp), num_steps)[1]
-
-  run = jax.jit(jax.vmap(jax.vmap(losses, in_axes=(None, 0)), in_axes=(0, None)))
-  curves = np.asarray(run(jnp.asarray(learning_rates, jnp.float32), task_params))
-  scores = {float(lr): float(np.mean(evaluation.final_loss(c, window)))
-            for lr, c in zip(learning_rates, curves)}
-  best = min(scores, key=lambda lr: (scores[lr], lr))
-  if not math.isfinite(scores[best]):
-    raise ValueError(f'every learning rate in {list(learning_rates)} diverged.')
-  return best, scores
 
 
 def _evaluator(family):
@@ -304,10 +278,10 @@ def _tune_baselines(config, family_cfg, train_family, tune_tasks) -> tuple[dict,
   ev = family_cfg.eval
   learning_rates, scores = {}, {}
   for name in config.baselines:
-    tune = evaluation.tune_learning_rate if config.tuning == 'library' else tune_learning_rate
     try:
-      best, score = tune(builders.BASELINES[name], ev.learning_rates, train_family, tune_tasks,
-                         ev.num_steps, ev.window)
+      best, score = evaluation.tune_learning_rate(
+          builders.BASELINES[name], ev.learning_rates, train_family, tune_tasks, ev.num_steps,
+          ev.window)
     except ValueError as error:  # every learning rate diverged
       logging.warning('baseline %s: %s', name, error)
       best, score = None, {}

@@ -3,15 +3,11 @@
 import json
 import math
 
-import jax
 import ml_collections
-import numpy as np
 
 from configs import benchmark as benchmark_config
 from configs import tiny
-from experiments import benchmark, builders
-from metamd_jax import evaluation
-from metamd_jax import meta_train as meta_train_lib
+from experiments import benchmark
 
 
 def _tiny_benchmark_config() -> ml_collections.ConfigDict:
@@ -79,18 +75,6 @@ def test_quick_benchmark_writes_documented_results(tmp_path, capsys):
   assert (tmp_path / 'results.md').read_text().startswith('## tiny')
   for suffix in ('loss_vs_step', 'loss_vs_time', 'beyond_horizon'):
     assert (tmp_path / f'tiny_{suffix}.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-
-
-def test_batched_tuning_matches_the_library():
-  config = tiny.get_config()
-  family, _ = builders.build_families(config)
-  tasks = meta_train_lib.sample_tasks(family, jax.random.key(7), 0, 2)
-  args = (builders.BASELINES['sgd'], (0.01, 0.3), family, tasks, 5, 3)
-  best, scores = benchmark.tune_learning_rate(*args)
-  expected_best, expected = evaluation.tune_learning_rate(*args)
-  assert best == expected_best
-  np.testing.assert_allclose([scores[lr] for lr in expected], list(expected.values()),
-                             rtol=1e-4)
 
 
 def test_variant_configs():
