@@ -149,12 +149,6 @@ class KroneckerMetric:
   cols: tuple[int, ...]
   eps: float
 
-  @property
-  def matrix_shape(self) -> tuple[int, int]:
-    m = math.prod(self.shape[a] for a in self.rows)
-    n = math.prod(self.shape[a] for a in self.cols)
-    return m, n
-
   def to_matrix(self, x: Array) -> Array:
     return to_matrix(x, self.shape, self.rows, self.cols)
 

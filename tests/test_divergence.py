@@ -193,3 +193,21 @@ def test_non_finite_meta_parameters_are_rejected(bad):
     metamd_jax.metamd(broken)
   with pytest.raises(ValueError, match='non-finite'):
     metamd_jax.bregman_divergence(broken, params, params)
+
+
+def test_convergence_bound_matches_the_closed_form(x64):
+  """Scalar metric c: sigma = lambda_max = c, bound = c D^2 / (2T) + G^2 / (2c)."""
+  params = {'w': jnp.zeros((3, 2))}
+  divergence = metamd_jax.init_divergence(params, 0.25, structure='scalar', eps=1e-3,
+                                          dtype=jnp.float64)
+  c = 4.0  # 1 / learning_rate
+  bound = metamd_jax.convergence_bound(divergence, distance=2.0, gradient_bound=3.0,
+                                       num_steps=10)
+  np.testing.assert_allclose(float(bound), c * 4.0 / 20 + 9.0 / (2 * c), rtol=1e-12)
+  # Kronecker: lambda_max(M) = lambda_max(L) lambda_max(R), sigma likewise with minima.
+  kron = well_conditioned(metamd_jax.init_divergence(params, 0.25, dtype=jnp.float64),
+                          seed=1, noise=0.3)
+  eig = np.linalg.eigvalsh(dense_metric(kron['w']))
+  bound = metamd_jax.convergence_bound(kron, distance=2.0, gradient_bound=3.0, num_steps=10)
+  np.testing.assert_allclose(float(bound), eig.max() * 4.0 / 20 + 9.0 / (2 * eig.min()),
+                             rtol=1e-10)
