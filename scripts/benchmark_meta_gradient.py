@@ -53,7 +53,8 @@ _ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
   sys.path.insert(0, str(_ROOT))
 
-import metamd_jax  # noqa: E402
+from bench_common import perturbed_divergence  # noqa: E402
+
 from metamd_jax import datasets, inner_loop, models, objectives  # noqa: E402
 from metamd_jax.tasks.base import Task  # noqa: E402
 
@@ -105,24 +106,6 @@ def make_task(model, data, batch_size: int) -> Task:
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
   return Task(init=lambda: init_params, loss=loss, batch=batch)
-
-
-def perturbed_divergence(params, learning_rate: float = 0.1, scale: float = 0.1, seed: int = 1):
-  """``init_divergence(params, learning_rate)`` with every meta-parameter mildly perturbed.
-
-  A dense raw factor ``gap * I`` becomes ``gap * I + scale * N / sqrt(d)``; diagonal and
-  scalar raw factors get ``scale * N`` added (``N`` standard normal).
-  """
-  base = metamd_jax.init_divergence(params, learning_rate)
-  leaves, treedef = jax.tree_util.tree_flatten(base)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  out = []
-  for key, leaf in zip(keys, leaves):
-    noise = jax.random.normal(key, leaf.shape, leaf.dtype)
-    if leaf.ndim == 2:
-      noise = noise / math.sqrt(leaf.shape[0])
-    out.append(leaf + scale * noise)
-  return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def make_functions(model, batch_size: int, num_steps: int) -> dict[str, Callable]:

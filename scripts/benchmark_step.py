@@ -43,6 +43,8 @@ _ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
   sys.path.insert(0, str(_ROOT))
 
+from bench_common import perturbed_divergence  # noqa: E402
+
 import metamd_jax  # noqa: E402
 from metamd_jax import divergence as divergence_lib  # noqa: E402
 from metamd_jax import models  # noqa: E402
@@ -79,28 +81,9 @@ def init_params(model, input_shape, seed: int = 0):
   return model.init(jax.random.key(seed), jnp.zeros((1, *input_shape), jnp.float32))['params']
 
 
-def random_divergence(params, seed: int = 1, scale: float = 0.1):
-  """``init_divergence(params, 0.1)`` with every meta-parameter perturbed by noise.
-
-  A dense raw factor ``gap * I`` becomes ``gap * I + scale * N / sqrt(d)`` (dense, well
-  conditioned, so the random training run stays finite); diagonal and scalar raw factors get
-  ``scale * N`` added. ``L = A A^T + eps I`` is positive definite whatever ``A`` is.
-  """
-  base = metamd_jax.init_divergence(params, 0.1)
-  leaves, treedef = jax.tree_util.tree_flatten(base)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  out = []
-  for key, leaf in zip(keys, leaves):
-    noise = jax.random.normal(key, leaf.shape, leaf.dtype)
-    if leaf.ndim == 2:
-      noise = noise / math.sqrt(leaf.shape[0])
-    out.append(leaf + scale * noise)
-  return jax.tree_util.tree_unflatten(treedef, out)
-
-
 def make_optimiser(name: str, params):
   if name == 'metamd':
-    return metamd_jax.metamd(random_divergence(params))
+    return metamd_jax.metamd(perturbed_divergence(params))
   if name == 'adam':
     return optax.adam(1e-3)
   if name == 'sgd':
