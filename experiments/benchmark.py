@@ -11,13 +11,18 @@ For every family of the config (each a full experiment config, see ``configs/ben
    the unrolled objective, each with :func:`experiments.meta_train.meta_train` in its own
    sub-workdir ``<workdir>/<family>/<variant>`` (a rerun resumes from the checkpoints);
 2. tune each baseline's learning rate on meta-train tasks
-   (:func:`metamd_jax.evaluation.tune_learning_rate`), then train every optimiser on the
-   same held-out tasks (the keys of :mod:`experiments.evaluate`) for ``T`` steps. Each run
-   is compiled once (a warm-up call) and then timed (``block_until_ready``), per task;
-3. report, mean and std over held-out tasks: the steps (and seconds) MetaMD needs to reach
-   each tuned baseline's final training loss, every optimiser's steps and seconds to the
-   reference's (tuned Adam's) final loss, final training loss and test metrics; and the
-   learned optimisers' training loss at ``T`` and at ``horizon_multiplier * T``;
+   (:func:`metamd_jax.evaluation.tune_learning_rate`, scored by the final loss on the whole
+   training set), then train every optimiser on the same held-out tasks (the keys of
+   :mod:`experiments.evaluate`) for ``T`` steps. Each run is compiled once (a warm-up call)
+   and then timed (``block_until_ready``), per task, training only; an untimed run records
+   the loss on the task's whole training set after every step
+   (:func:`metamd_jax.evaluation.train_tracked`);
+3. report, mean and std over held-out tasks: the steps (and seconds: steps times the timed
+   seconds per step) MetaMD needs to reach each tuned baseline's final training loss,
+   every optimiser's steps and seconds to the reference's (tuned Adam's) final loss, final
+   training loss and test metrics; and the learned optimisers' training loss at ``T`` and
+   at ``horizon_multiplier * T``. "Training loss" is the whole-training-set loss: no
+   minibatch noise and no moving-average lag in the step counts;
 4. on a held-out dataset (``heldout.dataset``), the same comparison without timing;
 5. on the convex least-squares family, each divergence's strong-convexity constant, its
    bound (:func:`metamd_jax.inner_loop.rollout`) next to SGD's and the observed
@@ -35,6 +40,7 @@ import math
 import os
 import pathlib
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -96,6 +102,11 @@ def variant_config(family: ml_collections.ConfigDict,
   config = _copy(family)
   config.meta.structure = variant.structure
   config.meta.objective = variant.objective
+  for field, value in variant.get('meta', {}).items():  # the variant's own meta-settings
+    if field not in config.meta:
+      raise ValueError(f'variant meta override names {field!r}, which is not a meta field '
+                       f'({sorted(config.meta)}).')
+    config.meta[field] = value
   config.meta.num_meta_steps = max(
       1, int(round(variant.meta_steps_fraction * family.meta.num_meta_steps)))
   config.meta.checkpoint_every = max(1, min(config.meta.checkpoint_every,
@@ -187,38 +198,54 @@ def _metrics(evaluate, task_params, final_params) -> dict:
   return {k: np.asarray(v) for k, v in evaluate(task_params, final_params).items()}
 
 
-def train_tasks(optimizer, family, task_params, num_steps: int, evaluate) -> dict:
-  """Train every task (vmapped) for ``num_steps``; ``{'losses', 'metrics'}``."""
-  run = jax.jit(jax.vmap(lambda tp: evaluation.train(optimizer, family.task(tp), num_steps)))
-  final_params, losses = run(task_params)
-  return {'losses': np.asarray(losses), 'metrics': _metrics(evaluate, task_params, final_params)}
-
-
-def timed_run(optimizer, family, task_params, num_steps: int, repeats: int,
-              evaluate) -> dict:
-  """Train each task (one at a time, compiled once), timing every run after a warm-up.
+def train_tasks(optimizer, family, task_params, num_steps: int, evaluate,
+                every: int = 1) -> dict:
+  """Train every task (vmapped) for ``num_steps``, tracking the whole-set training loss.
 
   Returns:
-    ``{'losses': (num_tasks, T), 'metrics': {name: (num_tasks,)}, 'seconds': (num_tasks,)}``
-    with ``seconds`` the median over ``repeats`` timed runs of ``num_steps`` steps.
+    ``{'losses': (num_tasks, T) minibatch losses, 'train_losses': (num_tasks, T // every
+    + 1) whole-training-set losses after 0, every, ..., T steps, 'every', 'metrics'}``.
+  """
+  run = jax.jit(jax.vmap(
+      lambda tp: evaluation.train_tracked(optimizer, family.task(tp), num_steps, every)))
+  final_params, losses, tracked = run(task_params)
+  return {'losses': np.asarray(losses), 'train_losses': np.asarray(tracked), 'every': every,
+          'metrics': _metrics(evaluate, task_params, final_params)}
+
+
+def time_runs(optimizer, family, task_params, num_steps: int, repeats: int) -> np.ndarray:
+  """Seconds per task of a ``num_steps``-step training run (:func:`evaluation.train`).
+
+  Each task runs on its own, compiled once (a warm-up call); the median over ``repeats``
+  timed runs (``block_until_ready``) is kept. Nothing but training is timed.
   """
   train = jax.jit(lambda tp: evaluation.train(optimizer, family.task(tp), num_steps))
   num_tasks = jax.tree.leaves(task_params)[0].shape[0]
   jax.block_until_ready(train(_task(task_params, 0)))  # compile once
-  finals, losses, seconds = [], [], []
+  seconds = []
   for index in range(num_tasks):
     tp = _task(task_params, index)
     times = []
     for _ in range(repeats):
       started = time.perf_counter()
-      params, curve = jax.block_until_ready(train(tp))
+      jax.block_until_ready(train(tp))
       times.append(time.perf_counter() - started)
-    finals.append(params)
-    losses.append(np.asarray(curve))
     seconds.append(float(np.median(times)))
-  final_params = jax.tree.map(lambda *xs: jnp.stack(xs), *finals)
-  return {'losses': np.stack(losses), 'metrics': _metrics(evaluate, task_params, final_params),
-          'seconds': np.asarray(seconds)}
+  return np.asarray(seconds)
+
+
+def timed_run(optimizer, family, task_params, num_steps: int, repeats: int,
+              evaluate) -> dict:
+  """:func:`train_tasks` (every step tracked) plus ``'seconds'`` from :func:`time_runs`."""
+  run = train_tasks(optimizer, family, task_params, num_steps, evaluate)
+  run['seconds'] = time_runs(optimizer, family, task_params, num_steps, repeats)
+  return run
+
+
+def final_train_loss(run: dict) -> np.ndarray:
+  """Whole-training-set loss after the last step (``inf`` where a run diverged)."""
+  last = np.asarray(run['train_losses'], np.float64)[:, -1]
+  return np.where(np.isfinite(last), last, np.inf)
 
 
 def _mean_std(x) -> list:
@@ -234,14 +261,16 @@ def _fraction_finite(x) -> float:
   return float(np.mean(np.isfinite(np.asarray(x, np.float64))))
 
 
-def _curve_stats(losses: np.ndarray, window: int) -> tuple[list, list]:
-  smoothed = evaluation.smooth(losses, window)
-  with np.errstate(invalid='ignore'):
-    return (np.nanmean(smoothed, axis=0).tolist(), np.nanstd(smoothed, axis=0).tolist())
+def _curve_stats(run: dict) -> tuple[list, list]:
+  curves = np.asarray(run['train_losses'], np.float64)
+  curves = np.where(np.isfinite(curves), curves, np.nan)
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', RuntimeWarning)  # steps where every run diverged
+    return (np.nanmean(curves, axis=0).tolist(), np.nanstd(curves, axis=0).tolist())
 
 
-def _steps_and_seconds(losses, target, seconds_per_step, window: int) -> dict:
-  steps = evaluation.steps_to_reach(losses, target, window)
+def _steps_and_seconds(run: dict, target, seconds_per_step) -> dict:
+  steps = evaluation.steps_to_loss(run['train_losses'], target, run['every'])
   return {'steps': _mean_std(steps), 'seconds': _mean_std(steps * seconds_per_step),
           'reached_fraction': _fraction_finite(steps),
           'steps_per_task': [None if not math.isfinite(s) else float(s) for s in steps]}
@@ -281,7 +310,7 @@ def _tune_baselines(config, family_cfg, train_family, tune_tasks) -> tuple[dict,
     try:
       best, score = evaluation.tune_learning_rate(
           builders.BASELINES[name], ev.learning_rates, train_family, tune_tasks, ev.num_steps,
-          ev.window)
+          ev.window, score='train_loss')
     except ValueError as error:  # every learning rate diverged
       logging.warning('baseline %s: %s', name, error)
       best, score = None, {}
@@ -356,7 +385,7 @@ def benchmark_family(config: ml_collections.ConfigDict, name: str, workdir: path
   runs = {opt: timed_run(optimizer, test_family, test_tasks, horizon, repeats, evaluate)
           for opt, optimizer in optimizers.items()}
   seconds_per_step = {opt: run['seconds'] / horizon for opt, run in runs.items()}
-  finals = {opt: evaluation.final_loss(run['losses'], window) for opt, run in runs.items()}
+  finals = {opt: final_train_loss(run) for opt, run in runs.items()}
 
   result = {'horizon': horizon, 'num_tasks': ev.num_tasks, 'reference': reference,
             'window': window, 'meta_training': meta_info,
@@ -373,13 +402,15 @@ def benchmark_family(config: ml_collections.ConfigDict, name: str, workdir: path
     if opt in tuning_scores:
       entry['tuning_scores'] = tuning_scores[opt]
     if reference_target is not None:
-      reach = _steps_and_seconds(run['losses'], reference_target, seconds_per_step[opt], window)
+      reach = _steps_and_seconds(run, reference_target, seconds_per_step[opt])
       entry[f'steps_to_{reference}_final_loss'] = reach['steps']
       entry[f'seconds_to_{reference}_final_loss'] = reach['seconds']
       entry['reached_fraction'] = reach['reached_fraction']
     for metric, values in run['metrics'].items():
       entry[metric] = _mean_std(values)
-    entry['mean_curve'], entry['std_curve'] = _curve_stats(run['losses'], window)
+    entry['final_minibatch_loss'] = _mean_std(evaluation.final_loss(run['losses'], window))
+    entry['mean_curve'], entry['std_curve'] = _curve_stats(run)
+    entry['curve_every'] = run['every']
     result['optimizers'][opt] = entry
 
   # Steps (and seconds) each learned optimiser needs to reach every baseline's final loss,
@@ -391,9 +422,8 @@ def benchmark_family(config: ml_collections.ConfigDict, name: str, workdir: path
       if baseline not in runs:
         continue
       target = finals[baseline]
-      mine = _steps_and_seconds(runs[opt]['losses'], target, seconds_per_step[opt], window)
-      theirs = _steps_and_seconds(runs[baseline]['losses'], target, seconds_per_step[baseline],
-                                  window)
+      mine = _steps_and_seconds(runs[opt], target, seconds_per_step[opt])
+      theirs = _steps_and_seconds(runs[baseline], target, seconds_per_step[baseline])
       rows[baseline] = {
           'baseline_final_train_loss': _mean_std(target),
           'steps': mine['steps'], 'seconds': mine['seconds'],
@@ -409,20 +439,23 @@ def benchmark_family(config: ml_collections.ConfigDict, name: str, workdir: path
   for opt in [*learned, reference]:
     if opt not in optimizers:
       continue
-    curves = train_tasks(optimizers[opt], test_family, test_tasks, long_steps, evaluate)
-    losses = curves['losses']
-    initial = np.mean(losses[:, :window], axis=-1)
-    at_long = evaluation.final_loss(losses, window)
-    blew_up = ~np.isfinite(at_long) | (at_long > config.blow_up_factor * initial)
+    # The whole-set loss every horizon_multiplier steps: T // 1 + 1 points over 10 T.
+    every = config.horizon_multiplier if horizon % config.horizon_multiplier == 0 else 1
+    curves = train_tasks(optimizers[opt], test_family, test_tasks, long_steps, evaluate,
+                         every)
+    tracked = np.asarray(curves['train_losses'], np.float64)
+    at_long = final_train_loss(curves)
+    blew_up = ~np.isfinite(at_long) | (at_long > config.blow_up_factor * tracked[:, 0])
     beyond[opt] = {
         'steps': long_steps,
-        'loss_at_T': _mean_std(evaluation.final_loss(losses[:, :horizon], window)),
+        'loss_at_T': _mean_std(tracked[:, horizon // every]),
         'loss_at_long': _mean_std(at_long),
         'blew_up_fraction': float(np.mean(blew_up)),
-        'any_non_finite': bool(not np.all(np.isfinite(losses))),
+        'any_non_finite': bool(not np.all(np.isfinite(curves['losses']))),
         **{f'{metric}_at_long': _mean_std(v) for metric, v in curves['metrics'].items()},
     }
-    beyond[opt]['mean_curve'], beyond[opt]['std_curve'] = _curve_stats(losses, window)
+    beyond[opt]['mean_curve'], beyond[opt]['std_curve'] = _curve_stats(curves)
+    beyond[opt]['curve_every'] = every
   result['beyond_horizon'] = beyond
 
   # The extra reports are recorded as an error rather than losing the family's results.
@@ -430,7 +463,7 @@ def benchmark_family(config: ml_collections.ConfigDict, name: str, workdir: path
     heldout = heldout_family(family_cfg)
     if heldout is not None:
       result['heldout_dataset'] = _heldout_report(family_cfg, heldout, learned, optimizers,
-                                                  reference, horizon, window)
+                                                  reference, horizon)
   except Exception as error:  # noqa: BLE001
     logging.exception('held-out dataset of %s failed', name)
     result['heldout_dataset'] = {'error': repr(error)}
@@ -461,7 +494,7 @@ def _sgd_divergence(family_cfg, family, learning_rate: float):
                                     max_factor_size=meta.max_factor_size)
 
 
-def _heldout_report(family_cfg, family, learned, optimizers, reference, horizon, window):
+def _heldout_report(family_cfg, family, learned, optimizers, reference, horizon):
   """All optimisers (learning rates tuned on the meta-train family) on another dataset."""
   for divergence in learned.values():
     metamd_jax.artifact.check_compatible(divergence, family.init_params())
@@ -473,12 +506,11 @@ def _heldout_report(family_cfg, family, learned, optimizers, reference, horizon,
   spec = family_cfg.heldout
   report = {'dataset': spec.dataset, 'generator': dict(spec.generator),
             'train': family.train.name, 'test': family.test.name, 'optimizers': {}}
-  target = (evaluation.final_loss(curves[reference]['losses'], window)
-            if reference in curves else None)
+  target = final_train_loss(curves[reference]) if reference in curves else None
   for opt, run in curves.items():
-    entry = {'final_train_loss': _mean_std(evaluation.final_loss(run['losses'], window))}
+    entry = {'final_train_loss': _mean_std(final_train_loss(run))}
     if target is not None:
-      reach = _steps_and_seconds(run['losses'], target, 0.0, window)
+      reach = _steps_and_seconds(run, target, 0.0)
       entry[f'steps_to_{reference}_final_loss'] = reach['steps']
       entry['reached_fraction'] = reach['reached_fraction']
     for metric, values in run['metrics'].items():
@@ -661,26 +693,28 @@ def _plot_family(name: str, result: dict, workdir: pathlib.Path, title: str) -> 
       ax.fill_between(x, np.maximum(mean - std, mean / 3), mean + std, color=line.get_color(),
                       alpha=0.15)
     ax.set_yscale('log')
-    ax.set_ylabel('training loss (smoothed; mean ± std over tasks)')
+    ax.set_ylabel('training loss, whole training set (mean ± std over tasks)')
     ax.legend(fontsize=7)
 
-  def steps(opt, n):
-    return np.arange(1, n + 1)
+  def steps(entries):
+    return lambda opt, n: np.arange(n) * entries[opt].get('curve_every', 1)
 
   def seconds(opt, n):
-    return np.arange(1, n + 1) * result['optimizers'][opt]['seconds_per_step'][0]
+    entry = result['optimizers'][opt]
+    return np.arange(n) * entry.get('curve_every', 1) * entry['seconds_per_step'][0]
 
   for suffix, x_of, xlabel, entries in (
-      ('loss_vs_step', steps, 'training step', result['optimizers']),
+      ('loss_vs_step', steps(result['optimizers']), 'training step', result['optimizers']),
       ('loss_vs_time', seconds, 'wall-clock seconds (compiled run)', result['optimizers']),
-      ('beyond_horizon', steps, 'training step', result['beyond_horizon'])):
+      ('beyond_horizon', steps(result['beyond_horizon']), 'training step',
+       result['beyond_horizon'])):
     if not entries:
       continue
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     draw(ax, entries, x_of)
     if suffix == 'beyond_horizon':
       ax.axvline(result['horizon'], color='k', ls=':', lw=1)
-      ax.set_xscale('log')
+      ax.set_xscale('symlog', linthresh=1.0)
     ax.set_xlabel(xlabel)
     ax.set_title(f'{title}: held-out tasks')
     fig.tight_layout()

@@ -20,12 +20,18 @@ class Curves(NamedTuple):
   """Training runs of one optimiser on a batch of tasks.
 
   Attributes:
-    losses: ``(num_tasks, T)`` training loss at step ``t`` (on batch ``t``).
+    losses: ``(num_tasks, T)`` minibatch training loss at step ``t`` (on batch ``t``).
     metrics: ``task.evaluate`` of the final parameters, each ``(num_tasks,)``.
+    train_losses: ``(num_tasks, T // every + 1)`` loss on each task's whole training set
+      after ``0, every, 2 every, ..., T`` steps (``task.evaluate(params)['train_loss']``),
+      or ``None`` when not tracked.
+    every: steps between two entries of ``train_losses`` (0 when not tracked).
   """
 
   losses: np.ndarray
   metrics: dict
+  train_losses: np.ndarray | None = None
+  every: int = 0
 
 
 def train(optimizer: optax.GradientTransformation, task: Task, num_steps: int
@@ -48,18 +54,103 @@ def train(optimizer: optax.GradientTransformation, task: Task, num_steps: int
   return params, losses
 
 
+def _check_every(num_steps: int, every: int) -> None:
+  if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+    raise ValueError(f'every must be an integer >= 1, got {every!r}.')
+  if num_steps % every:
+    raise ValueError(f'num_steps ({num_steps}) must be a multiple of every ({every}).')
+
+
+def _train_loss(task: Task) -> Callable[[PyTree], jax.Array]:
+  if task.evaluate is None:
+    raise ValueError('tracking the training loss needs a task with evaluate(params) '
+                     "returning 'train_loss'; this task has no evaluate.")
+
+  def loss(params):
+    metrics = task.evaluate(params)
+    if 'train_loss' not in metrics:
+      raise ValueError("tracking the training loss needs task.evaluate(params) to return "
+                       f"'train_loss'; it returns {sorted(metrics)}.")
+    return metrics['train_loss']
+
+  return loss
+
+
+def train_tracked(optimizer: optax.GradientTransformation, task: Task, num_steps: int,
+                  every: int = 1) -> tuple[PyTree, jax.Array, jax.Array]:
+  """:func:`train`, also recording the loss on the task's whole training set.
+
+  The whole-set loss (``task.evaluate(params)['train_loss']``) is free of minibatch noise
+  and of the lag a moving average adds, so "steps to reach a loss" can be read off it
+  exactly. It costs one pass over the task's data per record: ``every`` spaces them out.
+
+  Returns:
+    ``(final_params, losses, train_losses)``: ``losses`` ``(num_steps,)`` as in
+    :func:`train`; ``train_losses`` ``(num_steps // every + 1,)`` after ``0, every, ...,
+    num_steps`` steps.
+  """
+  _check_every(num_steps, every)
+  train_loss = _train_loss(task)
+  params = task.init()
+
+  def body(carry, step):
+    params, state = carry
+    loss, grads = jax.value_and_grad(task.loss)(params, task.batch(step))
+    updates, state = optimizer.update(grads, state, params)
+    return (optax.apply_updates(params, updates), state), loss
+
+  def chunk(carry, start):
+    carry, losses = jax.lax.scan(body, carry, start + jnp.arange(every, dtype=jnp.int32))
+    return carry, (losses, train_loss(carry[0]))
+
+  starts = jnp.arange(0, num_steps, every, dtype=jnp.int32)
+  (params, _), (losses, tracked) = jax.lax.scan(chunk, (params, optimizer.init(params)), starts)
+  tracked = jnp.concatenate([train_loss(task.init())[None], tracked])
+  return params, losses.reshape(num_steps), tracked
+
+
 def run(optimizer: optax.GradientTransformation, family: TaskFamily, task_params: PyTree,
-        num_steps: int) -> Curves:
-  """Train every task of ``task_params`` (stacked) with ``optimizer``; evaluate each."""
+        num_steps: int, track_every: int = 0) -> Curves:
+  """Train every task of ``task_params`` (stacked) with ``optimizer``; evaluate each.
+
+  With ``track_every >= 1`` the whole-training-set loss is recorded every ``track_every``
+  steps (:func:`train_tracked`) into ``Curves.train_losses``.
+  """
 
   def one(tp):
     task = family.task(tp)
-    params, losses = train(optimizer, task, num_steps)
+    if track_every:
+      params, losses, tracked = train_tracked(optimizer, task, num_steps, track_every)
+    else:
+      (params, losses), tracked = train(optimizer, task, num_steps), None
     metrics = task.evaluate(params) if task.evaluate is not None else {}
-    return losses, metrics
+    return losses, metrics, tracked
 
-  losses, metrics = jax.jit(jax.vmap(one))(task_params)
-  return Curves(np.asarray(losses), {k: np.asarray(v) for k, v in metrics.items()})
+  if track_every:
+    _check_every(num_steps, track_every)
+  losses, metrics, tracked = jax.jit(jax.vmap(one))(task_params)
+  return Curves(np.asarray(losses), {k: np.asarray(v) for k, v in metrics.items()},
+                None if tracked is None else np.asarray(tracked), track_every)
+
+
+def steps_to_loss(train_losses: np.ndarray, target: float | np.ndarray,
+                  every: int = 1) -> np.ndarray:
+  """Steps until the tracked whole-set training loss first reaches ``target``.
+
+  Args:
+    train_losses: ``(..., K + 1)`` losses after ``0, every, ..., K every`` steps.
+    target: a loss, or one per run (broadcast against the leading axes).
+    every: steps between two entries.
+
+  Returns:
+    ``every * (first index at or below target)``, ``nan`` where never reached. A run
+    reaches its own final loss (the comparison allows float rounding).
+  """
+  losses = np.asarray(train_losses, np.float64)
+  target = np.asarray(target, np.float64)[..., None]
+  reached = losses <= target + 1e-9 * np.abs(target)
+  first = np.argmax(reached, axis=-1).astype(np.float64) * every
+  return np.where(np.any(reached, axis=-1), first, np.nan)
 
 
 def smooth(losses: np.ndarray, window: int) -> np.ndarray:
@@ -94,23 +185,36 @@ def tune_learning_rate(
     task_params: PyTree,
     num_steps: int,
     window: int,
+    score: str = 'minibatch',
 ) -> tuple[float, dict[float, float]]:
   """Pick the learning rate with the lowest mean final training loss on ``task_params``.
 
   The learning rate is a traced argument vmapped over the grid (optax optimisers accept
   array hyperparameters), so the whole grid compiles once. Ties go to the smaller rate.
 
+  Args:
+    score: ``'minibatch'``: the mean of the last ``window`` minibatch losses;
+      ``'train_loss'``: the loss of the final parameters on the task's whole training set
+      (``task.evaluate(params)['train_loss']``; ``window`` is then unused).
+
   Returns:
     ``(best_learning_rate, {learning_rate: mean final loss})`` (``inf`` if diverged).
   """
   if not learning_rates:
     raise ValueError('learning_rates must not be empty.')
+  if score not in ('minibatch', 'train_loss'):
+    raise ValueError(f"score must be 'minibatch' or 'train_loss', got {score!r}.")
 
   def losses(learning_rate, tp):
-    return train(make_optimizer(learning_rate), family.task(tp), num_steps)[1]
+    task = family.task(tp)
+    params, curve = train(make_optimizer(learning_rate), task, num_steps)
+    if score == 'train_loss':
+      return _train_loss(task)(params)[None]  # a one-entry curve: its own final loss
+    return curve
 
   grid = jax.jit(jax.vmap(jax.vmap(losses, in_axes=(None, 0)), in_axes=(0, None)))
   curves = np.asarray(grid(jnp.asarray(learning_rates, jnp.float32), task_params))
+  window = window if score == 'minibatch' else 1
   scores = {float(lr): float(np.mean(final_loss(c, window)))
             for lr, c in zip(learning_rates, curves)}
   best = min(scores, key=lambda lr: (scores[lr], lr))

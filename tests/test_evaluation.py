@@ -1,5 +1,7 @@
 """Meta-testing helpers against plain Python references."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import optax
@@ -48,7 +50,86 @@ def test_tune_learning_rate_picks_the_lowest_final_loss():
     evaluation.tune_learning_rate(optax.sgd, [10.0, 100.0], family, tasks, 20, window=3)
 
 
+def test_tune_learning_rate_on_the_whole_set_loss():
+  family = QuadraticFamily()
+  tasks = meta_train.sample_tasks(family, jax.random.key(0), 0, 2)
+  rates = [1e-3, 0.1, 0.3, 10.0]
+  best, scores = evaluation.tune_learning_rate(optax.sgd, rates, family, tasks, 20, window=3,
+                                               score='train_loss')
+  for lr in rates[:3]:  # the score is the mean whole-set loss of the final parameters
+    curves = evaluation.run(optax.sgd(lr), family, tasks, 20)
+    np.testing.assert_allclose(scores[lr], np.mean(curves.metrics['train_loss']), rtol=1e-5)
+  assert best == min(rates[:3], key=scores.get) and scores[10.0] == np.inf
+  with pytest.raises(ValueError, match='score must be'):
+    evaluation.tune_learning_rate(optax.sgd, rates, family, tasks, 20, window=3, score='x')
+
+
 def test_a_run_reaches_its_own_final_loss():
   losses = np.random.default_rng(0).uniform(0.1, 2.0, size=(50, 37)).astype(np.float32)
   steps = evaluation.steps_to_reach(losses, evaluation.final_loss(losses, 7), window=7)
   assert np.all(np.isfinite(steps)) and np.all(steps <= 37)
+
+
+def _with_full_loss(task):
+  """The quadratic task with ``evaluate``: the loss over all of its 32 rows."""
+  everything = (jax.numpy.concatenate([task.batch(i)[0] for i in range(4)]),
+                jax.numpy.concatenate([task.batch(i)[1] for i in range(4)]))
+  return dataclasses.replace(
+      task, evaluate=lambda params: {'train_loss': task.loss(params, everything)})
+
+
+@pytest.mark.parametrize('every', [1, 3])
+def test_train_tracked_records_the_whole_set_loss_of_a_python_loop(every):
+  task = _with_full_loss(quadratic_task())
+  optimizer = optax.sgd(0.1, momentum=0.5)
+  params, losses, tracked = jax.jit(
+      lambda: evaluation.train_tracked(optimizer, task, 6, every))()
+  reference = task.init()
+  state = optimizer.init(reference)
+  expected_tracked = [task.evaluate(reference)['train_loss']]
+  expected = []
+  for t in range(6):
+    loss, grads = jax.value_and_grad(task.loss)(reference, task.batch(t))
+    updates, state = optimizer.update(grads, state, reference)
+    reference = optax.apply_updates(reference, updates)
+    expected.append(loss)
+    if (t + 1) % every == 0:
+      expected_tracked.append(task.evaluate(reference)['train_loss'])
+  np.testing.assert_allclose(losses, expected, rtol=1e-5)
+  np.testing.assert_allclose(tracked, expected_tracked, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_run_tracks_the_training_loss_of_every_task():
+  family = QuadraticFamily()
+  tasks = meta_train.sample_tasks(family, jax.random.key(1), 0, 3)
+  curves = evaluation.run(optax.sgd(0.1), family, tasks, 8, track_every=4)
+  assert curves.train_losses.shape == (3, 3) and curves.every == 4
+  for i in range(3):
+    task = family.task(jax.tree.map(lambda x, i=i: x[i], tasks))
+    _, _, tracked = evaluation.train_tracked(optax.sgd(0.1), task, 8, 4)
+    np.testing.assert_allclose(curves.train_losses[i], tracked, rtol=1e-6)
+  assert evaluation.run(optax.sgd(0.1), family, tasks, 8).train_losses is None
+
+
+def test_train_tracked_rejects_bad_arguments():
+  task = quadratic_task()
+  with pytest.raises(ValueError, match='no evaluate'):
+    evaluation.train_tracked(optax.sgd(0.1), task, 4)
+  with pytest.raises(ValueError, match='multiple of every'):
+    evaluation.train_tracked(optax.sgd(0.1), _with_full_loss(task), 5, every=2)
+  with pytest.raises(ValueError, match='every must be'):
+    evaluation.train_tracked(optax.sgd(0.1), _with_full_loss(task), 4, every=0)
+  no_key = dataclasses.replace(task, evaluate=lambda params: {'accuracy': 1.0})
+  with pytest.raises(ValueError, match="'train_loss'"):
+    evaluation.train_tracked(optax.sgd(0.1), no_key, 4)
+
+
+def test_steps_to_loss_reads_the_first_step_at_the_target():
+  tracked = np.array([[5.0, 4.0, 2.0, 2.0, 1.0], [9.0, 9.0, 9.0, 9.0, 8.0]])
+  np.testing.assert_array_equal(evaluation.steps_to_loss(tracked, 2.0, every=3)[0], 6.0)
+  steps = evaluation.steps_to_loss(tracked, np.array([5.0, 1.0]))
+  assert steps[0] == 0 and np.isnan(steps[1])
+  runs = np.random.default_rng(0).uniform(0.1, 2.0, size=(20, 11)).astype(np.float32)
+  assert np.all(evaluation.steps_to_loss(runs, runs[:, -1]) <= 10)  # a run reaches its own
