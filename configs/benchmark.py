@@ -85,8 +85,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.variants = ml_collections.ConfigDict()
   config.variants.metamd = ml_collections.ConfigDict(
       dict(structure='kronecker', objective='bound', meta_steps_fraction=1.0))
+  # Muon orthogonalises a (m, n) update: right for a Kronecker factor, wrong for a diagonal
+  # metric's per-entry scales (their meta-loss rose with it); these take elementwise Adam.
   config.variants.meta_sgd = ml_collections.ConfigDict(
-      dict(structure='diagonal', objective='bound', meta_steps_fraction=1.0))
+      dict(structure='diagonal', objective='bound', meta_steps_fraction=1.0,
+           meta=dict(optimizer='adam', learning_rate=0.1)))
   config.variants.unrolled = ml_collections.ConfigDict(
       dict(structure='kronecker', objective='unrolled', meta_steps_fraction=0.25))
   config.variant_names = ('metamd', 'meta_sgd', 'unrolled')
@@ -95,6 +98,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_tune_tasks = 3  # meta-train tasks the baselines' learning rates are tuned on
   config.learning_rates = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
   config.baselines = ('sgd', 'momentum', 'adam', 'adagrad', 'rmsprop', 'muon')
+  # Learned optimisers start from tuned SGD's divergence (meta.init_learning_rate := the
+  # SGD learning rate tuned on meta-train tasks) rather than the family's fixed start.
+  config.init_from_tuned_sgd = True
   config.reference = 'adam'  # steps and seconds to this tuned baseline's final loss
   config.horizon_multiplier = 10  # learned optimisers also run for this many times T
   config.timing_repeats = 3  # timed runs per task (after a warm-up); the median is kept

@@ -357,7 +357,7 @@ def _convex_report(family: LeastSquaresFamily, divergences: dict, test_tasks,
 
 def benchmark_family(config: ml_collections.ConfigDict, name: str, workdir: pathlib.Path,
                      *, progress: bool = True) -> dict:
-  """Meta-train, tune, run and compare on family ``name``; plots go to ``workdir``."""
+  """Tune, meta-train, run and compare on family ``name``; plots go to ``workdir``."""
   family_cfg = family_config(config, name)
   ev = family_cfg.eval
   horizon, window, reference = family_cfg.meta.horizon, ev.window, config.reference
@@ -365,17 +365,21 @@ def benchmark_family(config: ml_collections.ConfigDict, name: str, workdir: path
   family_dir = workdir / name
   started = time.perf_counter()
 
-  learned, meta_info = _meta_train_variants(config, family_cfg, family_dir, progress)
-  meta_seconds = time.perf_counter() - started
   train_family, test_family = builders.build_families(family_cfg)
-  for divergence in learned.values():
-    metamd_jax.artifact.check_compatible(divergence, test_family.init_params())
   tune_tasks = meta_train_lib.sample_tasks(
       train_family, jax.random.key(family_cfg.seed + TUNE_KEY_OFFSET), 0, ev.num_tune_tasks)
   test_tasks = meta_train_lib.sample_tasks(
       test_family, jax.random.key(family_cfg.seed + TEST_KEY_OFFSET), 0, ev.num_tasks)
-
   learning_rates, tuning_scores = _tune_baselines(config, family_cfg, train_family, tune_tasks)
+  tuning_seconds = time.perf_counter() - started
+
+  if config.init_from_tuned_sgd and learning_rates.get('sgd') is not None:
+    # Every learned optimiser starts from the divergence of tuned SGD (meta-train tasks).
+    family_cfg.meta.init_learning_rate = float(learning_rates['sgd'])
+  learned, meta_info = _meta_train_variants(config, family_cfg, family_dir, progress)
+  meta_seconds = time.perf_counter() - started - tuning_seconds
+  for divergence in learned.values():
+    metamd_jax.artifact.check_compatible(divergence, test_family.init_params())
   optimizers = {v: metamd_jax.metamd(d) for v, d in learned.items()}
   optimizers.update({b: builders.BASELINES[b](lr) for b, lr in learning_rates.items()
                      if lr is not None})
@@ -389,6 +393,8 @@ def benchmark_family(config: ml_collections.ConfigDict, name: str, workdir: path
 
   result = {'horizon': horizon, 'num_tasks': ev.num_tasks, 'reference': reference,
             'window': window, 'meta_training': meta_info,
+            'init_learning_rate': family_cfg.meta.init_learning_rate,
+            'tuning_seconds': tuning_seconds,
             'meta_training_seconds': meta_seconds, 'optimizers': {}}
   reference_target = finals.get(reference)
   for opt, run in runs.items():
@@ -471,7 +477,7 @@ def benchmark_family(config: ml_collections.ConfigDict, name: str, workdir: path
   if isinstance(test_family, LeastSquaresFamily):
     sgd_lr = family_cfg.meta.init_learning_rate
     divergences = {f'sgd_init (lr {sgd_lr:g})': _sgd_divergence(family_cfg, test_family, sgd_lr)}
-    if learning_rates.get('sgd') is not None:
+    if learning_rates.get('sgd') not in (None, sgd_lr):
       divergences[f"sgd_tuned (lr {learning_rates['sgd']:g})"] = _sgd_divergence(
           family_cfg, test_family, learning_rates['sgd'])
     divergences.update(learned)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import warnings
 
 import jax
 import ml_collections
@@ -58,32 +59,40 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
 
   curves, learning_rates = {}, {}
   curves['metamd'] = evaluation.run(metamd_jax.metamd(divergence), meta_test_family, test_tasks,
-                                    ev.num_steps)
+                                    ev.num_steps, track_every=1)
   learning_rates['metamd'] = None
   for name in ev.baselines:
     best, _ = evaluation.tune_learning_rate(builders.BASELINES[name], ev.learning_rates,
                                             meta_train_family, tune_tasks, ev.num_steps,
-                                            ev.window)
+                                            ev.window, score='train_loss')
     learning_rates[name] = best
     curves[name] = evaluation.run(builders.BASELINES[name](best), meta_test_family, test_tasks,
-                                  ev.num_steps)
+                                  ev.num_steps, track_every=1)
 
   reference = 'adam' if 'adam' in curves else next(iter(curves))
-  target = evaluation.final_loss(curves[reference].losses, ev.window)
+  # Training loss = the loss on each task's whole training set, after every step.
+  finals = {name: np.where(np.isfinite(run.train_losses[:, -1]), run.train_losses[:, -1],
+                           np.inf)
+            for name, run in curves.items()}
+  target = finals[reference]
   results = {'reference': reference, 'num_steps': ev.num_steps, 'num_tasks': ev.num_tasks,
              'optimizers': {}}
   for name, run in curves.items():
     entry = {
         'learning_rate': learning_rates[name],
-        'final_train_loss': _mean_std(evaluation.final_loss(run.losses, ev.window)),
+        'final_train_loss': _mean_std(finals[name]),
         f'steps_to_{reference}_final_loss': _mean_std(
-            evaluation.steps_to_reach(run.losses, target, ev.window)),
+            evaluation.steps_to_loss(run.train_losses, target)),
         'reached_fraction': float(np.mean(np.isfinite(
-            evaluation.steps_to_reach(run.losses, target, ev.window)))),
+            evaluation.steps_to_loss(run.train_losses, target)))),
+        'final_minibatch_loss': _mean_std(evaluation.final_loss(run.losses, ev.window)),
     }
     for metric, values in run.metrics.items():
       entry[metric] = _mean_std(values)
-    entry['mean_curve'] = np.nanmean(evaluation.smooth(run.losses, ev.window), axis=0).tolist()
+    tracked = np.where(np.isfinite(run.train_losses), run.train_losses, np.nan)
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore', RuntimeWarning)  # steps where every run diverged
+      entry['mean_curve'] = np.nanmean(tracked, axis=0).tolist()
     results['optimizers'][name] = entry
 
   table = format_table(results)
@@ -131,9 +140,9 @@ def plot_curves(results: dict, path: pathlib.Path, title: str) -> None:
   for name, entry in results['optimizers'].items():
     curve = np.asarray(entry['mean_curve'])
     label = name if entry['learning_rate'] is None else f"{name} (lr {entry['learning_rate']:g})"
-    ax.plot(np.arange(1, curve.size + 1), curve, label=label, lw=2 if name == 'metamd' else 1.2)
+    ax.plot(np.arange(curve.size), curve, label=label, lw=2 if name == 'metamd' else 1.2)
   ax.set_xlabel('training step')
-  ax.set_ylabel('training loss (smoothed, mean over tasks)')
+  ax.set_ylabel('training loss, whole training set (mean over tasks)')
   ax.set_yscale('log')
   ax.set_title(title)
   ax.legend()

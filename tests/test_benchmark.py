@@ -4,6 +4,7 @@ import json
 import math
 
 import ml_collections
+import pytest
 
 from configs import benchmark as benchmark_config
 from configs import tiny
@@ -59,9 +60,15 @@ def test_quick_benchmark_writes_documented_results(tmp_path, capsys):
     if entry['reached_fraction'] > 0:
       _finite_pair(steps)
       _finite_pair(seconds)
-      assert 1 <= steps[0] <= family['horizon']
+      assert 0 <= steps[0] <= family['horizon']
     if name == 'adam':
       assert entry['reached_fraction'] == 1.0
+    # Curves are the whole-training-set loss after 0, 1, ..., T steps; the final loss is
+    # its last entry.
+    curve = entry['mean_curve']
+    assert len(curve) == family['horizon'] + 1 and entry['curve_every'] == 1
+    assert math.isclose(curve[-1], entry['final_train_loss'][0], rel_tol=1e-5)
+  assert family['init_learning_rate'] == family['optimizers']['sgd']['learning_rate']
   for variant, info in family['meta_training'].items():
     assert info['num_meta_steps'] >= 1, variant
     assert (tmp_path / 'tiny' / variant / 'divergence.npz').exists()
@@ -89,6 +96,12 @@ def test_variant_configs():
     variant = benchmark.variant_config(family, config.variants[name])
     assert (variant.meta.structure, variant.meta.objective) == (structure, objective)
     assert 1 <= variant.meta.num_meta_steps <= family.meta.num_meta_steps
+  diagonal = benchmark.variant_config(family, config.variants['meta_sgd'])
+  assert (diagonal.meta.optimizer, diagonal.meta.learning_rate) == ('adam', 0.1)
+  assert benchmark.variant_config(family, config.variants['metamd']).meta.optimizer == 'muon'
+  config.variants.meta_sgd.meta.not_a_field = 1
+  with pytest.raises(ValueError, match='not_a_field'):
+    benchmark.variant_config(family, config.variants['meta_sgd'])
   config.quick = True
   assert benchmark.family_names(config) == tuple(config.quick_family_names)
   assert benchmark.family_config(config, 'digits_mlp').meta.num_meta_steps == 3
