@@ -57,6 +57,10 @@ def get_config() -> ml_collections.ConfigDict:
   meta.schedule = 'cosine'  # 'constant' | 'cosine' (decays to 10% over num_meta_steps)
   meta.grad_clip = 1.0  # global-norm clip of the meta-gradient (None: off)
   meta.checkpoint_every = 10  # meta-steps between checkpoints
+  # The learned divergence: 'best' keeps the one with the lowest moving average (decay
+  # score_decay over meta-steps) of the mean inner training loss; 'last' the final one.
+  meta.select = 'best'
+  meta.score_decay = 0.9
 
   config.eval = evaluation = ml_collections.ConfigDict()
   evaluation.num_tasks = 5  # held-out tasks (seeds)

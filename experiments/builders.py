@@ -99,6 +99,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _one_of(meta.structure, 'meta.structure', metamd_jax.divergence.STRUCTURES)
   _one_of(meta.optimizer, 'meta.optimizer', META_OPTIMIZERS)
   _one_of(meta.schedule, 'meta.schedule', ('constant', 'cosine'))
+  _one_of(meta.select, 'meta.select', ('best', 'last'))
+  if isinstance(meta.score_decay, bool) or not isinstance(meta.score_decay, (int, float)) \
+      or not 0 <= meta.score_decay < 1:
+    _fail('meta.score_decay', meta.score_decay, 'must be a number in [0, 1)')
   _positive_int(config, 'meta.horizon')
   _positive_int(config, 'meta.meta_batch_size')
   _positive_int(config, 'meta.num_devices', minimum=0)

@@ -34,7 +34,7 @@ def _build_meta_step(family, meta_optimizer, config, solver_options, axis_name):
   return meta_train_lib.make_meta_step(
       family, meta_optimizer, num_steps=config.meta.horizon, objective=config.meta.objective,
       adjoint=config.meta.adjoint, solver=config.meta.solver, solver_options=solver_options,
-      axis_name=axis_name)
+      axis_name=axis_name, score_decay=config.meta.score_decay)
 
 
 def meta_train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
@@ -101,7 +101,13 @@ def meta_train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   if is_writer and (int(state.skipped_updates) or int(state.dropped_tasks)):
     print(f'meta-training skipped {int(state.skipped_updates)} non-finite meta-gradients and '
           f'dropped {int(state.dropped_tasks)} diverged inner runs.')
-  divergence = jax.tree.map(jax.numpy.asarray, state.divergence)
+  # 'best': the divergence with the lowest smoothed inner training loss (early stopping on
+  # training data, see metamd_jax.meta_train); 'last': the final meta-iterate.
+  chosen = state.best_divergence if config.meta.select == 'best' else state.divergence
+  if is_writer and config.meta.select == 'best':
+    print(f'selected the divergence of the lowest smoothed inner training loss '
+          f'({float(state.best_score):.4g}; last {float(state.score):.4g}).')
+  divergence = jax.tree.map(jax.numpy.asarray, chosen)
   if is_writer:
     metamd_jax.save_divergence(workdir / ARTIFACT, divergence, family.init_params(),
                                config=config)

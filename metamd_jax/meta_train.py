@@ -7,6 +7,14 @@ meta-optimiser. A task whose inner loss becomes NaN or infinite is dropped from 
 meta-batch and counted; a non-finite meta-gradient is skipped and counted, and never
 written into the divergence. When every inner run of a meta-step diverges, the step sizes
 are backed off (halved) so that meta-training can recover.
+
+The state also keeps the best divergence seen so far by a training-data score: the mean
+inner training loss along the run (the realised average loss that the regret bound
+bounds), averaged over the meta-batch and smoothed by an exponential moving average over
+meta-steps. Minimising the bound with the final iterate as comparator is a fixed-point
+iteration, not a descent on the trained loss: run long enough, it can drift to step sizes
+that train worse (experiments/RESULTS.md). Keeping the best-scoring divergence is early
+stopping on training data only; no validation set is involved.
 """
 
 from __future__ import annotations
@@ -34,6 +42,12 @@ class MetaTrainState(NamedTuple):
     opt_state: the meta-optimiser's state.
     skipped_updates: meta-steps whose meta-gradient was not finite, int32 ``()``.
     dropped_tasks: inner runs dropped for a non-finite loss, int32 ``()``.
+    score: moving average of the meta-batches' mean inner training loss, float32 ``()``
+      (bias-corrected; ``inf`` before the first finite score).
+    score_weight: total weight of that average, ``1 - decay**k``, float32 ``()``.
+    best_score: the lowest ``score`` so far, float32 ``()``.
+    best_divergence: the divergence that was evaluated at the meta-step of ``best_score``
+      (the initial divergence until a score is finite).
   """
 
   step: jax.Array
@@ -41,15 +55,21 @@ class MetaTrainState(NamedTuple):
   opt_state: optax.OptState
   skipped_updates: jax.Array
   dropped_tasks: jax.Array
+  score: jax.Array
+  score_weight: jax.Array
+  best_score: jax.Array
+  best_divergence: PyTree
 
 
 def init_state(divergence: PyTree, meta_optimizer: optax.GradientTransformation
                ) -> MetaTrainState:
   """The meta-training state at step 0."""
   zero = jnp.zeros((), jnp.int32)
+  inf = jnp.asarray(jnp.inf, jnp.float32)
   return MetaTrainState(step=zero, divergence=divergence,
                         opt_state=meta_optimizer.init(divergence), skipped_updates=zero,
-                        dropped_tasks=zero)
+                        dropped_tasks=zero, score=inf, score_weight=jnp.zeros((), jnp.float32),
+                        best_score=inf, best_divergence=divergence)
 
 
 def sample_tasks(family: TaskFamily, key: jax.Array, step: int | jax.Array,
@@ -75,6 +95,7 @@ def make_meta_step(
     solver_options: dict | None = None,
     axis_name: str | None = None,
     backoff: float = 0.5,
+    score_decay: float = 0.9,
 ) -> Callable[[MetaTrainState, PyTree], tuple[MetaTrainState, dict]]:
   """Build ``meta_step(state, task_params) -> (state, metrics)``.
 
@@ -89,12 +110,17 @@ def make_meta_step(
     axis_name: the ``pmap`` axis the meta-batch is sharded over, or ``None``.
     backoff: when every inner run of a meta-step diverges, the divergence's steps are
       multiplied by this factor (see :func:`metamd_jax.divergence.scale_steps`).
+    score_decay: decay of the moving average of the selection score, in ``[0, 1)``
+      (0: the current meta-batch alone). A diverged inner run scores its initial loss
+      (no progress); a meta-step with no finite score leaves the average unchanged.
 
   Returns:
     The meta-step function (jit it, or pmap it with ``axis_name``).
   """
   if not 0 < backoff <= 1:
     raise ValueError(f'backoff must be in (0, 1], got {backoff}.')
+  if not 0 <= score_decay < 1:
+    raise ValueError(f'score_decay must be in [0, 1), got {score_decay}.')
   if objective not in objectives.OBJECTIVES:
     raise ValueError(f'unknown objective {objective!r}; expected one of {objectives.OBJECTIVES}.')
   solver_options = dict(solver_options or {})
@@ -125,6 +151,23 @@ def make_meta_step(
          'final_loss': masked_sum(results.final_loss)}, axis_name)
     metrics = {k: v / denominator for k, v in sums.items()}
 
+    # Selection score of the divergence evaluated here (before this step's update).
+    task_score = jnp.where(finite, jnp.mean(results.losses, axis=1), results.losses[:, 0])
+    scored = jnp.isfinite(task_score)
+    score_sums = parallel.psum_if_pmap(
+        {'sum': jnp.sum(jnp.where(scored, task_score, 0.0)),
+         'count': jnp.sum(scored.astype(jnp.float32))}, axis_name)
+    has_score = score_sums['count'] > 0
+    batch_score = score_sums['sum'] / jnp.maximum(score_sums['count'], 1.0)
+    weight = score_decay * state.score_weight + (1 - score_decay)
+    previous = jnp.where(state.score_weight > 0, state.score * state.score_weight, 0.0)
+    average = (score_decay * previous + (1 - score_decay) * batch_score) / weight
+    score = jnp.where(has_score, average, state.score).astype(jnp.float32)
+    score_weight = jnp.where(has_score, weight, state.score_weight).astype(jnp.float32)
+    improved = has_score & (score < state.best_score)
+    best_divergence = jax.tree.map(lambda a, b: jnp.where(improved, a, b), state.divergence,
+                                   state.best_divergence)
+
     updates, opt_state = meta_optimizer.update(grad, state.opt_state, state.divergence)
     divergence = optax.apply_updates(state.divergence, updates)
     ok = (num_ok > 0) & _all_finite(grad) & _all_finite(divergence)
@@ -145,9 +188,15 @@ def make_meta_step(
         opt_state=choose(opt_state, state.opt_state),
         skipped_updates=state.skipped_updates + (~ok).astype(jnp.int32),
         dropped_tasks=state.dropped_tasks + dropped,
+        score=score,
+        score_weight=score_weight,
+        best_score=jnp.where(improved, score, state.best_score),
+        best_divergence=best_divergence,
     )
     metrics.update(grad_norm=optax.tree.norm(grad), dropped_tasks=dropped,
-                   skipped=(~ok).astype(jnp.int32), backed_off=all_dropped.astype(jnp.int32))
+                   skipped=(~ok).astype(jnp.int32), backed_off=all_dropped.astype(jnp.int32),
+                   mean_loss=jnp.where(has_score, batch_score, jnp.nan), score=score,
+                   best_score=jnp.where(improved, score, state.best_score))
     return new_state, metrics
 
   return meta_step

@@ -47,6 +47,25 @@ def test_tiny_pipeline_writes_every_output(tmp_path):
   assert (tmp_path / 'loss_curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
+def test_select_writes_the_best_or_the_last_divergence(tmp_path):
+  config = tiny.get_config()
+  config.meta.select = 'last'
+  last = meta_train.meta_train(config, tmp_path / 'last', progress=False)
+  config.meta.select = 'best'
+  best = meta_train.meta_train(config, tmp_path / 'best', progress=False)
+  family, _ = builders.build_families(config)
+  template = metamd_jax.meta_train.init_state(builders.build_divergence(config, family),
+                                              builders.build_meta_optimizer(config))
+  checkpointer = metamd_jax.checkpoint.Checkpointer(tmp_path / 'best' / 'checkpoints', every=1)
+  state, resumed = checkpointer.restore_or(template)
+  checkpointer.close()
+  assert resumed and int(state.step) == config.meta.num_meta_steps
+  assert np.isfinite(float(state.best_score)) and float(state.best_score) <= float(state.score)
+  for chosen, expected in ((last, state.divergence), (best, state.best_divergence)):
+    for a, b in zip(jax.tree.leaves(chosen), jax.tree.leaves(expected)):
+      np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize('field,value', [
     ('task.family', 'vision'),
     ('task.dataset', 'imagenet'),
@@ -55,6 +74,8 @@ def test_tiny_pipeline_writes_every_output(tmp_path):
     ('meta.solver', 'lu'),
     ('meta.objective', 'validation'),
     ('meta.learning_rate', 0.0),
+    ('meta.select', 'first'),
+    ('meta.score_decay', 1.0),
     ('eval.baselines', ('sgd', 'lion')),
 ])
 def test_bad_config_values_name_the_field(field, value):

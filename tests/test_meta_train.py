@@ -92,3 +92,45 @@ def test_unknown_objective_fails_at_build_time():
   family = QuadraticFamily()
   with pytest.raises(ValueError, match='objective'):
     meta_train.make_meta_step(family, optax.adam(1e-3), num_steps=3, objective='val')
+
+
+@pytest.mark.parametrize('meta_learning_rate', [0.05, -0.05])
+def test_best_divergence_has_the_lowest_moving_average_of_the_inner_loss(meta_learning_rate):
+  # A negative rate ascends the bound, so the divergences get worse: the best is early.
+  family = QuadraticFamily()
+  divergence = metamd_jax.init_divergence(family.init_params(), 0.2)
+  optimizer = optax.sgd(meta_learning_rate)
+  decay = 0.6
+  step = jax.jit(meta_train.make_meta_step(family, optimizer, num_steps=5, score_decay=decay))
+  state = meta_train.init_state(divergence, optimizer)
+  seen, raw, averages = [], 0.0, []
+  for k in range(6):
+    task_params = meta_train.sample_tasks(family, jax.random.key(0), k, 3)
+    batch = np.mean([
+        np.mean(objectives.meta_gradient(
+            state.divergence, family.task(jax.tree.map(lambda x, i=i: x[i], task_params)),
+            5).losses) for i in range(3)])
+    seen.append(state.divergence)
+    state, metrics = step(state, task_params)
+    np.testing.assert_allclose(metrics['mean_loss'], batch, rtol=1e-5)
+    raw = decay * raw + (1 - decay) * batch
+    averages.append(raw / (1 - decay ** (k + 1)))
+    np.testing.assert_allclose(state.score, averages[-1], rtol=1e-5)
+  best = int(np.argmin(averages))
+  np.testing.assert_allclose(state.best_score, averages[best], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(state.best_divergence), jax.tree.leaves(seen[best])):
+    np.testing.assert_array_equal(a, b)
+  if meta_learning_rate < 0:
+    assert best < 5
+  with pytest.raises(ValueError, match='score_decay'):
+    meta_train.make_meta_step(family, optimizer, num_steps=5, score_decay=1.0)
+
+
+def test_meta_batches_without_a_finite_score_leave_the_selection_unchanged():
+  family, divergence, optimizer, state, step = _setup(poison_every=1)  # every task NaN
+  for k in range(2):
+    state, metrics = step(state, meta_train.sample_tasks(family, jax.random.key(0), k, 4))
+    assert np.isnan(metrics['mean_loss'])
+  assert np.isinf(state.best_score) and np.isinf(state.score)
+  for a, b in zip(jax.tree.leaves(state.best_divergence), jax.tree.leaves(divergence)):
+    np.testing.assert_array_equal(a, b)
