@@ -299,7 +299,16 @@ def _meta_train_variants(config, family, workdir: pathlib.Path, progress: bool) 
         'seconds_logged': float(sum(r['seconds'] for r in records)),
         'first_meta_loss': records[0]['meta_loss'] if records else None,
         'last_meta_loss': records[-1]['meta_loss'] if records else None,
+        'select': vconfig.meta.select,
+        'dropped_tasks': int(sum(r['dropped_tasks'] for r in records)),
+        'backed_off': int(sum(r.get('backed_off', 0) for r in records)),
     }
+    scores = [r.get('score', math.inf) for r in records]
+    if records and any(math.isfinite(x) for x in scores):
+      best = int(np.nanargmin(np.asarray(scores, np.float64)))
+      # The divergence kept under select='best' is the one evaluated at this meta-step.
+      info[name].update(best_meta_step=records[best]['step'], best_score=scores[best],
+                        last_score=scores[-1])
   return learned, info
 
 
@@ -373,7 +382,9 @@ def benchmark_family(config: ml_collections.ConfigDict, name: str, workdir: path
   learning_rates, tuning_scores = _tune_baselines(config, family_cfg, train_family, tune_tasks)
   tuning_seconds = time.perf_counter() - started
 
+  init_from = 'config'
   if config.init_from_tuned_sgd and learning_rates.get('sgd') is not None:
+    init_from = 'tuned sgd'
     # Every learned optimiser starts from the divergence of tuned SGD (meta-train tasks).
     family_cfg.meta.init_learning_rate = float(learning_rates['sgd'])
   learned, meta_info = _meta_train_variants(config, family_cfg, family_dir, progress)
@@ -393,7 +404,7 @@ def benchmark_family(config: ml_collections.ConfigDict, name: str, workdir: path
 
   result = {'horizon': horizon, 'num_tasks': ev.num_tasks, 'reference': reference,
             'window': window, 'meta_training': meta_info,
-            'init_learning_rate': family_cfg.meta.init_learning_rate,
+            'init_learning_rate': family_cfg.meta.init_learning_rate, 'init_from': init_from,
             'tuning_seconds': tuning_seconds,
             'meta_training_seconds': meta_seconds, 'optimizers': {}}
   reference_target = finals.get(reference)
@@ -599,9 +610,14 @@ def format_family(name: str, result: dict) -> str:
   reference, horizon = result['reference'], result['horizon']
   lines = [f"## {name} (T = {horizon}, {result['num_tasks']} held-out tasks)", '']
   meta = result['meta_training']
-  lines.append('Meta-training: ' + '; '.join(
-      f"{v} ({m['structure']}, {m['objective']}): {m['num_meta_steps']} meta-steps, "
-      f"{m['seconds_logged']:.0f} s" for v, m in meta.items()))
+  lines.append(f"Meta-training (starting from SGD with lr {result['init_learning_rate']:g}, "
+               f"{result['init_from']}): "
+               + '; '.join(
+                   f"{v} ({m['structure']}, {m['objective']}): {m['num_meta_steps']} "
+                   f"meta-steps, {m['seconds_logged']:.0f} s"
+                   + (f", kept meta-step {m['best_meta_step']}" if m.get('select') == 'best'
+                      and 'best_meta_step' in m else '')
+                   for v, m in meta.items()))
   lines += ['', f'| optimiser | learning rate | steps to {reference} final loss | '
             f'seconds to {reference} final loss | seconds for T steps | final train loss | '
             'test accuracy |', '| --- | --- | --- | --- | --- | --- | --- |']

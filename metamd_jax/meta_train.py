@@ -111,8 +111,10 @@ def make_meta_step(
     backoff: when every inner run of a meta-step diverges, the divergence's steps are
       multiplied by this factor (see :func:`metamd_jax.divergence.scale_steps`).
     score_decay: decay of the moving average of the selection score, in ``[0, 1)``
-      (0: the current meta-batch alone). A diverged inner run scores its initial loss
-      (no progress); a meta-step with no finite score leaves the average unchanged.
+      (0: the current meta-batch alone). A task scores its mean inner loss, capped at its
+      initial loss: a run that diverged, or blew up while staying finite, scores as no
+      progress rather than flooding the average. A meta-step with no finite score leaves
+      the average unchanged.
 
   Returns:
     The meta-step function (jit it, or pmap it with ``axis_name``).
@@ -152,7 +154,8 @@ def make_meta_step(
     metrics = {k: v / denominator for k, v in sums.items()}
 
     # Selection score of the divergence evaluated here (before this step's update).
-    task_score = jnp.where(finite, jnp.mean(results.losses, axis=1), results.losses[:, 0])
+    first = results.losses[:, 0]
+    task_score = jnp.where(finite, jnp.minimum(jnp.mean(results.losses, axis=1), first), first)
     scored = jnp.isfinite(task_score)
     score_sums = parallel.psum_if_pmap(
         {'sum': jnp.sum(jnp.where(scored, task_score, 0.0)),
