@@ -37,14 +37,14 @@ def _family(config: ml_collections.ConfigDict, heldout_dataset: str = '',
 
 def _mnist_mlp() -> ml_collections.ConfigDict:
   config = default.get_config()
-  config.meta.num_meta_steps = 60
-  config.meta.checkpoint_every = 10
+  config.meta.num_meta_steps = 100  # cosine decay over 100; 200 went unstable (RESULTS.md)
+  config.meta.checkpoint_every = 20
   return _family(config, 'digits28')
 
 
 def _mnist1d_cnn() -> ml_collections.ConfigDict:
   config = mnist1d_cnn.get_config()
-  config.meta.num_meta_steps = 40
+  config.meta.num_meta_steps = 60
   config.meta.checkpoint_every = 20
   # Same 40-sample length and templates; another seed, more noise and shear.
   return _family(config, 'mnist1d', seed=1, iid_noise_scale=0.05, corr_noise_scale=0.35,
@@ -53,9 +53,9 @@ def _mnist1d_cnn() -> ml_collections.ConfigDict:
 
 def _digits_mlp() -> ml_collections.ConfigDict:
   config = digits_mlp.get_config()
-  # At the experiment configs' meta learning rate 0.1 the learned divergence overshot into
-  # inner-loop divergence after ~20 meta-steps (every task then dropped, no recovery).
-  config.meta.learning_rate = 0.03
+  # Starting from tuned SGD and keeping the best meta-step, 0.1 is stable here and beats
+  # the family config's 0.03 (held-out final loss 0.036 vs 0.052 after 60 meta-steps).
+  config.meta.learning_rate = 0.1
   config.meta.num_meta_steps = 60
   config.meta.checkpoint_every = 20
   return _family(config)
