@@ -42,20 +42,24 @@ import pathlib
 import time
 import warnings
 
-import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+# One OpenBLAS thread, as in experiments/main.py (set before numpy loads; a user's
+# value wins).
+os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
 
-import metamd_jax
-from experiments import builders
-from experiments import meta_train as meta_train_exp
-from experiments.evaluate import TEST_KEY_OFFSET, TUNE_KEY_OFFSET
-from metamd_jax import datasets, evaluation, inner_loop
-from metamd_jax import meta_train as meta_train_lib
-from metamd_jax.tasks import ClassificationFamily, LeastSquaresFamily
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+import metamd_jax  # noqa: E402
+from experiments import builders  # noqa: E402
+from experiments import meta_train as meta_train_exp  # noqa: E402
+from experiments.evaluate import TEST_KEY_OFFSET, TUNE_KEY_OFFSET  # noqa: E402
+from metamd_jax import datasets, evaluation, inner_loop  # noqa: E402
+from metamd_jax import meta_train as meta_train_lib  # noqa: E402
+from metamd_jax.tasks import ClassificationFamily, LeastSquaresFamily  # noqa: E402
 
 HELDOUT_DATASETS = ('', 'digits28', 'mnist1d')
 
