@@ -6,12 +6,13 @@
 
 Each entry of ``families`` is a full experiment config (as ``experiments.main`` takes),
 plus a ``heldout`` section naming an optional dataset that meta-training never sees.
-``family_names`` says which families run, in order. Per family, three learned optimisers
-are meta-trained at horizon ``T = meta.horizon`` (``variants``: MetaMD, the diagonal
-Meta-SGD divergence and the Kronecker divergence on the unrolled objective), every
-baseline's learning rate is tuned on meta-train tasks over ``learning_rates``, and all
-optimisers run on the same ``num_tasks`` held-out tasks for ``T`` steps; the learned ones
-also for ``horizon_multiplier * T`` steps.
+``family_names`` says which families run, in order. Per family, every baseline's learning
+rate is tuned on meta-train tasks over ``learning_rates``; three learned optimisers are
+meta-trained at horizon ``T = meta.horizon`` (``variants``: MetaMD, the diagonal Meta-SGD
+divergence and the Kronecker divergence on the unrolled objective; a variant's ``meta``
+section overrides the family's meta fields), starting from tuned SGD when
+``init_from_tuned_sgd``; and all optimisers run on the same ``num_tasks`` held-out tasks
+for ``T`` steps, the learned ones also for ``horizon_multiplier * T`` steps.
 
 Budget: the default finishes in about 30 minutes on 2 CPU cores. Meta-training dominates;
 ``variants.<name>.meta_steps_fraction`` scales each family's ``meta.num_meta_steps`` for a

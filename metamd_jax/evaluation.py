@@ -34,6 +34,18 @@ class Curves(NamedTuple):
   every: int = 0
 
 
+def _step_fn(optimizer: optax.GradientTransformation, task: Task):
+  """``((params, opt_state), step) -> ((params, opt_state), minibatch loss)``, a scan body."""
+
+  def body(carry, step):
+    params, state = carry
+    loss, grads = jax.value_and_grad(task.loss)(params, task.batch(step))
+    updates, state = optimizer.update(grads, state, params)
+    return (optax.apply_updates(params, updates), state), loss
+
+  return body
+
+
 def train(optimizer: optax.GradientTransformation, task: Task, num_steps: int
           ) -> tuple[PyTree, jax.Array]:
   """Train ``task`` for ``num_steps`` steps with ``optimizer`` in a ``lax.scan``.
@@ -42,14 +54,8 @@ def train(optimizer: optax.GradientTransformation, task: Task, num_steps: int
     ``(final_params, losses)`` with ``losses`` of shape ``(num_steps,)``.
   """
   params = task.init()
-
-  def body(carry, step):
-    params, state = carry
-    loss, grads = jax.value_and_grad(task.loss)(params, task.batch(step))
-    updates, state = optimizer.update(grads, state, params)
-    return (optax.apply_updates(params, updates), state), loss
-
-  (params, _), losses = jax.lax.scan(body, (params, optimizer.init(params)),
+  (params, _), losses = jax.lax.scan(_step_fn(optimizer, task),
+                                     (params, optimizer.init(params)),
                                      jnp.arange(num_steps, dtype=jnp.int32))
   return params, losses
 
@@ -92,12 +98,7 @@ def train_tracked(optimizer: optax.GradientTransformation, task: Task, num_steps
   _check_every(num_steps, every)
   train_loss = _train_loss(task)
   params = task.init()
-
-  def body(carry, step):
-    params, state = carry
-    loss, grads = jax.value_and_grad(task.loss)(params, task.batch(step))
-    updates, state = optimizer.update(grads, state, params)
-    return (optax.apply_updates(params, updates), state), loss
+  body = _step_fn(optimizer, task)
 
   def chunk(carry, start):
     carry, losses = jax.lax.scan(body, carry, start + jnp.arange(every, dtype=jnp.int32))

@@ -11,18 +11,27 @@ from helpers import QuadraticFamily, quadratic_task
 from metamd_jax import evaluation, meta_train
 
 
-def test_train_equals_a_python_optax_loop():
-  task = quadratic_task()
-  optimizer = optax.adam(0.05)
-  params, losses = jax.jit(lambda: evaluation.train(optimizer, task, 6))()
+def _python_loop(optimizer, task, num_steps, every=0):
+  """The reference: a plain Python optax loop; ``(params, losses, whole-set losses)``."""
   reference = task.init()
   state = optimizer.init(reference)
+  tracked = [task.evaluate(reference)['train_loss']] if every else []
   expected = []
-  for t in range(6):
+  for t in range(num_steps):
     loss, grads = jax.value_and_grad(task.loss)(reference, task.batch(t))
     updates, state = optimizer.update(grads, state, reference)
     reference = optax.apply_updates(reference, updates)
     expected.append(loss)
+    if every and (t + 1) % every == 0:
+      tracked.append(task.evaluate(reference)['train_loss'])
+  return reference, expected, tracked
+
+
+def test_train_equals_a_python_optax_loop():
+  task = quadratic_task()
+  optimizer = optax.adam(0.05)
+  params, losses = jax.jit(lambda: evaluation.train(optimizer, task, 6))()
+  reference, expected, _ = _python_loop(optimizer, task, 6)
   np.testing.assert_allclose(losses, expected, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
@@ -84,17 +93,8 @@ def test_train_tracked_records_the_whole_set_loss_of_a_python_loop(every):
   optimizer = optax.sgd(0.1, momentum=0.5)
   params, losses, tracked = jax.jit(
       lambda: evaluation.train_tracked(optimizer, task, 6, every))()
-  reference = task.init()
-  state = optimizer.init(reference)
-  expected_tracked = [task.evaluate(reference)['train_loss']]
-  expected = []
-  for t in range(6):
-    loss, grads = jax.value_and_grad(task.loss)(reference, task.batch(t))
-    updates, state = optimizer.update(grads, state, reference)
-    reference = optax.apply_updates(reference, updates)
-    expected.append(loss)
-    if (t + 1) % every == 0:
-      expected_tracked.append(task.evaluate(reference)['train_loss'])
+  reference, expected, expected_tracked = _python_loop(optimizer, task, 6, every)
+  assert len(expected_tracked) == 6 // every + 1
   np.testing.assert_allclose(losses, expected, rtol=1e-5)
   np.testing.assert_allclose(tracked, expected_tracked, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
