@@ -47,7 +47,8 @@ class MetaTrainState(NamedTuple):
     score_weight: total weight of that average, ``1 - decay**k``, float32 ``()``.
     best_score: the lowest ``score`` so far, float32 ``()``.
     best_divergence: the divergence that was evaluated at the meta-step of ``best_score``
-      (the initial divergence until a score is finite).
+      (the initial divergence until a score is finite); one more copy of the divergence
+      in memory.
   """
 
   step: jax.Array
