@@ -740,7 +740,8 @@ def _plot_family(name: str, result: dict, workdir: pathlib.Path, title: str) -> 
     draw(ax, entries, x_of)
     if suffix == 'beyond_horizon':
       ax.axvline(result['horizon'], color='k', ls=':', lw=1)
-      ax.set_xscale('symlog', linthresh=1.0)
+      ax.set_xscale('symlog', linthresh=1.0)  # linear up to one step: the curves start at 0
+      ax.set_xlim(left=0)
     ax.set_xlabel(xlabel)
     ax.set_title(f'{title}: held-out tasks')
     fig.tight_layout()
