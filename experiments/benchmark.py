@@ -40,7 +40,6 @@ import math
 import os
 import pathlib
 import time
-import warnings
 
 # One OpenBLAS thread, as in experiments/main.py (set before numpy loads; a user's
 # value wins).
@@ -248,8 +247,7 @@ def timed_run(optimizer, family, task_params, num_steps: int, repeats: int,
 
 def final_train_loss(run: dict) -> np.ndarray:
   """Whole-training-set loss after the last step (``inf`` where a run diverged)."""
-  last = np.asarray(run['train_losses'], np.float64)[:, -1]
-  return np.where(np.isfinite(last), last, np.inf)
+  return evaluation.final_train_loss(run['train_losses'])
 
 
 def _mean_std(x) -> list:
@@ -266,11 +264,8 @@ def _fraction_finite(x) -> float:
 
 
 def _curve_stats(run: dict) -> tuple[list, list]:
-  curves = np.asarray(run['train_losses'], np.float64)
-  curves = np.where(np.isfinite(curves), curves, np.nan)
-  with warnings.catch_warnings():
-    warnings.simplefilter('ignore', RuntimeWarning)  # steps where every run diverged
-    return (np.nanmean(curves, axis=0).tolist(), np.nanstd(curves, axis=0).tolist())
+  mean, std = evaluation.curve_stats(run['train_losses'])
+  return mean.tolist(), std.tolist()
 
 
 def _steps_and_seconds(run: dict, target, seconds_per_step) -> dict:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import warnings
 
 import jax
 import ml_collections
@@ -71,28 +70,23 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
 
   reference = 'adam' if 'adam' in curves else next(iter(curves))
   # Training loss = the loss on each task's whole training set, after every step.
-  finals = {name: np.where(np.isfinite(run.train_losses[:, -1]), run.train_losses[:, -1],
-                           np.inf)
+  finals = {name: evaluation.final_train_loss(run.train_losses)
             for name, run in curves.items()}
   target = finals[reference]
   results = {'reference': reference, 'num_steps': ev.num_steps, 'num_tasks': ev.num_tasks,
              'optimizers': {}}
   for name, run in curves.items():
+    steps = evaluation.steps_to_loss(run.train_losses, target)
     entry = {
         'learning_rate': learning_rates[name],
         'final_train_loss': _mean_std(finals[name]),
-        f'steps_to_{reference}_final_loss': _mean_std(
-            evaluation.steps_to_loss(run.train_losses, target)),
-        'reached_fraction': float(np.mean(np.isfinite(
-            evaluation.steps_to_loss(run.train_losses, target)))),
+        f'steps_to_{reference}_final_loss': _mean_std(steps),
+        'reached_fraction': float(np.mean(np.isfinite(steps))),
         'final_minibatch_loss': _mean_std(evaluation.final_loss(run.losses, ev.window)),
     }
     for metric, values in run.metrics.items():
       entry[metric] = _mean_std(values)
-    tracked = np.where(np.isfinite(run.train_losses), run.train_losses, np.nan)
-    with warnings.catch_warnings():
-      warnings.simplefilter('ignore', RuntimeWarning)  # steps where every run diverged
-      entry['mean_curve'] = np.nanmean(tracked, axis=0).tolist()
+    entry['mean_curve'] = evaluation.curve_stats(run.train_losses)[0].tolist()
     results['optimizers'][name] = entry
 
   table = format_table(results)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -154,29 +155,25 @@ def steps_to_loss(train_losses: np.ndarray, target: float | np.ndarray,
   return np.where(np.any(reached, axis=-1), first, np.nan)
 
 
-def smooth(losses: np.ndarray, window: int) -> np.ndarray:
-  """Trailing moving average over ``window`` steps (shorter at the start), last axis."""
-  losses = np.asarray(losses, np.float64)
-  cumsum = np.cumsum(losses, axis=-1)
-  counts = np.minimum(np.arange(1, losses.shape[-1] + 1), window)
-  shifted = np.concatenate([np.zeros(losses.shape[:-1] + (window,)), cumsum], axis=-1)
-  return (cumsum - shifted[..., :losses.shape[-1]]) / counts
+def final_train_loss(train_losses: np.ndarray) -> np.ndarray:
+  """Last entry of tracked whole-set losses ``(..., K + 1)`` (``inf`` where diverged)."""
+  last = np.asarray(train_losses, np.float64)[..., -1]
+  return np.where(np.isfinite(last), last, np.inf)
+
+
+def curve_stats(train_losses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Mean and std over runs (axis 0) of tracked losses, ignoring diverged entries."""
+  curves = np.asarray(train_losses, np.float64)
+  curves = np.where(np.isfinite(curves), curves, np.nan)
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', RuntimeWarning)  # steps where every run diverged
+    return np.nanmean(curves, axis=0), np.nanstd(curves, axis=0)
 
 
 def final_loss(losses: np.ndarray, window: int) -> np.ndarray:
   """Mean of the last ``window`` training losses (``inf`` where a run diverged)."""
   value = np.mean(np.asarray(losses, np.float64)[..., -window:], axis=-1)
   return np.where(np.isfinite(value), value, np.inf)
-
-
-def steps_to_reach(losses: np.ndarray, target: float | np.ndarray, window: int) -> np.ndarray:
-  """Steps until the smoothed training loss first reaches ``target`` (``nan`` if never)."""
-  smoothed = smooth(losses, window)
-  target = np.asarray(target, np.float64)[..., None]
-  # A run reaches its own final_loss: allow the rounding between the two float64 means.
-  reached = smoothed <= target + 1e-9 * np.abs(target)
-  first = np.argmax(reached, axis=-1).astype(np.float64) + 1
-  return np.where(np.any(reached, axis=-1), first, np.nan)
 
 
 def tune_learning_rate(
