@@ -1,20 +1,86 @@
-"""Meta-testing: train held-out tasks with any optax optimiser and compare."""
+"""Meta-testing: train held-out tasks with any optax optimiser and compare.
+
+The protocol, in the order a comparison runs it:
+
+1. tasks: :func:`tuning_tasks` (meta-train tasks that meta-training never samples, for
+   tuning baselines) and :func:`held_out_tasks` (the tasks every optimiser is compared
+   on), each a fixed function of the seed;
+2. tuning: :func:`tune_learning_rate` over a grid, compiled once;
+3. runs: :func:`run` (or :func:`train` / :func:`train_tracked` for one task), recording
+   the loss on each task's whole training set;
+4. statistics: :func:`final_train_loss`, :func:`steps_to_loss`, :func:`curve_stats`,
+   :func:`mean_std` and :func:`reached_fraction` over the tasks.
+"""
 
 from __future__ import annotations
 
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.typing import ArrayLike
 
 from metamd_jax.tasks.base import Task, TaskFamily
+from metamd_jax.types import PyTree
 
-PyTree = Any
+# Keys of the tasks of meta-testing: ``seed + offset``, offsets that meta-training (which
+# samples meta-step ``k`` from ``fold_in(key(seed), k)``) never uses.
+TUNE_KEY_OFFSET = 1_000_003
+"""Added to the seed for :func:`tuning_tasks`."""
+TEST_KEY_OFFSET = 2_000_003
+"""Added to the seed for :func:`held_out_tasks`."""
+
+
+def _tasks(family: TaskFamily, seed: int, offset: int, num_tasks: int) -> PyTree:
+  if isinstance(num_tasks, bool) or not isinstance(num_tasks, (int, np.integer)) \
+      or num_tasks < 1:
+    raise ValueError(f'num_tasks must be an integer >= 1, got {num_tasks!r}.')
+  # What metamd_jax.meta_train.sample_tasks draws at step 0 from key(seed + offset).
+  return family.sample_batch(jax.random.fold_in(jax.random.key(seed + offset), 0),
+                             int(num_tasks))
+
+
+def tuning_tasks(family: TaskFamily, seed: int, num_tasks: int) -> PyTree:
+  """Stacked task parameters for tuning baselines' learning rates.
+
+  Sample them from the meta-train family: they are tasks of the family meta-training
+  learns on, drawn with a key (``seed + TUNE_KEY_OFFSET``) that meta-training never uses.
+
+  Args:
+    family: the task family (the meta-train family).
+    seed: the experiment's seed (the one meta-training's key is made from).
+    num_tasks: how many tasks.
+
+  Returns:
+    Task parameters with a leading axis of ``num_tasks``, the same for the same seed.
+  """
+  return _tasks(family, seed, TUNE_KEY_OFFSET, num_tasks)
+
+
+def held_out_tasks(family: TaskFamily, seed: int, num_tasks: int) -> PyTree:
+  """Stacked task parameters of the held-out tasks every optimiser is compared on.
+
+  Drawn with the key ``seed + TEST_KEY_OFFSET``, which neither meta-training nor
+  :func:`tuning_tasks` uses: new data subsets, initialisations and batch orders.
+
+  Args:
+    family: the task family (the meta-test family).
+    seed: the experiment's seed.
+    num_tasks: how many tasks.
+
+  Returns:
+    Task parameters with a leading axis of ``num_tasks``, the same for the same seed.
+  """
+  return _tasks(family, seed, TEST_KEY_OFFSET, num_tasks)
+
+
+class AllDivergedError(ValueError):
+  """Every learning rate of a :func:`tune_learning_rate` grid diverged."""
 
 
 class Curves(NamedTuple):
@@ -170,6 +236,38 @@ def curve_stats(train_losses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.nanmean(curves, axis=0), np.nanstd(curves, axis=0)
 
 
+def mean_std(values: ArrayLike) -> tuple[float, float]:
+  """Mean and standard deviation over the finite entries of ``values``.
+
+  Diverged runs (``nan`` / ``inf``) and targets never reached (``nan`` steps) are left
+  out; :func:`reached_fraction` says how many entries count.
+
+  Returns:
+    ``(mean, std)`` (population std, ``ddof=0``) as floats, ``(nan, nan)`` when no entry
+    is finite.
+
+  Examples:
+    >>> from metamd_jax import evaluation
+    >>> evaluation.mean_std([1.0, 3.0, float('nan')])
+    (2.0, 1.0)
+  """
+  x = np.asarray(values, np.float64).ravel()
+  x = x[np.isfinite(x)]
+  if x.size == 0:
+    return math.nan, math.nan
+  return float(np.mean(x)), float(np.std(x))
+
+
+def reached_fraction(values: ArrayLike) -> float:
+  """Fraction of finite entries of ``values``.
+
+  For step counts from :func:`steps_to_loss` (``nan`` where a run never reached the
+  target) it is the fraction of runs that reached it; for losses, of runs that stayed
+  finite.
+  """
+  return float(np.mean(np.isfinite(np.asarray(values, np.float64))))
+
+
 def final_loss(losses: np.ndarray, window: int) -> np.ndarray:
   """Mean of the last ``window`` training losses (``inf`` where a run diverged)."""
   value = np.mean(np.asarray(losses, np.float64)[..., -window:], axis=-1)
@@ -197,6 +295,9 @@ def tune_learning_rate(
 
   Returns:
     ``(best_learning_rate, {learning_rate: mean final loss})`` (``inf`` if diverged).
+
+  Raises:
+    AllDivergedError: when every learning rate of the grid diverged.
   """
   if not learning_rates:
     raise ValueError('learning_rates must not be empty.')
@@ -217,5 +318,5 @@ def tune_learning_rate(
             for lr, c in zip(learning_rates, curves)}
   best = min(scores, key=lambda lr: (scores[lr], lr))
   if not math.isfinite(scores[best]):
-    raise ValueError(f'every learning rate in {list(learning_rates)} diverged.')
+    raise AllDivergedError(f'every learning rate in {list(learning_rates)} diverged.')
   return best, scores

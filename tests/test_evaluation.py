@@ -55,7 +55,7 @@ def test_tune_learning_rate_picks_the_lowest_final_loss():
                                                20, window=3)
   assert best == 0.3
   assert scores[10.0] == np.inf and scores[1e-3] > scores[0.3]
-  with pytest.raises(ValueError, match='diverged'):
+  with pytest.raises(evaluation.AllDivergedError, match='diverged'):
     evaluation.tune_learning_rate(optax.sgd, [10.0, 100.0], family, tasks, 20, window=3)
 
 
@@ -127,3 +127,41 @@ def test_steps_to_loss_reads_the_first_step_at_the_target():
   assert steps[0] == 0 and np.isnan(steps[1])
   runs = np.random.default_rng(0).uniform(0.1, 2.0, size=(20, 11)).astype(np.float32)
   assert np.all(evaluation.steps_to_loss(runs, runs[:, -1]) <= 10)  # a run reaches its own
+
+
+def _leaves_equal(a, b):
+  return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize('seed', [0, 7])
+def test_tuning_and_held_out_tasks_keep_their_keys(seed):
+  family = QuadraticFamily()
+  # The protocol's keys: step 0 of meta-training's sampling, from seed + a fixed offset.
+  assert (evaluation.TUNE_KEY_OFFSET, evaluation.TEST_KEY_OFFSET) == (1_000_003, 2_000_003)
+  tune = evaluation.tuning_tasks(family, seed, 3)
+  test = evaluation.held_out_tasks(family, seed, 4)
+  assert _leaves_equal(tune, meta_train.sample_tasks(
+      family, jax.random.key(seed + 1_000_003), 0, 3))
+  assert _leaves_equal(test, meta_train.sample_tasks(
+      family, jax.random.key(seed + 2_000_003), 0, 4))
+  assert test['target'].shape == (4, 3, 2)
+  assert not np.array_equal(evaluation.tuning_tasks(family, seed, 4)['target'],
+                            test['target'])
+  with pytest.raises(ValueError, match='num_tasks'):
+    evaluation.held_out_tasks(family, seed, 0)
+
+
+def test_mean_std_and_reached_fraction_against_numpy():
+  rng = np.random.default_rng(0)
+  values = rng.normal(size=(4, 5))
+  values[0, 1], values[2, 3], values[3, 0] = np.nan, np.inf, -np.inf
+  finite = values[np.isfinite(values)]
+  mean, std = evaluation.mean_std(values)
+  assert isinstance(mean, float) and isinstance(std, float)
+  np.testing.assert_allclose([mean, std], [np.mean(finite), np.std(finite)], rtol=1e-12)
+  assert evaluation.mean_std([2.0]) == (2.0, 0.0)
+  assert all(np.isnan(evaluation.mean_std([np.nan, np.inf])))
+  assert all(np.isnan(evaluation.mean_std([])))
+  assert evaluation.reached_fraction(values) == 17 / 20
+  steps = evaluation.steps_to_loss(np.array([[3.0, 1.0], [3.0, 2.0]]), np.array([1.0, 1.0]))
+  assert evaluation.reached_fraction(steps) == 0.5
