@@ -12,7 +12,6 @@ import os
 # (about 1.5x per meta-step on 2 cores). Set before numpy loads; a user's value wins.
 os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
 
-import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -41,12 +40,11 @@ def main(argv):
   if FLAGS.distributed:
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id)
-  logging.info('JAX devices: %s (process %d of %d)', jax.devices(), jax.process_index(),
-               jax.process_count())
+  logging.info('JAX devices: %s', parallel.describe())
   config = FLAGS.config
   divergence = None
   if FLAGS.mode in ('all', 'meta_train'):
-    divergence = meta_train.meta_train(config, FLAGS.workdir)
+    divergence = meta_train.meta_train(config, FLAGS.workdir).divergence
   if FLAGS.mode in ('all', 'evaluate'):
     evaluate.evaluate(config, FLAGS.workdir, divergence)
 

@@ -1,22 +1,24 @@
-"""Meta-training checkpoints with orbax-checkpoint."""
+"""Meta-training checkpoints with orbax-checkpoint: the state and the metric history."""
 
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-PyTree = Any
+from metamd_jax.types import PyTree
 
 
 class Checkpointer:
-  """Save a meta-training state every ``every`` steps and restore the latest one.
+  """Save a meta-training state (and its metric history) every ``every`` steps.
 
-  Saving is atomic (orbax writes to a temporary directory and renames it), so a run
-  killed mid-save resumes from the previous complete checkpoint. In a multi-process job
-  every process calls :meth:`save` and :meth:`restore`; orbax has process 0 write.
+  A checkpoint holds two items: ``state`` (any pytree of arrays, restored bit for bit into
+  the structure of a template) and ``history`` (a JSON list of per-step metric records),
+  so a resumed run returns the same history as an uninterrupted one. Saving is atomic
+  (orbax writes to a temporary directory and renames it), so a run killed mid-save
+  resumes from the previous complete checkpoint. In a multi-process job every process
+  calls :meth:`save` and :meth:`restore`; orbax has process 0 write.
 
   Args:
     directory: where checkpoints live (created if missing).
@@ -25,8 +27,8 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str | os.PathLike, every: int, max_to_keep: int = 2):
-    if every < 1:
-      raise ValueError(f'checkpoint interval must be >= 1, got {every}.')
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+      raise ValueError(f'checkpoint interval must be an integer >= 1, got {every!r}.')
     self.directory = os.path.abspath(os.fspath(directory))
     self._manager = ocp.CheckpointManager(
         self.directory,
@@ -39,23 +41,30 @@ class Checkpointer:
   def should_save(self, step: int) -> bool:
     return self._manager.should_save(step)
 
-  def save(self, step: int, state: PyTree, *, force: bool = False) -> bool:
-    """Save ``state`` at ``step`` if the interval says so (or ``force``)."""
-    return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+  def save(self, step: int, state: PyTree, history: list[dict] | None = None, *,
+           force: bool = False) -> bool:
+    """Save ``state`` and ``history`` at ``step`` if the interval says so (or ``force``)."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              history=ocp.args.JsonSave(list(history or [])))
+    return self._manager.save(step, args=args, force=force)
 
-  def restore(self, like: PyTree, step: int | None = None) -> PyTree:
-    """Restore the checkpoint at ``step`` (latest if ``None``) into the structure of ``like``."""
+  def restore(self, like: PyTree, step: int | None = None) -> tuple[PyTree, list[dict]]:
+    """``(state, history)`` of the checkpoint at ``step`` (latest if ``None``); the state
+    takes the structure, shapes and dtypes of ``like``."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no checkpoint in {self.directory}.')
+    items = set(os.listdir(os.path.join(self.directory, str(step))))
+    if not {'state', 'history'} <= items:
+      raise ValueError(
+          f'the checkpoint {os.path.join(self.directory, str(step))} has items {sorted(items)}, '
+          "not 'state' and 'history': it was written by an older version of metamd_jax; "
+          'meta-train in a new workdir.')
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
-
-  def restore_or(self, state: PyTree) -> tuple[PyTree, bool]:
-    """``(latest checkpoint, True)`` if there is one, else ``(state, False)``."""
-    if self.latest_step() is None:
-      return state, False
-    return self.restore(state), True
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                      history=ocp.args.JsonRestore()))
+    return restored.state, list(restored.history)
 
   def close(self) -> None:
     self._manager.wait_until_finished()

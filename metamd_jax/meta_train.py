@@ -19,18 +19,22 @@ stopping on training data only; no validation set is involved.
 
 from __future__ import annotations
 
+import os
+import pathlib
+import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+import tqdm
 
+from metamd_jax import checkpoint, objectives, parallel
 from metamd_jax import divergence as divergence_lib
-from metamd_jax import objectives, parallel
 from metamd_jax.tasks.base import TaskFamily
-
-PyTree = Any
+from metamd_jax.types import PyTree
 
 
 class MetaTrainState(NamedTuple):
@@ -49,6 +53,9 @@ class MetaTrainState(NamedTuple):
     best_divergence: the divergence that was evaluated at the meta-step of ``best_score``
       (the initial divergence until a score is finite); one more copy of the divergence
       in memory.
+    best_step: that meta-step, 1-based as the ``'step'`` of the metric records (the
+      divergence evaluated by meta-step ``k`` is the one ``k - 1`` updates produced);
+      0 until a score is finite. int32 ``()``.
   """
 
   step: jax.Array
@@ -60,6 +67,7 @@ class MetaTrainState(NamedTuple):
   score_weight: jax.Array
   best_score: jax.Array
   best_divergence: PyTree
+  best_step: jax.Array
 
 
 def init_state(divergence: PyTree, meta_optimizer: optax.GradientTransformation
@@ -70,7 +78,7 @@ def init_state(divergence: PyTree, meta_optimizer: optax.GradientTransformation
   return MetaTrainState(step=zero, divergence=divergence,
                         opt_state=meta_optimizer.init(divergence), skipped_updates=zero,
                         dropped_tasks=zero, score=inf, score_weight=jnp.zeros((), jnp.float32),
-                        best_score=inf, best_divergence=divergence)
+                        best_score=inf, best_divergence=divergence, best_step=zero)
 
 
 def sample_tasks(family: TaskFamily, key: jax.Array, step: int | jax.Array,
@@ -196,6 +204,7 @@ def make_meta_step(
         score_weight=score_weight,
         best_score=jnp.where(improved, score, state.best_score),
         best_divergence=best_divergence,
+        best_step=jnp.where(improved, state.step + 1, state.best_step).astype(jnp.int32),
     )
     metrics.update(grad_norm=optax.tree.norm(grad), dropped_tasks=dropped,
                    skipped=(~ok).astype(jnp.int32), backed_off=all_dropped.astype(jnp.int32),
@@ -204,3 +213,172 @@ def make_meta_step(
     return new_state, metrics
 
   return meta_step
+
+
+SELECTIONS = ('best', 'last')
+
+
+class FitResult(NamedTuple):
+  """What :func:`fit` returns.
+
+  Attributes:
+    divergence: the kept divergence: ``state.best_divergence`` for ``select='best'``,
+      the last meta-iterate ``state.divergence`` for ``select='last'``.
+    state: the final :class:`MetaTrainState` (host arrays, one copy).
+    history: one metric record per meta-step ``1 .. state.step`` (also the steps run
+      before a resume): ``{'step', 'meta_loss', 'first_loss', 'final_loss', 'grad_norm',
+      'dropped_tasks', 'skipped', 'backed_off', 'mean_loss', 'score', 'best_score',
+      'seconds'}``, floats (``nan`` / ``inf`` where the metric is undefined).
+    resumed_from: the meta-step restored from a checkpoint in ``workdir``, or ``None``.
+  """
+
+  divergence: PyTree
+  state: MetaTrainState
+  history: list[dict]
+  resumed_from: int | None
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise ValueError(f'{name} must be an integer >= {minimum}, got {value!r}.')
+  return int(value)
+
+
+def fit(
+    family: TaskFamily,
+    divergence: PyTree,
+    meta_optimizer: optax.GradientTransformation,
+    *,
+    num_meta_steps: int,
+    horizon: int,
+    meta_batch_size: int,
+    key: jax.Array | int = 0,
+    workdir: str | os.PathLike | None = None,
+    checkpoint_every: int = 10,
+    select: str = 'best',
+    objective: str = 'bound',
+    adjoint: str = 'implicit',
+    solver: str = 'exact',
+    solver_options: dict | None = None,
+    backoff: float = 0.5,
+    score_decay: float = 0.9,
+    num_devices: int = 0,
+    callback: Callable[[dict], None] | None = None,
+    progress: bool = False,
+) -> FitResult:
+  """Meta-train ``divergence`` on ``family``: the whole loop, resumable and sharded.
+
+  Each meta-step samples a meta-batch of tasks (a function of the key and the step only,
+  :func:`sample_tasks`), runs :func:`make_meta_step` on it, sharded over the local devices
+  and processes when there are several (:mod:`metamd_jax.parallel`; ``meta_batch_size``
+  must divide evenly over all of them), and records its metrics. With a ``workdir``,
+  orbax checkpoints (state and history) are written every ``checkpoint_every`` meta-steps
+  and at the end, and a call on a workdir that has checkpoints resumes from the latest:
+  the result is bit for bit that of an uninterrupted run. Nothing else is written: the
+  caller saves the artifact (:func:`metamd_jax.save_divergence`) and logs the history.
+
+  Args:
+    family: the task family to meta-train on.
+    divergence: the initial divergence (e.g. :func:`metamd_jax.init_divergence`).
+    meta_optimizer: any optax transformation, applied to the divergence.
+    num_meta_steps: total meta-steps (a resumed run runs the rest).
+    horizon: inner steps ``T`` per task.
+    meta_batch_size: tasks per meta-step, over all devices and processes.
+    key: PRNG key (or integer seed) of the task sampling.
+    workdir: directory for checkpoints (``workdir/checkpoints``); ``None``: none.
+    checkpoint_every: meta-steps between checkpoints.
+    select: ``'best'`` keeps the divergence with the lowest moving average of the mean
+      inner training loss (training data only), ``'last'`` the final meta-iterate.
+    objective: ``'bound'`` or ``'unrolled'`` (see :func:`make_meta_step`).
+    adjoint: ``'implicit'`` or ``'statistics'``.
+    solver: adjoint solver of the mirror step.
+    solver_options: options of a matrix-free solver.
+    backoff: step factor applied when every inner run of a meta-step diverges.
+    score_decay: decay of the selection score's moving average, in ``[0, 1)``.
+    num_devices: local devices to shard the meta-batch over (0: all).
+    callback: called with each new metric record (on every process; write shared files
+      only where :func:`metamd_jax.parallel.is_writer`).
+    progress: show a progress bar (on the writing process).
+
+  Returns:
+    A :class:`FitResult`.
+
+  Examples:
+    >>> import optax, metamd_jax
+    >>> from metamd_jax import meta_train, tasks
+    >>> family = tasks.LeastSquaresFamily(input_dim=4, output_dim=2, num_samples=32,
+    ...                                   batch_size=8)
+    >>> divergence = metamd_jax.init_divergence(family.init_params(), learning_rate=0.1)
+    >>> result = meta_train.fit(family, divergence, optax.adam(1e-2), num_meta_steps=2,
+    ...                         horizon=5, meta_batch_size=2)
+    >>> [record['step'] for record in result.history]
+    [1, 2]
+  """
+  num_meta_steps = _check_int('num_meta_steps', num_meta_steps, 0)
+  horizon = _check_int('horizon', horizon, 1)
+  meta_batch_size = _check_int('meta_batch_size', meta_batch_size, 1)
+  checkpoint_every = _check_int('checkpoint_every', checkpoint_every, 1)
+  if select not in SELECTIONS:
+    raise ValueError(f'select must be one of {SELECTIONS}, got {select!r}.')
+  divergence_lib.check_divergence(divergence)
+  if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+    key = jax.random.key(int(key))
+
+  runner = parallel.MetaStepRunner(meta_batch_size, num_devices)
+  runner.compile(make_meta_step(
+      family, meta_optimizer, num_steps=horizon, objective=objective, adjoint=adjoint,
+      solver=solver, solver_options=solver_options, axis_name=runner.axis_name,
+      backoff=backoff, score_decay=score_decay))
+
+  state = init_state(divergence, meta_optimizer)
+  history: list[dict] = []
+  resumed_from = None
+  checkpointer = None
+  if workdir is not None:
+    checkpointer = checkpoint.Checkpointer(pathlib.Path(workdir) / 'checkpoints',
+                                           every=checkpoint_every)
+    if checkpointer.latest_step() is not None:
+      try:
+        state, history = checkpointer.restore(state)
+      except ValueError as error:
+        checkpointer.close()
+        raise ValueError(
+            f'the checkpoint in {checkpointer.directory} does not match this meta-training '
+            'state (another model, divergence structure or meta-optimiser?); resume with the '
+            f'arguments it was written with or use a new workdir. Details: {error}') from error
+      resumed_from = int(state.step)
+      if len(history) != resumed_from:
+        raise ValueError(f'the checkpoint of meta-step {resumed_from} in '
+                         f'{checkpointer.directory} holds {len(history)} metric records.')
+  start = int(state.step)
+
+  writer = parallel.is_writer()
+  bar = tqdm.tqdm(total=num_meta_steps, initial=min(start, num_meta_steps), desc='meta-train',
+                  disable=not (progress and writer), dynamic_ncols=True)
+  if resumed_from is not None and progress and writer:
+    bar.write(f'resumed from meta-step {resumed_from} ({checkpointer.directory})')
+  device_state = runner.to_devices(state)
+  try:
+    for step in range(start, num_meta_steps):
+      task_params = sample_tasks(family, key, step, meta_batch_size)
+      started = time.perf_counter()
+      device_state, metrics = runner.step(device_state, task_params)
+      record = {'step': step + 1, **metrics, 'seconds': time.perf_counter() - started}
+      history.append(record)
+      if callback is not None:
+        callback(record)
+      bar.set_postfix(meta_loss=f"{record['meta_loss']:.4g}",
+                      final_loss=f"{record['final_loss']:.4g}")
+      bar.update()
+      if checkpointer is not None and checkpointer.should_save(step + 1):
+        checkpointer.save(step + 1, runner.to_host(device_state), history)
+    state = runner.to_host(device_state)
+    if checkpointer is not None and checkpointer.latest_step() != int(state.step):
+      checkpointer.save(int(state.step), state, history, force=True)
+  finally:
+    bar.close()
+    if checkpointer is not None:
+      checkpointer.close()
+  state = jax.tree.map(jnp.asarray, state)
+  kept = state.best_divergence if select == 'best' else state.divergence
+  return FitResult(divergence=kept, state=state, history=history, resumed_from=resumed_from)

@@ -11,12 +11,12 @@ disjoint slice of the global meta-batch; the collectives then span every process
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import jax
 import numpy as np
 
-PyTree = Any
+from metamd_jax.types import PyTree
+
 AXIS_NAME = 'tasks'
 
 
@@ -84,40 +84,63 @@ def unreplicate(tree: PyTree) -> PyTree:
   return jax.tree.map(lambda x: np.asarray(x[0]), tree)
 
 
-def pmap_meta_step(meta_step: Callable, devices: Sequence) -> Callable:
-  """``pmap`` a meta-step built with ``axis_name=AXIS_NAME`` over ``devices``.
+def is_writer() -> bool:
+  """Whether this process writes logs, metrics and artifacts (process 0 of the job).
 
-  The returned function takes the replicated state and this process's task slice
-  (``(devices, per-device, ...)``) and returns the replicated new state and metrics.
+  Every process runs the same program; only the writer touches shared files (orbax
+  checkpoints coordinate their own writes).
   """
-  return jax.pmap(meta_step, axis_name=AXIS_NAME, devices=list(devices))
+  return jax.process_index() == 0
+
+
+def describe() -> str:
+  """The devices and processes of this job, for a log line."""
+  return (f'{jax.local_device_count()} local of {jax.device_count()} devices '
+          f'({jax.devices()[0].platform}), process {jax.process_index()} of '
+          f'{jax.process_count()}')
 
 
 class MetaStepRunner:
   """Runs a device-agnostic meta-step on one device (``jit``) or sharded (``pmap``).
 
+  The runner decides the placement first; the meta-step is then built for it, with
+  ``axis_name=runner.axis_name`` (``None`` on one device, :data:`AXIS_NAME` when the
+  meta-batch is sharded over several devices or processes), and handed to
+  :meth:`compile`::
+
+    runner = MetaStepRunner(meta_batch_size=8)
+    runner.compile(make_meta_step(family, optimizer, num_steps=T,
+                                  axis_name=runner.axis_name))
+    state = runner.to_devices(state)
+    state, metrics = runner.step(state, task_params)
+
   Args:
-    build_meta_step: ``axis_name -> meta_step`` (e.g. a partial of
-      :func:`metamd_jax.meta_train.make_meta_step`); ``axis_name`` is ``None`` on one
-      device and :data:`AXIS_NAME` when sharded.
     meta_batch_size: the global meta-batch (checked to divide over all devices).
     num_devices: local devices to use (0: all).
   """
 
-  def __init__(self, build_meta_step: Callable[[str | None], Callable], meta_batch_size: int,
-               num_devices: int = 0):
+  def __init__(self, meta_batch_size: int, num_devices: int = 0):
     self.devices = local_devices(num_devices)
     self.sharded = len(self.devices) > 1 or jax.process_count() > 1
     self.tasks_per_device = tasks_per_device(meta_batch_size, len(self.devices))
+    self.axis_name = AXIS_NAME if self.sharded else None
+    self._step = None
+    self._place = None
     if self.sharded:
       # In a multi-process job pmap maps over every process's local devices.
-      devices = self.devices if jax.process_count() == 1 else None
-      self._step = jax.pmap(build_meta_step(AXIS_NAME), axis_name=AXIS_NAME, devices=devices)
+      self._pmap_devices = self.devices if jax.process_count() == 1 else None
       # Places stacked host copies exactly as pmap returns its outputs, so the step
       # compiles once whether it gets a fresh or a returned state.
-      self._place = jax.pmap(lambda tree: tree, axis_name=AXIS_NAME, devices=devices)
+      self._place = jax.pmap(lambda tree: tree, axis_name=AXIS_NAME,
+                             devices=self._pmap_devices)
+
+  def compile(self, meta_step: Callable[[PyTree, PyTree], tuple[PyTree, dict]]) -> None:
+    """Use ``meta_step(state, task_params) -> (state, metrics)``, built with
+    ``axis_name=self.axis_name``: ``pmap`` it when sharded, ``jit`` it otherwise."""
+    if self.sharded:
+      self._step = jax.pmap(meta_step, axis_name=AXIS_NAME, devices=self._pmap_devices)
     else:
-      self._step = jax.jit(build_meta_step(None))
+      self._step = jax.jit(meta_step)
 
   def to_devices(self, state: PyTree) -> PyTree:
     """Place a host state for :meth:`step` (replicated when sharded)."""
@@ -133,6 +156,8 @@ class MetaStepRunner:
     Returns:
       The new (device) state and the metrics as host scalars.
     """
+    if self._step is None:
+      raise RuntimeError('MetaStepRunner.step called before compile(meta_step).')
     if self.sharded:
       state, metrics = self._step(state, process_slice(task_params, len(self.devices)))
       metrics = jax.tree.map(lambda x: x[0], metrics)

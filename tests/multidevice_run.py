@@ -34,8 +34,6 @@ def main():
     from metamd_jax import parallel
 
     parallel.initialize_distributed(f'127.0.0.1:{args.port}', args.processes, args.process_id)
-  import functools
-
   import numpy as np
   import optax
   from helpers import QuadraticFamily
@@ -51,19 +49,16 @@ def main():
     out = {}
     for name, optimizer, steps in (('gradient', optax.sgd(1.0), 1),
                                    ('three_steps', optax.adam(0.05), 3)):
-      build = functools.partial(meta_train.make_meta_step, family, optimizer, num_steps=4)
       traces = []
+      runner = parallel.MetaStepRunner(meta_batch_size=8, num_devices=num_devices)
+      meta_step = meta_train.make_meta_step(family, optimizer, num_steps=4,
+                                            axis_name=runner.axis_name)
 
-      def counted(axis, build=build, traces=traces):
-        meta_step = build(axis_name=axis)
+      def counted(*call_args, traces=traces, meta_step=meta_step):
+        traces.append(1)  # runs once per compilation
+        return meta_step(*call_args)
 
-        def traced(*call_args):
-          traces.append(1)  # runs once per compilation
-          return meta_step(*call_args)
-
-        return traced
-
-      runner = parallel.MetaStepRunner(counted, meta_batch_size=8, num_devices=num_devices)
+      runner.compile(counted)
       state = runner.to_devices(meta_train.init_state(divergence, optimizer))
       for step in range(steps):
         tasks = meta_train.sample_tasks(family, jax.random.key(0), step, 8)
@@ -75,8 +70,14 @@ def main():
                   for a, b in zip(jax.tree.leaves(divergence), leaves)]
       out[name] = [x.tolist() for x in leaves]
       out[name + '_traces'] = len(traces)
+    # The library trainer, sharded the same way: its divergence and history.
+    result = meta_train.fit(family, divergence, optax.adam(0.05), num_meta_steps=3,
+                            horizon=4, meta_batch_size=8, key=jax.random.key(0),
+                            select='last', num_devices=num_devices)
+    out['fit'] = [np.asarray(x, np.float64).tolist() for x in jax.tree.leaves(result.divergence)]
+    out['fit_meta_loss'] = [r['meta_loss'] for r in result.history]
     results[str(num_devices)] = out
-  if jax.process_index() == 0:
+  if parallel.is_writer():
     pathlib.Path(args.output).write_text(json.dumps(results))
   if args.processes > 1:
     jax.distributed.shutdown()

@@ -147,3 +147,108 @@ def test_a_blown_up_but_finite_inner_run_scores_its_initial_loss():
       family.init_params(), None) for i in range(3)]
   assert float(metrics['final_loss']) > 100 * np.mean(first)  # it did blow up
   np.testing.assert_allclose(metrics['mean_loss'], np.mean(first), rtol=1e-6)
+
+
+class CountingFamily(QuadraticFamily):
+  """Counts ``task`` calls: the meta-step calls it once per trace (one vmapped task)."""
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self.traces = 0
+
+  def task(self, task_params):
+    self.traces += 1
+    return super().task(task_params)
+
+
+def _fit(family, divergence, optimizer, **kwargs):
+  options = dict(num_meta_steps=3, horizon=5, meta_batch_size=2, key=jax.random.key(1))
+  options.update(kwargs)
+  return meta_train.fit(family, divergence, optimizer, **options)
+
+
+def _assert_trees_equal(a, b):
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b)
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _without_seconds(history):
+  return [{k: v for k, v in r.items() if k != 'seconds'} for r in history]
+
+
+def test_fit_is_the_hand_written_loop_and_compiles_once():
+  family = CountingFamily()
+  divergence = metamd_jax.init_divergence(family.init_params(), 0.2)
+  optimizer = optax.adam(0.05)
+  seen = []
+  family.traces = 0  # init_params built one task
+  result = _fit(family, divergence, optimizer, select='last', callback=seen.append)
+  assert family.traces == 1  # one compilation for the whole run
+  state = meta_train.init_state(divergence, optimizer)
+  step = jax.jit(meta_train.make_meta_step(family, optimizer, num_steps=5))
+  expected = []
+  for k in range(3):
+    state, metrics = step(state, meta_train.sample_tasks(family, jax.random.key(1), k, 2))
+    expected.append({'step': k + 1, **{n: float(v) for n, v in metrics.items()}})
+  _assert_trees_equal(result.state, state)
+  _assert_trees_equal(result.divergence, state.divergence)
+  assert _without_seconds(result.history) == expected
+  assert seen == result.history and all(r['seconds'] > 0 for r in seen)
+  assert result.resumed_from is None
+
+
+def test_fit_keeps_the_best_or_the_last_divergence():
+  family = QuadraticFamily()
+  divergence = metamd_jax.init_divergence(family.init_params(), 0.2)
+  # Ascending the bound (a negative rate) makes later divergences worse: best != last.
+  best = _fit(family, divergence, optax.sgd(-0.05), num_meta_steps=4)
+  last = _fit(family, divergence, optax.sgd(-0.05), num_meta_steps=4, select='last')
+  _assert_trees_equal(best.divergence, best.state.best_divergence)
+  _assert_trees_equal(last.divergence, last.state.divergence)
+  scores = [r['score'] for r in best.history]
+  assert int(best.state.best_step) == int(np.argmin(scores)) + 1
+  assert float(best.state.best_score) == min(scores)
+
+
+def test_fit_resumes_bit_for_bit_from_its_checkpoints(tmp_path):
+  family = QuadraticFamily()
+  divergence = metamd_jax.init_divergence(family.init_params(), 0.2)
+  optimizer = optax.adam(0.05)
+  clean = _fit(family, divergence, optimizer, num_meta_steps=5)
+  first = _fit(family, divergence, optimizer, num_meta_steps=3, workdir=tmp_path,
+               checkpoint_every=2)
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()
+                if p.name.isdigit()) == ['2', '3']
+  resumed = _fit(family, divergence, optimizer, num_meta_steps=5, workdir=tmp_path,
+                 checkpoint_every=2)
+  assert first.resumed_from is None and resumed.resumed_from == 3
+  _assert_trees_equal(resumed.state, clean.state)
+  assert _without_seconds(resumed.history) == _without_seconds(clean.history)
+  assert resumed.history[:3] == first.history  # restored with the checkpoint
+  done = _fit(family, divergence, optimizer, num_meta_steps=5, workdir=tmp_path)
+  assert done.resumed_from == 5 and done.history == resumed.history
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('select', 'first', 'select'),
+    ('meta_batch_size', 0, 'meta_batch_size'),
+    ('horizon', 2.5, 'horizon'),
+    ('num_meta_steps', -1, 'num_meta_steps'),
+    ('checkpoint_every', 0, 'checkpoint_every'),
+])
+def test_fit_rejects_bad_arguments_by_name(field, value, message):
+  family = QuadraticFamily()
+  divergence = metamd_jax.init_divergence(family.init_params(), 0.2)
+  with pytest.raises(ValueError, match=message):
+    _fit(family, divergence, optax.adam(0.05), **{field: value})
+
+
+def test_fit_rejects_a_checkpoint_of_another_structure(tmp_path):
+  family = QuadraticFamily()
+  divergence = metamd_jax.init_divergence(family.init_params(), 0.2)
+  _fit(family, divergence, optax.adam(0.05), num_meta_steps=1, workdir=tmp_path)
+  other = metamd_jax.init_divergence(family.init_params(), 0.2, structure='diagonal')
+  with pytest.raises(ValueError, match='does not match this meta-training state'):
+    _fit(family, other, optax.adam(0.05), num_meta_steps=2, workdir=tmp_path)

@@ -45,8 +45,12 @@ def test_four_devices_equal_one_device(tmp_path, x64, rtol):
   _finish(_run(output, *(['--x64'] if x64 else []), '--devices', '1', '4'))
   results = json.loads(output.read_text())
   assert results['device_count'] == 4
-  for name in ('gradient', 'three_steps'):
+  for name in ('gradient', 'three_steps', 'fit'):
     _compare(results['4'][name], results['1'][name], rtol)
+  np.testing.assert_allclose(results['4']['fit_meta_loss'], results['1']['fit_meta_loss'],
+                             rtol=rtol)
+  # The trainer runs the same meta-steps as the runner driven by hand.
+  _compare(results['4']['fit'], results['4']['three_steps'], rtol)
   assert results['4']['three_steps_traces'] == 1  # no recompilation across meta-steps
   assert np.max(np.abs(np.asarray(results['1']['gradient'][0]))) > 0
 
@@ -73,7 +77,7 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path):
         process.kill()
   a, b = json.loads(multi.read_text()), json.loads(single.read_text())
   assert a['process_count'] == 2 and a['device_count'] == 4
-  for name in ('gradient', 'three_steps'):
+  for name in ('gradient', 'three_steps', 'fit'):
     _compare(a['0'][name], b['4'][name], 1e-12)
 
 

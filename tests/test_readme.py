@@ -1,18 +1,32 @@
-"""The README's optax example runs as written."""
+"""The README's examples run as written."""
 
+import json
+import os
 import pathlib
 import re
+import signal
+import subprocess
+import sys
 
+import jax
 import numpy as np
+import optax
+
+import metamd_jax
+from metamd_jax import evaluation, meta_train
 
 README = pathlib.Path(__file__).resolve().parents[1] / 'README.md'
 
 
-def test_readme_optax_example_runs():
+def _example(marker: str) -> str:
   blocks = re.findall(r'```python\n(.*?)```', README.read_text(), flags=re.S)
-  example = next(b for b in blocks if 'metamd_jax.metamd(divergence)' in b)
+  return next(b for b in blocks if marker in b)
+
+
+def test_readme_optax_example_runs():
   namespace = {}
-  exec(compile(example, str(README), 'exec'), namespace)  # noqa: S102
+  exec(compile(_example('metamd_jax.metamd(divergence)'), str(README), 'exec'),  # noqa: S102
+       namespace)
   jax, optax = namespace['jax'], namespace['optax']
   # The example's divergence is SGD(0.1): its step equals optax's clipped SGD step.
   initial = namespace['model'].init(jax.random.key(0), namespace['x'])['params']
@@ -22,3 +36,81 @@ def test_readme_optax_example_runs():
   expected = optax.apply_updates(initial, updates)
   for a, b in zip(jax.tree.leaves(namespace['params']), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+# Runs the README's meta-training example in a fresh process; with a step number, the
+# process kills itself with SIGKILL (no clean-up of any kind) when the trainer samples the
+# tasks of that meta-step, and records the history it had at that point.
+_RUNNER = '''
+import json, os, signal, sys
+from metamd_jax import meta_train
+
+kill_at = int(sys.argv[2])
+sample_tasks = meta_train.sample_tasks
+
+def sample_and_maybe_die(family, key, step, meta_batch_size):
+  if step == kill_at:
+    os.kill(os.getpid(), signal.SIGKILL)
+  return sample_tasks(family, key, step, meta_batch_size)
+
+meta_train.sample_tasks = sample_and_maybe_die
+namespace = {'__name__': '__main__'}
+exec(compile(open(sys.argv[1]).read(), 'README.md', 'exec'), namespace)
+result = namespace['result']
+with open('history.json', 'w') as f:
+  json.dump({'history': result.history, 'resumed_from': result.resumed_from}, f)
+'''
+
+
+def _run_example(workdir: pathlib.Path, example: pathlib.Path, kill_at: int = -1):
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / 'runner.py').write_text(_RUNNER)
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  return subprocess.Popen([sys.executable, 'runner.py', str(example), str(kill_at)],
+                          cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _finish(process, timeout=300):
+  _, stderr = process.communicate(timeout=timeout)
+  return process.returncode, stderr.decode()[-3000:]
+
+
+def test_readme_meta_training_example_resumes_after_sigkill(tmp_path):
+  example = tmp_path / 'example.py'
+  example.write_text(_example('meta_train.fit('))
+  killed, clean = tmp_path / 'killed', tmp_path / 'clean'
+  code, stderr = _finish(_run_example(killed, example, kill_at=25))
+  assert code == -signal.SIGKILL, stderr
+  run_dir = killed / 'runs' / 'regression'
+  assert not (run_dir / 'divergence.npz').exists()
+  # Checkpoints are written asynchronously: the one of step 20 may not have been complete.
+  last = max(int(p.name) for p in (run_dir / 'checkpoints').iterdir() if p.name.isdigit())
+  assert last in (10, 20)
+
+  resumed, uninterrupted = _run_example(killed, example), _run_example(clean, example)
+  for process in (resumed, uninterrupted):
+    code, stderr = _finish(process)
+    assert code == 0, stderr
+  a = json.loads((killed / 'history.json').read_text())
+  b = json.loads((clean / 'history.json').read_text())
+  assert a['resumed_from'] == last and b['resumed_from'] is None
+  drop = lambda h: [{k: v for k, v in r.items() if k != 'seconds'} for r in h]  # noqa: E731
+  assert drop(a['history']) == drop(b['history']) and len(a['history']) == 60
+  learned, _ = metamd_jax.load_divergence(run_dir / 'divergence.npz')
+  reference, _ = metamd_jax.load_divergence(clean / 'runs' / 'regression' / 'divergence.npz')
+  for x, y in zip(jax.tree.leaves(learned), jax.tree.leaves(reference)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+  # The learned divergence trains held-out tasks of the family faster than its start.
+  namespace = {'__name__': 'readme_family'}
+  family_code = example.read_text().split('family = Regression()')[0]
+  exec(compile(family_code, 'README.md', 'exec'), namespace)  # noqa: S102
+  family = namespace['Regression']()
+  tasks = meta_train.sample_tasks(family, jax.random.key(123), 0, 4)
+  start = metamd_jax.init_divergence(family.init_params(), learning_rate=0.02)
+  final = {name: evaluation.run(opt, family, tasks, 20).losses[:, -5:].mean()
+           for name, opt in (('learned', metamd_jax.metamd(learned)),
+                             ('start', optax.sgd(0.02)),
+                             ('start_divergence', metamd_jax.metamd(start)))}
+  np.testing.assert_allclose(final['start_divergence'], final['start'], rtol=1e-5)
+  assert final['learned'] < 0.8 * final['start'], final
