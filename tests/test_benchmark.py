@@ -8,7 +8,7 @@ import pytest
 
 from configs import benchmark as benchmark_config
 from configs import tiny
-from experiments import benchmark
+from experiments import benchmark, benchmark_setup
 
 
 def _tiny_benchmark_config() -> ml_collections.ConfigDict:
@@ -16,6 +16,7 @@ def _tiny_benchmark_config() -> ml_collections.ConfigDict:
   config.quick = True
   family = tiny.get_config()
   family.heldout = ml_collections.ConfigDict({'dataset': '', 'generator': {}})
+  family.targets = benchmark_config.get_config().families.digits_mlp.targets
   config.families = ml_collections.ConfigDict({'tiny': family})
   config.family_names = ('tiny',)
   config.quick_family_names = ('tiny',)
@@ -75,6 +76,16 @@ def test_quick_benchmark_writes_documented_results(tmp_path, capsys):
   for row in family['learned_vs_baselines']['metamd'].values():
     _finite_pair(row['baseline_final_train_loss'])
     _finite_pair(row['baseline_wall_clock_seconds'])
+  # The family declares fewer_steps_than_every_baseline: one target per tuned baseline,
+  # read off the learned-vs-baselines rows.
+  assert set(family['targets']) == {'fewer_steps_than_sgd', 'fewer_steps_than_adam'}
+  for baseline in ('sgd', 'adam'):
+    target = family['targets'][f'fewer_steps_than_{baseline}']
+    row = family['learned_vs_baselines']['metamd'][baseline]
+    assert (target['value'], target['limit']) == (row['steps'][0], row['baseline_steps'][0])
+    assert target['met'] == (row['reached_fraction'] == 1.0 and target['value'] is not None
+                             and target['limit'] is not None
+                             and target['value'] < target['limit'])
   for entry in family['beyond_horizon'].values():
     assert entry['steps'] == 3 * family['horizon']
     _finite_pair(entry['loss_at_T'])
@@ -86,22 +97,23 @@ def test_quick_benchmark_writes_documented_results(tmp_path, capsys):
 
 def test_variant_configs():
   config = benchmark_config.get_config()
-  benchmark.validate(config)
-  family = benchmark.family_config(config, 'mnist_mlp')
+  benchmark_setup.validate(config)
+  family = benchmark_setup.family_config(config, 'mnist_mlp')
   assert family.eval.num_steps == family.meta.horizon
   assert family.eval.num_tasks >= 5 and len(family.eval.learning_rates) >= 7
   expected = {'metamd': ('kronecker', 'bound'), 'meta_sgd': ('diagonal', 'bound'),
               'unrolled': ('kronecker', 'unrolled')}
   for name, (structure, objective) in expected.items():
-    variant = benchmark.variant_config(family, config.variants[name])
+    variant = benchmark_setup.variant_config(family, config.variants[name])
     assert (variant.meta.structure, variant.meta.objective) == (structure, objective)
     assert 1 <= variant.meta.num_meta_steps <= family.meta.num_meta_steps
-  diagonal = benchmark.variant_config(family, config.variants['meta_sgd'])
+  diagonal = benchmark_setup.variant_config(family, config.variants['meta_sgd'])
   assert (diagonal.meta.optimizer, diagonal.meta.learning_rate) == ('adam', 0.1)
-  assert benchmark.variant_config(family, config.variants['metamd']).meta.optimizer == 'muon'
+  metamd = benchmark_setup.variant_config(family, config.variants['metamd'])
+  assert metamd.meta.optimizer == 'muon'
   config.variants.meta_sgd.meta.not_a_field = 1
   with pytest.raises(ValueError, match='not_a_field'):
-    benchmark.variant_config(family, config.variants['meta_sgd'])
+    benchmark_setup.variant_config(family, config.variants['meta_sgd'])
   config.quick = True
-  assert benchmark.family_names(config) == tuple(config.quick_family_names)
-  assert benchmark.family_config(config, 'digits_mlp').meta.num_meta_steps == 3
+  assert benchmark_setup.family_names(config) == tuple(config.quick_family_names)
+  assert benchmark_setup.family_config(config, 'digits_mlp').meta.num_meta_steps == 3

@@ -1,13 +1,13 @@
 """The selection experiment (experiments/selection.py) on the tiny config."""
 
-import jax
+import json
+
 import numpy as np
 import optax
 
 from configs import tiny
-from experiments import builders, selection
-from experiments.evaluate import TEST_KEY_OFFSET
-from metamd_jax import evaluation, meta_train
+from experiments import builders, report, selection
+from metamd_jax import evaluation
 
 
 def test_compare_reports_initial_best_and_last(tmp_path):
@@ -18,10 +18,15 @@ def test_compare_reports_initial_best_and_last(tmp_path):
   assert result['num_meta_steps'] == config.meta.num_meta_steps
   assert 1 <= result['best_meta_step'] <= config.meta.num_meta_steps
   assert result['best_score'] <= result['last_score']
+  # The kept meta-step is the first one whose logged selection score is the best score.
+  records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  scores = [r['score'] for r in records]
+  assert result['best_meta_step'] == records[int(np.argmin(scores))]['step']
+  np.testing.assert_allclose(result['best_score'], min(scores), rtol=1e-6)
+  np.testing.assert_allclose(result['last_score'], scores[-1], rtol=1e-6)
   # The initial divergence is SGD with meta.init_learning_rate: check against optax.sgd.
   _, test_family = builders.build_families(config)
-  tasks = meta_train.sample_tasks(test_family, jax.random.key(config.seed + TEST_KEY_OFFSET), 0,
-                                  config.eval.num_tasks)
+  tasks = evaluation.held_out_tasks(test_family, config.seed, config.eval.num_tasks)
   sgd = evaluation.run(optax.sgd(config.meta.init_learning_rate), test_family, tasks,
                        config.meta.horizon, track_every=1)
   np.testing.assert_allclose(result['optimizers']['initial']['final_train_loss'],
@@ -31,5 +36,5 @@ def test_compare_reports_initial_best_and_last(tmp_path):
   for row in result['optimizers'].values():
     assert len(row['final_train_loss']) == len(row['final_train_loss_at_10T'])
     assert len(row['final_train_loss']) == config.eval.num_tasks
-  table = selection.format_table(result)
+  table = report.format_selection(result)
   assert table.count('\n| ') == 6 and '| best |' in table

@@ -1,0 +1,131 @@
+"""The benchmark's configs: each family's and learned variant's config, checked up front.
+
+``configs/benchmark.py`` holds the families (each a full experiment config with a
+``heldout`` and a ``targets`` section), the learned variants and the benchmark's own
+settings; :func:`validate` checks all of it before anything runs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from experiments import benchmark_targets, builders
+from metamd_jax import datasets
+from metamd_jax.tasks import ClassificationFamily
+
+HELDOUT_DATASETS = ('', 'digits28', 'mnist1d')
+
+
+def _copy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  copied = config.copy_and_resolve_references()
+  copied.unlock()
+  return copied
+
+
+def family_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """The experiment config of family ``name`` with the benchmark's evaluation settings."""
+  if name not in config.families:
+    raise ValueError(f'config.family_names names {name!r}, which is not in config.families '
+                     f'({sorted(config.families)}).')
+  family = _copy(config.families[name])
+  ev = family.eval
+  ev.num_tasks = config.quick_num_tasks if config.quick else config.num_tasks
+  ev.num_tune_tasks = config.num_tune_tasks
+  ev.num_steps = family.meta.horizon  # held-out runs last T steps, the meta-training horizon
+  ev.baselines = tuple(config.baselines)
+  ev.learning_rates = tuple(config.quick_learning_rates if config.quick
+                            else config.learning_rates)
+  if config.quick:
+    family.meta.num_meta_steps = min(family.meta.num_meta_steps, config.quick_meta_steps)
+  family.meta.checkpoint_every = max(1, min(family.meta.checkpoint_every,
+                                            family.meta.num_meta_steps))
+  builders.validate_config(family)
+  heldout = family.get('heldout', None)
+  if heldout is not None and heldout.dataset not in HELDOUT_DATASETS:
+    raise ValueError(f'config.families.{name}.heldout.dataset must be one of '
+                     f'{HELDOUT_DATASETS}, got {heldout.dataset!r}.')
+  benchmark_targets.validate_targets(family, f'config.families.{name}')
+  return family
+
+
+def variant_config(family: ml_collections.ConfigDict,
+                   variant: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The family's config for one learned optimiser (structure, objective, meta-steps)."""
+  config = _copy(family)
+  config.meta.structure = variant.structure
+  config.meta.objective = variant.objective
+  for field, value in variant.get('meta', {}).items():  # the variant's own meta-settings
+    if field not in config.meta:
+      raise ValueError(f'variant meta override names {field!r}, which is not a meta field '
+                       f'({sorted(config.meta)}).')
+    config.meta[field] = value
+  config.meta.num_meta_steps = max(
+      1, int(round(variant.meta_steps_fraction * family.meta.num_meta_steps)))
+  config.meta.checkpoint_every = max(1, min(config.meta.checkpoint_every,
+                                            config.meta.num_meta_steps))
+  builders.validate_config(config)
+  return config
+
+
+def family_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The families to run (``quick_family_names`` in a quick run)."""
+  if config.quick and config.quick_family_names:
+    return tuple(config.quick_family_names)
+  return tuple(config.family_names)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Check the benchmark's own fields and every family's config; raise ``ValueError``."""
+  if not family_names(config):
+    raise ValueError('config.family_names must name at least one family.')
+  if config.reference not in config.baselines:
+    raise ValueError(f'config.reference ({config.reference!r}) must be one of config.baselines '
+                     f'{tuple(config.baselines)}.')
+  for name in config.variant_names:
+    if name not in config.variants:
+      raise ValueError(f'config.variant_names names {name!r}, not in config.variants.')
+    if name in config.baselines:
+      raise ValueError(f'variant {name!r} has the name of a baseline.')
+  if 'metamd' not in config.variant_names:
+    raise ValueError("config.variant_names must include 'metamd'.")
+  for field in ('num_tasks', 'num_tune_tasks', 'horizon_multiplier', 'timing_repeats'):
+    value = config[field]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f'config.{field} must be an integer >= 1, got {value!r}.')
+  for name in family_names(config):
+    family = family_config(config, name)
+    for variant in config.variant_names:
+      variant_config(family, config.variants[variant])
+
+
+# ---------------------------------------------------------------------------
+# Held-out datasets (never seen by meta-training).
+# ---------------------------------------------------------------------------
+
+
+def _digits28(split: str) -> datasets.Dataset:
+  """scikit-learn's 8x8 digits resized to 28x28x1: new data that fits an MNIST model."""
+  digits = datasets.load_dataset('digits', split=split)
+  x = jax.image.resize(jnp.asarray(digits.x), (len(digits), 28, 28, 1), 'linear')
+  return datasets.Dataset(np.asarray(x), digits.y, digits.num_classes, f'digits28:{split}')
+
+
+def heldout_family(family: ml_collections.ConfigDict) -> ClassificationFamily | None:
+  """The family's held-out-dataset meta-test family (``None`` if it has none)."""
+  heldout = family.get('heldout', None)
+  if heldout is None or not heldout.dataset or family.task.family != 'classification':
+    return None
+  if heldout.dataset == 'digits28':
+    train, test = _digits28('train'), _digits28('test')
+  else:
+    generator = dict(heldout.generator)
+    train = datasets.load_dataset('mnist1d', split='train', **generator)
+    test = datasets.load_dataset('mnist1d', split='test', **generator)
+  task = family.task
+  subset_size = min(task.subset_size or len(train), len(train))
+  return ClassificationFamily(train=train, test=test,
+                              model=builders.build_model(task, train.num_classes),
+                              batch_size=task.batch_size, subset_size=subset_size, l2=task.l2)

@@ -1,0 +1,269 @@
+"""Results as JSON and as markdown tables, for every experiment under ``experiments/``.
+
+A statistic in a results file is a JSON-ready ``[mean, std]`` pair over the held-out
+tasks (:func:`pair`: ``[null, null]`` when no task has a finite value); the tables format
+those pairs. Plots are in :mod:`experiments.plots`; what the figures are and how they
+are measured is in :mod:`experiments.protocol` and :mod:`metamd_jax.evaluation`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+
+import ml_collections
+import numpy as np
+from jax.typing import ArrayLike
+
+from metamd_jax import evaluation
+
+# ---------------------------------------------------------------------------
+# JSON.
+# ---------------------------------------------------------------------------
+
+
+def json_safe(value):
+  """``value`` with numpy scalars as Python numbers and non-finite floats as ``None``.
+
+  Dictionaries get string keys and tuples become lists, so that ``json.dumps`` writes
+  standard JSON (no ``NaN`` or ``Infinity``).
+  """
+  if isinstance(value, dict):
+    return {str(k): json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_safe(v) for v in value]
+  if isinstance(value, (np.floating, float)):
+    return float(value) if math.isfinite(value) else None
+  if isinstance(value, np.integer):
+    return int(value)
+  if isinstance(value, np.bool_):
+    return bool(value)
+  return value
+
+
+def write_json(path: str | os.PathLike, value) -> None:
+  """Write :func:`json_safe` of ``value`` to ``path``, indented."""
+  pathlib.Path(path).write_text(json.dumps(json_safe(value), indent=1))
+
+
+def pair(values: ArrayLike) -> list:
+  """``[mean, std]`` over the finite entries, ``[None, None]`` when there are none.
+
+  The JSON form of :func:`metamd_jax.evaluation.mean_std`.
+  """
+  return json_safe(list(evaluation.mean_std(values)))
+
+
+def title(config: ml_collections.ConfigDict) -> str:
+  """What an experiment config trains, for titles: ``'MLP on mnist'``, ``'least squares'``."""
+  task = config.task
+  if task.family == 'classification':
+    return f'{task.model.upper()} on {task.dataset}'
+  return task.family.replace('_', ' ')
+
+
+# ---------------------------------------------------------------------------
+# Cells of the tables.
+# ---------------------------------------------------------------------------
+
+
+def pair_text(value, spec: str = '.4g', std_spec: str | None = None) -> str:
+  """``'mean ± std'`` of a :func:`pair` (``'n/a'`` if missing), each in a format spec."""
+  if value is None or value[0] is None:
+    return 'n/a'
+  mean, std = value
+  return f'{mean:{spec}} ± {std:{std_spec or spec}}'
+
+
+def reach_text(value, reached: float, spec: str = '.1f') -> str:
+  """A :func:`pair` of steps (or seconds) to a target, as text.
+
+  With the fraction of tasks that reached it when not all did; ``'not reached'`` when none
+  did.
+  """
+  if value is None or value[0] is None or reached == 0:
+    return 'not reached'
+  text = pair_text(value, spec)
+  return text if reached == 1.0 else f'{text} ({reached:.0%} reached)'
+
+
+def number_text(value) -> str:
+  return 'n/a' if value is None else f'{value:.4g}'
+
+
+def _learning_rate_text(learning_rate) -> str:
+  return 'learned' if learning_rate is None else f'{learning_rate:g}'
+
+
+# ---------------------------------------------------------------------------
+# experiments.evaluate and experiments.selection.
+# ---------------------------------------------------------------------------
+
+
+def format_evaluation(results: dict) -> str:
+  """The table of :func:`experiments.evaluate.evaluate`'s results."""
+  reference = results['reference']
+  lines = [f'| optimiser | learning rate | steps to {reference} final loss | '
+           'final train loss | test accuracy |', '| --- | --- | --- | --- | --- |']
+  for name, entry in results['optimizers'].items():
+    steps = reach_text(entry[f'steps_to_{reference}_final_loss'], entry['reached_fraction'])
+    lines.append(f"| {name} | {_learning_rate_text(entry['learning_rate'])} | {steps} | "
+                 f"{pair_text(entry['final_train_loss'], '.4f')} | "
+                 f"{pair_text(entry.get('test_accuracy'), '.3f')} |")
+  return '\n'.join(lines)
+
+
+def format_selection(result: dict) -> str:
+  """The table of :func:`experiments.selection.compare`'s result (per-task lists)."""
+  reference = result['reference']
+
+  def stat(values):
+    return pair_text(pair(values), '.4g', '.2g')
+
+  lines = [f"{result['num_meta_steps']} meta-steps; best meta-step {result['best_meta_step']} "
+           f"(score {number_text(result['best_score'])}, "
+           f"last {number_text(result['last_score'])}); "
+           f"{result['dropped_tasks']} inner runs dropped.", '',
+           f'| divergence | train loss at T | steps to {reference} at T | train loss at 10T | '
+           'test accuracy |', '| --- | --- | --- | --- | --- |']
+  for name, row in result['optimizers'].items():
+    reached = row['reached_fraction']
+    steps = stat(row['steps_to_reference']) + ('' if reached == 1 else f' ({reached:.0%})')
+    lines.append(f"| {name} | {stat(row['final_train_loss'])} | {steps} | "
+                 f"{stat(row['final_train_loss_at_10T'])} | "
+                 f"{stat(row.get('test_accuracy', []))} |")
+  return '\n'.join(lines)
+
+
+# ---------------------------------------------------------------------------
+# experiments.benchmark.
+# ---------------------------------------------------------------------------
+
+
+def _meta_training_line(result: dict) -> str:
+  def variant(name, m):
+    kept = (f", kept meta-step {m['best_meta_step']}"
+            if m.get('select') == 'best' and 'best_meta_step' in m else '')
+    return (f"{name} ({m['structure']}, {m['objective']}): {m['num_meta_steps']} meta-steps, "
+            f"{m['seconds_logged']:.0f} s{kept}")
+
+  return (f"Meta-training (starting from SGD with lr {result['init_learning_rate']:g}, "
+          f"{result['init_from']}): "
+          + '; '.join(variant(v, m) for v, m in result['meta_training'].items()))
+
+
+def _optimizer_rows(result: dict) -> list[str]:
+  reference = result['reference']
+  lines = ['', f'| optimiser | learning rate | steps to {reference} final loss | '
+           f'seconds to {reference} final loss | seconds for T steps | final train loss | '
+           'test accuracy |', '| --- | --- | --- | --- | --- | --- | --- |']
+  for opt, e in result['optimizers'].items():
+    reached = e.get('reached_fraction', 0.0)
+    if e.get('test_accuracy'):
+      metric = pair_text(e['test_accuracy'], '.3f')
+    elif 'suboptimality' in e:
+      metric = f"subopt {pair_text(e['suboptimality'], '.3g')}"
+    else:
+      metric = 'n/a'
+    lines.append(
+        f"| {opt} | {_learning_rate_text(e['learning_rate'])} | "
+        f"{reach_text(e.get(f'steps_to_{reference}_final_loss'), reached)} | "
+        f"{reach_text(e.get(f'seconds_to_{reference}_final_loss'), reached, '.3f')} | "
+        f"{pair_text(e['wall_clock_seconds'], '.3f')} | {pair_text(e['final_train_loss'])} | "
+        f'{metric} |')
+  return lines
+
+
+def _learned_vs_baselines_rows(result: dict) -> list[str]:
+  rows = result['learned_vs_baselines'].get('metamd')
+  if rows is None:
+    return []
+  lines = ['', 'metamd against each tuned baseline (steps and seconds metamd needs to reach '
+           "the baseline's final training loss at T):", '',
+           '| baseline | its final train loss | its steps | its seconds (T steps) | '
+           'metamd steps | metamd seconds |', '| --- | --- | --- | --- | --- | --- |']
+  for baseline, row in rows.items():
+    lines.append(
+        f"| {baseline} | {pair_text(row['baseline_final_train_loss'])} | "
+        f"{pair_text(row['baseline_steps'], '.1f')} | "
+        f"{pair_text(row['baseline_wall_clock_seconds'], '.3f')} | "
+        f"{reach_text(row['steps'], row['reached_fraction'])} | "
+        f"{reach_text(row['seconds'], row['reached_fraction'], '.3f')} |")
+  return lines
+
+
+def _beyond_horizon_rows(result: dict) -> list[str]:
+  beyond = result['beyond_horizon']
+  if not beyond:
+    return []
+  steps = next(iter(beyond.values()))['steps']
+  lines = ['', f"Beyond the horizon ({steps} steps = {steps // result['horizon']} T):", '',
+           '| optimiser | train loss at T | train loss at 10T | blew up | '
+           'test accuracy at 10T |', '| --- | --- | --- | --- | --- |']
+  for opt, e in beyond.items():
+    lines.append(f"| {opt} | {pair_text(e['loss_at_T'])} | {pair_text(e['loss_at_long'])} | "
+                 f"{e['blew_up_fraction']:.0%} of tasks | "
+                 f"{pair_text(e.get('test_accuracy_at_long'), '.3f')} |")
+  return lines
+
+
+def _heldout_rows(result: dict) -> list[str]:
+  heldout = result.get('heldout_dataset')
+  if not heldout:
+    return []
+  reference = result['reference']
+  generator = ', '.join(f'{k}={v}' for k, v in heldout['generator'].items())
+  lines = ['', f"Held-out dataset {heldout['dataset']}"
+           f"{f' ({generator})' if generator else ''}: {heldout['train']} / "
+           f"{heldout['test']}, never seen in meta-training; baselines keep the learning "
+           'rates tuned on the meta-train family:', '',
+           f'| optimiser | steps to {reference} final loss | final train loss | '
+           'test accuracy |', '| --- | --- | --- | --- |']
+  for opt, e in heldout['optimizers'].items():
+    reach = reach_text(e.get(f'steps_to_{reference}_final_loss'), e.get('reached_fraction', 0.0))
+    lines.append(f"| {opt} | {reach} | {pair_text(e['final_train_loss'])} | "
+                 f"{pair_text(e.get('test_accuracy'), '.3f')} |")
+  return lines
+
+
+def _convex_rows(result: dict) -> list[str]:
+  convex = result.get('convex')
+  if not convex:
+    return []
+  lines = ['', 'Convex guarantee (held-out tasks; the bound is the regret bound '
+           'against the final iterate, step size folded into the divergence):', '',
+           '| divergence | strong convexity (floor) | bound | linearised regret | '
+           'suboptimality final | suboptimality avg iterate |',
+           '| --- | --- | --- | --- | --- | --- |']
+  for div, e in convex.items():
+    lines.append(
+        f"| {div} | {e['strong_convexity']:.4g} ({e['strong_convexity_floor']:.1g}) | "
+        f"{pair_text(e['bound'])} | {pair_text(e['linearised_regret_vs_final'])} | "
+        f"{pair_text(e['suboptimality_final'])} | "
+        f"{pair_text(e['suboptimality_average_iterate'])} |")
+  return lines
+
+
+def format_benchmark_family(name: str, result: dict) -> str:
+  """The markdown tables of one family of :func:`experiments.benchmark.benchmark`."""
+  lines = [f"## {name} (T = {result['horizon']}, {result['num_tasks']} held-out tasks)", '',
+           _meta_training_line(result)]
+  lines += _optimizer_rows(result)
+  lines += _learned_vs_baselines_rows(result)
+  lines += _beyond_horizon_rows(result)
+  lines += _heldout_rows(result)
+  lines += _convex_rows(result)
+  targets = result.get('targets')
+  if targets:
+    lines += ['', 'Targets (MetaMD, mean over held-out tasks): ' + '; '.join(
+        f"{key}: {'met' if t['met'] else 'MISSED'} "
+        f"({number_text(t['value'])} vs {number_text(t['limit'])})"
+        for key, t in targets.items())]
+  return '\n'.join(lines)
+
+
+def format_benchmark(results: dict) -> str:
+  """The tables of every family of a benchmark's results."""
+  return '\n\n'.join(format_benchmark_family(name, r) for name, r in results['families'].items())
