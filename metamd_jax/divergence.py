@@ -20,6 +20,12 @@ Two further per-leaf families are special cases used as baselines and in checks:
 A *divergence* is a pytree with the structure of the parameters whose leaves are
 metric objects; its own leaves are the float meta-parameters, so it can be handed to
 ``jax.grad``, ``vmap``, ``pmap`` and any optax meta-optimiser.
+
+For repeated use a divergence is materialised once, one cached type per structure
+(:class:`KroneckerOperator`, :class:`ElementwiseOperator`): :func:`operators` keeps the
+factors and their inverses (the inner loop applies and inverts the metric),
+:func:`preconditioner` only the inverses (the optax state). :func:`check_structure`
+checks a tree of params, gradients or updates against a divergence without computing.
 """
 
 from __future__ import annotations
@@ -34,9 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from metamd_jax import tree_utils
-
-Array = jax.Array
-PyTree = Any
+from metamd_jax.types import Array, PyTree
 
 STRUCTURES = ('kronecker', 'diagonal', 'scalar')
 
@@ -129,6 +133,18 @@ def from_matrix(x: Array, shape: tuple[int, ...], rows: tuple[int, ...],
   return x
 
 
+def _kronecker_product(left: Array, right: Array, x: Array, shape: tuple[int, ...],
+                       rows: tuple[int, ...], cols: tuple[int, ...],
+                       op: Callable[[Array, Array, str], Array] = factor_matmul) -> Array:
+  """``op(R, op(L, X, 'left'), 'right')`` on the matrix view ``X`` of the leaf ``x``.
+
+  With ``op=factor_matmul`` this is ``L X R``, i.e. ``(R (x) L) x``; with
+  ``op=factor_solve`` it is ``L^{-1} X R^{-1}``. The result has the factors' dtype.
+  """
+  xm = to_matrix(x.astype(left.dtype), shape, rows, cols)
+  return from_matrix(op(right, op(left, xm, 'left'), 'right'), shape, rows, cols)
+
+
 @dataclasses.dataclass(frozen=True)
 class KroneckerMetric:
   """Metric ``M = R (x) L`` on a leaf viewed as a ``(rows, cols)`` matrix.
@@ -162,25 +178,23 @@ class KroneckerMetric:
   def apply(self, x: Array) -> Array:
     """``M x``, i.e. ``L X R``: the gradient of the potential at ``x``."""
     left, right = self.factors()
-    xm = self.to_matrix(x.astype(self.left.dtype))
-    return self.from_matrix(factor_matmul(right, factor_matmul(left, xm, 'left'), 'right'))
+    return _kronecker_product(left, right, x, self.shape, self.rows, self.cols)
 
   def solve(self, x: Array) -> Array:
     """``M^{-1} x``, i.e. ``L^{-1} X R^{-1}``, by Cholesky solves (differentiable)."""
     left, right = self.factors()
-    xm = self.to_matrix(x.astype(self.left.dtype))
-    return self.from_matrix(factor_solve(right, factor_solve(left, xm, 'left'), 'right'))
+    return _kronecker_product(left, right, x, self.shape, self.rows, self.cols, factor_solve)
 
-  def operator(self) -> KroneckerOperator:
-    left, right = self.factors()
-    return KroneckerOperator(left=left, right=right, left_inverse=factor_inverse(left),
-                             right_inverse=factor_inverse(right), shape=self.shape,
-                             rows=self.rows, cols=self.cols)
+  def operator(self, *, inverse_only: bool = False) -> KroneckerOperator:
+    """The metric materialised as a :class:`KroneckerOperator`.
 
-  def inverse(self) -> KroneckerPreconditioner:
+    Args:
+      inverse_only: keep only the inverse factors ``P``, ``Q`` (enough for ``solve``).
+    """
     left, right = self.factors()
-    return KroneckerPreconditioner(
-        left=factor_inverse(left), right=factor_inverse(right),
+    return KroneckerOperator(
+        left=None if inverse_only else left, right=None if inverse_only else right,
+        left_inverse=factor_inverse(left), right_inverse=factor_inverse(right),
         shape=self.shape, rows=self.rows, cols=self.cols)
 
   def min_eigenvalue(self) -> Array:
@@ -208,12 +222,15 @@ class DiagonalMetric:
   def solve(self, x: Array) -> Array:
     return x.astype(self.scale.dtype) / self.values()
 
-  def operator(self) -> ElementwiseOperator:
-    values = self.values()
-    return ElementwiseOperator(values=values, inverse_values=1.0 / values, shape=self.shape)
+  def operator(self, *, inverse_only: bool = False) -> ElementwiseOperator:
+    """The metric materialised as an :class:`ElementwiseOperator`.
 
-  def inverse(self) -> ElementwisePreconditioner:
-    return ElementwisePreconditioner(scale=1.0 / self.values(), shape=self.shape)
+    Args:
+      inverse_only: keep only the inverse values (enough for ``solve``).
+    """
+    values = self.values()
+    return ElementwiseOperator(values=None if inverse_only else values,
+                               inverse_values=1.0 / values, shape=self.shape)
 
   def min_eigenvalue(self) -> Array:
     return jnp.min(self.values())
@@ -230,75 +247,79 @@ class ScalarMetric(DiagonalMetric):
   """
 
 
-def _kronecker_product(left: Array, right: Array, x: Array, shape, rows, cols) -> Array:
-  xm = to_matrix(x.astype(left.dtype), shape, rows, cols)
-  return from_matrix(factor_matmul(right, factor_matmul(left, xm, 'left'), 'right'),
-                     shape, rows, cols)
+def _missing(operator: Any, field: str, method: str) -> ValueError:
+  return ValueError(
+      f'this {type(operator).__name__} holds no {field} (it was built with '
+      f'inverse_only=True), so it cannot {method}; build it with operators(divergence).')
 
 
 @dataclasses.dataclass(frozen=True)
 class KroneckerOperator:
-  """A Kronecker metric materialised for repeated use within one inner run.
+  """A Kronecker metric materialised for repeated use: its factors and/or their inverses.
 
-  Holds ``L``, ``R`` and their inverses ``P``, ``Q`` so that both ``M x = L X R`` and
-  ``M^{-1} x = P X Q`` are matrix products. Differentiating through it (as the
-  meta-gradient does) only ever needs cotangents of ``L`` and ``R``.
+  ``apply`` (``M x = L X R``) needs the factors ``L``, ``R``; ``solve``
+  (``M^{-1} x = P X Q`` with ``P = L^{-1}``, ``Q = R^{-1}``) needs the inverses. Both are
+  matrix products only. A field is ``None`` when it is not kept: the optax transformation
+  keeps only ``P`` and ``Q`` (see :func:`preconditioner`), the inner loop keeps all four
+  (see :func:`operators`). Differentiating through it (as the meta-gradient does) only
+  ever needs cotangents of the stored arrays.
+
+  Attributes:
+    left: ``L``, ``(m, m)`` or ``(m,)`` (diagonal), or ``None``.
+    right: ``R``, ``(n, n)`` or ``(n,)`` (diagonal), or ``None``.
+    left_inverse: ``P = L^{-1}``, the shape of ``L``, or ``None``.
+    right_inverse: ``Q = R^{-1}``, the shape of ``R``, or ``None``.
+    shape: shape of the parameter leaf (static).
+    rows: axes of the leaf forming the matrix rows (static).
+    cols: axes of the leaf forming the matrix columns (static).
   """
 
-  left: Array
-  right: Array
-  left_inverse: Array
-  right_inverse: Array
+  left: Array | None
+  right: Array | None
+  left_inverse: Array | None
+  right_inverse: Array | None
   shape: tuple[int, ...]
   rows: tuple[int, ...]
   cols: tuple[int, ...]
 
   def apply(self, x: Array) -> Array:
+    """``M x = L X R``."""
+    if self.left is None or self.right is None:
+      raise _missing(self, 'factors', 'apply the metric')
     return _kronecker_product(self.left, self.right, x, self.shape, self.rows, self.cols)
 
   def solve(self, x: Array) -> Array:
+    """``M^{-1} x = P X Q``."""
+    if self.left_inverse is None or self.right_inverse is None:
+      raise _missing(self, 'inverse factors', 'solve')
     return _kronecker_product(self.left_inverse, self.right_inverse, x, self.shape, self.rows,
                               self.cols)
 
 
 @dataclasses.dataclass(frozen=True)
 class ElementwiseOperator:
-  """A diagonal or scalar metric materialised for repeated use: values and inverses."""
+  """A diagonal or scalar metric materialised for repeated use: values and/or inverses.
 
-  values: Array
-  inverse_values: Array
+  Attributes:
+    values: the metric's entries (the leaf's shape, or ``()`` for a scalar metric), or
+      ``None``.
+    inverse_values: their reciprocals, or ``None``.
+    shape: shape of the parameter leaf (static).
+  """
+
+  values: Array | None
+  inverse_values: Array | None
   shape: tuple[int, ...]
 
   def apply(self, x: Array) -> Array:
+    if self.values is None:
+      raise _missing(self, 'values', 'apply the metric')
     return self.values * x.astype(self.values.dtype)
 
   def solve(self, x: Array) -> Array:
-    return self.inverse_values * x.astype(self.values.dtype)
-
-
-@dataclasses.dataclass(frozen=True)
-class KroneckerPreconditioner:
-  """Cached inverse factors ``P = L^{-1}``, ``Q = R^{-1}``: ``apply(G) = P G Q``."""
-
-  left: Array
-  right: Array
-  shape: tuple[int, ...]
-  rows: tuple[int, ...]
-  cols: tuple[int, ...]
-
-  def apply(self, x: Array) -> Array:
-    return _kronecker_product(self.left, self.right, x, self.shape, self.rows, self.cols)
-
-
-@dataclasses.dataclass(frozen=True)
-class ElementwisePreconditioner:
-  """Cached elementwise (or scalar) inverse metric."""
-
-  scale: Array
-  shape: tuple[int, ...]
-
-  def apply(self, x: Array) -> Array:
-    return self.scale * x.astype(self.scale.dtype)
+    if self.inverse_values is None:
+      raise _missing(self, 'inverse values', 'solve')
+    return self.inverse_values * x.astype(self.inverse_values.dtype)
 
 
 for _cls, _data, _meta in (
@@ -308,27 +329,25 @@ for _cls, _data, _meta in (
     (KroneckerOperator, ['left', 'right', 'left_inverse', 'right_inverse'],
      ['shape', 'rows', 'cols']),
     (ElementwiseOperator, ['values', 'inverse_values'], ['shape']),
-    (KroneckerPreconditioner, ['left', 'right'], ['shape', 'rows', 'cols']),
-    (ElementwisePreconditioner, ['scale'], ['shape']),
 ):
   jax.tree_util.register_dataclass(_cls, data_fields=_data, meta_fields=_meta)
 
 Metric = Union[KroneckerMetric, DiagonalMetric, ScalarMetric]
+Operator = Union[KroneckerOperator, ElementwiseOperator]
 METRIC_TYPES = (KroneckerMetric, DiagonalMetric, ScalarMetric)
 OPERATOR_TYPES = (KroneckerOperator, ElementwiseOperator)
-PRECONDITIONER_TYPES = (KroneckerPreconditioner, ElementwisePreconditioner)
 
 
 def is_metric(x: Any) -> bool:
   return isinstance(x, METRIC_TYPES)
 
 
+def is_operator(x: Any) -> bool:
+  return isinstance(x, OPERATOR_TYPES)
+
+
 def is_metric_or_operator(x: Any) -> bool:
   return isinstance(x, METRIC_TYPES + OPERATOR_TYPES)
-
-
-def is_preconditioner(x: Any) -> bool:
-  return isinstance(x, PRECONDITIONER_TYPES)
 
 
 # ---------------------------------------------------------------------------
@@ -393,6 +412,31 @@ def _sqrt_floor_gap(value: float, eps: float, what: str) -> float:
   return math.sqrt(value - eps)
 
 
+def params_dtype(params: PyTree) -> np.dtype:
+  """The meta-parameter dtype :func:`init_divergence` takes from ``params`` by default.
+
+  ``float64`` when every floating leaf of ``params`` is ``float64`` (and
+  ``jax_enable_x64`` is on, so that JAX can hold float64 arrays); ``float32`` otherwise:
+  for float32, bfloat16, float16 or mixed float params, and for params without floating
+  leaves. Half-precision params still get float32 meta-parameters (the factors' Cholesky
+  inverses need at least single precision); mixed float params (e.g. float64 and float32
+  leaves) get float32, since float64 meta-parameters only pay off when every float leaf
+  is float64.
+
+  Args:
+    params: the model parameters (arrays, ``jax.ShapeDtypeStruct`` or Python scalars).
+
+  Returns:
+    ``numpy.dtype('float64')`` or ``numpy.dtype('float32')``.
+  """
+  dtypes = {jnp.dtype(leaf.dtype if hasattr(leaf, 'dtype') else jnp.result_type(leaf))
+            for leaf in jax.tree.leaves(params)}
+  floating = {d for d in dtypes if jnp.issubdtype(d, jnp.floating)}
+  if floating == {jnp.dtype(jnp.float64)} and jax.config.jax_enable_x64:
+    return jnp.dtype(jnp.float64)
+  return jnp.dtype(jnp.float32)
+
+
 def init_divergence(
     params: PyTree,
     learning_rate: float,
@@ -401,7 +445,7 @@ def init_divergence(
     eps: float = 1e-3,
     max_factor_size: int = 2048,
     dimension_numbers: DimensionNumbers = None,
-    dtype: Any = jnp.float32,
+    dtype: Any = None,
 ) -> PyTree:
   """Meta-parameters of a divergence whose mirror step is SGD with ``learning_rate``.
 
@@ -420,7 +464,9 @@ def init_divergence(
     dimension_numbers: how n-D leaves are viewed as matrices: ``None`` (all axes but the
       last are rows), one :class:`KroneckerAxes` for every leaf, a pytree of them (or
       ``None``) with the params' structure, or a callable ``(path, leaf) -> axes``.
-    dtype: float dtype of the meta-parameters.
+    dtype: float dtype of the meta-parameters; ``None`` (default) takes it from the
+      params with :func:`params_dtype` (float64 params give float64 meta-parameters, so
+      a float64 mirror step is exact to float64 precision; anything else gives float32).
 
   Returns:
     The divergence: a pytree with the params' structure whose leaves are metrics.
@@ -446,6 +492,7 @@ def init_divergence(
   if max_factor_size < 1:
     raise ValueError(f'max_factor_size must be >= 1, got {max_factor_size}.')
 
+  dtype = params_dtype(params) if dtype is None else jnp.dtype(dtype)
   leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
   axes_per_leaf = _resolve_axes(dimension_numbers, params)
   metrics = []
@@ -474,17 +521,25 @@ def init_divergence(
 # ---------------------------------------------------------------------------
 
 
+def _metric_nodes(divergence: PyTree) -> list[tuple[tuple, Any]]:
+  """``(path, metric or operator)`` pairs; ``TypeError`` if ``divergence`` is not one."""
+  nodes = jax.tree_util.tree_flatten_with_path(divergence, is_leaf=is_metric_or_operator)[0]
+  if not nodes or not all(is_metric_or_operator(m) for _, m in nodes):
+    raise TypeError('expected a divergence (a pytree of metrics from init_divergence), got '
+                    f'{type(divergence).__name__}.')
+  return nodes
+
+
 def check_divergence(divergence: PyTree) -> None:
   """Raise ``ValueError`` if any concrete meta-parameter is NaN or infinite.
 
   Traced values (inside ``jit``) cannot be inspected and are skipped.
+
+  Raises:
+    TypeError: if ``divergence`` is not a pytree of metrics (or of their operators).
+    ValueError: naming the leaf whose meta-parameters are not finite.
   """
-  metric_paths = jax.tree_util.tree_flatten_with_path(
-      divergence, is_leaf=is_metric_or_operator)[0]
-  if not metric_paths or not all(is_metric_or_operator(m) for _, m in metric_paths):
-    raise TypeError('expected a divergence (a pytree of metrics from init_divergence), got '
-                    f'{type(divergence).__name__}.')
-  for path, metric in metric_paths:
+  for path, metric in _metric_nodes(divergence):
     for field_path, value in jax.tree_util.tree_flatten_with_path(metric)[0]:
       if isinstance(value, jax.core.Tracer):
         continue
@@ -492,6 +547,37 @@ def check_divergence(divergence: PyTree) -> None:
         raise ValueError(
             f'divergence leaf {jax.tree_util.keystr(path)}{jax.tree_util.keystr(field_path)} '
             'has non-finite meta-parameters (NaN or inf).')
+
+
+def check_structure(divergence: PyTree, tree: PyTree, name: str = 'params') -> None:
+  """Raise ``ValueError`` unless ``tree`` has the structure and shapes of ``divergence``.
+
+  The structure and leaf shapes must be those the divergence was built for (by
+  :func:`init_divergence`). Nothing is computed: only the tree structures and the leaves' ``shape`` attributes are
+  read, so ``tree`` may hold arrays, ``jax.ShapeDtypeStruct`` leaves or tracers. Leaves
+  that are ``optax.MaskedNode`` (from ``optax.masked``) are accepted in place of any leaf.
+
+  Args:
+    divergence: a divergence (from :func:`init_divergence`), its :func:`operators` or its
+      :func:`preconditioner`.
+    tree: the parameters, gradients or updates to check.
+    name: what ``tree`` is, for the error message.
+
+  Raises:
+    TypeError: if ``divergence`` is not a pytree of metrics (or of their operators).
+    ValueError: naming the leaves only in one of the two trees, or the leaf path and
+      both shapes where a leaf's shape differs.
+
+  Examples:
+    >>> import jax.numpy as jnp, metamd_jax
+    >>> divergence = metamd_jax.init_divergence({'w': jnp.ones((3, 2))}, learning_rate=0.1)
+    >>> metamd_jax.check_structure(divergence, {'w': jnp.ones((2, 3))})
+    Traceback (most recent call last):
+    ...
+    ValueError: params leaf ['w'] has shape (2, 3) but the divergence was built for shape (3, 2).
+  """
+  _metric_nodes(divergence)
+  tree_utils.matching_leaves(divergence, tree, is_leaf=is_metric_or_operator, name=name)
 
 
 def apply_metric(divergence: PyTree, tree: PyTree) -> PyTree:
@@ -506,32 +592,43 @@ def apply_metric(divergence: PyTree, tree: PyTree) -> PyTree:
 def solve_metric(divergence: PyTree, tree: PyTree) -> PyTree:
   """``M^{-1} x`` leaf by leaf (exact: Cholesky solves, or products with cached inverses).
 
-  ``divergence`` may be a divergence or its :func:`operators`.
+  ``divergence`` may be a divergence, its :func:`operators` or its :func:`preconditioner`.
   """
   return tree_utils.map_metrics(lambda m, x: m.solve(x), divergence, tree,
                                 is_leaf=is_metric_or_operator)
 
 
-def operators(divergence: PyTree) -> PyTree:
-  """Materialise every metric (factors and their inverses) for repeated use.
+def operators(divergence: PyTree, *, inverse_only: bool = False) -> PyTree:
+  """Materialise every metric as a :class:`KroneckerOperator` / :class:`ElementwiseOperator`.
 
-  Differentiable: gradients flow back to the meta-parameters.
+  Each holds the factors (for :func:`apply_metric`) and their inverses (for
+  :func:`solve_metric`), so that both are matrix products only. Differentiable: gradients
+  flow back to the meta-parameters.
+
+  Args:
+    divergence: a divergence from :func:`init_divergence`.
+    inverse_only: keep only the inverses (the factor fields are ``None``).
   """
-  return jax.tree.map(lambda m: m.operator(), divergence, is_leaf=is_metric)
+  return jax.tree.map(lambda m: m.operator(inverse_only=inverse_only), divergence,
+                      is_leaf=is_metric)
 
 
 def preconditioner(divergence: PyTree) -> PyTree:
-  """Cached inverse of every metric: apply with :func:`precondition`."""
-  return jax.tree.map(lambda m: m.inverse(), divergence, is_leaf=is_metric)
+  """The cached inverse metrics ``P``, ``Q`` only: ``operators(divergence, inverse_only=True)``.
+
+  This is what the optax transformation keeps in its state; apply with
+  :func:`precondition`.
+  """
+  return operators(divergence, inverse_only=True)
 
 
 def precondition(inverse: PyTree, tree: PyTree) -> PyTree:
-  """Apply cached inverse metrics (from :func:`preconditioner`): matrix products only.
+  """``M^{-1} x`` with cached inverses (:func:`preconditioner`): matrix products only.
 
   The result has the dtype of ``tree``'s leaves.
   """
-  return tree_utils.map_metrics(lambda p, x: p.apply(x).astype(x.dtype), inverse, tree,
-                                is_leaf=is_preconditioner, name='updates')
+  return tree_utils.map_metrics(lambda p, x: p.solve(x).astype(x.dtype), inverse, tree,
+                                is_leaf=is_operator, name='updates')
 
 
 def bregman_divergence(divergence: PyTree, x: PyTree, y: PyTree) -> Array:

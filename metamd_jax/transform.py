@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import optax
 
 from metamd_jax import divergence as divergence_lib
-
-PyTree = Any
+from metamd_jax.types import PyTree
 
 
 class ScaleByMirrorDescentState(NamedTuple):
   """State of :func:`scale_by_mirror_descent`.
 
   Attributes:
-    preconditioner: the cached inverse metric of every leaf (for a Kronecker leaf the
-      inverse factors ``P = L^{-1}`` of shape ``(m, m)`` or ``(m,)`` and ``Q = R^{-1}``
-      of shape ``(n, n)`` or ``(n,)``), computed once at ``init``.
+    preconditioner: the cached inverse metric of every leaf, computed once at ``init``
+      (:func:`metamd_jax.divergence.preconditioner`): a
+      :class:`~metamd_jax.divergence.KroneckerOperator` holding only the inverse factors
+      ``P = L^{-1}``, shape ``(m, m)`` or ``(m,)``, and ``Q = R^{-1}``, shape ``(n, n)``
+      or ``(n,)`` (its factor fields are ``None``), or an
+      :class:`~metamd_jax.divergence.ElementwiseOperator` holding only the inverse values
+      (the leaf's shape, or ``()`` for a scalar metric).
   """
 
   preconditioner: PyTree
@@ -41,8 +44,8 @@ def scale_by_mirror_descent(divergence: PyTree) -> optax.GradientTransformation:
   divergence_lib.check_divergence(divergence)
 
   def init_fn(params):
-    # Validates the structure and shapes against the params (masked leaves allowed).
-    divergence_lib.apply_metric(divergence, params)
+    # The structure and shapes against the params (masked leaves allowed); computes nothing.
+    divergence_lib.check_structure(divergence, params)
     return ScaleByMirrorDescentState(preconditioner=divergence_lib.preconditioner(divergence))
 
   def update_fn(updates, state, params=None):

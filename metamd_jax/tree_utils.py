@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import optax
 
-PyTree = Any
+from metamd_jax.types import PyTree
 
 
 def _is_masked(x: Any) -> bool:
@@ -20,6 +20,51 @@ def _describe(paths) -> str:
   return shown + (', ...' if len(paths) > 5 else '')
 
 
+def matching_leaves(
+    divergence: PyTree,
+    tree: PyTree,
+    *,
+    is_leaf: Callable[[Any], bool],
+    name: str = 'params',
+) -> list:
+  """The leaves of ``tree``, one per divergence node, after checking that they match.
+
+  ``tree`` must have the structure the divergence was built for and the same leaf shapes
+  (read from ``.shape``, so abstract ``jax.ShapeDtypeStruct`` leaves work); leaves that
+  are ``optax.MaskedNode`` (from ``optax.masked``) are accepted as they are. Nothing is
+  computed.
+
+  Raises:
+    ValueError: naming the leaf path (and both shapes) where ``tree`` does not match.
+  """
+  nodes_with_path, treedef = jax.tree_util.tree_flatten_with_path(divergence, is_leaf=is_leaf)
+  leaves_with_path, tree_def = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_masked)
+  if tree_def != treedef:
+    div_paths = {p for p, _ in nodes_with_path}
+    tree_paths = {p for p, _ in leaves_with_path}
+    only_div = sorted(div_paths - tree_paths, key=str)
+    only_tree = sorted(tree_paths - div_paths, key=str)
+    detail = []
+    if only_div:
+      detail.append(f'leaves only in the divergence: {_describe(only_div)}')
+    if only_tree:
+      detail.append(f'leaves only in {name}: {_describe(only_tree)}')
+    if not detail:
+      detail.append(f'divergence structure {treedef} vs {name} structure {tree_def}')
+    raise ValueError(
+        f'{name} do not have the structure the divergence was built for; '
+        + '; '.join(detail) + '.')
+  for (path, node), (_, leaf) in zip(nodes_with_path, leaves_with_path):
+    if _is_masked(leaf):
+      continue
+    shape = tuple(getattr(leaf, 'shape', ()))
+    if shape != tuple(node.shape):
+      raise ValueError(
+          f'{name} leaf {jax.tree_util.keystr(path)} has shape {shape} but the '
+          f'divergence was built for shape {tuple(node.shape)}.')
+  return [leaf for _, leaf in leaves_with_path]
+
+
 def map_metrics(
     fn: Callable[..., Any],
     divergence: PyTree,
@@ -29,43 +74,17 @@ def map_metrics(
 ) -> PyTree:
   """``fn(node, *leaves)`` for each divergence node and the matching leaves of ``trees``.
 
-  ``trees`` must have the structure the divergence was built for and the same leaf
-  shapes; leaves that are ``optax.MaskedNode`` (from ``optax.masked``) pass through.
+  Every tree is checked with :func:`matching_leaves` first; a node where any tree has an
+  ``optax.MaskedNode`` passes the first tree's leaf through.
 
   Raises:
     ValueError: naming the leaf path (and both shapes) where a tree does not match.
   """
-  nodes_with_path, treedef = jax.tree_util.tree_flatten_with_path(divergence, is_leaf=is_leaf)
-  flat_trees = []
-  for tree in trees:
-    leaves_with_path, tree_def = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_masked)
-    if tree_def != treedef:
-      div_paths = {p for p, _ in nodes_with_path}
-      tree_paths = {p for p, _ in leaves_with_path}
-      only_div = sorted(div_paths - tree_paths, key=str)
-      only_tree = sorted(tree_paths - div_paths, key=str)
-      detail = []
-      if only_div:
-        detail.append(f'leaves only in the divergence: {_describe(only_div)}')
-      if only_tree:
-        detail.append(f'leaves only in {name}: {_describe(only_tree)}')
-      if not detail:
-        detail.append(f'divergence structure {treedef} vs {name} structure {tree_def}')
-      raise ValueError(
-          f'{name} do not have the structure the divergence was built for; '
-          + '; '.join(detail) + '.')
-    for (path, node), (_, leaf) in zip(nodes_with_path, leaves_with_path):
-      if _is_masked(leaf):
-        continue
-      shape = tuple(getattr(leaf, 'shape', ()))
-      if shape != tuple(node.shape):
-        raise ValueError(
-            f'{name} leaf {jax.tree_util.keystr(path)} has shape {shape} but the '
-            f'divergence was built for shape {tuple(node.shape)}.')
-    flat_trees.append([leaf for _, leaf in leaves_with_path])
-
+  nodes, treedef = jax.tree_util.tree_flatten(divergence, is_leaf=is_leaf)
+  flat_trees = [matching_leaves(divergence, tree, is_leaf=is_leaf, name=name)
+                for tree in trees]
   outputs = []
-  for i, (_, node) in enumerate(nodes_with_path):
+  for i, node in enumerate(nodes):
     leaves = [flat[i] for flat in flat_trees]
     if any(_is_masked(leaf) for leaf in leaves):
       outputs.append(leaves[0])

@@ -54,3 +54,22 @@ def dense_metric(metric):
   dense = np.zeros((size, size))
   dense[np.ix_(idx, idx)] = m_perm
   return dense
+
+
+def dense_block_metric(divergence):
+  """The block-diagonal metric of a whole divergence on its leaves, flattened in order."""
+  import metamd_jax.divergence as divergence_lib
+
+  blocks = [dense_metric(m) for m in jax.tree.leaves(divergence, is_leaf=divergence_lib.is_metric)]
+  size = sum(b.shape[0] for b in blocks)
+  full = np.zeros((size, size))
+  offset = 0
+  for b in blocks:
+    full[offset:offset + b.shape[0], offset:offset + b.shape[0]] = b
+    offset += b.shape[0]
+  return full
+
+
+def flat(tree):
+  """All leaves of ``tree`` raveled and concatenated, in numpy float64."""
+  return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])

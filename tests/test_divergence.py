@@ -1,10 +1,13 @@
 """Divergences against dense-matrix references (float64)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
-from conftest import dense_metric, randomize
+from conftest import dense_block_metric, dense_metric, flat, randomize
 from helpers import well_conditioned
 
 import metamd_jax
@@ -21,22 +24,6 @@ SHAPES = {
 def _params(seed=0, dtype=None):
   rng = np.random.default_rng(seed)
   return {k: jnp.asarray(rng.standard_normal(s), dtype) for k, s in SHAPES.items()}
-
-
-def _flat(tree):
-  return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
-
-
-def _dense_block_metric(divergence):
-  metrics = jax.tree.leaves(divergence, is_leaf=divergence_lib.is_metric)
-  blocks = [dense_metric(m) for m in metrics]
-  size = sum(b.shape[0] for b in blocks)
-  full = np.zeros((size, size))
-  offset = 0
-  for b in blocks:
-    full[offset:offset + b.shape[0], offset:offset + b.shape[0]] = b
-    offset += b.shape[0]
-  return full
 
 
 STRUCTURE_CASES = [
@@ -57,10 +44,10 @@ def test_mirror_step_is_the_dense_argmin(x64, options):
   divergence = well_conditioned(
       metamd_jax.init_divergence(params, 0.1, dtype=jnp.float64, **options), seed=2, noise=0.5)
   new = metamd_jax.mirror_step(divergence, params, grads)
-  metric = _dense_block_metric(divergence)
+  metric = dense_block_metric(divergence)
   # argmin_x <g, x> + 1/2 (x - theta)^T M (x - theta)  <=>  M (x - theta) = -g
-  expected = _flat(params) + np.linalg.solve(metric, -_flat(grads))
-  np.testing.assert_allclose(_flat(new), expected, rtol=1e-10, atol=1e-12)
+  expected = flat(params) + np.linalg.solve(metric, -flat(grads))
+  np.testing.assert_allclose(flat(new), expected, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize('options', STRUCTURE_CASES)
@@ -70,8 +57,8 @@ def test_transform_direction_is_the_dense_preconditioner(x64, options):
       metamd_jax.init_divergence(params, 0.1, dtype=jnp.float64, **options), seed=3, noise=0.5)
   tx = metamd_jax.scale_by_mirror_descent(divergence)
   direction, _ = tx.update(grads, tx.init(params))
-  expected = np.linalg.solve(_dense_block_metric(divergence), _flat(grads))
-  np.testing.assert_allclose(_flat(direction), expected, rtol=1e-9, atol=1e-12)
+  expected = np.linalg.solve(dense_block_metric(divergence), flat(grads))
+  np.testing.assert_allclose(flat(direction), expected, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize('options', STRUCTURE_CASES)
@@ -79,8 +66,8 @@ def test_bregman_matches_dense_quadratic_form(x64, options):
   x, y = _params(4), _params(5)
   divergence = randomize(metamd_jax.init_divergence(x, 0.1, dtype=jnp.float64, **options),
                          seed=6)
-  diff = _flat(x) - _flat(y)
-  expected = 0.5 * diff @ _dense_block_metric(divergence) @ diff
+  diff = flat(x) - flat(y)
+  expected = 0.5 * diff @ dense_block_metric(divergence) @ diff
   value = metamd_jax.bregman_divergence(divergence, x, y)
   np.testing.assert_allclose(float(value), expected, rtol=1e-10)
   assert float(value) > 0
@@ -211,3 +198,183 @@ def test_convergence_bound_matches_the_closed_form(x64):
   bound = metamd_jax.convergence_bound(kron, distance=2.0, gradient_bound=3.0, num_steps=10)
   np.testing.assert_allclose(float(bound), eig.max() * 4.0 / 20 + 9.0 / (2 * eig.min()),
                              rtol=1e-10)
+
+
+# ---------------------------------------------------------------------------
+# check_structure: structure and shapes, nothing computed.
+# ---------------------------------------------------------------------------
+
+
+def test_check_structure_accepts_matching_trees():
+  params = _params(dtype=np.float32)
+  divergence = metamd_jax.init_divergence(params, 0.1)
+  metamd_jax.check_structure(divergence, params)
+  metamd_jax.check_structure(divergence, jax.eval_shape(lambda: params))  # abstract leaves
+  metamd_jax.check_structure(divergence_lib.operators(divergence), params)
+  metamd_jax.check_structure(divergence_lib.preconditioner(divergence), params)
+
+
+def test_check_structure_names_the_leaf_and_both_shapes():
+  divergence = metamd_jax.init_divergence(_params(), 0.1)
+  other = dict(_params(), conv=jnp.zeros((2, 2, 4, 3)))
+  with pytest.raises(ValueError, match=re.escape(
+      "params leaf ['conv'] has shape (2, 2, 4, 3) but the divergence was built for shape "
+      '(2, 2, 3, 4).')):
+    metamd_jax.check_structure(divergence, other)
+  with pytest.raises(ValueError, match=re.escape("grads leaf ['conv'] has shape (2, 2, 4, 3)")):
+    metamd_jax.check_structure(divergence, other, name='grads')
+  with pytest.raises(ValueError, match=re.escape("params leaf ['scalar'] has shape (1,)")):
+    metamd_jax.check_structure(divergence, dict(_params(), scalar=jnp.zeros(1)))
+
+
+def test_check_structure_names_the_leaves_only_in_one_tree():
+  divergence = metamd_jax.init_divergence(_params(), 0.1)
+  with pytest.raises(ValueError, match=re.escape(
+      "params do not have the structure the divergence was built for; leaves only in "
+      "params: ['extra'].")):
+    metamd_jax.check_structure(divergence, dict(_params(), extra=jnp.zeros(3)))
+  missing = {k: v for k, v in _params().items() if k != 'bias'}
+  with pytest.raises(ValueError, match=re.escape(
+      "updates do not have the structure the divergence was built for; leaves only in the "
+      "divergence: ['bias'].")):
+    metamd_jax.check_structure(divergence, missing, name='updates')
+  # Same paths, other containers: the message shows both structures.
+  as_list = {'w': [jnp.zeros(2)]}
+  with pytest.raises(ValueError, match='divergence structure .* vs params structure'):
+    metamd_jax.check_structure(metamd_jax.init_divergence(as_list, 0.1),
+                               {'w': (jnp.zeros(2),)})
+
+
+def test_check_structure_allows_masked_leaves():
+  params = _params(dtype=np.float32)
+  divergence = metamd_jax.init_divergence(params, 0.1)
+  masked = dict(params, dense=optax.MaskedNode(), scalar=optax.MaskedNode())
+  metamd_jax.check_structure(divergence, masked)
+  # A masked leaf does not excuse a wrong shape elsewhere.
+  with pytest.raises(ValueError, match=re.escape("['bias'] has shape (5,)")):
+    metamd_jax.check_structure(divergence, dict(masked, bias=jnp.zeros(5)))
+
+
+def test_check_structure_rejects_what_is_not_a_divergence():
+  params = _params()
+  with pytest.raises(TypeError, match='expected a divergence'):
+    metamd_jax.check_structure(params, params)
+
+
+def test_check_structure_computes_nothing():
+  params = _params(dtype=np.float32)
+  divergence = randomize(metamd_jax.init_divergence(params, 0.1), seed=1)
+
+  def check(divergence, params):
+    metamd_jax.check_structure(divergence, params)
+    return ()
+
+  assert not jax.make_jaxpr(check)(divergence, params).eqns
+  # Whereas the metric product that used to serve as the check does compute.
+  assert jax.make_jaxpr(divergence_lib.apply_metric)(divergence, params).eqns
+
+
+# ---------------------------------------------------------------------------
+# The meta-parameter dtype follows the params.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('leaf_dtypes,expected', [
+    ((jnp.float64, jnp.float64), jnp.float64),
+    ((jnp.float32, jnp.float32), jnp.float32),
+    ((jnp.bfloat16, jnp.bfloat16), jnp.float32),
+    ((jnp.float16, jnp.float32), jnp.float32),
+    ((jnp.float64, jnp.float32), jnp.float32),  # mixed: the common single precision
+    ((jnp.float64, jnp.int32), jnp.float64),  # integer leaves do not count
+    ((jnp.int32, jnp.int32), jnp.float32),
+])
+def test_meta_parameters_take_the_params_dtype(x64, leaf_dtypes, expected):
+  params = {'w': jnp.ones((3, 2), leaf_dtypes[0]), 'b': jnp.ones(2, leaf_dtypes[1])}
+  assert divergence_lib.params_dtype(params) == expected
+  for structure in ('kronecker', 'diagonal', 'scalar'):
+    divergence = metamd_jax.init_divergence(params, 0.1, structure=structure)
+    assert {x.dtype for x in jax.tree.leaves(divergence)} == {jnp.dtype(expected)}
+
+
+def test_explicit_dtype_wins(x64):
+  params = {'w': jnp.ones((3, 2), jnp.float64)}
+  divergence = metamd_jax.init_divergence(params, 0.1, dtype=jnp.float32)
+  assert {x.dtype for x in jax.tree.leaves(divergence)} == {jnp.dtype(jnp.float32)}
+  divergence = metamd_jax.init_divergence(jax.tree.map(lambda x: x.astype(jnp.bfloat16), params),
+                                          0.1, dtype=jnp.float64)
+  assert {x.dtype for x in jax.tree.leaves(divergence)} == {jnp.dtype(jnp.float64)}
+
+
+def test_float64_arrays_without_x64_give_float32():
+  """JAX cannot hold float64 arrays without x64: numpy float64 params give float32."""
+  previous = jax.config.jax_enable_x64
+  jax.config.update('jax_enable_x64', False)
+  try:
+    params = {'w': np.ones((3, 2))}
+    assert divergence_lib.params_dtype(params) == jnp.float32
+    divergence = metamd_jax.init_divergence(params, 0.1)
+    assert {x.dtype for x in jax.tree.leaves(divergence)} == {jnp.dtype(jnp.float32)}
+  finally:
+    jax.config.update('jax_enable_x64', previous)
+
+
+@pytest.mark.parametrize('options', STRUCTURE_CASES)
+def test_float64_params_give_a_float64_exact_mirror_step(x64, options):
+  params, grads = _params(0), _params(1)
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float64)}
+  divergence = well_conditioned(metamd_jax.init_divergence(params, 0.1, **options), seed=2,
+                                noise=0.1)
+  assert {x.dtype for x in jax.tree.leaves(divergence)} == {jnp.dtype(jnp.float64)}
+  new = metamd_jax.mirror_step(divergence, params, grads)
+  assert {x.dtype for x in jax.tree.leaves(new)} == {jnp.dtype(jnp.float64)}
+  expected = flat(params) - np.linalg.solve(dense_block_metric(divergence), flat(grads))
+  np.testing.assert_allclose(flat(new), expected, rtol=1e-13, atol=1e-13)
+  # What the float32 default used to give: accurate to about 1e-7 only.
+  single = jax.tree.map(lambda x: x.astype(jnp.float32), divergence)
+  error = np.abs(flat(metamd_jax.mirror_step(single, params, grads)) - expected).max()
+  assert error > 1e-9
+
+
+# ---------------------------------------------------------------------------
+# Operators: one cached type per structure.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('options', STRUCTURE_CASES)
+def test_operators_apply_and_solve_the_dense_metric(x64, options):
+  params, x = _params(0), _params(1)
+  divergence = well_conditioned(metamd_jax.init_divergence(params, 0.1, **options), seed=3,
+                                noise=0.3)
+  metric = dense_block_metric(divergence)
+  ops = divergence_lib.operators(divergence)
+  assert all(divergence_lib.is_operator(o)
+             for o in jax.tree.leaves(ops, is_leaf=divergence_lib.is_operator))
+  np.testing.assert_allclose(flat(divergence_lib.apply_metric(ops, x)), metric @ flat(x),
+                             rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(flat(divergence_lib.solve_metric(ops, x)),
+                             np.linalg.solve(metric, flat(x)), rtol=1e-10, atol=1e-12)
+  inverse = divergence_lib.preconditioner(divergence)
+  np.testing.assert_allclose(flat(divergence_lib.precondition(inverse, x)),
+                             np.linalg.solve(metric, flat(x)), rtol=1e-10, atol=1e-12)
+
+
+def test_inverse_only_operators_keep_only_the_inverses():
+  params = _params(dtype=np.float32)
+  divergence = metamd_jax.init_divergence(params, 0.1, max_factor_size=3)
+  inverse = divergence_lib.preconditioner(divergence)
+  full = divergence_lib.operators(divergence)
+  for name in ('dense', 'conv', 'bias'):
+    assert type(inverse[name]) is type(full[name]) is divergence_lib.KroneckerOperator
+    assert inverse[name].left is None and inverse[name].right is None
+    assert inverse[name].left_inverse.shape == divergence[name].left.shape
+    assert inverse[name].right_inverse.shape == divergence[name].right.shape
+    np.testing.assert_array_equal(inverse[name].left_inverse, full[name].left_inverse)
+  assert type(inverse['scalar']) is divergence_lib.ElementwiseOperator
+  assert inverse['scalar'].values is None and inverse['scalar'].inverse_values.shape == ()
+  # One array per raw meta-parameter, of the same shape: no more memory than the divergence.
+  assert ([x.shape for x in jax.tree.leaves(inverse)]
+          == [x.shape for x in jax.tree.leaves(divergence)])
+  with pytest.raises(ValueError, match='KroneckerOperator holds no factors'):
+    divergence_lib.apply_metric(inverse, params)
+  with pytest.raises(ValueError, match='ElementwiseOperator holds no values'):
+    inverse['scalar'].apply(params['scalar'])

@@ -1,5 +1,7 @@
 """The optax transformation against optax's own optimisers and dense references."""
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,7 @@ import pytest
 from conftest import randomize
 
 import metamd_jax
+from metamd_jax import divergence as divergence_lib
 from metamd_jax import models
 
 
@@ -179,3 +182,40 @@ def test_metamd_rejects_bad_learning_rate(learning_rate):
   divergence = metamd_jax.init_divergence(params, 0.05)
   with pytest.raises(ValueError, match='learning_rate'):
     metamd_jax.metamd(divergence, learning_rate)
+
+
+def test_state_keeps_only_the_inverse_factors():
+  """The state holds P and Q (one array per meta-parameter, of its shape), not L and R."""
+  params, _ = _model_and_batch('cnn')
+  divergence = randomize(metamd_jax.init_divergence(params, 0.05, max_factor_size=30), seed=5)
+  state = metamd_jax.scale_by_mirror_descent(divergence).init(params)
+  assert ([x.shape for x in jax.tree.leaves(state)]
+          == [x.shape for x in jax.tree.leaves(divergence)])
+  operators = jax.tree.leaves(state.preconditioner, is_leaf=divergence_lib.is_operator)
+  assert any(o.left_inverse.ndim == 1 for o in operators)  # a diagonal factor (36 > 30 rows)
+  for operator in operators:
+    assert isinstance(operator, divergence_lib.KroneckerOperator)
+    assert operator.left is None and operator.right is None
+
+
+def test_init_checks_the_params_without_computing(monkeypatch):
+  params, _ = _model_and_batch('mlp')
+  divergence = metamd_jax.init_divergence(params, 0.05)
+  calls = []
+  check = divergence_lib.check_structure
+  monkeypatch.setattr(divergence_lib, 'check_structure',
+                      lambda d, tree, name='params': calls.append(name) or check(d, tree, name))
+
+  def no_metric_product(*args):
+    raise AssertionError('apply_metric called')
+
+  monkeypatch.setattr(divergence_lib, 'apply_metric', no_metric_product)
+  optimizer = metamd_jax.metamd(divergence)
+  optimizer.init(params)
+  assert calls == ['params']
+  other = jax.tree.map(lambda x: x, params)
+  other['Dense_0']['kernel'] = jnp.zeros((3, 32))
+  with pytest.raises(ValueError, match=re.escape(
+      "params leaf ['Dense_0']['kernel'] has shape (3, 32) but the divergence was built for "
+      'shape (12, 32).')):
+    optimizer.init(other)
