@@ -14,7 +14,7 @@ import optax
 import metamd_jax
 from metamd_jax import datasets, models
 from metamd_jax.inner_loop import ADJOINTS
-from metamd_jax.mirror import make_solver
+from metamd_jax.linear_solve import make_solver
 from metamd_jax.objectives import OBJECTIVES
 from metamd_jax.tasks import (
     ClassificationFamily,

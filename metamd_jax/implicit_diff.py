@@ -11,14 +11,12 @@ where both products are vector-Jacobian products of ``F``: nothing is materialis
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from metamd_jax import linear_solve
-
-PyTree = Any
+from metamd_jax.types import PyTree
 
 
 def root_vjp(

@@ -1,22 +1,24 @@
-"""Matrix-free linear solvers for the adjoint systems of implicit differentiation.
+"""Linear solvers for the adjoint systems of implicit differentiation, and their registry.
 
 A solver is a callable ``solve(matvec, b, *args) -> x`` with ``matvec(x) = A x`` for a
 linear operator ``A`` on pytrees. ``args`` are the arguments of the optimality function
-whose Jacobian ``A`` is; matrix-free solvers ignore them, structured ones (the exact
-Kronecker inverse in :mod:`metamd_jax.mirror`) use them.
+whose Jacobian ``A`` is; matrix-free solvers (:func:`conjugate_gradient`,
+:func:`neumann_series`, :func:`dense`) ignore them, the structured :func:`exact_solver`
+of the mirror step uses them. :func:`make_solver` turns a name into a solver.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import optax
 
-PyTree = Any
+from metamd_jax import divergence as divergence_lib
+from metamd_jax.types import PyTree
+
 MatVec = Callable[[PyTree], PyTree]
 Solver = Callable[..., PyTree]
 
@@ -103,4 +105,43 @@ def dense() -> Solver:
   return solve
 
 
+def exact_solver(matvec: MatVec, b: PyTree, divergence: PyTree, *unused_args) -> PyTree:
+  """The mirror step's adjoint system ``M u = v``, solved with the metric's exact inverse.
 
+  For the step's optimality condition ``F(x+, divergence, x, g) = M (x+ - x) + g`` the
+  Jacobian ``dF/dx+`` is the metric ``M`` itself (symmetric), so ``u = M^{-1} v``: for a
+  Kronecker leaf ``L^{-1} V R^{-1}`` (products with the cached inverses when
+  ``divergence`` is its :func:`metamd_jax.divergence.operators`). ``matvec`` is not used.
+  """
+  del matvec
+  return divergence_lib.solve_metric(divergence, b)
+
+
+_MATRIX_FREE = {'cg': conjugate_gradient, 'neumann': neumann_series, 'dense': dense}
+SOLVERS = ('exact', *_MATRIX_FREE)
+
+
+def make_solver(solver: str | Solver = 'exact', **options) -> Solver:
+  """A solver for the mirror step's adjoint system, by name.
+
+  Args:
+    solver: ``'exact'`` (:func:`exact_solver`, the default), ``'cg'``
+      (:func:`conjugate_gradient`), ``'neumann'`` (:func:`neumann_series`), ``'dense'``
+      (:func:`dense`), or a callable ``solve(matvec, b, *args)``, returned as it is.
+    **options: options of the matrix-free solvers (e.g. ``tol``, ``maxiter``).
+
+  Returns:
+    The solver.
+
+  Raises:
+    ValueError: for an unknown name, or options given to the exact solver.
+  """
+  if callable(solver):
+    return solver
+  if solver == 'exact':
+    if options:
+      raise ValueError(f'the exact solver takes no options, got {sorted(options)}.')
+    return exact_solver
+  if solver not in _MATRIX_FREE:
+    raise ValueError(f'unknown solver {solver!r}; expected one of {SOLVERS} or a callable.')
+  return _MATRIX_FREE[solver](**options)

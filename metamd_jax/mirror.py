@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
 from metamd_jax import divergence as divergence_lib
 from metamd_jax import implicit_diff, linear_solve
-
-PyTree = Any
+from metamd_jax.types import PyTree
 
 
 def step_optimality(new_params: PyTree, divergence: PyTree, params: PyTree,
@@ -19,31 +16,6 @@ def step_optimality(new_params: PyTree, divergence: PyTree, params: PyTree,
   diff = jax.tree.map(lambda a, b: a - b.astype(a.dtype), new_params, params)
   moved = divergence_lib.apply_metric(divergence, diff)
   return jax.tree.map(lambda m, g: m + g.astype(m.dtype), moved, grads)
-
-
-def exact_solver(matvec, b, divergence, *unused_args):
-  """The adjoint system of the step is ``M u = v``; solve it with the cached inverse."""
-  del matvec
-  return divergence_lib.solve_metric(divergence, b)
-
-
-def make_solver(solver: str | linear_solve.Solver = 'exact', **options) -> linear_solve.Solver:
-  """A solver for the step's adjoint system: ``'exact'``, ``'cg'``, ``'neumann'``, ``'dense'``.
-
-  ``options`` (e.g. ``tol``, ``maxiter``) go to the matrix-free solvers.
-  """
-  if callable(solver):
-    return solver
-  if solver == 'exact':
-    if options:
-      raise ValueError(f'the exact solver takes no options, got {sorted(options)}.')
-    return exact_solver
-  factories = {'cg': linear_solve.conjugate_gradient, 'neumann': linear_solve.neumann_series,
-               'dense': linear_solve.dense}
-  if solver not in factories:
-    raise ValueError(
-        f"unknown solver {solver!r}; expected one of {('exact', *factories)} or a callable.")
-  return factories[solver](**options)
 
 
 def _closed_form(operators: PyTree, params: PyTree, grads: PyTree) -> PyTree:
@@ -58,8 +30,8 @@ def operator_step(operators: PyTree, params: PyTree, grads: PyTree, *,
   The inner loop materialises the metrics once per run, so that each step, and each
   step's implicit VJP, is matrix products only. Gradients flow to ``operators``' factors.
   """
-  step = implicit_diff.custom_root(step_optimality, make_solver(solver, **solver_options))(
-      _closed_form)
+  solve = linear_solve.make_solver(solver, **solver_options)
+  step = implicit_diff.custom_root(step_optimality, solve)(_closed_form)
   return step(operators, params, grads)
 
 
@@ -82,14 +54,16 @@ def mirror_step(divergence: PyTree, params: PyTree, grads: PyTree, *,
     params: current parameters ``theta``.
     grads: gradients ``g`` at ``params``.
     solver: adjoint solver, ``'exact'`` (Kronecker inverse, default), ``'cg'``,
-      ``'neumann'``, ``'dense'`` or a callable ``solve(matvec, b, *args)``.
+      ``'neumann'``, ``'dense'`` or a callable ``solve(matvec, b, *args)`` (see
+      :func:`metamd_jax.linear_solve.make_solver`).
     **solver_options: options of the matrix-free solvers (``tol``, ``maxiter``).
 
   Returns:
     The new parameters, with the dtypes of ``params``.
   """
   divergence_lib.check_divergence(divergence)
-  # Validates structures and shapes with clear errors before tracing the custom VJP.
-  divergence_lib.apply_metric(divergence, grads)
+  # Clear errors (leaf path, both shapes) before tracing the custom VJP; computes nothing.
+  divergence_lib.check_structure(divergence, params)
+  divergence_lib.check_structure(divergence, grads, name='grads')
   return operator_step(divergence_lib.operators(divergence), params, grads, solver=solver,
                        **solver_options)

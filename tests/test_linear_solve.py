@@ -1,9 +1,14 @@
-"""Matrix-free solvers against numpy's dense solve."""
+"""Linear solvers against numpy's dense solve, and the solver registry."""
+
+import re
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import dense_block_metric, flat, randomize
 
+import metamd_jax
+from metamd_jax import divergence as divergence_lib
 from metamd_jax import linear_solve
 
 
@@ -53,3 +58,36 @@ def test_power_iteration_finds_top_eigenvalue(x64):
 def test_bad_options_are_rejected(factory, kwargs):
   with pytest.raises(ValueError):
     factory(**kwargs)
+
+
+def test_make_solver_names_the_solvers():
+  assert linear_solve.SOLVERS == ('exact', 'cg', 'neumann', 'dense')
+  assert linear_solve.make_solver() is linear_solve.exact_solver
+  assert linear_solve.make_solver('exact') is linear_solve.exact_solver
+  custom = lambda matvec, b, *args: b
+  assert linear_solve.make_solver(custom) is custom
+  for name in ('cg', 'neumann', 'dense'):
+    assert callable(linear_solve.make_solver(name))
+  with pytest.raises(ValueError, match=re.escape(
+      "unknown solver 'lu'; expected one of ('exact', 'cg', 'neumann', 'dense') or a callable.")):
+    linear_solve.make_solver('lu')
+  with pytest.raises(ValueError, match=re.escape("the exact solver takes no options, got ['tol']")):
+    linear_solve.make_solver('exact', tol=1e-3)
+  with pytest.raises(ValueError, match='tol must be positive'):
+    linear_solve.make_solver('cg', tol=0.0)
+
+
+@pytest.mark.parametrize('structure', ['kronecker', 'diagonal', 'scalar'])
+def test_exact_solver_is_the_dense_inverse_metric(x64, structure):
+  params = {'w': jnp.zeros((4, 3)), 'b': jnp.zeros(3)}
+  divergence = randomize(metamd_jax.init_divergence(params, 0.1, structure=structure), seed=0)
+  b = randomize(params, seed=1)
+  expected = np.linalg.solve(dense_block_metric(divergence), flat(b))
+  for metrics in (divergence, divergence_lib.operators(divergence)):
+    x = linear_solve.exact_solver(None, b, metrics)  # the matvec is not used
+    np.testing.assert_allclose(flat(x), expected, rtol=1e-9, atol=1e-12)
+  # The matrix-free solvers agree on the same system M u = b.
+  matvec = lambda u: divergence_lib.apply_metric(divergence, u)
+  for name, options in (('cg', dict(tol=1e-13)), ('dense', {})):
+    x = linear_solve.make_solver(name, **options)(matvec, b, divergence)
+    np.testing.assert_allclose(flat(x), expected, rtol=1e-8, atol=1e-10)
