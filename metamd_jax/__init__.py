@@ -1,6 +1,7 @@
 """metamd_jax: Meta Mirror Descent, a meta-learned Bregman divergence as an optax optimiser."""
 
 from metamd_jax.artifact import load_divergence, save_divergence
+from metamd_jax.bound import regret_bound
 from metamd_jax.divergence import (
     DiagonalMetric,
     KroneckerAxes,
@@ -15,7 +16,7 @@ from metamd_jax.divergence import (
 )
 from metamd_jax.inner_loop import Rollout, rollout
 from metamd_jax.mirror import mirror_step
-from metamd_jax.objectives import MetaGradient, meta_gradient, regret_bound, unrolled_loss
+from metamd_jax.objectives import MetaGradient, meta_gradient, unrolled_loss
 from metamd_jax.tasks.base import Task, TaskFamily
 from metamd_jax.transform import ScaleByMirrorDescentState, metamd, scale_by_mirror_descent
 

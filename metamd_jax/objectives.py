@@ -1,62 +1,26 @@
-"""Meta-objectives: the convergence-rate bound (implicit) and the unrolled training loss."""
+"""Meta-objectives: the convergence-rate bound (implicit) and the unrolled training loss.
+
+The bound itself (its terms, the bound of a stored trajectory and the streaming sums) is
+:mod:`metamd_jax.bound`; ``objective='bound'`` streams it with
+:func:`metamd_jax.inner_loop.rollout`.
+"""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from metamd_jax import divergence as divergence_lib
 from metamd_jax import inner_loop, mirror
 from metamd_jax.tasks.base import Task
-
-PyTree = Any
+from metamd_jax.types import Array, PyTree
 
 OBJECTIVES = ('bound', 'unrolled')
 
 
-def regret_bound(divergence: PyTree, params_sequence: PyTree, grads_sequence: PyTree, *,
-                 solver='exact', **solver_options) -> jax.Array:
-  """The mirror-descent convergence-rate bound of a stored trajectory.
-
-  .. math::
-
-    R(\\phi) = \\frac1T \\Big[ B_\\phi(\\mathrm{sg}(\\theta_{T+1}), \\theta_1)
-      + \\sum_{t=1}^T B_\\phi(\\theta_t, \\mathrm{MD}_\\phi(\\theta_t, g_t)) \\Big]
-
-  The comparator is the final iterate under stop-gradient; iterates and gradients are
-  data; each step term is differentiated through the mirror step's implicit VJP. No
-  validation data is involved.
-
-  Args:
-    divergence: the divergence.
-    params_sequence: iterates ``theta_1 .. theta_{T+1}`` stacked on a leading axis.
-    grads_sequence: gradients ``g_1 .. g_T`` stacked on a leading axis.
-    solver: adjoint solver of the mirror step.
-    **solver_options: options of a matrix-free solver.
-
-  Returns:
-    The scalar bound.
-  """
-  num_steps = jax.tree.leaves(grads_sequence)[0].shape[0]
-  lengths = {x.shape[0] for x in jax.tree.leaves(params_sequence)}
-  if lengths != {num_steps + 1}:
-    raise ValueError(f'params_sequence must hold T + 1 = {num_steps + 1} iterates for '
-                     f'T = {num_steps} gradients, got leading sizes {sorted(lengths)}.')
-  operators = divergence_lib.operators(divergence)
-  first = jax.tree.map(lambda x: x[0], params_sequence)
-  final = jax.tree.map(lambda x: x[-1], params_sequence)
-  iterates = jax.tree.map(lambda x: x[:-1], params_sequence)
-  terms = jax.vmap(lambda p, g: inner_loop.step_term(operators, p, g, solver=solver,
-                                                     **solver_options)[0])(
-      iterates, grads_sequence)
-  dist = inner_loop.distance_term(operators, final, first)
-  return (dist + jnp.sum(terms)) / num_steps
-
-
 def unrolled_loss(divergence: PyTree, task: Task, num_steps: int, *,
-                  params: PyTree | None = None) -> tuple[jax.Array, jax.Array]:
+                  params: PyTree | None = None) -> tuple[Array, Array]:
   """Training loss after ``num_steps`` mirror steps, differentiable through the unroll.
 
   The usual learned-optimiser objective: back-propagation goes through every step
@@ -80,10 +44,10 @@ def unrolled_loss(divergence: PyTree, task: Task, num_steps: int, *,
 class MetaGradient(NamedTuple):
   """A meta-objective's value and gradient on one task, and the inner losses."""
 
-  loss: jax.Array
+  loss: Array
   grad: PyTree
-  losses: jax.Array
-  final_loss: jax.Array
+  losses: Array
+  final_loss: Array
 
 
 def meta_gradient(divergence: PyTree, task: Task, num_steps: int, *,

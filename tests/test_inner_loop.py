@@ -1,5 +1,7 @@
 """The streaming rollout against a direct computation over the stored trajectory."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,8 @@ import pytest
 from helpers import quadratic_task, well_conditioned
 
 import metamd_jax
-from metamd_jax import inner_loop, objectives
+from metamd_jax import bound, inner_loop
+from metamd_jax import divergence as divergence_lib
 
 
 def _setup(dtype=jnp.float64):
@@ -47,7 +50,7 @@ def test_streaming_meta_gradient_equals_gradient_of_stored_bound(x64):
   num_steps = 6
   streamed = inner_loop.rollout(divergence, task, num_steps, meta_gradient=True)
   stored = inner_loop.rollout(divergence, task, num_steps, return_trajectory=True)
-  value, grad = jax.value_and_grad(objectives.regret_bound)(divergence, *stored.trajectory)
+  value, grad = jax.value_and_grad(bound.regret_bound)(divergence, *stored.trajectory)
   np.testing.assert_allclose(float(streamed.bound), float(value), rtol=1e-12)
   for a, b in zip(jax.tree.leaves(streamed.meta_grad), jax.tree.leaves(grad)):
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
@@ -82,3 +85,22 @@ def test_statistics_adjoint_equals_the_implicit_vjp(x64, structure):
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
   with pytest.raises(ValueError, match='adjoint'):
     inner_loop.rollout(divergence, task, 2, meta_gradient=True, adjoint='reverse')
+
+
+def test_rollout_checks_the_initial_params_without_computing(monkeypatch):
+  task, divergence = _setup(jnp.float32)
+  calls = []
+  check = divergence_lib.check_structure
+  monkeypatch.setattr(divergence_lib, 'check_structure',
+                      lambda d, tree, name='params': calls.append(name) or check(d, tree, name))
+
+  def no_metric_product(*args):
+    raise AssertionError('apply_metric called')
+
+  monkeypatch.setattr(divergence_lib, 'apply_metric', no_metric_product)
+  inner_loop.rollout(divergence, task, 2)
+  assert calls == ['params']
+  other = dict(task.init(), w=jnp.zeros((3, 4)))
+  with pytest.raises(ValueError, match=re.escape(
+      "params leaf ['w'] has shape (3, 4) but the divergence was built for shape (4, 3).")):
+    inner_loop.rollout(divergence, task, 2, params=other)

@@ -1,4 +1,7 @@
-"""Meta-objectives: analytic optima of the bound, unrolled gradients, learned geometry."""
+"""Meta-objectives: unrolled gradients, the objective switch, learned geometry.
+
+The bound's own tests (its terms and analytic minimisers) are in test_bound.py.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -11,50 +14,6 @@ import metamd_jax
 from metamd_jax import divergence as divergence_lib
 from metamd_jax import inner_loop, objectives
 from metamd_jax.tasks.base import Task
-
-
-def _fixed_trajectory(seed=0, num_steps=12, shape=(5,)):
-  """A stored trajectory: the gradients are data, as in the regret view."""
-  rng = np.random.default_rng(seed)
-  grads = rng.standard_normal((num_steps, *shape))
-  params = rng.standard_normal((num_steps + 1, *shape))
-  params[-1] = params[0] + rng.uniform(0.5, 1.5, shape)  # comparator well away from the start
-  return {'w': jnp.asarray(params)}, {'w': jnp.asarray(grads)}
-
-
-def _minimise(divergence, params_seq, grads_seq, steps=3000):
-  optimizer = optax.adam(optax.cosine_decay_schedule(0.2, steps, alpha=1e-3))
-
-  @jax.jit
-  def step(divergence, state):
-    grad = jax.grad(objectives.regret_bound)(divergence, params_seq, grads_seq)
-    updates, state = optimizer.update(grad, state, divergence)
-    return optax.apply_updates(divergence, updates), state
-
-  state = optimizer.init(divergence)
-  for _ in range(steps):
-    divergence, state = step(divergence, state)
-  return divergence
-
-
-def test_scalar_bound_minimiser_is_the_step_size_formula(x64):
-  params_seq, grads_seq = _fixed_trajectory()
-  divergence = metamd_jax.init_divergence({'w': params_seq['w'][0]}, 0.5, structure='scalar',
-                                          dtype=jnp.float64)
-  learned = _minimise(divergence, params_seq, grads_seq)
-  distance = np.linalg.norm(params_seq['w'][-1] - params_seq['w'][0])
-  s_star = distance / np.sqrt(np.sum(np.asarray(grads_seq['w']) ** 2))
-  np.testing.assert_allclose(1.0 / float(learned['w'].values()), s_star, rtol=1e-4)
-
-
-def test_diagonal_bound_minimiser_is_per_coordinate(x64):
-  params_seq, grads_seq = _fixed_trajectory(seed=1)
-  divergence = metamd_jax.init_divergence({'w': params_seq['w'][0]}, 0.5,
-                                          structure='diagonal', dtype=jnp.float64)
-  learned = _minimise(divergence, params_seq, grads_seq)
-  distance = np.abs(params_seq['w'][-1] - params_seq['w'][0])
-  s_star = distance / np.sqrt(np.sum(np.asarray(grads_seq['w']) ** 2, axis=0))
-  np.testing.assert_allclose(1.0 / np.asarray(learned['w'].values()), s_star, rtol=1e-3)
 
 
 def _plain_unrolled_loss(divergence, task, num_steps):

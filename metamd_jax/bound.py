@@ -1,0 +1,244 @@
+"""The meta-objective: the convergence-rate (regret) bound of mirror descent.
+
+For iterates ``theta_1 .. theta_{T+1}`` of mirror descent with gradients ``g_t`` and the
+step size folded into the divergence (METHOD.md section 2), the bound is
+
+.. math::
+
+  R(\\phi) = \\frac1T \\Big[ B_\\phi(\\mathrm{sg}(\\theta_{T+1}), \\theta_1)
+             + \\sum_{t=1}^T B_\\phi(\\theta_t, \\theta_{t+1}) \\Big],
+  \\qquad \\theta_{t+1} = \\theta_t - M^{-1} g_t,
+
+with the comparator, the final iterate, held constant (``sg``: stop-gradient). The
+iterates and gradients are data (the regret view: the losses are given, the learner
+chooses the divergence), so the bound's gradient w.r.t. the divergence goes through the
+metric only. For the quadratic potential a step term is
+``B(theta_t, theta_{t+1}) = 1/2 <g_t, M^{-1} g_t>``.
+
+This module holds the terms (:func:`step_term`, :func:`statistics_term`,
+:func:`distance_term`), their combination (:func:`from_terms`), the bound of a stored
+trajectory (:func:`regret_bound`) and the streaming sums that let
+:func:`metamd_jax.inner_loop.rollout` compute the bound and its gradient in a
+``lax.scan`` with memory constant in ``T`` (:func:`init_sums`, :func:`add_step`,
+:func:`finish`). The terms take the divergence's materialised metrics
+(:func:`metamd_jax.divergence.operators`); a divergence works too where noted.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from metamd_jax import divergence as divergence_lib
+from metamd_jax import mirror
+from metamd_jax.types import Array, PyTree
+
+ADJOINTS = ('implicit', 'statistics')
+"""How a step term is differentiated: see :func:`add_step`."""
+
+
+def check_adjoint(adjoint: str) -> None:
+  """Raise ``ValueError`` unless ``adjoint`` is one of :data:`ADJOINTS`."""
+  if adjoint not in ADJOINTS:
+    raise ValueError(f'unknown adjoint {adjoint!r}; expected one of {ADJOINTS}.')
+
+
+# ---------------------------------------------------------------------------
+# The terms.
+# ---------------------------------------------------------------------------
+
+
+def step_term(operators: PyTree, params: PyTree, grads: PyTree, *, solver='exact',
+              **solver_options) -> tuple[Array, PyTree]:
+  """``(B(theta, theta+), theta+)`` with ``theta+`` the mirror step from ``theta``.
+
+  Differentiated w.r.t. ``operators`` through the mirror step's implicit VJP
+  (:func:`metamd_jax.mirror.operator_step`), which works for any divergence and adjoint
+  solver.
+
+  Args:
+    operators: the materialised metrics (:func:`metamd_jax.divergence.operators`).
+    params: ``theta`` (data: stop-gradient).
+    grads: ``g`` at ``theta`` (data: stop-gradient).
+    solver: adjoint solver of the mirror step (see :func:`metamd_jax.mirror_step`).
+    **solver_options: options of a matrix-free solver.
+
+  Returns:
+    The scalar term and the new parameters.
+  """
+  params = jax.lax.stop_gradient(params)
+  grads = jax.lax.stop_gradient(grads)
+  new_params = mirror.operator_step(operators, params, grads, solver=solver, **solver_options)
+  return divergence_lib.bregman_divergence(operators, params, new_params), new_params
+
+
+def _half_dual_norm(operators: PyTree, grads: PyTree) -> tuple[Array, PyTree]:
+  direction = divergence_lib.solve_metric(operators, grads)
+  term = 0.5 * sum(jnp.vdot(g.astype(d.dtype), d) for g, d in
+                   zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
+  return term, direction
+
+
+def statistics_term(operators: PyTree, grads: PyTree) -> tuple[Array, PyTree]:
+  """``(1/2 <g, M^{-1} g>, M^{-1} g)``: the step term, from the cached inverses.
+
+  Equal to :func:`step_term` (``theta+ - theta = -M^{-1} g``) but written with the
+  inverse factors: for a Kronecker leaf the term is ``1/2 tr(G^T P G Q)``, whose
+  gradients w.r.t. ``P`` and ``Q`` are the statistics ``1/2 G Q G^T`` and
+  ``1/2 G^T P G``, so summing gradients over steps sums these statistics. The gradient
+  w.r.t. the divergence is the same as :func:`step_term`'s.
+
+  Args:
+    operators: the materialised metrics (the inverses are enough:
+      :func:`metamd_jax.divergence.preconditioner`).
+    grads: ``g`` (data: stop-gradient).
+
+  Returns:
+    The scalar term and the mirror direction ``M^{-1} g``.
+  """
+  return _half_dual_norm(operators, jax.lax.stop_gradient(grads))
+
+
+def distance_term(operators: PyTree, final_params: PyTree, init_params: PyTree) -> Array:
+  """``B(stop_gradient(theta*), theta_1)``: the comparator is held constant.
+
+  ``operators`` may also be a divergence (see
+  :func:`metamd_jax.divergence.bregman_divergence`).
+  """
+  return divergence_lib.bregman_divergence(
+      operators, jax.lax.stop_gradient(final_params), jax.lax.stop_gradient(init_params))
+
+
+def from_terms(distance: Array, step_terms: Array, num_steps: int) -> Array:
+  """The bound ``(B(theta*, theta_1) + sum_t B(theta_t, theta_{t+1})) / T``."""
+  return (distance + step_terms) / num_steps
+
+
+def regret_bound(divergence: PyTree, params_sequence: PyTree, grads_sequence: PyTree, *,
+                 solver='exact', **solver_options) -> Array:
+  """The mirror-descent convergence-rate bound of a stored trajectory.
+
+  .. math::
+
+    R(\\phi) = \\frac1T \\Big[ B_\\phi(\\mathrm{sg}(\\theta_{T+1}), \\theta_1)
+      + \\sum_{t=1}^T B_\\phi(\\theta_t, \\mathrm{MD}_\\phi(\\theta_t, g_t)) \\Big]
+
+  The comparator is the final iterate under stop-gradient; iterates and gradients are
+  data; each step term is differentiated through the mirror step's implicit VJP. No
+  validation data is involved. Memory is linear in ``T`` (the trajectory is stored);
+  :func:`metamd_jax.inner_loop.rollout` streams the same bound instead.
+
+  Args:
+    divergence: the divergence.
+    params_sequence: iterates ``theta_1 .. theta_{T+1}`` stacked on a leading axis.
+    grads_sequence: gradients ``g_1 .. g_T`` stacked on a leading axis.
+    solver: adjoint solver of the mirror step.
+    **solver_options: options of a matrix-free solver.
+
+  Returns:
+    The scalar bound.
+  """
+  num_steps = jax.tree.leaves(grads_sequence)[0].shape[0]
+  lengths = {x.shape[0] for x in jax.tree.leaves(params_sequence)}
+  if lengths != {num_steps + 1}:
+    raise ValueError(f'params_sequence must hold T + 1 = {num_steps + 1} iterates for '
+                     f'T = {num_steps} gradients, got leading sizes {sorted(lengths)}.')
+  operators = divergence_lib.operators(divergence)
+  first = jax.tree.map(lambda x: x[0], params_sequence)
+  final = jax.tree.map(lambda x: x[-1], params_sequence)
+  iterates = jax.tree.map(lambda x: x[:-1], params_sequence)
+  terms = jax.vmap(lambda p, g: step_term(operators, p, g, solver=solver,
+                                          **solver_options)[0])(iterates, grads_sequence)
+  return from_terms(distance_term(operators, final, first), jnp.sum(terms), num_steps)
+
+
+# ---------------------------------------------------------------------------
+# Streaming: the bound and its gradient without storing the trajectory.
+# ---------------------------------------------------------------------------
+
+
+class StreamingSums(NamedTuple):
+  """The running sums of a streamed bound (the carry of a ``lax.scan``).
+
+  Attributes:
+    step_terms: ``sum_t B(theta_t, theta_{t+1})``, a scalar in the metrics' dtype.
+    grads: ``sum_t dB(theta_t, theta_{t+1}) / d operators``, with the structure of the
+      operators (``None`` when no meta-gradient is accumulated).
+  """
+
+  step_terms: Array
+  grads: PyTree | None
+
+
+def init_sums(operators: PyTree, *, meta_gradient: bool = False) -> StreamingSums:
+  """Zero sums for :func:`add_step` (the gradient sum only if ``meta_gradient``)."""
+  dtype = jnp.result_type(*jax.tree.leaves(operators))
+  grads = jax.tree.map(jnp.zeros_like, operators) if meta_gradient else None
+  return StreamingSums(jnp.zeros((), dtype), grads)
+
+
+def add_step(sums: StreamingSums, operators: PyTree, params: PyTree, grads: PyTree, *,
+             adjoint: str = 'implicit', solver='exact',
+             **solver_options) -> tuple[PyTree, StreamingSums]:
+  """Take one mirror step and add its term (and the term's gradient) to the sums.
+
+  Args:
+    sums: the running sums (:func:`init_sums`); their ``grads`` say whether the term's
+      gradient w.r.t. ``operators`` is accumulated.
+    operators: the materialised metrics.
+    params: ``theta_t``.
+    grads: ``g_t`` at ``theta_t`` (data: the gradient never flows through it).
+    adjoint: how the term is differentiated: ``'implicit'`` (:func:`step_term`, the
+      mirror step's ``custom_vjp``, any divergence and adjoint solver) or
+      ``'statistics'`` (:func:`statistics_term`: the same gradient as running statistics
+      w.r.t. the cached inverses).
+    solver: adjoint solver of the mirror step (``'implicit'`` only).
+    **solver_options: options of a matrix-free solver.
+
+  Returns:
+    ``(theta_{t+1}, sums)``.
+  """
+  check_adjoint(adjoint)
+  if sums.grads is not None and adjoint == 'implicit':
+    (term, new_params), term_grad = jax.value_and_grad(step_term, has_aux=True)(
+        operators, params, grads, solver=solver, **solver_options)
+  else:
+    if sums.grads is not None:
+      (term, direction), term_grad = jax.value_and_grad(statistics_term, has_aux=True)(
+          operators, grads)
+    else:
+      # No gradient wanted: the same value, and the step stays plain autodiff-able.
+      (term, direction), term_grad = _half_dual_norm(operators, grads), None
+    new_params = jax.tree.map(lambda p, d: (p - d).astype(p.dtype), params, direction)
+  step_terms = sums.step_terms + term.astype(sums.step_terms.dtype)
+  if term_grad is not None:
+    term_grad = jax.tree.map(jnp.add, sums.grads, term_grad)
+  return new_params, StreamingSums(step_terms, term_grad)
+
+
+def finish(sums: StreamingSums, operators: PyTree, final_params: PyTree, init_params: PyTree,
+           num_steps: int) -> tuple[Array, Array, PyTree | None]:
+  """The bound from the streamed sums and the two end points.
+
+  Args:
+    sums: the sums after ``num_steps`` calls of :func:`add_step`.
+    operators: the materialised metrics.
+    final_params: ``theta_{T+1}``, the comparator (held constant).
+    init_params: ``theta_1``.
+    num_steps: ``T``.
+
+  Returns:
+    ``(bound, distance_term, grad)`` with ``grad`` the bound's gradient w.r.t.
+    ``operators`` (``None`` unless the sums accumulate gradients); pull it back to the
+    meta-parameters with the VJP of :func:`metamd_jax.divergence.operators`.
+  """
+  if sums.grads is None:
+    distance = distance_term(operators, final_params, init_params)
+    grad = None
+  else:
+    distance, distance_grad = jax.value_and_grad(distance_term)(operators, final_params,
+                                                                init_params)
+    grad = jax.tree.map(lambda a, b: (a + b) / num_steps, distance_grad, sums.grads)
+  return from_terms(distance, sums.step_terms, num_steps), distance, grad
