@@ -1,14 +1,36 @@
 """Saving and loading a learned divergence as one versioned, self-describing file.
 
-An artifact is a numpy ``.npz`` archive: every meta-parameter array under a stable name
-(``leaf_0/left``, ``leaf_0/right``, ``leaf_1/scale``, ...) plus one entry ``__metadata__``
-holding a JSON string that describes the format, the library versions, each metric
-(key path in the params tree, kind, parameter shape, matrix axes, ``eps``, array names,
-shapes and dtypes) and, optionally, the parameter dtypes and the experiment config.
+An artifact is a numpy ``.npz`` archive (numpy's own format, read with
+``allow_pickle=False``): every meta-parameter array under a stable name plus one entry
+``__metadata__`` holding a JSON string that describes the format, the library versions,
+each metric and, optionally, the parameter dtypes and the experiment config. Arrays are
+stored with their exact dtype and bits (``bfloat16`` and other ``ml_dtypes`` types as
+raw unsigned integers of the same width), and files are written atomically, so an
+interrupted save never leaves a half-written artifact behind.
 
-Arrays are stored with their exact dtype and bits (``bfloat16`` and other ``ml_dtypes``
-types as raw unsigned integers of the same width), and files are written atomically, so
-an interrupted save never leaves a half-written artifact behind.
+Format version 1 (the current one). ``__metadata__`` is a JSON object with
+
+- ``format``: ``'metamd-divergence'``; ``format_version``: ``1``;
+- ``library_version``, ``jax_version``, ``numpy_version``, ``created`` (ISO 8601, UTC);
+- ``num_leaves`` and ``leaves``, one entry per metric in flattening order:
+  ``path`` (the key path in the params tree, a list of
+  ``{'type': 'dict', 'key': str | int, 'container': 'dict'}`` or
+  ``{'type': 'seq', 'key': int, 'container': 'list' | 'tuple'}`` entries, ``[]`` for a
+  divergence that is a single metric), ``path_str`` (``jax.tree_util.keystr``),
+  ``kind`` (``'kronecker'``, ``'diagonal'`` or ``'scalar'``), ``shape`` (of the
+  parameter leaf), ``eps``, ``rows`` and ``cols`` (Kronecker only), ``arrays``
+  (``{field: {'name', 'dtype', 'shape', 'stored_as'}}`` for the fields ``left``,
+  ``right`` or ``scale``; ``stored_as`` is ``None`` or the unsigned-int dtype the bits
+  are stored as) and, when params were given, ``param_dtype``;
+- ``config`` and ``extra``: JSON or ``None``.
+
+Each array ``name`` (``leaf_0/left``, ``leaf_0/right``, ``leaf_1/scale``, ...) is an
+entry of the archive.
+
+Why the key paths are this module's own: ``flax.serialization`` state dicts turn lists
+and tuples into dicts with string keys (and int dict keys into strings), so they cannot
+give a divergence back with the containers it had; the stored ``container`` of each key
+does, and the nesting itself is rebuilt with ``flax.traverse_util.unflatten_dict``.
 
 Examples:
   >>> import tempfile, pathlib, jax.numpy as jnp, metamd_jax
@@ -25,6 +47,8 @@ Examples:
 from __future__ import annotations
 
 import datetime
+import functools
+import importlib.metadata
 import json
 import math
 import os
@@ -38,11 +62,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 
-import metamd_jax
 from metamd_jax import divergence as divergence_lib
+from metamd_jax.types import PyTree
 
-PyTree = Any
 PathLike = str | os.PathLike
 
 FORMAT = 'metamd-divergence'
@@ -57,6 +81,15 @@ _KIND_OF = {
 _CLASS_OF = {kind: cls for cls, kind in _KIND_OF.items()}
 _ARRAY_FIELDS = {'kronecker': ('left', 'right'), 'diagonal': ('scale',), 'scalar': ('scale',)}
 _CONTAINERS = {dict: 'dict', list: 'list', tuple: 'tuple'}
+
+
+@functools.cache
+def library_version() -> str:
+  """The installed ``metamd-jax`` distribution's version (``'unknown'`` if not installed)."""
+  try:
+    return importlib.metadata.version('metamd-jax')
+  except importlib.metadata.PackageNotFoundError:
+    return 'unknown'
 
 
 # ---------------------------------------------------------------------------
@@ -141,43 +174,46 @@ def _decode_key(entry: Any, leaf: str) -> tuple[str, str | int, str]:
 
 
 def _build_tree(paths: list[list], values: list, source: str) -> PyTree:
-  """Rebuild nested dicts / lists / tuples from key paths (in flattening order)."""
+  """Rebuild nested dicts / lists / tuples from stored key paths (in flattening order).
+
+  The nesting is ``flax.traverse_util.unflatten_dict``'s; the stored container types
+  then turn the nodes recorded as sequences back into lists and tuples.
+  """
   if len(paths) == 1 and not paths[0]:
     return values[0]
-  root: dict[str, Any] = {'container': None, 'children': {}}
+  flat: dict[tuple, Any] = {}
+  containers: dict[tuple, str] = {}  # key-path prefix -> container type of that node
   for index, (path, value) in enumerate(zip(paths, values)):
     leaf = f'{source}: leaf {index}'
     if not path:
       raise ValueError(f'{leaf} has an empty key path but the divergence has several leaves.')
-    node = root
-    for depth, entry in enumerate(path):
+    keys: tuple = ()
+    for entry in path:
       _, key, container = _decode_key(entry, leaf)
-      if node['container'] is None:
-        node['container'] = container
-      elif node['container'] != container:
+      if containers.setdefault(keys, container) != container:
         raise ValueError(f'{leaf}: inconsistent container types in the stored key paths.')
-      last = depth == len(path) - 1
-      if key in node['children']:
-        child = node['children'][key]
-        if last or not isinstance(child, dict) or 'children' not in child:
-          raise ValueError(f'{leaf}: duplicate key path {path!r}.')
-      else:
-        child = value if last else {'container': None, 'children': {}}
-        node['children'][key] = child
-      node = child
+      keys += (key,)
+    if keys in flat:
+      raise ValueError(f'{leaf}: duplicate key path {path!r}.')
+    flat[keys] = value
+  for index, keys in enumerate(flat):
+    if keys in containers:
+      raise ValueError(f'{source}: leaf {index}: duplicate key path {paths[index]!r} (a leaf '
+                       'and a container).')
 
-  def materialise(node):
-    if not (isinstance(node, dict) and 'children' in node):
+  def restore(node: Any, prefix: tuple) -> Any:
+    container = containers.get(prefix)
+    if container is None:
       return node
-    children = {k: materialise(v) for k, v in node['children'].items()}
-    if node['container'] == 'dict':
+    children = {key: restore(child, prefix + (key,)) for key, child in node.items()}
+    if container == 'dict':
       return children
     if sorted(children) != list(range(len(children))):
       raise ValueError(f'{source}: sequence indices {sorted(children)} are not contiguous.')
     items = [children[i] for i in range(len(children))]
-    return tuple(items) if node['container'] == 'tuple' else items
+    return tuple(items) if container == 'tuple' else items
 
-  return materialise(root)
+  return restore(traverse_util.unflatten_dict(flat), ())
 
 
 # ---------------------------------------------------------------------------
@@ -211,7 +247,7 @@ def check_compatible(divergence: PyTree, params: PyTree) -> None:
   """Raise ``ValueError`` unless ``divergence`` was built for params of this structure.
 
   ``params`` may hold arrays or abstract ``jax.ShapeDtypeStruct`` leaves; nothing is
-  computed (the check runs under ``jax.eval_shape``).
+  computed (:func:`metamd_jax.divergence.check_structure`).
 
   Args:
     divergence: a divergence from :func:`metamd_jax.init_divergence` (or a loaded one).
@@ -220,7 +256,7 @@ def check_compatible(divergence: PyTree, params: PyTree) -> None:
   Raises:
     ValueError: naming the leaf path and both shapes where ``params`` do not match.
   """
-  jax.eval_shape(divergence_lib.apply_metric, divergence, params)
+  divergence_lib.check_structure(divergence, params)
 
 
 def save_divergence(
@@ -313,7 +349,7 @@ def save_divergence(
   metadata = {
       'format': FORMAT,
       'format_version': FORMAT_VERSION,
-      'library_version': metamd_jax.__version__,
+      'library_version': library_version(),
       'jax_version': jax.__version__,
       'numpy_version': np.__version__,
       'created': datetime.datetime.now(datetime.UTC).isoformat(),
@@ -371,7 +407,7 @@ def _read_metadata(npz: Any, path: pathlib.Path) -> dict:
   if version > FORMAT_VERSION:
     raise ValueError(
         f'{path} has format_version {version}, newer than the version {FORMAT_VERSION} '
-        f'supported by metamd_jax {metamd_jax.__version__}; upgrade metamd_jax (the file '
+        f'supported by metamd_jax {library_version()}; upgrade metamd_jax (the file '
         f'was written by metamd_jax {metadata.get("library_version")}).')
   if not isinstance(metadata.get('leaves'), list) or not metadata['leaves']:
     raise ValueError(f'{path}: the metadata lists no divergence leaves.')

@@ -365,3 +365,129 @@ def test_load_arrays_inconsistent_with_metadata(tmp_path):
   path = _write(tmp_path / 'bad_meta.npz', arrays, metadata)
   with pytest.raises(ValueError, match=re.escape("['w']") + '.*left factor has shape'):
     artifact.load_divergence(path)
+
+
+def _corrupt_same_path(leaves):
+  leaves["['layers'][1]"]['path'] = leaves["['layers'][0]"]['path']
+
+
+def _corrupt_leaf_over_container(leaves):
+  leaves["['head']"]['path'] = leaves["['layers'][0]"]['path'][:1]
+
+
+def _corrupt_index(leaves):
+  leaves["['layers'][1]"]['path'][1]['key'] = 5
+
+
+def _corrupt_container(leaves):
+  leaves["['layers'][1]"]['path'][1]['container'] = 'tuple'
+
+
+@pytest.mark.parametrize('corrupt,message', [
+    (_corrupt_same_path, 'duplicate key path'),
+    (_corrupt_leaf_over_container, r'duplicate key path .*\(a leaf and a container\)'),
+    (_corrupt_index, r'sequence indices \[0, 5\] are not contiguous'),
+    (_corrupt_container, 'inconsistent container types'),
+])
+def test_load_rejects_inconsistent_key_paths(tmp_path, corrupt, message):
+  params = {'layers': [jnp.ones((2, 3)), jnp.ones(3)], 'head': jnp.ones((3, 1))}
+  path = artifact.save_divergence(tmp_path / 'div.npz', _divergence(params, 'kronecker'))
+  with np.load(path) as npz:
+    arrays = {k: npz[k] for k in npz.files}
+  metadata = json.loads(str(arrays.pop('__metadata__')))
+  corrupt({leaf['path_str']: leaf for leaf in metadata['leaves']})
+  bad = _write(tmp_path / 'bad.npz', arrays, metadata)
+  with pytest.raises(ValueError, match=re.escape(str(bad)) + '.*' + message):
+    artifact.load_divergence(bad)
+
+
+def test_reads_a_hand_made_version_1_file(tmp_path):
+  """A format-1 file written without this library (numpy and json only, as documented in
+  the module docstring) loads with its containers, kinds, dtypes and values."""
+  import ml_dtypes
+
+  rng = np.random.default_rng(0)
+  left = rng.standard_normal((3, 3)).astype(np.float32)
+  right = rng.standard_normal(2).astype(np.float32)  # a diagonal factor
+  gain = np.asarray(0.75, ml_dtypes.bfloat16)
+  scale = rng.standard_normal(4).astype(np.float32)
+
+  def array(name, value, stored_as=None):
+    return {'name': name, 'dtype': str(value.dtype), 'shape': list(value.shape),
+            'stored_as': stored_as}
+
+  net = {'type': 'dict', 'key': 'net', 'container': 'dict'}
+  leaves = [
+      {'path': [net, {'type': 'seq', 'key': 0, 'container': 'tuple'},
+                {'type': 'seq', 'key': 0, 'container': 'list'}],
+       'path_str': "['net'][0][0]", 'kind': 'kronecker', 'shape': [3, 2], 'eps': 1e-3,
+       'rows': [0], 'cols': [1],
+       'arrays': {'left': array('leaf_0/left', left), 'right': array('leaf_0/right', right)},
+       'param_dtype': 'float32'},
+      {'path': [net, {'type': 'seq', 'key': 1, 'container': 'tuple'},
+                {'type': 'dict', 'key': 7, 'container': 'dict'}],
+       'path_str': "['net'][1][7]", 'kind': 'scalar', 'shape': [], 'eps': 1e-3,
+       'arrays': {'scale': array('leaf_1/scale', gain, 'uint16')}},
+      {'path': [{'type': 'dict', 'key': 'scale', 'container': 'dict'}],
+       'path_str': "['scale']", 'kind': 'diagonal', 'shape': [4], 'eps': 1e-2,
+       'arrays': {'scale': array('leaf_2/scale', scale)}},
+  ]
+  metadata = {'format': 'metamd-divergence', 'format_version': 1, 'library_version': '0.1.0',
+              'jax_version': '0.4.35', 'numpy_version': '1.26.4',
+              'created': '2025-01-01T00:00:00+00:00', 'num_leaves': 3, 'leaves': leaves,
+              'config': {'lr': 0.1}, 'extra': None}
+  path = _write(tmp_path / 'v1.npz', {'leaf_0/left': left, 'leaf_0/right': right,
+                                      'leaf_1/scale': gain.view(np.uint16),
+                                      'leaf_2/scale': scale}, metadata)
+
+  loaded, read = artifact.load_divergence(path)
+  assert read == metadata
+  assert isinstance(loaded['net'], tuple) and isinstance(loaded['net'][0], list)
+  assert list(loaded['net'][1]) == [7]
+  kron, scalar, diagonal = loaded['net'][0][0], loaded['net'][1][7], loaded['scale']
+  assert type(kron) is divergence_lib.KroneckerMetric
+  assert (kron.shape, kron.rows, kron.cols, kron.eps) == ((3, 2), (0,), (1,), 1e-3)
+  assert type(scalar) is divergence_lib.ScalarMetric and scalar.scale.dtype == jnp.bfloat16
+  assert type(diagonal) is divergence_lib.DiagonalMetric and diagonal.eps == 1e-2
+  for got, want in ((kron.left, left), (kron.right, right), (scalar.scale, gain),
+                    (diagonal.scale, scale)):
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+  # The mirror step it gives, from the definition (numpy float64).
+  params = {'net': ([jnp.zeros((3, 2))], {7: jnp.zeros(())}), 'scale': jnp.zeros(4)}
+  grads = {'net': ([jnp.ones((3, 2))], {7: jnp.ones(())}), 'scale': jnp.ones(4)}
+  new = metamd_jax.mirror_step(loaded, params, grads)
+  big_l = left.astype(np.float64) @ left.T + 1e-3 * np.eye(3)
+  big_r = np.diag(right.astype(np.float64) ** 2 + 1e-3)
+  np.testing.assert_allclose(new['net'][0][0], -np.linalg.solve(big_l, np.ones((3, 2)))
+                             @ np.linalg.inv(big_r), rtol=1e-4)
+  np.testing.assert_allclose(new['scale'], -1.0 / (scale.astype(np.float64) ** 2 + 1e-2),
+                             rtol=1e-5)
+  np.testing.assert_allclose(new['net'][1][7], -1.0 / (0.75 ** 2 + 1e-3), rtol=1e-2)
+
+
+def test_library_version_comes_from_the_installed_distribution(tmp_path, monkeypatch):
+  import ast
+  import importlib.metadata
+  import inspect
+
+  assert artifact.library_version() == importlib.metadata.version('metamd-jax')
+  path = artifact.save_divergence(tmp_path / 'div.npz',
+                                  _divergence({'w': jnp.ones((2, 2))}, 'scalar'))
+  assert artifact.load_divergence(path)[1]['library_version'] == artifact.library_version()
+  # Not from the package's __init__: artifact.py does not import the package it is part of.
+  tree = ast.parse(inspect.getsource(artifact))
+  imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+              for alias in node.names}
+  assert 'metamd_jax' not in imported
+
+  def not_installed(name):
+    raise importlib.metadata.PackageNotFoundError(name)
+
+  artifact.library_version.cache_clear()
+  monkeypatch.setattr(importlib.metadata, 'version', not_installed)
+  try:
+    assert artifact.library_version() == 'unknown'
+  finally:
+    artifact.library_version.cache_clear()
