@@ -9,7 +9,8 @@ from typing import Any
 
 import jax
 
-PyTree = Any
+from metamd_jax.types import PyTree
+
 Batch = Any
 
 

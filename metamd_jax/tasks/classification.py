@@ -19,8 +19,7 @@ import optax
 
 from metamd_jax.datasets import Dataset
 from metamd_jax.tasks.base import Task, TaskFamily
-
-PyTree = Any
+from metamd_jax.types import PyTree
 
 __all__ = ['ClassificationFamily', 'as_typed_key', 'epoch_batch_indices']
 

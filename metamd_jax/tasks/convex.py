@@ -23,7 +23,6 @@ import optax
 from metamd_jax.tasks.base import Task, TaskFamily
 from metamd_jax.tasks.classification import as_typed_key, epoch_batch_indices
 
-PyTree = Any
 Params = dict[str, jax.Array]
 TaskParams = dict[str, jax.Array]
 
