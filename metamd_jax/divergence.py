@@ -553,9 +553,10 @@ def check_structure(divergence: PyTree, tree: PyTree, name: str = 'params') -> N
   """Raise ``ValueError`` unless ``tree`` has the structure and shapes of ``divergence``.
 
   The structure and leaf shapes must be those the divergence was built for (by
-  :func:`init_divergence`). Nothing is computed: only the tree structures and the leaves' ``shape`` attributes are
-  read, so ``tree`` may hold arrays, ``jax.ShapeDtypeStruct`` leaves or tracers. Leaves
-  that are ``optax.MaskedNode`` (from ``optax.masked``) are accepted in place of any leaf.
+  :func:`init_divergence`). Nothing is computed: only the tree structures and the
+  leaves' ``shape`` attributes are read, so ``tree`` may hold arrays,
+  ``jax.ShapeDtypeStruct`` leaves or tracers. Leaves that are ``optax.MaskedNode`` (from
+  ``optax.masked``) are accepted in place of any leaf.
 
   Args:
     divergence: a divergence (from :func:`init_divergence`), its :func:`operators` or its
