@@ -15,18 +15,30 @@ from metamd_jax.divergence import (
     strong_convexity,
 )
 from metamd_jax.inner_loop import Rollout, rollout
+from metamd_jax.meta_train import FitResult, MetaTrainState, fit
 from metamd_jax.mirror import mirror_step
 from metamd_jax.objectives import MetaGradient, meta_gradient, unrolled_loss
-from metamd_jax.tasks.base import Task, TaskFamily
+from metamd_jax.tasks import (
+    ClassificationFamily,
+    LeastSquaresFamily,
+    LogisticRegressionFamily,
+    Task,
+    TaskFamily,
+)
 from metamd_jax.transform import ScaleByMirrorDescentState, metamd, scale_by_mirror_descent
 
 __version__ = '0.1.0'
 
 __all__ = (
+    'ClassificationFamily',
     'DiagonalMetric',
+    'FitResult',
     'KroneckerAxes',
     'KroneckerMetric',
+    'LeastSquaresFamily',
+    'LogisticRegressionFamily',
     'MetaGradient',
+    'MetaTrainState',
     'Rollout',
     'ScalarMetric',
     'ScaleByMirrorDescentState',
@@ -36,6 +48,7 @@ __all__ = (
     'check_divergence',
     'check_structure',
     'convergence_bound',
+    'fit',
     'init_divergence',
     'load_divergence',
     'meta_gradient',
