@@ -114,3 +114,19 @@ def test_readme_meta_training_example_resumes_after_sigkill(tmp_path):
                              ('start_divergence', metamd_jax.metamd(start)))}
   np.testing.assert_allclose(final['start_divergence'], final['start'], rtol=1e-5)
   assert final['learned'] < 0.8 * final['start'], final
+
+
+def test_public_api_covers_what_the_readme_uses():
+  text = README.read_text()
+  used = set(re.findall(r'metamd_jax\.([A-Za-z_]\w*)', text))
+  modules = {'meta_train', 'evaluation', 'tasks', 'parallel', 'artifact', 'divergence'}
+  missing = sorted(n for n in used - modules if n not in metamd_jax.__all__)
+  assert not missing, f'README uses metamd_jax.{missing} outside __all__'
+  used_from_meta_train = set(re.findall(r'meta_train\.([A-Za-z_]\w*)', text))
+  assert {'fit', 'make_meta_step', 'sample_tasks', 'init_state'} <= used_from_meta_train
+  for name in used_from_meta_train - {'py'}:
+    assert hasattr(meta_train, name), name
+  for name in metamd_jax.__all__:
+    assert not name.startswith('_') and getattr(metamd_jax, name) is not None
+  assert {'fit', 'FitResult', 'MetaTrainState', 'TaskFamily', 'Task',
+          'ClassificationFamily', 'LeastSquaresFamily'} <= set(metamd_jax.__all__)
