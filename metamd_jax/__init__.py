@@ -1,7 +1,13 @@
 """metamd_jax: Meta Mirror Descent, a meta-learned Bregman divergence as an optax optimiser."""
 
+from metamd_jax.adaptive import (
+    ScaleByAdaptiveMirrorDescentState,
+    adaptive_metamd,
+    reference_gradient_norm,
+    scale_by_adaptive_mirror_descent,
+)
 from metamd_jax.artifact import load_divergence, save_divergence
-from metamd_jax.bound import regret_bound
+from metamd_jax.bound import adaptive_regret_bound, regret_bound
 from metamd_jax.divergence import (
     DiagonalMetric,
     KroneckerAxes,
@@ -14,7 +20,7 @@ from metamd_jax.divergence import (
     init_divergence,
     strong_convexity,
 )
-from metamd_jax.inner_loop import Rollout, rollout
+from metamd_jax.inner_loop import AdaptiveRollout, Rollout, adaptive_rollout, rollout
 from metamd_jax.meta_train import FitResult, MetaTrainState, fit
 from metamd_jax.mirror import mirror_step
 from metamd_jax.objectives import MetaGradient, meta_gradient, unrolled_loss
@@ -30,6 +36,7 @@ from metamd_jax.transform import ScaleByMirrorDescentState, metamd, scale_by_mir
 __version__ = '0.1.0'
 
 __all__ = (
+    'AdaptiveRollout',
     'ClassificationFamily',
     'DiagonalMetric',
     'FitResult',
@@ -41,9 +48,13 @@ __all__ = (
     'MetaTrainState',
     'Rollout',
     'ScalarMetric',
+    'ScaleByAdaptiveMirrorDescentState',
     'ScaleByMirrorDescentState',
     'Task',
     'TaskFamily',
+    'adaptive_metamd',
+    'adaptive_regret_bound',
+    'adaptive_rollout',
     'bregman_divergence',
     'check_divergence',
     'check_structure',
@@ -54,9 +65,11 @@ __all__ = (
     'meta_gradient',
     'metamd',
     'mirror_step',
+    'reference_gradient_norm',
     'regret_bound',
     'rollout',
     'save_divergence',
+    'scale_by_adaptive_mirror_descent',
     'scale_by_mirror_descent',
     'strong_convexity',
     'unrolled_loss',

@@ -22,6 +22,20 @@ trajectory (:func:`regret_bound`) and the streaming sums that let
 ``lax.scan`` with memory constant in ``T`` (:func:`init_sums`, :func:`add_step`,
 :func:`finish`). The terms take the divergence's materialised metrics
 (:func:`metamd_jax.divergence.operators`); a divergence works too where noted.
+
+It also holds the bound of adaptive MetaMD (:mod:`metamd_jax.adaptive`, the metric
+``M_t = s_t M`` with a non-decreasing online scale ``s_t >= 1``; METHOD.md section 7):
+
+.. math::
+
+  R = \\frac1T \\Big[ \\tfrac12 \\sum_{t=1}^T (s_t - s_{t-1}) \\|u - \\theta_t\\|^2_M
+      + \\tfrac12 \\sum_{t=1}^T \\frac{\\|g_t\\|^2_{M^{-1}}}{s_t} \\Big],
+  \\qquad s_0 = 0, \\quad u = \\mathrm{sg}(\\theta_{T+1}),
+
+with iterates, gradients and scales as data: its step term
+(:func:`adaptive_step_term`), the bound of a stored trajectory
+(:func:`adaptive_regret_bound`) and its streaming sums (:func:`init_adaptive_sums`,
+:func:`add_adaptive_step`, :func:`finish_adaptive`).
 """
 
 from __future__ import annotations
@@ -241,4 +255,229 @@ def finish(sums: StreamingSums, operators: PyTree, final_params: PyTree, init_pa
     distance, distance_grad = jax.value_and_grad(distance_term)(operators, final_params,
                                                                 init_params)
     grad = jax.tree.map(lambda a, b: (a + b) / num_steps, distance_grad, sums.grads)
+  return from_terms(distance, sums.step_terms, num_steps), distance, grad
+
+
+# ---------------------------------------------------------------------------
+# Adaptive mirror descent: the metric M_t = s_t M with a non-decreasing scale.
+# ---------------------------------------------------------------------------
+#
+# With M_t = s_t M, s_t >= 1 non-decreasing (see metamd_jax.adaptive), the adaptive-MD
+# regret bound divided by T is
+#
+#   R = 1/T [ 1/2 sum_t w_t ||u - theta_t||^2_M + 1/2 sum_t ||g_t||^2_{M^{-1}} / s_t ],
+#   w_1 = s_1, w_t = s_t - s_{t-1} (s_0 = 0), u = sg(theta_{T+1}).
+#
+# Iterates, gradients and scales are data (stop-gradient), so R is a function of the
+# learned metric only. It streams: with d_t = theta_t - theta_1 and D = u - theta_1,
+#
+#   sum_t w_t ||u - theta_t||^2_M = s_T ||D||^2_M - 2 <M D, sum_t w_t d_t>
+#                                   + sum_t w_t ||d_t||^2_M,
+#
+# (sum_t w_t = s_T), so a rollout carries s_{t-1}, the tree sum_t w_t d_t, the scalar
+# sum_t w_t ||d_t||^2_M / 2 and, since M is frozen within a run, that scalar's gradient
+# and the step terms' gradients w.r.t. the operators. Centring at theta_1 keeps the
+# expansion's cancellation relative to the distance travelled, not to ||theta||.
+
+
+def adaptive_step_term(operators: PyTree, params: PyTree, grads: PyTree, scale: Array, *,
+                       adjoint: str = 'implicit', solver='exact',
+                       **solver_options) -> Array:
+  """``||g||^2_{M^{-1}} / (2 s)``: the step term of the metric ``s M`` (``s`` is data).
+
+  It is ``B_{s phi}(theta, theta+)`` with ``theta+ = theta - M^{-1} g / s``. With
+  ``adjoint='implicit'`` it is written ``s B_phi(theta, MD_phi(theta, g / s))`` and
+  differentiated through the mirror step's implicit VJP (:func:`step_term`); with
+  ``'statistics'`` as ``statistics_term / s`` (gradients w.r.t. the cached inverses).
+  Both give the same value and gradient.
+
+  Args:
+    operators: the materialised metrics.
+    params: ``theta`` (data).
+    grads: ``g`` (data).
+    scale: ``s >= 1`` (data).
+    adjoint: ``'implicit'`` or ``'statistics'``.
+    solver: adjoint solver of the mirror step (``'implicit'`` only).
+    **solver_options: options of a matrix-free solver.
+
+  Returns:
+    The scalar term.
+  """
+  check_adjoint(adjoint)
+  scale = jax.lax.stop_gradient(scale)
+  if adjoint == 'implicit':
+    scaled = jax.tree.map(lambda g: g / scale.astype(g.dtype), jax.lax.stop_gradient(grads))
+    term, _ = step_term(operators, params, scaled, solver=solver, **solver_options)
+    return scale.astype(term.dtype) * term
+  term, _ = statistics_term(operators, grads)
+  return term / scale.astype(term.dtype)
+
+
+def _scale_weights(scales: Array) -> Array:
+  """``w_1 = s_1``, ``w_t = s_t - s_{t-1}``."""
+  return jnp.diff(scales, prepend=jnp.zeros((1,), scales.dtype))
+
+
+def adaptive_regret_bound(divergence: PyTree, params_sequence: PyTree, grads_sequence: PyTree,
+                          scales: Array, *, adjoint: str = 'implicit', solver='exact',
+                          **solver_options) -> Array:
+  """The adaptive-mirror-descent regret bound of a stored trajectory, divided by ``T``.
+
+  .. math::
+
+    R = \\frac1T \\Big[ \\tfrac12 s_1 \\|u - \\theta_1\\|^2_M
+      + \\tfrac12 \\sum_{t \\ge 2} (s_t - s_{t-1}) \\|u - \\theta_t\\|^2_M
+      + \\tfrac12 \\sum_{t=1}^T \\frac{\\|g_t\\|^2_{M^{-1}}}{s_t} \\Big],
+    \\qquad u = \\mathrm{sg}(\\theta_{T+1}),
+
+  the bound of the metrics ``M_t = s_t M`` (:mod:`metamd_jax.adaptive`), with iterates,
+  gradients and scales as data. With ``s_t = 1`` for all ``t`` it is
+  :func:`regret_bound`. Memory is linear in ``T``;
+  :func:`metamd_jax.inner_loop.adaptive_rollout` streams the same bound.
+
+  Args:
+    divergence: the divergence.
+    params_sequence: iterates ``theta_1 .. theta_{T+1}`` stacked on a leading axis.
+    grads_sequence: gradients ``g_1 .. g_T`` stacked on a leading axis.
+    scales: ``(T,)`` scales ``s_1 .. s_T`` (non-decreasing, ``>= 1`` for the bound to
+      hold; not checked).
+    adjoint: how the step terms are differentiated (see :func:`adaptive_step_term`).
+    solver: adjoint solver of the mirror step.
+    **solver_options: options of a matrix-free solver.
+
+  Returns:
+    The scalar bound.
+  """
+  num_steps = jax.tree.leaves(grads_sequence)[0].shape[0]
+  lengths = {x.shape[0] for x in jax.tree.leaves(params_sequence)}
+  if lengths != {num_steps + 1}:
+    raise ValueError(f'params_sequence must hold T + 1 = {num_steps + 1} iterates for '
+                     f'T = {num_steps} gradients, got leading sizes {sorted(lengths)}.')
+  if jnp.shape(scales) != (num_steps,):
+    raise ValueError(f'scales must have shape (T,) = ({num_steps},), got {jnp.shape(scales)}.')
+  scales = jax.lax.stop_gradient(jnp.asarray(scales))
+  operators = divergence_lib.operators(divergence)
+  final = jax.tree.map(lambda x: x[-1], params_sequence)
+  iterates = jax.tree.map(lambda x: x[:-1], params_sequence)
+  distances = jax.vmap(lambda p: distance_term(operators, final, p))(iterates)
+  steps = jax.vmap(lambda p, g, s: adaptive_step_term(
+      operators, p, g, s, adjoint=adjoint, solver=solver, **solver_options))(
+          iterates, grads_sequence, scales)
+  weights = _scale_weights(scales).astype(distances.dtype)
+  return from_terms(jnp.sum(weights * distances), jnp.sum(steps), num_steps)
+
+
+class AdaptiveSums(NamedTuple):
+  """The running sums of a streamed adaptive bound (the carry of a ``lax.scan``).
+
+  Attributes:
+    step_terms: ``sum_t ||g_t||^2_{M^{-1}} / (2 s_t)``, a scalar in the metrics' dtype.
+    scale: ``s_t`` of the last step added (0 before the first), the metrics' dtype;
+      ``sum_t w_t = s_T``.
+    weighted_shift: ``sum_t w_t (theta_t - theta_1)``, a tree with the params'
+      structure (leaves in the params' dtype promoted with the metrics').
+    shift_terms: ``sum_t w_t ||theta_t - theta_1||^2_M / 2``, a scalar.
+    grads: gradient w.r.t. the operators of ``step_terms + shift_terms``, with the
+      structure of the operators (``None`` when no meta-gradient is accumulated).
+  """
+
+  step_terms: Array
+  scale: Array
+  weighted_shift: PyTree
+  shift_terms: Array
+  grads: PyTree | None
+
+
+def init_adaptive_sums(operators: PyTree, params: PyTree, *,
+                       meta_gradient: bool = False) -> AdaptiveSums:
+  """Zero sums for :func:`add_adaptive_step` (``params``: ``theta_1``, for the shapes)."""
+  dtype = jnp.result_type(*jax.tree.leaves(operators))
+  zero = jnp.zeros((), dtype)
+  shift = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.result_type(p, dtype)), params)
+  grads = jax.tree.map(jnp.zeros_like, operators) if meta_gradient else None
+  return AdaptiveSums(zero, zero, shift, zero, grads)
+
+
+def add_adaptive_step(sums: AdaptiveSums, operators: PyTree, params: PyTree, grads: PyTree,
+                      scale: Array, init_params: PyTree, *, adjoint: str = 'implicit',
+                      solver='exact', **solver_options) -> AdaptiveSums:
+  """Add step ``t`` (``theta_t``, ``g_t``, ``s_t``) to the streamed adaptive bound.
+
+  The step itself (``theta_{t+1} = theta_t - M^{-1} g_t / s_t``) is taken by the caller,
+  which computes ``s_t`` from ``M^{-1} g_t`` first (:func:`metamd_jax.adaptive.update_scale`).
+
+  Args:
+    sums: the running sums (:func:`init_adaptive_sums`).
+    operators: the materialised metrics.
+    params: ``theta_t`` (data).
+    grads: ``g_t`` (data).
+    scale: ``s_t`` (data).
+    init_params: ``theta_1``.
+    adjoint: how the step term is differentiated (see :func:`adaptive_step_term`).
+    solver: adjoint solver of the mirror step.
+    **solver_options: options of a matrix-free solver.
+
+  Returns:
+    The updated sums.
+  """
+  check_adjoint(adjoint)
+  dtype = sums.step_terms.dtype
+  scale = jax.lax.stop_gradient(jnp.asarray(scale, dtype))
+  weight = scale - sums.scale
+  shift = jax.tree.map(lambda p, p1: jax.lax.stop_gradient(p - p1), params, init_params)
+
+  def terms(operators):
+    step = adaptive_step_term(operators, params, grads, scale, adjoint=adjoint,
+                              solver=solver, **solver_options)
+    shift_term = distance_term(operators, params, init_params)
+    return step.astype(dtype), (weight * shift_term).astype(dtype)
+
+  if sums.grads is None:
+    step, shift_term = terms(operators)
+    term_grad = None
+  else:
+    (step, shift_term), vjp = jax.vjp(terms, operators)
+    one = jnp.ones((), dtype)
+    term_grad = jax.tree.map(jnp.add, sums.grads, vjp((one, one))[0])
+  weighted_shift = jax.tree.map(lambda a, d: a + (weight * d).astype(a.dtype),
+                                sums.weighted_shift, shift)
+  return AdaptiveSums(sums.step_terms + step, scale, weighted_shift,
+                      sums.shift_terms + shift_term, term_grad)
+
+
+def finish_adaptive(sums: AdaptiveSums, operators: PyTree, final_params: PyTree,
+                    init_params: PyTree, num_steps: int) -> tuple[Array, Array, PyTree | None]:
+  """The adaptive bound from the streamed sums and the two end points.
+
+  Args:
+    sums: the sums after ``num_steps`` calls of :func:`add_adaptive_step`.
+    operators: the materialised metrics.
+    final_params: ``theta_{T+1}``, the comparator (held constant).
+    init_params: ``theta_1``.
+    num_steps: ``T``.
+
+  Returns:
+    ``(bound, distance, grad)``: ``distance`` is
+    ``1/2 sum_t w_t ||u - theta_t||^2_M`` and ``grad`` the bound's gradient w.r.t.
+    ``operators`` (``None`` unless the sums accumulate gradients).
+  """
+  dtype = sums.step_terms.dtype
+  offset = jax.tree.map(lambda u, p1: jax.lax.stop_gradient(u - p1), final_params, init_params)
+  weighted_shift = jax.lax.stop_gradient(sums.weighted_shift)
+
+  def end_terms(operators):
+    # 1/2 s_T ||D||^2_M - <M D, sum_t w_t d_t>, with D = u - theta_1.
+    moved = divergence_lib.apply_metric(operators, offset)
+    cross = sum(jnp.vdot(m, s.astype(m.dtype)) for m, s in
+                zip(jax.tree.leaves(moved), jax.tree.leaves(weighted_shift)))
+    full = distance_term(operators, final_params, init_params)
+    return (sums.scale * full - cross).astype(dtype)
+
+  if sums.grads is None:
+    distance = end_terms(operators) + sums.shift_terms
+    grad = None
+  else:
+    end, end_grad = jax.value_and_grad(end_terms)(operators)
+    distance = end + sums.shift_terms
+    grad = jax.tree.map(lambda a, b: (a + b) / num_steps, end_grad, sums.grads)
   return from_terms(distance, sums.step_terms, num_steps), distance, grad

@@ -2,7 +2,9 @@
 
 The bound itself (its terms, the bound of a stored trajectory and the streaming sums) is
 :mod:`metamd_jax.bound`; ``objective='bound'`` streams it with
-:func:`metamd_jax.inner_loop.rollout`.
+:func:`metamd_jax.inner_loop.rollout`, and ``objective='adaptive_bound'`` streams the
+adaptive-mirror-descent bound of :mod:`metamd_jax.adaptive` (the metric ``s_t M`` with a
+non-decreasing online scale) with :func:`metamd_jax.inner_loop.adaptive_rollout`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from metamd_jax import inner_loop, mirror
 from metamd_jax.tasks.base import Task
 from metamd_jax.types import Array, PyTree
 
-OBJECTIVES = ('bound', 'unrolled')
+OBJECTIVES = ('bound', 'unrolled', 'adaptive_bound')
 
 
 def unrolled_loss(divergence: PyTree, task: Task, num_steps: int, *,
@@ -52,7 +54,8 @@ class MetaGradient(NamedTuple):
 
 def meta_gradient(divergence: PyTree, task: Task, num_steps: int, *,
                   objective: str = 'bound', params: PyTree | None = None,
-                  adjoint: str = 'implicit', solver='exact', **solver_options) -> MetaGradient:
+                  adjoint: str = 'implicit', solver='exact', reference_norm: float | None = None,
+                  decay: float = 0.9, **solver_options) -> MetaGradient:
   """The meta-objective and its gradient w.r.t. the divergence on one task.
 
   Args:
@@ -60,17 +63,35 @@ def meta_gradient(divergence: PyTree, task: Task, num_steps: int, *,
     task: the task.
     num_steps: the inner horizon ``T``.
     objective: ``'bound'`` (the convergence-rate bound, implicit meta-gradient, memory
-      constant in ``T``) or ``'unrolled'`` (training loss after ``T`` steps,
-      back-propagated through the unroll, memory linear in ``T``).
+      constant in ``T``), ``'unrolled'`` (training loss after ``T`` steps,
+      back-propagated through the unroll, memory linear in ``T``) or
+      ``'adaptive_bound'`` (the adaptive-mirror-descent bound of adaptive MetaMD, the
+      metric ``s_t M``, with iterates, gradients and scales as data; memory constant in
+      ``T``; equal to ``'bound'`` when ``reference_norm`` is ``None``).
     params: initial parameters (``task.init()`` if ``None``).
     adjoint: ``'implicit'`` or ``'statistics'`` (bound objective; see
       :func:`metamd_jax.rollout`).
-    solver: adjoint solver of the mirror step (bound objective).
+    solver: adjoint solver of the mirror step (bound objectives).
+    reference_norm: ``'adaptive_bound'`` only: the in-distribution level of
+      ``||g||_{M^{-1}}`` (see :func:`metamd_jax.adaptive.reference_gradient_norm`);
+      ``None`` or ``inf``: the scale stays 1. Through
+      :func:`metamd_jax.meta_train.make_meta_step` it is passed in ``solver_options``.
+    decay: ``'adaptive_bound'`` only: the decay of the scale's moving average.
     **solver_options: options of a matrix-free solver.
 
   Returns:
     A :class:`MetaGradient`.
   """
+  if objective != 'adaptive_bound' and reference_norm is not None:
+    raise ValueError(f"reference_norm is an option of objective='adaptive_bound', not of "
+                     f'{objective!r}.')
+  if objective == 'adaptive_bound':
+    result = inner_loop.adaptive_rollout(divergence, task, num_steps, reference_norm,
+                                         decay=decay, params=params, meta_gradient=True,
+                                         adjoint=adjoint, solver=solver, **solver_options)
+    final_loss = task.loss(result.final_params,
+                           task.batch(jnp.asarray(num_steps, jnp.int32)))
+    return MetaGradient(result.bound, result.meta_grad, result.losses, final_loss)
   if objective == 'bound':
     result = inner_loop.rollout(divergence, task, num_steps, params=params,
                                 meta_gradient=True, adjoint=adjoint, solver=solver,

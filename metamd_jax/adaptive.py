@@ -1,0 +1,443 @@
+"""Adaptive MetaMD: a learned divergence with an online, non-decreasing scale.
+
+A frozen learned divergence has fixed step sizes: where the curvature at meta-test time
+is higher than in meta-training (another input scale, standardised inputs, smaller
+batches) its steps are too long and training diverges. Adaptive mirror descent
+(METHOD.md section 7) lets the divergence change during a run and keeps a regret bound
+as long as it only grows. Here the time-varying metric is the learned one times a
+scalar,
+
+.. math::
+
+  M_t = s_t M, \\qquad
+  n_t = \\|g_t\\|^2_{M^{-1}} = \\langle g_t, M^{-1} g_t \\rangle, \\qquad
+  v_t = \\beta v_{t-1} + (1 - \\beta) n_t, \\qquad
+  \\hat v_t = \\frac{v_t}{1 - \\beta^t},
+
+.. math::
+
+  s_t = \\max\\Big(s_{t-1}, \\frac{\\sqrt{\\hat v_t}}{c}\\Big), \\quad s_0 = 1,
+  \\qquad \\theta_{t+1} = \\theta_t - M_t^{-1} g_t = \\theta_t - \\frac{M^{-1} g_t}{s_t},
+
+with ``M`` the learned (frozen) Kronecker metric, ``beta`` the ``decay`` and ``c`` the
+``reference_norm``: the gradient level, measured in the learned geometry, that counts
+as in distribution (calibrate it on meta-training tasks with
+:func:`reference_gradient_norm`). While the gradients stay at or below that level
+``s_t = 1`` and the optimiser is exactly frozen MetaMD; under larger gradients (higher
+curvature, another input scale, or the growing oscillation that precedes divergence)
+the step shrinks. Since ``s_t`` never decreases, ``M_t`` only grows.
+
+One scale for the whole model (the literal ``M_t = s_t M``), not one per leaf: the
+relative step sizes of the layers are part of what was meta-learned, and a per-leaf
+normalisation would override them with a balance that meta-training never saw.
+
+The guarantee. For convex losses ``f_t``, any comparator ``u``, and any scales with
+``s_t >= 1`` non-decreasing (which the rule above ensures), adaptive mirror descent with
+the quadratic potentials ``phi_t = s_t phi`` satisfies (Duchi, Hazan & Singer 2011;
+McMahan 2017)
+
+.. math::
+
+  \\sum_{t=1}^T f_t(\\theta_t) - f_t(u) \\le \\sum_t \\langle g_t, \\theta_t - u \\rangle
+  \\le \\tfrac12 s_1 \\|u - \\theta_1\\|^2_M
+      + \\tfrac12 \\sum_{t \\ge 2} (s_t - s_{t-1}) \\|u - \\theta_t\\|^2_M
+      + \\tfrac12 \\sum_t \\frac{\\|g_t\\|^2_{M^{-1}}}{s_t},
+
+and with ``||u - theta_t||_M <= D_M`` for all ``t`` the middle sum telescopes, so
+
+.. math::
+
+  \\mathrm{Regret}_T \\le \\tfrac12 s_T D_M^2 + \\tfrac12 \\sum_t \\|g_t\\|^2_{M^{-1}},
+
+at most the bound of frozen MetaMD with the metric ``s_T M`` (whose gradient term is
+``1/(2 s_T) sum_t ||g_t||^2_{M^{-1}}`` and smaller: the adaptive run pays at most the
+frozen gradient term ``1/2 sum_t ||g_t||^2_{M^{-1}}``). If ``||g_t||_{M^{-1}} <= G_M``
+then ``hat v_t <= G_M^2`` and ``s_T <= max(1, G_M / c)``. The potential ``s_t phi`` is
+``s_t sigma``-strongly convex with ``s_t sigma >= sigma >= eps**2``: the floor of the
+learned family still holds. :func:`metamd_jax.bound.adaptive_regret_bound` is the right
+hand side divided by ``T``, and is a meta-objective of the same kind as the frozen bound
+(``objective='adaptive_bound'`` in :func:`metamd_jax.meta_gradient`).
+
+Cost per step, against :func:`metamd_jax.metamd`: one inner product per leaf
+(``<G, P G Q>``, two flops per parameter, on the direction ``P G Q`` computed anyway),
+one scalar reduction over the leaves, a few scalar operations (moving average, bias
+correction, square root, maximum) and one multiplication per parameter by ``1 / s_t``;
+the state grows by three scalars. Adam, for comparison, does about ten elementwise
+operations per parameter and keeps two parameter-sized buffers; MetaMD's two matrix
+products per Kronecker leaf and its cached ``P``, ``Q`` are unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from metamd_jax import divergence as divergence_lib
+from metamd_jax import tree_utils
+from metamd_jax.tasks.base import TaskFamily
+from metamd_jax.types import Array, PyTree
+
+__all__ = [
+    'ScaleByAdaptiveMirrorDescentState',
+    'adaptive_metamd',
+    'check_decay',
+    'check_reference_norm',
+    'direction_and_squared_norm',
+    'gradient_levels',
+    'reference_gradient_norm',
+    'scale_by_adaptive_mirror_descent',
+    'update_scale',
+]
+
+
+# ---------------------------------------------------------------------------
+# The online scale.
+# ---------------------------------------------------------------------------
+
+
+def check_reference_norm(reference_norm: Any) -> float | Array | None:
+  """Validate ``reference_norm``: positive and finite, or ``None`` / ``inf`` (never adapt).
+
+  Traced values (e.g. under ``optax.inject_hyperparams`` in a jitted update) cannot be
+  inspected and are returned as they are.
+
+  Returns:
+    ``None`` for ``None`` or ``+inf`` (the scale stays 1), else ``reference_norm``.
+
+  Raises:
+    TypeError: if ``reference_norm`` is not a real number (a bool is not one).
+    ValueError: if it is zero, negative or NaN.
+  """
+  if reference_norm is None:
+    return None
+  if isinstance(reference_norm, (bool, np.bool_)) or isinstance(reference_norm, str):
+    raise TypeError(f'reference_norm must be a positive float or None, got {reference_norm!r}.')
+  try:
+    value = float(reference_norm)
+  except jax.errors.ConcretizationTypeError:
+    return reference_norm  # Traced: checked by the caller.
+  except (TypeError, ValueError) as error:
+    raise TypeError(
+        f'reference_norm must be a positive float or None, got {reference_norm!r}.') from error
+  if value == math.inf:
+    return None
+  if not (math.isfinite(value) and value > 0):
+    raise ValueError(
+        f'reference_norm must be positive and finite (or None / inf: never adapt), got '
+        f'{reference_norm!r}; calibrate it with reference_gradient_norm.')
+  return reference_norm
+
+
+def check_decay(decay: Any) -> float:
+  """Validate the moving-average ``decay``: a float in ``[0, 1)``."""
+  if isinstance(decay, bool) or not isinstance(decay, int | float | np.integer | np.floating):
+    raise TypeError(f'decay must be a float in [0, 1), got {decay!r}.')
+  if not 0 <= float(decay) < 1:
+    raise ValueError(f'decay must be in [0, 1), got {decay!r}.')
+  return float(decay)
+
+
+def update_scale(count: Array, norm_average: Array, scale: Array, squared_norm: Array, *,
+                 reference_norm: float | Array | None, decay: float
+                 ) -> tuple[Array, Array, Array]:
+  """One step of the online scale: moving average, bias correction, running maximum.
+
+  .. math::
+
+    v_t = \\beta v_{t-1} + (1 - \\beta) n_t, \\qquad
+    s_t = \\max\\Big(s_{t-1}, \\sqrt{v_t / (1 - \\beta^t)} / c\\Big).
+
+  Shared by :func:`scale_by_adaptive_mirror_descent` and
+  :func:`metamd_jax.inner_loop.adaptive_rollout`, so that both take the same steps.
+
+  Args:
+    count: ``t - 1``, int32 ``()``.
+    norm_average: ``v_{t-1}`` (not bias-corrected), a float scalar.
+    scale: ``s_{t-1}``, a float scalar (1 before the first step).
+    squared_norm: ``n_t = <g_t, M^{-1} g_t>``.
+    reference_norm: ``c`` (validated by :func:`check_reference_norm`); ``None``: the
+      scale stays ``s_{t-1}``.
+    decay: ``beta`` in ``[0, 1)``.
+
+  Returns:
+    ``(t, v_t, s_t)`` with the dtypes of the inputs.
+  """
+  count = optax.safe_increment(count)
+  squared_norm = squared_norm.astype(norm_average.dtype)
+  norm_average = decay * norm_average + (1 - decay) * squared_norm
+  if reference_norm is None:
+    return count, norm_average, scale
+  correction = 1 - decay ** count.astype(norm_average.dtype)
+  level = jnp.sqrt(norm_average / correction)
+  scale = jnp.maximum(scale, (level / reference_norm).astype(scale.dtype))
+  return count, norm_average, scale
+
+
+def direction_and_squared_norm(inverse: PyTree, grads: PyTree) -> tuple[PyTree, Array]:
+  """``(M^{-1} g, <g, M^{-1} g>)`` in the metrics' dtype.
+
+  Args:
+    inverse: the cached inverse metrics (:func:`metamd_jax.divergence.preconditioner`)
+      or the full operators.
+    grads: ``g``; ``optax.MaskedNode`` leaves pass through and add nothing to the norm.
+
+  Returns:
+    The direction (a tree like ``grads``, leaves in the metrics' dtype) and the scalar
+    squared dual norm ``||g||^2_{M^{-1}}`` (one inner product per leaf).
+  """
+  direction = tree_utils.map_metrics(lambda p, g: p.solve(g), inverse, grads,
+                                     is_leaf=divergence_lib.is_metric_or_operator,
+                                     name='updates')
+  # MaskedNode leaves are empty subtrees: both flattenings skip them alike.
+  terms = [jnp.vdot(g.astype(d.dtype), d) for g, d in
+           zip(jax.tree.leaves(grads), jax.tree.leaves(direction))]
+  return direction, sum(terms[1:], terms[0]) if terms else jnp.zeros(())
+
+
+# ---------------------------------------------------------------------------
+# The optax transformation.
+# ---------------------------------------------------------------------------
+
+
+class ScaleByAdaptiveMirrorDescentState(NamedTuple):
+  """State of :func:`scale_by_adaptive_mirror_descent`.
+
+  Attributes:
+    preconditioner: the cached inverse metric of every leaf, as in
+      :class:`metamd_jax.ScaleByMirrorDescentState` (``P``, ``Q`` per Kronecker leaf,
+      the inverse values per diagonal or scalar leaf), computed once at ``init``.
+    count: number of updates taken, int32 ``()`` (``optax.safe_increment``).
+    norm_average: ``v_t``, the moving average of ``<g, M^{-1} g>`` before bias
+      correction, ``()`` in the metric's dtype (0 at ``init``).
+    scale: ``s_t >= 1``, the online scale of the metric, ``()`` in the metric's dtype
+      (1 at ``init``); never decreases.
+  """
+
+  preconditioner: PyTree
+  count: Array
+  norm_average: Array
+  scale: Array
+
+
+def scale_by_adaptive_mirror_descent(
+    divergence: PyTree,
+    reference_norm: float | None,
+    *,
+    decay: float = 0.9,
+) -> optax.GradientTransformation:
+  """Map gradients to the adaptive mirror-descent direction ``M^{-1} g / s_t``.
+
+  .. math::
+
+    n_t = \\langle g_t, M^{-1} g_t \\rangle, \\quad
+    v_t = \\beta v_{t-1} + (1 - \\beta) n_t, \\quad
+    s_t = \\max\\Big(s_{t-1}, \\frac{\\sqrt{v_t / (1 - \\beta^t)}}{c}\\Big), \\quad
+    u_t = \\frac{M^{-1} g_t}{s_t},
+
+  with ``s_0 = 1``: the direction of the metric ``M_t = s_t M`` (see the module
+  docstring for the regret bound it keeps). The direction has the sign of the gradient;
+  follow with ``optax.scale_by_learning_rate`` or use :func:`adaptive_metamd`. The
+  inverse factors are computed once in ``init``; each ``update`` is the two matrix
+  products per Kronecker leaf of :func:`metamd_jax.scale_by_mirror_descent` plus one
+  inner product per leaf and a few scalar operations. Use ``optax.apply_if_finite`` to
+  keep a non-finite gradient out of the state (a NaN in ``v_t`` stays there).
+
+  Args:
+    divergence: a divergence from :func:`metamd_jax.init_divergence` (learned or not).
+    reference_norm: ``c > 0``, the in-distribution level of ``||g||_{M^{-1}}`` (see
+      :func:`reference_gradient_norm`). ``None`` or ``inf``: never adapt (exactly
+      :func:`metamd_jax.scale_by_mirror_descent`).
+    decay: ``beta`` in ``[0, 1)``, the decay of the moving average of
+      ``||g||^2_{M^{-1}}`` (0: ``s_t`` is the running maximum of ``||g_t||_{M^{-1}} / c``).
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Raises:
+    TypeError: if ``reference_norm`` or ``decay`` is not a number.
+    ValueError: if ``reference_norm`` is zero, negative or NaN, or ``decay`` is outside
+      ``[0, 1)``.
+  """
+  divergence_lib.check_divergence(divergence)
+  reference_norm = check_reference_norm(reference_norm)
+  decay = check_decay(decay)
+
+  def init_fn(params):
+    divergence_lib.check_structure(divergence, params)
+    inverse = divergence_lib.preconditioner(divergence)
+    dtype = jnp.result_type(*jax.tree.leaves(inverse))
+    return ScaleByAdaptiveMirrorDescentState(
+        preconditioner=inverse, count=jnp.zeros((), jnp.int32),
+        norm_average=jnp.zeros((), dtype), scale=jnp.ones((), dtype))
+
+  def update_fn(updates, state, params=None):
+    del params
+    direction, squared_norm = direction_and_squared_norm(state.preconditioner, updates)
+    count, norm_average, scale = update_scale(
+        state.count, state.norm_average, state.scale, squared_norm,
+        reference_norm=reference_norm, decay=decay)
+    updates = jax.tree.map(lambda g, d: (d / scale).astype(g.dtype), updates, direction)
+    return updates, ScaleByAdaptiveMirrorDescentState(state.preconditioner, count,
+                                                      norm_average, scale)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adaptive_metamd(
+    divergence: PyTree,
+    reference_norm: float | None,
+    learning_rate: optax.ScalarOrSchedule = 1.0,
+    *,
+    decay: float = 0.9,
+) -> optax.GradientTransformation:
+  """Adaptive MetaMD: ``-learning_rate * M^{-1} g / s_t`` with a non-decreasing ``s_t``.
+
+  :func:`metamd_jax.metamd` with the metric ``M_t = s_t M`` (see
+  :func:`scale_by_adaptive_mirror_descent` and the module docstring): exactly MetaMD
+  while ``||g||_{M^{-1}}`` stays at or below ``reference_norm``, shorter steps when the
+  gradients, measured in the learned geometry, grow beyond it. It keeps the
+  adaptive-mirror-descent regret bound; ``s_T <= max(1, G_M / reference_norm)`` when
+  ``||g||_{M^{-1}} <= G_M``.
+
+  Args:
+    divergence: a divergence from :func:`metamd_jax.init_divergence`.
+    reference_norm: the in-distribution level of ``||g||_{M^{-1}}``, from
+      :func:`reference_gradient_norm` on meta-training tasks; ``None`` or ``inf``: never
+      adapt (exactly :func:`metamd_jax.metamd`).
+    learning_rate: a positive float or an optax schedule; multiplies the step.
+    decay: decay of the moving average of ``||g||^2_{M^{-1}}``, in ``[0, 1)``.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, metamd_jax
+    >>> params = {'w': jnp.ones((4, 3))}
+    >>> divergence = metamd_jax.init_divergence(params, learning_rate=0.1)
+    >>> optimizer = metamd_jax.adaptive_metamd(divergence, reference_norm=0.5)
+    >>> state = optimizer.init(params)
+    >>> updates, state = optimizer.update({'w': jnp.full((4, 3), 10.0)}, state, params)
+    >>> float(state[0].scale)  # ||g||_{M^{-1}} = sqrt(0.1 * 12 * 100) ~ 10.95
+    21.9089...
+
+  References:
+    Duchi, Hazan & Singer (2011), `Adaptive subgradient methods for online learning and
+    stochastic optimization`; McMahan (2017), `A survey of algorithms and analysis for
+    adaptive online learning`; Reddi, Kale & Kumar (2018), `On the convergence of Adam
+    and beyond` (the running maximum).
+  """
+  if not callable(learning_rate):
+    try:
+      value = float(learning_rate)
+    except TypeError:
+      value = None  # A traced value (e.g. under inject_hyperparams): checked by the user.
+    if value is not None and not (math.isfinite(value) and value > 0):
+      raise ValueError(f'learning_rate must be positive and finite, got {learning_rate}.')
+  return optax.chain(
+      scale_by_adaptive_mirror_descent(divergence, reference_norm, decay=decay),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+# ---------------------------------------------------------------------------
+# Calibration on meta-training tasks.
+# ---------------------------------------------------------------------------
+
+
+def gradient_levels(divergence: PyTree, task, num_steps: int, *, decay: float = 0.9,
+                    params: PyTree | None = None) -> Array:
+  """``sqrt(hat v_t)``, ``t = 1..T``, along a run of the frozen divergence on ``task``.
+
+  The level that ``s_t = level_t / c`` compares with the reference ``c``: the
+  bias-corrected moving average of ``||g_t||^2_{M^{-1}}`` along frozen MetaMD
+  (``theta_{t+1} = theta_t - M^{-1} g_t``), square-rooted.
+
+  Args:
+    divergence: the divergence (frozen).
+    task: a :class:`metamd_jax.Task`.
+    num_steps: the horizon ``T``.
+    decay: the moving average's decay (that of the adaptive optimiser).
+    params: initial parameters (``task.init()`` if ``None``).
+
+  Returns:
+    ``(T,)`` levels in the metric's dtype.
+  """
+  decay = check_decay(decay)
+  init_params = task.init() if params is None else params
+  divergence_lib.check_structure(divergence, init_params)
+  inverse = divergence_lib.preconditioner(divergence)
+  dtype = jnp.result_type(*jax.tree.leaves(inverse))
+
+  def body(carry, step):
+    params, count, norm_average = carry
+    grads = jax.grad(task.loss)(params, task.batch(step))
+    direction, squared_norm = direction_and_squared_norm(inverse, grads)
+    count, norm_average, _ = update_scale(count, norm_average, jnp.ones((), dtype),
+                                          squared_norm, reference_norm=None, decay=decay)
+    level = jnp.sqrt(norm_average / (1 - decay ** count.astype(dtype)))
+    params = jax.tree.map(lambda p, d: (p - d).astype(p.dtype), params, direction)
+    return (params, count, norm_average), level
+
+  carry = (init_params, jnp.zeros((), jnp.int32), jnp.zeros((), dtype))
+  _, levels = jax.lax.scan(body, carry, jnp.arange(num_steps, dtype=jnp.int32))
+  return levels
+
+
+def reference_gradient_norm(divergence: PyTree, family: TaskFamily, task_params: PyTree,
+                            num_steps: int, *, quantile: float = 1.0,
+                            decay: float = 0.9) -> float:
+  """The in-distribution gradient level ``c`` of a divergence, from meta-training tasks.
+
+  Runs the frozen divergence for ``num_steps`` on each task of ``task_params`` (stacked
+  samples of ``family``: meta-*training* tasks, never held-out ones), takes each task's
+  peak level ``max_t sqrt(hat v_t)`` (:func:`gradient_levels`, the quantity the
+  adaptive optimiser divides by ``c``), and returns the ``quantile`` of the peaks over
+  the tasks. With the default ``quantile=1`` (the largest peak) the adaptive optimiser
+  with the same ``decay`` takes exactly the steps of frozen MetaMD on every calibration
+  task (``s_t = 1`` throughout), and adapts only where gradients exceed anything seen
+  there; a lower quantile adapts earlier, on the calibration tasks' largest gradients
+  too.
+
+  Args:
+    divergence: the (learned, frozen) divergence.
+    family: the meta-training task family.
+    task_params: stacked task parameters of the calibration tasks
+      (``family.sample_batch``).
+    num_steps: the horizon of the calibration runs (the meta-training horizon, or the
+      horizon of meta-testing).
+    quantile: in ``[0, 1]``; which quantile of the per-task peaks to return.
+    decay: the moving average's decay (use that of the adaptive optimiser).
+
+  Returns:
+    ``c``, a positive Python float.
+
+  Raises:
+    ValueError: on a bad ``quantile`` or ``num_steps``, or if a calibration run is not
+      finite (the frozen divergence diverges on its own meta-training tasks).
+  """
+  if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1:
+    raise ValueError(f'num_steps must be a positive integer, got {num_steps}.')
+  if not 0 <= quantile <= 1:
+    raise ValueError(f'quantile must be in [0, 1], got {quantile}.')
+  decay = check_decay(decay)
+
+  @jax.jit
+  def peaks(divergence, task_params):
+    return jax.vmap(lambda tp: jnp.max(gradient_levels(
+        divergence, family.task(tp), int(num_steps), decay=decay)))(task_params)
+
+  values = np.asarray(peaks(divergence, task_params), np.float64)
+  bad = int(np.sum(~np.isfinite(values)))
+  if bad:
+    raise ValueError(
+        f'the frozen divergence diverges on {bad} of {values.size} calibration tasks; '
+        'the in-distribution gradient level is undefined (calibrate on tasks it trains).')
+  reference = float(np.quantile(values, quantile))
+  if not reference > 0:
+    raise ValueError('every calibration gradient is zero; reference_norm must be positive.')
+  return reference
