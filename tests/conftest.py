@@ -1,9 +1,31 @@
 """Shared fixtures and independent references for the tests."""
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+import os
+import shutil
+import tempfile
+
+# Compiled programs are shared across tests and with the processes tests launch: many
+# tests compile the same meta-step or training run again (a resumed launch, another
+# optimiser of the same shape), and XLA compilation dominates small CPU tests. The cache
+# lives for one session, so every session still compiles each program once.
+_COMPILATION_CACHE = tempfile.mkdtemp(prefix='metamd-jax-test-compilation-cache-')
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', _COMPILATION_CACHE)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+def pytest_sessionfinish(session, exitstatus):
+  del session, exitstatus
+  shutil.rmtree(_COMPILATION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture
