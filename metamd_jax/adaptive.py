@@ -79,7 +79,7 @@ import optax
 
 from metamd_jax import divergence as divergence_lib
 from metamd_jax import tree_utils
-from metamd_jax.tasks.base import TaskFamily
+from metamd_jax.tasks.base import Task, TaskFamily
 from metamd_jax.types import Array, PyTree
 
 __all__ = [
@@ -115,7 +115,7 @@ def check_reference_norm(reference_norm: Any) -> float | Array | None:
   """
   if reference_norm is None:
     return None
-  if isinstance(reference_norm, (bool, np.bool_)) or isinstance(reference_norm, str):
+  if isinstance(reference_norm, (bool, np.bool_, str)):
     raise TypeError(f'reference_norm must be a positive float or None, got {reference_norm!r}.')
   try:
     value = float(reference_norm)
@@ -133,13 +133,27 @@ def check_reference_norm(reference_norm: Any) -> float | Array | None:
   return reference_norm
 
 
-def check_decay(decay: Any) -> float:
-  """Validate the moving-average ``decay``: a float in ``[0, 1)``."""
-  if isinstance(decay, bool) or not isinstance(decay, int | float | np.integer | np.floating):
+def check_decay(decay: Any) -> float | Array:
+  """Validate the moving-average ``decay``: a float in ``[0, 1)``.
+
+  Traced values (e.g. under ``optax.inject_hyperparams`` in a jitted update) are
+  returned as they are.
+
+  Raises:
+    TypeError: if ``decay`` is not a real number (a bool is not one).
+    ValueError: if it is outside ``[0, 1)``.
+  """
+  if isinstance(decay, (bool, np.bool_, str)):
     raise TypeError(f'decay must be a float in [0, 1), got {decay!r}.')
-  if not 0 <= float(decay) < 1:
+  try:
+    value = float(decay)
+  except jax.errors.ConcretizationTypeError:
+    return decay
+  except (TypeError, ValueError) as error:
+    raise TypeError(f'decay must be a float in [0, 1), got {decay!r}.') from error
+  if not 0 <= value < 1:
     raise ValueError(f'decay must be in [0, 1), got {decay!r}.')
-  return float(decay)
+  return value
 
 
 def update_scale(count: Array, norm_average: Array, scale: Array, squared_norm: Array, *,
@@ -309,7 +323,9 @@ def adaptive_metamd(
     reference_norm: the in-distribution level of ``||g||_{M^{-1}}``, from
       :func:`reference_gradient_norm` on meta-training tasks; ``None`` or ``inf``: never
       adapt (exactly :func:`metamd_jax.metamd`).
-    learning_rate: a positive float or an optax schedule; multiplies the step.
+    learning_rate: a positive float or an optax schedule; multiplies the step (a
+      constant ``lr`` makes the metric ``s_t M / lr``: the bound holds with ``M / lr``
+      in place of ``M``; a schedule that grows breaks the monotonicity of ``M_t``).
     decay: decay of the moving average of ``||g||^2_{M^{-1}}``, in ``[0, 1)``.
 
   Returns:
@@ -322,8 +338,8 @@ def adaptive_metamd(
     >>> optimizer = metamd_jax.adaptive_metamd(divergence, reference_norm=0.5)
     >>> state = optimizer.init(params)
     >>> updates, state = optimizer.update({'w': jnp.full((4, 3), 10.0)}, state, params)
-    >>> float(state[0].scale)  # ||g||_{M^{-1}} = sqrt(0.1 * 12 * 100) ~ 10.95
-    21.9089...
+    >>> round(float(state[0].scale), 3)  # ||g||_{M^{-1}} / 0.5 = sqrt(0.1 * 12 * 100) / 0.5
+    21.909
 
   References:
     Duchi, Hazan & Singer (2011), `Adaptive subgradient methods for online learning and
@@ -349,7 +365,7 @@ def adaptive_metamd(
 # ---------------------------------------------------------------------------
 
 
-def gradient_levels(divergence: PyTree, task, num_steps: int, *, decay: float = 0.9,
+def gradient_levels(divergence: PyTree, task: Task, num_steps: int, *, decay: float = 0.9,
                     params: PyTree | None = None) -> Array:
   """``sqrt(hat v_t)``, ``t = 1..T``, along a run of the frozen divergence on ``task``.
 

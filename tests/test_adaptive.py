@@ -187,6 +187,42 @@ def test_jitted_update_does_not_recompile():
   assert float(state[0].scale) > 1.0
 
 
+def test_inject_hyperparams_reference_norm_and_learning_rate():
+  params = jax.tree.map(lambda x: x.astype(jnp.float32), _tree(1))
+  divergence = _divergence(seed=5, dtype=jnp.float32)
+  grads_list = [jax.tree.map(lambda x: x.astype(jnp.float32), _tree(55 + t)) for t in range(2)]
+  optimizer = optax.inject_hyperparams(metamd_jax.adaptive_metamd)(
+      divergence=divergence, reference_norm=0.5, learning_rate=0.5)
+  state = optimizer.init(params)
+  update = jax.jit(optimizer.update)
+  updates, state = update(grads_list[0], state, params)
+  reference = metamd_jax.adaptive_metamd(divergence, 0.5, 0.5)
+  expected, expected_state = _updates(reference, grads_list[:1], params)
+  chex.assert_trees_all_close(updates, expected[0], rtol=1e-6)
+  # A larger reference from the second step on: the scale keeps its running maximum.
+  state.hyperparams['reference_norm'] = jnp.asarray(1e6)
+  updates, state = update(grads_list[1], state, params)
+  scale = float(expected_state[0].scale)
+  np.testing.assert_allclose(float(state.inner_state[0].scale), scale, rtol=1e-6)
+  assert scale > 1.0
+  direction, _ = metamd_jax.scale_by_mirror_descent(divergence).update(
+      grads_list[1], metamd_jax.scale_by_mirror_descent(divergence).init(params))
+  chex.assert_trees_all_close(updates, jax.tree.map(lambda d: -0.5 * d / scale, direction),
+                              rtol=1e-6)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_keeps_parameter_dtype(dtype):
+  params = jax.tree.map(lambda x: x.astype(dtype), _tree(1))
+  optimizer = metamd_jax.adaptive_metamd(_divergence(seed=5, dtype=jnp.float32), 0.1)
+  grads = jax.tree.map(lambda x: x.astype(dtype), _tree(2))
+  state = optimizer.init(params)
+  updates, state = jax.jit(optimizer.update)(grads, state, params)
+  for leaf in jax.tree.leaves(optax.apply_updates(params, updates)):
+    assert leaf.dtype == dtype
+  assert state[0].scale.dtype == jnp.float32 and float(state[0].scale) > 1.0
+
+
 def test_clipped_gradients_never_exceed_the_reference():
   """With gradients clipped to norm G and the SGD(lr) divergence, ||g||_{M^{-1}} <=
   sqrt(lr) G: a reference of sqrt(lr) G keeps s_t = 1 (exactly clipped SGD), while the
@@ -503,29 +539,27 @@ def test_reference_gradient_norm_is_the_peak_level_over_tasks():
   divergence = divergence_lib.scale_steps(unit, 0.05)
   metric = dense_block_metric(divergence)
   decay, num_steps = 0.9, 20
+  trajectory = jax.jit(lambda tp: inner_loop.rollout(
+      divergence, family.task(tp), num_steps, return_trajectory=True).trajectory[1])
   peaks = []
   for i in range(5):
-    task = family.task(jax.tree.map(lambda x, i=i: x[i], task_params))
-    _, grads_seq = inner_loop.rollout(divergence, task, num_steps,
-                                      return_trajectory=True).trajectory
+    grads_seq = trajectory(jax.tree.map(lambda x, i=i: x[i], task_params))
     average, peak = 0.0, 0.0
     for t in range(num_steps):
       g = flat(jax.tree.map(lambda x, t=t: x[t], grads_seq))
       average = decay * average + (1 - decay) * (g @ np.linalg.solve(metric, g))
       peak = max(peak, math.sqrt(average / (1 - decay ** (t + 1))))
     peaks.append(peak)
-  for quantile in (1.0, 0.5):
-    value = metamd_jax.reference_gradient_norm(divergence, family, task_params, num_steps,
-                                               quantile=quantile, decay=decay)
+  values = {quantile: metamd_jax.reference_gradient_norm(
+      divergence, family, task_params, num_steps, quantile=quantile, decay=decay)
+            for quantile in (1.0, 0.5)}
+  for quantile, value in values.items():
     np.testing.assert_allclose(value, np.quantile(peaks, quantile), rtol=1e-4)
   # With the largest peak, the adaptive optimiser is frozen MetaMD on every calibration task.
-  reference_norm = metamd_jax.reference_gradient_norm(divergence, family, task_params,
-                                                      num_steps)
-  for i in range(5):
-    task = family.task(jax.tree.map(lambda x, i=i: x[i], task_params))
-    scales = inner_loop.adaptive_rollout(divergence, task, num_steps,
-                                         reference_norm * (1 + 1e-5)).scales
-    np.testing.assert_array_equal(scales, np.ones(num_steps))
+  reference_norm = values[1.0]
+  scales = jax.jit(jax.vmap(lambda tp: inner_loop.adaptive_rollout(
+      divergence, family.task(tp), num_steps, reference_norm * (1 + 1e-5)).scales))(task_params)
+  np.testing.assert_array_equal(scales, np.ones((5, num_steps)))
   with pytest.raises(ValueError, match='quantile'):
     metamd_jax.reference_gradient_norm(divergence, family, task_params, 5, quantile=1.5)
 
