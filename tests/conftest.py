@@ -37,6 +37,25 @@ def x64():
   jax.config.update('jax_enable_x64', previous)
 
 
+@pytest.fixture
+def structure_checks(monkeypatch):
+  """Records the ``name`` of every ``divergence.check_structure`` call and makes any
+  ``divergence.apply_metric`` call fail: the code under test validates its trees
+  without computing a metric product."""
+  import metamd_jax.divergence as divergence_lib
+
+  calls = []
+  check = divergence_lib.check_structure
+  monkeypatch.setattr(divergence_lib, 'check_structure',
+                      lambda d, tree, name='params': calls.append(name) or check(d, tree, name))
+
+  def no_metric_product(*args):
+    raise AssertionError('apply_metric called')
+
+  monkeypatch.setattr(divergence_lib, 'apply_metric', no_metric_product)
+  return calls
+
+
 def randomize(divergence, seed, scale=1.0, dtype=None):
   """Replace every meta-parameter by Gaussian noise (a random divergence)."""
   leaves, treedef = jax.tree_util.tree_flatten(divergence)

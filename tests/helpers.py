@@ -77,3 +77,22 @@ class QuadraticFamily(TaskFamily):
     return Task(init=lambda: {'w': jnp.zeros(self.shape)}, loss=loss,
                 batch=lambda step: None,
                 evaluate=lambda params: {'train_loss': loss(params, None)})
+
+
+# Python source that, run first in a fresh process, makes the process kill itself with
+# SIGKILL (no clean-up of any kind) when the meta-trainer samples the tasks of meta-step
+# $KILL_AT_META_STEP (0-based; unset: never): a real kill at a known point of a run.
+KILL_AT_META_STEP = """
+import os, signal
+from metamd_jax import meta_train
+
+_kill_at = int(os.environ.get('KILL_AT_META_STEP', -1))
+_sample_tasks = meta_train.sample_tasks
+
+def _sample_and_maybe_die(family, key, step, meta_batch_size):
+  if step == _kill_at:
+    os.kill(os.getpid(), signal.SIGKILL)
+  return _sample_tasks(family, key, step, meta_batch_size)
+
+meta_train.sample_tasks = _sample_and_maybe_die
+"""

@@ -10,6 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from helpers import KILL_AT_META_STEP
 
 import metamd_jax
 from configs import tiny
@@ -18,21 +19,9 @@ from experiments import builders, evaluate, meta_train
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-# The launcher, killing itself with SIGKILL (no clean-up of any kind) when the trainer
-# samples the tasks of meta-step KILL_AT_META_STEP: a kill at a known point mid-run.
-_KILLED_LAUNCH = """
-import os, runpy, signal
-from metamd_jax import meta_train
-
-kill_at = int(os.environ['KILL_AT_META_STEP'])
-sample_tasks = meta_train.sample_tasks
-
-def sample_and_maybe_die(family, key, step, meta_batch_size):
-  if step == kill_at:
-    os.kill(os.getpid(), signal.SIGKILL)
-  return sample_tasks(family, key, step, meta_batch_size)
-
-meta_train.sample_tasks = sample_and_maybe_die
+# The launcher, killing itself at meta-step KILL_AT_META_STEP (tests/helpers.py).
+_KILLED_LAUNCH = KILL_AT_META_STEP + """
+import runpy
 runpy.run_module('experiments.main', run_name='__main__', alter_sys=True)
 """
 

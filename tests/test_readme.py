@@ -11,6 +11,7 @@ import sys
 import jax
 import numpy as np
 import optax
+from helpers import KILL_AT_META_STEP
 
 import metamd_jax
 from metamd_jax import evaluation, meta_train
@@ -38,35 +39,26 @@ def test_readme_optax_example_runs():
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-# Runs the README's meta-training example in a fresh process; with a step number, the
-# process kills itself with SIGKILL (no clean-up of any kind) when the trainer samples the
-# tasks of that meta-step, and records the history it had at that point.
-_RUNNER = '''
-import json, os, signal, sys
-from metamd_jax import meta_train
+# Runs the README's meta-training example in a fresh process (which kills itself at
+# meta-step KILL_AT_META_STEP when that is set, tests/helpers.py) and records its history.
+_RUNNER = KILL_AT_META_STEP + """
+import json, sys
 
-kill_at = int(sys.argv[2])
-sample_tasks = meta_train.sample_tasks
-
-def sample_and_maybe_die(family, key, step, meta_batch_size):
-  if step == kill_at:
-    os.kill(os.getpid(), signal.SIGKILL)
-  return sample_tasks(family, key, step, meta_batch_size)
-
-meta_train.sample_tasks = sample_and_maybe_die
 namespace = {'__name__': '__main__'}
 exec(compile(open(sys.argv[1]).read(), 'README.md', 'exec'), namespace)
 result = namespace['result']
 with open('history.json', 'w') as f:
   json.dump({'history': result.history, 'resumed_from': result.resumed_from}, f)
-'''
+"""
 
 
-def _run_example(workdir: pathlib.Path, example: pathlib.Path, kill_at: int = -1):
+def _run_example(workdir: pathlib.Path, example: pathlib.Path, kill_at: int | None = None):
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / 'runner.py').write_text(_RUNNER)
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  return subprocess.Popen([sys.executable, 'runner.py', str(example), str(kill_at)],
+  if kill_at is not None:
+    env['KILL_AT_META_STEP'] = str(kill_at)
+  return subprocess.Popen([sys.executable, 'runner.py', str(example)],
                           cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
