@@ -9,13 +9,12 @@ from __future__ import annotations
 import os
 import pathlib
 
-import jax
 import ml_collections
 
 import metamd_jax
 from experiments import builders, plots, protocol, report
 from experiments.meta_train import ARTIFACT
-from metamd_jax import evaluation
+from metamd_jax import evaluation, parallel
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
@@ -73,7 +72,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
         'mean_curve': protocol.curves_summary(run)['mean_curve'],
     }
 
-  if jax.process_index() != 0:  # every process evaluates; process 0 writes
+  if not parallel.is_writer():  # every process evaluates; one writes
     return results
   table = report.format_evaluation(results)
   report.write_json(workdir / 'results.json', results)
