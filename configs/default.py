@@ -73,4 +73,17 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.window = 10  # smoothing window of training-loss curves
   evaluation.baselines = ('sgd', 'adam')
   evaluation.learning_rates = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+  # Adaptive MetaMD (metamd_jax.adaptive_metamd): the learned metric times a non-decreasing
+  # scale s_t >= 1 that shortens the steps when gradients, measured in the learned
+  # geometry, exceed the level c seen on the meta-train tuning tasks (c: the quantile
+  # adaptive_quantile of the per-task peaks over eval.num_steps steps).
+  evaluation.adaptive = True  # also evaluate adaptive MetaMD (row 'metamd_adaptive')
+  evaluation.adaptive_decay = 0.9  # moving average of ||g||^2 in the learned geometry, [0, 1)
+  evaluation.adaptive_quantile = 1.0  # in (0, 1]; 1: never adapts on a calibration task
+  # Everyday changes (classification families only; () disables): the held-out tasks again
+  # with every optimiser as it is (learned metric, tuned learning rates, calibrated c),
+  # against Adam re-tuned on each change. Each costs one Adam tuning and one run per
+  # optimiser. See experiments.builders.SHIFTS.
+  evaluation.shifts = ('inputs_x2', 'inputs_standardised', 'features_permuted',
+                       'batch_quarter')
   return config

@@ -5,10 +5,12 @@ Every field is checked before anything runs; a bad value fails with a message na
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
 import ml_collections
+import numpy as np
 import optax
 
 import metamd_jax
@@ -42,6 +44,15 @@ BASELINES: dict[str, Callable[[float], optax.GradientTransformation]] = {
     'rmsprop': optax.rmsprop,
     'muon': lambda lr: optax.contrib.muon(lr),
 }
+
+
+SHIFTS: dict[str, str] = {
+    'inputs_x2': 'inputs multiplied by 2',
+    'inputs_standardised': 'inputs standardised per feature over the training pool',
+    'features_permuted': 'input features in a fixed random order',
+    'batch_quarter': 'a quarter of the batch size',
+}
+"""The everyday changes of ``eval.shifts`` (:func:`shifted_family`), with descriptions."""
 
 
 def _fail(field: str, value, requirement: str):
@@ -122,6 +133,22 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not evaluation.learning_rates or not all(
       isinstance(lr, (int, float)) and lr > 0 for lr in evaluation.learning_rates):
     _fail('eval.learning_rates', evaluation.learning_rates, 'must be non-empty and positive')
+  if not isinstance(evaluation.adaptive, bool):
+    _fail('eval.adaptive', evaluation.adaptive, 'must be True or False')
+  decay = evaluation.adaptive_decay
+  if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+    _fail('eval.adaptive_decay', decay, 'must be a number in [0, 1)')
+  quantile = evaluation.adaptive_quantile
+  if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) \
+      or not 0 < quantile <= 1:
+    _fail('eval.adaptive_quantile', quantile, 'must be a number in (0, 1]')
+  shifts = evaluation.shifts
+  if isinstance(shifts, str) or not isinstance(shifts, (tuple, list)):
+    _fail('eval.shifts', shifts, f'must be a tuple of names from {tuple(SHIFTS)}')
+  for name in shifts:
+    _one_of(name, 'eval.shifts', SHIFTS)
+  if len(set(shifts)) != len(shifts):
+    _fail('eval.shifts', shifts, 'must not repeat a shift')
 
 
 def _load(task, name: str, split: str) -> datasets.Dataset:
@@ -173,6 +200,70 @@ def build_families(config: ml_collections.ConfigDict) -> tuple[TaskFamily, TaskF
                                       batch_size=task.batch_size, condition=task.condition,
                                       seed=task.seed)
   return family, family
+
+
+def feature_permutation(config: ml_collections.ConfigDict, num_features: int) -> np.ndarray:
+  """The fixed permutation of ``'features_permuted'``: a function of ``config.seed`` only."""
+  return np.random.default_rng(config.seed).permutation(num_features)
+
+
+def _standardise(family: ClassificationFamily):
+  """Per-feature ``(x - mean) / std`` over the family's training pool (constant: 0)."""
+  x = family.train.x.astype(np.float64)
+  mean, std = x.mean(axis=0), x.std(axis=0)
+  std = np.where(std > 0, std, 1.0)  # a constant feature becomes x - mean = 0
+  return lambda data: ((data - mean) / std).astype(np.float32)
+
+
+def shifted_family(config: ml_collections.ConfigDict, family: ClassificationFamily,
+                   shift: str) -> ClassificationFamily:
+  """``family`` under one everyday change of :data:`SHIFTS`, same model and tasks.
+
+  The inputs of the training pool and of the test set change alike (or the batch size
+  does); task parameters (keys and subset indices) mean the same tasks as in ``family``.
+
+  * ``'inputs_x2'``: every input times 2;
+  * ``'inputs_standardised'``: per feature, mean 0 and std 1 over the training pool
+    (constant features become 0), the test set with the pool's statistics;
+  * ``'features_permuted'``: the input features (flattened) in the order of
+    :func:`feature_permutation`, the same for every task and for the test set;
+  * ``'batch_quarter'``: ``max(1, batch_size // 4)``.
+
+  Args:
+    config: the experiment config (its ``seed`` fixes the permutation).
+    family: a classification family from :func:`build_families`.
+    shift: a name of :data:`SHIFTS`.
+
+  Returns:
+    A new :class:`metamd_jax.tasks.ClassificationFamily`.
+
+  Raises:
+    ValueError: on an unknown shift or a family that is not a classification family.
+  """
+  if shift not in SHIFTS:
+    raise ValueError(f'shift must be one of {tuple(SHIFTS)}, got {shift!r}.')
+  if not isinstance(family, ClassificationFamily):
+    raise ValueError(f'shifts apply to classification families, got {type(family).__name__}.')
+  batch_size = family.batch_size
+  if shift == 'inputs_x2':
+    transform = lambda x: 2 * x  # noqa: E731
+  elif shift == 'inputs_standardised':
+    transform = _standardise(family)
+  elif shift == 'features_permuted':
+    permutation = feature_permutation(config, math.prod(family.input_shape))
+    transform = lambda x: x.reshape(len(x), -1)[:, permutation].reshape(x.shape)  # noqa: E731
+  else:
+    transform, batch_size = (lambda x: x), max(1, batch_size // 4)
+
+  def apply(data):
+    if data is None or shift == 'batch_quarter':
+      return data
+    return dataclasses.replace(data, x=transform(data.x), name=f'{data.name}:{shift}')
+
+  return ClassificationFamily(train=apply(family.train), test=apply(family.test),
+                              model=family.model, batch_size=batch_size,
+                              subset_size=family.subset_size, l2=family.l2,
+                              eval_batch_size=family.eval_batch_size)
 
 
 def build_divergence(config: ml_collections.ConfigDict, family: TaskFamily):

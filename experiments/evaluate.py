@@ -1,20 +1,121 @@
 """Meta-testing from a config: the learned divergence against tuned optax baselines.
 
 The protocol (tasks, tuning, statistics) is :mod:`experiments.protocol`'s; the table and
-JSON are :mod:`experiments.report`'s and the figure :mod:`experiments.plots`'.
+JSON are :mod:`experiments.report`'s and the figure :mod:`experiments.plots`'. With
+``eval.adaptive`` adaptive MetaMD (:func:`metamd_jax.adaptive_metamd`) is compared too,
+and ``eval.shifts`` repeats the comparison under everyday changes of the tasks
+(:func:`experiments.builders.shifted_family`).
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import time
 
 import ml_collections
+import numpy as np
+import optax
+from absl import logging
 
 import metamd_jax
 from experiments import builders, plots, protocol, report
 from experiments.meta_train import ARTIFACT
+from metamd_jax import adaptive as adaptive_lib
 from metamd_jax import evaluation, parallel
+from metamd_jax.tasks import ClassificationFamily
+from metamd_jax.tasks.base import TaskFamily
+from metamd_jax.types import PyTree
+
+SHIFT_REFERENCE = 'adam_retuned'
+"""The reference of every shift: Adam with its learning rate re-tuned on the shift."""
+
+
+def calibrate(config: ml_collections.ConfigDict, divergence: PyTree, family: TaskFamily,
+              tune_tasks: PyTree) -> dict:
+  """The adaptive optimiser's reference norm, from the meta-train tuning tasks.
+
+  :func:`metamd_jax.adaptive.reference_gradient_norm` of the frozen divergence on
+  ``tune_tasks`` (:func:`metamd_jax.evaluation.tuning_tasks` of the meta-train family:
+  never the held-out tasks) over ``eval.num_steps`` steps.
+
+  Returns:
+    ``{'reference_norm', 'decay', 'quantile', 'calibration_tasks', 'num_steps'}``;
+    ``reference_norm`` is ``None`` (logged as a warning) when the frozen divergence
+    diverges on a calibration task, and adaptive MetaMD is then left out.
+  """
+  ev = config.eval
+  try:
+    reference = adaptive_lib.reference_gradient_norm(
+        divergence, family, tune_tasks, ev.num_steps, quantile=ev.adaptive_quantile,
+        decay=ev.adaptive_decay)
+  except ValueError as error:
+    logging.warning('adaptive MetaMD left out: %s', error)
+    reference = None
+  return {'reference_norm': reference, 'decay': ev.adaptive_decay,
+          'quantile': ev.adaptive_quantile, 'calibration_tasks': 'meta-train tuning tasks',
+          'num_calibration_tasks': ev.num_tune_tasks, 'num_steps': ev.num_steps}
+
+
+def _outcomes(curves: evaluation.Curves) -> dict:
+  """How many runs diverged (a non-finite whole-set loss) or ended above their start."""
+  losses = np.asarray(curves.train_losses, np.float64)
+  diverged = ~np.all(np.isfinite(losses), axis=-1)
+  above = ~diverged & (losses[:, -1] > losses[:, 0])
+  return {'diverged': int(diverged.sum()), 'above_initial_loss': int(above.sum()),
+          'num_runs': int(losses.shape[0])}
+
+
+def evaluate_shift(config: ml_collections.ConfigDict, shift: str,
+                   families: tuple[ClassificationFamily, ClassificationFamily],
+                   optimizers: dict[str, optax.GradientTransformation],
+                   learning_rates: dict[str, float | None]) -> dict:
+  """The held-out tasks under one everyday change, every optimiser as it is.
+
+  Adam, re-tuned on the shifted tuning tasks over the same grid, is the reference
+  (``'adam_retuned'``); the other optimisers keep the learned divergence, the learning
+  rates tuned on the meta-train family and the reference norm calibrated there.
+
+  Args:
+    config: the experiment config.
+    shift: a name of :data:`experiments.builders.SHIFTS`.
+    families: ``(meta_train_family, meta_test_family)``, unshifted.
+    optimizers: the optimisers of the main comparison, by name.
+    learning_rates: their learning rates (``None``: learned).
+
+  Returns:
+    ``{'description', 'reference', 'adam_retuned_learning_rate', 'seconds',
+    'optimizers': {name: {'learning_rate', 'diverged', 'above_initial_loss', 'num_runs',
+    'final_train_loss', 'steps_to_adam_retuned_final_loss', 'reached_fraction',
+    <metrics>}}}`` (no steps when every re-tuned learning rate diverged).
+  """
+  start = time.perf_counter()
+  ev = config.eval
+  meta_train_family, meta_test_family = families
+  train_family = builders.shifted_family(config, meta_train_family, shift)
+  test_family = (train_family if meta_test_family is meta_train_family
+                 else builders.shifted_family(config, meta_test_family, shift))
+  tune_tasks = evaluation.tuning_tasks(train_family, config.seed, ev.num_tune_tasks)
+  test_tasks = evaluation.held_out_tasks(test_family, config.seed, ev.num_tasks)
+  tuned, _ = protocol.tune_baselines(('adam',), ev, train_family, tune_tasks, ev.num_steps)
+  retuned = tuned['adam']
+  rates = dict(learning_rates)
+  curves = {name: evaluation.run(optimizer, test_family, test_tasks, ev.num_steps,
+                                 track_every=1) for name, optimizer in optimizers.items()}
+  if retuned is not None:
+    rates[SHIFT_REFERENCE] = retuned
+    # The same rate as in distribution: the same runs (one compilation less).
+    curves[SHIFT_REFERENCE] = (curves['adam'] if learning_rates.get('adam') == retuned else
+                               evaluation.run(builders.BASELINES['adam'](retuned), test_family,
+                                              test_tasks, ev.num_steps, track_every=1))
+  target = (evaluation.final_train_loss(curves[SHIFT_REFERENCE].train_losses)
+            if retuned is not None else None)
+  entries = {name: {'learning_rate': rates[name], **_outcomes(run),
+                    **protocol.summarize(run, target, SHIFT_REFERENCE)}
+             for name, run in curves.items()}
+  return {'description': builders.SHIFTS[shift], 'reference': SHIFT_REFERENCE,
+          'adam_retuned_learning_rate': retuned, 'seconds': time.perf_counter() - start,
+          'optimizers': entries}
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
@@ -22,9 +123,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   """Compare MetaMD with tuned baselines on held-out tasks; write table, plot, JSON.
 
   Baselines are tuned on meta-train tasks (:func:`metamd_jax.evaluation.tuning_tasks`);
-  one whose every learning rate diverged is left out (with a warning). Every optimiser
-  then trains the held-out tasks (:func:`metamd_jax.evaluation.held_out_tasks`) for
-  ``eval.num_steps`` steps.
+  one whose every learning rate diverged is left out (with a warning). With
+  ``eval.adaptive`` adaptive MetaMD (``'metamd_adaptive'``) joins, its reference norm
+  calibrated on the same tuning tasks (:func:`calibrate`). Every optimiser then trains
+  the held-out tasks (:func:`metamd_jax.evaluation.held_out_tasks`) for
+  ``eval.num_steps`` steps. For a classification family each of ``eval.shifts`` repeats
+  the held-out runs under that change (:func:`evaluate_shift`).
 
   Args:
     config: the experiment config.
@@ -36,8 +140,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     The results dictionary written to ``results.json``: ``{'reference', 'num_steps',
     'num_tasks', 'optimizers': {name: {'learning_rate', 'final_train_loss',
     'steps_to_<reference>_final_loss', 'reached_fraction', 'final_minibatch_loss',
-    <metrics>, 'mean_curve'}}}``, statistics as ``[mean, std]`` over the held-out tasks
-    (``None`` where no task has a finite value).
+    <metrics>, 'mean_curve'}}, 'adaptive': calibrate(...) or None, 'shifts': {shift:
+    evaluate_shift(...)}}``, statistics as ``[mean, std]`` over the held-out tasks
+    (``None`` where no task has a finite value); the ``metamd_adaptive`` entry also has
+    ``'reference_norm'``.
   """
   builders.validate_config(config)
   workdir = pathlib.Path(workdir)
@@ -52,9 +158,16 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   test_tasks = evaluation.held_out_tasks(meta_test_family, config.seed, ev.num_tasks)
   tuned, _ = protocol.tune_baselines(ev.baselines, ev, meta_train_family, tune_tasks,
                                      ev.num_steps)
-  learning_rates = {'metamd': None, **{n: lr for n, lr in tuned.items() if lr is not None}}
-  optimizers = {name: metamd_jax.metamd(divergence) if lr is None
-                else builders.BASELINES[name](lr) for name, lr in learning_rates.items()}
+  adaptive = (calibrate(config, divergence, meta_train_family, tune_tasks) if ev.adaptive
+              else None)
+  optimizers = {'metamd': metamd_jax.metamd(divergence)}
+  if adaptive is not None and adaptive['reference_norm'] is not None:
+    optimizers['metamd_adaptive'] = metamd_jax.adaptive_metamd(
+        divergence, adaptive['reference_norm'], decay=ev.adaptive_decay)
+  learning_rates = {name: None for name in optimizers}
+  for name, lr in tuned.items():
+    if lr is not None:
+      learning_rates[name], optimizers[name] = lr, builders.BASELINES[name](lr)
   curves = {name: evaluation.run(optimizer, meta_test_family, test_tasks, ev.num_steps,
                                  track_every=1)
             for name, optimizer in optimizers.items()}
@@ -63,7 +176,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   # Training loss = the loss on each task's whole training set, after every step.
   target = evaluation.final_train_loss(curves[reference].train_losses)
   results = {'reference': reference, 'num_steps': ev.num_steps, 'num_tasks': ev.num_tasks,
-             'optimizers': {}}
+             'optimizers': {}, 'adaptive': adaptive, 'shifts': {}}
   for name, run in curves.items():
     results['optimizers'][name] = {
         'learning_rate': learning_rates[name],
@@ -71,10 +184,20 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
         'final_minibatch_loss': report.pair(evaluation.final_loss(run.losses, ev.window)),
         'mean_curve': protocol.curves_summary(run)['mean_curve'],
     }
+  if 'metamd_adaptive' in results['optimizers']:
+    results['optimizers']['metamd_adaptive']['reference_norm'] = adaptive['reference_norm']
+  if isinstance(meta_train_family, ClassificationFamily):  # shifts change inputs or batches
+    for shift in ev.shifts:
+      results['shifts'][shift] = evaluate_shift(
+          config, shift, (meta_train_family, meta_test_family), optimizers, learning_rates)
+  elif ev.shifts:
+    logging.info('eval.shifts skipped: they apply to classification families only.')
 
   if not parallel.is_writer():  # every process evaluates; one writes
     return results
   table = report.format_evaluation(results)
+  if results['shifts']:
+    table += '\n\n' + report.format_shifts(results)
   report.write_json(workdir / 'results.json', results)
   (workdir / 'results.md').write_text(table + '\n')
   print(table)

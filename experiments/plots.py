@@ -35,7 +35,7 @@ def _draw(ax, entries: dict, x_of, learning_rates: dict) -> None:
     mean = np.asarray(entry['mean_curve'], float)  # None (all tasks diverged) -> nan
     x = x_of(name, mean.size)
     line, = ax.plot(x, mean, label=_label(name, learning_rates.get(name)),
-                    lw=2.2 if name == 'metamd' else 1.2)
+                    lw=2.2 if name.startswith('metamd') else 1.2)
     if 'std_curve' in entry:
       std = np.asarray(entry['std_curve'], float)
       # On a log axis mean - std can reach 0: the band is cut at a third of the mean.

@@ -93,8 +93,10 @@ def number_text(value) -> str:
   return 'n/a' if value is None else f'{value:.4g}'
 
 
-def _learning_rate_text(learning_rate) -> str:
-  return 'learned' if learning_rate is None else f'{learning_rate:g}'
+def _learning_rate_text(learning_rate, reference_norm=None) -> str:
+  if learning_rate is not None:
+    return f'{learning_rate:g}'
+  return 'learned' if reference_norm is None else f'learned (c = {reference_norm:.3g})'
 
 
 # ---------------------------------------------------------------------------
@@ -103,15 +105,51 @@ def _learning_rate_text(learning_rate) -> str:
 
 
 def format_evaluation(results: dict) -> str:
-  """The table of :func:`experiments.evaluate.evaluate`'s results."""
+  """The table of :func:`experiments.evaluate.evaluate`'s results.
+
+  Adaptive MetaMD's learning rate reads ``learned (c = <reference norm>)``.
+  """
   reference = results['reference']
   lines = [f'| optimiser | learning rate | steps to {reference} final loss | '
            'final train loss | test accuracy |', '| --- | --- | --- | --- | --- |']
   for name, entry in results['optimizers'].items():
     steps = reach_text(entry[f'steps_to_{reference}_final_loss'], entry['reached_fraction'])
-    lines.append(f"| {name} | {_learning_rate_text(entry['learning_rate'])} | {steps} | "
+    learning_rate = _learning_rate_text(entry['learning_rate'], entry.get('reference_norm'))
+    lines.append(f"| {name} | {learning_rate} | {steps} | "
                  f"{pair_text(entry['final_train_loss'], '.4f')} | "
                  f"{pair_text(entry.get('test_accuracy'), '.3f')} |")
+  return '\n'.join(lines)
+
+
+def format_shifts(results: dict) -> str:
+  """The table of the everyday changes of :func:`experiments.evaluate.evaluate`.
+
+  One row per (shift, optimiser): runs that diverged or ended above their initial loss
+  (of the held-out tasks), steps to the re-tuned Adam's final training loss, final
+  training loss and test accuracy.
+  """
+  lines = ['Everyday changes: the held-out tasks again, every optimiser as tuned or '
+           'calibrated in distribution; Adam re-tuned on each change (adam_retuned) is '
+           'the reference.', '',
+           '| shift | optimiser | learning rate | diverged | ended above initial loss | '
+           'steps to adam_retuned final loss | final train loss | test accuracy |',
+           '| --- | --- | --- | --- | --- | --- | --- | --- |']
+  for shift, result in results['shifts'].items():
+    reference = result['reference']
+    for name, entry in result['optimizers'].items():
+      key = f'steps_to_{reference}_final_loss'
+      steps = (reach_text(entry[key], entry['reached_fraction']) if key in entry
+               else 'n/a (no reference)')
+      learning_rate = _learning_rate_text(entry['learning_rate'],
+                                          results['optimizers'].get(name, {}).get(
+                                              'reference_norm'))
+      lines.append(f"| {shift} | {name} | {learning_rate} | "
+                   f"{entry['diverged']}/{entry['num_runs']} | "
+                   f"{entry['above_initial_loss']}/{entry['num_runs']} | {steps} | "
+                   f"{pair_text(entry['final_train_loss'], '.4f')} | "
+                   f"{pair_text(entry.get('test_accuracy'), '.3f')} |")
+  seconds = ', '.join(f"{shift} {r['seconds']:.1f} s" for shift, r in results['shifts'].items())
+  lines += ['', f'Seconds per change (one Adam tuning, one run per optimiser): {seconds}.']
   return '\n'.join(lines)
 
 

@@ -1,0 +1,162 @@
+"""The main job's comparison: adaptive MetaMD and the everyday changes (tiny config)."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import metamd_jax
+from configs import tiny
+from experiments import builders, evaluate, plots, protocol, report
+from metamd_jax import adaptive, evaluation
+
+
+@pytest.fixture(scope='module')
+def setup():
+  config = tiny.get_config()
+  meta_train_family, meta_test_family = builders.build_families(config)
+  divergence = builders.build_divergence(config, meta_train_family)
+  return config, meta_train_family, meta_test_family, divergence
+
+
+def _leaves_equal(a, b):
+  return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_adaptive_row_with_a_huge_reference_is_metamd(setup, tmp_path, monkeypatch):
+  config, meta_train_family, meta_test_family, divergence = setup
+  config = config.copy_and_resolve_references()
+  monkeypatch.setattr(builders, 'build_families',
+                      lambda _: (meta_train_family, meta_test_family))  # loaded once
+  config.eval.baselines = ()
+  config.eval.shifts = ()
+  calls = []
+
+  def reference(div, family, task_params, num_steps, *, quantile, decay):
+    calls.append((family, task_params, num_steps, quantile, decay))
+    return 1e30  # never adapts: s_t = 1
+
+  monkeypatch.setattr(adaptive, 'reference_gradient_norm', reference)
+  monkeypatch.setattr(plots, 'plot_evaluation', lambda *args, **kwargs: None)  # tested elsewhere
+  results = evaluate.evaluate(config, tmp_path, divergence)
+  # Calibrated once, on the meta-train tuning tasks, never on the held-out ones.
+  (family, task_params, num_steps, quantile, decay), = calls
+  assert family is meta_train_family and num_steps == config.eval.num_steps
+  assert (quantile, decay) == (config.eval.adaptive_quantile, config.eval.adaptive_decay)
+  ev = config.eval
+  assert _leaves_equal(task_params,
+                       evaluation.tuning_tasks(meta_train_family, config.seed, ev.num_tune_tasks))
+  assert not _leaves_equal(task_params,
+                           evaluation.held_out_tasks(meta_train_family, config.seed,
+                                                     ev.num_tune_tasks))
+  assert list(results['optimizers']) == ['metamd', 'metamd_adaptive']
+  metamd, adaptive_row = (results['optimizers'][n] for n in ('metamd', 'metamd_adaptive'))
+  np.testing.assert_allclose(adaptive_row['mean_curve'], metamd['mean_curve'], rtol=1e-5)
+  np.testing.assert_allclose(adaptive_row['final_train_loss'], metamd['final_train_loss'],
+                             rtol=1e-5)
+  assert adaptive_row['reference_norm'] == 1e30
+  written = json.loads((tmp_path / 'results.json').read_text())
+  assert written['adaptive']['reference_norm'] == 1e30
+  assert '| metamd_adaptive | learned (c = 1e+30) |' in (tmp_path / 'results.md').read_text()
+
+
+def test_calibration_failure_leaves_the_adaptive_row_out(setup, monkeypatch):
+  config, meta_train_family, _, divergence = setup
+
+  def diverges(*args, **kwargs):
+    raise ValueError('the frozen divergence diverges')
+
+  monkeypatch.setattr(adaptive, 'reference_gradient_norm', diverges)
+  tasks = evaluation.tuning_tasks(meta_train_family, config.seed, 1)
+  result = evaluate.calibrate(config, divergence, meta_train_family, tasks)
+  assert result['reference_norm'] is None
+
+
+def _flat(x):
+  return np.asarray(x).reshape(len(x), -1)
+
+
+def test_shifted_families_are_shifted(setup):
+  config, family, _, _ = setup
+  tasks = evaluation.held_out_tasks(family, config.seed, 2)
+  per_task = [jax.tree.map(lambda x, i=i: x[i], tasks) for i in range(2)]
+  num_features = int(np.prod(family.input_shape))
+
+  doubled = builders.shifted_family(config, family, 'inputs_x2')
+  for tp in per_task:
+    (x, y), (x2, y2) = family.task(tp).batch(3), doubled.task(tp).batch(3)
+    np.testing.assert_array_equal(x2, 2 * np.asarray(x))
+    np.testing.assert_array_equal(y2, y)
+  np.testing.assert_array_equal(doubled.test.x, 2 * family.test.x)
+
+  standardised = builders.shifted_family(config, family, 'inputs_standardised')
+  pool, original = _flat(standardised.train.x), _flat(family.train.x)
+  varying = original.std(axis=0) > 0
+  assert 0 < varying.sum() < num_features  # digits has constant pixels
+  np.testing.assert_allclose(pool.mean(axis=0), 0, atol=1e-5)
+  np.testing.assert_allclose(pool.std(axis=0)[varying], 1, rtol=1e-4)
+  np.testing.assert_array_equal(pool[:, ~varying], 0)
+
+  permuted = builders.shifted_family(config, family, 'features_permuted')
+  permutation = builders.feature_permutation(config, num_features)
+  np.testing.assert_array_equal(np.sort(permutation), np.arange(num_features))
+  assert not np.array_equal(permutation, np.arange(num_features))
+  for tp in per_task:  # the same permutation for every task, and for the test set
+    np.testing.assert_array_equal(_flat(permuted.task(tp).batch(0)[0]),
+                                  _flat(family.task(tp).batch(0)[0])[:, permutation])
+  np.testing.assert_array_equal(_flat(permuted.test.x), _flat(family.test.x)[:, permutation])
+
+  quarter = builders.shifted_family(config, family, 'batch_quarter')
+  assert quarter.batch_size == family.batch_size // 4
+  assert quarter.task(per_task[0]).batch(0)[0].shape[0] == family.batch_size // 4
+  np.testing.assert_array_equal(quarter.train.x, family.train.x)
+
+
+@pytest.mark.parametrize('field,value', [
+    ('eval.shifts', ('inputs_x2', 'inputs_x3')),
+    ('eval.shifts', ('inputs_x2', 'inputs_x2')),
+    ('eval.adaptive_decay', 1.0),
+    ('eval.adaptive_decay', -0.1),
+    ('eval.adaptive_quantile', 0.0),
+    ('eval.adaptive_quantile', -1.0),
+    ('eval.adaptive_quantile', 1.5),
+])
+def test_bad_adaptive_and_shift_values_name_the_field(field, value):
+  config = tiny.get_config()
+  section, name = field.split('.')
+  config[section][name] = value
+  with pytest.raises(ValueError, match=rf'config\.{field}'):
+    builders.validate_config(config)
+
+
+def test_a_shift_keeps_every_optimizer_and_retunes_adam(setup, monkeypatch):
+  config, meta_train_family, meta_test_family, divergence = setup
+  tuned = []
+
+  def tune(names, eval_config, family, task_params, num_steps):
+    tuned.append((names, family, task_params))
+    return {'adam': 0.1}, {}
+
+  monkeypatch.setattr(protocol, 'tune_baselines', tune)
+  optimizers = {'metamd': metamd_jax.metamd(divergence)}
+  result = evaluate.evaluate_shift(config, 'batch_quarter', (meta_train_family, meta_test_family),
+                                   optimizers, {'metamd': None})
+  # Adam re-tuned on the shifted meta-train tuning tasks.
+  (names, family, task_params), = tuned
+  assert names == ('adam',) and family.batch_size == meta_train_family.batch_size // 4
+  assert _leaves_equal(task_params, evaluation.tuning_tasks(family, config.seed,
+                                                            config.eval.num_tune_tasks))
+  assert list(result['optimizers']) == ['metamd', 'adam_retuned']
+  assert result['adam_retuned_learning_rate'] == 0.1
+  for entry in result['optimizers'].values():
+    assert entry['num_runs'] == config.eval.num_tasks
+    assert 0 <= entry['diverged'] + entry['above_initial_loss'] <= entry['num_runs']
+    assert 'steps_to_adam_retuned_final_loss' in entry and 'test_accuracy' in entry
+  assert result['optimizers']['adam_retuned']['reached_fraction'] == 1.0
+  results = {'optimizers': {}, 'shifts': {'batch_quarter': result, 'inputs_x2': result}}
+  rows = [line for line in report.format_shifts(results).splitlines()
+          if line.startswith('| ') and not line.startswith(('| shift', '| ---'))]
+  assert [row.split(' | ')[:2] for row in rows] == [
+      ['| batch_quarter', 'metamd'], ['| batch_quarter', 'adam_retuned'],
+      ['| inputs_x2', 'metamd'], ['| inputs_x2', 'adam_retuned']]
