@@ -37,6 +37,7 @@ setup(
     extras_require={
         'test': [
             'pytest>=8',
+            'pytest-xdist>=3.2',
             'ruff>=0.6',
         ],
     },

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,11 +62,14 @@ def test_tiny_pipeline_writes_every_output(tmp_path):
 
 def test_select_writes_the_best_or_the_last_divergence(tmp_path):
   config = tiny.get_config()
-  config.meta.select = 'last'
-  last = meta_train.meta_train(config, tmp_path / 'last', progress=False)
   config.meta.select = 'best'
   best = meta_train.meta_train(config, tmp_path / 'best', progress=False)
-  # The same run either way: the selection only changes which divergence is kept.
+  # The same run, kept the other way: a finished run resumes from its last checkpoint
+  # with nothing left to do and keeps the last meta-iterate instead.
+  shutil.copytree(tmp_path / 'best' / 'checkpoints', tmp_path / 'last' / 'checkpoints')
+  config.meta.select = 'last'
+  last = meta_train.meta_train(config, tmp_path / 'last', progress=False)
+  assert last.resumed_from == config.meta.num_meta_steps and last.history == best.history
   for a, b in zip(jax.tree.leaves(last.state), jax.tree.leaves(best.state)):
     np.testing.assert_array_equal(a, b)
   state = best.state
