@@ -53,7 +53,7 @@ def test_tiny_pipeline_writes_every_output(tmp_path):
     np.testing.assert_array_equal(a, b)
   assert metadata['config']['meta']['horizon'] == config.meta.horizon
   results = evaluate.evaluate(config, tmp_path)
-  assert set(results['optimizers']) == {'metamd', 'sgd', 'adam'}
+  assert set(results['optimizers']) == {'metamd', 'metamd_adaptive', 'sgd', 'adam'}
   assert results['optimizers']['sgd']['learning_rate'] in config.eval.learning_rates
   for name in ('results.json', 'results.md', 'loss_curves.png'):
     assert (tmp_path / name).stat().st_size > 0
