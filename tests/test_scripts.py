@@ -1,13 +1,7 @@
-"""The benchmark scripts: the shared timing module and the pieces of each script.
-
-Each script's whole ``main`` on tiny settings takes about a minute of compiling on 2 cores,
-so those smoke tests run only with ``METAMD_SCRIPT_SMOKE=1``::
-
-  METAMD_SCRIPT_SMOKE=1 python -m pytest -q tests/test_scripts.py
-"""
+"""The benchmark scripts: the shared timing module, the pieces of each script, and each
+script's whole ``main`` on tiny settings."""
 
 import json
-import os
 import pathlib
 
 import jax
@@ -20,10 +14,6 @@ from scripts import benchmark_meta_gradient, benchmark_parallel, benchmark_step,
 from scripts.inputs import init_params
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
-smoke = pytest.mark.skipif(os.environ.get('METAMD_SCRIPT_SMOKE') != '1',
-                           reason='a minute of compiling; set METAMD_SCRIPT_SMOKE=1')
-
-
 class FakeClock:
   """A clock that only moves when a fake body says it took time."""
 
@@ -262,7 +252,6 @@ def test_parallel_refuses_more_devices_than_jax_has(monkeypatch, capsys):
 # ---------------------------------------------------------------------------
 
 
-@smoke
 def test_benchmark_step_main(tmp_path, capsys, monkeypatch):
   tiny = (models.MLP(hidden_sizes=(8,), num_classes=benchmark_step.NUM_CLASSES), (16,))
   monkeypatch.setattr(benchmark_step, 'make_model', lambda name: tiny)
@@ -283,7 +272,6 @@ def test_benchmark_step_main(tmp_path, capsys, monkeypatch):
   assert update['xla_flops_plain'] == pytest.approx(update['matmul_flops'], rel=0.05)
 
 
-@smoke
 def test_benchmark_meta_gradient_main(tmp_path, capsys):
   path = tmp_path / 'meta_gradient.json'
   benchmark_meta_gradient.main([
@@ -300,7 +288,6 @@ def test_benchmark_meta_gradient_main(tmp_path, capsys):
     assert function['memory']['temp'] > 0
 
 
-@smoke
 def test_benchmark_parallel_main(monkeypatch, capsys):
   monkeypatch.setenv('XLA_FLAGS', '')  # main adds the fake device count to it.
   benchmark_parallel.main(['--quick', '--config', str(CONFIGS / 'tiny.py'), '--devices', '1',
