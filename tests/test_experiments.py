@@ -11,6 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE
 from helpers import KILL_AT_META_STEP
 
 import metamd_jax
@@ -32,7 +33,7 @@ def _launch(workdir, *overrides, mode='meta_train', devices=1, kill_at=None):
   command = [sys.executable, *entry, '--config', 'configs/tiny.py',
              '--workdir', str(workdir), '--mode', mode, *overrides]
   env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} {FAST_COMPILE}')
   if kill_at is not None:
     env['KILL_AT_META_STEP'] = str(kill_at)
   return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -10,6 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE
 
 from metamd_jax import parallel
 
@@ -18,7 +19,8 @@ SCRIPT = pathlib.Path(__file__).parent / 'multidevice_run.py'
 
 def _run(output, *args, devices_per_process=4, timeout=240):
   env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process}')
+             XLA_FLAGS=(f'--xla_force_host_platform_device_count={devices_per_process} '
+                        f'{FAST_COMPILE}'))
   return subprocess.Popen([sys.executable, str(SCRIPT), str(output), *args], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
