@@ -6,6 +6,7 @@ import re
 from setuptools import find_packages, setup
 
 _here = pathlib.Path(__file__).parent
+_benchmark = ['psgdax==0.1.1', 'precondition-opt==0.3.0']
 _version = re.search(r"__version__ = '([^']+)'",
                      (_here / 'metamd_jax' / '__init__.py').read_text()).group(1)
 
@@ -35,10 +36,13 @@ setup(
         'mnist1d>=0.0.2',
     ],
     extras_require={
+        # Optional baselines of the benchmark: PSGD-Kron and distributed Shampoo.
+        'benchmark': _benchmark,
         'test': [
             'pytest>=8',
             'pytest-xdist>=3.2',
             'ruff>=0.6',
+            *_benchmark,  # so the tests of those baselines run for real
         ],
     },
     license='Apache-2.0',

@@ -129,7 +129,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_tasks = 5  # held-out tasks (seeds), the same for every optimiser
   config.num_tune_tasks = 3  # meta-train tasks the baselines' learning rates are tuned on
   config.learning_rates = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
-  config.baselines = ('sgd', 'momentum', 'adam', 'adagrad', 'rmsprop', 'muon')
+  # psgd_kron and shampoo: online Kronecker preconditioners from optional packages
+  # (pip install -e '.[benchmark]'); experiments/kronecker_baselines.py has their settings.
+  config.baselines = ('sgd', 'momentum', 'adam', 'adagrad', 'rmsprop', 'muon', 'psgd_kron',
+                      'shampoo')
   # Learned optimisers start from tuned SGD's divergence (meta.init_learning_rate := the
   # SGD learning rate tuned on meta-train tasks) rather than the family's fixed start.
   config.init_from_tuned_sgd = True

@@ -14,6 +14,7 @@ import numpy as np
 import optax
 
 import metamd_jax
+from experiments import kronecker_baselines
 from metamd_jax import datasets, models
 from metamd_jax.inner_loop import ADJOINTS
 from metamd_jax.linear_solve import make_solver
@@ -43,7 +44,11 @@ BASELINES: dict[str, Callable[[float], optax.GradientTransformation]] = {
     'adagrad': optax.adagrad,
     'rmsprop': optax.rmsprop,
     'muon': lambda lr: optax.contrib.muon(lr),
+    # Optional packages, imported on first use (kronecker_baselines.PACKAGES).
+    'psgd_kron': kronecker_baselines.psgd_kron,
+    'shampoo': kronecker_baselines.shampoo,
 }
+"""Baseline name -> ``learning_rate -> optax.GradientTransformation`` (a traced rate works)."""
 
 
 SHIFTS: dict[str, str] = {
@@ -130,6 +135,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _positive_int(config, 'eval.window')
   for name in evaluation.baselines:
     _one_of(name, 'eval.baselines', BASELINES)
+    package = kronecker_baselines.missing_package(name)
+    if package is not None:
+      raise ValueError(f'config.eval.baselines names {name!r}, which needs the package '
+                       f'{package}: {kronecker_baselines.INSTALL}.')
   if not evaluation.learning_rates or not all(
       isinstance(lr, (int, float)) and lr > 0 for lr in evaluation.learning_rates):
     _fail('eval.learning_rates', evaluation.learning_rates, 'must be non-empty and positive')

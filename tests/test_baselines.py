@@ -1,0 +1,92 @@
+"""The optional Kronecker baselines (PSGD-Kron, Shampoo): optimisers, tuning, validation."""
+
+import functools
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import QuadraticFamily
+
+from configs import tiny
+from experiments import builders, kronecker_baselines
+from metamd_jax import evaluation
+
+OPTIONAL = tuple(kronecker_baselines.PACKAGES)
+
+
+def _regression_loss():
+  """A least-squares loss ``1/2 ||X W + b - Y||^2 / n`` with an exact solution (loss 0)."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((64, 5)), jnp.float32)
+  y = x @ jnp.asarray(rng.standard_normal((5, 3)), jnp.float32)
+  return lambda params: 0.5 * jnp.mean(jnp.sum((x @ params['w'] + params['b'] - y) ** 2, -1))
+
+
+@pytest.mark.parametrize('name', OPTIONAL)
+def test_baseline_is_an_optax_optimiser_that_decreases_the_loss(name):
+  optimizer = builders.BASELINES[name](0.03)
+  assert isinstance(optimizer, optax.GradientTransformation)
+  loss = _regression_loss()
+  params = {'w': jnp.zeros((5, 3)), 'b': jnp.zeros(3)}
+
+  @jax.jit
+  def step(params, state):
+    updates, state = optimizer.update(jax.grad(loss)(params), state, params)
+    return optax.apply_updates(params, updates), state
+
+  state = optimizer.init(params)
+  initial = float(loss(params))
+  for _ in range(20):
+    params, state = step(params, state)
+  final = float(loss(params))
+  assert np.isfinite(final) and final < 0.5 * initial, (initial, final)
+
+
+@pytest.mark.parametrize('name', OPTIONAL)
+def test_tuning_vmaps_over_traced_learning_rates(name):
+  """A 2-point grid tunes, and each rate's score is that of a run with a plain float rate."""
+  family = QuadraticFamily(shape=(4, 3))
+  task_params = family.sample_batch(jax.random.PRNGKey(0), 2)
+  grid = (0.01, 0.1)
+  best, scores = evaluation.tune_learning_rate(builders.BASELINES[name], grid, family,
+                                               task_params, num_steps=20, window=5,
+                                               score='train_loss')
+  assert best in grid and set(scores) == set(grid)
+
+  def final_loss(optimizer, one_task_params):
+    task = family.task(one_task_params)
+    params = task.init() if optimizer is None else evaluation.train(optimizer, task, 20)[0]
+    return task.evaluate(params)['train_loss']
+
+  assert scores[best] < np.mean(jax.vmap(lambda tp: final_loss(None, tp))(task_params))
+  for learning_rate in grid:
+    optimizer = builders.BASELINES[name](learning_rate)  # a Python float, not traced
+    final = np.mean(jax.vmap(functools.partial(final_loss, optimizer))(task_params))
+    np.testing.assert_allclose(scores[learning_rate], final, rtol=1e-4)
+
+
+@pytest.mark.parametrize('name', OPTIONAL)
+def test_config_naming_a_missing_package_fails_with_the_install_command(name, monkeypatch):
+  module, distribution = kronecker_baselines.PACKAGES[name]
+  monkeypatch.setitem(sys.modules, module, None)  # `import module` raises ImportError
+  config = tiny.get_config()
+  config.eval.baselines = ('sgd', name)
+  with pytest.raises(ValueError, match=r'config\.eval\.baselines') as error:
+    builders.validate_config(config)
+  assert distribution in str(error.value)
+  assert "pip install -e '.[benchmark]'" in str(error.value)
+  with pytest.raises(ImportError, match=r"pip install -e '\.\[benchmark\]'"):
+    builders.BASELINES[name](0.1)
+  config.eval.baselines = ('sgd', 'adam')  # the other baselines do not need it
+  builders.validate_config(config)
+  assert kronecker_baselines.missing_package('adam') is None
+
+
+@pytest.mark.parametrize('name', OPTIONAL)
+def test_installed_package_passes_validation(name):
+  config = tiny.get_config()
+  config.eval.baselines = (name,)
+  builders.validate_config(config)
