@@ -78,7 +78,7 @@ import numpy as np
 import optax
 
 from metamd_jax import divergence as divergence_lib
-from metamd_jax import tree_utils
+from metamd_jax import transform, tree_utils
 from metamd_jax.tasks.base import Task, TaskFamily
 from metamd_jax.types import Array, PyTree
 
@@ -347,13 +347,7 @@ def adaptive_metamd(
     adaptive online learning`; Reddi, Kale & Kumar (2018), `On the convergence of Adam
     and beyond` (the running maximum).
   """
-  if not callable(learning_rate):
-    try:
-      value = float(learning_rate)
-    except TypeError:
-      value = None  # A traced value (e.g. under inject_hyperparams): checked by the user.
-    if value is not None and not (math.isfinite(value) and value > 0):
-      raise ValueError(f'learning_rate must be positive and finite, got {learning_rate}.')
+  transform.check_learning_rate(learning_rate)
   return optax.chain(
       scale_by_adaptive_mirror_descent(divergence, reference_norm, decay=decay),
       optax.scale_by_learning_rate(learning_rate),

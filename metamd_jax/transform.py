@@ -55,6 +55,19 @@ def scale_by_mirror_descent(divergence: PyTree) -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def check_learning_rate(learning_rate: optax.ScalarOrSchedule) -> None:
+  """Raise ``ValueError`` unless ``learning_rate`` is a schedule or a positive finite number
+  (a traced value, e.g. under ``optax.inject_hyperparams``, is the caller's to check)."""
+  if callable(learning_rate):
+    return
+  try:
+    value = float(learning_rate)
+  except TypeError:
+    return
+  if not (math.isfinite(value) and value > 0):
+    raise ValueError(f'learning_rate must be positive and finite, got {learning_rate}.')
+
+
 def metamd(divergence: PyTree, learning_rate: optax.ScalarOrSchedule = 1.0
            ) -> optax.GradientTransformation:
   """The MetaMD optimiser: ``-learning_rate * M^{-1} g`` with a (learned) divergence.
@@ -85,13 +98,7 @@ def metamd(divergence: PyTree, learning_rate: optax.ScalarOrSchedule = 1.0
     (later `MetaMD: principled optimiser meta-learning for deep learning`);
     Nemirovski & Yudin (1983), mirror descent.
   """
-  if not callable(learning_rate):
-    try:
-      value = float(learning_rate)
-    except TypeError:
-      value = None  # A traced value (e.g. under inject_hyperparams): checked by the user.
-    if value is not None and not (math.isfinite(value) and value > 0):
-      raise ValueError(f'learning_rate must be positive and finite, got {learning_rate}.')
+  check_learning_rate(learning_rate)
   return optax.chain(
       scale_by_mirror_descent(divergence),
       optax.scale_by_learning_rate(learning_rate),
