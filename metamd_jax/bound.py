@@ -130,6 +130,16 @@ def from_terms(distance: Array, step_terms: Array, num_steps: int) -> Array:
   return (distance + step_terms) / num_steps
 
 
+def _trajectory_length(params_sequence: PyTree, grads_sequence: PyTree) -> int:
+  """``T`` of a stored trajectory: ``T`` gradients and ``T + 1`` iterates, else an error."""
+  num_steps = jax.tree.leaves(grads_sequence)[0].shape[0]
+  lengths = {x.shape[0] for x in jax.tree.leaves(params_sequence)}
+  if lengths != {num_steps + 1}:
+    raise ValueError(f'params_sequence must hold T + 1 = {num_steps + 1} iterates for '
+                     f'T = {num_steps} gradients, got leading sizes {sorted(lengths)}.')
+  return num_steps
+
+
 def regret_bound(divergence: PyTree, params_sequence: PyTree, grads_sequence: PyTree, *,
                  solver='exact', **solver_options) -> Array:
   """The mirror-descent convergence-rate bound of a stored trajectory.
@@ -154,11 +164,7 @@ def regret_bound(divergence: PyTree, params_sequence: PyTree, grads_sequence: Py
   Returns:
     The scalar bound.
   """
-  num_steps = jax.tree.leaves(grads_sequence)[0].shape[0]
-  lengths = {x.shape[0] for x in jax.tree.leaves(params_sequence)}
-  if lengths != {num_steps + 1}:
-    raise ValueError(f'params_sequence must hold T + 1 = {num_steps + 1} iterates for '
-                     f'T = {num_steps} gradients, got leading sizes {sorted(lengths)}.')
+  num_steps = _trajectory_length(params_sequence, grads_sequence)
   operators = divergence_lib.operators(divergence)
   first = jax.tree.map(lambda x: x[0], params_sequence)
   final = jax.tree.map(lambda x: x[-1], params_sequence)
@@ -348,11 +354,7 @@ def adaptive_regret_bound(divergence: PyTree, params_sequence: PyTree, grads_seq
   Returns:
     The scalar bound.
   """
-  num_steps = jax.tree.leaves(grads_sequence)[0].shape[0]
-  lengths = {x.shape[0] for x in jax.tree.leaves(params_sequence)}
-  if lengths != {num_steps + 1}:
-    raise ValueError(f'params_sequence must hold T + 1 = {num_steps + 1} iterates for '
-                     f'T = {num_steps} gradients, got leading sizes {sorted(lengths)}.')
+  num_steps = _trajectory_length(params_sequence, grads_sequence)
   if jnp.shape(scales) != (num_steps,):
     raise ValueError(f'scales must have shape (T,) = ({num_steps},), got {jnp.shape(scales)}.')
   scales = jax.lax.stop_gradient(jnp.asarray(scales))
