@@ -37,9 +37,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.meta = meta = ml_collections.ConfigDict()
   meta.objective = 'bound'  # 'bound' (implicit, no validation data) | 'unrolled'
   meta.solver = 'exact'  # adjoint solver: 'exact' | 'cg' | 'neumann' | 'dense'
-  # 'implicit': each step's custom_vjp (any solver); 'statistics': the same gradient from
-  # running sums of G Q G^T and G^T P G (exact solver only; about 2x cheaper per step).
-  meta.adjoint = 'implicit'
+  # 'auto': 'statistics' with the exact solver, else 'implicit'. 'implicit': each step's
+  # custom_vjp (any solver); 'statistics': the same gradient from running sums of G Q G^T
+  # and G^T P G (exact solver only; about 2x cheaper per step).
+  meta.adjoint = 'auto'
   meta.solver_options = ml_collections.ConfigDict()  # e.g. tol, maxiter for cg / neumann
   meta.structure = 'kronecker'  # 'kronecker' | 'diagonal' | 'scalar'
   meta.init_learning_rate = 0.1  # the divergence starts as SGD with this learning rate

@@ -10,10 +10,13 @@ The convergence-rate bound (METHOD.md section 2, step size folded into the diver
 needs only ``theta_1``, the final iterate ``theta* = theta_{T+1}`` and a running sum of
 the per-step terms, so the rollout keeps memory constant in ``T``. With
 ``meta_gradient=True`` the carry also accumulates each step term's gradient with respect
-to the divergence, through the implicit VJP of :func:`metamd_jax.mirror_step` (the
-iterates and gradients are data: the regret view), so the meta-gradient needs no stored
-trajectory either. The terms and the running sums are :mod:`metamd_jax.bound`'s; this
-module runs the task (its batches, gradients and losses) around them.
+to the divergence (the iterates and gradients are data: the regret view), so the
+meta-gradient needs no stored trajectory either: through the implicit VJP of
+:func:`metamd_jax.mirror_step` with a matrix-free adjoint solver, or, with the default
+exact solver, as the same gradient from running statistics of the cached inverses
+(``adjoint='auto'``, :func:`metamd_jax.bound.resolve_adjoint`). The terms and the running
+sums are :mod:`metamd_jax.bound`'s; this module runs the task (its batches, gradients and
+losses) around them.
 
 :func:`adaptive_rollout` runs adaptive MetaMD instead (:mod:`metamd_jax.adaptive`: the
 metric ``M_t = s_t M`` with a non-decreasing online scale) and streams the
@@ -69,7 +72,7 @@ def rollout(
     params: PyTree | None = None,
     meta_gradient: bool = False,
     return_trajectory: bool = False,
-    adjoint: str = 'implicit',
+    adjoint: str = 'auto',
     solver='exact',
     **solver_options,
 ) -> Rollout:
@@ -85,11 +88,15 @@ def rollout(
     meta_gradient: also accumulate the bound's gradient w.r.t. the divergence.
     return_trajectory: also return the stacked iterates and gradients.
     adjoint: how each step term is differentiated: ``'implicit'`` (the mirror step's
-      ``custom_vjp``, any divergence and adjoint solver) or ``'statistics'`` (the same
+      ``custom_vjp``, any divergence and adjoint solver), ``'statistics'`` (the same
       gradient collapsed into running statistics: with the cached inverses ``P``, ``Q``
       the term is ``1/2 tr(G^T P G Q)``, whose gradients ``1/2 G Q G^T`` and
-      ``1/2 G^T P G`` are accumulated and pulled back to the meta-parameters once).
+      ``1/2 G^T P G`` are accumulated and pulled back to the meta-parameters once;
+      ``solver='exact'`` only, about 2x cheaper per step) or ``'auto'`` (the default:
+      ``'statistics'`` with ``solver='exact'``, where both are exact, and ``'implicit'``
+      with any other solver; see :func:`metamd_jax.bound.resolve_adjoint`).
     solver: adjoint solver of the mirror step (see :func:`metamd_jax.mirror_step`).
+      ``'statistics'`` with another solver is a ``ValueError``.
     **solver_options: options of a matrix-free solver.
 
   Returns:
@@ -97,7 +104,7 @@ def rollout(
   """
   if int(num_steps) != num_steps or num_steps < 1:
     raise ValueError(f'num_steps must be a positive integer, got {num_steps}.')
-  bound_lib.check_adjoint(adjoint)
+  adjoint = bound_lib.resolve_adjoint(adjoint, solver, **solver_options)
   init_params = task.init() if params is None else params
   divergence_lib.check_divergence(divergence)
   divergence_lib.check_structure(divergence, init_params)
@@ -169,7 +176,7 @@ def adaptive_rollout(
     params: PyTree | None = None,
     meta_gradient: bool = False,
     return_trajectory: bool = False,
-    adjoint: str = 'implicit',
+    adjoint: str = 'auto',
     solver='exact',
     **solver_options,
 ) -> AdaptiveRollout:
@@ -194,7 +201,8 @@ def adaptive_rollout(
     params: initial parameters; ``task.init()`` if ``None``.
     meta_gradient: also accumulate the bound's gradient w.r.t. the divergence.
     return_trajectory: also return the stacked iterates and gradients.
-    adjoint: how each step term is differentiated (see :func:`rollout`).
+    adjoint: how each step term is differentiated: ``'auto'`` (the default),
+      ``'implicit'`` or ``'statistics'`` (see :func:`rollout`).
     solver: adjoint solver of the mirror step.
     **solver_options: options of a matrix-free solver.
 
@@ -203,7 +211,7 @@ def adaptive_rollout(
   """
   if int(num_steps) != num_steps or num_steps < 1:
     raise ValueError(f'num_steps must be a positive integer, got {num_steps}.')
-  bound_lib.check_adjoint(adjoint)
+  adjoint = bound_lib.resolve_adjoint(adjoint, solver, **solver_options)
   reference_norm = adaptive.check_reference_norm(reference_norm)
   decay = adaptive.check_decay(decay)
   init_params = task.init() if params is None else params

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 import tqdm
 
-from metamd_jax import checkpoint, objectives, parallel
+from metamd_jax import bound, checkpoint, objectives, parallel
 from metamd_jax import divergence as divergence_lib
 from metamd_jax.tasks.base import TaskFamily
 from metamd_jax.types import PyTree
@@ -99,7 +99,7 @@ def make_meta_step(
     *,
     num_steps: int,
     objective: str = 'bound',
-    adjoint: str = 'implicit',
+    adjoint: str = 'auto',
     solver: str = 'exact',
     solver_options: dict | None = None,
     axis_name: str | None = None,
@@ -113,7 +113,9 @@ def make_meta_step(
     meta_optimizer: any optax transformation, applied to the divergence.
     num_steps: the inner horizon ``T``.
     objective: ``'bound'`` or ``'unrolled'`` (see :func:`metamd_jax.meta_gradient`).
-    adjoint: ``'implicit'`` or ``'statistics'`` (see :func:`metamd_jax.rollout`).
+    adjoint: ``'auto'`` (the default: ``'statistics'`` with ``solver='exact'``, else
+      ``'implicit'``), ``'implicit'`` or ``'statistics'`` (``solver='exact'`` only); see
+      :func:`metamd_jax.rollout` and :func:`metamd_jax.bound.resolve_adjoint`.
     solver: adjoint solver of the mirror step.
     solver_options: options of a matrix-free solver.
     axis_name: the ``pmap`` axis the meta-batch is sharded over, or ``None``.
@@ -134,6 +136,7 @@ def make_meta_step(
     raise ValueError(f'score_decay must be in [0, 1), got {score_decay}.')
   if objective not in objectives.OBJECTIVES:
     raise ValueError(f'unknown objective {objective!r}; expected one of {objectives.OBJECTIVES}.')
+  adjoint = bound.resolve_adjoint(adjoint, solver)
   solver_options = dict(solver_options or {})
 
   def meta_step(state: MetaTrainState, task_params: PyTree) -> tuple[MetaTrainState, dict]:
@@ -257,7 +260,7 @@ def fit(
     checkpoint_every: int = 10,
     select: str = 'best',
     objective: str = 'bound',
-    adjoint: str = 'implicit',
+    adjoint: str = 'auto',
     solver: str = 'exact',
     solver_options: dict | None = None,
     backoff: float = 0.5,
@@ -290,7 +293,8 @@ def fit(
     select: ``'best'`` keeps the divergence with the lowest moving average of the mean
       inner training loss (training data only), ``'last'`` the final meta-iterate.
     objective: ``'bound'`` or ``'unrolled'`` (see :func:`make_meta_step`).
-    adjoint: ``'implicit'`` or ``'statistics'``.
+    adjoint: ``'auto'`` (the default), ``'implicit'`` or ``'statistics'`` (see
+      :func:`make_meta_step`).
     solver: adjoint solver of the mirror step.
     solver_options: options of a matrix-free solver.
     backoff: step factor applied when every inner run of a meta-step diverges.

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from metamd_jax import inner_loop, mirror
+from metamd_jax import bound, inner_loop, mirror
 from metamd_jax.tasks.base import Task
 from metamd_jax.types import Array, PyTree
 
@@ -54,7 +54,7 @@ class MetaGradient(NamedTuple):
 
 def meta_gradient(divergence: PyTree, task: Task, num_steps: int, *,
                   objective: str = 'bound', params: PyTree | None = None,
-                  adjoint: str = 'implicit', solver='exact', reference_norm: float | None = None,
+                  adjoint: str = 'auto', solver='exact', reference_norm: float | None = None,
                   decay: float = 0.9, **solver_options) -> MetaGradient:
   """The meta-objective and its gradient w.r.t. the divergence on one task.
 
@@ -69,8 +69,10 @@ def meta_gradient(divergence: PyTree, task: Task, num_steps: int, *,
       metric ``s_t M``, with iterates, gradients and scales as data; memory constant in
       ``T``; equal to ``'bound'`` when ``reference_norm`` is ``None``).
     params: initial parameters (``task.init()`` if ``None``).
-    adjoint: ``'implicit'`` or ``'statistics'`` (bound objective; see
-      :func:`metamd_jax.rollout`).
+    adjoint: ``'auto'`` (the default: ``'statistics'`` with ``solver='exact'``, else
+      ``'implicit'``), ``'implicit'`` or ``'statistics'`` (``solver='exact'`` only); bound
+      objectives, see :func:`metamd_jax.rollout` and
+      :func:`metamd_jax.bound.resolve_adjoint`. Checked for every objective.
     solver: adjoint solver of the mirror step (bound objectives).
     reference_norm: ``'adaptive_bound'`` only: the in-distribution level of
       ``||g||_{M^{-1}}`` (see :func:`metamd_jax.adaptive.reference_gradient_norm`);
@@ -82,6 +84,7 @@ def meta_gradient(divergence: PyTree, task: Task, num_steps: int, *,
   Returns:
     A :class:`MetaGradient`.
   """
+  adjoint = bound.resolve_adjoint(adjoint, solver)
   if objective != 'adaptive_bound' and reference_norm is not None:
     raise ValueError(f"reference_norm is an option of objective='adaptive_bound', not of "
                      f'{objective!r}.')

@@ -182,6 +182,97 @@ def test_add_step_rejects_an_unknown_adjoint(x64):
     bound.add_step(sums, operators, _tree(1), _tree(2), adjoint='reverse')
 
 
+def _callable_solver(matvec, b, *args):
+  return b
+
+
+@pytest.mark.parametrize('adjoint,solver,expected', [
+    ('auto', 'exact', 'statistics'),
+    ('auto', 'cg', 'implicit'),
+    ('auto', 'neumann', 'implicit'),
+    ('auto', 'dense', 'implicit'),
+    ('auto', _callable_solver, 'implicit'),
+    ('implicit', 'exact', 'implicit'),
+    ('implicit', 'cg', 'implicit'),
+    ('implicit', 'neumann', 'implicit'),
+    ('implicit', 'dense', 'implicit'),
+    ('implicit', _callable_solver, 'implicit'),
+    ('statistics', 'exact', 'statistics'),
+])
+def test_resolve_adjoint_truth_table(adjoint, solver, expected):
+  assert bound.resolve_adjoint(adjoint, solver) == expected
+
+
+def test_resolve_adjoint_defaults_to_auto_with_the_exact_solver():
+  assert bound.ADJOINTS == ('auto', 'implicit', 'statistics')
+  assert bound.resolve_adjoint() == 'statistics'
+  assert bound.resolve_adjoint('auto') == 'statistics'
+  assert bound.resolve_adjoint(solver='cg', tol=1e-6) == 'implicit'
+
+
+@pytest.mark.parametrize('solver', ['cg', 'neumann', 'dense', _callable_solver])
+def test_statistics_with_another_solver_is_rejected_naming_both(solver):
+  with pytest.raises(ValueError, match=r"adjoint='statistics'.*solver=") as error:
+    bound.resolve_adjoint('statistics', solver)
+  assert repr(solver) in str(error.value)
+
+
+@pytest.mark.parametrize('adjoint', ['reverse', 'Auto', None, ''])
+def test_resolve_adjoint_rejects_an_unknown_adjoint(adjoint):
+  with pytest.raises(ValueError, match='unknown adjoint'):
+    bound.resolve_adjoint(adjoint, 'exact')
+
+
+@pytest.mark.parametrize('adjoint', ['auto', 'statistics'])
+def test_statistics_take_no_solver_options(adjoint):
+  """As the exact solver of the implicit adjoint: options are an error, not ignored."""
+  with pytest.raises(ValueError, match=r"exact solver takes no options, got \['tol'\]"):
+    bound.resolve_adjoint(adjoint, 'exact', tol=1e-6)
+
+
+def test_every_adjoint_parameter_defaults_to_auto():
+  import inspect
+
+  from metamd_jax import inner_loop, meta_train, objectives
+  functions = [bound.add_step, bound.adaptive_step_term, bound.adaptive_regret_bound,
+               bound.add_adaptive_step, inner_loop.rollout, inner_loop.adaptive_rollout,
+               objectives.meta_gradient, meta_train.make_meta_step, meta_train.fit]
+  for function in functions:
+    assert inspect.signature(function).parameters['adjoint'].default == 'auto', function
+
+
+def test_add_step_rejects_statistics_with_another_solver(x64):
+  operators = divergence_lib.operators(_divergence(STRUCTURES[0]))
+  for meta_gradient in (True, False):
+    sums = bound.init_sums(operators, meta_gradient=meta_gradient)
+    with pytest.raises(ValueError, match="adjoint='statistics'.*solver='cg'"):
+      bound.add_step(sums, operators, _tree(1), _tree(2), adjoint='statistics', solver='cg')
+
+
+@pytest.mark.parametrize('adjoint', ['auto', 'implicit', 'statistics'])
+def test_add_step_auto_takes_the_statistics_path_with_the_exact_solver(x64, monkeypatch,
+                                                                       adjoint):
+  """Which term is differentiated, recorded: 'auto' is 'statistics' for 'exact'."""
+  calls = []
+  for name in ('step_term', 'statistics_term'):
+    original = getattr(bound, name)
+    monkeypatch.setattr(bound, name, lambda *a, name=name, original=original, **k:
+                        calls.append(name) or original(*a, **k))
+  divergence = _divergence(STRUCTURES[0], seed=5)
+  params_seq, grads_seq, grads = _trajectory(divergence, 3)
+  operators, pullback = jax.vjp(divergence_lib.operators, divergence)
+  sums = bound.init_sums(operators, meta_gradient=True)
+  init = params = jax.tree.map(lambda x: x[0], params_seq)
+  for g in grads:
+    params, sums = bound.add_step(sums, operators, params, g, adjoint=adjoint)
+  assert calls == ['step_term' if adjoint == 'implicit' else 'statistics_term'] * 3
+  # The same gradient either way: the stored bound's, through the implicit VJP.
+  _, grad = jax.value_and_grad(bound.regret_bound)(divergence, params_seq, grads_seq)
+  _, _, streamed = bound.finish(sums, operators, params, init, 3)
+  np.testing.assert_allclose(flat(pullback(streamed)[0]), flat(grad), rtol=1e-10,
+                             atol=1e-12 * np.abs(flat(grad)).max())
+
+
 # ---------------------------------------------------------------------------
 # Analytic minimisers of the bound (METHOD.md section 2).
 # ---------------------------------------------------------------------------

@@ -86,6 +86,71 @@ def test_statistics_adjoint_equals_the_implicit_vjp(x64, structure):
     inner_loop.rollout(divergence, task, 2, meta_gradient=True, adjoint='reverse')
 
 
+def _spy_terms(monkeypatch):
+  """Record which step term :func:`bound.add_step` differentiates."""
+  calls = []
+  for name in ('step_term', 'statistics_term'):
+    original = getattr(bound, name)
+    monkeypatch.setattr(bound, name, lambda *a, name=name, original=original, **k:
+                        calls.append(name) or original(*a, **k))
+  return calls
+
+
+def test_auto_adjoint_is_statistics_with_the_exact_solver(x64, monkeypatch):
+  task, divergence = _setup()
+  # Independent: the gradient of the stored trajectory's bound (implicit VJP, vmapped).
+  stored = inner_loop.rollout(divergence, task, 6, return_trajectory=True)
+  value, grad = jax.value_and_grad(bound.regret_bound)(divergence, *stored.trajectory)
+  calls = _spy_terms(monkeypatch)
+  results = {}
+  for adjoint in ('auto', 'implicit', 'statistics'):
+    del calls[:]
+    results[adjoint] = inner_loop.rollout(divergence, task, 6, meta_gradient=True,
+                                          adjoint=adjoint)
+    # Traced once in the scan body.
+    assert calls == ['step_term' if adjoint == 'implicit' else 'statistics_term'], adjoint
+    np.testing.assert_allclose(float(results[adjoint].bound), float(value), rtol=1e-12)
+    for a, b in zip(jax.tree.leaves(results[adjoint].meta_grad), jax.tree.leaves(grad)):
+      np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+  # 'auto' is the statistics path itself, not merely close to it.
+  for a, b in zip(jax.tree.leaves(results['auto'].meta_grad),
+                  jax.tree.leaves(results['statistics'].meta_grad)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_auto_adjoint_is_implicit_with_a_matrix_free_solver(x64, monkeypatch):
+  task, divergence = _setup()
+  stored = inner_loop.rollout(divergence, task, 5, return_trajectory=True)
+  _, grad = jax.value_and_grad(bound.regret_bound)(divergence, *stored.trajectory)
+  calls = _spy_terms(monkeypatch)
+  auto = inner_loop.rollout(divergence, task, 5, meta_gradient=True, solver='cg', tol=1e-12)
+  assert calls == ['step_term']
+  implicit = inner_loop.rollout(divergence, task, 5, meta_gradient=True, adjoint='implicit',
+                                solver='cg', tol=1e-12)
+  for a, b, c in zip(jax.tree.leaves(auto.meta_grad), jax.tree.leaves(implicit.meta_grad),
+                     jax.tree.leaves(grad)):
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a, c, rtol=1e-8, atol=1e-12)  # cg against the exact inverse
+
+
+@pytest.mark.parametrize('solver', ['cg', 'neumann', 'dense'])
+def test_statistics_adjoint_with_another_solver_is_rejected(solver):
+  task, divergence = _setup(jnp.float32)
+  message = f"adjoint='statistics'.*solver='{solver}'"
+  with pytest.raises(ValueError, match=message):
+    inner_loop.rollout(divergence, task, 2, meta_gradient=True, adjoint='statistics',
+                       solver=solver)
+  with pytest.raises(ValueError, match=message):
+    inner_loop.adaptive_rollout(divergence, task, 2, 0.5, meta_gradient=True,
+                                adjoint='statistics', solver=solver)
+
+
+def test_auto_adjoint_keeps_the_exact_solvers_check_of_options():
+  task, divergence = _setup(jnp.float32)
+  with pytest.raises(ValueError, match='exact solver takes no options'):
+    inner_loop.rollout(divergence, task, 2, meta_gradient=True, tol=1e-6)
+
+
 def test_rollout_checks_the_initial_params_without_computing(structure_checks):
   task, divergence = _setup(jnp.float32)
   calls = structure_checks

@@ -88,6 +88,32 @@ def test_tasks_depend_only_on_the_step():
   assert not np.allclose(a['target'], c['target'])
 
 
+def test_statistics_adjoint_with_cg_fails_at_build_time_naming_both():
+  family = QuadraticFamily()
+  with pytest.raises(ValueError, match="adjoint='statistics'.*solver='cg'"):
+    meta_train.make_meta_step(family, optax.adam(0.05), num_steps=5, adjoint='statistics',
+                              solver='cg')
+  divergence = metamd_jax.init_divergence(family.init_params(), 0.2)
+  with pytest.raises(ValueError, match="adjoint='statistics'.*solver='cg'"):
+    _fit(family, divergence, optax.adam(0.05), adjoint='statistics', solver='cg')
+  with pytest.raises(ValueError, match='unknown adjoint'):
+    meta_train.make_meta_step(family, optax.adam(0.05), num_steps=5, adjoint='reverse')
+
+
+def test_default_meta_step_is_the_statistics_meta_step():
+  """'auto' with the exact solver: the meta-step of adjoint='statistics', bit for bit."""
+  family, _, optimizer, state, step = _setup()
+  explicit = jax.jit(meta_train.make_meta_step(family, optimizer, num_steps=5,
+                                               adjoint='statistics'))
+  task_params = meta_train.sample_tasks(family, jax.random.key(2), 0, 4)
+  (auto_state, auto_metrics), (expected, metrics) = (step(state, task_params),
+                                                     explicit(state, task_params))
+  for a, b in zip(jax.tree.leaves(auto_state), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(a, b)
+  assert {k: float(v) for k, v in auto_metrics.items()} == {
+      k: float(v) for k, v in metrics.items()}
+
+
 def test_unknown_objective_fails_at_build_time():
   family = QuadraticFamily()
   with pytest.raises(ValueError, match='objective'):

@@ -11,8 +11,8 @@ import pytest
 from helpers import quadratic_task, well_conditioned
 
 import metamd_jax
+from metamd_jax import bound, inner_loop, objectives
 from metamd_jax import divergence as divergence_lib
-from metamd_jax import inner_loop, objectives
 from metamd_jax.tasks.base import Task
 
 
@@ -49,6 +49,57 @@ def test_one_argument_switches_the_objective(objective):
   if objective == 'bound':
     expected = inner_loop.rollout(divergence, task, 4).bound
     np.testing.assert_allclose(result.loss, expected, rtol=1e-5)
+
+
+def _bound_setup():
+  task = quadratic_task(dtype=jnp.float64)
+  divergence = jax.tree.map(lambda x: 2.0 * x, well_conditioned(
+      metamd_jax.init_divergence(task.init(), 0.1, dtype=jnp.float64), seed=2, noise=0.3))
+  return task, divergence
+
+
+def _stored_bound_gradient(divergence, task, num_steps):
+  """Independent: the stored trajectory's bound, differentiated through the implicit VJP."""
+  stored = inner_loop.rollout(divergence, task, num_steps, return_trajectory=True)
+  return jax.value_and_grad(bound.regret_bound)(divergence, *stored.trajectory)
+
+
+def test_auto_meta_gradient_equals_implicit_and_statistics_with_the_exact_solver(x64):
+  task, divergence = _bound_setup()
+  value, grad = _stored_bound_gradient(divergence, task, 6)
+  results = {adjoint: objectives.meta_gradient(divergence, task, 6, adjoint=adjoint)
+             for adjoint in ('auto', 'implicit', 'statistics')}
+  results['default'] = objectives.meta_gradient(divergence, task, 6)
+  for adjoint, result in results.items():
+    np.testing.assert_allclose(float(result.loss), float(value), rtol=1e-12, err_msg=adjoint)
+    for a, b in zip(jax.tree.leaves(result.grad), jax.tree.leaves(grad)):
+      np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14, err_msg=adjoint)
+  for a, b, c in zip(jax.tree.leaves(results['auto'].grad),
+                     jax.tree.leaves(results['implicit'].grad),
+                     jax.tree.leaves(results['statistics'].grad)):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+    np.testing.assert_array_equal(a, c)  # 'auto' runs the statistics path itself
+
+
+def test_auto_meta_gradient_with_cg_is_the_implicit_one(x64):
+  task, divergence = _bound_setup()
+  _, grad = _stored_bound_gradient(divergence, task, 5)
+  auto = objectives.meta_gradient(divergence, task, 5, solver='cg', tol=1e-12)
+  implicit = objectives.meta_gradient(divergence, task, 5, adjoint='implicit', solver='cg',
+                                      tol=1e-12)
+  for a, b, c in zip(jax.tree.leaves(auto.grad), jax.tree.leaves(implicit.grad),
+                     jax.tree.leaves(grad)):
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a, c, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize('objective', objectives.OBJECTIVES)
+def test_statistics_adjoint_with_cg_is_rejected_naming_both(objective):
+  task = quadratic_task()
+  divergence = metamd_jax.init_divergence(task.init(), 0.1)
+  with pytest.raises(ValueError, match="adjoint='statistics'.*solver='cg'"):
+    objectives.meta_gradient(divergence, task, 3, objective=objective, adjoint='statistics',
+                             solver='cg')
 
 
 def test_unknown_objective_is_rejected():
