@@ -3,9 +3,11 @@
 from metamd_jax.tasks.base import Task, TaskFamily
 from metamd_jax.tasks.classification import ClassificationFamily
 from metamd_jax.tasks.convex import LeastSquaresFamily, LogisticRegressionFamily
+from metamd_jax.tasks.language_model import LanguageModelFamily
 
 __all__ = (
   'ClassificationFamily',
+  'LanguageModelFamily',
   'LeastSquaresFamily',
   'LogisticRegressionFamily',
   'Task',

@@ -39,7 +39,13 @@ class TaskFamily(abc.ABC):
   classes, initialisation and batch-order keys) so that a meta-batch of tasks is a
   stacked pytree that ``vmap`` and ``pmap`` can split; ``task(task_params)`` builds the
   :class:`Task` inside a traced function.
+
+  ``dimension_numbers`` says how the model's leaves are viewed as matrices (the
+  ``dimension_numbers`` argument of :func:`metamd_jax.init_divergence`); ``None``, the
+  default, keeps :func:`metamd_jax.divergence.default_axes` for every leaf.
   """
+
+  dimension_numbers: Any = None
 
   @abc.abstractmethod
   def sample(self, key: jax.Array) -> PyTree:
