@@ -73,6 +73,10 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.num_steps = 100  # training steps per held-out task
   evaluation.window = 10  # smoothing window of training-loss curves
   evaluation.baselines = ('sgd', 'adam')
+  evaluation.reference = 'adam'  # a baseline: steps (and seconds) to its final training loss
+  evaluation.track_every = 1  # steps between two records of the whole-training-set loss
+  evaluation.time_steps = False  # time each optimiser's step (one held-out task, compiled)
+  evaluation.horizon_multiplier = 0  # > 1: learned optimisers and reference also run this x T
   evaluation.learning_rates = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
   # Adaptive MetaMD (metamd_jax.adaptive_metamd): the learned metric times a non-decreasing
   # scale s_t >= 1 that shortens the steps when gradients, measured in the learned

@@ -15,19 +15,20 @@ import optax
 
 import metamd_jax
 from experiments import kronecker_baselines
-from metamd_jax import datasets, models
-from metamd_jax.inner_loop import ADJOINTS
+from metamd_jax import datasets, models, text
+from metamd_jax.bound import ADJOINTS, resolve_adjoint
 from metamd_jax.linear_solve import make_solver
 from metamd_jax.objectives import OBJECTIVES
 from metamd_jax.tasks import (
     ClassificationFamily,
+    LanguageModelFamily,
     LeastSquaresFamily,
     LogisticRegressionFamily,
     TaskFamily,
 )
 
-FAMILIES = ('classification', 'least_squares', 'logistic_regression')
-MODELS = ('mlp', 'cnn', 'resnet')
+FAMILIES = ('classification', 'least_squares', 'logistic_regression', 'language_model')
+MODELS = ('mlp', 'cnn', 'resnet')  # classification; language models are transformers
 SOLVERS = ('exact', 'cg', 'neumann', 'dense')
 META_OPTIMIZERS = {
     'adam': optax.adam,
@@ -41,6 +42,8 @@ BASELINES: dict[str, Callable[[float], optax.GradientTransformation]] = {
     'sgd': optax.sgd,
     'momentum': lambda lr: optax.sgd(lr, momentum=0.9),
     'adam': optax.adam,
+    # Decoupled weight decay with the GPT-style second-moment decay (the transformer default).
+    'adamw': lambda lr: optax.adamw(lr, b2=0.95, weight_decay=0.1),
     'adagrad': optax.adagrad,
     'rmsprop': optax.rmsprop,
     'muon': lambda lr: optax.contrib.muon(lr),
@@ -53,11 +56,21 @@ BASELINES: dict[str, Callable[[float], optax.GradientTransformation]] = {
 
 SHIFTS: dict[str, str] = {
     'inputs_x2': 'inputs multiplied by 2',
+    'inputs_offset': 'inputs plus 1',
     'inputs_standardised': 'inputs standardised per feature over the training pool',
     'features_permuted': 'input features in a fixed random order',
     'batch_quarter': 'a quarter of the batch size',
+    'batch_x4': 'four times the batch size (at most the task subset)',
+    'label_noise': 'a fifth of the training labels replaced by random classes',
+    'heldout_text': 'the held-out text task.eval_text (a dataset never seen in meta-training)',
 }
-"""The everyday changes of ``eval.shifts`` (:func:`shifted_family`), with descriptions."""
+"""The changes of ``eval.shifts`` (:func:`shifted_family`), with descriptions."""
+
+LABEL_NOISE = 0.2
+"""Fraction of training-pool labels ``'label_noise'`` replaces (with uniform random classes)."""
+
+LANGUAGE_MODEL_SHIFTS = ('batch_quarter', 'batch_x4', 'heldout_text')
+"""The shifts that apply to a language-model family (the others change image inputs)."""
 
 
 def _fail(field: str, value, requirement: str):
@@ -105,6 +118,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       _fail('task.eval_classes', task.eval_classes,
             f'must hold as many classes as config.task.classes ({len(task.classes)}) so the '
             'learned divergence fits the meta-test model')
+  elif task.family == 'language_model':
+    _validate_language_model(task)
   else:
     for field in ('input_dim', 'num_samples'):
       _positive_int(config, f'task.{field}')
@@ -112,6 +127,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _one_of(meta.objective, 'meta.objective', OBJECTIVES)
   _one_of(meta.solver, 'meta.solver', SOLVERS)
   _one_of(meta.adjoint, 'meta.adjoint', ADJOINTS)
+  try:
+    resolve_adjoint(meta.adjoint, meta.solver)
+  except ValueError as error:
+    raise ValueError(f'config.meta.adjoint and config.meta.solver: {error}') from None
   _one_of(meta.structure, 'meta.structure', metamd_jax.divergence.STRUCTURES)
   _one_of(meta.optimizer, 'meta.optimizer', META_OPTIMIZERS)
   _one_of(meta.schedule, 'meta.schedule', ('constant', 'cosine'))
@@ -139,6 +158,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if package is not None:
       raise ValueError(f'config.eval.baselines names {name!r}, which needs the package '
                        f'{package}: {kronecker_baselines.INSTALL}.')
+  if evaluation.baselines:  # without baselines the comparison's reference is MetaMD
+    _one_of(evaluation.reference, 'eval.reference', evaluation.baselines)
+  _positive_int(config, 'eval.track_every')
+  if evaluation.num_steps % evaluation.track_every:
+    _fail('eval.track_every', evaluation.track_every,
+          f'must divide eval.num_steps ({evaluation.num_steps})')
+  if not isinstance(evaluation.time_steps, bool):
+    _fail('eval.time_steps', evaluation.time_steps, 'must be True or False')
+  _positive_int(config, 'eval.horizon_multiplier', minimum=0)
   if not evaluation.learning_rates or not all(
       isinstance(lr, (int, float)) and lr > 0 for lr in evaluation.learning_rates):
     _fail('eval.learning_rates', evaluation.learning_rates, 'must be non-empty and positive')
@@ -156,8 +184,40 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _fail('eval.shifts', shifts, f'must be a tuple of names from {tuple(SHIFTS)}')
   for name in shifts:
     _one_of(name, 'eval.shifts', SHIFTS)
+    if task.family == 'language_model' and name not in LANGUAGE_MODEL_SHIFTS:
+      _fail('eval.shifts', shifts, f'must name only {LANGUAGE_MODEL_SHIFTS} for a language '
+            f'model ({name!r} changes image inputs)')
+    if task.family != 'language_model' and name == 'heldout_text':
+      _fail('eval.shifts', shifts, "may name 'heldout_text' only for task.family "
+            "'language_model'")
+    if name == 'heldout_text' and not task.eval_text:
+      _fail('task.eval_text', task.eval_text, "must name a text for eval.shifts "
+            "'heldout_text'")
   if len(set(shifts)) != len(shifts):
     _fail('eval.shifts', shifts, 'must not repeat a shift')
+
+
+def _validate_language_model(task) -> None:
+  for field in ('text', 'eval_text', 'model', 'context', 'width', 'depth', 'num_heads',
+                'slice_size', 'eval_windows', 'test_windows'):
+    if field not in task:
+      raise ValueError(f'config.task.{field} is missing (language_model family; see '
+                       'configs/transformer_lm.py).')
+  _one_of(task.text, 'task.text', text.TEXTS)
+  if task.eval_text:
+    _one_of(task.eval_text, 'task.eval_text', text.TEXTS)
+  if 'text_file' in (task.text, task.eval_text) and not task.data_dir:
+    _fail('task.data_dir', task.data_dir, "must name a .txt file (or a directory with one) "
+          "for the text 'text_file'")
+  _one_of(task.model, 'task.model', ('transformer',))
+  for field in ('context', 'width', 'depth', 'num_heads', 'slice_size', 'eval_windows',
+                'test_windows'):
+    _positive_int({'task': task}, f'task.{field}')
+  if task.width % task.num_heads:
+    _fail('task.num_heads', task.num_heads, f'must divide task.width ({task.width})')
+  if task.slice_size < task.context + 1:
+    _fail('task.slice_size', task.slice_size,
+          f'must be at least task.context + 1 ({task.context + 1})')
 
 
 def _load(task, name: str, split: str) -> datasets.Dataset:
@@ -183,14 +243,40 @@ def _classification_family(task, dataset_name: str, classes) -> ClassificationFa
                               l2=task.l2)
 
 
+def build_transformer(task) -> models.TransformerLM:
+  return models.TransformerLM(vocab_size=text.Text.vocab_size, context=task.context,
+                              width=task.width, depth=task.depth, num_heads=task.num_heads)
+
+
+def language_model_family(task, name: str, region: str) -> LanguageModelFamily:
+  """Tasks on slices of region ``region`` of text ``name``, evaluated on its test region.
+
+  Regions are those of :func:`metamd_jax.text.split_text`: meta-training slices come from
+  ``'train'``, held-out tasks' slices from ``'heldout'``, test bits per byte from
+  ``'test'``.
+  """
+  whole = text.load_text(name, data_dir=task.data_dir or None)
+  regions = text.split_text(whole)
+  return LanguageModelFamily(train=regions[region], test=regions['test'],
+                             model=build_transformer(task), batch_size=task.batch_size,
+                             context=task.context, slice_size=task.slice_size,
+                             eval_windows=task.eval_windows, test_windows=task.test_windows,
+                             dimension_numbers=models.transformer_axes)
+
+
 def build_families(config: ml_collections.ConfigDict) -> tuple[TaskFamily, TaskFamily]:
   """``(meta_train_family, meta_test_family)``.
 
   For classification the meta-test family may use other classes (``task.eval_classes``)
-  or another dataset (``task.eval_dataset``); otherwise held-out tasks differ by data
-  subset, initialisation and batch order (they are sampled with other keys).
+  or another dataset (``task.eval_dataset``); for a language model, held-out tasks train
+  on slices of text meta-training never sees (the ``'heldout'`` region of ``task.text``);
+  otherwise held-out tasks differ by data subset, initialisation and batch order (they
+  are sampled with other keys).
   """
   task = config.task
+  if task.family == 'language_model':
+    return (language_model_family(task, task.text, 'train'),
+            language_model_family(task, task.text, 'heldout'))
   if task.family == 'classification':
     meta_train = _classification_family(task, task.dataset, task.classes)
     if task.eval_dataset or tuple(task.eval_classes) != tuple(task.classes):
@@ -224,8 +310,22 @@ def _standardise(family: ClassificationFamily):
   return lambda data: ((data - mean) / std).astype(np.float32)
 
 
-def shifted_family(config: ml_collections.ConfigDict, family: ClassificationFamily,
-                   shift: str) -> ClassificationFamily:
+def _shifted_language_model(config: ml_collections.ConfigDict, family: LanguageModelFamily,
+                            shift: str, role: str) -> LanguageModelFamily:
+  if shift == 'heldout_text':  # tasks on the held-out text; its test region for metrics
+    region = 'train' if role == 'meta_train' else 'heldout'
+    return language_model_family(config.task, config.task.eval_text, region)
+  batch_size = (max(1, family.batch_size // 4) if shift == 'batch_quarter'
+                else 4 * family.batch_size)
+  return LanguageModelFamily(train=family.train, test=family.test, model=family.model,
+                             batch_size=batch_size, context=family.context,
+                             slice_size=family.slice_size, eval_windows=family.eval_windows,
+                             test_windows=family.test_windows,
+                             dimension_numbers=family.dimension_numbers)
+
+
+def shifted_family(config: ml_collections.ConfigDict, family: TaskFamily,
+                   shift: str, role: str = 'meta_test') -> TaskFamily:
   """``family`` under one everyday change of :data:`SHIFTS`, same model and tasks.
 
   The inputs of the training pool and of the test set change alike (or the batch size
@@ -236,40 +336,69 @@ def shifted_family(config: ml_collections.ConfigDict, family: ClassificationFami
     (constant features become 0), the test set with the pool's statistics;
   * ``'features_permuted'``: the input features (flattened) in the order of
     :func:`feature_permutation`, the same for every task and for the test set;
-  * ``'batch_quarter'``: ``max(1, batch_size // 4)``.
+  * ``'inputs_offset'``: every input plus 1;
+  * ``'batch_quarter'``: ``max(1, batch_size // 4)``;
+  * ``'batch_x4'``: ``min(subset_size, 4 * batch_size)``;
+  * ``'label_noise'``: each training-pool label, with probability :data:`LABEL_NOISE`,
+    replaced by a uniformly random class (fixed by ``config.seed``); test labels clean.
+
+  A language-model family (:data:`LANGUAGE_MODEL_SHIFTS`) takes the batch sizes and
+  ``'heldout_text'``: tasks on ``task.eval_text`` instead, slices of its ``'train'``
+  region for ``role='meta_train'`` (tuning) and of its ``'heldout'`` region for
+  ``role='meta_test'``, test metrics on its ``'test'`` region.
 
   Args:
     config: the experiment config (its ``seed`` fixes the permutation).
-    family: a classification family from :func:`build_families`.
+    family: a classification or language-model family from :func:`build_families`.
     shift: a name of :data:`SHIFTS`.
+    role: ``'meta_train'`` or ``'meta_test'``, which family of the pair ``family`` is.
 
   Returns:
-    A new :class:`metamd_jax.tasks.ClassificationFamily`.
+    A new family of the same kind.
 
   Raises:
-    ValueError: on an unknown shift or a family that is not a classification family.
+    ValueError: on an unknown shift, or one that does not apply to the family.
   """
   if shift not in SHIFTS:
     raise ValueError(f'shift must be one of {tuple(SHIFTS)}, got {shift!r}.')
+  if role not in ('meta_train', 'meta_test'):
+    raise ValueError(f"role must be 'meta_train' or 'meta_test', got {role!r}.")
+  if isinstance(family, LanguageModelFamily):
+    if shift not in LANGUAGE_MODEL_SHIFTS:
+      raise ValueError(f'shift {shift!r} changes image inputs; a language model takes '
+                       f'{LANGUAGE_MODEL_SHIFTS}.')
+    return _shifted_language_model(config, family, shift, role)
+  if shift == 'heldout_text':
+    raise ValueError("shift 'heldout_text' applies to language-model families only.")
   if not isinstance(family, ClassificationFamily):
     raise ValueError(f'shifts apply to classification families, got {type(family).__name__}.')
-  batch_size = family.batch_size
+  train, test, batch_size = family.train, family.test, family.batch_size
+  transform = None
   if shift == 'inputs_x2':
     transform = lambda x: 2 * x  # noqa: E731
+  elif shift == 'inputs_offset':
+    transform = lambda x: x + 1  # noqa: E731
   elif shift == 'inputs_standardised':
     transform = _standardise(family)
   elif shift == 'features_permuted':
     permutation = feature_permutation(config, math.prod(family.input_shape))
     transform = lambda x: x.reshape(len(x), -1)[:, permutation].reshape(x.shape)  # noqa: E731
-  else:
-    transform, batch_size = (lambda x: x), max(1, batch_size // 4)
+  elif shift == 'batch_quarter':
+    batch_size = max(1, batch_size // 4)
+  elif shift == 'batch_x4':
+    batch_size = min(family.subset_size, 4 * batch_size)
+  elif shift == 'label_noise':
+    rng = np.random.default_rng(config.seed)
+    flip = rng.random(len(train)) < LABEL_NOISE
+    noisy = np.where(flip, rng.integers(0, train.num_classes, len(train)), train.y)
+    train = dataclasses.replace(train, y=noisy.astype(np.int32), name=f'{train.name}:{shift}')
 
   def apply(data):
-    if data is None or shift == 'batch_quarter':
+    if data is None or transform is None:
       return data
     return dataclasses.replace(data, x=transform(data.x), name=f'{data.name}:{shift}')
 
-  return ClassificationFamily(train=apply(family.train), test=apply(family.test),
+  return ClassificationFamily(train=apply(train), test=apply(test),
                               model=family.model, batch_size=batch_size,
                               subset_size=family.subset_size, l2=family.l2,
                               eval_batch_size=family.eval_batch_size)
@@ -280,7 +409,8 @@ def build_divergence(config: ml_collections.ConfigDict, family: TaskFamily):
   meta = config.meta
   return metamd_jax.init_divergence(family.init_params(), meta.init_learning_rate,
                                     structure=meta.structure, eps=meta.eps,
-                                    max_factor_size=meta.max_factor_size)
+                                    max_factor_size=meta.max_factor_size,
+                                    dimension_numbers=family.dimension_numbers)
 
 
 def build_meta_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:

@@ -13,22 +13,24 @@ import os
 import pathlib
 import time
 
+import jax
 import ml_collections
 import numpy as np
 import optax
 from absl import logging
 
 import metamd_jax
-from experiments import builders, plots, protocol, report
+from experiments import benchmark_runs, builders, plots, protocol, report
 from experiments.meta_train import ARTIFACT
 from metamd_jax import adaptive as adaptive_lib
 from metamd_jax import evaluation, parallel
-from metamd_jax.tasks import ClassificationFamily
 from metamd_jax.tasks.base import TaskFamily
 from metamd_jax.types import PyTree
 
-SHIFT_REFERENCE = 'adam_retuned'
-"""The reference of every shift: Adam with its learning rate re-tuned on the shift."""
+
+def shift_reference(reference: str) -> str:
+  """The reference of every shift: ``reference`` with its learning rate re-tuned there."""
+  return f'{reference}_retuned'
 
 
 def calibrate(config: ml_collections.ConfigDict, divergence: PyTree, family: TaskFamily,
@@ -67,14 +69,15 @@ def _outcomes(curves: evaluation.Curves) -> dict:
 
 
 def evaluate_shift(config: ml_collections.ConfigDict, shift: str,
-                   families: tuple[ClassificationFamily, ClassificationFamily],
+                   families: tuple[TaskFamily, TaskFamily],
                    optimizers: dict[str, optax.GradientTransformation],
                    learning_rates: dict[str, float | None]) -> dict:
-  """The held-out tasks under one everyday change, every optimiser as it is.
+  """The held-out tasks under one change, every optimiser as it is.
 
-  Adam, re-tuned on the shifted tuning tasks over the same grid, is the reference
-  (``'adam_retuned'``); the other optimisers keep the learned divergence, the learning
-  rates tuned on the meta-train family and the reference norm calibrated there.
+  The reference baseline (``eval.reference``, Adam by default), re-tuned on the shifted
+  tuning tasks over the same grid, is the shift's reference (:func:`shift_reference`,
+  e.g. ``'adam_retuned'``); the other optimisers keep the learned divergence, the
+  learning rates tuned on the meta-train family and the reference norm calibrated there.
 
   Args:
     config: the experiment config.
@@ -84,38 +87,49 @@ def evaluate_shift(config: ml_collections.ConfigDict, shift: str,
     learning_rates: their learning rates (``None``: learned).
 
   Returns:
-    ``{'description', 'reference', 'adam_retuned_learning_rate', 'seconds',
+    ``{'description', 'reference', '<reference>_learning_rate', 'seconds',
     'optimizers': {name: {'learning_rate', 'diverged', 'above_initial_loss', 'num_runs',
-    'final_train_loss', 'steps_to_adam_retuned_final_loss', 'reached_fraction',
-    <metrics>}}}`` (no steps when every re-tuned learning rate diverged).
+    'final_train_loss', 'steps_to_<reference>_final_loss', 'reached_fraction',
+    <metrics>}}}`` with ``<reference>`` e.g. ``adam_retuned`` (no steps when every
+    re-tuned learning rate diverged).
   """
   start = time.perf_counter()
   ev = config.eval
+  baseline, reference = ev.reference, shift_reference(ev.reference)
   meta_train_family, meta_test_family = families
-  train_family = builders.shifted_family(config, meta_train_family, shift)
+  train_family = builders.shifted_family(config, meta_train_family, shift, 'meta_train')
   test_family = (train_family if meta_test_family is meta_train_family
-                 else builders.shifted_family(config, meta_test_family, shift))
+                 else builders.shifted_family(config, meta_test_family, shift, 'meta_test'))
   tune_tasks = evaluation.tuning_tasks(train_family, config.seed, ev.num_tune_tasks)
   test_tasks = evaluation.held_out_tasks(test_family, config.seed, ev.num_tasks)
-  tuned, _ = protocol.tune_baselines(('adam',), ev, train_family, tune_tasks, ev.num_steps)
-  retuned = tuned['adam']
+  tuned, _ = protocol.tune_baselines((baseline,), ev, train_family, tune_tasks, ev.num_steps)
+  retuned = tuned[baseline]
   rates = dict(learning_rates)
   curves = {name: evaluation.run(optimizer, test_family, test_tasks, ev.num_steps,
-                                 track_every=1) for name, optimizer in optimizers.items()}
+                                 track_every=ev.track_every)
+            for name, optimizer in optimizers.items()}
   if retuned is not None:
-    rates[SHIFT_REFERENCE] = retuned
+    rates[reference] = retuned
     # The same rate as in distribution: the same runs (one compilation less).
-    curves[SHIFT_REFERENCE] = (curves['adam'] if learning_rates.get('adam') == retuned else
-                               evaluation.run(builders.BASELINES['adam'](retuned), test_family,
-                                              test_tasks, ev.num_steps, track_every=1))
-  target = (evaluation.final_train_loss(curves[SHIFT_REFERENCE].train_losses)
+    curves[reference] = (
+        curves[baseline] if learning_rates.get(baseline) == retuned and baseline in curves
+        else evaluation.run(builders.BASELINES[baseline](retuned), test_family, test_tasks,
+                            ev.num_steps, track_every=ev.track_every))
+  target = (evaluation.final_train_loss(curves[reference].train_losses)
             if retuned is not None else None)
   entries = {name: {'learning_rate': rates[name], **_outcomes(run),
-                    **protocol.summarize(run, target, SHIFT_REFERENCE)}
+                    **protocol.summarize(run, target, reference)}
              for name, run in curves.items()}
-  return {'description': builders.SHIFTS[shift], 'reference': SHIFT_REFERENCE,
-          'adam_retuned_learning_rate': retuned, 'seconds': time.perf_counter() - start,
+  return {'description': builders.SHIFTS[shift], 'reference': reference,
+          f'{reference}_learning_rate': retuned, 'seconds': time.perf_counter() - start,
           'optimizers': entries}
+
+
+def _seconds_per_step(optimizer: optax.GradientTransformation, family: TaskFamily,
+                      tasks: PyTree, num_steps: int) -> float:
+  """Seconds per training step on the first of ``tasks``: compiled once, then timed."""
+  first = jax.tree.map(lambda x: x[:1], tasks)
+  return float(benchmark_runs.time_runs(optimizer, family, first, num_steps, 1)[0]) / num_steps
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
@@ -169,35 +183,43 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     if lr is not None:
       learning_rates[name], optimizers[name] = lr, builders.BASELINES[name](lr)
   curves = {name: evaluation.run(optimizer, meta_test_family, test_tasks, ev.num_steps,
-                                 track_every=1)
+                                 track_every=ev.track_every)
             for name, optimizer in optimizers.items()}
+  seconds_per_step = ({name: _seconds_per_step(optimizer, meta_test_family, test_tasks,
+                                               ev.num_steps)
+                       for name, optimizer in optimizers.items()} if ev.time_steps else {})
 
-  reference = 'adam' if 'adam' in curves else next(iter(curves))
-  # Training loss = the loss on each task's whole training set, after every step.
+  reference = ev.reference if ev.reference in curves else next(iter(curves))
+  # Training loss = the loss on each task's whole training set, tracked during the runs.
   target = evaluation.final_train_loss(curves[reference].train_losses)
   results = {'reference': reference, 'num_steps': ev.num_steps, 'num_tasks': ev.num_tasks,
-             'optimizers': {}, 'adaptive': adaptive, 'shifts': {}}
+             'optimizers': {}, 'adaptive': adaptive, 'shifts': {}, 'long_horizon': {}}
   for name, run in curves.items():
-    results['optimizers'][name] = {
-        'learning_rate': learning_rates[name],
-        **protocol.summarize(run, target, reference),
-        'final_minibatch_loss': report.pair(evaluation.final_loss(run.losses, ev.window)),
-        'mean_curve': protocol.curves_summary(run)['mean_curve'],
-    }
+    entry = {'learning_rate': learning_rates[name],
+             **protocol.summarize(run, target, reference, seconds_per_step.get(name)),
+             'final_minibatch_loss': report.pair(evaluation.final_loss(run.losses, ev.window)),
+             **protocol.curves_summary(run)}
+    if name in seconds_per_step:
+      entry['seconds_per_step'] = seconds_per_step[name]
+    results['optimizers'][name] = entry
   if 'metamd_adaptive' in results['optimizers']:
     results['optimizers']['metamd_adaptive']['reference_norm'] = adaptive['reference_norm']
-  if isinstance(meta_train_family, ClassificationFamily):  # shifts change inputs or batches
-    for shift in ev.shifts:
-      results['shifts'][shift] = evaluate_shift(
-          config, shift, (meta_train_family, meta_test_family), optimizers, learning_rates)
-  elif ev.shifts:
-    logging.info('eval.shifts skipped: they apply to classification families only.')
+  for shift in ev.shifts:
+    results['shifts'][shift] = evaluate_shift(
+        config, shift, (meta_train_family, meta_test_family), optimizers, learning_rates)
+  if ev.horizon_multiplier > 1:  # the learned optimisers and the reference, far beyond T
+    for name in [n for n in optimizers if n.startswith('metamd')] + [reference]:
+      results['long_horizon'][name] = benchmark_runs.beyond_horizon(
+          optimizers[name], meta_test_family, test_tasks, ev.num_steps,
+          ev.horizon_multiplier, blow_up_factor=1.0)
 
   if not parallel.is_writer():  # every process evaluates; one writes
     return results
   table = report.format_evaluation(results)
   if results['shifts']:
     table += '\n\n' + report.format_shifts(results)
+  if results['long_horizon']:
+    table += '\n\n' + report.format_long_horizon(results, ev.horizon_multiplier)
   report.write_json(workdir / 'results.json', results)
   (workdir / 'results.md').write_text(table + '\n')
   print(table)

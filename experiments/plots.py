@@ -50,7 +50,7 @@ def plot_evaluation(results: dict, path: str | pathlib.Path, title: str) -> None
   entries = results['optimizers']
   fig, ax = plt.subplots(figsize=(6, 4))
   _draw(ax, {n: {'mean_curve': e['mean_curve']} for n, e in entries.items()},
-        lambda name, n: np.arange(n),
+        lambda name, n: np.arange(n) * entries[name].get('curve_every', 1),
         {n: e['learning_rate'] for n, e in entries.items()})
   ax.set_xlabel('training step')
   ax.set_ylabel(f'{YLABEL} (mean over tasks)')

@@ -61,6 +61,8 @@ def title(config: ml_collections.ConfigDict) -> str:
   task = config.task
   if task.family == 'classification':
     return f'{task.model.upper()} on {task.dataset}'
+  if task.family == 'language_model':
+    return f'byte-level transformer on {task.text}'
   return task.family.replace('_', ' ')
 
 
@@ -104,20 +106,61 @@ def _learning_rate_text(learning_rate, reference_norm=None) -> str:
 # ---------------------------------------------------------------------------
 
 
+def test_metric(entries: dict) -> tuple[str, str, str]:
+  """``(key, column title, format)`` of the test metric of a table's entries.
+
+  Test accuracy for classifiers, held-out bits per byte for language models.
+  """
+  if any('test_bits_per_byte' in e for e in entries.values()):
+    return 'test_bits_per_byte', 'test bits per byte', '.3f'
+  return 'test_accuracy', 'test accuracy', '.3f'
+
+
 def format_evaluation(results: dict) -> str:
   """The table of :func:`experiments.evaluate.evaluate`'s results.
 
-  Adaptive MetaMD's learning rate reads ``learned (c = <reference norm>)``.
+  Adaptive MetaMD's learning rate reads ``learned (c = <reference norm>)``. With timed
+  steps (``eval.time_steps``) the seconds per step and the seconds to the reference's
+  final loss join.
   """
   reference = results['reference']
+  entries = results['optimizers']
+  metric, metric_title, spec = test_metric(entries)
+  timed = any('seconds_per_step' in e for e in entries.values())
   lines = [f'| optimiser | learning rate | steps to {reference} final loss | '
-           'final train loss | test accuracy |', '| --- | --- | --- | --- | --- |']
-  for name, entry in results['optimizers'].items():
+           + (f'seconds to {reference} final loss | ms per step | ' if timed else '')
+           + f'final train loss | {metric_title} |',
+           '| --- | --- | --- | ' + ('--- | --- | ' if timed else '') + '--- | --- |']
+  for name, entry in entries.items():
     steps = reach_text(entry[f'steps_to_{reference}_final_loss'], entry['reached_fraction'])
     learning_rate = _learning_rate_text(entry['learning_rate'], entry.get('reference_norm'))
-    lines.append(f"| {name} | {learning_rate} | {steps} | "
+    timing = ''
+    if timed:
+      seconds = reach_text(entry.get(f'seconds_to_{reference}_final_loss'),
+                           entry['reached_fraction'], '.2f')
+      per_step = entry.get('seconds_per_step')
+      timing = f"{seconds} | {'n/a' if per_step is None else f'{1e3 * per_step:.1f}'} | "
+    lines.append(f"| {name} | {learning_rate} | {steps} | {timing}"
                  f"{pair_text(entry['final_train_loss'], '.4f')} | "
-                 f"{pair_text(entry.get('test_accuracy'), '.3f')} |")
+                 f"{pair_text(entry.get(metric), spec)} |")
+  return '\n'.join(lines)
+
+
+def format_long_horizon(results: dict, multiplier: int) -> str:
+  """The table of ``results['long_horizon']``: training far beyond the horizon ``T``."""
+  num_steps = results['num_steps']
+  entries = results['long_horizon']
+  metric, metric_title, spec = test_metric({n: {k.removesuffix('_at_long'): v
+                                                for k, v in e.items()}
+                                            for n, e in entries.items()})
+  lines = [f'Beyond the horizon: {multiplier}T = {multiplier * num_steps} steps.', '',
+           f'| optimiser | train loss at T | train loss at {multiplier}T | blew up or '
+           f'diverged | {metric_title} at {multiplier}T |', '| --- | --- | --- | --- | --- |']
+  for name, entry in entries.items():
+    lines.append(f"| {name} | {pair_text(entry['loss_at_T'], '.4f')} | "
+                 f"{pair_text(entry['loss_at_long'], '.4f')} | "
+                 f"{entry['blew_up_fraction']:.0%} | "
+                 f"{pair_text(entry.get(f'{metric}_at_long'), spec)} |")
   return '\n'.join(lines)
 
 
@@ -128,11 +171,13 @@ def format_shifts(results: dict) -> str:
   (of the held-out tasks), steps to the re-tuned Adam's final training loss, final
   training loss and test accuracy.
   """
-  lines = ['Everyday changes: the held-out tasks again, every optimiser as tuned or '
-           'calibrated in distribution; Adam re-tuned on each change (adam_retuned) is '
-           'the reference.', '',
+  first = next(iter(results['shifts'].values()))
+  metric, metric_title, spec = test_metric(first['optimizers'])
+  lines = ['Changes: the held-out tasks again, every optimiser as tuned or calibrated in '
+           f"distribution; {first['reference']} (re-tuned on each change) is the reference.",
+           '',
            '| shift | optimiser | learning rate | diverged | ended above initial loss | '
-           'steps to adam_retuned final loss | final train loss | test accuracy |',
+           f"steps to {first['reference']} final loss | final train loss | {metric_title} |",
            '| --- | --- | --- | --- | --- | --- | --- | --- |']
   for shift, result in results['shifts'].items():
     reference = result['reference']
@@ -147,9 +192,9 @@ def format_shifts(results: dict) -> str:
                    f"{entry['diverged']}/{entry['num_runs']} | "
                    f"{entry['above_initial_loss']}/{entry['num_runs']} | {steps} | "
                    f"{pair_text(entry['final_train_loss'], '.4f')} | "
-                   f"{pair_text(entry.get('test_accuracy'), '.3f')} |")
+                   f"{pair_text(entry.get(metric), spec)} |")
   seconds = ', '.join(f"{shift} {r['seconds']:.1f} s" for shift, r in results['shifts'].items())
-  lines += ['', f'Seconds per change (one Adam tuning, one run per optimiser): {seconds}.']
+  lines += ['', f'Seconds per change (one re-tuning, one run per optimiser): {seconds}.']
   return '\n'.join(lines)
 
 

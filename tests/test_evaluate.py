@@ -112,6 +112,22 @@ def test_shifted_families_are_shifted(setup):
   assert quarter.task(per_task[0]).batch(0)[0].shape[0] == family.batch_size // 4
   np.testing.assert_array_equal(quarter.train.x, family.train.x)
 
+  offset = builders.shifted_family(config, family, 'inputs_offset')
+  np.testing.assert_array_equal(offset.train.x, family.train.x + 1)
+  np.testing.assert_array_equal(offset.test.x, family.test.x + 1)
+
+  x4 = builders.shifted_family(config, family, 'batch_x4')
+  assert x4.batch_size == min(family.subset_size, 4 * family.batch_size)
+  assert x4.task(per_task[0]).batch(0)[0].shape[0] == x4.batch_size
+
+  noisy = builders.shifted_family(config, family, 'label_noise')
+  changed = np.mean(noisy.train.y != family.train.y)
+  # A fifth of the labels redrawn, 9 in 10 of those to another class (10 classes).
+  assert 0.12 < changed < 0.24
+  np.testing.assert_array_equal(noisy.train.x, family.train.x)
+  np.testing.assert_array_equal(noisy.test.y, family.test.y)  # clean test labels
+  assert noisy.train.y.min() >= 0 and noisy.train.y.max() < family.num_classes
+
 
 @pytest.mark.parametrize('field,value', [
     ('eval.shifts', ('inputs_x2', 'inputs_x3')),
@@ -160,3 +176,88 @@ def test_a_shift_keeps_every_optimizer_and_retunes_adam(setup, monkeypatch):
   assert [row.split(' | ')[:2] for row in rows] == [
       ['| batch_quarter', 'metamd'], ['| batch_quarter', 'adam_retuned'],
       ['| inputs_x2', 'metamd'], ['| inputs_x2', 'adam_retuned']]
+
+
+def _tiny_language_model_config():
+  from configs import transformer_lm
+
+  config = transformer_lm.get_config()
+  task, meta, ev = config.task, config.meta, config.eval
+  task.context, task.width, task.depth, task.num_heads = 16, 16, 1, 2
+  task.batch_size, task.slice_size, task.eval_windows, task.test_windows = 4, 2048, 4, 4
+  meta.horizon, meta.num_meta_steps, meta.checkpoint_every = 4, 2, 2
+  ev.num_steps, ev.track_every, ev.num_tasks, ev.num_tune_tasks = 10, 5, 2, 1
+  ev.baselines, ev.learning_rates, ev.horizon_multiplier = ('adamw',), (1e-2, 1e-1), 2
+  ev.adaptive = False  # its row is tested on the tiny classification config
+  return config
+
+
+def test_language_model_families_and_shifts_use_the_right_text():
+  config = _tiny_language_model_config()
+  builders.validate_config(config)
+  meta_train_family, meta_test_family = builders.build_families(config)
+  assert meta_train_family.train.name == 'python_docs:train'
+  assert meta_test_family.train.name == 'python_docs:heldout'
+  assert meta_train_family.test.name == meta_test_family.test.name == 'python_docs:test'
+  code = builders.shifted_family(config, meta_test_family, 'heldout_text', 'meta_test')
+  assert code.train.name == 'python_stdlib:heldout' and code.test.name == 'python_stdlib:test'
+  tuning = builders.shifted_family(config, meta_train_family, 'heldout_text', 'meta_train')
+  assert tuning.train.name == 'python_stdlib:train'
+  quarter = builders.shifted_family(config, meta_test_family, 'batch_quarter')
+  assert quarter.batch_size == 1 and quarter.train is meta_test_family.train
+  with pytest.raises(ValueError, match='changes image inputs'):
+    builders.shifted_family(config, meta_test_family, 'inputs_x2')
+  divergence = builders.build_divergence(config, meta_train_family)
+  assert divergence['block_0']['attention']['query']['kernel'].cols == (1, 2)
+
+
+@pytest.mark.parametrize('field, value, match', [
+    ('task.text', 'wikipedia', r'config\.task\.text'),
+    ('task.num_heads', 3, r'config\.task\.num_heads must divide'),
+    ('task.slice_size', 8, r'config\.task\.slice_size'),
+    ('eval.shifts', ('inputs_x2',), r'config\.eval\.shifts'),
+    ('eval.reference', 'sgd', r'config\.eval\.reference'),
+    ('eval.track_every', 3, r'config\.eval\.track_every must divide'),
+])
+def test_bad_language_model_values_name_the_field(field, value, match):
+  config = _tiny_language_model_config()
+  section, name = field.split('.')
+  config[section][name] = value
+  with pytest.raises(ValueError, match=match):
+    builders.validate_config(config)
+
+
+def test_heldout_text_is_for_language_models_only():
+  config = tiny.get_config()
+  config.eval.shifts = ('heldout_text',)
+  with pytest.raises(ValueError, match=r"config\.eval\.shifts may name 'heldout_text' only"):
+    builders.validate_config(config)
+
+
+def test_language_model_main_job_end_to_end(tmp_path):
+  from experiments import meta_train
+
+  config = _tiny_language_model_config()
+  meta_train.meta_train(config, tmp_path, progress=False)
+  results = evaluate.evaluate(config, tmp_path)
+  assert results['reference'] == 'adamw'
+  assert set(results['optimizers']) == {'metamd', 'adamw'}
+  for name, entry in results['optimizers'].items():
+    assert entry['seconds_per_step'] > 0, name
+    assert 'seconds_to_adamw_final_loss' in entry and 'test_bits_per_byte' in entry
+    assert entry['curve_every'] == 5 and len(entry['mean_curve']) == 3
+  adamw = results['optimizers']['adamw']
+  # The reference reaches its own final loss; bits per byte are nats / ln 2.
+  assert adamw['reached_fraction'] == 1.0
+  np.testing.assert_allclose(adamw['test_bits_per_byte'][0],
+                             adamw['test_loss'][0] / np.log(2), rtol=1e-5)
+  shift = results['shifts']['heldout_text']
+  assert shift['reference'] == 'adamw_retuned'
+  assert shift['adamw_retuned_learning_rate'] in config.eval.learning_rates
+  assert set(shift['optimizers']) == {'metamd', 'adamw', 'adamw_retuned'}
+  long = results['long_horizon']
+  assert set(long) == {'metamd', 'adamw'} and long['metamd']['steps'] == 20
+  table = (tmp_path / 'results.md').read_text()
+  assert 'test bits per byte' in table and 'Beyond the horizon: 2T = 20 steps' in table
+  assert 'steps to adamw_retuned final loss' in table
+  assert (tmp_path / 'loss_curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

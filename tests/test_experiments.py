@@ -149,7 +149,7 @@ def test_resume_after_sigkill_gives_the_same_divergence(tmp_path, devices):
 
 
 @pytest.mark.parametrize('name', ['default', 'tiny', 'digits_mlp', 'mnist1d_cnn', 'class_split',
-                                  'least_squares'])
+                                  'least_squares', 'transformer_lm'])
 def test_shipped_configs_validate_and_build(name):
   import importlib
 

@@ -1,0 +1,53 @@
+"""A byte-level decoder-only transformer on text that ships with Python.
+
+Meta-trains a Kronecker divergence for a 2-block transformer language model on slices of
+the language-reference topics (``pydoc_data.topics``), then meta-tests on held-out
+tasks whose slices meta-training never saw, against tuned AdamW (the reference), Adam and
+Muon; the held-out dataset is the standard library's own source code
+(``eval.shifts = ('heldout_text',)``), with AdamW re-tuned there as its reference.
+
+  python -m experiments.main --config configs/transformer_lm.py --workdir runs/transformer_lm
+
+A user's plain-text file instead: ``--config.task.text=text_file
+--config.task.data_dir=/path/to/corpus.txt``.
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = default.get_config()
+  task = config.task
+  task.family = 'language_model'
+  task.text = 'python_docs'  # metamd_jax.text.TEXTS: 'python_docs' | 'python_stdlib' | 'text_file'
+  task.eval_text = 'python_stdlib'  # the held-out dataset of eval.shifts 'heldout_text'
+  task.model = 'transformer'
+  task.context = 64  # bytes per window
+  task.width = 64
+  task.depth = 2
+  task.num_heads = 4
+  task.batch_size = 8  # windows per minibatch
+  task.slice_size = 32768  # bytes of text per task (held-out tasks: the 'heldout' region)
+  task.eval_windows = 32  # windows of a task's slice behind its training loss
+  task.test_windows = 64  # windows of the 'test' region behind bits per byte
+
+  meta = config.meta
+  meta.init_learning_rate = 0.3  # SGD's tuned rate on meta-train tasks (RESULTS.md)
+  meta.horizon = 50
+  meta.meta_batch_size = 2
+  meta.num_meta_steps = 60
+  meta.checkpoint_every = 20
+
+  ev = config.eval
+  ev.num_steps = 100
+  ev.track_every = 5  # a training-loss record costs about a third of a step here
+  ev.num_tune_tasks = 2
+  ev.baselines = ('adamw', 'adam', 'muon')
+  ev.reference = 'adamw'
+  ev.learning_rates = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+  ev.time_steps = True
+  ev.horizon_multiplier = 10
+  ev.shifts = ('heldout_text',)
+  return config
