@@ -6,20 +6,39 @@ for each horizon ``T`` this compiles four jitted functions of the divergence:
 
 (a) ``rollout``: the inner rollout alone (``inner_loop.rollout(..., meta_gradient=False)``);
 (b) ``implicit``: the implicit meta-gradient of the convergence-rate bound
-    (``objectives.meta_gradient(..., objective='bound')``), memory constant in ``T``;
+    (``objectives.meta_gradient(..., objective='bound', adjoint='implicit')``), memory
+    constant in ``T``;
 (c) ``statistics``: the same meta-gradient from running sums (``adjoint='statistics'``);
 (d) ``unrolled``: the meta-gradient of the training loss after ``T`` steps,
     back-propagated through the whole ``lax.scan`` (``objective='unrolled'``).
 
+Both adjoints are passed explicitly. The library's default, ``adjoint='auto'``, is the
+statistics adjoint with the exact solver (the one used here) and the implicit one with any
+other solver, so the ``statistics`` figures are those of the default; the report prints
+what ``'auto'`` resolves to.
+
+``--model transformer``: the byte-level transformer language model of
+``configs/transformer_lm.py`` (context 64, width 64, depth 2, 4 heads, a batch of 8 windows,
+horizon ``T = 50``) on one :class:`metamd_jax.tasks.LanguageModelFamily` task: a random
+32 KiB slice of the training region of ``python_docs`` (``pydoc_data.topics``), random
+windows of it by step, next-byte cross-entropy; the divergence is perturbed like the MLP's
+(init lr 0.3, the config's), its attention kernels as ``width x (heads * head_dim)``
+matrices (``models.transformer_axes``). There the functions are (a), (b) and (c): the
+meta-gradient by either adjoint against the inner rollout alone, timed in the same loop,
+with the ratios. ``--context``, ``--width``, ``--depth``, ``--heads`` and ``--batch`` shrink
+it.
+
 Memory: XLA's buffer assignment of each compiled executable
 (``jax.jit(f).lower(...).compile().memory_analysis()``): temporaries, arguments, outputs
 and their total, deterministic. Time: median wall time per call after a warm-up, with
-``block_until_ready``, the four functions interleaved round-robin in one loop so machine
+``block_until_ready``, the functions interleaved round-robin in one loop so machine
 noise hits all alike (``scripts.timing``).
 
-The data set, the initial parameters and the divergence are passed to the jitted
-functions as arguments (not closed over), so that XLA does not fold them into the
-executable as constants and the argument sizes account for them.
+The data set (MLP), the task parameters (transformer: keys and the slice's start), the
+initial parameters and the divergence are passed to the jitted functions as arguments (not
+closed over), so that XLA does not fold them into the executable as constants and the
+argument sizes account for them. The transformer's text is the task family's device
+constant, as in meta-training: closed over, in no function's argument size.
 
 Targets (the issue): implicit peak memory at ``T = 1000`` at most 1.2x that at ``T = 10``;
 the implicit meta-gradient at most 1.3x the time of the inner rollout alone.
@@ -29,6 +48,8 @@ Usage (from the repository root)::
   python -m scripts.benchmark_meta_gradient                  # defaults, ~5 min on 2 cores
   python -m scripts.benchmark_meta_gradient --quick          # smoke run: T = 10, 100; 5 rounds
   python -m scripts.benchmark_meta_gradient --json out.json  # also write the figures
+  python -m scripts.benchmark_meta_gradient --model transformer           # T = 50, ~2 min
+  python -m scripts.benchmark_meta_gradient --model transformer --horizons 10,50
 """
 
 from __future__ import annotations
@@ -43,12 +64,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metamd_jax import datasets, inner_loop, models, objectives
+from metamd_jax import bound, datasets, inner_loop, models, objectives, text
+from metamd_jax.tasks import LanguageModelFamily
 from metamd_jax.tasks.base import Task
-from scripts import timing
+from scripts import inputs, timing
 from scripts.inputs import init_params, perturbed_divergence
 
 FUNCTIONS = ('rollout', 'implicit', 'statistics', 'unrolled')
+"""The functions timed on the MLP."""
+TRANSFORMER_FUNCTIONS = ('rollout', 'statistics', 'implicit')
+"""The functions timed on the transformer: the two meta-gradients against the rollout."""
+MODELS = ('mlp', 'transformer')
+TEXT = 'python_docs'
 MEMORY_TARGET = 1.2
 TIME_TARGET = 1.3
 MIB = 2.0 ** 20
@@ -98,32 +125,55 @@ def make_task(model, data, batch_size: int) -> Task:
   return Task(init=lambda: initial_params, loss=loss, batch=batch)
 
 
-def make_functions(model, batch_size: int, num_steps: int) -> dict[str, Callable]:
-  """The four benchmarked functions of ``(divergence, data)``, not yet jitted."""
+def language_model_family(model: models.TransformerLM, batch_size: int) -> LanguageModelFamily:
+  """The task family on the training region of :data:`TEXT` (no test text: not evaluated)."""
+  train = text.load_text(TEXT, region='train')
+  return LanguageModelFamily(train=train, test=None, model=model, batch_size=batch_size,
+                             context=model.context,
+                             slice_size=min(inputs.TRANSFORMER_SLICE_SIZE, len(train)),
+                             dimension_numbers=models.transformer_axes)
+
+
+def make_language_model_task(family: LanguageModelFamily, data) -> Task:
+  """The family's task on traced data ``(task_params, initial_params)``."""
+  task_params, initial_params = data
+  task = family.task(task_params)
+  return Task(init=lambda: initial_params, loss=task.loss, batch=task.batch)
+
+
+def make_functions(build_task: Callable[[object], Task], num_steps: int,
+                   names: tuple[str, ...] = FUNCTIONS) -> dict[str, Callable]:
+  """The benchmarked functions of ``(divergence, data)``, not yet jitted.
+
+  ``build_task``: ``data -> Task`` on the traced data (its ``init`` returns the initial
+  parameters passed in the data).
+  """
 
   def rollout(divergence, data):
-    task = make_task(model, data, batch_size)
+    task = build_task(data)
     result = inner_loop.rollout(divergence, task, num_steps, meta_gradient=False)
     return result.bound, result.losses, result.final_params
 
   def implicit(divergence, data):
-    task = make_task(model, data, batch_size)
-    result = objectives.meta_gradient(divergence, task, num_steps, objective='bound')
+    task = build_task(data)
+    result = objectives.meta_gradient(divergence, task, num_steps, objective='bound',
+                                      adjoint='implicit')
     return result.loss, result.grad, result.losses
 
   def statistics_adjoint(divergence, data):
-    task = make_task(model, data, batch_size)
+    task = build_task(data)
     result = objectives.meta_gradient(divergence, task, num_steps, objective='bound',
                                       adjoint='statistics')
     return result.loss, result.grad, result.losses
 
   def unrolled(divergence, data):
-    task = make_task(model, data, batch_size)
+    task = build_task(data)
     result = objectives.meta_gradient(divergence, task, num_steps, objective='unrolled')
     return result.loss, result.grad, result.losses
 
-  return {'rollout': rollout, 'implicit': implicit, 'statistics': statistics_adjoint,
-          'unrolled': unrolled}
+  functions = {'rollout': rollout, 'implicit': implicit, 'statistics': statistics_adjoint,
+               'unrolled': unrolled}
+  return {name: functions[name] for name in names}
 
 
 # ---------------------------------------------------------------------------
@@ -145,11 +195,12 @@ def memory_stats(compiled) -> dict:
   return out
 
 
-def bench_horizon(model, data, divergence, num_steps: int, args,
-                  stopwatch: timing.Stopwatch) -> dict:
-  functions = make_functions(model, args.batch, num_steps)
+def bench_horizon(build_task: Callable[[object], Task], names: tuple[str, ...], data,
+                  divergence, num_steps: int, args, stopwatch: timing.Stopwatch) -> dict:
+  """Compile, measure and time the functions ``names`` at horizon ``num_steps``."""
+  functions = make_functions(build_task, num_steps, names)
   bodies, memory, compile_s = {}, {}, {}
-  for name in FUNCTIONS:
+  for name in names:
     start = time.perf_counter()
     compiled = jax.jit(functions[name]).lower(divergence, data).compile()
     compile_s[name] = time.perf_counter() - start
@@ -180,12 +231,14 @@ def bench_horizon(model, data, divergence, num_steps: int, args,
         'value': value,
         'finite': math.isfinite(value) and grad_finite,
     }
-  implicit, rollout = bodies['implicit'], bodies['rollout']
-  result['implicit_over_rollout'] = implicit.median / rollout.median
-  result['implicit_over_rollout_paired'] = timing.paired_ratio(implicit, rollout)
-  result['implicit_over_rollout_min'] = min(implicit.samples) / min(rollout.samples)
-  result['unrolled_over_implicit'] = bodies['unrolled'].median / implicit.median
-  result['statistics_over_rollout'] = bodies['statistics'].median / rollout.median
+  rollout = bodies['rollout']
+  for name in ('implicit', 'statistics'):
+    body = bodies[name]
+    result[f'{name}_over_rollout'] = body.median / rollout.median
+    result[f'{name}_over_rollout_paired'] = timing.paired_ratio(body, rollout)
+    result[f'{name}_over_rollout_min'] = min(body.samples) / min(rollout.samples)
+  if 'unrolled' in bodies:
+    result['unrolled_over_implicit'] = bodies['unrolled'].median / bodies['implicit'].median
   return result
 
 
@@ -203,15 +256,17 @@ def targets(results: list[dict]) -> dict:
     temp_hi = by_t[hi]['functions']['implicit']['memory']['temp']
     total_lo = by_t[lo]['functions']['implicit']['memory']['total']
     total_hi = by_t[hi]['functions']['implicit']['memory']['total']
-    unrolled_lo = by_t[lo]['functions']['unrolled']['memory']['temp']
-    unrolled_hi = by_t[hi]['functions']['unrolled']['memory']['temp']
     ratio = temp_hi / max(temp_lo, 1)
     out['memory'] = {
         'T_low': lo, 'T_high': hi, 'temp_ratio': ratio,
         'total_ratio': total_hi / max(total_lo, 1),
-        'unrolled_temp_ratio': unrolled_hi / max(unrolled_lo, 1),
+        'unrolled_temp_ratio': None,
         'met': ratio <= MEMORY_TARGET,
     }
+    if 'unrolled' in by_t[lo]['functions']:
+      unrolled_lo = by_t[lo]['functions']['unrolled']['memory']['temp']
+      unrolled_hi = by_t[hi]['functions']['unrolled']['memory']['temp']
+      out['memory']['unrolled_temp_ratio'] = unrolled_hi / max(unrolled_lo, 1)
   for r in results:
     ratio = r['implicit_over_rollout']
     out['time'].append({'T': r['T'], 'ratio': ratio, 'paired': r['implicit_over_rollout_paired'],
@@ -220,35 +275,54 @@ def targets(results: list[dict]) -> dict:
 
 
 def print_report(env: dict, setup: dict, results: list[dict], checks: dict) -> None:
-  print('## Meta-gradient benchmark: implicit bound vs unrolled loss\n')
+  names = setup['functions']
+  print('## Meta-gradient benchmark: ' + (
+      'implicit bound vs unrolled loss\n' if 'unrolled' in names
+      else 'the meta-gradient against the inner rollout\n'))
   print(timing.describe_environment(env))
-  print(f"task: MLP {setup['architecture']} on {setup['dataset']} ({setup['num_examples']} "
-        f"examples), batch {setup['batch']}, softmax cross-entropy, {setup['num_params']} "
-        f"parameters; divergence: init_divergence(params, 0.1) perturbed, "
-        f"{setup['num_meta_params']} meta-parameters")
-  print('times: median ms per call over the rounds (the four functions interleaved '
+  if setup['model'] == 'transformer':
+    print(f"task: {setup['architecture']} on a {setup['slice_size']}-byte slice of "
+          f"{setup['dataset']} ({setup['num_examples']} bytes), batch {setup['batch']} windows "
+          f"of {setup['context']} bytes, next-byte cross-entropy; divergence: "
+          f"init_divergence(params, {setup['learning_rate']}, "
+          f"dimension_numbers=transformer_axes) perturbed, "
+          f"{setup['num_meta_params']} meta-parameters")
+  else:
+    print(f"task: MLP {setup['architecture']} on {setup['dataset']} ({setup['num_examples']} "
+          f"examples), batch {setup['batch']}, softmax cross-entropy, {setup['num_params']} "
+          f"parameters; divergence: init_divergence(params, {setup['learning_rate']}) "
+          f"perturbed, {setup['num_meta_params']} meta-parameters")
+  print(f"adjoints: implicit = adjoint='implicit', statistics = adjoint='statistics' (solver "
+        f"'exact'); the default adjoint='auto' resolves to {setup['auto_adjoint']!r} here.")
+  print(f'times: median ms per call over the rounds (the {len(names)} functions interleaved '
         'round-robin); '
         'memory: XLA buffer assignment of the compiled executable.\n')
 
-  print('| T | rollout ms | implicit ms | statistics ms | unrolled ms | implicit/rollout '
-        '| statistics/rollout | implicit peak temp MB | unrolled peak temp MB |')
-  print('| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
+  has_unrolled = 'unrolled' in names
+  print('| T | rollout ms | implicit ms | statistics ms |' + (' unrolled ms |' * has_unrolled)
+        + ' implicit/rollout | statistics/rollout | implicit peak temp MB |'
+        + (' unrolled peak temp MB |' * has_unrolled))
+  print('| ---: |' + ' ---: |' * (6 + 2 * has_unrolled))
   for r in results:
     f = r['functions']
+    unrolled_ms = f"| {f['unrolled']['median_ms']:.2f} " if has_unrolled else ''
+    unrolled_mb = f"| {f['unrolled']['memory']['temp'] / MIB:.3f} " if has_unrolled else ''
     print(f"| {r['T']} | {f['rollout']['median_ms']:.2f} | {f['implicit']['median_ms']:.2f} "
           f"| {f['statistics']['median_ms']:.2f} "
-          f"| {f['unrolled']['median_ms']:.2f} | {r['implicit_over_rollout']:.2f} "
+          f"{unrolled_ms}"
+          f"| {r['implicit_over_rollout']:.2f} (paired {r['implicit_over_rollout_paired']:.2f}) "
           f"| {r['statistics_over_rollout']:.2f} "
+          f"(paired {r['statistics_over_rollout_paired']:.2f}) "
           f"| {f['implicit']['memory']['temp'] / MIB:.3f} "
-          f"| {f['unrolled']['memory']['temp'] / MIB:.3f} |")
-  print('\nMB = MiB (2^20 bytes).\n')
+          f"{unrolled_mb}|")
+  print('\nMB = MiB (2^20 bytes); "paired" = median of the per-round ratios.\n')
 
   print('### Details\n')
   print('| T | function | median ms [q25-q75] | min ms | us/step | repeats x calls | compile s '
         '| temp MiB | args MiB | out MiB | total MiB | value |')
   print('| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
   for r in results:
-    for name in FUNCTIONS:
+    for name in names:
       f = r['functions'][name]
       m = f['memory']
       print(f"| {r['T']} | {name} | {f['median_ms']:.2f} [{f['q25_ms']:.2f}-{f['q75_ms']:.2f}] "
@@ -267,24 +341,75 @@ def print_report(env: dict, setup: dict, results: list[dict], checks: dict) -> N
     print(f"- implicit peak temp memory T={mem['T_high']} / T={mem['T_low']}: "
           f"{mem['temp_ratio']:.3f} (target <= {MEMORY_TARGET}): "
           f"{'met' if mem['met'] else 'MISSED'}  [total incl. args/outputs: "
-          f"{mem['total_ratio']:.3f}; unrolled temp ratio for comparison: "
-          f"{mem['unrolled_temp_ratio']:.1f}]")
+          f"{mem['total_ratio']:.3f}"
+          + ('' if mem['unrolled_temp_ratio'] is None else
+             f"; unrolled temp ratio for comparison: {mem['unrolled_temp_ratio']:.1f}") + ']')
   for t in checks['time']:
     print(f"- implicit/rollout time at T={t['T']}: {t['ratio']:.2f} "
           f"(paired per-round median {t['paired']:.2f}, ratio of minima {t['min']:.2f}; "
           f"target <= {TIME_TARGET}): "
           f"{'met' if t['met'] else 'MISSED'}")
+  for r in results:
+    print(f"- statistics/rollout time at T={r['T']}: {r['statistics_over_rollout']:.2f} "
+          f"(paired per-round median {r['statistics_over_rollout_paired']:.2f}, ratio of "
+          f"minima {r['statistics_over_rollout_min']:.2f})")
+
+
+def setup_mlp(args) -> tuple[Callable[[object], Task], tuple, object, dict]:
+  """``(build_task, data, divergence, setup)`` of the MLP task."""
+  hidden = tuple(int(h) for h in args.hidden.split(',') if h)
+  x_ext, y_ext = load_data(args.dataset, args.batch)
+  model = models.MLP(hidden_sizes=hidden, num_classes=10)
+  params = init_params(model, (x_ext.shape[1],))
+  divergence = perturbed_divergence(params)
+  data = (jnp.asarray(x_ext), jnp.asarray(y_ext), params)
+  setup = {
+      'model': 'mlp',
+      'dataset': args.dataset,
+      'num_examples': int(x_ext.shape[0] - args.batch),
+      'architecture': '-'.join(map(str, (x_ext.shape[1], *hidden, 10))),
+      'learning_rate': 0.1,
+  }
+  return (lambda data: make_task(model, data, args.batch)), data, divergence, setup
+
+
+def setup_transformer(args) -> tuple[Callable[[object], Task], tuple, object, dict]:
+  """``(build_task, data, divergence, setup)`` of one transformer language-model task."""
+  model = inputs.transformer(args)
+  family = language_model_family(model, args.batch)
+  task_params = family.sample(jax.random.key(0))
+  params = jax.jit(family.task(task_params).init)()
+  divergence = inputs.transformer_divergence(params)
+  num_params = sum(p.size for p in jax.tree.leaves(params))
+  setup = {
+      'model': 'transformer',
+      'dataset': family.train.name,
+      'num_examples': len(family.train),
+      'slice_size': family.slice_size,
+      'context': family.context,
+      'architecture': inputs.describe_transformer(model, num_params),
+      'learning_rate': inputs.TRANSFORMER_LEARNING_RATE,
+  }
+  return (lambda data: make_language_model_task(family, data)), (task_params, params), \
+      divergence, setup
 
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--model', default='mlp', choices=MODELS,
+                      help='mlp: the four functions on digits; transformer: the meta-gradients '
+                      'against the rollout on a byte-level language model')
   parser.add_argument('--quick', action='store_true',
-                      help='smoke run: horizons 10,100 and 5 rounds unless given')
+                      help='smoke run: horizons 10,100 (transformer: 10) and 5 rounds unless given')
   parser.add_argument('--horizons', default=None,
-                      help='comma-separated T values (default 10,100,1000; 10,100 with --quick)')
+                      help='comma-separated T values (default 10,100,1000; 10,100 with --quick; '
+                      f'transformer: {inputs.TRANSFORMER_HORIZON}, 10 with --quick)')
   parser.add_argument('--hidden', default='128,128', help='comma-separated MLP hidden widths')
-  parser.add_argument('--batch', type=int, default=128, help='minibatch size B')
-  parser.add_argument('--dataset', default='digits', choices=('digits', 'mnist_subset'))
+  parser.add_argument('--batch', type=int, default=None,
+                      help='minibatch size B (default 128; transformer: '
+                      f'{inputs.TRANSFORMER_WINDOWS} windows of --context bytes)')
+  parser.add_argument('--dataset', default='digits', choices=('digits', 'mnist_subset'),
+                      help='the MLP\'s dataset')
   parser.add_argument('--repeats', type=int, default=None,
                       help='timed rounds per horizon (default 15, 5 with --quick)')
   parser.add_argument('--min-repeats', type=int, default=3,
@@ -299,34 +424,37 @@ def main(argv: list[str] | None = None) -> None:
                       help='threads of the BLAS/LAPACK behind jaxlib\'s Cholesky and triangular '
                       'solves (threadpoolctl); 0 leaves the environment as it is')
   parser.add_argument('--json', default=None, help='also write the figures to this path')
+  inputs.add_transformer_flags(parser)
   args = parser.parse_args(argv)
+  transformer = args.model == 'transformer'
   if args.horizons is None:
-    args.horizons = '10,100' if args.quick else '10,100,1000'
+    if transformer:
+      args.horizons = '10' if args.quick else str(inputs.TRANSFORMER_HORIZON)
+    else:
+      args.horizons = '10,100' if args.quick else '10,100,1000'
   if args.repeats is None:
     args.repeats = 5 if args.quick else 15
+  if args.batch is None:
+    args.batch = inputs.TRANSFORMER_WINDOWS if transformer else 128
   horizons = [int(t) for t in args.horizons.split(',') if t]
-  hidden = tuple(int(h) for h in args.hidden.split(',') if h)
 
   stopwatch = timing.Stopwatch()
   timing.limit_blas_threads(args.blas_threads)
   env = timing.environment()
-  x_ext, y_ext = load_data(args.dataset, args.batch)
-  model = models.MLP(hidden_sizes=hidden, num_classes=10)
-  params = init_params(model, (x_ext.shape[1],))
-  divergence = perturbed_divergence(params)
-  data = (jnp.asarray(x_ext), jnp.asarray(y_ext), params)
-  setup = {
-      'dataset': args.dataset,
-      'num_examples': int(x_ext.shape[0] - args.batch),
-      'architecture': '-'.join(map(str, (x_ext.shape[1], *hidden, 10))),
+  build_task, data, divergence, setup = (setup_transformer if transformer else setup_mlp)(args)
+  names = TRANSFORMER_FUNCTIONS if transformer else FUNCTIONS
+  setup.update({
       'batch': args.batch,
-      'num_params': sum(p.size for p in jax.tree.leaves(params)),
+      'num_params': sum(p.size for p in jax.tree.leaves(data[-1])),
       'num_meta_params': sum(d.size for d in jax.tree.leaves(divergence)),
-  }
+      'functions': list(names),
+      'auto_adjoint': bound.resolve_adjoint('auto', 'exact'),
+  })
 
   results = []
   for num_steps in horizons:
-    results.append(bench_horizon(model, data, divergence, num_steps, args, stopwatch))
+    results.append(bench_horizon(build_task, names, data, divergence, num_steps, args,
+                                 stopwatch))
   checks = targets(results)
   print_report(env, setup, results, checks)
   print(f'\ntotal wall time {stopwatch.elapsed:.0f} s')

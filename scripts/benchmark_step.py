@@ -4,7 +4,15 @@ Part 1 times one full jitted training step (forward, backward, optimiser update,
 ``optax.apply_updates``; softmax cross-entropy on random inputs and random labels) with
 MetaMD (a random, dense, positive-definite Kronecker divergence), ``optax.adam(1e-3)`` and
 ``optax.sgd(0.1)`` on an MLP 784-256-256-10 and a small CNN, at batch sizes 128 and 1024.
-The three optimisers are timed round-robin in the same loop so machine noise hits all alike;
+On the byte-level transformer language model (``--models transformer``; the sizes of
+``configs/transformer_lm.py``: context 64, width 64, depth 2, 4 heads, a batch of 8 windows
+of ``context`` random bytes, next-byte cross-entropy) the optimisers are MetaMD (the same
+kind of divergence, ``dimension_numbers=models.transformer_axes``), adaptive MetaMD
+(``adaptive_metamd(divergence, reference_norm=1.0)``), the project's AdamW baseline
+``optax.adamw(1e-3, b2=0.95, weight_decay=0.1)`` (``experiments.builders.BASELINES``) and
+``optax.contrib.muon(1e-2)`` (whose AdamW path takes the 3-D attention kernels, the
+embeddings and the vectors); each is reported with its ratio to AdamW. The optimisers of
+one model and batch are timed round-robin in the same loop so machine noise hits all alike;
 each figure is the median over the repetitions.
 
 Part 2 times the jitted MetaMD ``optimizer.update(grads, state, params)`` alone (fixed
@@ -12,12 +20,17 @@ gradients), counts its FLOPs analytically (per Kronecker leaf ``P @ G @ Q``: ``2
 ``2 m n n`` for dense factors, ``m n`` for a diagonal one), cross-checks the count against
 XLA's ``cost_analysis()`` and compares the achieved FLOP rate with that of plain float32
 ``jnp.dot`` calls timed in the same loop: the matmul of the update's largest product, a
-1024^3 matmul, and the same set of products written directly in ``jnp``.
+1024^3 matmul, and the same set of products written directly in ``jnp``. It covers every
+model of ``--models``, the transformer included.
 
 Usage (from the repository root)::
 
   python -m scripts.benchmark_step                 # default settings, a few minutes on 2 cores
   python -m scripts.benchmark_step --quick         # smoke run
+  python -m scripts.benchmark_step --models mlp,cnn                # without the transformer
+  python -m scripts.benchmark_step --models transformer            # ~1 min on 2 cores
+  python -m scripts.benchmark_step --models transformer --steps-only --optimisers metamd \
+      --width 32 --context 16 --windows 4      # part 1 only, MetaMD and AdamW, a smaller model
   python -m scripts.benchmark_step --json out.json # also write the figures
 """
 
@@ -28,17 +41,26 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import metamd_jax
 from metamd_jax import divergence as divergence_lib
 from metamd_jax import models
-from scripts import timing
+from scripts import inputs, timing
 from scripts.inputs import init_params, perturbed_divergence
 
 BATCH_SIZES = (128, 1024)
 OPTIMISERS = ('metamd', 'adam', 'sgd')
+"""The optimisers on the MLP and the CNN; MetaMD's ratios are to Adam and to SGD."""
+TRANSFORMER_OPTIMISERS = ('metamd', 'adaptive_metamd', 'adamw', 'muon')
+"""The optimisers on the transformer; every ratio is to AdamW."""
+REFERENCE = {'mlp': 'adam', 'cnn': 'adam', 'transformer': 'adamw'}
+MODELS = tuple(REFERENCE)
 NUM_CLASSES = 10
+VOCAB_SIZE = 256
+NAMES = {'metamd': 'MetaMD', 'adaptive_metamd': 'adaptive MetaMD', 'adam': 'Adam',
+         'adamw': 'AdamW', 'sgd': 'SGD', 'muon': 'Muon'}
 # Part 2 variants: the jitted ``optimizer.update(grads, state, params)`` returning
 # ``(updates, state)`` (the figure for the target), the same with the state donated, the
 # same returning only the updates, and the same products written directly in jnp.
@@ -55,20 +77,67 @@ UPDATE_VARIANTS = {
 # ---------------------------------------------------------------------------
 
 
-def make_model(name: str):
-  """``(module, input shape without the batch axis)``."""
+def is_language_model(name: str) -> bool:
+  return name == 'transformer'
+
+
+def optimisers_of(model_name: str, only: tuple[str, ...] | None = None
+                  ) -> tuple[tuple[str, ...], str]:
+  """``(optimiser names, the reference of the ratios)`` of a model.
+
+  ``only``: a subset of the transformer's optimisers (the reference is always kept).
+  """
+  reference = REFERENCE[model_name]
+  if not is_language_model(model_name):
+    return OPTIMISERS, reference
+  names = tuple(n for n in TRANSFORMER_OPTIMISERS if only is None or n in only or n == reference)
+  return names, reference
+
+
+def make_model(name: str, args: argparse.Namespace):
+  """``(module, input shape without the batch axis)``; ``args``: the transformer's sizes."""
   if name == 'mlp':
     return models.MLP(hidden_sizes=(256, 256), num_classes=NUM_CLASSES), (784,)
   if name == 'cnn':
     return models.CNN(channels=(16, 32), num_classes=NUM_CLASSES), (28, 28, 1)
-  raise ValueError(name)
+  if name == 'transformer':
+    return inputs.transformer(args), (args.context,)
+  raise ValueError(f'unknown model {name!r}; expected one of {", ".join(MODELS)}')
 
 
-def make_optimiser(name: str, params):
-  if name == 'metamd':
-    return metamd_jax.metamd(perturbed_divergence(params))
+def model_params(name: str, args: argparse.Namespace):
+  """``(module, input shape, initial params, dimension_numbers of the divergence)``."""
+  model, input_shape = make_model(name, args)
+  if is_language_model(name):
+    return model, input_shape, inputs.transformer_params(model), models.transformer_axes
+  return model, input_shape, init_params(model, input_shape), None
+
+
+def make_batch(name: str, input_shape: tuple[int, ...], batch: int):
+  """Random inputs and labels: features and classes, or byte windows and next bytes."""
+  if is_language_model(name):
+    (context,) = input_shape
+    tokens = np.random.default_rng(batch).integers(0, VOCAB_SIZE, (batch, context + 1))
+    return jnp.asarray(tokens[:, :-1], jnp.int32), jnp.asarray(tokens[:, 1:], jnp.int32)
+  kx, ky = jax.random.split(jax.random.key(batch))
+  x = jax.random.normal(kx, (batch, *input_shape), jnp.float32)
+  y = jax.random.randint(ky, (batch,), 0, NUM_CLASSES)
+  return x, y
+
+
+def make_optimiser(name: str, params, dimension_numbers=None):
+  """The optimiser ``name``; MetaMD's divergence: :func:`scripts.inputs.perturbed_divergence`."""
+  if name in ('metamd', 'adaptive_metamd'):
+    divergence = perturbed_divergence(params, dimension_numbers=dimension_numbers)
+    if name == 'metamd':
+      return metamd_jax.metamd(divergence)
+    return metamd_jax.adaptive_metamd(divergence, reference_norm=1.0)
   if name == 'adam':
     return optax.adam(1e-3)
+  if name == 'adamw':  # experiments.builders.BASELINES['adamw'] at its default rate here.
+    return optax.adamw(1e-3, b2=0.95, weight_decay=0.1)
+  if name == 'muon':
+    return optax.contrib.muon(1e-2)
   if name == 'sgd':
     return optax.sgd(0.1)
   raise ValueError(name)
@@ -108,35 +177,45 @@ def xla_flops(jitted, *args) -> float | None:
 # ---------------------------------------------------------------------------
 
 
-def bench_steps(model_name: str, batch: int, repeats: int, donate: bool) -> dict:
-  model, input_shape = make_model(model_name)
-  params = init_params(model, input_shape)
-  kx, ky = jax.random.split(jax.random.key(batch))
-  x = jax.random.normal(kx, (batch, *input_shape), jnp.float32)
-  y = jax.random.randint(ky, (batch,), 0, NUM_CLASSES)
+def bench_steps(model_name: str, batch: int, repeats: int, donate: bool,
+                args: argparse.Namespace) -> dict:
+  """Part 1 for one model and batch size (in windows of ``context`` bytes for a language
+  model): every optimiser of :func:`optimisers_of` timed round-robin."""
+  model, input_shape, params, dimension_numbers = model_params(model_name, args)
+  x, y = make_batch(model_name, input_shape, batch)
+  names, reference = optimisers_of(model_name, getattr(args, 'only', None))
 
   bodies, flops = {}, {}
-  for name in OPTIMISERS:
-    optimiser = make_optimiser(name, params)
+  for name in names:
+    optimiser = make_optimiser(name, params, dimension_numbers)
     step = make_step(model, optimiser, donate)
     p0 = jax.tree.map(jnp.copy, params)
-    s0 = optimiser.init(p0)
+    s0 = jax.jit(optimiser.init)(p0)  # One compilation, not one per operation and shape.
     flops[name] = xla_flops(step, p0, s0, x, y)
     bodies[name] = timing.Timed(step, (p0, s0, x, y),
                                 feedback=lambda out, x=x, y=y: (out[0], out[1], x, y))
     bodies[name].calibrate(warm_up=3, repeats=repeats)  # The first call compiles.
   timing.round_robin(bodies)
 
-  result = {'model': model_name, 'batch': batch, 'repeats': repeats}
+  result = {'model': model_name, 'batch': batch, 'repeats': repeats,
+            'tokens': batch * input_shape[0] if is_language_model(model_name) else None,
+            'num_params': sum(p.size for p in jax.tree.leaves(params)),
+            'optimisers': list(names), 'reference': reference, 'over_reference': {}}
   for name, body in bodies.items():
     result[name] = {
         **body.summary(),
         'xla_gflop': None if flops[name] is None else flops[name] / 1e9,
         'final_loss': float(body.last[2]),
     }
-  for other in ('adam', 'sgd'):
-    result[f'metamd_over_{other}'] = bodies['metamd'].median / bodies[other].median
-    result[f'metamd_over_{other}_paired'] = timing.paired_ratio(bodies['metamd'], bodies[other])
+    result['over_reference'][name] = {
+        'median': body.median / bodies[reference].median,
+        'paired': timing.paired_ratio(body, bodies[reference]),
+    }
+  for other in names:
+    if other != 'metamd':
+      result[f'metamd_over_{other}'] = bodies['metamd'].median / bodies[other].median
+      result[f'metamd_over_{other}_paired'] = timing.paired_ratio(bodies['metamd'],
+                                                                  bodies[other])
   return result
 
 
@@ -197,14 +276,14 @@ def plain_products(state, seed: int = 3):
   return jax.jit(fn), operands
 
 
-def bench_updates(model_names, repeats: int, min_sample_s: float) -> dict:
+def bench_updates(model_names, repeats: int, min_sample_s: float,
+                  args: argparse.Namespace) -> dict:
   bodies: dict[str, timing.Timed] = {}
   info: dict[str, dict] = {}
   matmul_shapes: dict[tuple, None] = {}
   for model_name in model_names:
-    model, input_shape = make_model(model_name)
-    params = init_params(model, input_shape)
-    optimiser = make_optimiser('metamd', params)
+    _, _, params, dimension_numbers = model_params(model_name, args)
+    optimiser = make_optimiser('metamd', params, dimension_numbers)
     state = optimiser.init(params)
     keys = jax.random.split(jax.random.key(2), len(jax.tree.leaves(params)))
     grads = jax.tree.unflatten(
@@ -287,27 +366,56 @@ def _fmt(value, spec='.2f'):
   return 'n/a' if value is None else format(value, spec)
 
 
-def print_report(env: dict, steps: list[dict], updates: dict, args) -> None:
+def print_report(env: dict, steps: list[dict], updates: dict | None, args) -> None:
   print('## MetaMD step benchmark\n')
   print(timing.describe_environment(env))
+  update_repeats = 'none (--steps-only)' if updates is None else updates['repeats']
   print(f'donated params/opt_state: {args.donate}; step repeats {args.repeats}, '
-        f'update repeats {updates["repeats"]}; medians, optimisers interleaved round-robin.\n')
+        f'update repeats {update_repeats}; medians, optimisers interleaved round-robin.\n')
 
-  print('### Full training step (fwd + bwd + update + apply_updates), ms per step\n')
-  print('| model | batch | MetaMD ms | Adam ms | SGD ms | MetaMD/Adam | MetaMD/SGD '
-        '| XLA GFLOP/step MetaMD / SGD |')
-  print('| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
   def cell(t):
     return f"{t['median_ms']:.2f} [{t['q25_ms']:.2f}-{t['q75_ms']:.2f}]"
 
-  for r in steps:
-    print(f"| {r['model']} | {r['batch']} "
-          f"| {cell(r['metamd'])} | {cell(r['adam'])} | {cell(r['sgd'])} "
-          f"| {r['metamd_over_adam']:.2f} (paired {r['metamd_over_adam_paired']:.2f}) "
-          f"| {r['metamd_over_sgd']:.2f} (paired {r['metamd_over_sgd_paired']:.2f}) "
-          f"| {_fmt(r['metamd']['xla_gflop'], '.3f')} / {_fmt(r['sgd']['xla_gflop'], '.3f')} |")
-  print('\n[q25-q75] interquartile range; "paired" = median of per-round ratios.\n')
+  classic = [r for r in steps if not is_language_model(r['model'])]
+  if classic:
+    print('### Full training step (fwd + bwd + update + apply_updates), ms per step\n')
+    print('| model | batch | MetaMD ms | Adam ms | SGD ms | MetaMD/Adam | MetaMD/SGD '
+          '| XLA GFLOP/step MetaMD / SGD |')
+    print('| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
+    for r in classic:
+      print(f"| {r['model']} | {r['batch']} "
+            f"| {cell(r['metamd'])} | {cell(r['adam'])} | {cell(r['sgd'])} "
+            f"| {r['metamd_over_adam']:.2f} (paired {r['metamd_over_adam_paired']:.2f}) "
+            f"| {r['metamd_over_sgd']:.2f} (paired {r['metamd_over_sgd_paired']:.2f}) "
+            f"| {_fmt(r['metamd']['xla_gflop'], '.3f')} / {_fmt(r['sgd']['xla_gflop'], '.3f')} |")
+    print('\n[q25-q75] interquartile range; "paired" = median of per-round ratios.\n')
 
+  language = [r for r in steps if is_language_model(r['model'])]
+  if language:
+    print('### Transformer LM training step (fwd + bwd + update + apply_updates), '
+          'ms per step and ratio to AdamW\n')
+    model, _ = make_model('transformer', args)
+    print(f"{inputs.describe_transformer(model, language[0]['num_params'])}; batch: "
+          f'windows of {args.context} random bytes, next-byte cross-entropy. MetaMD: '
+          'perturbed divergence (init lr 0.1), attention kernels as '
+          'width x (heads * head_dim) (models.transformer_axes); adaptive MetaMD: the same, '
+          'reference_norm=1.0; AdamW: optax.adamw(1e-3, b2=0.95, weight_decay=0.1); Muon: '
+          'optax.contrib.muon(1e-2). The optimisers of a row group interleaved '
+          'round-robin in one loop.\n')
+    print('| model | windows (tokens) | optimiser | ms [q25-q75] | / AdamW | paired / AdamW '
+          '| XLA GFLOP/step | last loss |')
+    print('| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |')
+    for r in language:
+      for name in r['optimisers']:
+        ratio = r['over_reference'][name]
+        print(f"| {r['model']} | {r['batch']} ({r['tokens']}) | {NAMES[name]} "
+              f"| {cell(r[name])} | {ratio['median']:.2f} | {ratio['paired']:.2f} "
+              f"| {_fmt(r[name]['xla_gflop'], '.4f')} | {r[name]['final_loss']:.3f} |")
+    print('\n[q25-q75] interquartile range; "paired" = median of per-round ratios; last loss: '
+          'the cross-entropy (nats) of the last timed step, on the same random batch.\n')
+
+  if updates is None:
+    return
   print('### MetaMD update alone: analytic FLOPs vs XLA cost_analysis\n')
   print('| model | products | analytic matmul GFLOP | + elementwise | analytic total '
         '| XLA flops (update) | XLA flops (plain P@G@Q) | preconditioner MiB |')
@@ -345,13 +453,24 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--update-repeats', type=int, default=None,
                       help='timed rounds of the update and matmul part (default 5 x repeats)')
   parser.add_argument('--quick', action='store_true', help='few repeats: a smoke run')
-  parser.add_argument('--models', default='mlp,cnn', help='comma-separated: mlp,cnn')
-  parser.add_argument('--batch-sizes', default=','.join(map(str, BATCH_SIZES)))
+  parser.add_argument('--models', default='mlp,cnn,transformer',
+                      help=f'comma-separated: {",".join(MODELS)}')
+  parser.add_argument('--batch-sizes', default=','.join(map(str, BATCH_SIZES)),
+                      help='comma-separated batch sizes of the MLP and the CNN')
+  parser.add_argument('--windows', default=str(inputs.TRANSFORMER_WINDOWS),
+                      help='comma-separated batch sizes of the transformer, in windows of '
+                      '--context bytes')
+  parser.add_argument('--optimisers', default=','.join(TRANSFORMER_OPTIMISERS),
+                      help='comma-separated optimisers timed on the transformer, some of '
+                      f'{",".join(TRANSFORMER_OPTIMISERS)}; adamw (the reference) always is')
+  parser.add_argument('--steps-only', action='store_true',
+                      help='part 1 only: skip the update FLOP-rate part')
   parser.add_argument('--donate', action='store_true',
                       help='donate params and optimiser state to the jitted step')
   parser.add_argument('--min-sample-ms', type=float, default=5.0,
                       help='part 2: repeat short calls so one sample lasts at least this long')
   parser.add_argument('--json', default=None, help='write the figures to this path')
+  inputs.add_transformer_flags(parser)
   args = parser.parse_args(argv)
   if args.repeats is None:
     args.repeats = 5 if args.quick else 20
@@ -360,22 +479,33 @@ def main(argv: list[str] | None = None) -> None:
   if args.quick:
     args.min_sample_ms = min(args.min_sample_ms, 2.0)
   model_names = [m for m in args.models.split(',') if m]
+  for name in model_names:
+    if name not in MODELS:
+      parser.error(f'unknown model {name!r} in --models; expected some of {", ".join(MODELS)}')
+  args.only = tuple(o for o in args.optimisers.split(',') if o)
+  for name in args.only:
+    if name not in TRANSFORMER_OPTIMISERS:
+      parser.error(f'unknown optimiser {name!r} in --optimisers; expected some of '
+                   f'{", ".join(TRANSFORMER_OPTIMISERS)}')
   batch_sizes = [int(b) for b in args.batch_sizes.split(',') if b]
+  windows = [int(b) for b in args.windows.split(',') if b]
 
   stopwatch = timing.Stopwatch()
   env = timing.environment()
   steps = []
   for model_name in model_names:
-    for batch in batch_sizes:
-      steps.append(bench_steps(model_name, batch, args.repeats, args.donate))
+    for batch in windows if is_language_model(model_name) else batch_sizes:
+      steps.append(bench_steps(model_name, batch, args.repeats, args.donate, args))
       stopwatch.log(f'step {model_name} B={batch} done')
-  updates = bench_updates(model_names, args.update_repeats, args.min_sample_ms / 1e3)
-  stopwatch.log('update/matmul part done')
+  updates = None
+  if not args.steps_only:
+    updates = bench_updates(model_names, args.update_repeats, args.min_sample_ms / 1e3, args)
+    stopwatch.log('update/matmul part done')
 
   print_report(env, steps, updates, args)
   print(f'\ntotal wall time {stopwatch.elapsed:.0f} s')
   for r in steps:
-    for name in OPTIMISERS:
+    for name in r['optimisers']:
       if not math.isfinite(r[name]['final_loss']):
         print(f"warning: non-finite loss for {name} on {r['model']} B={r['batch']}")
   if args.json:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from metamd_jax import models
+from metamd_jax.objectives import MetaGradient
 from scripts import benchmark_meta_gradient, benchmark_parallel, benchmark_step, timing
 from scripts.inputs import init_params
 
@@ -254,7 +255,7 @@ def test_parallel_refuses_more_devices_than_jax_has(monkeypatch, capsys):
 
 def test_benchmark_step_main(tmp_path, capsys, monkeypatch):
   tiny = (models.MLP(hidden_sizes=(8,), num_classes=benchmark_step.NUM_CLASSES), (16,))
-  monkeypatch.setattr(benchmark_step, 'make_model', lambda name: tiny)
+  monkeypatch.setattr(benchmark_step, 'make_model', lambda name, args: tiny)
   path = tmp_path / 'step.json'
   benchmark_step.main(['--quick', '--models', 'mlp', '--batch-sizes', '4', '--repeats', '2',
                        '--update-repeats', '2', '--min-sample-ms', '0', '--json', str(path)])
@@ -297,3 +298,109 @@ def test_benchmark_parallel_main(monkeypatch, capsys):
   assert len(rows) == 1, out
   cells = [cell.strip() for cell in rows[0].strip('|').split('|')]
   assert cells[1] == '2' and float(cells[3]) > 0  # 2 tasks on the device; meta-steps / s.
+
+
+# ---------------------------------------------------------------------------
+# The transformer language model (tiny sizes: the defaults compile for minutes).
+# ---------------------------------------------------------------------------
+
+TINY_TRANSFORMER = ['--context', '8', '--width', '16', '--depth', '1', '--heads', '2']
+
+
+def test_step_optimisers_of_each_model():
+  assert benchmark_step.optimisers_of('mlp') == (benchmark_step.OPTIMISERS, 'adam')
+  names, reference = benchmark_step.optimisers_of('transformer')
+  assert names == ('metamd', 'adaptive_metamd', 'adamw', 'muon') and reference == 'adamw'
+  # A subset keeps AdamW, the reference of every ratio.
+  assert benchmark_step.optimisers_of('transformer', ('muon',)) == (('adamw', 'muon'), 'adamw')
+
+
+def test_step_transformer_batch_is_byte_windows_and_their_next_bytes():
+  x, y = benchmark_step.make_batch('transformer', (8,), 3)
+  assert x.shape == y.shape == (3, 8) and x.dtype == y.dtype == jnp.int32
+  assert int(x.min()) >= 0 and int(y.max()) < benchmark_step.VOCAB_SIZE
+  np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
+
+
+@pytest.mark.parametrize('flag', [['--models', 'rnn'], ['--optimisers', 'lion']])
+def test_benchmark_step_refuses_unknown_names(flag, capsys):
+  with pytest.raises(SystemExit):
+    benchmark_step.main(flag)
+  assert 'unknown' in capsys.readouterr().err
+
+
+def test_benchmark_step_main_transformer(tmp_path, capsys):
+  path = tmp_path / 'step.json'
+  benchmark_step.main(['--models', 'transformer', *TINY_TRANSFORMER, '--windows', '2',
+                       '--optimisers', 'metamd', '--repeats', '2', '--steps-only',
+                       '--json', str(path)])
+  out = capsys.readouterr().out
+  assert '### Transformer LM training step' in out and 'TransformerLM context 8, width 16' in out
+  assert '| transformer | 2 (16) | MetaMD |' in out and '| transformer | 2 (16) | AdamW |' in out
+  assert 'MetaMD update alone' not in out  # --steps-only.
+  figures = json.loads(path.read_text())
+  assert figures['updates'] is None
+  [step] = figures['steps']
+  assert step['model'] == 'transformer' and step['tokens'] == 16 and step['num_params'] > 0
+  assert step['optimisers'] == ['metamd', 'adamw'] and step['reference'] == 'adamw'
+  for name in step['optimisers']:
+    assert np.isfinite(step[name]['median_ms']) and step[name]['median_ms'] > 0
+    assert step[name]['repeats'] == 2 and np.isfinite(step[name]['final_loss'])
+    assert step[name]['xla_gflop'] is None or step[name]['xla_gflop'] > 0
+  assert step['over_reference']['adamw'] == {'median': 1.0, 'paired': 1.0}
+  for ratio in (step['over_reference']['metamd']['median'],
+                step['over_reference']['metamd']['paired'], step['metamd_over_adamw']):
+    assert np.isfinite(ratio) and ratio > 0
+
+
+class _FakeObjectives:
+  """Stands for ``objectives``: records the keyword arguments of ``meta_gradient``."""
+
+  def __init__(self):
+    self.calls = []
+
+  def meta_gradient(self, divergence, task, num_steps, **kwargs):
+    self.calls.append(kwargs)
+    return MetaGradient(0.0, {}, jnp.zeros(num_steps), 0.0)
+
+
+def test_meta_gradient_functions_name_their_adjoints(monkeypatch):
+  fake = _FakeObjectives()
+  monkeypatch.setattr(benchmark_meta_gradient, 'objectives', fake)
+  functions = benchmark_meta_gradient.make_functions(lambda data: None, 3)
+  for name in ('implicit', 'statistics', 'unrolled'):
+    functions[name](None, None)
+  implicit, statistics, unrolled = fake.calls
+  # The library default (adjoint='auto') is the statistics adjoint: 'implicit' must be named.
+  assert implicit == {'objective': 'bound', 'adjoint': 'implicit'}
+  assert statistics == {'objective': 'bound', 'adjoint': 'statistics'}
+  assert unrolled == {'objective': 'unrolled'}
+  only = benchmark_meta_gradient.make_functions(lambda data: None, 3,
+                                                benchmark_meta_gradient.TRANSFORMER_FUNCTIONS)
+  assert tuple(only) == ('rollout', 'statistics', 'implicit')
+
+
+def test_benchmark_meta_gradient_main_transformer(tmp_path, capsys):
+  path = tmp_path / 'meta_gradient.json'
+  benchmark_meta_gradient.main([
+      '--model', 'transformer', *TINY_TRANSFORMER, '--batch', '2', '--horizons', '2',
+      '--repeats', '2', '--warm-up', '1', '--min-sample-ms', '0', '--json', str(path)])
+  out = capsys.readouterr().out
+  assert 'TransformerLM context 8, width 16, depth 1, 2 heads' in out
+  assert "adjoint='auto' resolves to 'statistics'" in out
+  assert '- implicit/rollout time at T=2' in out and '- statistics/rollout time at T=2' in out
+  figures = json.loads(path.read_text())
+  assert figures['setup']['model'] == 'transformer' and figures['setup']['batch'] == 2
+  [result] = figures['results']
+  assert result['T'] == 2
+  assert list(result['functions']) == list(benchmark_meta_gradient.TRANSFORMER_FUNCTIONS)
+  for function in result['functions'].values():
+    assert function['finite'] and function['median_ms'] > 0 and function['repeats'] == 2
+    assert np.isfinite(function['median_ms']) and function['memory']['temp'] > 0
+  for name in ('implicit', 'statistics'):
+    for suffix in ('', '_paired', '_min'):
+      ratio = result[f'{name}_over_rollout{suffix}']
+      assert np.isfinite(ratio) and ratio > 0
+  # Both adjoints give the same bound on the same task.
+  values = [result['functions'][name]['value'] for name in ('rollout', 'statistics', 'implicit')]
+  assert values == pytest.approx([values[0]] * 3, rel=1e-4)
