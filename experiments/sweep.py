@@ -1,0 +1,195 @@
+"""Choose a config value on validation tasks, never on the held-out test tasks.
+
+  python -m experiments.sweep --config configs/default.py --workdir runs/sweep_eps \
+      --field=meta.eps --values=0.001,0.01,0.1,0.3
+
+For each value of one numeric config field (e.g. the eigenvalue floor ``meta.eps`` or
+``meta.learning_rate``) the config is meta-trained in ``<workdir>/<field>=<value>``
+(:func:`experiments.meta_train.meta_train`, so a rerun resumes) and its learned divergence
+trains the *validation tasks*: :func:`metamd_jax.evaluation.tuning_tasks` of the
+meta-train family, ``eval.num_tasks`` of them. Those are meta-train tasks with keys that
+neither meta-training nor the held-out tasks use, the tasks the baselines are tuned on.
+Nothing here touches the held-out tasks or the test split:
+
+* ``final_train_loss``: the loss on each task's whole training subset after
+  ``eval.num_steps`` steps;
+* ``steps_to_adam``: steps to the final loss of Adam tuned on the same tasks;
+* ``validation_accuracy`` (classification): accuracy on the examples of the training pool
+  outside the task's own subset, which the task never trains on.
+
+The chosen value is the one with the highest mean validation accuracy (the lowest mean
+final training loss for families without accuracy); ties go to the first value listed.
+Writes ``sweep.json`` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+
+os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+import metamd_jax  # noqa: E402
+from experiments import builders, protocol, report  # noqa: E402
+from experiments import meta_train as meta_train_exp  # noqa: E402
+from metamd_jax import evaluation  # noqa: E402
+from metamd_jax.tasks import ClassificationFamily  # noqa: E402
+from metamd_jax.tasks.base import TaskFamily  # noqa: E402
+from metamd_jax.types import PyTree  # noqa: E402
+
+REFERENCE = 'adam'
+
+
+def parse_values(text: str) -> list[float]:
+  """``'0.001,0.1'`` -> ``[0.001, 0.1]``; a clear error on anything else."""
+  try:
+    values = [float(v) for v in text.split(',') if v.strip()]
+  except ValueError:
+    raise ValueError(f'--values must be comma-separated numbers, got {text!r}.') from None
+  if not values or not all(math.isfinite(v) for v in values):
+    raise ValueError(f'--values must be finite numbers, at least one, got {text!r}.')
+  if len(set(values)) != len(values):
+    raise ValueError(f'--values must not repeat a value, got {text!r}.')
+  return values
+
+
+def with_value(config: ml_collections.ConfigDict, field: str, value: float
+               ) -> ml_collections.ConfigDict:
+  """A copy of ``config`` with the numeric ``field`` (``'section.name'``) set to ``value``."""
+  config = config.copy_and_resolve_references()
+  *sections, name = field.split('.')
+  node = config
+  for part in sections:
+    if part not in node:
+      raise ValueError(f'--field {field!r}: config has no section {part!r}.')
+    node = node[part]
+  if name not in node:
+    raise ValueError(f'--field {field!r}: config.{".".join(sections)} has no field {name!r}.')
+  current = node[name]
+  if isinstance(current, bool) or not isinstance(current, (int, float)):
+    raise ValueError(f'--field {field!r} must name a numeric field, it holds {current!r}.')
+  node[name] = int(value) if isinstance(current, int) and float(value).is_integer() else value
+  builders.validate_config(config)
+  return config
+
+
+def validation_run(optimizer, family: TaskFamily, task_params: PyTree, num_steps: int
+                   ) -> evaluation.Curves:
+  """:func:`metamd_jax.evaluation.run` with the whole-set loss tracked every step and,
+  for a classification family, ``'validation_accuracy'`` among the metrics: accuracy on
+  the training-pool examples outside each task's subset.
+  """
+  curves = evaluation.run(optimizer, family, task_params, num_steps, track_every=1)
+  if not isinstance(family, ClassificationFamily) or family.subset_size == len(family.train):
+    return curves
+  x, y = jnp.asarray(family.train.x), jnp.asarray(family.train.y)
+
+  def accuracy(tp):
+    params, _ = evaluation.train(optimizer, family.task(tp), num_steps)
+    correct = jnp.argmax(family.logits(params, x), axis=-1) == y
+    outside = jnp.ones(len(y), bool).at[tp['subset']].set(False)
+    return jnp.sum(correct & outside) / jnp.sum(outside)
+
+  metrics = dict(curves.metrics, validation_accuracy=np.asarray(
+      jax.jit(jax.vmap(accuracy))(task_params)))
+  return curves._replace(metrics=metrics)
+
+
+def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, field: str,
+          values: list[float], *, progress: bool = True) -> dict:
+  """Meta-train one config per value of ``field``; compare them on validation tasks.
+
+  Returns:
+    ``{'field', 'values', 'reference', 'reference_learning_rate', 'num_tasks',
+    'chosen', 'criterion', 'rows': {value: {'final_train_loss', 'steps_to_adam',
+    'reached_fraction', 'validation_accuracy', 'dropped_tasks', 'best_meta_step'}}}``,
+    statistics as ``[mean, std]`` over the validation tasks.
+  """
+  workdir = pathlib.Path(workdir)
+  configs = {value: with_value(config, field, value) for value in values}  # all checked first
+  ev = config.eval
+  family, _ = builders.build_families(config)
+  tasks = evaluation.tuning_tasks(family, config.seed, ev.num_tasks)
+  tuned, _ = protocol.tune_baselines((REFERENCE,), ev, family, tasks, ev.num_steps)
+  target = None
+  if tuned[REFERENCE] is not None:
+    adam = evaluation.run(builders.BASELINES[REFERENCE](tuned[REFERENCE]), family, tasks,
+                          ev.num_steps, track_every=1)
+    target = evaluation.final_train_loss(adam.train_losses)
+  rows = {}
+  for value, value_config in configs.items():
+    result = meta_train_exp.meta_train(value_config, workdir / f'{field}={value:g}',
+                                       progress=progress)
+    curves = validation_run(metamd_jax.metamd(result.divergence), family, tasks, ev.num_steps)
+    row = {'final_train_loss': report.pair(evaluation.final_train_loss(curves.train_losses)),
+           'dropped_tasks': int(result.state.dropped_tasks),
+           'best_meta_step': int(result.state.best_step)}
+    if target is not None:
+      reached = protocol.reach(curves, target)
+      row.update(steps_to_adam=reached['steps'], reached_fraction=reached['reached_fraction'])
+    if 'validation_accuracy' in curves.metrics:
+      row['validation_accuracy'] = report.pair(curves.metrics['validation_accuracy'])
+    rows[f'{value:g}'] = row
+  criterion = ('validation_accuracy' if all('validation_accuracy' in r for r in rows.values())
+               else 'final_train_loss')
+  sign = 1 if criterion == 'validation_accuracy' else -1
+
+  def score(key):
+    mean = rows[key][criterion][0]
+    return -math.inf if mean is None else sign * mean
+
+  chosen = max(rows, key=score)  # max keeps the first of equal scores
+  return {'field': field, 'values': [f'{v:g}' for v in values], 'reference': REFERENCE,
+          'reference_learning_rate': tuned[REFERENCE], 'num_tasks': ev.num_tasks,
+          'tasks': 'validation: meta-train tuning tasks (evaluation.tuning_tasks)',
+          'criterion': criterion, 'chosen': chosen, 'rows': rows}
+
+
+def format_sweep(result: dict) -> str:
+  """The markdown table of :func:`sweep`'s result."""
+  lines = [f"{result['field']} on {result['num_tasks']} validation tasks (meta-train tasks "
+           f"never used in meta-training or meta-testing); chosen by {result['criterion']}: "
+           f"{result['chosen']}.", '',
+           f"| {result['field']} | final train loss | steps to {result['reference']} final "
+           'loss | validation accuracy | dropped inner runs | kept meta-step |',
+           '| --- | --- | --- | --- | --- | --- |']
+  for value, row in result['rows'].items():
+    steps = (report.reach_text(row['steps_to_adam'], row['reached_fraction'])
+             if 'steps_to_adam' in row else 'n/a')
+    lines.append(f"| {value} | {report.pair_text(row['final_train_loss'], '.4f')} | {steps} | "
+                 f"{report.pair_text(row.get('validation_accuracy'), '.3f')} | "
+                 f"{row['dropped_tasks']} | {row['best_meta_step']} |")
+  return '\n'.join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  flag_values = flags.FLAGS
+  if not flag_values['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  result = sweep(flag_values.config, flag_values.workdir, flag_values.field,
+                 parse_values(flag_values['values'].value))
+  workdir = pathlib.Path(flag_values.workdir)
+  report.write_json(workdir / 'sweep.json', result)
+  table = format_sweep(result)
+  (workdir / 'sweep.md').write_text(table + '\n')
+  print(table)
+
+
+if __name__ == '__main__':
+  flags.DEFINE_string('workdir', None, 'Directory for the sub-runs and the results.')
+  flags.DEFINE_string('field', 'meta.eps', 'The numeric config field to sweep.')
+  flags.DEFINE_string('values', None, 'Comma-separated values of the field.')
+  config_flags.DEFINE_config_file('config', 'configs/default.py', 'Experiment config file.',
+                                  lock_config=True)
+  flags.mark_flags_as_required(['workdir', 'values'])
+  app.run(main)

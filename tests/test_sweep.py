@@ -1,0 +1,62 @@
+"""experiments.sweep: a config value chosen on validation tasks, never on held-out ones."""
+
+import jax
+import numpy as np
+import pytest
+
+import metamd_jax
+from configs import tiny
+from experiments import builders, sweep
+from metamd_jax import evaluation
+
+
+def test_sweep_scores_validation_tasks_and_chooses_the_best(tmp_path, monkeypatch):
+  config = tiny.get_config()
+  config.meta.num_meta_steps = 2
+  held_out_calls = []
+  monkeypatch.setattr(evaluation, 'held_out_tasks',
+                      lambda *a, **k: held_out_calls.append(a) or pytest.fail('held-out'))
+  result = sweep.sweep(config, tmp_path, 'meta.eps', [0.01, 0.1], progress=False)
+  assert not held_out_calls
+  assert result['values'] == ['0.01', '0.1'] and set(result['rows']) == {'0.01', '0.1'}
+  assert result['criterion'] == 'validation_accuracy'
+  means = {k: r['validation_accuracy'][0] for k, r in result['rows'].items()}
+  assert result['chosen'] == max(means, key=lambda k: (means[k], k == '0.01'))
+
+  # Validation accuracy, recomputed independently for one value and one task: train with
+  # the saved divergence, count correct pool examples outside the task's subset in numpy.
+  divergence, _ = metamd_jax.load_divergence(tmp_path / 'meta.eps=0.1' / 'divergence.npz')
+  assert divergence['Dense_0']['kernel'].eps == 0.1
+  family, _ = builders.build_families(config)
+  tasks = evaluation.tuning_tasks(family, config.seed, config.eval.num_tasks)
+  first = jax.tree.map(lambda x: x[0], tasks)
+  params, _ = jax.jit(lambda tp: evaluation.train(metamd_jax.metamd(divergence),
+                                                  family.task(tp), config.eval.num_steps))(first)
+  predictions = np.asarray(family.logits(params, family.train.x)).argmax(-1)
+  outside = np.ones(len(family.train), bool)
+  outside[np.asarray(first['subset'])] = False
+  expected = np.mean(predictions[outside] == family.train.y[outside])
+  curves = sweep.validation_run(metamd_jax.metamd(divergence), family, tasks,
+                                config.eval.num_steps)
+  np.testing.assert_allclose(curves.metrics['validation_accuracy'][0], expected, atol=1e-6)
+  table = sweep.format_sweep(result)
+  assert '| meta.eps |' in table and f"chosen by validation_accuracy: {result['chosen']}" in table
+
+
+@pytest.mark.parametrize('field, match', [
+    ('meta.nope', 'has no field'),
+    ('nope.eps', 'no section'),
+    ('meta.optimizer', 'numeric field'),
+])
+def test_bad_fields_are_named(field, match):
+  with pytest.raises(ValueError, match=match):
+    sweep.with_value(tiny.get_config(), field, 0.1)
+
+
+def test_values_are_checked():
+  assert sweep.parse_values('0.001, 0.1') == [0.001, 0.1]
+  for bad in ('', 'a,b', '0.1,0.1', 'nan'):
+    with pytest.raises(ValueError, match='--values'):
+      sweep.parse_values(bad)
+  with pytest.raises(ValueError, match=r'config\.meta\.eps'):
+    sweep.with_value(tiny.get_config(), 'meta.eps', -1.0)
