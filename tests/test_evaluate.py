@@ -261,3 +261,19 @@ def test_language_model_main_job_end_to_end(tmp_path):
   assert 'test bits per byte' in table and 'Beyond the horizon: 2T = 20 steps' in table
   assert 'steps to adamw_retuned final loss' in table
   assert (tmp_path / 'loss_curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_language_model_on_a_user_text_file(tmp_path):
+  config = _tiny_language_model_config()
+  config.task.text, config.task.eval_text = 'text_file', ''
+  config.eval.shifts = ()
+  with pytest.raises(ValueError, match=r'config\.task\.data_dir'):
+    builders.validate_config(config)
+  corpus = (b'The quick brown fox jumps over the lazy dog. ' * 600)[:25_000]
+  (tmp_path / 'corpus.txt').write_bytes(corpus)
+  config.task.data_dir = str(tmp_path / 'corpus.txt')
+  builders.validate_config(config)
+  meta_train_family, meta_test_family = builders.build_families(config)
+  assert meta_train_family.train.tokens.tobytes() == corpus[:20_000]
+  assert meta_test_family.train.tokens.tobytes() == corpus[20_000:22_500]
+  assert meta_train_family.test.tokens.tobytes() == corpus[22_500:]
