@@ -14,7 +14,13 @@ meta-trained at horizon ``T = meta.horizon`` (``variants``: MetaMD, the diagonal
 divergence and the Kronecker divergence on the unrolled objective; a variant's ``meta``
 section overrides the family's meta fields), starting from tuned SGD when
 ``init_from_tuned_sgd``; and all optimisers run on the same ``num_tasks`` held-out tasks
-for ``T`` steps, the learned ones also for ``horizon_multiplier * T`` steps.
+for ``T`` steps, the learned ones also for ``horizon_multiplier * T`` steps. Adaptive
+MetaMD (``metamd_adaptive``: the learned MetaMD divergence with its step scale calibrated
+on meta-train tuning tasks; the family's ``eval.adaptive`` switches it) joins every
+comparison. On classification families, the robustness section meta-tests
+``robustness_optimizers``, unchanged, under each of ``shifts`` (``quick_shifts`` in a quick
+run), ten times the horizon and the held-out dataset, against Adam re-tuned on each
+(``targets.robust_no_divergence_and_faster_fraction``).
 
 Budget: the default finishes in about 30 minutes on 2 CPU cores. Meta-training dominates;
 ``variants.<name>.meta_steps_fraction`` scales each family's ``meta.num_meta_steps`` for a
@@ -26,10 +32,16 @@ import ml_collections
 
 from configs import default, digits_mlp, least_squares, mnist1d_cnn
 
+# The robustness issue's target for the image families: no divergence where Adam trains,
+# faster than re-tuned Adam in at least 80% of the checks.
+ROBUST_FRACTION = 0.8
+
 
 def _targets(*, steps_at_most_T_over: float = 0.0, seconds_at_most_reference_over: float = 0.0,
              test_accuracy_at_least_reference: bool = False,
-             fewer_steps_than_every_baseline: bool = False) -> ml_collections.ConfigDict:
+             fewer_steps_than_every_baseline: bool = False,
+             robust_no_divergence_and_faster_fraction: float = 0.0
+             ) -> ml_collections.ConfigDict:
   """A family's targets for MetaMD, each checked on the mean over held-out tasks.
 
   Every kind is a field (0 or False: not a target of this family), so any can be set on
@@ -45,6 +57,10 @@ def _targets(*, steps_at_most_T_over: float = 0.0, seconds_at_most_reference_ove
       test_accuracy_at_least_reference=test_accuracy_at_least_reference,
       # For every tuned baseline, fewer steps to its final loss than it needs itself.
       fewer_steps_than_every_baseline=fewer_steps_than_every_baseline,
+      # In (0, 1] (classification families): in the robustness checks, no diverged run
+      # where Adam at its meta-train-tuned learning rate trains, and fewer steps than
+      # re-tuned Adam to its final loss in at least this fraction of the checks.
+      robust_no_divergence_and_faster_fraction=float(robust_no_divergence_and_faster_fraction),
   ))
 
 
@@ -70,7 +86,8 @@ def _mnist_mlp() -> ml_collections.ConfigDict:
   # The issue's MNIST targets: T/8 steps and a third of the wall clock to Adam's loss,
   # with no loss of test accuracy.
   targets = _targets(steps_at_most_T_over=8, seconds_at_most_reference_over=3,
-                     test_accuracy_at_least_reference=True)
+                     test_accuracy_at_least_reference=True,
+                     robust_no_divergence_and_faster_fraction=ROBUST_FRACTION)
   return _family(config, targets, 'digits28')
 
 
@@ -79,7 +96,9 @@ def _mnist1d_cnn() -> ml_collections.ConfigDict:
   config.meta.num_meta_steps = 60
   config.meta.checkpoint_every = 20
   # Same 40-sample length and templates; another seed, more noise and shear.
-  return _family(config, _targets(fewer_steps_than_every_baseline=True), 'mnist1d', seed=1,
+  targets = _targets(fewer_steps_than_every_baseline=True,
+                     robust_no_divergence_and_faster_fraction=ROBUST_FRACTION)
+  return _family(config, targets, 'mnist1d', seed=1,
                  iid_noise_scale=0.05, corr_noise_scale=0.35, shear_scale=1.0)
 
 
@@ -90,7 +109,8 @@ def _digits_mlp() -> ml_collections.ConfigDict:
   config.meta.learning_rate = 0.1
   config.meta.num_meta_steps = 60
   config.meta.checkpoint_every = 20
-  return _family(config, _targets(fewer_steps_than_every_baseline=True))
+  return _family(config, _targets(fewer_steps_than_every_baseline=True,
+                                  robust_no_divergence_and_faster_fraction=ROBUST_FRACTION))
 
 
 def _least_squares() -> ml_collections.ConfigDict:
@@ -103,7 +123,8 @@ def _least_squares() -> ml_collections.ConfigDict:
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.quick = False  # smoke run: 2 fast families, few meta-steps, 2 tasks, 3 learning rates
+  # Smoke run: 2 fast families, few meta-steps, 2 tasks, 3 learning rates, 2 shifts.
+  config.quick = False
   config.seed = 0
   config.families = ml_collections.ConfigDict()
   config.families.mnist_mlp = _mnist_mlp()
@@ -142,9 +163,22 @@ def get_config() -> ml_collections.ConfigDict:
   # A 10T training loss above blow_up_factor x the initial loss (or non-finite) is a blow-up.
   config.blow_up_factor = 1.0
 
+  # Robustness (classification families): the held-out tasks under each shift of
+  # experiments.builders.SHIFTS, every optimiser of robustness_optimizers unchanged
+  # (learned divergence, meta-train-tuned learning rate, calibrated scale) against Adam
+  # re-tuned on the shift; the 10T runs and the held-out dataset are checked alike. Each
+  # shift costs one Adam tuning and one run per optimiser.
+  config.shifts = ('inputs_x2', 'inputs_offset', 'inputs_standardised', 'features_permuted',
+                   'batch_quarter', 'batch_x4', 'label_noise')
+  # Names not in this run (a variant not in variant_names, a baseline not tuned) are
+  # skipped; the reference baseline always joins (the summary asks whether it trains).
+  config.robustness_optimizers = ('metamd', 'meta_sgd', 'unrolled', 'metamd_adaptive',
+                                  'adam', 'sgd')
+
   # --config.quick=True: what a smoke run uses instead.
   config.quick_family_names = ('digits_mlp', 'least_squares')
   config.quick_meta_steps = 3
   config.quick_num_tasks = 2
   config.quick_learning_rates = (1e-3, 3e-2, 1.0)
+  config.quick_shifts = ('inputs_x2', 'batch_quarter')
   return config

@@ -14,7 +14,12 @@ resolved and checked by :mod:`experiments.benchmark_setup`):
    bound objective), the diagonal (Meta-SGD) divergence and the Kronecker divergence on
    the unrolled objective, each with :func:`experiments.meta_train.meta_train` in its own
    sub-workdir ``<workdir>/<family>/<variant>`` (a rerun resumes from the checkpoints),
-   starting from tuned SGD when ``init_from_tuned_sgd``;
+   starting from tuned SGD when ``init_from_tuned_sgd``; with the family's
+   ``eval.adaptive``, adaptive MetaMD (``'metamd_adaptive'``,
+   :func:`metamd_jax.adaptive_metamd`: the MetaMD divergence, its reference norm
+   calibrated on the meta-train tuning tasks by :func:`experiments.evaluate.calibrate`,
+   recorded as ``result['adaptive']``) joins as one more learned optimiser in every
+   comparison below (left out, with a warning, when the calibration diverges);
 3. train every optimiser on the same held-out tasks
    (:func:`metamd_jax.evaluation.held_out_tasks`) for ``T`` steps, recording the loss on
    each task's whole training set after every step; separately, each run is compiled once
@@ -30,11 +35,26 @@ resolved and checked by :mod:`experiments.benchmark_setup`):
    convex least-squares family, each divergence's strong-convexity constant, its bound
    next to SGD's and the observed suboptimality
    (:mod:`experiments.benchmark_runs`);
-6. check the targets the family declares (``targets``, :mod:`experiments.benchmark_targets`).
+6. robustness, on classification families: the optimisers of ``robustness_optimizers``
+   (present in the run; the reference always joins), unchanged (learned divergences,
+   meta-train-tuned learning rates, calibrated reference norm), on the held-out tasks
+   under each shift of ``shifts`` (``quick_shifts`` in a quick run;
+   :func:`experiments.evaluate.evaluate_shift`, the family's ``eval.reference`` re-tuned
+   on the shift is the reference, e.g. ``'adam_retuned'``), and two checks from runs made
+   above: ``'<multiplier>T'`` (the beyond-horizon runs, the reference re-tuned for that
+   many steps on the meta-train tuning tasks; it joins the beyond-horizon section) and
+   ``'heldout_dataset'`` (the held-out-dataset runs, the reference re-tuned on that
+   dataset's tuning tasks). Per check and optimiser: diverged runs, runs that ended above
+   their initial loss, steps to the re-tuned reference's final loss, final loss, test
+   accuracy (``result['robustness'][check]``); per learned optimiser, the counts of
+   :func:`experiments.benchmark_targets.robustness_summary`
+   (``result['robustness_summary']``);
+7. check the targets the family declares (``targets``, :mod:`experiments.benchmark_targets`).
 
 Writes to the workdir ``results.json``, ``results.md`` (printed; :mod:`experiments.report`)
-and per family ``<family>_loss_vs_step.png``, ``<family>_loss_vs_time.png`` and
-``<family>_beyond_horizon.png`` (:mod:`experiments.plots`).
+and per family ``<family>_loss_vs_step.png``, ``<family>_loss_vs_time.png``,
+``<family>_beyond_horizon.png`` and, with robustness checks, ``<family>_robustness.png``
+(:mod:`experiments.plots`).
 """
 
 from __future__ import annotations
@@ -58,12 +78,16 @@ from experiments import (  # noqa: E402
     benchmark_setup,
     benchmark_targets,
     builders,
+    evaluate,
     plots,
     protocol,
     report,
 )
+from experiments.benchmark_setup import ADAPTIVE  # noqa: E402
 from metamd_jax import evaluation  # noqa: E402
-from metamd_jax.tasks import LeastSquaresFamily  # noqa: E402
+from metamd_jax.tasks import ClassificationFamily, LeastSquaresFamily  # noqa: E402
+from metamd_jax.tasks.base import TaskFamily  # noqa: E402
+from metamd_jax.types import PyTree  # noqa: E402
 
 
 def _versus_baselines(run: evaluation.Curves, seconds_per_step, runs: dict, seconds: dict,
@@ -88,6 +112,60 @@ def _versus_baselines(run: evaluation.Curves, seconds_per_step, runs: dict, seco
         'steps_per_task': mine['steps_per_task'],
     }
   return rows
+
+
+def _retuned_check(ev: ml_collections.ConfigDict, description: str,
+                   tuning: tuple[TaskFamily, PyTree], testing: tuple[TaskFamily, PyTree],
+                   num_steps: int, every: int, curves: dict[str, evaluation.Curves],
+                   learning_rates: dict) -> tuple[dict, evaluation.Curves | None]:
+  """A robustness check from runs already made, laid out as ``evaluate_shift``'s result.
+
+  The reference baseline (``ev.reference``) is re-tuned for ``num_steps`` steps on the
+  ``tuning`` tasks (``(family, task_params)``) over ``ev.learning_rates`` and run on the
+  ``testing`` tasks (its runs reused when the rate did not change); every run of
+  ``curves`` (``num_steps`` steps on those tasks, tracked every ``every`` steps) is then
+  measured against its final loss, as :func:`experiments.evaluate.evaluate_shift` does for
+  a shift. ``'seconds'`` counts the re-tuning and the re-tuned runs only.
+
+  Returns:
+    ``(check, runs)``: the check (``evaluate_shift``'s keys and ``'num_steps'``) and the
+    re-tuned reference's runs (``None`` when every learning rate diverged).
+  """
+  started = time.perf_counter()
+  baseline, reference = ev.reference, evaluate.shift_reference(ev.reference)
+  tuned, _ = protocol.tune_baselines((baseline,), ev, *tuning, num_steps)
+  retuned = tuned[baseline]
+  curves, rates = dict(curves), dict(learning_rates)
+  if retuned is not None:
+    rates[reference] = retuned
+    test_family, test_tasks = testing
+    curves[reference] = (
+        curves[baseline] if rates.get(baseline) == retuned and baseline in curves
+        else evaluation.run(builders.BASELINES[baseline](retuned), test_family, test_tasks,
+                            num_steps, track_every=every))
+  target = (evaluation.final_train_loss(curves[reference].train_losses)
+            if retuned is not None else None)
+  # evaluate._outcomes: the diverged / above-initial-loss counts of evaluate_shift.
+  entries = {name: {'learning_rate': rates[name], **evaluate._outcomes(run),
+                    **protocol.summarize(run, target, reference)}
+             for name, run in curves.items()}
+  check = {'description': description, 'reference': reference,
+           f'{reference}_learning_rate': retuned, 'num_steps': num_steps,
+           'seconds': time.perf_counter() - started, 'optimizers': entries}
+  return check, curves.get(reference)
+
+
+def robustness_names(config: ml_collections.ConfigDict, reference: str,
+                     optimizers: dict) -> list[str]:
+  """The optimisers of the robustness checks: ``config.robustness_optimizers`` present.
+
+  In their order, skipping names not in this run; the reference baseline (whose training
+  or not decides which checks the divergence target counts) always joins.
+  """
+  names = [n for n in config.robustness_optimizers if n in optimizers]
+  if reference in optimizers and reference not in names:
+    names.append(reference)
+  return names
 
 
 def benchmark_family(config: ml_collections.ConfigDict, name: str, workdir: pathlib.Path,
@@ -116,8 +194,18 @@ def benchmark_family(config: ml_collections.ConfigDict, name: str, workdir: path
   for divergence in learned.values():
     metamd_jax.artifact.check_compatible(divergence, test_family.init_params())
   optimizers = {v: metamd_jax.metamd(d) for v, d in learned.items()}
+  # Adaptive MetaMD: the metamd divergence, its reference norm calibrated on the
+  # meta-train tuning tasks (left out, with a warning, where frozen MetaMD diverges there).
+  adaptive = None
+  if 'metamd' in learned and ev.adaptive:
+    adaptive = evaluate.calibrate(family_cfg, learned['metamd'], train_family, tune_tasks)
+    if adaptive['reference_norm'] is not None:
+      optimizers[ADAPTIVE] = metamd_jax.adaptive_metamd(
+          learned['metamd'], adaptive['reference_norm'], decay=ev.adaptive_decay)
+  learned_names = list(optimizers)  # the learned variants, then adaptive MetaMD
   optimizers.update({b: builders.BASELINES[b](lr) for b, lr in learning_rates.items()
                      if lr is not None})
+  rates = {opt: learning_rates.get(opt) for opt in optimizers}  # None: learned
 
   repeats = 1 if config.quick else config.timing_repeats
   runs, seconds = {}, {}
@@ -132,13 +220,15 @@ def benchmark_family(config: ml_collections.ConfigDict, name: str, workdir: path
   result = {'horizon': horizon, 'num_tasks': ev.num_tasks, 'reference': reference,
             'window': ev.window, 'meta_training': meta_info,
             'init_learning_rate': family_cfg.meta.init_learning_rate, 'init_from': init_from,
-            'tuning_seconds': tuning_seconds,
+            'adaptive': adaptive, 'tuning_seconds': tuning_seconds,
             'meta_training_seconds': meta_seconds, 'optimizers': {}}
   for opt, run in runs.items():
-    entry = {'kind': 'learned' if opt in learned else 'baseline',
+    entry = {'kind': 'learned' if opt in learned_names else 'baseline',
              'learning_rate': learning_rates.get(opt),
              'wall_clock_seconds': report.pair(seconds[opt]),
              'seconds_per_step': report.pair(seconds_per_step[opt])}
+    if opt == ADAPTIVE:
+      entry['reference_norm'] = adaptive['reference_norm']
     if opt in tuning_scores:
       entry['tuning_scores'] = tuning_scores[opt]
     entry.update(protocol.summarize(run, target, reference, seconds_per_step[opt]))
@@ -148,17 +238,58 @@ def benchmark_family(config: ml_collections.ConfigDict, name: str, workdir: path
 
   result['learned_vs_baselines'] = {
       opt: _versus_baselines(runs[opt], seconds_per_step[opt], runs, seconds, learning_rates)
-      for opt in learned}
-  # Beyond the horizon: learned optimisers (and the reference) for horizon_multiplier * T.
+      for opt in learned_names}
+  # Robustness (classification families): the shifts, and these runs reused as checks.
+  robust = isinstance(test_family, ClassificationFamily)
+  robust_names = robustness_names(config, ev.reference, optimizers) if robust else []
+  robustness = {}
+  # Beyond the horizon: learned optimisers, the reference (and the robustness optimisers)
+  # for horizon_multiplier * T.
+  multiplier = config.horizon_multiplier
+  long_curves = {
+      opt: benchmark_runs.long_run(optimizers[opt], test_family, test_tasks, horizon,
+                                   multiplier)
+      for opt in dict.fromkeys([*learned_names, reference, *robust_names]) if opt in optimizers}
   result['beyond_horizon'] = {
-      opt: benchmark_runs.beyond_horizon(optimizers[opt], test_family, test_tasks, horizon,
-                                         config.horizon_multiplier, config.blow_up_factor)
-      for opt in [*learned, reference] if opt in optimizers}
+      opt: {'learning_rate': rates[opt],
+            **benchmark_runs.long_run_summary(curves, horizon, config.blow_up_factor)}
+      for opt, curves in long_curves.items()}
+  shifts = benchmark_setup.shift_names(config) if robust else ()
+  for shift in shifts:
+    robustness[shift] = evaluate.evaluate_shift(
+        family_cfg, shift, (train_family, test_family),
+        {opt: optimizers[opt] for opt in robust_names}, {opt: rates[opt] for opt in robust_names})
+    robustness[shift]['num_steps'] = horizon
+  if robust and multiplier > 1:
+    every = next(iter(long_curves.values())).every
+    check, retuned_curves = _retuned_check(
+        ev, f'{multiplier} times the horizon ({multiplier * horizon} steps; the beyond-horizon '
+        f'runs, the whole-set loss every {every} steps; {ev.reference} re-tuned for '
+        f'{multiplier * horizon} steps)', (train_family, tune_tasks), (test_family, test_tasks),
+        multiplier * horizon, every, {opt: long_curves[opt] for opt in robust_names}, rates)
+    robustness[f'{multiplier}T'] = check
+    if retuned_curves is not None:  # the re-tuned reference joins the beyond-horizon section
+      result['beyond_horizon'][check['reference']] = {
+          'learning_rate': check[f"{check['reference']}_learning_rate"],
+          **benchmark_runs.long_run_summary(retuned_curves, horizon, config.blow_up_factor)}
 
   heldout = benchmark_setup.heldout_family(family_cfg)
   if heldout is not None:
-    result['heldout_dataset'] = benchmark_runs.heldout_report(
-        family_cfg, heldout, learned, optimizers, reference, horizon)
+    heldout_tasks, heldout_curves = benchmark_runs.heldout_runs(family_cfg, heldout, learned,
+                                                               optimizers, horizon)
+    result['heldout_dataset'] = benchmark_runs.heldout_report(family_cfg, heldout,
+                                                              heldout_curves, reference)
+    if robust:
+      robustness['heldout_dataset'], _ = _retuned_check(
+          ev, f'the held-out dataset {heldout.train.name} / {heldout.test.name} (never seen in '
+          f'meta-training; {ev.reference} re-tuned on its tuning tasks)',
+          (heldout, evaluation.tuning_tasks(heldout, family_cfg.seed, ev.num_tune_tasks)),
+          (heldout, heldout_tasks), horizon, 1,
+          {opt: heldout_curves[opt] for opt in robust_names}, rates)
+  if robustness:
+    result['robustness'] = robustness
+    result['robustness_summary'] = benchmark_targets.robustness_summary(
+        robustness, [opt for opt in learned_names if opt in robust_names], ev.reference)
   if isinstance(test_family, LeastSquaresFamily):
     sgd_lr = family_cfg.meta.init_learning_rate
     divergences = {f'sgd_init (lr {sgd_lr:g})':
@@ -185,9 +316,13 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     The results dictionary written to ``results.json``: ``{'settings': ..., 'families':
     {family: {'optimizers': {name: {'learning_rate', 'final_train_loss',
     'steps_to_<reference>_final_loss', 'seconds_to_<reference>_final_loss',
-    'wall_clock_seconds', 'test_accuracy', ...}}, 'learned_vs_baselines',
-    'beyond_horizon', 'heldout_dataset', 'convex', 'targets', ...}}}``; every statistic is
-    ``[mean, std]`` over the held-out tasks (``null`` where no task reached it).
+    'wall_clock_seconds', 'test_accuracy', ...}}, 'adaptive', 'learned_vs_baselines',
+    'beyond_horizon', 'heldout_dataset', 'robustness': {check: {'description',
+    'reference', '<reference>_learning_rate', 'num_steps', 'seconds', 'optimizers': {name:
+    {'learning_rate', 'diverged', 'above_initial_loss', 'num_runs', 'final_train_loss',
+    'steps_to_<reference>_final_loss', 'reached_fraction', 'test_accuracy'}}}},
+    'robustness_summary', 'convex', 'targets', ...}}}``; every statistic is ``[mean, std]``
+    over the held-out tasks (``null`` where no task reached it).
   """
   benchmark_setup.validate(config)
   workdir = pathlib.Path(workdir)
@@ -199,6 +334,8 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
           'variants': {v: config.variants[v].to_dict() for v in config.variant_names},
           'horizon_multiplier': config.horizon_multiplier,
           'timing_repeats': config.timing_repeats,
+          'shifts': list(benchmark_setup.shift_names(config)),
+          'robustness_optimizers': list(config.robustness_optimizers),
           'device': str(jax.devices()[0]),
       },
       'families': {},

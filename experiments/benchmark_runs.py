@@ -1,7 +1,8 @@
 """The benchmark's own runs, next to the shared protocol of :mod:`experiments.protocol`.
 
 Meta-training the learned variants, timing, training beyond the horizon, the held-out
-dataset and the convex guarantee. Every statistic is a ``[mean, std]`` pair over the
+dataset and the convex guarantee; :mod:`experiments.benchmark` reuses the long and
+held-out runs for its robustness checks. Every statistic is a ``[mean, std]`` pair over the
 held-out tasks (:func:`experiments.report.pair`).
 """
 
@@ -88,24 +89,30 @@ def time_runs(optimizer: optax.GradientTransformation, family: TaskFamily,
   return np.asarray(seconds)
 
 
-def beyond_horizon(optimizer: optax.GradientTransformation, family: TaskFamily,
-                   task_params: PyTree, horizon: int, multiplier: int,
-                   blow_up_factor: float) -> dict:
-  """Train for ``multiplier * horizon`` steps; the loss at ``T`` and at the end, blow-ups.
+def long_run(optimizer: optax.GradientTransformation, family: TaskFamily,
+             task_params: PyTree, horizon: int, multiplier: int) -> evaluation.Curves:
+  """Train for ``multiplier * horizon`` steps, the whole-set loss tracked.
 
-  The whole-set loss is tracked every ``multiplier`` steps (every step if that does not
-  divide the horizon). A task blows up when its final loss is not finite or above
-  ``blow_up_factor`` times its initial loss.
+  Every ``multiplier`` steps (every step if that does not divide the horizon), so that
+  the loss at ``T`` is among the records.
   """
-  long_steps = multiplier * horizon
   every = multiplier if horizon % multiplier == 0 else 1
-  curves = evaluation.run(optimizer, family, task_params, long_steps, track_every=every)
+  return evaluation.run(optimizer, family, task_params, multiplier * horizon,
+                        track_every=every)
+
+
+def long_run_summary(curves: evaluation.Curves, horizon: int, blow_up_factor: float) -> dict:
+  """The loss at ``T`` and at the end of a :func:`long_run`, and its blow-ups.
+
+  A task blows up when its final loss is not finite or above ``blow_up_factor`` times
+  its initial loss.
+  """
   tracked = np.asarray(curves.train_losses, np.float64)
   at_long = evaluation.final_train_loss(tracked)
   blew_up = ~np.isfinite(at_long) | (at_long > blow_up_factor * tracked[:, 0])
   return {
-      'steps': long_steps,
-      'loss_at_T': report.pair(tracked[:, horizon // every]),
+      'steps': curves.every * (tracked.shape[1] - 1),
+      'loss_at_T': report.pair(tracked[:, horizon // curves.every]),
       'loss_at_long': report.pair(at_long),
       'blew_up_fraction': float(np.mean(blew_up)),
       'any_non_finite': bool(not np.all(np.isfinite(curves.losses))),
@@ -114,14 +121,38 @@ def beyond_horizon(optimizer: optax.GradientTransformation, family: TaskFamily,
   }
 
 
-def heldout_report(family_cfg: ml_collections.ConfigDict, family: ClassificationFamily,
-                   learned: dict, optimizers: dict, reference: str, horizon: int) -> dict:
-  """All optimisers (learning rates tuned on the meta-train family) on another dataset."""
+def beyond_horizon(optimizer: optax.GradientTransformation, family: TaskFamily,
+                   task_params: PyTree, horizon: int, multiplier: int,
+                   blow_up_factor: float) -> dict:
+  """Train for ``multiplier * horizon`` steps; the loss at ``T`` and at the end, blow-ups.
+
+  :func:`long_run_summary` of a :func:`long_run`.
+  """
+  return long_run_summary(long_run(optimizer, family, task_params, horizon, multiplier),
+                          horizon, blow_up_factor)
+
+
+def heldout_runs(family_cfg: ml_collections.ConfigDict, family: ClassificationFamily,
+                 learned: dict, optimizers: dict, horizon: int
+                 ) -> tuple[PyTree, dict[str, evaluation.Curves]]:
+  """Every optimiser, as tuned on the meta-train family, on another dataset's tasks.
+
+  Returns:
+    ``(tasks, curves)``: the held-out tasks of ``family``
+    (:func:`metamd_jax.evaluation.held_out_tasks`) and each optimiser's runs, the
+    whole-set loss tracked every step.
+  """
   for divergence in learned.values():
     metamd_jax.artifact.check_compatible(divergence, family.init_params())
   tasks = evaluation.held_out_tasks(family, family_cfg.seed, family_cfg.eval.num_tasks)
   curves = {opt: evaluation.run(optimizer, family, tasks, horizon, track_every=1)
             for opt, optimizer in optimizers.items()}
+  return tasks, curves
+
+
+def heldout_report(family_cfg: ml_collections.ConfigDict, family: ClassificationFamily,
+                   curves: dict[str, evaluation.Curves], reference: str) -> dict:
+  """The :func:`heldout_runs` against the reference's (tuned on meta-train) final loss."""
   spec = family_cfg.heldout
   target = (evaluation.final_train_loss(curves[reference].train_losses)
             if reference in curves else None)

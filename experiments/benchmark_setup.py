@@ -2,7 +2,8 @@
 
 ``configs/benchmark.py`` holds the families (each a full experiment config with a
 ``heldout`` and a ``targets`` section), the learned variants and the benchmark's own
-settings; :func:`validate` checks all of it before anything runs.
+settings (among them the robustness ``shifts`` and ``robustness_optimizers``);
+:func:`validate` checks all of it before anything runs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from metamd_jax import datasets
 from metamd_jax.tasks import ClassificationFamily
 
 HELDOUT_DATASETS = ('', 'digits28', 'mnist1d')
+ADAPTIVE = 'metamd_adaptive'
+"""Adaptive MetaMD's name: the learned ``metamd`` divergence, its scale calibrated."""
+SHIFTS = tuple(name for name in builders.SHIFTS if name != 'heldout_text')
+"""The shifts of :data:`experiments.builders.SHIFTS` a classification family takes."""
 
 
 def _copy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -77,6 +82,41 @@ def family_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return tuple(config.family_names)
 
 
+def shift_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The robustness shifts to run (``quick_shifts`` in a quick run)."""
+  return tuple(config.quick_shifts if config.quick else config.shifts)
+
+
+def _validate_shifts(config: ml_collections.ConfigDict, field: str) -> None:
+  shifts = config[field]
+  if isinstance(shifts, str) or not isinstance(shifts, (tuple, list)):
+    raise ValueError(f'config.{field} must be a tuple of shift names from {SHIFTS}, '
+                     f'got {shifts!r}.')
+  for name in shifts:
+    if name not in builders.SHIFTS:
+      raise ValueError(f'config.{field} names {name!r}, which is not a shift; the shifts '
+                       f'of classification families are {SHIFTS}.')
+    if name not in SHIFTS:
+      raise ValueError(f'config.{field} names {name!r}, which applies to language-model '
+                       f'families only; the benchmark shifts classification families: '
+                       f'{SHIFTS}.')
+  if len(set(shifts)) != len(shifts):
+    raise ValueError(f'config.{field} must not repeat a shift, got {tuple(shifts)!r}.')
+
+
+def _validate_robustness_optimizers(config: ml_collections.ConfigDict) -> None:
+  names = config.robustness_optimizers
+  known = (*config.variants, ADAPTIVE, *builders.BASELINES)
+  if isinstance(names, str) or not isinstance(names, (tuple, list)):
+    raise ValueError(f'config.robustness_optimizers must be a tuple of optimiser names '
+                     f'from {known}, got {names!r}.')
+  for name in names:
+    if name not in known:
+      raise ValueError(f'config.robustness_optimizers names {name!r}, which is neither a '
+                       f'learned variant ({tuple(config.variants)}), {ADAPTIVE!r} nor a '
+                       f'baseline ({tuple(builders.BASELINES)}).')
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Check the benchmark's own fields and every family's config; raise ``ValueError``."""
   if not family_names(config):
@@ -89,12 +129,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f'config.variant_names names {name!r}, not in config.variants.')
     if name in config.baselines:
       raise ValueError(f'variant {name!r} has the name of a baseline.')
+    if name == ADAPTIVE:
+      raise ValueError(f'config.variant_names names {ADAPTIVE!r}, the name of adaptive '
+                       'MetaMD (the metamd variant with a calibrated scale).')
   if 'metamd' not in config.variant_names:
     raise ValueError("config.variant_names must include 'metamd'.")
   for field in ('num_tasks', 'num_tune_tasks', 'horizon_multiplier', 'timing_repeats'):
     value = config[field]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f'config.{field} must be an integer >= 1, got {value!r}.')
+  for field in ('shifts', 'quick_shifts'):
+    _validate_shifts(config, field)
+  _validate_robustness_optimizers(config)
   for name in family_names(config):
     family = family_config(config, name)
     for variant in config.variant_names:

@@ -13,10 +13,20 @@ kinds of target, each checked on the mean over the held-out tasks (its key in
   reference's (``test_accuracy_at_least_<reference>``; classification families only);
 - ``fewer_steps_than_every_baseline = True``: for every tuned baseline, MetaMD reaches the
   baseline's final loss in fewer steps than the baseline itself, every task reaching it
-  (``fewer_steps_than_<baseline>``).
+  (``fewer_steps_than_<baseline>``);
+- ``robust_no_divergence_and_faster_fraction = f`` (in ``(0, 1]``; 0: off; classification
+  families only): from the family's robustness checks (:func:`robustness_summary`),
+  no diverged run of MetaMD in any check where the reference baseline at its
+  meta-train-tuned learning rate trains (``no_diverged_runs_where_<baseline>_trains``,
+  value: MetaMD's diverged runs there, limit 0), and MetaMD faster than the re-tuned
+  reference in at least a fraction ``f`` of all checks
+  (``faster_than_<baseline>_retuned_in_<f>_of_checks``, value: that fraction). Adaptive
+  MetaMD is checked alike, its keys prefixed ``metamd_adaptive_`` (reported next to
+  MetaMD's; MetaMD's are the family's target).
 
 A result is ``{'value': MetaMD's figure, 'limit': the bound, 'met': bool}``; a figure that
-is missing (a baseline that diverged at every learning rate) is ``None`` and not met.
+is missing (a baseline that diverged at every learning rate, no robustness checks) is
+``None`` and not met.
 """
 
 from __future__ import annotations
@@ -25,7 +35,8 @@ import math
 
 import ml_collections
 
-NUMBER_FIELDS = ('steps_at_most_T_over', 'seconds_at_most_reference_over')
+NUMBER_FIELDS = ('steps_at_most_T_over', 'seconds_at_most_reference_over',
+                 'robust_no_divergence_and_faster_fraction')
 FLAG_FIELDS = ('test_accuracy_at_least_reference', 'fewer_steps_than_every_baseline')
 FIELDS = NUMBER_FIELDS + FLAG_FIELDS
 
@@ -53,11 +64,74 @@ def validate_targets(family: ml_collections.ConfigDict, field: str) -> None:
                        f'target), got {value!r}.')
     if name in FLAG_FIELDS and not isinstance(value, bool):
       raise ValueError(f'{field}.targets.{name} must be True or False, got {value!r}.')
-  if targets.get('test_accuracy_at_least_reference', False) \
-      and family.task.family != 'classification':
-    raise ValueError(f'{field}.targets.test_accuracy_at_least_reference needs a '
-                     f'classification family (test accuracy); this one is '
-                     f'{family.task.family!r}.')
+  fraction = targets.get('robust_no_divergence_and_faster_fraction', 0)
+  if fraction > 1:
+    raise ValueError(f'{field}.targets.robust_no_divergence_and_faster_fraction must be a '
+                     f'fraction of the checks in [0, 1] (0: no such target), got {fraction!r}.')
+  for name, what in (('test_accuracy_at_least_reference', 'test accuracy'),
+                     ('robust_no_divergence_and_faster_fraction', 'the shifts change images')):
+    if targets.get(name, False) and family.task.family != 'classification':
+      raise ValueError(f'{field}.targets.{name} needs a classification family ({what}); '
+                       f'this one is {family.task.family!r}.')
+
+
+def robustness_summary(robustness: dict, learned, baseline: str) -> dict:
+  """What the robustness checks say of each learned optimiser, for the robustness target.
+
+  Counts, over every check of ``robustness`` (the shifts, the long-horizon check and the
+  held-out-dataset check alike, each laid out as
+  :func:`experiments.evaluate.evaluate_shift`'s result):
+
+  - ``baseline_trained``: the checks where ``baseline`` (Adam), at its meta-train-tuned
+    learning rate, trained: it ran there and none of its runs diverged (a non-finite
+    whole-set loss; a run that ended above its initial loss still counts as trained);
+  - ``diverged_runs``: the optimiser's diverged runs summed over those checks, and
+    ``diverged_in`` the checks among them where it had any;
+  - ``faster``: the checks where it reached the re-tuned baseline's final loss
+    (``<baseline>_retuned``) on every held-out task (``reached_fraction == 1``) and in
+    fewer mean steps than the re-tuned baseline itself needs to reach it (a check whose
+    re-tuning diverged at every learning rate has no such loss: not faster);
+  - ``faster_fraction``: ``len(faster) / len(checks)`` over all the checks (``None``
+    without checks).
+
+  Args:
+    robustness: ``{check: {'reference', 'optimizers': {name: {'diverged',
+      'steps_to_<reference>_final_loss', 'reached_fraction', ...}}}}``.
+    learned: the learned optimisers' names (those absent from a check are skipped there:
+      not diverged, not faster).
+    baseline: the baseline re-tuned in each check (``'adam'``).
+
+  Returns:
+    ``{name: {'baseline', 'reference', 'checks', 'baseline_trained', 'diverged_runs',
+    'diverged_in', 'faster', 'faster_fraction'}}`` for every name of ``learned``.
+  """
+  checks = list(robustness)
+  trained = [c for c in checks
+             if robustness[c]['optimizers'].get(baseline, {}).get('diverged', 1) == 0]
+  # The re-tuned baseline's name (evaluate.shift_reference: '<baseline>_retuned').
+  reference_name = (robustness[checks[0]]['reference'] if checks else f'{baseline}_retuned')
+  summary = {}
+  for name in learned:
+    diverged = {c: robustness[c]['optimizers'].get(name, {}).get('diverged', 0)
+                for c in trained}
+    faster = []
+    for check in checks:
+      result = robustness[check]
+      reference, entries = result['reference'], result['optimizers']
+      key = f'steps_to_{reference}_final_loss'
+      mine, theirs = entries.get(name, {}), entries.get(reference, {})
+      steps, limit = mine.get(key, [None])[0], theirs.get(key, [None])[0]
+      if (mine.get('reached_fraction') == 1.0 and steps is not None and limit is not None
+          and steps < limit):
+        faster.append(check)
+    summary[name] = {
+        'baseline': baseline, 'reference': reference_name, 'checks': checks,
+        'baseline_trained': trained, 'diverged_runs': int(sum(diverged.values())),
+        'diverged_in': [c for c, n in diverged.items() if n],
+        'faster': faster,
+        'faster_fraction': len(faster) / len(checks) if checks else None,
+    }
+  return summary
 
 
 def _target(value, limit, met: bool) -> dict:
@@ -75,7 +149,8 @@ def evaluate_targets(targets: ml_collections.ConfigDict | None, result: dict) ->
     targets: the family's ``targets`` section (validated by :func:`validate_targets`), or
       ``None``.
     result: the family's results (``'horizon'``, ``'reference'``, ``'optimizers'``,
-      ``'learned_vs_baselines'``), statistics as ``[mean, std]`` pairs.
+      ``'learned_vs_baselines'``, ``'robustness_summary'``), statistics as ``[mean, std]``
+      pairs.
 
   Returns:
     ``{key: {'value', 'limit', 'met'}}`` for every declared target (empty without
@@ -113,4 +188,26 @@ def evaluate_targets(targets: ml_collections.ConfigDict | None, result: dict) ->
       met = (versus_row['reached_fraction'] == 1.0 and value is not None
              and limit is not None and value < limit)
       checked[f'fewer_steps_than_{baseline}'] = _target(value, limit, met)
+  fraction = targets.get('robust_no_divergence_and_faster_fraction', 0)
+  if fraction:
+    checked.update(_robustness_targets(result, fraction))
+  return checked
+
+
+def _robustness_targets(result: dict, fraction: float) -> dict:
+  """The robustness target of MetaMD and, reported alike, of adaptive MetaMD."""
+  summary = result.get('robustness_summary') or {}
+  baseline = next(iter(summary.values()))['baseline'] if summary else result['reference']
+  checked = {}
+  for name in ('metamd', 'metamd_adaptive'):
+    if name == 'metamd_adaptive' and name not in summary:
+      continue  # calibration failed or adaptive MetaMD is off: nothing to report
+    entry = summary.get(name)
+    prefix = '' if name == 'metamd' else f'{name}_'
+    diverged = entry['diverged_runs'] if entry else None
+    faster = entry['faster_fraction'] if entry else None
+    checked[f'{prefix}no_diverged_runs_where_{baseline}_trains'] = _target(
+        diverged, 0, diverged == 0)
+    checked[f'{prefix}faster_than_{baseline}_retuned_in_{fraction:g}_of_checks'] = _target(
+        faster, fraction, faster is not None and faster >= fraction)
   return checked

@@ -164,35 +164,50 @@ def format_long_horizon(results: dict, multiplier: int) -> str:
   return '\n'.join(lines)
 
 
-def format_shifts(results: dict) -> str:
-  """The table of the everyday changes of :func:`experiments.evaluate.evaluate`.
+def shift_table(shifts: dict, optimizers: dict, label: str = 'shift') -> list[str]:
+  """The rows of a table of shifts: header, separator and one row per (shift, optimiser).
 
-  One row per (shift, optimiser): runs that diverged or ended above their initial loss
-  (of the held-out tasks), steps to the re-tuned Adam's final training loss, final
-  training loss and test accuracy.
+  Runs that diverged or ended above their initial loss (of the held-out tasks), steps to
+  the shift's reference's final training loss, final training loss and test metric.
+
+  Args:
+    shifts: ``{shift: evaluate_shift(...)-like result}``.
+    optimizers: the in-distribution entries by name (for adaptive MetaMD's
+      ``'reference_norm'``).
+    label: the first column's title.
   """
-  first = next(iter(results['shifts'].values()))
+  first = next(iter(shifts.values()))
   metric, metric_title, spec = test_metric(first['optimizers'])
-  lines = ['Changes: the held-out tasks again, every optimiser as tuned or calibrated in '
-           f"distribution; {first['reference']} (re-tuned on each change) is the reference.",
-           '',
-           '| shift | optimiser | learning rate | diverged | ended above initial loss | '
+  lines = [f'| {label} | optimiser | learning rate | diverged | ended above initial loss | '
            f"steps to {first['reference']} final loss | final train loss | {metric_title} |",
            '| --- | --- | --- | --- | --- | --- | --- | --- |']
-  for shift, result in results['shifts'].items():
+  for shift, result in shifts.items():
     reference = result['reference']
     for name, entry in result['optimizers'].items():
       key = f'steps_to_{reference}_final_loss'
       steps = (reach_text(entry[key], entry['reached_fraction']) if key in entry
                else 'n/a (no reference)')
       learning_rate = _learning_rate_text(entry['learning_rate'],
-                                          results['optimizers'].get(name, {}).get(
-                                              'reference_norm'))
+                                          optimizers.get(name, {}).get('reference_norm'))
       lines.append(f"| {shift} | {name} | {learning_rate} | "
                    f"{entry['diverged']}/{entry['num_runs']} | "
                    f"{entry['above_initial_loss']}/{entry['num_runs']} | {steps} | "
                    f"{pair_text(entry['final_train_loss'], '.4f')} | "
                    f"{pair_text(entry.get(metric), spec)} |")
+  return lines
+
+
+def format_shifts(results: dict) -> str:
+  """The table of the everyday changes of :func:`experiments.evaluate.evaluate`.
+
+  One row per (shift, optimiser): runs that diverged or ended above their initial loss
+  (of the held-out tasks), steps to the re-tuned Adam's final training loss, final
+  training loss and test accuracy (:func:`shift_table`).
+  """
+  first = next(iter(results['shifts'].values()))
+  lines = ['Changes: the held-out tasks again, every optimiser as tuned or calibrated in '
+           f"distribution; {first['reference']} (re-tuned on each change) is the reference.",
+           '', *shift_table(results['shifts'], results['optimizers'])]
   seconds = ', '.join(f"{shift} {r['seconds']:.1f} s" for shift, r in results['shifts'].items())
   lines += ['', f'Seconds per change (one re-tuning, one run per optimiser): {seconds}.']
   return '\n'.join(lines)
@@ -251,7 +266,7 @@ def _optimizer_rows(result: dict) -> list[str]:
     else:
       metric = 'n/a'
     lines.append(
-        f"| {opt} | {_learning_rate_text(e['learning_rate'])} | "
+        f"| {opt} | {_learning_rate_text(e['learning_rate'], e.get('reference_norm'))} | "
         f"{reach_text(e.get(f'steps_to_{reference}_final_loss'), reached)} | "
         f"{reach_text(e.get(f'seconds_to_{reference}_final_loss'), reached, '.3f')} | "
         f"{pair_text(e['wall_clock_seconds'], '.3f')} | {pair_text(e['final_train_loss'])} | "
@@ -329,18 +344,56 @@ def _convex_rows(result: dict) -> list[str]:
   return lines
 
 
+def _robustness_rows(result: dict) -> list[str]:
+  """The robustness checks (:func:`shift_table`'s rows) and each learned optimiser's count."""
+  robustness = result.get('robustness')
+  if not robustness:
+    return []
+  first = next(iter(robustness.values()))
+  lines = ['', 'Robustness: the held-out tasks under each check, every optimiser unchanged '
+           '(learned divergence, learning rate tuned on the meta-train family, calibrated '
+           f"reference norm); {first['reference']}, re-tuned on each check, is the "
+           'reference.', '', *(f"- {c}: {r['description']}" for c, r in robustness.items()),
+           '', *shift_table(robustness, result['optimizers'], label='check')]
+  summary = result.get('robustness_summary') or {}
+  if summary:
+    lines.append('')
+  for name, s in summary.items():
+    trained, checks = s['baseline_trained'], s['checks']
+    fraction = s['faster_fraction']
+    diverged = f" ({', '.join(s['diverged_in'])})" if s['diverged_in'] else ''
+    lines.append(
+        f"- {name}: {s['diverged_runs']} diverged run{'' if s['diverged_runs'] == 1 else 's'}"
+        f"{diverged} in the {len(trained)} of "
+        f"{len(checks)} checks where {s['baseline']} (meta-train-tuned learning rate) "
+        f"trained; reached {s['reference']}'s final loss in fewer steps on every task in "
+        f"{len(s['faster'])}/{len(checks)} checks"
+        f"{'' if fraction is None else f' ({fraction:.0%})'}"
+        f"{': ' + ', '.join(s['faster']) if s['faster'] else ''}.")
+  seconds = ', '.join(f"{c} {r['seconds']:.1f} s" for c, r in robustness.items())
+  lines += ['', f'Seconds per check (re-tuning and the runs it adds): {seconds}.']
+  return lines
+
+
 def format_benchmark_family(name: str, result: dict) -> str:
-  """The markdown tables of one family of :func:`experiments.benchmark.benchmark`."""
+  """The markdown tables of one family of :func:`experiments.benchmark.benchmark`.
+
+  The optimisers (adaptive MetaMD's learning rate reads ``learned (c = <reference
+  norm>)``), MetaMD against each baseline, beyond the horizon, the held-out dataset, the
+  robustness checks (:func:`shift_table`'s rows and each learned optimiser's summary),
+  the convex guarantee and the targets, each where the family has it.
+  """
   lines = [f"## {name} (T = {result['horizon']}, {result['num_tasks']} held-out tasks)", '',
            _meta_training_line(result)]
   lines += _optimizer_rows(result)
   lines += _learned_vs_baselines_rows(result)
   lines += _beyond_horizon_rows(result)
   lines += _heldout_rows(result)
+  lines += _robustness_rows(result)
   lines += _convex_rows(result)
   targets = result.get('targets')
   if targets:
-    lines += ['', 'Targets (MetaMD, mean over held-out tasks): ' + '; '.join(
+    lines += ['', 'Targets (MetaMD unless named, mean over held-out tasks): ' + '; '.join(
         f"{key}: {'met' if t['met'] else 'MISSED'} "
         f"({number_text(t['value'])} vs {number_text(t['limit'])})"
         for key, t in targets.items())]

@@ -8,7 +8,7 @@ import pytest
 
 from configs import benchmark as benchmark_config
 from configs import tiny
-from experiments import benchmark, benchmark_setup
+from experiments import benchmark, benchmark_setup, benchmark_targets
 
 
 def _tiny_benchmark_config() -> ml_collections.ConfigDict:
@@ -29,6 +29,9 @@ def _tiny_benchmark_config() -> ml_collections.ConfigDict:
   config.variant_names = ('metamd',)
   config.horizon_multiplier = 3
   config.timing_repeats = 1
+  config.quick_shifts = ('inputs_x2',)  # one cheap shift; the 3T check comes with it
+  # Adam (the reference) joins the robustness checks anyway; SGD there is the same code.
+  config.robustness_optimizers = ('metamd', 'metamd_adaptive')
   return config
 
 
@@ -45,7 +48,14 @@ def test_quick_benchmark_writes_documented_results(tmp_path, capsys):
   results = json.loads((tmp_path / 'results.json').read_text())
   assert results['settings']['num_tasks'] == 2
   family = results['families']['tiny']
-  assert set(family['optimizers']) == {'metamd', 'sgd', 'adam'}
+  assert results['settings']['shifts'] == ['inputs_x2']
+  assert set(family['optimizers']) == {'metamd', 'metamd_adaptive', 'sgd', 'adam'}
+  # Adaptive MetaMD: calibrated on the meta-train tuning tasks, a learned optimiser.
+  norm = family['adaptive']['reference_norm']
+  assert norm > 0 and family['optimizers']['metamd_adaptive']['reference_norm'] == norm
+  assert family['adaptive']['calibration_tasks'] == 'meta-train tuning tasks'
+  assert family['optimizers']['metamd_adaptive']['kind'] == 'learned'
+  assert {'metamd', 'metamd_adaptive'} <= set(family['learned_vs_baselines'])
   for name, entry in family['optimizers'].items():
     if entry['kind'] == 'baseline':
       assert entry['learning_rate'] in config.quick_learning_rates
@@ -77,8 +87,12 @@ def test_quick_benchmark_writes_documented_results(tmp_path, capsys):
     _finite_pair(row['baseline_final_train_loss'])
     _finite_pair(row['baseline_wall_clock_seconds'])
   # The family declares fewer_steps_than_every_baseline: one target per tuned baseline,
-  # read off the learned-vs-baselines rows.
-  assert set(family['targets']) == {'fewer_steps_than_sgd', 'fewer_steps_than_adam'}
+  # read off the learned-vs-baselines rows; and the robustness target.
+  assert set(family['targets']) == {
+      'fewer_steps_than_sgd', 'fewer_steps_than_adam',
+      'no_diverged_runs_where_adam_trains', 'faster_than_adam_retuned_in_0.8_of_checks',
+      'metamd_adaptive_no_diverged_runs_where_adam_trains',
+      'metamd_adaptive_faster_than_adam_retuned_in_0.8_of_checks'}
   for baseline in ('sgd', 'adam'):
     target = family['targets'][f'fewer_steps_than_{baseline}']
     row = family['learned_vs_baselines']['metamd'][baseline]
@@ -86,13 +100,54 @@ def test_quick_benchmark_writes_documented_results(tmp_path, capsys):
     assert target['met'] == (row['reached_fraction'] == 1.0 and target['value'] is not None
                              and target['limit'] is not None
                              and target['value'] < target['limit'])
+  # Beyond the horizon: the learned optimisers, the reference and Adam re-tuned for 3T.
+  assert set(family['beyond_horizon']) == {'metamd', 'metamd_adaptive', 'adam',
+                                           'adam_retuned'}
   for entry in family['beyond_horizon'].values():
     assert entry['steps'] == 3 * family['horizon']
     _finite_pair(entry['loss_at_T'])
     assert 0.0 <= entry['blew_up_fraction'] <= 1.0
-  assert (tmp_path / 'results.md').read_text().startswith('## tiny')
-  for suffix in ('loss_vs_step', 'loss_vs_time', 'beyond_horizon'):
+  _check_robustness(family)
+  markdown = (tmp_path / 'results.md').read_text()
+  assert markdown.startswith('## tiny')
+  assert 'Robustness:' in markdown and '| 3T | metamd_adaptive | learned (c = ' in markdown
+  for suffix in ('loss_vs_step', 'loss_vs_time', 'beyond_horizon', 'robustness'):
     assert (tmp_path / f'tiny_{suffix}.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def _check_robustness(family):
+  """The robustness section of the tiny run: its documented keys and its summary."""
+  robustness = family['robustness']
+  assert list(robustness) == ['inputs_x2', '3T']  # the shifts, then the long horizon
+  horizon = family['horizon']
+  assert robustness['3T']['num_steps'] == 3 * horizon
+  assert robustness['inputs_x2']['num_steps'] == horizon
+  for check in robustness.values():
+    assert {'description', 'reference', 'adam_retuned_learning_rate', 'seconds',
+            'optimizers'} <= set(check)
+    assert check['reference'] == 'adam_retuned'
+    assert set(check['optimizers']) == {'metamd', 'metamd_adaptive', 'adam', 'adam_retuned'}
+    for name, entry in check['optimizers'].items():
+      assert entry['num_runs'] == 2
+      assert 0 <= entry['diverged'] + entry['above_initial_loss'] <= 2
+      for field in ('learning_rate', 'final_train_loss', 'steps_to_adam_retuned_final_loss',
+                    'reached_fraction', 'test_accuracy'):
+        assert field in entry, (name, field)
+      if name == 'adam':  # as tuned on the meta-train family
+        assert entry['learning_rate'] == family['optimizers'][name]['learning_rate']
+    assert check['optimizers']['adam_retuned']['reached_fraction'] == 1.0
+  assert family['beyond_horizon']['adam_retuned']['learning_rate'] == (
+      robustness['3T']['adam_retuned_learning_rate'])
+  # The summary is the robustness section's count (its arithmetic: test_benchmark_targets).
+  summary = family['robustness_summary']
+  assert summary == benchmark_targets.robustness_summary(
+      robustness, ['metamd', 'metamd_adaptive'], 'adam')
+  for name, prefix in (('metamd', ''), ('metamd_adaptive', 'metamd_adaptive_')):
+    assert summary[name]['checks'] == ['inputs_x2', '3T']
+    assert family['targets'][f'{prefix}no_diverged_runs_where_adam_trains']['value'] == (
+        summary[name]['diverged_runs'])
+    assert family['targets'][f'{prefix}faster_than_adam_retuned_in_0.8_of_checks'][
+        'value'] == summary[name]['faster_fraction']
 
 
 def test_variant_configs():
@@ -117,3 +172,37 @@ def test_variant_configs():
   config.quick = True
   assert benchmark_setup.family_names(config) == tuple(config.quick_family_names)
   assert benchmark_setup.family_config(config, 'digits_mlp').meta.num_meta_steps == 3
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('shifts', ('heldout_text',), 'language-model families only'),
+    ('shifts', 'inputs_x2', 'must be a tuple'),
+    ('quick_shifts', ('inputs_x3',), 'not a shift'),
+    ('quick_shifts', ('inputs_x2', 'inputs_x2'), 'must not repeat'),
+    ('robustness_optimizers', ('metamd', 'adamax'), 'neither a learned variant'),
+])
+def test_bad_robustness_config_values_name_the_field(field, value, message):
+  config = benchmark_config.get_config()
+  with config.ignore_type():
+    config[field] = value
+  with pytest.raises(ValueError, match=rf'config\.{field}\b.*{message}'):
+    benchmark_setup.validate(config)
+
+
+def test_robustness_config():
+  config = benchmark_config.get_config()
+  assert set(config.shifts) == {'inputs_x2', 'inputs_offset', 'inputs_standardised',
+                                'features_permuted', 'batch_quarter', 'batch_x4',
+                                'label_noise'}
+  assert benchmark_setup.shift_names(config) == tuple(config.shifts)
+  config.quick = True
+  assert 1 <= len(benchmark_setup.shift_names(config)) <= 2
+  assert set(config.robustness_optimizers) == {*config.variant_names, 'metamd_adaptive',
+                                               'adam', 'sgd'}
+  # Names not in the run are skipped; the reference always joins.
+  config.robustness_optimizers = ('metamd', 'unrolled', 'sgd')
+  assert benchmark.robustness_names(config, 'adam', {'metamd': 0, 'sgd': 0, 'adam': 0}) == [
+      'metamd', 'sgd', 'adam']
+  config.variant_names = ('metamd', 'metamd_adaptive')
+  with pytest.raises(ValueError, match=r'config\.variant_names names .metamd_adaptive'):
+    benchmark_setup.validate(config)
