@@ -9,7 +9,8 @@ so the library and the other baselines work without them, and
 Each factory takes only the learning rate, like every entry of
 ``experiments.builders.BASELINES``; everything else is the package's recommended default
 unless said otherwise below. The learning rate may be a traced array (the tuning grid is
-vmapped over it): both packages use it only as the factor of the final update.
+vmapped over it, or mapped for :data:`SEQUENTIAL_GRID`): both packages use it only as the
+factor of the final update.
 """
 
 from __future__ import annotations
@@ -27,6 +28,19 @@ PACKAGES = {
     'shampoo': ('precondition.distributed_shampoo', 'precondition-opt'),
 }
 """Baseline name -> ``(module imported, pip distribution)``."""
+
+SEQUENTIAL_GRID = frozenset({'shampoo'})
+"""Baselines whose learning-rate grid is tuned one rate after another (``lax.map``).
+
+``evaluation.tune_learning_rate`` vmaps over the grid's rates and over the tasks. With
+both axes, XLA 0.10's CPU algebraic simplifier aborts the whole process (a ``RET_CHECK``
+shape mismatch between a ``transpose`` and the ``dot`` it folds in, e.g. ``f32[21,2,2,128,
+128]`` vs ``f32[2,21,2,128,128]``) on Shampoo's batched ``128 x 128`` preconditioner
+blocks (the digits MLP); an abort cannot be caught. With one vmapped axis (the tasks; the
+rates in a ``lax.map``, still one compiled program) it compiles, and the scores are those
+of the same protocol. The held-out runs (tasks vmapped) and timed runs (one task) have a
+single axis and are unaffected.
+"""
 
 SHAMPOO_BLOCK_SIZE = 128
 """Shampoo's largest preconditioned block (the package's recommended default).

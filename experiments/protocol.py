@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 from jax.typing import ArrayLike
 
-from experiments import builders, report
+from experiments import builders, kronecker_baselines, report
 from metamd_jax import evaluation
 from metamd_jax.tasks.base import TaskFamily
 from metamd_jax.types import PyTree
@@ -33,6 +33,9 @@ def tune_baselines(names: Sequence[str], eval_config: ml_collections.ConfigDict,
                    family: TaskFamily, task_params: PyTree, num_steps: int
                    ) -> tuple[dict[str, float | None], dict[str, dict[str, float | None]]]:
   """Tune the learning rate of each named baseline (``builders.BASELINES``).
+
+  Each grid is compiled once, its rates vmapped (mapped one after another for the
+  baselines of ``kronecker_baselines.SEQUENTIAL_GRID``, which XLA cannot compile vmapped).
 
   Args:
     names: the baselines.
@@ -51,7 +54,8 @@ def tune_baselines(names: Sequence[str], eval_config: ml_collections.ConfigDict,
     try:
       best, score = evaluation.tune_learning_rate(
           builders.BASELINES[name], eval_config.learning_rates, family, task_params,
-          num_steps, eval_config.window, score='train_loss')
+          num_steps, eval_config.window, score='train_loss',
+          sequential=name in kronecker_baselines.SEQUENTIAL_GRID)
     except evaluation.AllDivergedError as error:  # the baseline is left out of the comparison
       logging.warning('baseline %s: %s', name, error)
       best, score = None, {}

@@ -282,16 +282,22 @@ def tune_learning_rate(
     num_steps: int,
     window: int,
     score: str = 'minibatch',
+    sequential: bool = False,
 ) -> tuple[float, dict[float, float]]:
   """Pick the learning rate with the lowest mean final training loss on ``task_params``.
 
   The learning rate is a traced argument vmapped over the grid (optax optimisers accept
-  array hyperparameters), so the whole grid compiles once. Ties go to the smaller rate.
+  array hyperparameters; ``sequential``: mapped over it), so the whole grid compiles
+  once. Ties go to the smaller rate.
 
   Args:
     score: ``'minibatch'``: the mean of the last ``window`` minibatch losses;
       ``'train_loss'``: the loss of the final parameters on the task's whole training set
       (``task.evaluate(params)['train_loss']``; ``window`` is then unused).
+    sequential: run the grid's learning rates one after another in a ``lax.map`` (still
+      one compiled program, the tasks vmapped within each rate) instead of vmapping over
+      them. The scores are the same; it is for optimisers whose program XLA cannot
+      compile with two vmapped axes (``experiments.kronecker_baselines.SEQUENTIAL_GRID``).
 
   Returns:
     ``(best_learning_rate, {learning_rate: mean final loss})`` (``inf`` if diverged).
@@ -311,7 +317,11 @@ def tune_learning_rate(
       return _train_loss(task)(params)[None]  # a one-entry curve: its own final loss
     return curve
 
-  grid = jax.jit(jax.vmap(jax.vmap(losses, in_axes=(None, 0)), in_axes=(0, None)))
+  per_task = jax.vmap(losses, in_axes=(None, 0))
+  if sequential:
+    grid = jax.jit(lambda rates, tp: jax.lax.map(lambda lr: per_task(lr, tp), rates))
+  else:
+    grid = jax.jit(jax.vmap(per_task, in_axes=(0, None)))
   curves = np.asarray(grid(jnp.asarray(learning_rates, jnp.float32), task_params))
   window = window if score == 'minibatch' else 1
   scores = {float(lr): float(np.mean(final_loss(c, window)))

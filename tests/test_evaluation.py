@@ -73,6 +73,24 @@ def test_tune_learning_rate_on_the_whole_set_loss():
     evaluation.tune_learning_rate(optax.sgd, rates, family, tasks, 20, window=3, score='x')
 
 
+@pytest.mark.parametrize('score', ['minibatch', 'train_loss'])
+def test_tune_learning_rate_sequential_gives_the_vmapped_scores(score):
+  """``sequential=True`` maps over the grid instead of vmapping: same scores, same pick."""
+  family = QuadraticFamily()
+  tasks = meta_train.sample_tasks(family, jax.random.key(0), 0, 2)
+  rates = [1e-3, 0.1, 0.3, 10.0]
+  vmapped = evaluation.tune_learning_rate(optax.adam, rates, family, tasks, 20, window=3,
+                                          score=score)
+  mapped = evaluation.tune_learning_rate(optax.adam, rates, family, tasks, 20, window=3,
+                                         score=score, sequential=True)
+  assert mapped[0] == vmapped[0] and list(mapped[1]) == rates
+  np.testing.assert_allclose([mapped[1][lr] for lr in rates],
+                             [vmapped[1][lr] for lr in rates], rtol=1e-5)
+  with pytest.raises(evaluation.AllDivergedError, match='diverged'):
+    evaluation.tune_learning_rate(optax.sgd, [10.0, 100.0], family, tasks, 20, window=3,
+                                  sequential=True)
+
+
 def _with_full_loss(task):
   """The quadratic task with ``evaluate``: the loss over all of its 32 rows."""
   everything = (jax.numpy.concatenate([task.batch(i)[0] for i in range(4)]),
