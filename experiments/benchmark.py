@@ -86,8 +86,6 @@ from experiments import (  # noqa: E402
 from experiments.benchmark_setup import ADAPTIVE  # noqa: E402
 from metamd_jax import evaluation  # noqa: E402
 from metamd_jax.tasks import ClassificationFamily, LeastSquaresFamily  # noqa: E402
-from metamd_jax.tasks.base import TaskFamily  # noqa: E402
-from metamd_jax.types import PyTree  # noqa: E402
 
 
 def _versus_baselines(run: evaluation.Curves, seconds_per_step, runs: dict, seconds: dict,
@@ -112,47 +110,6 @@ def _versus_baselines(run: evaluation.Curves, seconds_per_step, runs: dict, seco
         'steps_per_task': mine['steps_per_task'],
     }
   return rows
-
-
-def _retuned_check(ev: ml_collections.ConfigDict, description: str,
-                   tuning: tuple[TaskFamily, PyTree], testing: tuple[TaskFamily, PyTree],
-                   num_steps: int, every: int, curves: dict[str, evaluation.Curves],
-                   learning_rates: dict) -> tuple[dict, evaluation.Curves | None]:
-  """A robustness check from runs already made, laid out as ``evaluate_shift``'s result.
-
-  The reference baseline (``ev.reference``) is re-tuned for ``num_steps`` steps on the
-  ``tuning`` tasks (``(family, task_params)``) over ``ev.learning_rates`` and run on the
-  ``testing`` tasks (its runs reused when the rate did not change); every run of
-  ``curves`` (``num_steps`` steps on those tasks, tracked every ``every`` steps) is then
-  measured against its final loss, as :func:`experiments.evaluate.evaluate_shift` does for
-  a shift. ``'seconds'`` counts the re-tuning and the re-tuned runs only.
-
-  Returns:
-    ``(check, runs)``: the check (``evaluate_shift``'s keys and ``'num_steps'``) and the
-    re-tuned reference's runs (``None`` when every learning rate diverged).
-  """
-  started = time.perf_counter()
-  baseline, reference = ev.reference, evaluate.shift_reference(ev.reference)
-  tuned, _ = protocol.tune_baselines((baseline,), ev, *tuning, num_steps)
-  retuned = tuned[baseline]
-  curves, rates = dict(curves), dict(learning_rates)
-  if retuned is not None:
-    rates[reference] = retuned
-    test_family, test_tasks = testing
-    curves[reference] = (
-        curves[baseline] if rates.get(baseline) == retuned and baseline in curves
-        else evaluation.run(builders.BASELINES[baseline](retuned), test_family, test_tasks,
-                            num_steps, track_every=every))
-  target = (evaluation.final_train_loss(curves[reference].train_losses)
-            if retuned is not None else None)
-  # evaluate._outcomes: the diverged / above-initial-loss counts of evaluate_shift.
-  entries = {name: {'learning_rate': rates[name], **evaluate._outcomes(run),
-                    **protocol.summarize(run, target, reference)}
-             for name, run in curves.items()}
-  check = {'description': description, 'reference': reference,
-           f'{reference}_learning_rate': retuned, 'num_steps': num_steps,
-           'seconds': time.perf_counter() - started, 'optimizers': entries}
-  return check, curves.get(reference)
 
 
 def robustness_names(config: ml_collections.ConfigDict, reference: str,
@@ -262,7 +219,7 @@ def benchmark_family(config: ml_collections.ConfigDict, name: str, workdir: path
     robustness[shift]['num_steps'] = horizon
   if robust and multiplier > 1:
     every = next(iter(long_curves.values())).every
-    check, retuned_curves = _retuned_check(
+    check, retuned_curves = protocol.against_retuned(
         ev, f'{multiplier} times the horizon ({multiplier * horizon} steps; the beyond-horizon '
         f'runs, the whole-set loss every {every} steps; {ev.reference} re-tuned for '
         f'{multiplier * horizon} steps)', (train_family, tune_tasks), (test_family, test_tasks),
@@ -280,7 +237,7 @@ def benchmark_family(config: ml_collections.ConfigDict, name: str, workdir: path
     result['heldout_dataset'] = benchmark_runs.heldout_report(family_cfg, heldout,
                                                               heldout_curves, reference)
     if robust:
-      robustness['heldout_dataset'], _ = _retuned_check(
+      robustness['heldout_dataset'], _ = protocol.against_retuned(
           ev, f'the held-out dataset {heldout.train.name} / {heldout.test.name} (never seen in '
           f'meta-training; {ev.reference} re-tuned on its tuning tasks)',
           (heldout, evaluation.tuning_tasks(heldout, family_cfg.seed, ev.num_tune_tasks)),

@@ -108,7 +108,7 @@ def robustness_summary(robustness: dict, learned, baseline: str) -> dict:
   checks = list(robustness)
   trained = [c for c in checks
              if robustness[c]['optimizers'].get(baseline, {}).get('diverged', 1) == 0]
-  # The re-tuned baseline's name (evaluate.shift_reference: '<baseline>_retuned').
+  # The re-tuned baseline's name (protocol.retuned_reference: '<baseline>_retuned').
   reference_name = (robustness[checks[0]]['reference'] if checks else f'{baseline}_retuned')
   summary = {}
   for name in learned:

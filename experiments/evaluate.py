@@ -15,7 +15,6 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 
@@ -26,11 +25,6 @@ from metamd_jax import adaptive as adaptive_lib
 from metamd_jax import evaluation, parallel
 from metamd_jax.tasks.base import TaskFamily
 from metamd_jax.types import PyTree
-
-
-def shift_reference(reference: str) -> str:
-  """The reference of every shift: ``reference`` with its learning rate re-tuned there."""
-  return f'{reference}_retuned'
 
 
 def calibrate(config: ml_collections.ConfigDict, divergence: PyTree, family: TaskFamily,
@@ -59,15 +53,6 @@ def calibrate(config: ml_collections.ConfigDict, divergence: PyTree, family: Tas
           'num_calibration_tasks': ev.num_tune_tasks, 'num_steps': ev.num_steps}
 
 
-def _outcomes(curves: evaluation.Curves) -> dict:
-  """How many runs diverged (a non-finite whole-set loss) or ended above their start."""
-  losses = np.asarray(curves.train_losses, np.float64)
-  diverged = ~np.all(np.isfinite(losses), axis=-1)
-  above = ~diverged & (losses[:, -1] > losses[:, 0])
-  return {'diverged': int(diverged.sum()), 'above_initial_loss': int(above.sum()),
-          'num_runs': int(losses.shape[0])}
-
-
 def evaluate_shift(config: ml_collections.ConfigDict, shift: str,
                    families: tuple[TaskFamily, TaskFamily],
                    optimizers: dict[str, optax.GradientTransformation],
@@ -75,9 +60,10 @@ def evaluate_shift(config: ml_collections.ConfigDict, shift: str,
   """The held-out tasks under one change, every optimiser as it is.
 
   The reference baseline (``eval.reference``, Adam by default), re-tuned on the shifted
-  tuning tasks over the same grid, is the shift's reference (:func:`shift_reference`,
-  e.g. ``'adam_retuned'``); the other optimisers keep the learned divergence, the
-  learning rates tuned on the meta-train family and the reference norm calibrated there.
+  tuning tasks over the same grid, is the shift's reference
+  (:func:`experiments.protocol.against_retuned`, e.g. ``'adam_retuned'``); the other
+  optimisers keep the learned divergence, the learning rates tuned on the meta-train
+  family and the reference norm calibrated there.
 
   Args:
     config: the experiment config.
@@ -87,7 +73,7 @@ def evaluate_shift(config: ml_collections.ConfigDict, shift: str,
     learning_rates: their learning rates (``None``: learned).
 
   Returns:
-    ``{'description', 'reference', '<reference>_learning_rate', 'seconds',
+    ``{'description', 'reference', '<reference>_learning_rate', 'num_steps', 'seconds',
     'optimizers': {name: {'learning_rate', 'diverged', 'above_initial_loss', 'num_runs',
     'final_train_loss', 'steps_to_<reference>_final_loss', 'reached_fraction',
     <metrics>}}}`` with ``<reference>`` e.g. ``adam_retuned`` (no steps when every
@@ -95,34 +81,20 @@ def evaluate_shift(config: ml_collections.ConfigDict, shift: str,
   """
   start = time.perf_counter()
   ev = config.eval
-  baseline, reference = ev.reference, shift_reference(ev.reference)
   meta_train_family, meta_test_family = families
   train_family = builders.shifted_family(config, meta_train_family, shift, 'meta_train')
   test_family = (train_family if meta_test_family is meta_train_family
                  else builders.shifted_family(config, meta_test_family, shift, 'meta_test'))
   tune_tasks = evaluation.tuning_tasks(train_family, config.seed, ev.num_tune_tasks)
   test_tasks = evaluation.held_out_tasks(test_family, config.seed, ev.num_tasks)
-  tuned, _ = protocol.tune_baselines((baseline,), ev, train_family, tune_tasks, ev.num_steps)
-  retuned = tuned[baseline]
-  rates = dict(learning_rates)
   curves = {name: evaluation.run(optimizer, test_family, test_tasks, ev.num_steps,
                                  track_every=ev.track_every)
             for name, optimizer in optimizers.items()}
-  if retuned is not None:
-    rates[reference] = retuned
-    # The same rate as in distribution: the same runs (one compilation less).
-    curves[reference] = (
-        curves[baseline] if learning_rates.get(baseline) == retuned and baseline in curves
-        else evaluation.run(builders.BASELINES[baseline](retuned), test_family, test_tasks,
-                            ev.num_steps, track_every=ev.track_every))
-  target = (evaluation.final_train_loss(curves[reference].train_losses)
-            if retuned is not None else None)
-  entries = {name: {'learning_rate': rates[name], **_outcomes(run),
-                    **protocol.summarize(run, target, reference)}
-             for name, run in curves.items()}
-  return {'description': builders.SHIFTS[shift], 'reference': reference,
-          f'{reference}_learning_rate': retuned, 'seconds': time.perf_counter() - start,
-          'optimizers': entries}
+  check, _ = protocol.against_retuned(ev, builders.SHIFTS[shift], (train_family, tune_tasks),
+                                      (test_family, test_tasks), ev.num_steps,
+                                      ev.track_every, curves, learning_rates)
+  check['seconds'] = time.perf_counter() - start  # the runs too
+  return check
 
 
 def _seconds_per_step(optimizer: optax.GradientTransformation, family: TaskFamily,

@@ -16,6 +16,7 @@ way:
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 
 import ml_collections
@@ -119,3 +120,63 @@ def curves_summary(curves: evaluation.Curves) -> dict:
   mean, std = evaluation.curve_stats(curves.train_losses)
   return {'mean_curve': report.json_safe(mean.tolist()),
           'std_curve': report.json_safe(std.tolist()), 'curve_every': curves.every}
+
+
+def outcomes(curves: evaluation.Curves) -> dict:
+  """How many runs diverged (a non-finite whole-set loss) or ended above their start."""
+  losses = np.asarray(curves.train_losses, np.float64)
+  diverged = ~np.all(np.isfinite(losses), axis=-1)
+  above = ~diverged & (losses[:, -1] > losses[:, 0])
+  return {'diverged': int(diverged.sum()), 'above_initial_loss': int(above.sum()),
+          'num_runs': int(losses.shape[0])}
+
+
+def retuned_reference(reference: str) -> str:
+  """The name of ``reference`` with its learning rate re-tuned under a change."""
+  return f'{reference}_retuned'
+
+
+def against_retuned(eval_config: ml_collections.ConfigDict, description: str,
+                    tuning: tuple[TaskFamily, PyTree], testing: tuple[TaskFamily, PyTree],
+                    num_steps: int, every: int, curves: dict[str, evaluation.Curves],
+                    learning_rates: dict) -> tuple[dict, evaluation.Curves | None]:
+  """Runs under a change, measured against the reference baseline re-tuned there.
+
+  The reference (``eval_config.reference``) is re-tuned for ``num_steps`` steps on the
+  ``tuning`` tasks (``(family, task_params)``) over ``eval_config.learning_rates`` and
+  run on the ``testing`` tasks (its runs in ``curves`` reused when the rate did not
+  change); every run of ``curves`` (``num_steps`` steps on those tasks, tracked every
+  ``every`` steps) is then measured against the re-tuned reference's final loss
+  (:func:`retuned_reference` names it, e.g. ``'adam_retuned'``).
+
+  Returns:
+    ``(check, runs)``: ``check`` is ``{'description', 'reference',
+    '<reference>_learning_rate', 'num_steps', 'seconds' (the re-tuning and re-tuned runs),
+    'optimizers': {name: {'learning_rate', 'diverged', 'above_initial_loss', 'num_runs',
+    'final_train_loss', 'steps_to_<reference>_final_loss', 'reached_fraction',
+    <metrics>}}}`` (no steps when every re-tuned learning rate diverged); ``runs`` the
+    re-tuned reference's runs (``None`` then).
+  """
+  started = time.perf_counter()
+  baseline = eval_config.reference
+  reference = retuned_reference(baseline)
+  tuned, _ = tune_baselines((baseline,), eval_config, *tuning, num_steps)
+  retuned = tuned[baseline]
+  curves, rates = dict(curves), dict(learning_rates)
+  if retuned is not None:
+    rates[reference] = retuned
+    test_family, test_tasks = testing
+    # The same rate as in distribution: the same runs (one compilation less).
+    curves[reference] = (
+        curves[baseline] if rates.get(baseline) == retuned and baseline in curves
+        else evaluation.run(builders.BASELINES[baseline](retuned), test_family, test_tasks,
+                            num_steps, track_every=every))
+  target = (evaluation.final_train_loss(curves[reference].train_losses)
+            if retuned is not None else None)
+  entries = {name: {'learning_rate': rates[name], **outcomes(run),
+                    **summarize(run, target, reference)}
+             for name, run in curves.items()}
+  check = {'description': description, 'reference': reference,
+           f'{reference}_learning_rate': retuned, 'num_steps': num_steps,
+           'seconds': time.perf_counter() - started, 'optimizers': entries}
+  return check, curves.get(reference)
