@@ -321,7 +321,7 @@ def _stream(divergence, iterates, grads, scales, adjoint, meta_gradient=True):
 
 
 @pytest.mark.parametrize('options', STRUCTURES)
-@pytest.mark.parametrize('adjoint', bound.ADJOINTS)
+@pytest.mark.parametrize('adjoint', ('implicit', 'statistics'))  # 'auto' is one of these
 def test_streamed_adaptive_bound_equals_dense_matrices(x64, options, adjoint):
   divergence = _divergence(options, seed=7, dtype=jnp.float64)
   scales = _scales(5, seed=7)
@@ -339,7 +339,7 @@ def test_streamed_adaptive_bound_equals_dense_matrices(x64, options, adjoint):
 
 
 @pytest.mark.parametrize('options', STRUCTURES)
-@pytest.mark.parametrize('adjoint', bound.ADJOINTS)
+@pytest.mark.parametrize('adjoint', ('implicit', 'statistics'))  # 'auto' is one of these
 def test_streamed_meta_gradient_equals_plain_autodiff(x64, options, adjoint):
   divergence = _divergence(options, seed=8, dtype=jnp.float64)
   scales = _scales(5, seed=8)
@@ -423,7 +423,7 @@ def test_rollout_takes_the_steps_of_the_transform(x64, dtype):
   assert np.any(np.diff(result.scales) > 0)
 
 
-@pytest.mark.parametrize('adjoint', bound.ADJOINTS)
+@pytest.mark.parametrize('adjoint', ('implicit', 'statistics'))  # 'auto' is one of these
 def test_rollout_meta_gradient_equals_the_stored_bound(x64, adjoint):
   task, divergence = _task_setup()
   streamed = inner_loop.adaptive_rollout(divergence, task, 8, 0.2, meta_gradient=True,

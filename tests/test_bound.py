@@ -149,7 +149,7 @@ def test_regret_bound_rejects_a_trajectory_of_the_wrong_length(x64):
 
 
 @pytest.mark.parametrize('options', STRUCTURES)
-@pytest.mark.parametrize('adjoint', bound.ADJOINTS)
+@pytest.mark.parametrize('adjoint', ('implicit', 'statistics'))  # 'auto' is one of these
 def test_streamed_sums_equal_the_stored_bound(x64, options, adjoint):
   divergence = _divergence(options, seed=5)
   params_seq, grads_seq, grads = _trajectory(divergence, 4)

@@ -31,6 +31,7 @@ def test_adaptive_row_with_a_huge_reference_is_metamd(setup, tmp_path, monkeypat
                       lambda _: (meta_train_family, meta_test_family))  # loaded once
   config.eval.baselines = ()
   config.eval.shifts = ()
+  config.eval.time_steps, config.eval.horizon_multiplier = True, 2
   calls = []
 
   def reference(div, family, task_params, num_steps, *, quantile, decay):
@@ -56,9 +57,20 @@ def test_adaptive_row_with_a_huge_reference_is_metamd(setup, tmp_path, monkeypat
   np.testing.assert_allclose(adaptive_row['final_train_loss'], metamd['final_train_loss'],
                              rtol=1e-5)
   assert adaptive_row['reference_norm'] == 1e30
+  # Timed steps and the long horizon (eval.time_steps, eval.horizon_multiplier).
+  for entry in (metamd, adaptive_row):
+    assert entry['seconds_per_step'] > 0
+    assert 'seconds_to_metamd_final_loss' in entry
+  long = results['long_horizon']
+  assert set(long) == {'metamd', 'metamd_adaptive'}
+  assert long['metamd']['steps'] == 2 * config.eval.num_steps
+  np.testing.assert_allclose(long['metamd']['loss_at_T'], metamd['final_train_loss'],
+                             rtol=1e-5)
   written = json.loads((tmp_path / 'results.json').read_text())
   assert written['adaptive']['reference_norm'] == 1e30
-  assert '| metamd_adaptive | learned (c = 1e+30) |' in (tmp_path / 'results.md').read_text()
+  table = (tmp_path / 'results.md').read_text()
+  assert '| metamd_adaptive | learned (c = 1e+30) |' in table
+  assert 'Beyond the horizon: 2T' in table and 'ms per step' in table
 
 
 def test_calibration_failure_leaves_the_adaptive_row_out(setup, monkeypatch):
@@ -187,8 +199,10 @@ def _tiny_language_model_config():
   task.batch_size, task.slice_size, task.eval_windows, task.test_windows = 4, 2048, 4, 4
   meta.horizon, meta.num_meta_steps, meta.checkpoint_every = 4, 2, 2
   ev.num_steps, ev.track_every, ev.num_tasks, ev.num_tune_tasks = 10, 5, 2, 1
-  ev.baselines, ev.learning_rates, ev.horizon_multiplier = ('adamw',), (1e-2, 1e-1), 2
-  ev.adaptive = False  # its row is tested on the tiny classification config
+  ev.baselines, ev.learning_rates = ('adamw',), (1e-2, 1e-1)
+  # Tested on the tiny classification config (cheaper to compile): the adaptive row, timed
+  # steps and the long horizon.
+  ev.adaptive, ev.time_steps, ev.horizon_multiplier = False, False, 0
   return config
 
 
@@ -234,17 +248,16 @@ def test_heldout_text_is_for_language_models_only():
     builders.validate_config(config)
 
 
-def test_language_model_main_job_end_to_end(tmp_path):
-  from experiments import meta_train
-
+def test_language_model_evaluation_end_to_end(tmp_path):
+  # The divergence as meta-training starts it (the transformer's meta-gradient is covered
+  # by tests/test_scripts.py and meta-training by the classification pipeline tests).
   config = _tiny_language_model_config()
-  meta_train.meta_train(config, tmp_path, progress=False)
-  results = evaluate.evaluate(config, tmp_path)
+  family, _ = builders.build_families(config)
+  results = evaluate.evaluate(config, tmp_path, builders.build_divergence(config, family))
   assert results['reference'] == 'adamw'
   assert set(results['optimizers']) == {'metamd', 'adamw'}
-  for name, entry in results['optimizers'].items():
-    assert entry['seconds_per_step'] > 0, name
-    assert 'seconds_to_adamw_final_loss' in entry and 'test_bits_per_byte' in entry
+  for entry in results['optimizers'].values():
+    assert 'test_bits_per_byte' in entry
     assert entry['curve_every'] == 5 and len(entry['mean_curve']) == 3
   adamw = results['optimizers']['adamw']
   # The reference reaches its own final loss; bits per byte are nats / ln 2.
@@ -255,11 +268,8 @@ def test_language_model_main_job_end_to_end(tmp_path):
   assert shift['reference'] == 'adamw_retuned'
   assert shift['adamw_retuned_learning_rate'] in config.eval.learning_rates
   assert set(shift['optimizers']) == {'metamd', 'adamw', 'adamw_retuned'}
-  long = results['long_horizon']
-  assert set(long) == {'metamd', 'adamw'} and long['metamd']['steps'] == 20
   table = (tmp_path / 'results.md').read_text()
-  assert 'test bits per byte' in table and 'Beyond the horizon: 2T = 20 steps' in table
-  assert 'steps to adamw_retuned final loss' in table
+  assert 'test bits per byte' in table and 'steps to adamw_retuned final loss' in table
   assert (tmp_path / 'loss_curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 

@@ -111,7 +111,8 @@ def test_readme_meta_training_example_resumes_after_sigkill(tmp_path):
 def test_public_api_covers_what_the_readme_uses():
   text = README.read_text()
   used = set(re.findall(r'metamd_jax\.([A-Za-z_]\w*)', text))
-  modules = {'meta_train', 'evaluation', 'tasks', 'parallel', 'artifact', 'divergence'}
+  modules = {'meta_train', 'evaluation', 'tasks', 'parallel', 'artifact', 'divergence',
+             'models', 'text'}
   missing = sorted(n for n in used - modules if n not in metamd_jax.__all__)
   assert not missing, f'README uses metamd_jax.{missing} outside __all__'
   used_from_meta_train = set(re.findall(r'meta_train\.([A-Za-z_]\w*)', text))
