@@ -310,6 +310,19 @@ def _standardise(family: ClassificationFamily):
   return lambda data: ((data - mean) / std).astype(np.float32)
 
 
+def applicable_shifts(family: TaskFamily, shifts) -> tuple[str, ...]:
+  """The names of ``shifts`` that :func:`shifted_family` can apply to ``family``.
+
+  Classification families take every shift but ``'heldout_text'``, language models
+  :data:`LANGUAGE_MODEL_SHIFTS`, other families (the convex ones) none.
+  """
+  if isinstance(family, LanguageModelFamily):
+    return tuple(s for s in shifts if s in LANGUAGE_MODEL_SHIFTS)
+  if isinstance(family, ClassificationFamily):
+    return tuple(s for s in shifts if s != 'heldout_text')
+  return ()
+
+
 def _shifted_language_model(config: ml_collections.ConfigDict, family: LanguageModelFamily,
                             shift: str, role: str) -> LanguageModelFamily:
   if shift == 'heldout_text':  # tasks on the held-out text; its test region for metrics

@@ -113,8 +113,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   ``eval.adaptive`` adaptive MetaMD (``'metamd_adaptive'``) joins, its reference norm
   calibrated on the same tuning tasks (:func:`calibrate`). Every optimiser then trains
   the held-out tasks (:func:`metamd_jax.evaluation.held_out_tasks`) for
-  ``eval.num_steps`` steps. For a classification family each of ``eval.shifts`` repeats
-  the held-out runs under that change (:func:`evaluate_shift`).
+  ``eval.num_steps`` steps. Each of ``eval.shifts`` that applies to the family
+  (:func:`experiments.builders.applicable_shifts`: none for the convex families) repeats
+  the held-out runs under that change (:func:`evaluate_shift`); with
+  ``eval.horizon_multiplier > 1`` the learned optimisers and the reference also run that
+  many times ``T`` (``'long_horizon'``).
 
   Args:
     config: the experiment config.
@@ -126,10 +129,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     The results dictionary written to ``results.json``: ``{'reference', 'num_steps',
     'num_tasks', 'optimizers': {name: {'learning_rate', 'final_train_loss',
     'steps_to_<reference>_final_loss', 'reached_fraction', 'final_minibatch_loss',
-    <metrics>, 'mean_curve'}}, 'adaptive': calibrate(...) or None, 'shifts': {shift:
-    evaluate_shift(...)}}``, statistics as ``[mean, std]`` over the held-out tasks
-    (``None`` where no task has a finite value); the ``metamd_adaptive`` entry also has
-    ``'reference_norm'``.
+    <metrics>, 'mean_curve', 'std_curve', 'curve_every', 'seconds_per_step' (with
+    ``eval.time_steps``)}}, 'adaptive': calibrate(...) or None, 'shifts': {shift:
+    evaluate_shift(...)}, 'long_horizon': {name: ...}}``, statistics as ``[mean, std]``
+    over the held-out tasks (``None`` where no task has a finite value); the
+    ``metamd_adaptive`` entry also has ``'reference_norm'``.
   """
   builders.validate_config(config)
   workdir = pathlib.Path(workdir)
@@ -176,7 +180,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     results['optimizers'][name] = entry
   if 'metamd_adaptive' in results['optimizers']:
     results['optimizers']['metamd_adaptive']['reference_norm'] = adaptive['reference_norm']
-  for shift in ev.shifts:
+  shifts = builders.applicable_shifts(meta_train_family, ev.shifts)
+  if len(shifts) < len(ev.shifts):
+    logging.info('eval.shifts %s skipped: they do not apply to this family.',
+                 sorted(set(ev.shifts) - set(shifts)))
+  for shift in shifts:
     results['shifts'][shift] = evaluate_shift(
         config, shift, (meta_train_family, meta_test_family), optimizers, learning_rates)
   if ev.horizon_multiplier > 1:  # the learned optimisers and the reference, far beyond T

@@ -287,3 +287,18 @@ def test_language_model_on_a_user_text_file(tmp_path):
   assert meta_train_family.train.tokens.tobytes() == corpus[:20_000]
   assert meta_test_family.train.tokens.tobytes() == corpus[20_000:22_500]
   assert meta_train_family.test.tokens.tobytes() == corpus[22_500:]
+
+
+def test_shifts_apply_by_family_kind(setup):
+  from configs import least_squares
+
+  config, family, _, _ = setup
+  every = tuple(builders.SHIFTS)
+  assert builders.applicable_shifts(family, every) == tuple(
+      s for s in every if s != 'heldout_text')
+  lm_family, _ = builders.build_families(_tiny_language_model_config())
+  assert builders.applicable_shifts(lm_family, every) == builders.LANGUAGE_MODEL_SHIFTS
+  convex_config = least_squares.get_config()
+  builders.validate_config(convex_config)  # inherits the default's image shifts
+  convex_family, _ = builders.build_families(convex_config)
+  assert builders.applicable_shifts(convex_family, convex_config.eval.shifts) == ()
