@@ -30,10 +30,8 @@ import pathlib
 
 os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -87,20 +85,17 @@ def validation_run(optimizer, family: TaskFamily, task_params: PyTree, num_steps
   for a classification family, ``'validation_accuracy'`` among the metrics: accuracy on
   the training-pool examples outside each task's subset.
   """
-  curves = evaluation.run(optimizer, family, task_params, num_steps, track_every=1)
   if not isinstance(family, ClassificationFamily) or family.subset_size == len(family.train):
-    return curves
+    return evaluation.run(optimizer, family, task_params, num_steps, track_every=1)
   x, y = jnp.asarray(family.train.x), jnp.asarray(family.train.y)
 
-  def accuracy(tp):
-    params, _ = evaluation.train(optimizer, family.task(tp), num_steps)
+  def validation_accuracy(tp, params):
     correct = jnp.argmax(family.logits(params, x), axis=-1) == y
     outside = jnp.ones(len(y), bool).at[tp['subset']].set(False)
-    return jnp.sum(correct & outside) / jnp.sum(outside)
+    return {'validation_accuracy': jnp.sum(correct & outside) / jnp.sum(outside)}
 
-  metrics = dict(curves.metrics, validation_accuracy=np.asarray(
-      jax.jit(jax.vmap(accuracy))(task_params)))
-  return curves._replace(metrics=metrics)
+  return evaluation.run(optimizer, family, task_params, num_steps, track_every=1,
+                        extra_metrics=validation_accuracy)
 
 
 def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, field: str,

@@ -178,11 +178,14 @@ def train_tracked(optimizer: optax.GradientTransformation, task: Task, num_steps
 
 
 def run(optimizer: optax.GradientTransformation, family: TaskFamily, task_params: PyTree,
-        num_steps: int, track_every: int = 0) -> Curves:
+        num_steps: int, track_every: int = 0,
+        extra_metrics: Callable[[PyTree, PyTree], dict] | None = None) -> Curves:
   """Train every task of ``task_params`` (stacked) with ``optimizer``; evaluate each.
 
   With ``track_every >= 1`` the whole-training-set loss is recorded every ``track_every``
-  steps (:func:`train_tracked`) into ``Curves.train_losses``.
+  steps (:func:`train_tracked`) into ``Curves.train_losses``. ``extra_metrics``, a
+  traceable ``(task_params, final_params) -> {name: scalar}`` of one task, adds metrics
+  next to ``task.evaluate``'s, computed in the same compiled program.
   """
 
   def one(tp):
@@ -191,7 +194,9 @@ def run(optimizer: optax.GradientTransformation, family: TaskFamily, task_params
       params, losses, tracked = train_tracked(optimizer, task, num_steps, track_every)
     else:
       (params, losses), tracked = train(optimizer, task, num_steps), None
-    metrics = task.evaluate(params) if task.evaluate is not None else {}
+    metrics = dict(task.evaluate(params)) if task.evaluate is not None else {}
+    if extra_metrics is not None:
+      metrics.update(extra_metrics(tp, params))
     return losses, metrics, tracked
 
   if track_every:
