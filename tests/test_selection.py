@@ -11,8 +11,7 @@ from metamd_jax import evaluation
 
 
 def test_compare_reports_initial_best_and_last(tmp_path):
-  config = tiny.get_config()
-  config.meta.horizon = 10  # a multiple of the 10 T tracking interval
+  config = tiny.get_config()  # the meta-step of the tiny pipeline test: compiled once
   result = selection.compare(config, tmp_path)
   assert set(result['optimizers']) == {'adam', 'initial', 'best', 'last'}
   assert result['num_meta_steps'] == config.meta.num_meta_steps
