@@ -11,7 +11,7 @@ def get_config():
   config.task.subset_size = 1000
   # Meta learning rate 0.1 collapsed meta-training on this family (experiments/RESULTS.md).
   config.meta.learning_rate = 0.03
-  # Chosen on validation tasks over 1e-3 ... 0.3 (experiments/RESULTS.md section 9):
+  # Chosen on validation tasks over 1e-3 ... 0.3 (experiments/RESULTS.md section 10):
   #   python -m experiments.sweep --config configs/digits_mlp.py --field=meta.eps ...
   config.meta.eps = 1e-3
   return config
