@@ -86,6 +86,9 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.adaptive = True  # also evaluate adaptive MetaMD (row 'metamd_adaptive')
   evaluation.adaptive_decay = 0.9  # moving average of ||g||^2 in the learned geometry, [0, 1)
   evaluation.adaptive_quantile = 1.0  # in (0, 1]; 1: never adapts on a calibration task
+  # One scale and one calibrated level per parameter leaf (a change that raises one layer's
+  # gradients, e.g. rescaled inputs, shortens that layer's steps only); False: one scale.
+  evaluation.adaptive_per_leaf = False
   # Everyday changes (classification families only; () disables): the held-out tasks again
   # with every optimiser as it is (learned metric, tuned learning rates, calibrated c),
   # against Adam re-tuned on each change. Each costs one Adam tuning and one run per

@@ -156,9 +156,9 @@ def benchmark_family(config: ml_collections.ConfigDict, name: str, workdir: path
   adaptive = None
   if 'metamd' in learned and ev.adaptive:
     adaptive = evaluate.calibrate(family_cfg, learned['metamd'], train_family, tune_tasks)
-    if adaptive['reference_norm'] is not None:
-      optimizers[ADAPTIVE] = metamd_jax.adaptive_metamd(
-          learned['metamd'], adaptive['reference_norm'], decay=ev.adaptive_decay)
+    if (adaptive_metamd := evaluate.adaptive_optimizer(family_cfg, learned['metamd'],
+                                                        adaptive)) is not None:
+      optimizers[ADAPTIVE] = adaptive_metamd
   learned_names = list(optimizers)  # the learned variants, then adaptive MetaMD
   optimizers.update({b: builders.BASELINES[b](lr) for b, lr in learning_rates.items()
                      if lr is not None})

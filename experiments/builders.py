@@ -175,6 +175,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   decay = evaluation.adaptive_decay
   if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
     _fail('eval.adaptive_decay', decay, 'must be a number in [0, 1)')
+  if not isinstance(evaluation.adaptive_per_leaf, bool):
+    _fail('eval.adaptive_per_leaf', evaluation.adaptive_per_leaf, 'must be True or False')
   quantile = evaluation.adaptive_quantile
   if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) \
       or not 0 < quantile <= 1:

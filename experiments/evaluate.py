@@ -36,21 +36,34 @@ def calibrate(config: ml_collections.ConfigDict, divergence: PyTree, family: Tas
   never the held-out tasks) over ``eval.num_steps`` steps.
 
   Returns:
-    ``{'reference_norm', 'decay', 'quantile', 'calibration_tasks', 'num_steps'}``;
-    ``reference_norm`` is ``None`` (logged as a warning) when the frozen divergence
-    diverges on a calibration task, and adaptive MetaMD is then left out.
+    ``{'reference_norm', 'decay', 'quantile', 'per_leaf', 'calibration_tasks',
+    'num_steps'}``; ``reference_norm`` is one level, or one per parameter leaf with
+    ``eval.adaptive_per_leaf``, and ``None`` (logged as a warning) when the frozen
+    divergence diverges on a calibration task: adaptive MetaMD is then left out.
   """
   ev = config.eval
   try:
     reference = adaptive_lib.reference_gradient_norm(
         divergence, family, tune_tasks, ev.num_steps, quantile=ev.adaptive_quantile,
-        decay=ev.adaptive_decay)
+        decay=ev.adaptive_decay, per_leaf=ev.adaptive_per_leaf)
   except ValueError as error:
     logging.warning('adaptive MetaMD left out: %s', error)
     reference = None
   return {'reference_norm': reference, 'decay': ev.adaptive_decay,
-          'quantile': ev.adaptive_quantile, 'calibration_tasks': 'meta-train tuning tasks',
+          'quantile': ev.adaptive_quantile, 'per_leaf': ev.adaptive_per_leaf,
+          'calibration_tasks': 'meta-train tuning tasks',
           'num_calibration_tasks': ev.num_tune_tasks, 'num_steps': ev.num_steps}
+
+
+def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
+                       adaptive: dict | None):
+  """Adaptive MetaMD with the levels of :func:`calibrate`; ``None`` when calibration
+  failed or is off."""
+  if adaptive is None or adaptive['reference_norm'] is None:
+    return None
+  return metamd_jax.adaptive_metamd(divergence, adaptive['reference_norm'],
+                                    decay=config.eval.adaptive_decay,
+                                    per_leaf=config.eval.adaptive_per_leaf)
 
 
 def evaluate_shift(config: ml_collections.ConfigDict, shift: str,
@@ -151,9 +164,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   adaptive = (calibrate(config, divergence, meta_train_family, tune_tasks) if ev.adaptive
               else None)
   optimizers = {'metamd': metamd_jax.metamd(divergence)}
-  if adaptive is not None and adaptive['reference_norm'] is not None:
-    optimizers['metamd_adaptive'] = metamd_jax.adaptive_metamd(
-        divergence, adaptive['reference_norm'], decay=ev.adaptive_decay)
+  if (adaptive_metamd := adaptive_optimizer(config, divergence, adaptive)) is not None:
+    optimizers['metamd_adaptive'] = adaptive_metamd
   learning_rates = {name: None for name in optimizers}
   for name, lr in tuned.items():
     if lr is not None:

@@ -98,7 +98,13 @@ def number_text(value) -> str:
 def _learning_rate_text(learning_rate, reference_norm=None) -> str:
   if learning_rate is not None:
     return f'{learning_rate:g}'
-  return 'learned' if reference_norm is None else f'learned (c = {reference_norm:.3g})'
+  if reference_norm is None:
+    return 'learned'
+  if isinstance(reference_norm, (list, tuple)):  # one level per leaf
+    finite = [c for c in reference_norm if c is not None and math.isfinite(c)]
+    span = f'{min(finite):.3g} to {max(finite):.3g}' if finite else 'none finite'
+    return f'learned (c per leaf: {span})'
+  return f'learned (c = {reference_norm:.3g})'
 
 
 # ---------------------------------------------------------------------------

@@ -27,9 +27,17 @@ as in distribution (calibrate it on meta-training tasks with
 curvature, another input scale, or the growing oscillation that precedes divergence)
 the step shrinks. Since ``s_t`` never decreases, ``M_t`` only grows.
 
-One scale for the whole model (the literal ``M_t = s_t M``), not one per leaf: the
-relative step sizes of the layers are part of what was meta-learned, and a per-leaf
-normalisation would override them with a balance that meta-training never saw.
+By default one scale for the whole model (the literal ``M_t = s_t M``): the relative
+step sizes of the layers are part of what was meta-learned. With ``per_leaf=True`` each
+leaf (layer kernel, bias) ``l`` has its own scale ``s^l_t`` and its own level ``c^l``
+(calibrated per leaf by ``reference_gradient_norm(..., per_leaf=True)``), so in
+distribution every ``s^l_t = 1`` and the learned balance is kept, while a change that
+raises the gradients of one layer only (rescaled or offset inputs reach the first layer's
+gradient ``x delta^T``) shortens that layer's steps and leaves the others at their
+learned length. The metric is then block diagonal, ``M_t = diag_l(s^l_t M^l)``, still
+non-decreasing, and the bound below holds block by block:
+``Regret_T <= 1/2 sum_l s^l_T D_l^2 + 1/2 sum_t ||g_t||^2_{M^{-1}}`` with ``D_l`` the
+comparator distance of leaf ``l`` in ``M^l``.
 
 The guarantee. For convex losses ``f_t``, any comparator ``u``, and any scales with
 ``s_t >= 1`` non-decreasing (which the rule above ensures), adaptive mirror descent with
@@ -87,6 +95,7 @@ __all__ = [
     'adaptive_metamd',
     'check_decay',
     'check_reference_norm',
+    'check_reference_norms',
     'direction_and_squared_norm',
     'gradient_levels',
     'reference_gradient_norm',
@@ -131,6 +140,39 @@ def check_reference_norm(reference_norm: Any) -> float | Array | None:
         f'reference_norm must be positive and finite (or None / inf: never adapt), got '
         f'{reference_norm!r}; calibrate it with reference_gradient_norm.')
   return reference_norm
+
+
+def check_reference_norms(reference_norm: Any) -> float | np.ndarray | Array | None:
+  """Validate the levels of a per-leaf scale: one number (every leaf) or one per leaf.
+
+  A sequence or 1-D array holds one level per leaf, in ``jax.tree.leaves`` order of the
+  parameters (what ``reference_gradient_norm(..., per_leaf=True)`` returns); ``inf``
+  entries never adapt their leaf. A single number is checked by
+  :func:`check_reference_norm` and applies to every leaf. Traced arrays are returned as
+  they are.
+
+  Raises:
+    TypeError: if an entry is not a real number.
+    ValueError: if the array is not 1-D and non-empty, or an entry is zero, negative or
+      NaN.
+  """
+  if reference_norm is None or np.ndim(reference_norm) == 0:
+    return check_reference_norm(reference_norm)
+  if isinstance(reference_norm, jax.core.Tracer):
+    return reference_norm
+  try:
+    values = np.asarray(reference_norm, np.float64)
+  except (TypeError, ValueError) as error:
+    raise TypeError('reference_norm must hold one positive float per leaf, got '
+                    f'{reference_norm!r}.') from error
+  if values.ndim != 1 or values.size == 0:
+    raise ValueError('reference_norm must be a number or a non-empty 1-D sequence (one '
+                     f'level per leaf), got shape {values.shape}.')
+  bad = [i for i, v in enumerate(values) if not v > 0]  # NaN, zero and negatives
+  if bad:
+    raise ValueError(f'reference_norm entries {bad} are not positive (NaN, zero or '
+                     'negative); calibrate with reference_gradient_norm(..., per_leaf=True).')
+  return values
 
 
 def check_decay(decay: Any) -> float | Array:
@@ -192,17 +234,21 @@ def update_scale(count: Array, norm_average: Array, scale: Array, squared_norm: 
   return count, norm_average, scale
 
 
-def direction_and_squared_norm(inverse: PyTree, grads: PyTree) -> tuple[PyTree, Array]:
+def direction_and_squared_norm(inverse: PyTree, grads: PyTree, *, per_leaf: bool = False
+                               ) -> tuple[PyTree, Array]:
   """``(M^{-1} g, <g, M^{-1} g>)`` in the metrics' dtype.
 
   Args:
     inverse: the cached inverse metrics (:func:`metamd_jax.divergence.preconditioner`)
       or the full operators.
     grads: ``g``; ``optax.MaskedNode`` leaves pass through and add nothing to the norm.
+    per_leaf: return the squared norm of every leaf, ``(L,)`` in ``jax.tree.leaves``
+      order, instead of their sum.
 
   Returns:
     The direction (a tree like ``grads``, leaves in the metrics' dtype) and the scalar
-    squared dual norm ``||g||^2_{M^{-1}}`` (one inner product per leaf).
+    squared dual norm ``||g||^2_{M^{-1}}`` (one inner product per leaf), or the ``(L,)``
+    per-leaf terms.
   """
   direction = tree_utils.map_metrics(lambda p, g: p.solve(g), inverse, grads,
                                      is_leaf=divergence_lib.is_metric_or_operator,
@@ -210,7 +256,18 @@ def direction_and_squared_norm(inverse: PyTree, grads: PyTree) -> tuple[PyTree, 
   # MaskedNode leaves are empty subtrees: both flattenings skip them alike.
   terms = [jnp.vdot(g.astype(d.dtype), d) for g, d in
            zip(jax.tree.leaves(grads), jax.tree.leaves(direction))]
+  if per_leaf:
+    return direction, jnp.stack(terms) if terms else jnp.zeros((0,))
   return direction, sum(terms[1:], terms[0]) if terms else jnp.zeros(())
+
+
+def _divide_leaves(grads: PyTree, direction: PyTree, scale: Array) -> PyTree:
+  """``direction / scale`` in the dtype of ``grads``: one scale, or one per leaf."""
+  if scale.ndim == 0:
+    return jax.tree.map(lambda g, d: (d / scale).astype(g.dtype), grads, direction)
+  leaves, treedef = jax.tree.flatten(grads)
+  return treedef.unflatten([(d / scale[i]).astype(g.dtype) for i, (g, d) in
+                            enumerate(zip(leaves, jax.tree.leaves(direction)))])
 
 
 # ---------------------------------------------------------------------------
@@ -227,9 +284,10 @@ class ScaleByAdaptiveMirrorDescentState(NamedTuple):
       the inverse values per diagonal or scalar leaf), computed once at ``init``.
     count: number of updates taken, int32 ``()`` (``optax.safe_increment``).
     norm_average: ``v_t``, the moving average of ``<g, M^{-1} g>`` before bias
-      correction, ``()`` in the metric's dtype (0 at ``init``).
+      correction, ``()`` in the metric's dtype (0 at ``init``); ``(L,)``, one per leaf in
+      ``jax.tree.leaves`` order, with ``per_leaf=True``.
     scale: ``s_t >= 1``, the online scale of the metric, ``()`` in the metric's dtype
-      (1 at ``init``); never decreases.
+      (1 at ``init``; ``(L,)`` with ``per_leaf=True``); never decreases.
   """
 
   preconditioner: PyTree
@@ -240,9 +298,10 @@ class ScaleByAdaptiveMirrorDescentState(NamedTuple):
 
 def scale_by_adaptive_mirror_descent(
     divergence: PyTree,
-    reference_norm: float | None,
+    reference_norm: Any,
     *,
     decay: float = 0.9,
+    per_leaf: bool = False,
 ) -> optax.GradientTransformation:
   """Map gradients to the adaptive mirror-descent direction ``M^{-1} g / s_t``.
 
@@ -268,6 +327,10 @@ def scale_by_adaptive_mirror_descent(
       :func:`metamd_jax.scale_by_mirror_descent`).
     decay: ``beta`` in ``[0, 1)``, the decay of the moving average of
       ``||g||^2_{M^{-1}}`` (0: ``s_t`` is the running maximum of ``||g_t||_{M^{-1}} / c``).
+    per_leaf: one scale per leaf, ``s^l_t`` from ``||g^l_t||_{(M^l)^{-1}}`` and the
+      leaf's level ``c^l`` (see the module docstring); ``reference_norm`` is then one
+      level per leaf in ``jax.tree.leaves`` order (from
+      ``reference_gradient_norm(..., per_leaf=True)``) or one for all.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -275,27 +338,39 @@ def scale_by_adaptive_mirror_descent(
   Raises:
     TypeError: if ``reference_norm`` or ``decay`` is not a number.
     ValueError: if ``reference_norm`` is zero, negative or NaN, or ``decay`` is outside
-      ``[0, 1)``.
+      ``[0, 1)``; with ``per_leaf``, at ``init`` if the number of levels is not the
+      number of leaves.
   """
   divergence_lib.check_divergence(divergence)
-  reference_norm = check_reference_norm(reference_norm)
+  if not isinstance(per_leaf, bool):
+    raise TypeError(f'per_leaf must be True or False, got {per_leaf!r}.')
+  reference_norm = (check_reference_norms(reference_norm) if per_leaf
+                    else check_reference_norm(reference_norm))
   decay = check_decay(decay)
 
   def init_fn(params):
     divergence_lib.check_structure(divergence, params)
     inverse = divergence_lib.preconditioner(divergence)
     dtype = jnp.result_type(*jax.tree.leaves(inverse))
+    shape = ()
+    if per_leaf:
+      shape = (len(jax.tree.leaves(params)),)
+      if np.ndim(reference_norm) == 1 and np.shape(reference_norm) != shape:
+        raise ValueError(f'reference_norm has {np.shape(reference_norm)[0]} levels for '
+                         f'{shape[0]} parameter leaves (per_leaf=True: one per leaf, in '
+                         'jax.tree.leaves order).')
     return ScaleByAdaptiveMirrorDescentState(
         preconditioner=inverse, count=jnp.zeros((), jnp.int32),
-        norm_average=jnp.zeros((), dtype), scale=jnp.ones((), dtype))
+        norm_average=jnp.zeros(shape, dtype), scale=jnp.ones(shape, dtype))
 
   def update_fn(updates, state, params=None):
     del params
-    direction, squared_norm = direction_and_squared_norm(state.preconditioner, updates)
+    direction, squared_norm = direction_and_squared_norm(state.preconditioner, updates,
+                                                         per_leaf=per_leaf)
     count, norm_average, scale = update_scale(
         state.count, state.norm_average, state.scale, squared_norm,
         reference_norm=reference_norm, decay=decay)
-    updates = jax.tree.map(lambda g, d: (d / scale).astype(g.dtype), updates, direction)
+    updates = _divide_leaves(updates, direction, scale)
     return updates, ScaleByAdaptiveMirrorDescentState(state.preconditioner, count,
                                                       norm_average, scale)
 
@@ -304,10 +379,11 @@ def scale_by_adaptive_mirror_descent(
 
 def adaptive_metamd(
     divergence: PyTree,
-    reference_norm: float | None,
+    reference_norm: Any,
     learning_rate: optax.ScalarOrSchedule = 1.0,
     *,
     decay: float = 0.9,
+    per_leaf: bool = False,
 ) -> optax.GradientTransformation:
   """Adaptive MetaMD: ``-learning_rate * M^{-1} g / s_t`` with a non-decreasing ``s_t``.
 
@@ -327,6 +403,9 @@ def adaptive_metamd(
       constant ``lr`` makes the metric ``s_t M / lr``: the bound holds with ``M / lr``
       in place of ``M``; a schedule that grows breaks the monotonicity of ``M_t``).
     decay: decay of the moving average of ``||g||^2_{M^{-1}}``, in ``[0, 1)``.
+    per_leaf: one scale and one level per leaf (see
+      :func:`scale_by_adaptive_mirror_descent`); ``reference_norm`` then comes from
+      ``reference_gradient_norm(..., per_leaf=True)``.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -349,7 +428,8 @@ def adaptive_metamd(
   """
   transform.check_learning_rate(learning_rate)
   return optax.chain(
-      scale_by_adaptive_mirror_descent(divergence, reference_norm, decay=decay),
+      scale_by_adaptive_mirror_descent(divergence, reference_norm, decay=decay,
+                                       per_leaf=per_leaf),
       optax.scale_by_learning_rate(learning_rate),
   )
 
@@ -360,7 +440,7 @@ def adaptive_metamd(
 
 
 def gradient_levels(divergence: PyTree, task: Task, num_steps: int, *, decay: float = 0.9,
-                    params: PyTree | None = None) -> Array:
+                    params: PyTree | None = None, per_leaf: bool = False) -> Array:
   """``sqrt(hat v_t)``, ``t = 1..T``, along a run of the frozen divergence on ``task``.
 
   The level that ``s_t = level_t / c`` compares with the reference ``c``: the
@@ -373,9 +453,10 @@ def gradient_levels(divergence: PyTree, task: Task, num_steps: int, *, decay: fl
     num_steps: the horizon ``T``.
     decay: the moving average's decay (that of the adaptive optimiser).
     params: initial parameters (``task.init()`` if ``None``).
+    per_leaf: the level of every leaf (``||g^l_t||_{(M^l)^{-1}}`` averaged alike).
 
   Returns:
-    ``(T,)`` levels in the metric's dtype.
+    ``(T,)`` levels in the metric's dtype; ``(T, L)`` with ``per_leaf``.
   """
   decay = check_decay(decay)
   init_params = task.init() if params is None else params
@@ -383,24 +464,27 @@ def gradient_levels(divergence: PyTree, task: Task, num_steps: int, *, decay: fl
   inverse = divergence_lib.preconditioner(divergence)
   dtype = jnp.result_type(*jax.tree.leaves(inverse))
 
+  shape = (len(jax.tree.leaves(init_params)),) if per_leaf else ()
+
   def body(carry, step):
     params, count, norm_average = carry
     grads = jax.grad(task.loss)(params, task.batch(step))
-    direction, squared_norm = direction_and_squared_norm(inverse, grads)
-    count, norm_average, _ = update_scale(count, norm_average, jnp.ones((), dtype),
+    direction, squared_norm = direction_and_squared_norm(inverse, grads, per_leaf=per_leaf)
+    count, norm_average, _ = update_scale(count, norm_average, jnp.ones(shape, dtype),
                                           squared_norm, reference_norm=None, decay=decay)
     level = jnp.sqrt(norm_average / (1 - decay ** count.astype(dtype)))
     params = jax.tree.map(lambda p, d: (p - d).astype(p.dtype), params, direction)
     return (params, count, norm_average), level
 
-  carry = (init_params, jnp.zeros((), jnp.int32), jnp.zeros((), dtype))
+  carry = (init_params, jnp.zeros((), jnp.int32), jnp.zeros(shape, dtype))
   _, levels = jax.lax.scan(body, carry, jnp.arange(num_steps, dtype=jnp.int32))
   return levels
 
 
 def reference_gradient_norm(divergence: PyTree, family: TaskFamily, task_params: PyTree,
                             num_steps: int, *, quantile: float = 1.0,
-                            decay: float = 0.9) -> float:
+                            decay: float = 0.9, per_leaf: bool = False
+                            ) -> float | tuple[float, ...]:
   """The in-distribution gradient level ``c`` of a divergence, from meta-training tasks.
 
   Runs the frozen divergence for ``num_steps`` on each task of ``task_params`` (stacked
@@ -422,9 +506,13 @@ def reference_gradient_norm(divergence: PyTree, family: TaskFamily, task_params:
       horizon of meta-testing).
     quantile: in ``[0, 1]``; which quantile of the per-task peaks to return.
     decay: the moving average's decay (use that of the adaptive optimiser).
+    per_leaf: calibrate every leaf's level ``c^l`` alike (the quantile over tasks of each
+      leaf's peak), for ``adaptive_metamd(..., per_leaf=True)``. A leaf whose gradient is
+      zero on every calibration task gets ``inf`` (it never adapts).
 
   Returns:
-    ``c``, a positive Python float.
+    ``c``, a positive Python float; with ``per_leaf``, a tuple of one per leaf in
+    ``jax.tree.leaves`` order of the parameters.
 
   Raises:
     ValueError: on a bad ``quantile`` or ``num_steps``, or if a calibration run is not
@@ -436,17 +524,26 @@ def reference_gradient_norm(divergence: PyTree, family: TaskFamily, task_params:
     raise ValueError(f'quantile must be in [0, 1], got {quantile}.')
   decay = check_decay(decay)
 
+  if not isinstance(per_leaf, bool):
+    raise TypeError(f'per_leaf must be True or False, got {per_leaf!r}.')
+
   @jax.jit
   def peaks(divergence, task_params):
     return jax.vmap(lambda tp: jnp.max(gradient_levels(
-        divergence, family.task(tp), int(num_steps), decay=decay)))(task_params)
+        divergence, family.task(tp), int(num_steps), decay=decay, per_leaf=per_leaf),
+        axis=0))(task_params)
 
   values = np.asarray(peaks(divergence, task_params), np.float64)
-  bad = int(np.sum(~np.isfinite(values)))
+  bad = int(np.sum(~np.all(np.isfinite(values.reshape(len(values), -1)), axis=1)))
   if bad:
     raise ValueError(
-        f'the frozen divergence diverges on {bad} of {values.size} calibration tasks; '
+        f'the frozen divergence diverges on {bad} of {len(values)} calibration tasks; '
         'the in-distribution gradient level is undefined (calibrate on tasks it trains).')
+  if per_leaf:
+    levels = np.quantile(values, quantile, axis=0)
+    if not np.any(levels > 0):
+      raise ValueError('every calibration gradient is zero; reference_norm must be positive.')
+    return tuple(float(c) if c > 0 else math.inf for c in levels)
   reference = float(np.quantile(values, quantile))
   if not reference > 0:
     raise ValueError('every calibration gradient is zero; reference_norm must be positive.')

@@ -15,7 +15,7 @@ from conftest import dense_block_metric, flat
 from helpers import QuadraticFamily, quadratic_task, well_conditioned
 
 import metamd_jax
-from metamd_jax import bound, inner_loop, meta_train, objectives
+from metamd_jax import bound, evaluation, inner_loop, meta_train, objectives
 from metamd_jax import divergence as divergence_lib
 from metamd_jax.tasks.base import Task, TaskFamily
 
@@ -623,3 +623,135 @@ def _least_squares_hessian(rows):
   hessian_b = rows[d, d] * np.eye(outputs)
   cross = np.kron(rows[d:, :d], np.eye(outputs))  # (outputs, d * outputs)
   return np.block([[hessian_b, cross], [cross.T, hessian_w]])
+
+
+# ---------------------------------------------------------------------------
+# One scale per leaf.
+# ---------------------------------------------------------------------------
+
+
+def _numpy_per_leaf_rule(metric, sizes, grads_list, levels, decay):
+  """Float64 reference of the per-leaf rule: each leaf's block of the dense metric, its
+  own EMA, bias correction, running maximum and division."""
+  ends = np.cumsum(sizes)
+  starts = ends - sizes
+  average, scale = np.zeros(len(sizes)), np.ones(len(sizes))
+  updates, scales = [], []
+  for t, grads in enumerate(grads_list, start=1):
+    g = flat(grads)
+    direction = np.linalg.solve(metric, g)
+    update = np.empty_like(g)
+    for leaf, (a, b) in enumerate(zip(starts, ends)):
+      norm = g[a:b] @ direction[a:b]  # the metric is block diagonal over the leaves
+      average[leaf] = decay * average[leaf] + (1 - decay) * norm
+      scale[leaf] = max(scale[leaf], math.sqrt(average[leaf] / (1 - decay ** t)) / levels[leaf])
+      update[a:b] = -direction[a:b] / scale[leaf]
+    updates.append(update)
+    scales.append(scale.copy())
+  return updates, np.array(scales), average
+
+
+@pytest.mark.parametrize('options', [STRUCTURES[0], STRUCTURES[2]])
+def test_per_leaf_updates_equal_a_numpy_loop_of_the_rule(x64, options):
+  divergence = _divergence(options, seed=2, dtype=jnp.float64)
+  metric = dense_block_metric(divergence)
+  params = _tree(1)
+  sizes = [x.size for x in jax.tree.leaves(params)]
+  # Only the 'w' leaf's gradients grow: only its scale may move.
+  grads_list = [{k: v * (1.8 ** t if k == 'w' else 1.0) for k, v in _tree(20 + t).items()}
+                for t in range(8)]
+  first = flat(grads_list[0])
+  direction = np.linalg.solve(metric, first)
+  ends = np.cumsum(sizes)
+  levels = [2.0 * math.sqrt(first[e - n:e] @ direction[e - n:e]) for n, e in zip(sizes, ends)]
+  expected, scales, average = _numpy_per_leaf_rule(metric, sizes, grads_list, levels, 0.9)
+  w = [i for i, k in enumerate(sorted(SHAPES)) if k == 'w'][0]  # leaves in key order
+  assert scales[-1][w] > 2.0 and np.all(np.delete(scales[-1], w) == 1.0)
+
+  optimizer = metamd_jax.adaptive_metamd(divergence, levels, decay=0.9, per_leaf=True)
+  state = optimizer.init(params)
+  for t, grads in enumerate(grads_list):
+    updates, state = optimizer.update(grads, state, params)
+    np.testing.assert_allclose(flat(updates), expected[t], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(np.asarray(state[0].scale), scales[t], rtol=1e-13)
+  np.testing.assert_allclose(np.asarray(state[0].norm_average), average, rtol=1e-12)
+  # The global scale, with the same gradients, shortens every leaf's step.
+  global_state = metamd_jax.adaptive_metamd(divergence, float(np.sqrt(np.sum(
+      np.square(levels)))), decay=0.9)
+  _, global_final = _updates(global_state, grads_list, params)
+  assert float(global_final[0].scale) > 1.0
+
+
+def test_per_leaf_with_one_level_for_all_and_never_adapting():
+  params = _tree(1)
+  grads_list = [_tree(10 + t, scale=3.0 ** t) for t in range(6)]
+  divergence = _divergence(STRUCTURES[1], seed=1, dtype=jnp.float32)
+  reference, _ = _updates(metamd_jax.metamd(divergence), grads_list, params)
+  for levels in (None, math.inf, (math.inf,) * len(SHAPES), 1e30):
+    ours, state = _updates(metamd_jax.adaptive_metamd(divergence, levels, per_leaf=True),
+                           grads_list, params)
+    for a, b in zip(ours, reference):
+      chex.assert_trees_all_close(a, b, rtol=1e-6, atol=0)
+    assert state[0].scale.shape == (len(SHAPES),) and np.all(np.asarray(state[0].scale) == 1)
+  # One number: the same level for every leaf.
+  one, state_one = _updates(metamd_jax.adaptive_metamd(divergence, 0.5, per_leaf=True),
+                            grads_list, params)
+  many, state_many = _updates(metamd_jax.adaptive_metamd(
+      divergence, (0.5,) * len(SHAPES), per_leaf=True), grads_list, params)
+  for a, b in zip(one, many):
+    chex.assert_trees_all_equal(a, b)
+  assert np.all(np.asarray(state_one[0].scale) > 1)
+
+
+@pytest.mark.parametrize('levels, error, match', [
+    ((1.0, 0.0, 1.0), ValueError, r'entries \[1\] are not positive'),
+    ((1.0, float('nan'), 1.0), ValueError, r'entries \[1\] are not positive'),
+    (np.ones((3, 1)), ValueError, 'non-empty 1-D'),
+    ((), ValueError, 'non-empty 1-D'),
+    (('a', 1.0, 1.0), TypeError, 'one positive float per leaf'),
+])
+def test_bad_per_leaf_levels_are_named(levels, error, match):
+  with pytest.raises(error, match=match):
+    metamd_jax.adaptive_metamd(_divergence(), levels, per_leaf=True)
+
+
+def test_per_leaf_levels_must_match_the_leaves():
+  optimizer = metamd_jax.adaptive_metamd(_divergence(), (1.0, 2.0), per_leaf=True)
+  with pytest.raises(ValueError, match='2 levels for 3 parameter leaves'):
+    optimizer.init(_tree(1))
+  with pytest.raises(TypeError, match='per_leaf must be True or False'):
+    metamd_jax.adaptive_metamd(_divergence(), 1.0, per_leaf=1)
+
+
+def test_per_leaf_reference_is_each_leafs_peak_level():
+  family = ScaledLeastSquares()
+  divergence = divergence_lib.scale_steps(well_conditioned(
+      metamd_jax.init_divergence(family.init_params(), 1.0), seed=1, noise=0.3), 0.05)
+  metric = dense_block_metric(divergence)
+  task_params = family.sample_batch(jax.random.key(1), 3)
+  decay, num_steps = 0.9, 20
+  trajectory = jax.jit(lambda tp: inner_loop.rollout(
+      divergence, family.task(tp), num_steps, return_trajectory=True).trajectory[1])
+  sizes = [x.size for x in jax.tree.leaves(family.init_params())]
+  ends = np.cumsum(sizes)
+  peaks = []
+  for i in range(3):
+    grads_seq = trajectory(jax.tree.map(lambda x, i=i: x[i], task_params))
+    average, peak = np.zeros(len(sizes)), np.zeros(len(sizes))
+    for t in range(num_steps):
+      g = flat(jax.tree.map(lambda x, t=t: x[t], grads_seq))
+      direction = np.linalg.solve(metric, g)
+      norms = np.array([g[e - n:e] @ direction[e - n:e] for n, e in zip(sizes, ends)])
+      average = decay * average + (1 - decay) * norms
+      peak = np.maximum(peak, np.sqrt(average / (1 - decay ** (t + 1))))
+    peaks.append(peak)
+  levels = metamd_jax.reference_gradient_norm(divergence, family, task_params, num_steps,
+                                              decay=decay, per_leaf=True)
+  assert isinstance(levels, tuple) and len(levels) == len(sizes)
+  np.testing.assert_allclose(levels, np.max(peaks, axis=0), rtol=1e-4)
+  # Calibrated on its own tasks, no leaf adapts there: exactly frozen MetaMD.
+  optimizer = metamd_jax.adaptive_metamd(divergence, tuple(c * (1 + 1e-5) for c in levels),
+                                         decay=decay, per_leaf=True)
+  curves = evaluation.run(optimizer, family, task_params, num_steps)
+  frozen = evaluation.run(metamd_jax.metamd(divergence), family, task_params, num_steps)
+  np.testing.assert_allclose(curves.losses, frozen.losses, rtol=1e-6)

@@ -1,6 +1,7 @@
 """The main job's comparison: adaptive MetaMD and the everyday changes (tiny config)."""
 
 import json
+import math
 
 import jax
 import numpy as np
@@ -34,7 +35,8 @@ def test_adaptive_row_with_a_huge_reference_is_metamd(setup, tmp_path, monkeypat
   config.eval.time_steps, config.eval.horizon_multiplier = True, 2
   calls = []
 
-  def reference(div, family, task_params, num_steps, *, quantile, decay):
+  def reference(div, family, task_params, num_steps, *, quantile, decay, per_leaf):
+    assert per_leaf is False  # the default: one scale
     calls.append((family, task_params, num_steps, quantile, decay))
     return 1e30  # never adapts: s_t = 1
 
@@ -83,6 +85,29 @@ def test_calibration_failure_leaves_the_adaptive_row_out(setup, monkeypatch):
   tasks = evaluation.tuning_tasks(meta_train_family, config.seed, 1)
   result = evaluate.calibrate(config, divergence, meta_train_family, tasks)
   assert result['reference_norm'] is None
+
+
+def test_per_leaf_calibration_gives_one_level_per_leaf(setup):
+  config, meta_train_family, meta_test_family, divergence = setup
+  config = config.copy_and_resolve_references()
+  config.eval.adaptive_per_leaf = True
+  builders.validate_config(config)
+  tasks = evaluation.tuning_tasks(meta_train_family, config.seed, 1)
+  result = evaluate.calibrate(config, divergence, meta_train_family, tasks)
+  leaves = jax.tree.leaves(meta_train_family.init_params())
+  assert result['per_leaf'] is True and len(result['reference_norm']) == len(leaves)
+  assert all(c > 0 for c in result['reference_norm'])
+  optimizer = evaluate.adaptive_optimizer(config, divergence, result)
+  state = optimizer.init(meta_test_family.init_params())
+  assert state[0].scale.shape == (len(leaves),)
+  assert report._learning_rate_text(None, [1.5, 2.25, math.inf]) == (
+      'learned (c per leaf: 1.5 to 2.25)')
+  assert report._learning_rate_text(None, 8.94) == 'learned (c = 8.94)'
+  assert evaluate.adaptive_optimizer(config, divergence, None) is None
+  with config.ignore_type():
+    config.eval.adaptive_per_leaf = 1
+  with pytest.raises(ValueError, match=r'config\.eval\.adaptive_per_leaf'):
+    builders.validate_config(config)
 
 
 def _flat(x):
