@@ -14,4 +14,8 @@ def get_config():
   #   python -m experiments.sweep --config configs/mnist1d_cnn.py --field=meta.eps ...
   config.meta.eps = 0.1
   config.meta.num_meta_steps = 60  # the sweep's length; the kept step is 59 of 60
+  # One adaptive scale per parameter leaf, chosen on validation tasks under eight checks
+  # (experiments/RESULTS.md section 10):
+  #   python -m experiments.choose_variant --config configs/mnist1d_cnn.py ...
+  config.eval.adaptive_per_leaf = True
   return config

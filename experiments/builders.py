@@ -9,6 +9,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -38,18 +39,36 @@ META_OPTIMIZERS = {
     'adagrad': optax.adagrad,
     'muon': lambda lr: optax.contrib.muon(lr),
 }
+def _rate_as_array(make: Callable) -> Callable[[float], optax.GradientTransformation]:
+  """``make`` with a numeric learning rate passed as a float32 array.
+
+  As an array the rate is data, not a constant of the compiled program: runs of one
+  baseline at two learning rates (a re-tuned one, a grid's) share one compiled program
+  (:func:`metamd_jax.evaluation.compile_hoisted`). A traced rate passes through.
+  """
+  def build(learning_rate):
+    if isinstance(learning_rate, (int, float, np.integer, np.floating)):
+      learning_rate = jnp.asarray(learning_rate, jnp.float32)
+    return make(learning_rate)
+
+  return build
+
+
 BASELINES: dict[str, Callable[[float], optax.GradientTransformation]] = {
-    'sgd': optax.sgd,
-    'momentum': lambda lr: optax.sgd(lr, momentum=0.9),
-    'adam': optax.adam,
-    # Decoupled weight decay with the GPT-style second-moment decay (the transformer default).
-    'adamw': lambda lr: optax.adamw(lr, b2=0.95, weight_decay=0.1),
-    'adagrad': optax.adagrad,
-    'rmsprop': optax.rmsprop,
-    'muon': lambda lr: optax.contrib.muon(lr),
-    # Optional packages, imported on first use (kronecker_baselines.PACKAGES).
-    'psgd_kron': kronecker_baselines.psgd_kron,
-    'shampoo': kronecker_baselines.shampoo,
+    name: _rate_as_array(make) for name, make in {
+        'sgd': optax.sgd,
+        'momentum': lambda lr: optax.sgd(lr, momentum=0.9),
+        'adam': optax.adam,
+        # Decoupled weight decay with the GPT-style second-moment decay (the transformer
+        # default).
+        'adamw': lambda lr: optax.adamw(lr, b2=0.95, weight_decay=0.1),
+        'adagrad': optax.adagrad,
+        'rmsprop': optax.rmsprop,
+        'muon': lambda lr: optax.contrib.muon(lr),
+        # Optional packages, imported on first use (kronecker_baselines.PACKAGES).
+        'psgd_kron': kronecker_baselines.psgd_kron,
+        'shampoo': kronecker_baselines.shampoo,
+    }.items()
 }
 """Baseline name -> ``learning_rate -> optax.GradientTransformation`` (a traced rate works)."""
 

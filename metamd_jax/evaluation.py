@@ -14,6 +14,7 @@ The protocol, in the order a comparison runs it:
 
 from __future__ import annotations
 
+import collections
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -99,6 +100,40 @@ class Curves(NamedTuple):
   metrics: dict
   train_losses: np.ndarray | None = None
   every: int = 0
+
+
+_COMPILED: collections.OrderedDict = collections.OrderedDict()
+_COMPILED_SIZE = 64
+
+
+def compile_hoisted(fn: Callable, *args) -> Callable:
+  """``jax.jit(fn)``, with every array ``fn`` closes over passed as an argument.
+
+  An optimiser's arrays (a learned divergence, a calibrated level) and a family's data
+  are captured constants of the function :func:`run` compiles; as constants they would
+  make each optimiser, and each change of the data, a new program. Here they become
+  arguments of one traced program (``jax.make_jaxpr``), and programs with the same
+  equations (e.g. MetaMD with two divergences of the same shapes, or one optimiser on
+  a rescaled copy of the data) share one compiled executable in this process. The
+  numbers computed are those of ``jax.jit(fn)``.
+
+  Returns:
+    A function of no arguments that runs ``fn(*args)`` and returns its outputs.
+  """
+  closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+  key = str(closed.jaxpr)
+  compiled = _COMPILED.get(key)
+  if compiled is None:
+    jaxpr = closed.jaxpr
+    compiled = jax.jit(lambda consts, flat: jax.core.eval_jaxpr(jaxpr, consts, *flat))
+    _COMPILED[key] = compiled
+    if len(_COMPILED) > _COMPILED_SIZE:
+      _COMPILED.popitem(last=False)
+  else:
+    _COMPILED.move_to_end(key)
+  flat_args = jax.tree.leaves(args)
+  out_tree = jax.tree.structure(out_shape)
+  return lambda: jax.tree.unflatten(out_tree, compiled(closed.consts, flat_args))
 
 
 def _step_fn(optimizer: optax.GradientTransformation, task: Task):
@@ -201,7 +236,7 @@ def run(optimizer: optax.GradientTransformation, family: TaskFamily, task_params
 
   if track_every:
     _check_every(num_steps, track_every)
-  losses, metrics, tracked = jax.jit(jax.vmap(one))(task_params)
+  losses, metrics, tracked = compile_hoisted(jax.vmap(one), task_params)()
   return Curves(np.asarray(losses), {k: np.asarray(v) for k, v in metrics.items()},
                 None if tracked is None else np.asarray(tracked), track_every)
 
@@ -324,10 +359,11 @@ def tune_learning_rate(
 
   per_task = jax.vmap(losses, in_axes=(None, 0))
   if sequential:
-    grid = jax.jit(lambda rates, tp: jax.lax.map(lambda lr: per_task(lr, tp), rates))
+    grid = lambda rates, tp: jax.lax.map(lambda lr: per_task(lr, tp), rates)  # noqa: E731
   else:
-    grid = jax.jit(jax.vmap(per_task, in_axes=(0, None)))
-  curves = np.asarray(grid(jnp.asarray(learning_rates, jnp.float32), task_params))
+    grid = jax.vmap(per_task, in_axes=(0, None))
+  rates = jnp.asarray(learning_rates, jnp.float32)
+  curves = np.asarray(compile_hoisted(grid, rates, task_params)())
   window = window if score == 'minibatch' else 1
   scores = {float(lr): float(np.mean(final_loss(c, window)))
             for lr, c in zip(learning_rates, curves)}

@@ -183,3 +183,27 @@ def test_mean_std_and_reached_fraction_against_numpy():
   assert evaluation.reached_fraction(values) == 17 / 20
   steps = evaluation.steps_to_loss(np.array([[3.0, 1.0], [3.0, 2.0]]), np.array([1.0, 1.0]))
   assert evaluation.reached_fraction(steps) == 0.5
+
+
+def test_compile_hoisted_is_jit_and_shares_one_program_across_captured_arrays():
+  rng = np.random.default_rng(0)
+  data = [rng.standard_normal((7, 3)).astype(np.float32) for _ in range(2)]
+
+  def closure(x):  # closes over an array, as run() closes over a divergence and data
+    return lambda w, extra: {'loss': jax.numpy.sum((x @ w['w']) ** 2) + extra,
+                             'grad': jax.grad(lambda v: jax.numpy.sum(jax.numpy.tanh(x @ v)))(
+                                 w['w'])}
+
+  w, extra = {'w': np.ones(3, np.float32)}, np.float32(0.5)
+  before = len(evaluation._COMPILED)
+  outputs = [evaluation.compile_hoisted(closure(x), w, extra)() for x in data]
+  # One new program for both closures: the captured arrays are its arguments.
+  assert len(evaluation._COMPILED) == before + 1
+  for x, out in zip(data, outputs):
+    expected = jax.jit(closure(x))(w, extra)
+    assert jax.tree.structure(out) == jax.tree.structure(expected)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(expected)):
+      np.testing.assert_allclose(a, b, rtol=1e-6)
+  # A different shape is a different program.
+  evaluation.compile_hoisted(closure(data[0][:4]), w, extra)()
+  assert len(evaluation._COMPILED) == before + 2

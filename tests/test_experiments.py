@@ -114,11 +114,12 @@ def test_command_line_rejects_a_bad_value_at_start(tmp_path):
 
 
 def test_resume_after_sigkill_gives_the_same_divergence(tmp_path):
-  """A real ``kill -9`` mid-run of the main job, with tasks sharded over four devices (one
-  device: the README's meta-training example, tests/test_readme.py)."""
-  devices = 4
-  total, kill_at = 12, 8
-  overrides = (f'--config.meta.num_meta_steps={total}', '--config.meta.checkpoint_every=3',
+  """A real ``kill -9`` mid-run of the main job, with tasks sharded over two devices (one
+  device: the README's meta-training example, tests/test_readme.py; four devices and two
+  processes: tests/test_parallel.py)."""
+  devices = 2
+  total, kill_at = 8, 5
+  overrides = (f'--config.meta.num_meta_steps={total}', '--config.meta.checkpoint_every=2',
                f'--config.meta.meta_batch_size={2 * devices}')
   killed_dir, clean_dir = tmp_path / 'killed', tmp_path / 'clean'
   process = _launch(killed_dir, *overrides, devices=devices, kill_at=kill_at)

@@ -11,8 +11,7 @@ from metamd_jax import evaluation
 
 
 def test_sweep_scores_validation_tasks_and_chooses_the_best(tmp_path, monkeypatch):
-  config = tiny.get_config()
-  config.meta.num_meta_steps = 2
+  config = tiny.get_config()  # meta.eps = 0.01: the meta-step of the tiny pipeline tests
   held_out_calls = []
   monkeypatch.setattr(evaluation, 'held_out_tasks',
                       lambda *a, **k: held_out_calls.append(a) or pytest.fail('held-out'))

@@ -1,0 +1,204 @@
+"""Choose adaptive MetaMD's variant on validation tasks under the everyday changes.
+
+  python -m experiments.choose_variant --config configs/mnist1d_cnn.py --workdir runs/cnn
+
+Adaptive MetaMD (:func:`metamd_jax.adaptive_metamd`) comes with one scale for the whole
+model or one per parameter leaf (``eval.adaptive_per_leaf``). Which one to use is a
+choice, so it is made here on *validation tasks*, never on the held-out tasks: the
+learned divergence of ``<workdir>/divergence.npz`` (a main job's or a meta-training
+run's artifact) trains :func:`metamd_jax.evaluation.tuning_tasks` of the meta-train
+family (``eval.num_tasks`` of them; meta-train tasks that meta-training never samples),
+as they are (the check ``'in_distribution'``) and under each of ``eval.shifts`` that
+applies to the family (:func:`experiments.builders.shifted_family`, role
+``'meta_train'``). In every check the reference (``eval.reference``, Adam) is re-tuned
+on the changed tuning tasks and every other optimiser keeps what it has in distribution:
+the learning rate tuned there, the levels calibrated there
+(:func:`experiments.evaluate.calibrate`).
+
+Candidates: ``'adaptive'`` (one scale) and ``'adaptive_per_leaf'`` (one scale per leaf);
+frozen ``'metamd'`` and the reference at its meta-train-tuned learning rate run next to
+them for comparison. The rule, fixed before any run:
+
+1. fewest diverged runs over the checks where the reference, at its meta-train-tuned
+   learning rate, trains (:func:`experiments.benchmark_targets.robustness_summary`);
+2. then the most checks where the candidate reaches the re-tuned reference's final loss
+   on every task in fewer mean steps than the re-tuned reference;
+3. then the lowest geometric mean, over the checks, of the candidate's mean final
+   training loss divided by the re-tuned reference's (a diverged check counts as
+   infinite);
+4. ties go to ``'adaptive'``, the single scale.
+
+Writes ``choose_variant.json`` and ``choose_variant.md`` in the workdir and prints the
+table; set ``--config.eval.adaptive_per_leaf`` (or the family's config) to the choice.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+import time
+
+os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
+
+import ml_collections  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+import metamd_jax  # noqa: E402
+from experiments import benchmark_targets, builders, evaluate, protocol, report  # noqa: E402
+from experiments.meta_train import ARTIFACT  # noqa: E402
+from metamd_jax import evaluation  # noqa: E402
+from metamd_jax.types import PyTree  # noqa: E402
+
+CANDIDATES = {'adaptive': False, 'adaptive_per_leaf': True}
+"""The candidates and their ``eval.adaptive_per_leaf``; the first wins ties."""
+IN_DISTRIBUTION = 'in_distribution'
+RESULT = 'choose_variant'
+
+
+def _loss_ratio(check: dict, name: str) -> float:
+  """``name``'s mean final training loss over the re-tuned reference's in ``check``."""
+  entries = check['optimizers']
+  mine = entries.get(name, {}).get('final_train_loss', [None])[0]
+  theirs = entries.get(check['reference'], {}).get('final_train_loss', [None])[0]
+  if mine is None or theirs is None or not theirs > 0 or not math.isfinite(mine):
+    return math.inf
+  diverged = entries[name]['diverged']  # a mean over the finite runs hides diverged ones
+  return math.inf if diverged else mine / theirs
+
+
+def score(checks: dict, name: str, reference: str) -> dict:
+  """The rule's three numbers for one candidate over ``checks`` (see the module doc)."""
+  summary = benchmark_targets.robustness_summary(checks, [name], reference)[name]
+  ratios = [_loss_ratio(check, name) for check in checks.values()]
+  geometric = (math.inf if not ratios or not all(map(math.isfinite, ratios))
+               else math.exp(sum(map(math.log, ratios)) / len(ratios)))
+  return {'diverged_runs': summary['diverged_runs'], 'diverged_in': summary['diverged_in'],
+          'faster': summary['faster'], 'num_faster': len(summary['faster']),
+          'num_checks': len(checks), 'loss_ratio_geometric_mean': geometric}
+
+
+def choose(scores: dict) -> str:
+  """The candidate the rule picks from :func:`score` results (insertion order breaks ties)."""
+  return min(scores, key=lambda name: (scores[name]['diverged_runs'],
+                                       -scores[name]['num_faster'],
+                                       scores[name]['loss_ratio_geometric_mean']))
+
+
+def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+            divergence: PyTree | None = None) -> dict:
+  """Run every check on the validation tasks and choose the variant.
+
+  Args:
+    config: the experiment config (``eval``: ``num_tasks`` validation tasks,
+      ``num_tune_tasks``, ``num_steps``, ``learning_rates``, ``reference``, ``shifts``,
+      ``adaptive_decay``, ``adaptive_quantile``).
+    workdir: where ``divergence.npz`` is read (unless ``divergence`` is given).
+    divergence: the learned divergence.
+
+  Returns:
+    ``{'tasks', 'num_tasks', 'reference', 'reference_learning_rate', 'levels':
+    {candidate: calibrated levels}, 'checks': {check: evaluate_shift-like result},
+    'scores': {candidate: score(...)}, 'chosen', 'adaptive_per_leaf'}``.
+
+  Raises:
+    ValueError: when the reference diverges at every learning rate, or when calibration
+      fails for every candidate (the frozen divergence diverges on a tuning task).
+  """
+  builders.validate_config(config)
+  workdir = pathlib.Path(workdir)
+  family, _ = builders.build_families(config)
+  if divergence is None:
+    divergence, _ = metamd_jax.load_divergence(workdir / ARTIFACT)
+  metamd_jax.artifact.check_compatible(divergence, family.init_params())
+  ev = config.eval
+  tune_tasks = evaluation.tuning_tasks(family, config.seed, ev.num_tune_tasks)
+  tuned, _ = protocol.tune_baselines((ev.reference,), ev, family, tune_tasks, ev.num_steps)
+  if tuned[ev.reference] is None:
+    raise ValueError(f'{ev.reference} diverged at every learning rate of '
+                     f'config.eval.learning_rates {tuple(ev.learning_rates)}.')
+  optimizers = {'metamd': metamd_jax.metamd(divergence)}
+  levels = {}
+  for name, per_leaf in CANDIDATES.items():
+    variant = config.copy_and_resolve_references()
+    variant.eval.adaptive_per_leaf = per_leaf
+    calibration = evaluate.calibrate(variant, divergence, family, tune_tasks)
+    optimizer = evaluate.adaptive_optimizer(variant, divergence, calibration)
+    if optimizer is not None:
+      optimizers[name], levels[name] = optimizer, calibration['reference_norm']
+  if not levels:
+    raise ValueError('calibration failed for every candidate: the learned divergence '
+                     'diverges on a meta-train tuning task.')
+  learning_rates = {name: None for name in optimizers}
+  optimizers[ev.reference] = builders.BASELINES[ev.reference](tuned[ev.reference])
+  learning_rates[ev.reference] = tuned[ev.reference]
+
+  checks = {}
+  shifts = builders.applicable_shifts(family, ev.shifts)
+  for check in (IN_DISTRIBUTION, *shifts):
+    started = time.perf_counter()
+    changed = (family if check == IN_DISTRIBUTION
+               else builders.shifted_family(config, family, check, 'meta_train'))
+    validation = evaluation.tuning_tasks(changed, config.seed, ev.num_tasks)
+    changed_tune = evaluation.tuning_tasks(changed, config.seed, ev.num_tune_tasks)
+    curves = {name: evaluation.run(optimizer, changed, validation, ev.num_steps,
+                                   track_every=ev.track_every)
+              for name, optimizer in optimizers.items()}
+    description = ('the validation tasks as they are' if check == IN_DISTRIBUTION
+                   else builders.SHIFTS[check])
+    result, _ = protocol.against_retuned(ev, description, (changed, changed_tune),
+                                         (changed, validation), ev.num_steps,
+                                         ev.track_every, curves, learning_rates)
+    result['seconds'] = time.perf_counter() - started
+    checks[check] = result
+  scores = {name: score(checks, name, ev.reference) for name in CANDIDATES if name in levels}
+  chosen = choose(scores)
+  return {'tasks': 'validation: meta-train tuning tasks (evaluation.tuning_tasks)',
+          'num_tasks': ev.num_tasks, 'reference': ev.reference,
+          'reference_learning_rate': tuned[ev.reference], 'levels': levels,
+          'checks': checks, 'scores': scores, 'chosen': chosen,
+          'adaptive_per_leaf': CANDIDATES[chosen]}
+
+
+def format_choice(result: dict) -> str:
+  """The markdown of :func:`compare`'s result: the rule's numbers, then every check."""
+  reference = result['reference']
+  lines = [f"Adaptive MetaMD's variant on {result['num_tasks']} validation tasks (meta-train "
+           'tasks never used in meta-training or meta-testing), '
+           f"{len(result['checks'])} checks; chosen: **{result['chosen']}** "
+           f"(eval.adaptive_per_leaf={result['adaptive_per_leaf']}).", '',
+           f'| candidate | diverged runs where {reference} trains | faster than '
+           f'{reference} re-tuned | final loss / re-tuned {reference} (geometric mean) |',
+           '| --- | --- | --- | --- |']
+  for name, row in result['scores'].items():
+    faster = ', '.join(row['faster']) or 'none'
+    lines.append(f"| {name} | {row['diverged_runs']} | {row['num_faster']} of "
+                 f"{row['num_checks']} ({faster}) | "
+                 f"{report.number_text(row['loss_ratio_geometric_mean'])} |")
+  optimizers = {name: {'reference_norm': level} for name, level in result['levels'].items()}
+  lines += ['', *report.shift_table(result['checks'], optimizers, label='check')]
+  return '\n'.join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  flag_values = flags.FLAGS
+  if not flag_values['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  result = compare(flag_values.config, flag_values.workdir)
+  workdir = pathlib.Path(flag_values.workdir)
+  report.write_json(workdir / f'{RESULT}.json', result)
+  table = format_choice(result)
+  (workdir / f'{RESULT}.md').write_text(table + '\n')
+  print(table)
+
+
+if __name__ == '__main__':
+  flags.DEFINE_string('workdir', None, 'Directory with the learned divergence.npz; the '
+                      'results are written there.')
+  config_flags.DEFINE_config_file('config', 'configs/default.py', 'Experiment config file.',
+                                  lock_config=True)
+  flags.mark_flags_as_required(['workdir'])
+  app.run(main)

@@ -1,0 +1,110 @@
+"""experiments.choose_variant: adaptive MetaMD's variant chosen on validation tasks."""
+
+import math
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from configs import tiny
+from experiments import benchmark_targets, builders, choose_variant, protocol
+from metamd_jax import divergence as divergence_lib
+from metamd_jax import evaluation
+
+
+def _check(reference_steps, entries, reference_loss=1.0, adam_diverged=0):
+  """An evaluate_shift-like check: the re-tuned reference and ``entries`` by name."""
+  optimizers = {'adam': {'diverged': adam_diverged},
+                'adam_retuned': {'diverged': 0, 'final_train_loss': [reference_loss, 0.0],
+                                 'steps_to_adam_retuned_final_loss': [reference_steps, 0.0],
+                                 'reached_fraction': 1.0}}
+  for name, (diverged, steps, reached, loss) in entries.items():
+    optimizers[name] = {'diverged': diverged, 'final_train_loss': [loss, 0.0],
+                        'steps_to_adam_retuned_final_loss': [steps, 0.0],
+                        'reached_fraction': reached}
+  return {'reference': 'adam_retuned', 'optimizers': optimizers}
+
+
+def test_rule_diverged_runs_then_faster_checks_then_loss_ratio():
+  checks = {
+      # a diverges once where Adam trains; b is never faster; c is faster once.
+      'x': _check(10, {'a': (1, 3, 0.5, 0.5), 'b': (0, 12, 1.0, 0.9), 'c': (0, 5, 1.0, 2.0)}),
+      'y': _check(10, {'a': (0, 3, 1.0, 0.5), 'b': (0, 11, 1.0, 0.9), 'c': (0, 12, 1.0, 2.0)}),
+  }
+  scores = {n: choose_variant.score(checks, n, 'adam') for n in ('a', 'b', 'c')}
+  assert [scores[n]['diverged_runs'] for n in 'abc'] == [1, 0, 0]
+  assert [scores[n]['num_faster'] for n in 'abc'] == [1, 0, 1]
+  assert math.isinf(scores['a']['loss_ratio_geometric_mean'])  # a diverged run in x
+  np.testing.assert_allclose(scores['b']['loss_ratio_geometric_mean'], 0.9)
+  assert choose_variant.choose(scores) == 'c'  # fewer diverged, then faster beats lower loss
+  # Without c, b has fewer diverged runs than a, which is faster and lower.
+  assert choose_variant.choose({n: scores[n] for n in 'ab'}) == 'b'
+  # Equal on the first two: the lower geometric mean of loss ratios (0.5 * 2 -> 1 vs 0.9).
+  even = {'p': _check(10, {'p': (0, 12, 1.0, 0.5), 'q': (0, 12, 1.0, 0.9)}),
+          'r': _check(10, {'p': (0, 12, 1.0, 2.0), 'q': (0, 12, 1.0, 0.9)})}
+  scores = {n: choose_variant.score(even, n, 'adam') for n in ('p', 'q')}
+  np.testing.assert_allclose(scores['p']['loss_ratio_geometric_mean'], 1.0)
+  assert choose_variant.choose(scores) == 'q'
+  # Exact ties keep the first candidate.
+  assert choose_variant.choose({'q': scores['q'], 'q2': dict(scores['q'])}) == 'q'
+  # Divergence where Adam itself diverged does not count (robustness_summary's rule).
+  lenient = {'z': _check(10, {'a': (2, 3, 0.5, 0.5)}, adam_diverged=1)}
+  assert choose_variant.score(lenient, 'a', 'adam')['diverged_runs'] == 0
+
+
+def test_compare_runs_validation_tasks_only_and_applies_the_rule(tmp_path, monkeypatch):
+  config = tiny.get_config()
+  config.eval.shifts = ('inputs_x2',)
+  family, _ = builders.build_families(config)
+  # The initial divergence is SGD at meta.init_learning_rate: an independent reference.
+  divergence = builders.build_divergence(config, family)
+  monkeypatch.setattr(evaluation, 'held_out_tasks',
+                      lambda *a, **k: pytest.fail('held-out tasks used'))
+  result = choose_variant.compare(config, tmp_path, divergence)
+
+  assert list(result['checks']) == ['in_distribution', 'inputs_x2']
+  assert set(result['levels']) == {'adaptive', 'adaptive_per_leaf'}
+  assert isinstance(result['levels']['adaptive'], float)
+  metrics = jax.tree.leaves(divergence, is_leaf=divergence_lib.is_metric)
+  assert len(result['levels']['adaptive_per_leaf']) == len(metrics)
+  for check in result['checks'].values():
+    assert check['reference'] == 'adam_retuned'
+    assert set(check['optimizers']) == {'metamd', 'adaptive', 'adaptive_per_leaf', 'adam',
+                                        'adam_retuned'}
+    for entry in check['optimizers'].values():
+      assert entry['num_runs'] == config.eval.num_tasks
+  # In distribution, frozen MetaMD on the validation tasks is optax.sgd there.
+  tasks = evaluation.tuning_tasks(family, config.seed, config.eval.num_tasks)
+  sgd = evaluation.run(optax.sgd(config.meta.init_learning_rate), family, tasks,
+                       config.eval.num_steps, track_every=1)
+  np.testing.assert_allclose(
+      result['checks']['in_distribution']['optimizers']['metamd']['final_train_loss'][0],
+      np.mean(evaluation.final_train_loss(sgd.train_losses)), rtol=1e-4)
+  # Adam re-tuned in distribution is Adam as tuned: the same rate.
+  in_distribution = result['checks']['in_distribution']
+  assert in_distribution['adam_retuned_learning_rate'] == result['reference_learning_rate']
+  # The scores are the rule's, recomputed from the checks; the choice is the rule's.
+  for name, row in result['scores'].items():
+    assert row == choose_variant.score(result['checks'], name, 'adam')
+    summary = benchmark_targets.robustness_summary(result['checks'], [name], 'adam')[name]
+    assert row['faster'] == summary['faster']
+  assert result['chosen'] == choose_variant.choose(result['scores'])
+  assert result['adaptive_per_leaf'] == (result['chosen'] == 'adaptive_per_leaf')
+  table = choose_variant.format_choice(result)
+  assert f"chosen: **{result['chosen']}**" in table
+  assert table.count('| inputs_x2 |') == 5 and '| adaptive_per_leaf | learned (c per leaf' in table
+
+
+def test_reference_that_always_diverges_is_named(tmp_path, monkeypatch):
+  config = tiny.get_config()
+  family, _ = builders.build_families(config)
+  monkeypatch.setattr(protocol, 'tune_baselines', lambda names, *a: ({n: None for n in names},
+                                                                      {}))
+  with pytest.raises(ValueError, match='adam diverged at every learning rate'):
+    choose_variant.compare(config, tmp_path, builders.build_divergence(config, family))
+
+
+def test_missing_artifact_is_named(tmp_path):
+  with pytest.raises(FileNotFoundError, match='divergence.npz'):
+    choose_variant.compare(tiny.get_config(), tmp_path)
