@@ -88,7 +88,9 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.adaptive_quantile = 1.0  # in (0, 1]; 1: never adapts on a calibration task
   # One scale and one calibrated level per parameter leaf (a change that raises one layer's
   # gradients, e.g. rescaled inputs, shortens that layer's steps only); False: one scale.
-  evaluation.adaptive_per_leaf = False
+  # Chosen on validation tasks under eight checks (experiments/RESULTS.md section 10):
+  #   python -m experiments.choose_variant --config configs/default.py --workdir DIR
+  evaluation.adaptive_per_leaf = True
   # Everyday changes (classification families only; () disables): the held-out tasks again
   # with every optimiser as it is (learned metric, tuned learning rates, calibrated c),
   # against Adam re-tuned on each change. Each costs one Adam tuning and one run per

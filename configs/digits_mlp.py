@@ -14,4 +14,8 @@ def get_config():
   # Chosen on validation tasks over 1e-3 ... 0.3 (experiments/RESULTS.md section 10):
   #   python -m experiments.sweep --config configs/digits_mlp.py --field=meta.eps ...
   config.meta.eps = 1e-3
+  # One adaptive scale for the whole model: this family's own validation choice (the
+  # default's per-leaf scales lose here; experiments/RESULTS.md section 10):
+  #   python -m experiments.choose_variant --config configs/digits_mlp.py ...
+  config.eval.adaptive_per_leaf = False
   return config

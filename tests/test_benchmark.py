@@ -54,8 +54,12 @@ def test_quick_benchmark_writes_documented_results(tmp_path, capsys):
   assert results['settings']['shifts'] == ['inputs_x2']
   assert set(family['optimizers']) == {'metamd', 'metamd_adaptive', 'adam'}
   # Adaptive MetaMD: calibrated on the meta-train tuning tasks, a learned optimiser.
+  # One level per parameter leaf (the default eval.adaptive_per_leaf); a leaf whose
+  # gradients vanish has no level (infinite, null in JSON).
   norm = family['adaptive']['reference_norm']
-  assert norm > 0 and family['optimizers']['metamd_adaptive']['reference_norm'] == norm
+  assert family['adaptive']['per_leaf'] is True and len(norm) == 4  # the MLP's four leaves
+  assert all(c is None or c > 0 for c in norm) and any(c is not None for c in norm)
+  assert family['optimizers']['metamd_adaptive']['reference_norm'] == norm
   assert family['adaptive']['calibration_tasks'] == 'meta-train tuning tasks'
   assert family['optimizers']['metamd_adaptive']['kind'] == 'learned'
   assert {'metamd', 'metamd_adaptive'} <= set(family['learned_vs_baselines'])
@@ -114,7 +118,7 @@ def test_quick_benchmark_writes_documented_results(tmp_path, capsys):
   _check_robustness(family)
   markdown = (tmp_path / 'results.md').read_text()
   assert markdown.startswith('## tiny')
-  assert 'Robustness:' in markdown and '| 3T | metamd_adaptive | learned (c = ' in markdown
+  assert 'Robustness:' in markdown and '| 3T | metamd_adaptive | learned (c per leaf: ' in markdown
   for suffix in ('loss_vs_step', 'loss_vs_time', 'beyond_horizon', 'robustness'):
     assert (tmp_path / f'tiny_{suffix}.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 

@@ -36,7 +36,7 @@ def test_adaptive_row_with_a_huge_reference_is_metamd(setup, tmp_path, monkeypat
   calls = []
 
   def reference(div, family, task_params, num_steps, *, quantile, decay, per_leaf):
-    assert per_leaf is False  # the default: one scale
+    assert per_leaf is True  # the default: one scale per leaf (a level for all, here)
     calls.append((family, task_params, num_steps, quantile, decay))
     return 1e30  # never adapts: s_t = 1
 
