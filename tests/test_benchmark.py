@@ -22,7 +22,9 @@ def _tiny_benchmark_config() -> ml_collections.ConfigDict:
   config.quick_family_names = ('tiny',)
   config.quick_num_tasks = 2
   config.quick_learning_rates = (0.01, 0.1)
-  config.quick_meta_steps = 2
+  # The tiny config's own meta-steps: the meta-step program of the tiny pipeline tests,
+  # compiled once per session.
+  config.quick_meta_steps = tiny.get_config().meta.num_meta_steps
   # Adam alone (the reference): every tuned baseline is the same code path. Without SGD
   # the learned optimisers start from the family's own learning rate.
   config.baselines = ('adam',)
