@@ -53,9 +53,10 @@ def test_tiny_pipeline_writes_every_output(tmp_path):
                   jax.tree.leaves(divergence)):
     np.testing.assert_array_equal(a, b)
   assert metadata['config']['meta']['horizon'] == config.meta.horizon
+  config.eval.baselines = ('adam',)  # every tuned baseline is the same code path
   results = evaluate.evaluate(config, tmp_path)
-  assert set(results['optimizers']) == {'metamd', 'metamd_adaptive', 'sgd', 'adam'}
-  assert results['optimizers']['sgd']['learning_rate'] in config.eval.learning_rates
+  assert set(results['optimizers']) == {'metamd', 'metamd_adaptive', 'adam'}
+  assert results['optimizers']['adam']['learning_rate'] in config.eval.learning_rates
   for name in ('results.json', 'results.md', 'loss_curves.png'):
     assert (tmp_path / name).stat().st_size > 0
   assert (tmp_path / 'loss_curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
@@ -113,41 +114,43 @@ def test_command_line_rejects_a_bad_value_at_start(tmp_path):
   assert not (tmp_path / 'run' / 'metrics.jsonl').exists()
 
 
-def test_resume_after_sigkill_gives_the_same_divergence(tmp_path):
-  """A real ``kill -9`` mid-run of the main job, with tasks sharded over two devices (one
-  device: the README's meta-training example, tests/test_readme.py; four devices and two
-  processes: tests/test_parallel.py)."""
+def test_resume_after_sigkill_redoes_the_same_meta_steps(tmp_path):
+  """A real ``kill -9`` mid-run of the main job, with tasks sharded over two devices.
+
+  The resumed run redoes the meta-steps after its last checkpoint; each must log exactly
+  what the killed run logged for it (the restored state, keys and batches are the same).
+  The whole resumed run against an uninterrupted one, divergence bit for bit: the README's
+  meta-training example (tests/test_readme.py); four devices and two processes against
+  one: tests/test_parallel.py.
+  """
   devices = 2
-  total, kill_at = 8, 5
+  total, kill_at = 8, 5  # checkpoints at 2 and 4: step 5 at least is redone
   overrides = (f'--config.meta.num_meta_steps={total}', '--config.meta.checkpoint_every=2',
                f'--config.meta.meta_batch_size={2 * devices}')
-  killed_dir, clean_dir = tmp_path / 'killed', tmp_path / 'clean'
-  process = _launch(killed_dir, *overrides, devices=devices, kill_at=kill_at)
+  workdir = tmp_path / 'killed'
+  process = _launch(workdir, *overrides, devices=devices, kill_at=kill_at)
   _, stderr = process.communicate(timeout=400)
   assert process.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
-  assert not (killed_dir / meta_train.ARTIFACT).exists()
-  logged = [json.loads(line)['step']
-            for line in (killed_dir / 'metrics.jsonl').read_text().splitlines()]
-  assert logged == list(range(1, kill_at + 1))
-  checkpoints = [int(p.name) for p in (killed_dir / 'checkpoints').iterdir() if p.name.isdigit()]
+  assert not (workdir / meta_train.ARTIFACT).exists()
+  killed = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in killed] == list(range(1, kill_at + 1))
+  checkpoints = [int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()]
   assert checkpoints and max(checkpoints) < kill_at
 
-  resumed = _launch(killed_dir, *overrides, devices=devices)
-  clean = _launch(clean_dir, *overrides, devices=devices)
-  for p in (resumed, clean):
-    _, stderr = p.communicate(timeout=400)
-    assert p.returncode == 0, stderr.decode()[-2000:]
-  a, _ = metamd_jax.load_divergence(killed_dir / meta_train.ARTIFACT)
-  b, _ = metamd_jax.load_divergence(clean_dir / meta_train.ARTIFACT)
-  for x, y in zip(jax.tree.leaves(a),
-                  jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  # One line per meta-step, the redone ones once, with the figures of the clean run.
-  records = [json.loads(line) for line in (killed_dir / 'metrics.jsonl').read_text().splitlines()]
-  reference = [json.loads(line) for line in (clean_dir / 'metrics.jsonl').read_text().splitlines()]
+  resumed = _launch(workdir, *overrides, devices=devices)
+  _, stderr = resumed.communicate(timeout=400)
+  assert resumed.returncode == 0, stderr.decode()[-2000:]
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in records] == list(range(1, total + 1))
   drop = lambda rs: [{k: v for k, v in r.items() if k != 'seconds'} for r in rs]  # noqa: E731
-  assert drop(records) == drop(reference)
+  # Every step the killed run logged, the redone ones (after the last checkpoint) included,
+  # is logged the same.
+  assert drop(records[:kill_at]) == drop(killed)
+  # Resumed, not restarted: a restart would log step 1 again (with its own seconds).
+  assert records[0]['seconds'] == killed[0]['seconds']
+  assert all(np.isfinite(r['meta_loss']) for r in records)
+  divergence, _ = metamd_jax.load_divergence(workdir / meta_train.ARTIFACT)
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(divergence))
 
 
 @pytest.mark.parametrize('name', ['default', 'tiny', 'digits_mlp', 'mnist1d_cnn', 'class_split',
