@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import math
 import os
-import pathlib
 import time
 
 os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
@@ -47,7 +46,7 @@ from ml_collections import config_flags  # noqa: E402
 
 import metamd_jax  # noqa: E402
 from experiments import benchmark_targets, builders, evaluate, protocol, report  # noqa: E402
-from experiments.meta_train import ARTIFACT  # noqa: E402
+from experiments import meta_train as meta_train_exp  # noqa: E402
 from metamd_jax import evaluation  # noqa: E402
 from metamd_jax.types import PyTree  # noqa: E402
 
@@ -107,11 +106,8 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
       fails for every candidate (the frozen divergence diverges on a tuning task).
   """
   builders.validate_config(config)
-  workdir = pathlib.Path(workdir)
   family, _ = builders.build_families(config)
-  if divergence is None:
-    divergence, _ = metamd_jax.load_divergence(workdir / ARTIFACT)
-  metamd_jax.artifact.check_compatible(divergence, family.init_params())
+  divergence = meta_train_exp.learned_divergence(workdir, family, divergence)
   ev = config.eval
   tune_tasks = evaluation.tuning_tasks(family, config.seed, ev.num_tune_tasks)
   tuned, _ = protocol.tune_baselines((ev.reference,), ev, family, tune_tasks, ev.num_steps)
@@ -188,11 +184,7 @@ def main(argv):
   if not flag_values['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   result = compare(flag_values.config, flag_values.workdir)
-  workdir = pathlib.Path(flag_values.workdir)
-  report.write_json(workdir / f'{RESULT}.json', result)
-  table = format_choice(result)
-  (workdir / f'{RESULT}.md').write_text(table + '\n')
-  print(table)
+  report.write_result(flag_values.workdir, RESULT, result, format_choice(result))
 
 
 if __name__ == '__main__':

@@ -20,7 +20,7 @@ from absl import logging
 
 import metamd_jax
 from experiments import benchmark_runs, builders, plots, protocol, report
-from experiments.meta_train import ARTIFACT
+from experiments import meta_train as meta_train_exp
 from metamd_jax import adaptive as adaptive_lib
 from metamd_jax import evaluation, parallel
 from metamd_jax.tasks.base import TaskFamily
@@ -152,9 +152,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   meta_train_family, meta_test_family = builders.build_families(config)
-  if divergence is None:
-    divergence, _ = metamd_jax.load_divergence(workdir / ARTIFACT)
-  metamd_jax.artifact.check_compatible(divergence, meta_test_family.init_params())
+  divergence = meta_train_exp.learned_divergence(workdir, meta_test_family, divergence)
 
   ev = config.eval
   tune_tasks = evaluation.tuning_tasks(meta_train_family, config.seed, ev.num_tune_tasks)

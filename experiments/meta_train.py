@@ -82,3 +82,12 @@ def meta_train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     metamd_jax.save_divergence(workdir / ARTIFACT, result.divergence, family.init_params(),
                                config=config)
   return result
+
+
+def learned_divergence(workdir: str | os.PathLike, family, divergence=None):
+  """``divergence``, or else the artifact ``workdir/divergence.npz``, checked against the
+  parameters of ``family``'s model (:func:`metamd_jax.artifact.check_compatible`)."""
+  if divergence is None:
+    divergence, _ = metamd_jax.load_divergence(pathlib.Path(workdir) / ARTIFACT)
+  metamd_jax.artifact.check_compatible(divergence, family.init_params())
+  return divergence

@@ -48,6 +48,15 @@ def write_json(path: str | os.PathLike, value) -> None:
   pathlib.Path(path).write_text(json.dumps(json_safe(value), indent=1))
 
 
+def write_result(workdir: str | os.PathLike, name: str, result: dict, table: str) -> None:
+  """Write ``<name>.json`` (:func:`write_json`) and ``<name>.md`` (``table``) in
+  ``workdir``, and print the table."""
+  workdir = pathlib.Path(workdir)
+  write_json(workdir / f'{name}.json', result)
+  (workdir / f'{name}.md').write_text(table + '\n')
+  print(table)
+
+
 def pair(values: ArrayLike) -> list:
   """``[mean, std]`` over the finite entries, ``[None, None]`` when there are none.
 

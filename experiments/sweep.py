@@ -173,11 +173,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   result = sweep(flag_values.config, flag_values.workdir, flag_values.field,
                  parse_values(flag_values['values'].value))
-  workdir = pathlib.Path(flag_values.workdir)
-  report.write_json(workdir / 'sweep.json', result)
-  table = format_sweep(result)
-  (workdir / 'sweep.md').write_text(table + '\n')
-  print(table)
+  report.write_result(flag_values.workdir, 'sweep', result, format_sweep(result))
 
 
 if __name__ == '__main__':
