@@ -69,7 +69,7 @@ os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 import metamd_jax  # noqa: E402
@@ -78,6 +78,7 @@ from experiments import (  # noqa: E402
     benchmark_setup,
     benchmark_targets,
     builders,
+    cli,
     evaluate,
     plots,
     protocol,
@@ -311,11 +312,7 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  flag_values = flags.FLAGS
-  if not flag_values['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
+  flag_values = cli.start(argv)
   benchmark(flag_values.config, flag_values.workdir)
 
 

@@ -41,11 +41,11 @@ import time
 os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
 
 import ml_collections  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 import metamd_jax  # noqa: E402
-from experiments import benchmark_targets, builders, evaluate, protocol, report  # noqa: E402
+from experiments import benchmark_targets, builders, cli, evaluate, protocol, report  # noqa: E402
 from experiments import meta_train as meta_train_exp  # noqa: E402
 from metamd_jax import evaluation  # noqa: E402
 from metamd_jax.types import PyTree  # noqa: E402
@@ -178,11 +178,7 @@ def format_choice(result: dict) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  flag_values = flags.FLAGS
-  if not flag_values['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
+  flag_values = cli.start(argv)
   result = compare(flag_values.config, flag_values.workdir)
   report.write_result(flag_values.workdir, RESULT, result, format_choice(result))
 

@@ -15,7 +15,7 @@ os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from experiments import evaluate, meta_train  # noqa: E402
+from experiments import cli, evaluate, meta_train  # noqa: E402
 from metamd_jax import parallel  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -33,10 +33,7 @@ flags.mark_flags_as_required(['workdir'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # checkpointing logs at INFO; --verbosity=0 shows it
+  cli.start(argv)
   if FLAGS.distributed:
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id)

@@ -25,11 +25,11 @@ os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
 
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 import metamd_jax  # noqa: E402
-from experiments import builders, protocol, report  # noqa: E402
+from experiments import builders, cli, protocol, report  # noqa: E402
 from experiments import meta_train as meta_train_exp  # noqa: E402
 from metamd_jax import evaluation  # noqa: E402
 
@@ -88,11 +88,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> d
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  flag_values = flags.FLAGS
-  if not flag_values['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
+  flag_values = cli.start(argv)
   config = flag_values.config
   builders.validate_config(config)
   result = compare(config, flag_values.workdir)

@@ -32,11 +32,11 @@ os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
 
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 import metamd_jax  # noqa: E402
-from experiments import builders, protocol, report  # noqa: E402
+from experiments import builders, cli, protocol, report  # noqa: E402
 from experiments import meta_train as meta_train_exp  # noqa: E402
 from metamd_jax import evaluation  # noqa: E402
 from metamd_jax.tasks import ClassificationFamily  # noqa: E402
@@ -166,11 +166,7 @@ def format_sweep(result: dict) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  flag_values = flags.FLAGS
-  if not flag_values['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
+  flag_values = cli.start(argv)
   result = sweep(flag_values.config, flag_values.workdir, flag_values.field,
                  parse_values(flag_values['values'].value))
   report.write_result(flag_values.workdir, 'sweep', result, format_sweep(result))
