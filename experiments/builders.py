@@ -39,6 +39,8 @@ META_OPTIMIZERS = {
     'adagrad': optax.adagrad,
     'muon': lambda lr: optax.contrib.muon(lr),
 }
+
+
 def _rate_as_array(make: Callable) -> Callable[[float], optax.GradientTransformation]:
   """``make`` with a numeric learning rate passed as a float32 array.
 
