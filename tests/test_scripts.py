@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE
 
 from metamd_jax import models
 from metamd_jax.objectives import MetaGradient
@@ -241,7 +242,7 @@ def test_parallel_loads_a_config_file():
 
 
 def test_parallel_refuses_more_devices_than_jax_has(monkeypatch, capsys):
-  monkeypatch.setenv('XLA_FLAGS', '')  # main adds the fake device count to it.
+  monkeypatch.setenv('XLA_FLAGS', FAST_COMPILE)  # main adds the fake device count to it.
   too_many = jax.device_count() + 1  # JAX has started: the flag can no longer add devices.
   with pytest.raises(SystemExit):
     benchmark_parallel.main(['--devices', '1', str(too_many)])
@@ -290,7 +291,7 @@ def test_benchmark_meta_gradient_main(tmp_path, capsys):
 
 
 def test_benchmark_parallel_main(monkeypatch, capsys):
-  monkeypatch.setenv('XLA_FLAGS', '')  # main adds the fake device count to it.
+  monkeypatch.setenv('XLA_FLAGS', FAST_COMPILE)  # main adds the fake device count to it.
   benchmark_parallel.main(['--quick', '--config', str(CONFIGS / 'tiny.py'), '--devices', '1',
                            '--meta-batch-size', '2', '--horizon', '2', '--repeats', '1'])
   out = capsys.readouterr().out
