@@ -7,6 +7,11 @@ from metamd_jax.adaptive import (
     scale_by_adaptive_mirror_descent,
 )
 from metamd_jax.artifact import load_divergence, save_divergence
+from metamd_jax.blended import (
+    ScaleByBlendedMirrorDescentState,
+    blended_metamd,
+    scale_by_blended_mirror_descent,
+)
 from metamd_jax.bound import adaptive_regret_bound, regret_bound
 from metamd_jax.divergence import (
     DiagonalMetric,
@@ -49,12 +54,14 @@ __all__ = (
     'Rollout',
     'ScalarMetric',
     'ScaleByAdaptiveMirrorDescentState',
+    'ScaleByBlendedMirrorDescentState',
     'ScaleByMirrorDescentState',
     'Task',
     'TaskFamily',
     'adaptive_metamd',
     'adaptive_regret_bound',
     'adaptive_rollout',
+    'blended_metamd',
     'bregman_divergence',
     'check_divergence',
     'check_structure',
@@ -70,6 +77,7 @@ __all__ = (
     'rollout',
     'save_divergence',
     'scale_by_adaptive_mirror_descent',
+    'scale_by_blended_mirror_descent',
     'scale_by_mirror_descent',
     'strong_convexity',
     'unrolled_loss',

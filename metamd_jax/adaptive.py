@@ -97,6 +97,7 @@ __all__ = [
     'check_reference_norm',
     'check_reference_norms',
     'direction_and_squared_norm',
+    'divide_leaves',
     'gradient_levels',
     'reference_gradient_norm',
     'scale_by_adaptive_mirror_descent',
@@ -261,7 +262,7 @@ def direction_and_squared_norm(inverse: PyTree, grads: PyTree, *, per_leaf: bool
   return direction, sum(terms[1:], terms[0]) if terms else jnp.zeros(())
 
 
-def _divide_leaves(grads: PyTree, direction: PyTree, scale: Array) -> PyTree:
+def divide_leaves(grads: PyTree, direction: PyTree, scale: Array) -> PyTree:
   """``direction / scale`` in the dtype of ``grads``: one scale, or one per leaf."""
   if scale.ndim == 0:
     return jax.tree.map(lambda g, d: (d / scale).astype(g.dtype), grads, direction)
@@ -370,7 +371,7 @@ def scale_by_adaptive_mirror_descent(
     count, norm_average, scale = update_scale(
         state.count, state.norm_average, state.scale, squared_norm,
         reference_norm=reference_norm, decay=decay)
-    updates = _divide_leaves(updates, direction, scale)
+    updates = divide_leaves(updates, direction, scale)
     return updates, ScaleByAdaptiveMirrorDescentState(state.preconditioner, count,
                                                       norm_average, scale)
 

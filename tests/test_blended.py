@@ -1,0 +1,255 @@
+"""Blended MetaMD: the rule against a float64 numpy loop, the metric's monotonicity and
+the regret bound against dense matrices, and what the online half adds."""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import dense_block_metric, flat
+from helpers import quadratic_task, well_conditioned
+
+import metamd_jax
+from metamd_jax import blended
+
+SHAPES = {'w': (4, 3), 'b': (3,), 'conv': (2, 2, 2, 3), 'scalar': ()}
+
+
+def _tree(seed, scale=1.0, dtype=None):
+  rng = np.random.default_rng(seed)
+  return {k: jnp.asarray(scale * rng.standard_normal(s), dtype) for k, s in SHAPES.items()}
+
+
+def _divergence(seed=0, dtype=None, structure='kronecker'):
+  divergence = metamd_jax.init_divergence(_tree(0), 0.1, dtype=dtype, structure=structure)
+  return well_conditioned(divergence, seed=seed, noise=0.3)
+
+
+def _factored_statistics(grads_list):
+  """Per leaf (jax.tree.leaves order), numpy float64: r_t and c_t from the definition.
+
+  A leaf is a matrix with rows indexed by every axis but the last; ``r_i`` sums the
+  squares of row ``i`` over its columns and over the steps so far, ``c_j`` column ``j``'s.
+  """
+  rows, columns = None, None
+  for grads in grads_list:
+    leaves = [np.asarray(g, np.float64) for g in jax.tree.leaves(grads)]
+    new_rows, new_columns = [], []
+    for g in leaves:
+      if g.ndim == 0:
+        new_rows.append(g ** 2)
+        new_columns.append(g ** 2)
+        continue
+      matrix = g.reshape(-1, g.shape[-1])
+      new_rows.append(np.array([row @ row for row in matrix]).reshape(g.shape[:-1]))
+      new_columns.append(np.array([col @ col for col in matrix.T]))
+    rows = new_rows if rows is None else [a + b for a, b in zip(rows, new_rows)]
+    columns = new_columns if columns is None else [a + b for a, b in zip(columns, new_columns)]
+  return rows, columns
+
+
+def _sizes(rows, columns):
+  """Per leaf: ``(m, n)``, its numbers of rows and columns."""
+  return [(max(np.size(r), 1), np.shape(c)[-1] if np.ndim(c) else 1)
+          for r, c in zip(rows, columns)]
+
+
+def _denominator(rows, columns, epsilon):
+  """``K_t``'s diagonal, ``((r_i / n) (c_j / m))^{1/4} + delta``, flattened like
+  :func:`conftest.flat`."""
+  parts = []
+  for r, c, (m, n) in zip(rows, columns, _sizes(rows, columns)):
+    product = r * c if np.ndim(r) == 0 else np.asarray(r)[..., None] * np.asarray(c)
+    parts.append(np.ravel((product / (m * n)) ** 0.25 + epsilon))
+  return np.concatenate(parts)
+
+
+def _numpy_run(metric, grads_list, reference_norm, decay, blend_rate, epsilon):
+  """Float64 reference: adaptive scale (EMA, bias correction, running max) plus the online
+  direction; returns the updates, the scales and the diagonals of ``K_t``."""
+  average, scale, updates, scales, denominators = 0.0, 1.0, [], [], []
+  inverse = np.linalg.inv(metric)
+  for t, grads in enumerate(grads_list, start=1):
+    g = flat(grads)
+    learned = inverse @ g
+    average = decay * average + (1 - decay) * (g @ learned)
+    scale = max(scale, math.sqrt(average / (1 - decay ** t)) / reference_norm)
+    denominator = _denominator(*_factored_statistics(grads_list[:t]), epsilon)
+    updates.append(-(learned + blend_rate * g / denominator) / scale)
+    scales.append(scale)
+    denominators.append(denominator)
+  return updates, np.array(scales), denominators
+
+
+def test_zero_blend_rate_is_adaptive_metamd():
+  params = _tree(1, dtype=jnp.float32)
+  grads_list = [_tree(10 + t, scale=2.0 ** t, dtype=jnp.float32) for t in range(5)]
+  divergence = _divergence(seed=1, dtype=jnp.float32)
+  levels = (1.0, 2.0, 3.0, 4.0)
+  ours = metamd_jax.blended_metamd(divergence, levels, 0.0, 0.5, per_leaf=True)
+  reference = metamd_jax.adaptive_metamd(divergence, levels, 0.5, per_leaf=True)
+  ours_state, reference_state = ours.init(params), reference.init(params)
+  for grads in grads_list:
+    a, ours_state = jax.jit(ours.update)(grads, ours_state, params)
+    b, reference_state = jax.jit(reference.update)(grads, reference_state, params)
+    chex.assert_trees_all_equal(a, b)
+  chex.assert_trees_all_equal(ours_state[0].adaptive, reference_state[0])
+
+
+@pytest.mark.parametrize('structure', ['kronecker', 'diagonal'])
+def test_updates_equal_a_numpy_loop_of_the_rule(x64, structure):
+  divergence = _divergence(seed=2, dtype=jnp.float64, structure=structure)
+  metric = dense_block_metric(divergence)
+  params = _tree(1)
+  grads_list = [_tree(20 + t, scale=1.6 ** t) for t in range(8)]  # growing gradients
+  first = flat(grads_list[0])
+  reference_norm = 3.0 * math.sqrt(first @ np.linalg.solve(metric, first))
+  blend_rate, epsilon, decay = 0.3, 1e-3, 0.9
+  expected, scales, _ = _numpy_run(metric, grads_list, reference_norm, decay, blend_rate,
+                                   epsilon)
+  assert scales[0] == 1.0 and scales[-1] > 2.0  # the learned half adapts along the way
+
+  optimizer = metamd_jax.blended_metamd(divergence, reference_norm, blend_rate, decay=decay,
+                                        epsilon=epsilon)
+  state = optimizer.init(params)
+  update = jax.jit(optimizer.update)
+  for t, grads in enumerate(grads_list):
+    updates, state = update(grads, state, params)
+    # float64; a sum of two directions that may nearly cancel: rtol 1e-10.
+    np.testing.assert_allclose(flat(updates), expected[t], rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(float(state[0].adaptive.scale), scales[t], rtol=1e-13)
+  # The statistics are the diagonals of Shampoo's sum G G^T and sum G^T G (leaf as matrix).
+  rows, columns = _factored_statistics(grads_list)
+  for ours, want in zip(jax.tree.leaves(state[0].statistics.rows), rows):
+    np.testing.assert_allclose(ours, want, rtol=1e-12)
+  for ours, want in zip(jax.tree.leaves(state[0].statistics.columns), columns):
+    np.testing.assert_allclose(ours, want, rtol=1e-12)
+  w = np.asarray(grads_list[0]['w'], np.float64)
+  np.testing.assert_allclose(np.diag(w @ w.T), _factored_statistics(grads_list[:1])[0][3])
+
+
+def test_state_is_the_adaptive_state_and_one_row_and_column_per_leaf():
+  params = _tree(1, dtype=jnp.float32)
+  state = metamd_jax.scale_by_blended_mirror_descent(_divergence(), 1.0, 0.1).init(params)
+  assert isinstance(state, metamd_jax.ScaleByBlendedMirrorDescentState)
+  shapes = {k: (v.shape, state.statistics.columns[k].shape)
+            for k, v in state.statistics.rows.items()}
+  assert shapes == {'w': ((4,), (3,)), 'b': ((), (3,)), 'conv': ((2, 2, 2), (3,)),
+                    'scalar': ((), ())}
+  assert all(float(jnp.sum(x)) == 0 for x in jax.tree.leaves(state.statistics))
+
+
+@pytest.mark.parametrize('per_leaf', [False, True])
+def test_metric_never_decreases_and_the_regret_bound_holds(x64, per_leaf):
+  """Least squares (convex), dense ``M_t = s_t (M^{-1} + eta K_t^{-1})^{-1}`` (per leaf:
+  block by block): each ``M_t - M_{t-1}`` is positive semi-definite, and the regret
+  against the minimiser is below the adaptive-mirror-descent bound, itself below the
+  closed-form bound."""
+  task = quadratic_task(dims=(4, 3), seed=3, dtype=jnp.float64)
+  params = task.init()
+  divergence = well_conditioned(metamd_jax.init_divergence(params, 0.2, dtype=jnp.float64),
+                                seed=3, noise=0.3)
+  metric = dense_block_metric(divergence)
+  inverse = np.linalg.inv(metric)
+  blend_rate, epsilon, num_steps = 0.05, 1e-8, 40
+  grad0 = flat(jax.grad(task.loss)(params, task.batch(jnp.asarray(0))))
+  reference_norm = 0.3 * math.sqrt(grad0 @ inverse @ grad0)  # adapts from the first step
+  optimizer = metamd_jax.blended_metamd(divergence, reference_norm, blend_rate, epsilon=epsilon,
+                                        per_leaf=per_leaf)
+  sizes = [3, 12]  # leaves b, then w: a scale per leaf repeats over its coordinates
+  state = optimizer.init(params)
+  update, gradient = jax.jit(optimizer.update), jax.jit(jax.grad(task.loss))
+  thetas, grads_list, scales = [], [], []
+  for t in range(num_steps):
+    grads = gradient(params, task.batch(jnp.asarray(t)))
+    thetas.append(flat(params))
+    grads_list.append(grads)
+    updates, state = update(grads, state, params)
+    scales.append(np.repeat(np.broadcast_to(np.asarray(state[0].adaptive.scale), 2), sizes))
+    params = optax.apply_updates(params, updates)
+  assert scales[-1].max() > 1.5  # the learned half adapted
+
+  # The comparator u: the least-squares minimiser of the losses seen (the batches cycle
+  # through the task's 32 rows with period 4), in numpy; leaves in order: b, then w.
+  x, y = (np.concatenate(parts) for parts in zip(*(
+      [np.asarray(a, np.float64) for a in task.batch(jnp.asarray(t))] for t in range(4))))
+  solution = np.linalg.lstsq(np.hstack([x, np.ones((len(x), 1))]), y, rcond=None)[0]
+  u = np.concatenate([solution[-1], solution[:-1].ravel()])
+
+  thetas.append(flat(params))
+  metrics, inverses, regret = [], [], 0.0
+  for t in range(num_steps):
+    rows, columns = _factored_statistics(grads_list[:t + 1])
+    online = np.diag(1 / _denominator(rows, columns, epsilon))
+    inverse_t = (inverse + blend_rate * online) / scales[t][:, None]  # block diagonal
+    # The step is mirror descent with the metric M_t.
+    np.testing.assert_allclose(thetas[t + 1] - thetas[t], -inverse_t @ flat(grads_list[t]),
+                               rtol=1e-10, atol=1e-14)
+    inverses.append(inverse_t)
+    metrics.append(np.linalg.inv(inverse_t))
+    regret += flat(grads_list[t]) @ (thetas[t] - u)
+  for before, after in zip(metrics, metrics[1:]):
+    assert np.linalg.eigvalsh(after - before).min() > -1e-9 * np.abs(after).max()
+
+  d = [thetas[t] - u for t in range(num_steps)]
+  adaptive_bound = 0.5 * d[0] @ metrics[0] @ d[0]
+  adaptive_bound += 0.5 * sum(d[t] @ (metrics[t] - metrics[t - 1]) @ d[t]
+                              for t in range(1, num_steps))
+  adaptive_bound += 0.5 * sum(flat(g) @ m @ flat(g) for g, m in zip(grads_list, inverses))
+  assert regret <= adaptive_bound
+
+  adagrad = np.sqrt(sum(flat(g) ** 2 for g in grads_list)) + epsilon
+  # (m n)^(1/4) per coordinate: leaves b (one row of 3) and w (4 x 3).
+  leaf_factor = np.concatenate([np.full(3, 3 ** 0.25), np.full(12, 12 ** 0.25)])
+  diameter = max(np.sum(x ** 2) for x in d)
+  closed_form = (0.5 * scales[-1].max() * np.trace(metric) * diameter
+                 + 0.5 * sum(flat(g) @ (inverse / s[:, None]) @ flat(g)
+                             for g, s in zip(grads_list, scales))
+                 + blend_rate * np.sum(leaf_factor * adagrad))
+  assert adaptive_bound <= closed_form
+
+
+def test_online_half_trains_where_the_learned_steps_are_too_short():
+  task = quadratic_task(dims=(4, 3), seed=4)
+  params = task.init()
+  too_short = metamd_jax.init_divergence(params, 1e-6)
+
+  def final_loss(optimizer, num_steps=60):
+    def body(carry, step):
+      p, s = carry
+      updates, s = optimizer.update(jax.grad(task.loss)(p, task.batch(step)), s, p)
+      return (optax.apply_updates(p, updates), s), None
+
+    (p, _), _ = jax.lax.scan(body, (params, optimizer.init(params)), jnp.arange(num_steps))
+    return float(sum(task.loss(p, task.batch(jnp.asarray(t))) for t in range(4)))
+
+  initial = final_loss(optax.sgd(0.0))
+  best = final_loss(optax.sgd(0.1), num_steps=600)  # about the minimum
+  frozen = final_loss(metamd_jax.metamd(too_short))
+  blend = final_loss(metamd_jax.blended_metamd(too_short, None, blend_rate=0.1))
+  assert frozen - best > 0.99 * (initial - best)
+  assert blend - best < 0.1 * (initial - best)
+
+
+@pytest.mark.parametrize('value, error', [
+    (-0.1, ValueError), (float('nan'), ValueError), (math.inf, ValueError),
+    (True, TypeError), ('0.1', TypeError), (None, TypeError)])
+def test_bad_blend_rate_is_named(value, error):
+  with pytest.raises(error, match='blend_rate'):
+    metamd_jax.blended_metamd(_divergence(), 1.0, value)
+
+
+@pytest.mark.parametrize('value', [0.0, -1e-8, float('nan'), True])
+def test_bad_epsilon_is_named(value):
+  with pytest.raises(ValueError, match='epsilon'):
+    blended.scale_by_factored_statistics(value)
+
+
+def test_bad_levels_and_learning_rate_are_named():
+  with pytest.raises(ValueError, match='reference_norm'):
+    metamd_jax.blended_metamd(_divergence(), -1.0, 0.1)
+  with pytest.raises(ValueError, match='learning_rate'):
+    metamd_jax.blended_metamd(_divergence(), 1.0, 0.1, learning_rate=-1.0)
