@@ -198,6 +198,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _fail('eval.adaptive_decay', decay, 'must be a number in [0, 1)')
   if not isinstance(evaluation.adaptive_per_leaf, bool):
     _fail('eval.adaptive_per_leaf', evaluation.adaptive_per_leaf, 'must be True or False')
+  blend_rate = evaluation.adaptive_blend_rate
+  if isinstance(blend_rate, bool) or not isinstance(blend_rate, (int, float)) \
+      or not (math.isfinite(blend_rate) and blend_rate >= 0):
+    _fail('eval.adaptive_blend_rate', blend_rate, 'must be a finite number >= 0')
   quantile = evaluation.adaptive_quantile
   if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) \
       or not 0 < quantile <= 1:

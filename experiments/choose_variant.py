@@ -3,7 +3,9 @@
   python -m experiments.choose_variant --config configs/mnist1d_cnn.py --workdir runs/cnn
 
 Adaptive MetaMD (:func:`metamd_jax.adaptive_metamd`) comes with one scale for the whole
-model or one per parameter leaf (``eval.adaptive_per_leaf``). Which one to use is a
+model or one per parameter leaf (``eval.adaptive_per_leaf``), and blended MetaMD
+(:func:`metamd_jax.blended_metamd`) adds an online direction weighted by
+``eval.adaptive_blend_rate``. Which one to use is a
 choice, so it is made here on *validation tasks*, never on the held-out tasks: the
 learned divergence of ``<workdir>/divergence.npz`` (a main job's or a meta-training
 run's artifact) trains :func:`metamd_jax.evaluation.tuning_tasks` of the meta-train
@@ -15,9 +17,10 @@ on the changed tuning tasks and every other optimiser keeps what it has in distr
 the learning rate tuned there, the levels calibrated there
 (:func:`experiments.evaluate.calibrate`).
 
-Candidates: ``'adaptive'`` (one scale) and ``'adaptive_per_leaf'`` (one scale per leaf);
-frozen ``'metamd'`` and the reference at its meta-train-tuned learning rate run next to
-them for comparison. The rule, fixed before any run:
+Candidates (:data:`CANDIDATES`): ``'adaptive'`` (one scale), ``'adaptive_per_leaf'``
+(one scale per leaf) and ``'blended_<rate>'`` (one scale per leaf plus the online
+direction at blend rates 0.01, 0.03, 0.1); frozen ``'metamd'`` and the reference at its
+meta-train-tuned learning rate run next to them for comparison. The rule, fixed before any run:
 
 1. fewest diverged runs over the checks where the reference, at its meta-train-tuned
    learning rate, trains (:func:`experiments.benchmark_targets.robustness_summary`);
@@ -26,10 +29,12 @@ them for comparison. The rule, fixed before any run:
 3. then the lowest geometric mean, over the checks, of the candidate's mean final
    training loss divided by the re-tuned reference's (a diverged check counts as
    infinite);
-4. ties go to ``'adaptive'``, the single scale.
+4. ties go to the earlier candidate in :data:`CANDIDATES` (the single scale first, the
+   blended ones last).
 
 Writes ``choose_variant.json`` and ``choose_variant.md`` in the workdir and prints the
-table; set ``--config.eval.adaptive_per_leaf`` (or the family's config) to the choice.
+table; set ``eval.adaptive_per_leaf`` and ``eval.adaptive_blend_rate`` (in the family's
+config, or with ``--config.eval...``) to the choice.
 """
 
 from __future__ import annotations
@@ -50,8 +55,14 @@ from experiments import meta_train as meta_train_exp  # noqa: E402
 from metamd_jax import evaluation  # noqa: E402
 from metamd_jax.types import PyTree  # noqa: E402
 
-CANDIDATES = {'adaptive': False, 'adaptive_per_leaf': True}
-"""The candidates and their ``eval.adaptive_per_leaf``; the first wins ties."""
+CANDIDATES = {
+    'adaptive': {'adaptive_per_leaf': False, 'adaptive_blend_rate': 0.0},
+    'adaptive_per_leaf': {'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.0},
+    'blended_0.01': {'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.01},
+    'blended_0.03': {'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.03},
+    'blended_0.1': {'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.1},
+}
+"""The candidates and their ``eval`` settings; earlier ones win ties."""
 IN_DISTRIBUTION = 'in_distribution'
 RESULT = 'choose_variant'
 
@@ -99,7 +110,8 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   Returns:
     ``{'tasks', 'num_tasks', 'reference', 'reference_learning_rate', 'levels':
     {candidate: calibrated levels}, 'checks': {check: evaluate_shift-like result},
-    'scores': {candidate: score(...)}, 'chosen', 'adaptive_per_leaf'}``.
+    'scores': {candidate: score(...)}, 'chosen', 'adaptive_per_leaf',
+    'adaptive_blend_rate'}`` (the last two: the chosen candidate's settings).
 
   Raises:
     ValueError: when the reference diverges at every learning rate, or when calibration
@@ -116,10 +128,14 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                      f'config.eval.learning_rates {tuple(ev.learning_rates)}.')
   optimizers = {'metamd': metamd_jax.metamd(divergence)}
   levels = {}
-  for name, per_leaf in CANDIDATES.items():
+  calibrations = {}
+  for name, settings in CANDIDATES.items():
     variant = config.copy_and_resolve_references()
-    variant.eval.adaptive_per_leaf = per_leaf
-    calibration = evaluate.calibrate(variant, divergence, family, tune_tasks)
+    variant.eval.update(settings)
+    per_leaf = settings['adaptive_per_leaf']
+    if per_leaf not in calibrations:  # the levels depend on per_leaf alone
+      calibrations[per_leaf] = evaluate.calibrate(variant, divergence, family, tune_tasks)
+    calibration = calibrations[per_leaf]
     optimizer = evaluate.adaptive_optimizer(variant, divergence, calibration)
     if optimizer is not None:
       optimizers[name], levels[name] = optimizer, calibration['reference_norm']
@@ -153,8 +169,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   return {'tasks': 'validation: meta-train tuning tasks (evaluation.tuning_tasks)',
           'num_tasks': ev.num_tasks, 'reference': ev.reference,
           'reference_learning_rate': tuned[ev.reference], 'levels': levels,
-          'checks': checks, 'scores': scores, 'chosen': chosen,
-          'adaptive_per_leaf': CANDIDATES[chosen]}
+          'checks': checks, 'scores': scores, 'chosen': chosen, **CANDIDATES[chosen]}
 
 
 def format_choice(result: dict) -> str:
@@ -163,7 +178,8 @@ def format_choice(result: dict) -> str:
   lines = [f"Adaptive MetaMD's variant on {result['num_tasks']} validation tasks (meta-train "
            'tasks never used in meta-training or meta-testing), '
            f"{len(result['checks'])} checks; chosen: **{result['chosen']}** "
-           f"(eval.adaptive_per_leaf={result['adaptive_per_leaf']}).", '',
+           f"(eval.adaptive_per_leaf={result['adaptive_per_leaf']}, "
+           f"eval.adaptive_blend_rate={result['adaptive_blend_rate']}).", '',
            f'| candidate | diverged runs where {reference} trains | faster than '
            f'{reference} re-tuned | final loss / re-tuned {reference} (geometric mean) |',
            '| --- | --- | --- | --- |']

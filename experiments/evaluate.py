@@ -51,19 +51,25 @@ def calibrate(config: ml_collections.ConfigDict, divergence: PyTree, family: Tas
     reference = None
   return {'reference_norm': reference, 'decay': ev.adaptive_decay,
           'quantile': ev.adaptive_quantile, 'per_leaf': ev.adaptive_per_leaf,
+          'blend_rate': ev.adaptive_blend_rate,
           'calibration_tasks': 'meta-train tuning tasks',
           'num_calibration_tasks': ev.num_tune_tasks, 'num_steps': ev.num_steps}
 
 
 def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
                        adaptive: dict | None):
-  """Adaptive MetaMD with the levels of :func:`calibrate`; ``None`` when calibration
-  failed or is off."""
+  """Adaptive MetaMD with the levels of :func:`calibrate`, blended MetaMD
+  (:func:`metamd_jax.blended_metamd`) when ``eval.adaptive_blend_rate > 0``; ``None``
+  when calibration failed or is off."""
   if adaptive is None or adaptive['reference_norm'] is None:
     return None
+  ev = config.eval
+  if ev.adaptive_blend_rate > 0:
+    return metamd_jax.blended_metamd(divergence, adaptive['reference_norm'],
+                                     ev.adaptive_blend_rate, decay=ev.adaptive_decay,
+                                     per_leaf=ev.adaptive_per_leaf)
   return metamd_jax.adaptive_metamd(divergence, adaptive['reference_norm'],
-                                    decay=config.eval.adaptive_decay,
-                                    per_leaf=config.eval.adaptive_per_leaf)
+                                    decay=ev.adaptive_decay, per_leaf=ev.adaptive_per_leaf)
 
 
 def evaluate_shift(config: ml_collections.ConfigDict, shift: str,

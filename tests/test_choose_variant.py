@@ -61,16 +61,20 @@ def test_compare_runs_validation_tasks_only_and_applies_the_rule(tmp_path, monke
   divergence = builders.build_divergence(config, family)
   monkeypatch.setattr(evaluation, 'held_out_tasks',
                       lambda *a, **k: pytest.fail('held-out tasks used'))
+  # Two of the candidates (each costs its runs): one scale, and blended with one per leaf.
+  candidates = {name: choose_variant.CANDIDATES[name] for name in ('adaptive', 'blended_0.03')}
+  assert candidates['blended_0.03'] == {'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.03}
+  monkeypatch.setattr(choose_variant, 'CANDIDATES', candidates)
   result = choose_variant.compare(config, tmp_path, divergence)
 
   assert list(result['checks']) == ['in_distribution', 'inputs_x2']
-  assert set(result['levels']) == {'adaptive', 'adaptive_per_leaf'}
+  assert set(result['levels']) == {'adaptive', 'blended_0.03'}
   assert isinstance(result['levels']['adaptive'], float)
   metrics = jax.tree.leaves(divergence, is_leaf=divergence_lib.is_metric)
-  assert len(result['levels']['adaptive_per_leaf']) == len(metrics)
+  assert len(result['levels']['blended_0.03']) == len(metrics)
   for check in result['checks'].values():
     assert check['reference'] == 'adam_retuned'
-    assert set(check['optimizers']) == {'metamd', 'adaptive', 'adaptive_per_leaf', 'adam',
+    assert set(check['optimizers']) == {'metamd', 'adaptive', 'blended_0.03', 'adam',
                                         'adam_retuned'}
     for entry in check['optimizers'].values():
       assert entry['num_runs'] == config.eval.num_tasks
@@ -90,10 +94,12 @@ def test_compare_runs_validation_tasks_only_and_applies_the_rule(tmp_path, monke
     summary = benchmark_targets.robustness_summary(result['checks'], [name], 'adam')[name]
     assert row['faster'] == summary['faster']
   assert result['chosen'] == choose_variant.choose(result['scores'])
-  assert result['adaptive_per_leaf'] == (result['chosen'] == 'adaptive_per_leaf')
+  settings = candidates[result['chosen']]
+  assert result['adaptive_per_leaf'] == settings['adaptive_per_leaf']
+  assert result['adaptive_blend_rate'] == settings['adaptive_blend_rate']
   table = choose_variant.format_choice(result)
   assert f"chosen: **{result['chosen']}**" in table
-  assert table.count('| inputs_x2 |') == 5 and '| adaptive_per_leaf | learned (c per leaf' in table
+  assert table.count('| inputs_x2 |') == 5 and '| blended_0.03 | learned (c per leaf' in table
 
 
 def test_reference_that_always_diverges_is_named(tmp_path, monkeypatch):

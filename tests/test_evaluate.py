@@ -3,7 +3,9 @@
 import json
 import math
 
+import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -174,6 +176,9 @@ def test_shifted_families_are_shifted(setup):
     ('eval.adaptive_quantile', 0.0),
     ('eval.adaptive_quantile', -1.0),
     ('eval.adaptive_quantile', 1.5),
+    ('eval.adaptive_blend_rate', -0.1),
+    ('eval.adaptive_blend_rate', float('nan')),
+    ('eval.adaptive_blend_rate', math.inf),
 ])
 def test_bad_adaptive_and_shift_values_name_the_field(field, value):
   config = tiny.get_config()
@@ -181,6 +186,30 @@ def test_bad_adaptive_and_shift_values_name_the_field(field, value):
   config[section][name] = value
   with pytest.raises(ValueError, match=rf'config\.{field}'):
     builders.validate_config(config)
+
+
+def test_adaptive_optimizer_is_blended_with_a_positive_blend_rate():
+  config = tiny.get_config()
+  params = {'w': jnp.ones((3, 2)), 'b': jnp.ones((2,))}
+  divergence = metamd_jax.init_divergence(params, 0.1)
+  calibration = {'reference_norm': (1.0, 1.0)}
+  grads = {'w': jnp.full((3, 2), 2.0), 'b': jnp.full((2,), 2.0)}
+
+  def first_update(optimizer):
+    return optimizer.update(grads, optimizer.init(params), params)[0]
+
+  assert evaluate.adaptive_optimizer(config, divergence, None) is None
+  assert evaluate.adaptive_optimizer(config, divergence, {'reference_norm': None}) is None
+  adaptive_updates = first_update(evaluate.adaptive_optimizer(config, divergence, calibration))
+  chex.assert_trees_all_close(adaptive_updates, first_update(metamd_jax.adaptive_metamd(
+      divergence, (1.0, 1.0), per_leaf=True)))
+  config.eval.adaptive_blend_rate = 0.5
+  blended_updates = first_update(evaluate.adaptive_optimizer(config, divergence, calibration))
+  chex.assert_trees_all_close(blended_updates, first_update(metamd_jax.blended_metamd(
+      divergence, (1.0, 1.0), 0.5, per_leaf=True)))
+  # The online half adds 0.5 * g / |g| = 0.5 per entry (the first step; g constant).
+  chex.assert_trees_all_close(blended_updates, jax.tree.map(lambda u: u - 0.5,
+                                                            adaptive_updates), atol=1e-6)
 
 
 def test_a_shift_keeps_every_optimizer_and_retunes_adam(setup, monkeypatch):
