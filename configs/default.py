@@ -94,8 +94,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Blended MetaMD (metamd_jax.blended_metamd): > 0 adds to adaptive MetaMD's direction an
   # online one, blend_rate * g / (r_t c_t)^(1/4), from running row and column sums of g^2
   # (diagonal Kronecker statistics), so that steps the learned metric makes too short, or a
-  # geometry that no longer fits, still train. 0: adaptive MetaMD alone.
-  evaluation.adaptive_blend_rate = 0.0
+  # geometry that no longer fits, still train. 0: adaptive MetaMD alone. Chosen with
+  # experiments.choose_variant on validation tasks (experiments/RESULTS.md section 10).
+  evaluation.adaptive_blend_rate = 0.03
   # Everyday changes (classification families only; () disables): the held-out tasks again
   # with every optimiser as it is (learned metric, tuned learning rates, calibrated c),
   # against Adam re-tuned on each change. Each costs one Adam tuning and one run per

@@ -35,6 +35,8 @@ def test_adaptive_row_with_a_huge_reference_is_metamd(setup, tmp_path, monkeypat
   config.eval.baselines = ()
   config.eval.shifts = ()
   config.eval.time_steps, config.eval.horizon_multiplier = True, 2
+  assert config.eval.adaptive_blend_rate == 0.03  # the default: blended MetaMD
+  config.eval.adaptive_blend_rate = 0.0  # adaptive MetaMD alone: never adapting, it is MetaMD
   calls = []
 
   def reference(div, family, task_params, num_steps, *, quantile, decay, per_leaf):
@@ -101,7 +103,7 @@ def test_per_leaf_calibration_gives_one_level_per_leaf(setup):
   assert all(c > 0 for c in result['reference_norm'])
   optimizer = evaluate.adaptive_optimizer(config, divergence, result)
   state = optimizer.init(meta_test_family.init_params())
-  assert state[0].scale.shape == (len(leaves),)
+  assert state[0].adaptive.scale.shape == (len(leaves),)  # blended MetaMD by default
   assert report._learning_rate_text(None, [1.5, 2.25, math.inf]) == (
       'learned (c per leaf: 1.5 to 2.25)')
   assert report._learning_rate_text(None, 8.94) == 'learned (c = 8.94)'
@@ -200,6 +202,7 @@ def test_adaptive_optimizer_is_blended_with_a_positive_blend_rate():
 
   assert evaluate.adaptive_optimizer(config, divergence, None) is None
   assert evaluate.adaptive_optimizer(config, divergence, {'reference_norm': None}) is None
+  config.eval.adaptive_blend_rate = 0.0
   adaptive_updates = first_update(evaluate.adaptive_optimizer(config, divergence, calibration))
   chex.assert_trees_all_close(adaptive_updates, first_update(metamd_jax.adaptive_metamd(
       divergence, (1.0, 1.0), per_leaf=True)))
@@ -207,9 +210,13 @@ def test_adaptive_optimizer_is_blended_with_a_positive_blend_rate():
   blended_updates = first_update(evaluate.adaptive_optimizer(config, divergence, calibration))
   chex.assert_trees_all_close(blended_updates, first_update(metamd_jax.blended_metamd(
       divergence, (1.0, 1.0), 0.5, per_leaf=True)))
-  # The online half adds 0.5 * g / |g| = 0.5 per entry (the first step; g constant).
-  chex.assert_trees_all_close(blended_updates, jax.tree.map(lambda u: u - 0.5,
-                                                            adaptive_updates), atol=1e-6)
+  # The online half adds 0.5 * g / |g| = 0.5 per entry (the first step; g constant),
+  # shortened like the learned half by the leaf's scale s = max(1, ||g||_{M^-1} / 1.0):
+  # sqrt(0.1 * 6 * 4) for w, sqrt(0.1 * 2 * 4) < 1 for b.
+  scales = {'w': np.sqrt(2.4), 'b': 1.0}
+  chex.assert_trees_all_close(
+      blended_updates, {k: u - 0.5 / scales[k] for k, u in adaptive_updates.items()},
+      atol=1e-6)
 
 
 def test_a_shift_keeps_every_optimizer_and_retunes_adam(setup, monkeypatch):
