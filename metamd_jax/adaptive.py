@@ -99,6 +99,7 @@ __all__ = [
     'direction_and_squared_norm',
     'divide_leaves',
     'gradient_levels',
+    'real_number',
     'reference_gradient_norm',
     'scale_by_adaptive_mirror_descent',
     'update_scale',
@@ -108,6 +109,23 @@ __all__ = [
 # ---------------------------------------------------------------------------
 # The online scale.
 # ---------------------------------------------------------------------------
+
+
+def real_number(value: Any, name: str, expected: str) -> float | None:
+  """``float(value)``, or ``None`` for a traced value (checked by its caller).
+
+  Raises:
+    TypeError: naming ``name`` and ``expected`` if ``value`` is not a real number (a
+      bool, a string and ``None`` are not).
+  """
+  if isinstance(value, (bool, np.bool_, str)) or value is None:
+    raise TypeError(f'{name} must be {expected}, got {value!r}.')
+  try:
+    return float(value)
+  except jax.errors.ConcretizationTypeError:
+    return None
+  except (TypeError, ValueError) as error:
+    raise TypeError(f'{name} must be {expected}, got {value!r}.') from error
 
 
 def check_reference_norm(reference_norm: Any) -> float | Array | None:
@@ -125,15 +143,9 @@ def check_reference_norm(reference_norm: Any) -> float | Array | None:
   """
   if reference_norm is None:
     return None
-  if isinstance(reference_norm, (bool, np.bool_, str)):
-    raise TypeError(f'reference_norm must be a positive float or None, got {reference_norm!r}.')
-  try:
-    value = float(reference_norm)
-  except jax.errors.ConcretizationTypeError:
+  value = real_number(reference_norm, 'reference_norm', 'a positive float or None')
+  if value is None:
     return reference_norm  # Traced: checked by the caller.
-  except (TypeError, ValueError) as error:
-    raise TypeError(
-        f'reference_norm must be a positive float or None, got {reference_norm!r}.') from error
   if value == math.inf:
     return None
   if not (math.isfinite(value) and value > 0):
@@ -186,14 +198,9 @@ def check_decay(decay: Any) -> float | Array:
     TypeError: if ``decay`` is not a real number (a bool is not one).
     ValueError: if it is outside ``[0, 1)``.
   """
-  if isinstance(decay, (bool, np.bool_, str)):
-    raise TypeError(f'decay must be a float in [0, 1), got {decay!r}.')
-  try:
-    value = float(decay)
-  except jax.errors.ConcretizationTypeError:
+  value = real_number(decay, 'decay', 'a float in [0, 1)')
+  if value is None:
     return decay
-  except (TypeError, ValueError) as error:
-    raise TypeError(f'decay must be a float in [0, 1), got {decay!r}.') from error
   if not 0 <= value < 1:
     raise ValueError(f'decay must be in [0, 1), got {decay!r}.')
   return value

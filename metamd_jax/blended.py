@@ -80,7 +80,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from metamd_jax import adaptive, transform
@@ -106,14 +105,9 @@ def check_blend_rate(blend_rate: Any) -> float | Array:
     TypeError: if it is not a real number (a bool is not one).
     ValueError: if it is negative, infinite or NaN.
   """
-  if isinstance(blend_rate, (bool, np.bool_, str)) or blend_rate is None:
-    raise TypeError(f'blend_rate must be a float >= 0, got {blend_rate!r}.')
-  try:
-    value = float(blend_rate)
-  except jax.errors.ConcretizationTypeError:
+  value = adaptive.real_number(blend_rate, 'blend_rate', 'a float >= 0')
+  if value is None:
     return blend_rate
-  except (TypeError, ValueError) as error:
-    raise TypeError(f'blend_rate must be a float >= 0, got {blend_rate!r}.') from error
   if not (math.isfinite(value) and value >= 0):
     raise ValueError(f'blend_rate must be finite and >= 0 (0: adaptive MetaMD), got '
                      f'{blend_rate!r}.')
