@@ -14,8 +14,10 @@ def get_config():
   # Chosen on validation tasks over 1e-3 ... 0.3 (experiments/RESULTS.md section 10):
   #   python -m experiments.sweep --config configs/digits_mlp.py --field=meta.eps ...
   config.meta.eps = 1e-3
-  # One adaptive scale for the whole model: this family's own validation choice (the
-  # default's per-leaf scales lose here; experiments/RESULTS.md section 10):
+  # Blended MetaMD at blend rate 0.01 with one scale per leaf: this family's own validation
+  # choice (experiments/RESULTS.md section 10; adaptive MetaMD alone did better with one
+  # scale, but the blended candidates beat it):
   #   python -m experiments.choose_variant --config configs/digits_mlp.py ...
-  config.eval.adaptive_per_leaf = False
+  config.eval.adaptive_per_leaf = True
+  config.eval.adaptive_blend_rate = 0.01
   return config
