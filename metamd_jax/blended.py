@@ -221,6 +221,10 @@ def scale_by_blended_mirror_descent(
 ) -> optax.GradientTransformation:
   """Map gradients to ``(M^{-1} g + blend_rate * K_t^{-1} g) / s_t`` (see the module doc).
 
+  The direction has the sign of the gradient; follow with
+  ``optax.scale_by_learning_rate`` or use :func:`blended_metamd`. A non-finite gradient
+  stays in the running statistics: wrap in ``optax.apply_if_finite`` to keep it out.
+
   Args:
     divergence: a divergence from :func:`metamd_jax.init_divergence` (learned or not).
     reference_norm: the in-distribution level(s) of adaptive MetaMD

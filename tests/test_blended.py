@@ -253,3 +253,15 @@ def test_bad_levels_and_learning_rate_are_named():
     metamd_jax.blended_metamd(_divergence(), -1.0, 0.1)
   with pytest.raises(ValueError, match='learning_rate'):
     metamd_jax.blended_metamd(_divergence(), 1.0, 0.1, learning_rate=-1.0)
+
+
+def test_keeps_the_parameter_dtype_and_accumulates_in_float32():
+  params = {'w': jnp.ones((4, 3), jnp.bfloat16), 'b': jnp.ones((3,), jnp.bfloat16)}
+  divergence = metamd_jax.init_divergence(params, 0.1)
+  optimizer = metamd_jax.blended_metamd(divergence, (1.0, 1.0), 0.1, per_leaf=True)
+  state = optimizer.init(params)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+  updates, state = jax.jit(optimizer.update)(grads, state, params)
+  assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state[0].statistics))
+  assert all(bool(jnp.all(jnp.isfinite(u.astype(jnp.float32)))) for u in jax.tree.leaves(updates))
