@@ -52,4 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
   ev.time_steps = True
   ev.horizon_multiplier = 10
   ev.shifts = ('heldout_text',)
+  # Blended MetaMD at 0.01, one scale per leaf: this family's validation choice, by the
+  # third criterion and within noise of adaptive MetaMD per leaf (1.041 against 1.043;
+  # experiments/RESULTS.md section 10):
+  #   python -m experiments.choose_variant --config configs/transformer_lm.py ...
+  ev.adaptive_blend_rate = 0.01
   return config
