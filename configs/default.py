@@ -97,6 +97,9 @@ def get_config() -> ml_collections.ConfigDict:
   # geometry that no longer fits, still train. 0: adaptive MetaMD alone. Chosen with
   # experiments.choose_variant on validation tasks (experiments/RESULTS.md section 10).
   evaluation.adaptive_blend_rate = 0.03
+  # How the online direction accumulates g^2: 'sum' (AdaGrad: steps decay as 1/sqrt(t)) or
+  # 'peak_average' (running maximum of moving averages, AMSGrad's rule: they do not).
+  evaluation.adaptive_blend_statistics = 'sum'
   # Everyday changes (classification families only; () disables): the held-out tasks again
   # with every optimiser as it is (learned metric, tuned learning rates, calibrated c),
   # against Adam re-tuned on each change. Each costs one Adam tuning and one run per

@@ -16,6 +16,7 @@ import optax
 
 import metamd_jax
 from experiments import kronecker_baselines
+from metamd_jax import blended as blended_lib
 from metamd_jax import datasets, models, text
 from metamd_jax.bound import ADJOINTS, resolve_adjoint
 from metamd_jax.linear_solve import make_solver
@@ -202,6 +203,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if isinstance(blend_rate, bool) or not isinstance(blend_rate, (int, float)) \
       or not (math.isfinite(blend_rate) and blend_rate >= 0):
     _fail('eval.adaptive_blend_rate', blend_rate, 'must be a finite number >= 0')
+  _one_of(evaluation.adaptive_blend_statistics, 'eval.adaptive_blend_statistics',
+          blended_lib.STATISTICS)
   quantile = evaluation.adaptive_quantile
   if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) \
       or not 0 < quantile <= 1:

@@ -58,9 +58,16 @@ from metamd_jax.types import PyTree  # noqa: E402
 CANDIDATES = {
     'adaptive': {'adaptive_per_leaf': False, 'adaptive_blend_rate': 0.0},
     'adaptive_per_leaf': {'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.0},
-    'blended_0.01': {'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.01},
-    'blended_0.03': {'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.03},
-    'blended_0.1': {'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.1},
+    'blended_0.01': {'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.01,
+                     'adaptive_blend_statistics': 'sum'},
+    'blended_0.03': {'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.03,
+                     'adaptive_blend_statistics': 'sum'},
+    'blended_0.1': {'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.1,
+                    'adaptive_blend_statistics': 'sum'},
+    'blended_peak_0.003': {'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.003,
+                           'adaptive_blend_statistics': 'peak_average'},
+    'blended_peak_0.01': {'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.01,
+                          'adaptive_blend_statistics': 'peak_average'},
 }
 """The candidates and their ``eval`` settings; earlier ones win ties."""
 IN_DISTRIBUTION = 'in_distribution'

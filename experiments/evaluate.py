@@ -52,6 +52,7 @@ def calibrate(config: ml_collections.ConfigDict, divergence: PyTree, family: Tas
   return {'reference_norm': reference, 'decay': ev.adaptive_decay,
           'quantile': ev.adaptive_quantile, 'per_leaf': ev.adaptive_per_leaf,
           'blend_rate': ev.adaptive_blend_rate,
+          'blend_statistics': ev.adaptive_blend_statistics,
           'calibration_tasks': 'meta-train tuning tasks',
           'num_calibration_tasks': ev.num_tune_tasks, 'num_steps': ev.num_steps}
 
@@ -67,7 +68,8 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
   if ev.adaptive_blend_rate > 0:
     return metamd_jax.blended_metamd(divergence, adaptive['reference_norm'],
                                      ev.adaptive_blend_rate, decay=ev.adaptive_decay,
-                                     per_leaf=ev.adaptive_per_leaf)
+                                     per_leaf=ev.adaptive_per_leaf,
+                                     statistics=ev.adaptive_blend_statistics)
   return metamd_jax.adaptive_metamd(divergence, adaptive['reference_norm'],
                                     decay=ev.adaptive_decay, per_leaf=ev.adaptive_per_leaf)
 

@@ -66,6 +66,13 @@ Hazan & Singer 2011, lemma 4, and ``s_t >= 1``) for convex ``f_t``
 adaptive MetaMD's terms plus an AdaGrad gradient term that grows as ``sqrt(T)``. With
 ``eta = 0`` the optimiser is exactly :func:`metamd_jax.adaptive_metamd`.
 
+``statistics='peak_average'`` replaces the running sums by the running maxima of their
+bias-corrected moving averages (AMSGrad's rule on the row and column statistics), so the
+online steps do not decay as ``1 / sqrt(t)``. ``K_t`` still never decreases, so the
+adaptive-mirror-descent bound above still holds; its online gradient term is then
+``eta/2 sum_t ||g_t||^2_{K_t^{-1}} / s_t``, at most linear in ``T`` (a constant step),
+instead of AdaGrad's ``sqrt(T)``.
+
 Cost per step, against :func:`metamd_jax.adaptive_metamd`: per leaf, two reductions of
 ``g^2`` (over the rows and over the columns) and four elementwise operations per
 parameter (the outer product's fourth root, two divisions, the sum of the two
@@ -87,6 +94,7 @@ from metamd_jax.types import Array, PyTree
 
 __all__ = [
     'FactoredStatisticsState',
+    'STATISTICS',
     'ScaleByBlendedMirrorDescentState',
     'blended_metamd',
     'check_blend_rate',
@@ -140,35 +148,57 @@ class FactoredStatisticsState(NamedTuple):
 
   Attributes:
     rows: per parameter leaf (a tree like the parameters' structure), ``r_t``: the
-      running sum of ``g^2`` over the leaf's last axis, shape ``leaf.shape[:-1]``
-      (``()`` for a scalar leaf), float32 or the leaf's wider dtype.
-    columns: ``c_t``, the running sum over every axis but the last, shape
-      ``leaf.shape[-1:]``.
+      running sum of ``g^2`` over the leaf's last axis (``statistics='sum'``) or its
+      moving average (``'peak_average'``, before bias correction), shape
+      ``leaf.shape[:-1]`` (``()`` for a scalar leaf), float32 or the leaf's wider dtype.
+    columns: ``c_t``, the same over every axis but the last, shape ``leaf.shape[-1:]``.
+    row_peaks: ``'peak_average'``: the running maximum of the bias-corrected ``r_t``
+      (zeros and unused with ``'sum'``).
+    column_peaks: the same for ``c_t``.
+    count: number of updates taken, int32 ``()``.
   """
 
   rows: PyTree
   columns: PyTree
+  row_peaks: PyTree
+  column_peaks: PyTree
+  count: Array
 
 
-def scale_by_factored_statistics(epsilon: float = 1e-8) -> optax.GradientTransformation:
+STATISTICS = ('sum', 'peak_average')
+"""How :func:`scale_by_factored_statistics` accumulates ``g^2``."""
+
+
+def scale_by_factored_statistics(epsilon: float = 1e-8, *, statistics: str = 'sum',
+                                 decay: float = 0.99) -> optax.GradientTransformation:
   """Map gradients to ``K_t^{-1} g``, ``K_t = ((r_t / n) ⊗ (c_t / m))^{1/4} + epsilon``.
 
-  The online half of :func:`scale_by_blended_mirror_descent` (see the module docstring):
-  a diagonal, Kronecker-factored AdaGrad whose statistics include the current gradient.
-  ``K_t`` never decreases, and ``(m n)^{1/4} K_t`` dominates AdaGrad's diagonal.
+  The online half of :func:`scale_by_blended_mirror_descent` (see the module docstring).
+  ``statistics='sum'``: running sums, a diagonal Kronecker-factored AdaGrad whose
+  statistics include the current gradient; ``(m n)^{1/4} K_t`` dominates AdaGrad's
+  diagonal, and the step decays as ``1 / sqrt(t)``. ``'peak_average'``: the running
+  maximum of the bias-corrected moving averages (``decay``) of the row and column sums,
+  AMSGrad's rule on the factors (Reddi, Kale & Kumar 2018), so the step does not decay
+  with ``t``. Either way ``K_t`` never decreases.
 
   Args:
     epsilon: ``delta > 0``, added to the denominator.
+    statistics: ``'sum'`` or ``'peak_average'``.
+    decay: the moving averages' decay with ``'peak_average'``, in ``[0, 1)``.
 
   Returns:
     An ``optax.GradientTransformation``.
 
   Raises:
-    ValueError: if ``epsilon`` is not positive and finite.
+    ValueError: if ``epsilon`` is not positive and finite, ``statistics`` is unknown or
+      ``decay`` is outside ``[0, 1)``.
   """
   if not (isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool)
           and math.isfinite(epsilon) and epsilon > 0):
     raise ValueError(f'epsilon must be a positive finite float, got {epsilon!r}.')
+  if statistics not in STATISTICS:
+    raise ValueError(f'statistics must be one of {STATISTICS}, got {statistics!r}.')
+  decay = adaptive.check_decay(decay)
 
   def accumulator_dtype(leaf):
     return jnp.promote_types(leaf.dtype, jnp.float32)
@@ -176,23 +206,38 @@ def scale_by_factored_statistics(epsilon: float = 1e-8) -> optax.GradientTransfo
   def init_fn(params):
     leaves, treedef = jax.tree.flatten(params)
     pairs = [_row_and_column(jnp.zeros(jnp.shape(x), accumulator_dtype(x))) for x in leaves]
-    return FactoredStatisticsState(rows=treedef.unflatten([r for r, _ in pairs]),
-                                   columns=treedef.unflatten([c for _, c in pairs]))
+    rows = treedef.unflatten([r for r, _ in pairs])
+    columns = treedef.unflatten([c for _, c in pairs])
+    return FactoredStatisticsState(rows=rows, columns=columns, row_peaks=rows,
+                                   column_peaks=columns, count=jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state, params=None):
     del params
+    count = optax.safe_increment(state.count)
     leaves, treedef = jax.tree.flatten(updates)
-    directions, rows, columns = [], [], []
-    for g, row, column in zip(leaves, treedef.flatten_up_to(state.rows),
-                              treedef.flatten_up_to(state.columns)):
+    out = {name: [] for name in ('directions', 'rows', 'columns', 'row_peaks',
+                                 'column_peaks')}
+    for g, row, column, row_peak, column_peak in zip(
+        leaves, *(treedef.flatten_up_to(x) for x in (state.rows, state.columns,
+                                                      state.row_peaks, state.column_peaks))):
       new_row, new_column = _row_and_column(jnp.square(g.astype(row.dtype)))
-      row, column = row + new_row, column + new_column
-      direction = g.astype(row.dtype) / factored_denominator(row, column, epsilon)
-      directions.append(direction.astype(g.dtype))
-      rows.append(row)
-      columns.append(column)
-    return treedef.unflatten(directions), FactoredStatisticsState(
-        rows=treedef.unflatten(rows), columns=treedef.unflatten(columns))
+      if statistics == 'sum':
+        row, column = row + new_row, column + new_column
+        denominator = factored_denominator(row, column, epsilon)
+      else:
+        row = decay * row + (1 - decay) * new_row
+        column = decay * column + (1 - decay) * new_column
+        correction = 1 - decay ** count.astype(row.dtype)
+        row_peak = jnp.maximum(row_peak, row / correction)
+        column_peak = jnp.maximum(column_peak, column / correction)
+        denominator = factored_denominator(row_peak, column_peak, epsilon)
+      out['directions'].append((g.astype(row.dtype) / denominator).astype(g.dtype))
+      for name, value in (('rows', row), ('columns', column), ('row_peaks', row_peak),
+                          ('column_peaks', column_peak)):
+        out[name].append(value)
+    trees = {name: treedef.unflatten(values) for name, values in out.items()}
+    directions = trees.pop('directions')
+    return directions, FactoredStatisticsState(count=count, **trees)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -218,6 +263,7 @@ def scale_by_blended_mirror_descent(
     decay: float = 0.9,
     per_leaf: bool = False,
     epsilon: float = 1e-8,
+    statistics: str = 'sum',
 ) -> optax.GradientTransformation:
   """Map gradients to ``(M^{-1} g + blend_rate * K_t^{-1} g) / s_t`` (see the module doc).
 
@@ -246,7 +292,7 @@ def scale_by_blended_mirror_descent(
   blend_rate = check_blend_rate(blend_rate)
   learned = adaptive.scale_by_adaptive_mirror_descent(divergence, reference_norm,
                                                       decay=decay, per_leaf=per_leaf)
-  online = scale_by_factored_statistics(epsilon)
+  online = scale_by_factored_statistics(epsilon, statistics=statistics)
 
   def init_fn(params):
     return ScaleByBlendedMirrorDescentState(learned.init(params), online.init(params))
@@ -272,6 +318,7 @@ def blended_metamd(
     decay: float = 0.9,
     per_leaf: bool = False,
     epsilon: float = 1e-8,
+    statistics: str = 'sum',
 ) -> optax.GradientTransformation:
   """Blended MetaMD: ``-lr (M^{-1} g + blend_rate K_t^{-1} g) / s_t``.
 
@@ -306,6 +353,7 @@ def blended_metamd(
   transform.check_learning_rate(learning_rate)
   return optax.chain(
       scale_by_blended_mirror_descent(divergence, reference_norm, blend_rate, decay=decay,
-                                      per_leaf=per_leaf, epsilon=epsilon),
+                                      per_leaf=per_leaf, epsilon=epsilon,
+                                      statistics=statistics),
       optax.scale_by_learning_rate(learning_rate),
   )

@@ -51,6 +51,21 @@ def _factored_statistics(grads_list):
   return rows, columns
 
 
+def _peak_statistics(grads_list, decay):
+  """``'peak_average'`` from the definition: per leaf, the running maximum over the steps
+  of the bias-corrected moving averages of the row and of the column sums of ``g^2``."""
+  averages, peaks = None, None
+  for t, grads in enumerate(grads_list, start=1):
+    rows, columns = _factored_statistics([grads])
+    new = rows + columns
+    averages = ([(1 - decay) * x for x in new] if averages is None
+                else [decay * a + (1 - decay) * x for a, x in zip(averages, new)])
+    corrected = [a / (1 - decay ** t) for a in averages]
+    peaks = corrected if peaks is None else [np.maximum(p, c) for p, c in zip(peaks, corrected)]
+  half = len(peaks) // 2
+  return peaks[:half], peaks[half:]
+
+
 def _sizes(rows, columns):
   """Per leaf: ``(m, n)``, its numbers of rows and columns."""
   return [(max(np.size(r), 1), np.shape(c)[-1] if np.ndim(c) else 1)
@@ -142,12 +157,13 @@ def test_state_is_the_adaptive_state_and_one_row_and_column_per_leaf():
   assert all(float(jnp.sum(x)) == 0 for x in jax.tree.leaves(state.statistics))
 
 
-@pytest.mark.parametrize('per_leaf', [False, True])
-def test_metric_never_decreases_and_the_regret_bound_holds(x64, per_leaf):
+@pytest.mark.parametrize('per_leaf, statistics', [(False, 'sum'), (True, 'sum'),
+                                                  (True, 'peak_average')])
+def test_metric_never_decreases_and_the_regret_bound_holds(x64, per_leaf, statistics):
   """Least squares (convex), dense ``M_t = s_t (M^{-1} + eta K_t^{-1})^{-1}`` (per leaf:
   block by block): each ``M_t - M_{t-1}`` is positive semi-definite, and the regret
   against the minimiser is below the adaptive-mirror-descent bound, itself below the
-  closed-form bound."""
+  closed-form bound (AdaGrad's, for running sums)."""
   task = quadratic_task(dims=(4, 3), seed=3, dtype=jnp.float64)
   params = task.init()
   divergence = well_conditioned(metamd_jax.init_divergence(params, 0.2, dtype=jnp.float64),
@@ -158,7 +174,7 @@ def test_metric_never_decreases_and_the_regret_bound_holds(x64, per_leaf):
   grad0 = flat(jax.grad(task.loss)(params, task.batch(jnp.asarray(0))))
   reference_norm = 0.3 * math.sqrt(grad0 @ inverse @ grad0)  # adapts from the first step
   optimizer = metamd_jax.blended_metamd(divergence, reference_norm, blend_rate, epsilon=epsilon,
-                                        per_leaf=per_leaf)
+                                        per_leaf=per_leaf, statistics=statistics)
   sizes = [3, 12]  # leaves b, then w: a scale per leaf repeats over its coordinates
   state = optimizer.init(params)
   update, gradient = jax.jit(optimizer.update), jax.jit(jax.grad(task.loss))
@@ -182,7 +198,8 @@ def test_metric_never_decreases_and_the_regret_bound_holds(x64, per_leaf):
   thetas.append(flat(params))
   metrics, inverses, regret = [], [], 0.0
   for t in range(num_steps):
-    rows, columns = _factored_statistics(grads_list[:t + 1])
+    rows, columns = (_factored_statistics(grads_list[:t + 1]) if statistics == 'sum'
+                     else _peak_statistics(grads_list[:t + 1], 0.99))
     online = np.diag(1 / _denominator(rows, columns, epsilon))
     inverse_t = (inverse + blend_rate * online) / scales[t][:, None]  # block diagonal
     # The step is mirror descent with the metric M_t.
@@ -200,6 +217,8 @@ def test_metric_never_decreases_and_the_regret_bound_holds(x64, per_leaf):
                               for t in range(1, num_steps))
   adaptive_bound += 0.5 * sum(flat(g) @ m @ flat(g) for g, m in zip(grads_list, inverses))
   assert regret <= adaptive_bound
+  if statistics != 'sum':
+    return
 
   adagrad = np.sqrt(sum(flat(g) ** 2 for g in grads_list)) + epsilon
   # (m n)^(1/4) per coordinate: leaves b (one row of 3) and w (4 x 3).
@@ -248,6 +267,13 @@ def test_bad_epsilon_is_named(value):
     blended.scale_by_factored_statistics(value)
 
 
+def test_bad_statistics_and_decay_are_named():
+  with pytest.raises(ValueError, match='statistics'):
+    metamd_jax.blended_metamd(_divergence(), 1.0, 0.1, statistics='mean')
+  with pytest.raises(ValueError, match='decay'):
+    blended.scale_by_factored_statistics(statistics='peak_average', decay=1.0)
+
+
 def test_bad_levels_and_learning_rate_are_named():
   with pytest.raises(ValueError, match='reference_norm'):
     metamd_jax.blended_metamd(_divergence(), -1.0, 0.1)
@@ -263,5 +289,7 @@ def test_keeps_the_parameter_dtype_and_accumulates_in_float32():
   grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
   updates, state = jax.jit(optimizer.update)(grads, state, params)
   assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates))
-  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state[0].statistics))
+  statistics = state[0].statistics
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(
+      (statistics.rows, statistics.columns, statistics.row_peaks, statistics.column_peaks)))
   assert all(bool(jnp.all(jnp.isfinite(u.astype(jnp.float32)))) for u in jax.tree.leaves(updates))

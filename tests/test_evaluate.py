@@ -181,6 +181,7 @@ def test_shifted_families_are_shifted(setup):
     ('eval.adaptive_blend_rate', -0.1),
     ('eval.adaptive_blend_rate', float('nan')),
     ('eval.adaptive_blend_rate', math.inf),
+    ('eval.adaptive_blend_statistics', 'mean'),
 ])
 def test_bad_adaptive_and_shift_values_name_the_field(field, value):
   config = tiny.get_config()
