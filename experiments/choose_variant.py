@@ -18,8 +18,10 @@ the learning rate tuned there, the levels calibrated there
 (:func:`experiments.evaluate.calibrate`).
 
 Candidates (:data:`CANDIDATES`): ``'adaptive'`` (one scale), ``'adaptive_per_leaf'``
-(one scale per leaf) and ``'blended_<rate>'`` (one scale per leaf plus the online
-direction at blend rates 0.01, 0.03, 0.1); frozen ``'metamd'`` and the reference at its
+(one scale per leaf), ``'blended_<rate>'`` (one scale per leaf plus the online
+direction from running sums at blend rates 0.01, 0.03, 0.1) and ``'blended_peak_<rate>'``
+(the same from peak moving averages, ``statistics='peak_average'``, at 0.003 and 0.01);
+frozen ``'metamd'`` and the reference at its
 meta-train-tuned learning rate run next to them for comparison. The rule, fixed before any run:
 
 1. fewest diverged runs over the checks where the reference, at its meta-train-tuned
@@ -33,8 +35,9 @@ meta-train-tuned learning rate run next to them for comparison. The rule, fixed 
    blended ones last).
 
 Writes ``choose_variant.json`` and ``choose_variant.md`` in the workdir and prints the
-table; set ``eval.adaptive_per_leaf`` and ``eval.adaptive_blend_rate`` (in the family's
-config, or with ``--config.eval...``) to the choice.
+table; set ``eval.adaptive_per_leaf``, ``eval.adaptive_blend_rate`` and
+``eval.adaptive_blend_statistics`` (in the family's config, or with ``--config.eval...``)
+to the choice.
 """
 
 from __future__ import annotations
