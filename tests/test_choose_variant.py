@@ -63,7 +63,8 @@ def test_compare_runs_validation_tasks_only_and_applies_the_rule(tmp_path, monke
                       lambda *a, **k: pytest.fail('held-out tasks used'))
   # Two of the candidates (each costs its runs): one scale, and blended with one per leaf.
   candidates = {name: choose_variant.CANDIDATES[name] for name in ('adaptive', 'blended_0.03')}
-  assert candidates['blended_0.03'] == {'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.03}
+  assert candidates['blended_0.03'] == {'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.03,
+                                        'adaptive_blend_statistics': 'sum'}
   monkeypatch.setattr(choose_variant, 'CANDIDATES', candidates)
   result = choose_variant.compare(config, tmp_path, divergence)
 
@@ -97,6 +98,8 @@ def test_compare_runs_validation_tasks_only_and_applies_the_rule(tmp_path, monke
   settings = candidates[result['chosen']]
   assert result['adaptive_per_leaf'] == settings['adaptive_per_leaf']
   assert result['adaptive_blend_rate'] == settings['adaptive_blend_rate']
+  assert result.get('adaptive_blend_statistics', 'sum') == settings.get(
+      'adaptive_blend_statistics', 'sum')
   table = choose_variant.format_choice(result)
   assert f"chosen: **{result['chosen']}**" in table
   assert table.count('| inputs_x2 |') == 5 and '| blended_0.03 | learned (c per leaf' in table
