@@ -277,17 +277,20 @@ def scale_by_blended_mirror_descent(
       (:func:`metamd_jax.reference_gradient_norm`); ``None`` or ``inf``: the learned half
       never adapts.
     blend_rate: ``eta >= 0``, the weight of the online direction (a learning rate of the
-      online half, AdaGrad-like: its step per coordinate is about ``eta / sqrt(t)``).
+      online half: its step per coordinate is about ``eta / sqrt(t)`` with running sums,
+      about ``eta`` with peak averages).
     decay: the adaptive scale's moving-average decay, in ``[0, 1)``.
     per_leaf: one adaptive scale per leaf (see :func:`metamd_jax.adaptive_metamd`).
     epsilon: ``delta > 0`` of the online denominator.
+    statistics: ``'sum'`` (running sums, AdaGrad) or ``'peak_average'`` (running maxima
+      of moving averages, AMSGrad); see :func:`scale_by_factored_statistics`.
 
   Returns:
     An ``optax.GradientTransformation``.
 
   Raises:
-    TypeError, ValueError: on a bad ``blend_rate``, ``reference_norm``, ``decay`` or
-      ``epsilon`` (each named in the message).
+    TypeError, ValueError: on a bad ``blend_rate``, ``reference_norm``, ``decay``,
+      ``epsilon`` or ``statistics`` (each named in the message).
   """
   blend_rate = check_blend_rate(blend_rate)
   learned = adaptive.scale_by_adaptive_mirror_descent(divergence, reference_norm,
@@ -336,6 +339,7 @@ def blended_metamd(
     decay: the adaptive scale's moving-average decay.
     per_leaf: one adaptive scale per leaf.
     epsilon: the online denominator's ``delta``.
+    statistics: ``'sum'`` or ``'peak_average'``, how the online statistics accumulate.
 
   Returns:
     An ``optax.GradientTransformation``.
