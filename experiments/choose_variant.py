@@ -20,7 +20,9 @@ the learning rate tuned there, the levels calibrated there
 Candidates (:data:`CANDIDATES`): ``'adaptive'`` (one scale), ``'adaptive_per_leaf'``
 (one scale per leaf), ``'blended_<rate>'`` (one scale per leaf plus the online
 direction from running sums at blend rates 0.01, 0.03, 0.1) and ``'blended_peak_<rate>'``
-(the same from peak moving averages, ``statistics='peak_average'``, at 0.003 and 0.01);
+(the same from peak moving averages, ``statistics='peak_average'``, at 0.003 and 0.01)
+and ``'blended_kron_<rate>'`` (Shampoo's full Kronecker statistics,
+``statistics='kronecker'``, at 0.01, 0.03, 0.1); ``--candidates=a,b`` compares a subset;
 frozen ``'metamd'`` and the reference at its
 meta-train-tuned learning rate run next to them for comparison. The rule, fixed before any run:
 
@@ -71,6 +73,9 @@ CANDIDATES = {
                            'adaptive_blend_statistics': 'peak_average'},
     'blended_peak_0.01': {'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.01,
                           'adaptive_blend_statistics': 'peak_average'},
+    **{f'blended_kron_{rate}': {'adaptive_per_leaf': True, 'adaptive_blend_rate': rate,
+                                'adaptive_blend_statistics': 'kronecker'}
+       for rate in (0.01, 0.03, 0.1)},
 }
 """The candidates and their ``eval`` settings; earlier ones win ties."""
 IN_DISTRIBUTION = 'in_distribution'
@@ -106,8 +111,26 @@ def choose(scores: dict) -> str:
                                        scores[name]['loss_ratio_geometric_mean']))
 
 
+def check_candidates(candidates) -> tuple[str, ...]:
+  """Validate candidate names (a sequence of :data:`CANDIDATES` keys, no repeats).
+
+  Raises:
+    ValueError: naming an unknown or repeated candidate, or on an empty selection.
+  """
+  names = tuple(candidates)
+  if not names:
+    raise ValueError('candidates is empty: name at least one of '
+                     f'{tuple(CANDIDATES)}.')
+  for name in names:
+    if name not in CANDIDATES:
+      raise ValueError(f'unknown candidate {name!r}; known: {tuple(CANDIDATES)}.')
+  if len(set(names)) != len(names):
+    raise ValueError(f'candidates names one twice: {names}.')
+  return tuple(name for name in CANDIDATES if name in names)  # CANDIDATES order: ties
+
+
 def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-            divergence: PyTree | None = None) -> dict:
+            divergence: PyTree | None = None, candidates=None) -> dict:
   """Run every check on the validation tasks and choose the variant.
 
   Args:
@@ -116,6 +139,8 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
       ``adaptive_decay``, ``adaptive_quantile``).
     workdir: where ``divergence.npz`` is read (unless ``divergence`` is given).
     divergence: the learned divergence.
+    candidates: which of :data:`CANDIDATES` to compare (``None``: all; ties go to the
+      one earlier in :data:`CANDIDATES`).
 
   Returns:
     ``{'tasks', 'num_tasks', 'reference', 'reference_learning_rate', 'levels':
@@ -127,6 +152,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     ValueError: when the reference diverges at every learning rate, or when calibration
       fails for every candidate (the frozen divergence diverges on a tuning task).
   """
+  candidates = check_candidates(CANDIDATES if candidates is None else candidates)
   builders.validate_config(config)
   family, _ = builders.build_families(config)
   divergence = meta_train_exp.learned_divergence(workdir, family, divergence)
@@ -139,7 +165,8 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   optimizers = {'metamd': metamd_jax.metamd(divergence)}
   levels = {}
   calibrations = {}
-  for name, settings in CANDIDATES.items():
+  for name in candidates:
+    settings = CANDIDATES[name]
     variant = config.copy_and_resolve_references()
     variant.eval.update(settings)
     per_leaf = settings['adaptive_per_leaf']
@@ -174,7 +201,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                                          ev.track_every, curves, learning_rates)
     result['seconds'] = time.perf_counter() - started
     checks[check] = result
-  scores = {name: score(checks, name, ev.reference) for name in CANDIDATES if name in levels}
+  scores = {name: score(checks, name, ev.reference) for name in candidates if name in levels}
   chosen = choose(scores)
   return {'tasks': 'validation: meta-train tuning tasks (evaluation.tuning_tasks)',
           'num_tasks': ev.num_tasks, 'reference': ev.reference,
@@ -205,7 +232,8 @@ def format_choice(result: dict) -> str:
 
 def main(argv):
   flag_values = cli.start(argv)
-  result = compare(flag_values.config, flag_values.workdir)
+  result = compare(flag_values.config, flag_values.workdir,
+                   candidates=flag_values.candidates or None)
   report.write_result(flag_values.workdir, RESULT, result, format_choice(result))
 
 
@@ -214,5 +242,7 @@ if __name__ == '__main__':
                       'results are written there.')
   config_flags.DEFINE_config_file('config', 'configs/default.py', 'Experiment config file.',
                                   lock_config=True)
+  flags.DEFINE_list('candidates', [], 'Candidates to compare (names of CANDIDATES, '
+                    'comma-separated); empty: all of them.')
   flags.mark_flags_as_required(['workdir'])
   app.run(main)

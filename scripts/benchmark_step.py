@@ -3,7 +3,9 @@
 Part 1 times one full jitted training step (forward, backward, optimiser update,
 ``optax.apply_updates``; softmax cross-entropy on random inputs and random labels) with
 MetaMD (a random, dense, positive-definite Kronecker divergence), adaptive MetaMD and
-blended MetaMD on the same divergence (``reference_norm=1.0``; ``blend_rate=0.03``),
+blended MetaMD on the same divergence (``reference_norm=1.0``; ``blend_rate=0.03``; its
+diagonal statistics, and Shampoo's full ones, ``statistics='kronecker'``, refreshed every
+10 steps: ``blended_kron_metamd``),
 ``optax.adam(1e-3)`` and ``optax.sgd(0.1)`` on an MLP 784-256-256-10 and a small CNN, at
 batch sizes 128 and 1024.
 On the byte-level transformer language model (``--models transformer``; the sizes of
@@ -53,7 +55,8 @@ from scripts import inputs, timing
 from scripts.inputs import init_params, perturbed_divergence
 
 BATCH_SIZES = (128, 1024)
-OPTIMISERS = ('metamd', 'adaptive_metamd', 'blended_metamd', 'adam', 'sgd')
+OPTIMISERS = ('metamd', 'adaptive_metamd', 'blended_metamd', 'blended_kron_metamd', 'adam',
+              'sgd')
 """The optimisers on the MLP and the CNN; MetaMD's ratios are to Adam and to SGD, the
 adaptive and blended variants' to MetaMD and to Adam."""
 TRANSFORMER_OPTIMISERS = ('metamd', 'adaptive_metamd', 'adamw', 'muon')
@@ -63,7 +66,8 @@ MODELS = tuple(REFERENCE)
 NUM_CLASSES = 10
 VOCAB_SIZE = 256
 NAMES = {'metamd': 'MetaMD', 'adaptive_metamd': 'adaptive MetaMD',
-         'blended_metamd': 'blended MetaMD', 'adam': 'Adam',
+         'blended_metamd': 'blended MetaMD',
+         'blended_kron_metamd': "blended MetaMD, Shampoo's statistics", 'adam': 'Adam',
          'adamw': 'AdamW', 'sgd': 'SGD', 'muon': 'Muon'}
 # Part 2 variants: the jitted ``optimizer.update(grads, state, params)`` returning
 # ``(updates, state)`` (the figure for the target), the same with the state donated, the
@@ -131,12 +135,15 @@ def make_batch(name: str, input_shape: tuple[int, ...], batch: int):
 
 def make_optimiser(name: str, params, dimension_numbers=None):
   """The optimiser ``name``; MetaMD's divergence: :func:`scripts.inputs.perturbed_divergence`."""
-  if name in ('metamd', 'adaptive_metamd', 'blended_metamd'):
+  if name in ('metamd', 'adaptive_metamd', 'blended_metamd', 'blended_kron_metamd'):
     divergence = perturbed_divergence(params, dimension_numbers=dimension_numbers)
     if name == 'metamd':
       return metamd_jax.metamd(divergence)
     if name == 'blended_metamd':
       return metamd_jax.blended_metamd(divergence, reference_norm=1.0, blend_rate=0.03)
+    if name == 'blended_kron_metamd':
+      return metamd_jax.blended_metamd(divergence, reference_norm=1.0, blend_rate=0.03,
+                                       statistics='kronecker')
     return metamd_jax.adaptive_metamd(divergence, reference_norm=1.0)
   if name == 'adam':
     return optax.adam(1e-3)
@@ -398,21 +405,20 @@ def print_report(env: dict, steps: list[dict], updates: dict | None, args) -> No
             f"| {r['metamd_over_sgd']:.2f} (paired {r['metamd_over_sgd_paired']:.2f}) "
             f"| {_fmt(r['metamd']['xla_gflop'], '.3f')} / {_fmt(r['sgd']['xla_gflop'], '.3f')} |")
     print('\n[q25-q75] interquartile range; "paired" = median of per-round ratios.\n')
-    print('Adaptive MetaMD (`reference_norm=1.0`) and blended MetaMD (`blend_rate=0.03`) on '
-          'the same divergence, the same step:\n')
-    print('| model | batch | adaptive ms | blended ms | adaptive/MetaMD | blended/MetaMD '
-          '| blended/Adam |')
-    print('| --- | ---: | ---: | ---: | ---: | ---: | ---: |')
+    print('Adaptive MetaMD (`reference_norm=1.0`) and blended MetaMD (`blend_rate=0.03`; '
+          "diagonal statistics, and Shampoo's, refreshed every 10 steps) on the same "
+          'divergence, the same step:\n')
+    variants = ('adaptive_metamd', 'blended_metamd', 'blended_kron_metamd')
+    print('| model | batch | adaptive ms | blended ms | blended (Shampoo) ms | adaptive/MetaMD '
+          '| blended/MetaMD | blended (Shampoo)/MetaMD | blended/Adam | blended (Shampoo)/Adam |')
+    print('| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
     for r in classic:
-      ratio = r['over_metamd']
-      print(f"| {r['model']} | {r['batch']} | {cell(r['adaptive_metamd'])} "
-            f"| {cell(r['blended_metamd'])} "
-            f"| {ratio['adaptive_metamd']['median']:.2f} "
-            f"(paired {ratio['adaptive_metamd']['paired']:.2f}) "
-            f"| {ratio['blended_metamd']['median']:.2f} "
-            f"(paired {ratio['blended_metamd']['paired']:.2f}) "
-            f"| {r['over_reference']['blended_metamd']['median']:.2f} "
-            f"(paired {r['over_reference']['blended_metamd']['paired']:.2f}) |")
+      ratios = [r['over_metamd'][name] for name in variants]
+      ratios += [r['over_reference'][name] for name in variants[1:]]
+      print(f"| {r['model']} | {r['batch']} | "
+            + ' | '.join(cell(r[name]) for name in variants) + ' | '
+            + ' | '.join(f"{x['median']:.2f} (paired {x['paired']:.2f})" for x in ratios)
+            + ' |')
     print()
 
   language = [r for r in steps if is_language_model(r['model'])]

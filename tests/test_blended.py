@@ -99,6 +99,97 @@ def _numpy_run(metric, grads_list, reference_norm, decay, blend_rate, epsilon):
   return updates, np.array(scales), denominators
 
 
+def _inverse_fourth_root(statistic, other_size, epsilon, rho):
+  """Numpy float64: ``(S / k + (epsilon + rho lambda_max) I)^{-1/4}``, full or diagonal."""
+  mean = np.asarray(statistic, np.float64) / other_size
+  if mean.ndim == 1:
+    return (mean + epsilon + rho * mean.max()) ** -0.25
+  values, vectors = np.linalg.eigh(mean)
+  values = np.maximum(values, 0)
+  return (vectors * (values + epsilon + rho * values.max()) ** -0.25) @ vectors.T
+
+
+def _kronecker_roots(grads_list, refresh_every, epsilon, rho, max_dimension=1024):
+  """Per step, per leaf (``jax.tree.leaves`` order): the roots ``(A_t, B_t)`` in use,
+  from the definition: ``L = sum G G^T``, ``R = sum G^T G`` (a leaf as an ``m x n``
+  matrix, rows every axis but the last; a side over ``max_dimension`` keeps the diagonal),
+  recomputed at steps ``1..k`` and ``1 + j k``, kept in between."""
+  roots, current, lefts, rights = [], None, None, None
+  for t, grads in enumerate(grads_list, start=1):
+    matrices = [np.asarray(g, np.float64).reshape(-1, g.shape[-1] if g.ndim else 1)
+                for g in jax.tree.leaves(grads)]
+    new_lefts = [np.diag(m @ m.T) if m.shape[0] > max_dimension else m @ m.T
+                 for m in matrices]
+    new_rights = [np.diag(m.T @ m) if m.shape[1] > max_dimension else m.T @ m
+                  for m in matrices]
+    lefts = new_lefts if lefts is None else [a + b for a, b in zip(lefts, new_lefts)]
+    rights = new_rights if rights is None else [a + b for a, b in zip(rights, new_rights)]
+    if t <= refresh_every or (t - 1) % refresh_every == 0:
+      current = [(_inverse_fourth_root(left, m.shape[1], epsilon, rho),
+                  _inverse_fourth_root(right, m.shape[0], epsilon, rho))
+                 for left, right, m in zip(lefts, rights, matrices)]
+    roots.append(current)
+  return roots
+
+
+def _dense(root):
+  return root if root.ndim == 2 else np.diag(root)
+
+
+def _kronecker_inverse(roots):
+  """``K_t^{-1} = A_t ⊗ B_t`` per leaf, block diagonal over the leaves, in the order of
+  :func:`conftest.flat` (a leaf's row-major ``vec``: ``vec(A G B) = (A ⊗ B) vec(G)``
+  for symmetric ``B``)."""
+  blocks = [np.kron(_dense(a), _dense(b)) for a, b in roots]
+  size = sum(b.shape[0] for b in blocks)
+  full, offset = np.zeros((size, size)), 0
+  for b in blocks:
+    full[offset:offset + len(b), offset:offset + len(b)] = b
+    offset += len(b)
+  return full
+
+
+@pytest.mark.parametrize('max_dimension', [1024, 3])
+def test_kronecker_statistics_equal_a_numpy_reference(x64, max_dimension):
+  """Steps 1 and 2 refresh, then every second step: stale roots at steps 4 and 6; with
+  ``max_dimension=3`` the 4- and 8-row sides keep their diagonals."""
+  grads_list = [_tree(30 + t, scale=1.5 ** t) for t in range(6)]
+  epsilon, rho, refresh_every = 1e-6, 1e-3, 2
+  transformation = blended.scale_by_kronecker_statistics(
+      epsilon, relative_epsilon=rho, refresh_every=refresh_every, max_dimension=max_dimension)
+  state = transformation.init(_tree(1))
+  expected = _kronecker_roots(grads_list, refresh_every, epsilon, rho, max_dimension)
+  conv = [roots[1][1] for roots in expected]  # the conv leaf's right root, per step
+  assert not np.allclose(conv[2], conv[1]) and np.array_equal(conv[3], conv[2])  # 3: refresh
+  update = jax.jit(transformation.update)
+  for t, grads in enumerate(grads_list):
+    directions, state = update(grads, state)
+    want = _kronecker_inverse(expected[t]) @ flat(grads)
+    np.testing.assert_allclose(flat(directions), want, rtol=1e-9, atol=1e-12)
+  shapes = [(x.shape, y.shape) for x, y in zip(jax.tree.leaves(state.left),
+                                               jax.tree.leaves(state.right))]
+  # Leaves in order b (1 x 3), conv (8 x 3), scalar (1 x 1), w (4 x 3).
+  if max_dimension == 3:
+    assert shapes == [((1, 1), (3, 3)), ((8,), (3, 3)), ((1, 1), (1, 1)), ((4,), (3, 3))]
+  else:
+    assert shapes == [((1, 1), (3, 3)), ((8, 8), (3, 3)), ((1, 1), (1, 1)), ((4, 4), (3, 3))]
+  assert int(state.count) == len(grads_list)
+
+
+def test_kronecker_statistics_of_isotropic_gradients_are_adagrad_sized():
+  """Gradients with independent entries of size gamma: ``K_t ~ gamma sqrt(t)``, so the
+  direction's entries are about ``g / (gamma sqrt(t))``, as AdaGrad's."""
+  transformation = blended.scale_by_kronecker_statistics(refresh_every=1)
+  rng = np.random.default_rng(0)
+  state = transformation.init({'w': jnp.zeros((256, 128))})
+  gamma = 0.01
+  for t in range(1, 5):
+    grads = {'w': jnp.asarray(gamma * rng.standard_normal((256, 128)), jnp.float32)}
+    directions, state = transformation.update(grads, state)
+    ratio = float(jnp.std(directions['w']) * math.sqrt(t))
+    assert 0.7 < ratio < 1.5, (t, ratio)
+
+
 def test_zero_blend_rate_is_adaptive_metamd():
   params = _tree(1, dtype=jnp.float32)
   grads_list = [_tree(10 + t, scale=2.0 ** t, dtype=jnp.float32) for t in range(5)]
@@ -158,12 +249,14 @@ def test_state_is_the_adaptive_state_and_one_row_and_column_per_leaf():
 
 
 @pytest.mark.parametrize('per_leaf, statistics', [(False, 'sum'), (True, 'sum'),
-                                                  (True, 'peak_average')])
+                                                  (True, 'peak_average'),
+                                                  (True, 'kronecker')])
 def test_metric_never_decreases_and_the_regret_bound_holds(x64, per_leaf, statistics):
   """Least squares (convex), dense ``M_t = s_t (M^{-1} + eta K_t^{-1})^{-1}`` (per leaf:
   block by block): each ``M_t - M_{t-1}`` is positive semi-definite, and the regret
   against the minimiser is below the adaptive-mirror-descent bound, itself below the
-  closed-form bound (AdaGrad's, for running sums)."""
+  closed-form bound (AdaGrad's, for running diagonal sums); with Shampoo's statistics the
+  online half is dense and its roots partly stale."""
   task = quadratic_task(dims=(4, 3), seed=3, dtype=jnp.float64)
   params = task.init()
   divergence = well_conditioned(metamd_jax.init_divergence(params, 0.2, dtype=jnp.float64),
@@ -173,8 +266,10 @@ def test_metric_never_decreases_and_the_regret_bound_holds(x64, per_leaf, statis
   blend_rate, epsilon, num_steps = 0.05, 1e-8, 40
   grad0 = flat(jax.grad(task.loss)(params, task.batch(jnp.asarray(0))))
   reference_norm = 0.3 * math.sqrt(grad0 @ inverse @ grad0)  # adapts from the first step
+  refresh_every = 3  # 'kronecker': stale roots at steps 5, 6, 8, 9, ...
   optimizer = metamd_jax.blended_metamd(divergence, reference_norm, blend_rate, epsilon=epsilon,
-                                        per_leaf=per_leaf, statistics=statistics)
+                                        per_leaf=per_leaf, statistics=statistics,
+                                        refresh_every=refresh_every)
   sizes = [3, 12]  # leaves b, then w: a scale per leaf repeats over its coordinates
   state = optimizer.init(params)
   update, gradient = jax.jit(optimizer.update), jax.jit(jax.grad(task.loss))
@@ -197,10 +292,14 @@ def test_metric_never_decreases_and_the_regret_bound_holds(x64, per_leaf, statis
 
   thetas.append(flat(params))
   metrics, inverses, regret = [], [], 0.0
+  roots = _kronecker_roots(grads_list, refresh_every, epsilon, 1e-4)
   for t in range(num_steps):
-    rows, columns = (_factored_statistics(grads_list[:t + 1]) if statistics == 'sum'
-                     else _peak_statistics(grads_list[:t + 1], 0.99))
-    online = np.diag(1 / _denominator(rows, columns, epsilon))
+    if statistics == 'kronecker':
+      online = _kronecker_inverse(roots[t])
+    else:
+      rows, columns = (_factored_statistics(grads_list[:t + 1]) if statistics == 'sum'
+                       else _peak_statistics(grads_list[:t + 1], 0.99))
+      online = np.diag(1 / _denominator(rows, columns, epsilon))
     inverse_t = (inverse + blend_rate * online) / scales[t][:, None]  # block diagonal
     # The step is mirror descent with the metric M_t.
     np.testing.assert_allclose(thetas[t + 1] - thetas[t], -inverse_t @ flat(grads_list[t]),
@@ -292,4 +391,31 @@ def test_keeps_the_parameter_dtype_and_accumulates_in_float32():
   statistics = state[0].statistics
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(
       (statistics.rows, statistics.columns, statistics.row_peaks, statistics.column_peaks)))
+  assert all(bool(jnp.all(jnp.isfinite(u.astype(jnp.float32)))) for u in jax.tree.leaves(updates))
+
+
+@pytest.mark.parametrize('name, value', [
+    ('refresh_every', 0), ('refresh_every', 2.0), ('max_dimension', 0),
+    ('relative_epsilon', -1.0), ('relative_epsilon', float('nan'))])
+def test_bad_kronecker_settings_are_named(name, value):
+  with pytest.raises(ValueError, match=name):
+    blended.scale_by_kronecker_statistics(**{name: value})
+  if name == 'refresh_every':
+    with pytest.raises(ValueError, match=name):
+      metamd_jax.blended_metamd(_divergence(), 1.0, 0.1, statistics='kronecker',
+                                refresh_every=value)
+
+
+def test_kronecker_half_keeps_the_parameter_dtype_and_accumulates_in_float32():
+  params = {'w': jnp.ones((4, 3), jnp.bfloat16), 'b': jnp.ones((3,), jnp.bfloat16)}
+  divergence = metamd_jax.init_divergence(params, 0.1)
+  optimizer = metamd_jax.blended_metamd(divergence, (1.0, 1.0), 0.1, per_leaf=True,
+                                        statistics='kronecker')
+  state = optimizer.init(params)
+  rng = np.random.default_rng(0)
+  for _ in range(3):
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+    updates, state = jax.jit(optimizer.update)(grads, state, params)
+  assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state[0].statistics[:4]))
   assert all(bool(jnp.all(jnp.isfinite(u.astype(jnp.float32)))) for u in jax.tree.leaves(updates))

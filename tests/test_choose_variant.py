@@ -117,3 +117,17 @@ def test_reference_that_always_diverges_is_named(tmp_path, monkeypatch):
 def test_missing_artifact_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match='divergence.npz'):
     choose_variant.compare(tiny.get_config(), tmp_path)
+
+
+def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
+  assert choose_variant.check_candidates(['blended_kron_0.03', 'adaptive']) == (
+      'adaptive', 'blended_kron_0.03')
+  assert choose_variant.CANDIDATES['blended_kron_0.1'] == {
+      'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.1,
+      'adaptive_blend_statistics': 'kronecker'}
+  with pytest.raises(ValueError, match="unknown candidate 'blended_2'"):
+    choose_variant.check_candidates(['adaptive', 'blended_2'])
+  with pytest.raises(ValueError, match='twice'):
+    choose_variant.check_candidates(['adaptive', 'adaptive'])
+  with pytest.raises(ValueError, match='empty'):
+    choose_variant.check_candidates([])
