@@ -278,13 +278,30 @@ def _matrix_view(shape: tuple[int, ...]) -> tuple[int, int]:
   return math.prod(shape[:-1]), shape[-1]
 
 
+@jax.custom_batching.custom_vmap
+def _eigh(matrix: Array) -> tuple[Array, Array]:
+  """``jnp.linalg.eigh``, one matrix at a time under ``vmap`` (see below)."""
+  return tuple(jnp.linalg.eigh(matrix))
+
+
+@_eigh.def_vmap
+def _eigh_one_at_a_time(axis_size, in_batched, matrix):
+  # Batched LAPACK eigendecompositions can deadlock in OpenBLAS on the CPU (seen with
+  # two or more vmapped 784 x 784 factors and one OpenBLAS thread): a vmapped call runs
+  # its matrices in sequence instead (jax.lax.map), which costs nothing on one device.
+  del axis_size
+  if not in_batched[0]:
+    return _eigh(matrix), (False, False)
+  return jax.lax.map(_eigh, matrix), (True, True)
+
+
 def _inverse_fourth_root(statistic: Array, other_size: int, epsilon: float,
                          relative_epsilon: float) -> Array:
   """``(S / k + (epsilon + rho lambda_max(S / k)) I)^{-1/4}`` of a full (square) or
   diagonal (vector) statistic ``S``; ``k`` is the other side's size, so it is a mean."""
   mean = statistic / other_size
   if statistic.ndim == 2:
-    values, vectors = jnp.linalg.eigh(mean)
+    values, vectors = _eigh(mean)
     values = jnp.maximum(values, 0)
     floor = epsilon + relative_epsilon * jnp.max(values)
     return (vectors * (values + floor) ** -0.25) @ vectors.T
@@ -407,10 +424,20 @@ def scale_by_kronecker_statistics(
       new_rights.append(statistic(right, matrix, 'right'))
 
     def refresh(_):
-      return ([_inverse_fourth_root(s, m.shape[1], epsilon, relative_epsilon)
-               for s, m in zip(new_lefts, matrices)],
-              [_inverse_fourth_root(s, m.shape[0], epsilon, relative_epsilon)
-               for s, m in zip(new_rights, matrices)])
+      # One eigendecomposition at a time: each waits for the previous root (a data
+      # dependence through an optimisation barrier). Concurrent LAPACK calls from XLA's
+      # CPU threads can deadlock in OpenBLAS (seen with vmapped 784 x 784 factors).
+      jobs = [(s, m.shape[1]) for s, m in zip(new_lefts, matrices)]
+      jobs += [(s, m.shape[0]) for s, m in zip(new_rights, matrices)]
+      roots, previous = [], None
+      for statistic, other_size in jobs:
+        if statistic.ndim == 2 and previous is not None:
+          statistic, _ = jax.lax.optimization_barrier((statistic, previous))
+        root = _inverse_fourth_root(statistic, other_size, epsilon, relative_epsilon)
+        if root.ndim == 2:
+          previous = root
+        roots.append(root)
+      return roots[:len(matrices)], roots[len(matrices):]
 
     def keep(_):
       return (treedef.flatten_up_to(state.left_root), treedef.flatten_up_to(state.right_root))

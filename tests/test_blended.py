@@ -419,3 +419,22 @@ def test_kronecker_half_keeps_the_parameter_dtype_and_accumulates_in_float32():
   assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state[0].statistics[:4]))
   assert all(bool(jnp.all(jnp.isfinite(u.astype(jnp.float32)))) for u in jax.tree.leaves(updates))
+
+
+def test_kronecker_statistics_under_vmap_equal_one_task_at_a_time():
+  """A vmapped update (tasks stacked; the roots' eigendecompositions then run one matrix
+  at a time) equals the update of each task alone."""
+  transformation = blended.scale_by_kronecker_statistics(refresh_every=2)
+  params = _tree(1, dtype=jnp.float32)
+  steps = [[_tree(40 + 3 * t + task, dtype=jnp.float32) for task in range(3)]
+           for t in range(3)]
+  stack = lambda trees: jax.tree.map(lambda *x: jnp.stack(x), *trees)  # noqa: E731
+  batched_state = jax.vmap(transformation.init)(stack([params] * 3))
+  states = [transformation.init(params) for _ in range(3)]
+  for grads in steps:
+    batched, batched_state = jax.jit(jax.vmap(transformation.update))(stack(grads),
+                                                                      batched_state)
+    for task in range(3):
+      alone, states[task] = jax.jit(transformation.update)(grads[task], states[task])
+      chex.assert_trees_all_close(jax.tree.map(lambda x, i=task: x[i], batched), alone,
+                                  rtol=1e-5, atol=1e-6)
