@@ -92,14 +92,16 @@ def get_config() -> ml_collections.ConfigDict:
   #   python -m experiments.choose_variant --config configs/default.py --workdir DIR
   evaluation.adaptive_per_leaf = True
   # Blended MetaMD (metamd_jax.blended_metamd): > 0 adds to adaptive MetaMD's direction an
-  # online one, blend_rate * g / (r_t c_t)^(1/4), from running row and column sums of g^2
-  # (diagonal Kronecker statistics), so that steps the learned metric makes too short, or a
-  # geometry that no longer fits, still train. 0: adaptive MetaMD alone. Chosen with
-  # experiments.choose_variant on validation tasks (experiments/RESULTS.md section 10).
-  evaluation.adaptive_blend_rate = 0.03
-  # How the online direction accumulates g^2: 'sum' (AdaGrad: steps decay as 1/sqrt(t)) or
-  # 'peak_average' (running maximum of moving averages, AMSGrad's rule: they do not).
-  evaluation.adaptive_blend_statistics = 'sum'
+  # online one, blend_rate * K_t^{-1} g, from running Kronecker statistics of the gradients,
+  # so that steps the learned metric makes too short, or a geometry that no longer fits,
+  # still train. 0: adaptive MetaMD alone. Chosen with experiments.choose_variant on
+  # validation tasks (experiments/RESULTS.md section 10): 0.1 with Shampoo's statistics.
+  evaluation.adaptive_blend_rate = 0.1
+  # The online statistics: 'kronecker' (Shampoo's sum G G^T and sum G^T G, inverse fourth
+  # roots refreshed every 10 steps), or their diagonals (row and column sums of g^2):
+  # 'sum' (AdaGrad: steps decay as 1/sqrt(t)) or 'peak_average' (running maximum of moving
+  # averages, AMSGrad's rule: they do not).
+  evaluation.adaptive_blend_statistics = 'kronecker'
   # Everyday changes (classification families only; () disables): the held-out tasks again
   # with every optimiser as it is (learned metric, tuned learning rates, calibrated c),
   # against Adam re-tuned on each change. Each costs one Adam tuning and one run per

@@ -19,4 +19,5 @@ def get_config():
   #   python -m experiments.choose_variant --config configs/mnist1d_cnn.py ...
   config.eval.adaptive_per_leaf = True
   config.eval.adaptive_blend_rate = 0.01
+  config.eval.adaptive_blend_statistics = 'sum'
   return config

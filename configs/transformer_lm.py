@@ -57,4 +57,5 @@ def get_config() -> ml_collections.ConfigDict:
   # experiments/RESULTS.md section 10):
   #   python -m experiments.choose_variant --config configs/transformer_lm.py ...
   ev.adaptive_blend_rate = 0.01
+  ev.adaptive_blend_statistics = 'sum'  # diagonal statistics (the choice's candidates)
   return config

@@ -22,7 +22,8 @@ Candidates (:data:`CANDIDATES`): ``'adaptive'`` (one scale), ``'adaptive_per_lea
 direction from running sums at blend rates 0.01, 0.03, 0.1) and ``'blended_peak_<rate>'``
 (the same from peak moving averages, ``statistics='peak_average'``, at 0.003 and 0.01)
 and ``'blended_kron_<rate>'`` (Shampoo's full Kronecker statistics,
-``statistics='kronecker'``, at 0.01, 0.03, 0.1); ``--candidates=a,b`` compares a subset;
+``statistics='kronecker'``, at 0.01, 0.03, 0.1, 0.3); ``--candidates=a,b`` compares a
+subset;
 frozen ``'metamd'`` and the reference at its
 meta-train-tuned learning rate run next to them for comparison. The rule, fixed before any run:
 
@@ -75,7 +76,7 @@ CANDIDATES = {
                           'adaptive_blend_statistics': 'peak_average'},
     **{f'blended_kron_{rate}': {'adaptive_per_leaf': True, 'adaptive_blend_rate': rate,
                                 'adaptive_blend_statistics': 'kronecker'}
-       for rate in (0.01, 0.03, 0.1)},
+       for rate in (0.01, 0.03, 0.1, 0.3)},
 }
 """The candidates and their ``eval`` settings; earlier ones win ties."""
 IN_DISTRIBUTION = 'in_distribution'

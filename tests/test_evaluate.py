@@ -35,7 +35,9 @@ def test_adaptive_row_with_a_huge_reference_is_metamd(setup, tmp_path, monkeypat
   config.eval.baselines = ()
   config.eval.shifts = ()
   config.eval.time_steps, config.eval.horizon_multiplier = True, 2
-  assert config.eval.adaptive_blend_rate == 0.03  # the default: blended MetaMD
+  # The default: blended MetaMD with Shampoo's statistics.
+  assert (config.eval.adaptive_blend_rate, config.eval.adaptive_blend_statistics) == (
+      0.1, 'kronecker')
   config.eval.adaptive_blend_rate = 0.0  # adaptive MetaMD alone: never adapting, it is MetaMD
   calls = []
 
@@ -208,6 +210,12 @@ def test_adaptive_optimizer_is_blended_with_a_positive_blend_rate():
   chex.assert_trees_all_close(adaptive_updates, first_update(metamd_jax.adaptive_metamd(
       divergence, (1.0, 1.0), per_leaf=True)))
   config.eval.adaptive_blend_rate = 0.5
+  config.eval.adaptive_blend_statistics = 'kronecker'
+  chex.assert_trees_all_close(
+      first_update(evaluate.adaptive_optimizer(config, divergence, calibration)),
+      first_update(metamd_jax.blended_metamd(divergence, (1.0, 1.0), 0.5, per_leaf=True,
+                                             statistics='kronecker')))
+  config.eval.adaptive_blend_statistics = 'sum'
   blended_updates = first_update(evaluate.adaptive_optimizer(config, divergence, calibration))
   chex.assert_trees_all_close(blended_updates, first_update(metamd_jax.blended_metamd(
       divergence, (1.0, 1.0), 0.5, per_leaf=True)))
