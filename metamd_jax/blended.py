@@ -301,7 +301,7 @@ def _inverse_fourth_root(statistic: Array, other_size: int, epsilon: float,
   diagonal (vector) statistic ``S``; ``k`` is the other side's size, so it is a mean."""
   mean = statistic / other_size
   if statistic.ndim == 2:
-    values, vectors = _eigh(mean)
+    values, vectors = _eigh(jax.lax.stop_gradient(mean))
     values = jnp.maximum(values, 0)
     floor = epsilon + relative_epsilon * jnp.max(values)
     return (vectors * (values + floor) ** -0.25) @ vectors.T
@@ -367,7 +367,9 @@ def scale_by_kronecker_statistics(
   last ones are used. A stale ``K`` is the ``K`` of an earlier step, so the sequence
   used still never decreases. A side longer than ``max_dimension`` keeps the diagonal of
   its statistic instead (as :func:`scale_by_factored_statistics` does), so an embedding
-  table or a wide layer costs ``m + n`` numbers on that side.
+  table or a wide layer costs ``m + n`` numbers on that side. The roots are not
+  differentiated: a derivative through an update treats them as constants (as the
+  gradient statistics are in a training step).
 
   Args:
     epsilon: ``epsilon > 0``, the absolute part of each factor's damping.

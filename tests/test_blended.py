@@ -438,3 +438,19 @@ def test_kronecker_statistics_under_vmap_equal_one_task_at_a_time():
       alone, states[task] = jax.jit(transformation.update)(grads[task], states[task])
       chex.assert_trees_all_close(jax.tree.map(lambda x, i=task: x[i], batched), alone,
                                   rtol=1e-5, atol=1e-6)
+
+
+def test_kronecker_direction_differentiates_with_the_roots_held_constant():
+  """``d sum(A G B) / dG = A 1 B`` with the roots of the state after the update."""
+  transformation = blended.scale_by_kronecker_statistics(refresh_every=1)
+  params = {'w': jnp.zeros((4, 3))}
+  state = transformation.init(params)
+  grads = {'w': jnp.asarray(np.random.default_rng(0).standard_normal((4, 3)), jnp.float32)}
+
+  def total(g):
+    return jnp.sum(transformation.update({'w': g}, state)[0]['w'])
+
+  derivative = jax.grad(total)(grads['w'])
+  _, new_state = transformation.update(grads, state)
+  a, b = new_state.left_root['w'], new_state.right_root['w']
+  np.testing.assert_allclose(derivative, a @ jnp.ones((4, 3)) @ b, rtol=1e-5)
