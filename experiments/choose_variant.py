@@ -126,7 +126,7 @@ def check_candidates(candidates) -> tuple[str, ...]:
     if name not in CANDIDATES:
       raise ValueError(f'unknown candidate {name!r}; known: {tuple(CANDIDATES)}.')
   if len(set(names)) != len(names):
-    raise ValueError(f'candidates names one twice: {names}.')
+    raise ValueError(f'candidates names a candidate twice: {names}.')
   return tuple(name for name in CANDIDATES if name in names)  # CANDIDATES order: ties
 
 
@@ -217,7 +217,9 @@ def format_choice(result: dict) -> str:
            'tasks never used in meta-training or meta-testing), '
            f"{len(result['checks'])} checks; chosen: **{result['chosen']}** "
            f"(eval.adaptive_per_leaf={result['adaptive_per_leaf']}, "
-           f"eval.adaptive_blend_rate={result['adaptive_blend_rate']}).", '',
+           f"eval.adaptive_blend_rate={result['adaptive_blend_rate']}"
+           + (f", eval.adaptive_blend_statistics={result['adaptive_blend_statistics']!r}"
+              if 'adaptive_blend_statistics' in result else '') + ').', '',
            f'| candidate | diverged runs where {reference} trains | faster than '
            f'{reference} re-tuned | final loss / re-tuned {reference} (geometric mean) |',
            '| --- | --- | --- | --- |']

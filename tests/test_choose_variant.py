@@ -102,6 +102,8 @@ def test_compare_runs_validation_tasks_only_and_applies_the_rule(tmp_path, monke
       'adaptive_blend_statistics', 'sum')
   table = choose_variant.format_choice(result)
   assert f"chosen: **{result['chosen']}**" in table
+  if 'adaptive_blend_statistics' in result:
+    assert f"eval.adaptive_blend_statistics={result['adaptive_blend_statistics']!r}" in table
   assert table.count('| inputs_x2 |') == 5 and '| blended_0.03 | learned (c per leaf' in table
 
 
