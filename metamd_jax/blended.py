@@ -286,9 +286,10 @@ def _eigh(matrix: Array) -> tuple[Array, Array]:
 
 @_eigh.def_vmap
 def _eigh_one_at_a_time(axis_size, in_batched, matrix):
-  # Batched LAPACK eigendecompositions can deadlock in OpenBLAS on the CPU (seen with
-  # two or more vmapped 784 x 784 factors and one OpenBLAS thread): a vmapped call runs
-  # its matrices in sequence instead (jax.lax.map), which costs nothing on one device.
+  # Batched LAPACK eigendecompositions hung on the CPU (every thread waiting; seen with
+  # two or more vmapped 784 x 784 factors): a vmapped call runs its matrices in sequence
+  # instead (jax.lax.map). The CPU kernel loops over a batch anyway; on an accelerator
+  # this gives up batching the roots.
   del axis_size
   if not in_batched[0]:
     return _eigh(matrix), (False, False)
@@ -426,20 +427,10 @@ def scale_by_kronecker_statistics(
       new_rights.append(statistic(right, matrix, 'right'))
 
     def refresh(_):
-      # One eigendecomposition at a time: each waits for the previous root (a data
-      # dependence through an optimisation barrier). Concurrent LAPACK calls from XLA's
-      # CPU threads can deadlock in OpenBLAS (seen with vmapped 784 x 784 factors).
-      jobs = [(s, m.shape[1]) for s, m in zip(new_lefts, matrices)]
-      jobs += [(s, m.shape[0]) for s, m in zip(new_rights, matrices)]
-      roots, previous = [], None
-      for statistic, other_size in jobs:
-        if statistic.ndim == 2 and previous is not None:
-          statistic, _ = jax.lax.optimization_barrier((statistic, previous))
-        root = _inverse_fourth_root(statistic, other_size, epsilon, relative_epsilon)
-        if root.ndim == 2:
-          previous = root
-        roots.append(root)
-      return roots[:len(matrices)], roots[len(matrices):]
+      return ([_inverse_fourth_root(s, m.shape[1], epsilon, relative_epsilon)
+               for s, m in zip(new_lefts, matrices)],
+              [_inverse_fourth_root(s, m.shape[0], epsilon, relative_epsilon)
+               for s, m in zip(new_rights, matrices)])
 
     def keep(_):
       return (treedef.flatten_up_to(state.left_root), treedef.flatten_up_to(state.right_root))
