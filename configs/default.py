@@ -102,6 +102,9 @@ def get_config() -> ml_collections.ConfigDict:
   # 'sum' (AdaGrad: steps decay as 1/sqrt(t)) or 'peak_average' (running maximum of moving
   # averages, AMSGrad's rule: they do not).
   evaluation.adaptive_blend_statistics = 'kronecker'
+  # Nesterov momentum on adaptive MetaMD's steps (metamd_jax.nesterov_momentum, step factor
+  # 1/2): accelerated mirror descent in the learned geometry. 0: no momentum.
+  evaluation.adaptive_momentum = 0.0
   # Everyday changes (classification families only; () disables): the held-out tasks again
   # with every optimiser as it is (learned metric, tuned learning rates, calibrated c),
   # against Adam re-tuned on each change. Each costs one Adam tuning and one run per

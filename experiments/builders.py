@@ -205,6 +205,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _fail('eval.adaptive_blend_rate', blend_rate, 'must be a finite number >= 0')
   _one_of(evaluation.adaptive_blend_statistics, 'eval.adaptive_blend_statistics',
           blended_lib.STATISTICS)
+  momentum = evaluation.get('adaptive_momentum', 0.0)
+  if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) \
+      or not (math.isfinite(momentum) and 0 <= momentum < 1):
+    _fail('eval.adaptive_momentum', momentum, 'must be a number in [0, 1)')
   quantile = evaluation.adaptive_quantile
   if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) \
       or not 0 < quantile <= 1:

@@ -22,9 +22,10 @@ Candidates (:data:`CANDIDATES`): ``'adaptive'`` (one scale), ``'adaptive_per_lea
 direction from running sums at blend rates 0.01, 0.03, 0.1) and ``'blended_peak_<rate>'``
 (the same from peak moving averages, ``statistics='peak_average'``, at 0.003 and 0.01)
 and ``'blended_kron_<rate>'`` (Shampoo's full Kronecker statistics,
-``statistics='kronecker'``, at 0.01, 0.03, 0.1, 0.3); ``--candidates=a,b`` compares a
-subset;
-frozen ``'metamd'`` and the reference at its
+``statistics='kronecker'``, at 0.01, 0.03, 0.1, 0.3), and
+``'blended_0.01_nesterov_<beta>'`` and ``'blended_kron_0.1_nesterov_<beta>'`` (the same
+followed by Nesterov's momentum, :func:`metamd_jax.nesterov_momentum`, at 0.5 and 0.9);
+``--candidates=a,b`` compares a subset; frozen ``'metamd'`` and the reference at its
 meta-train-tuned learning rate run next to them for comparison. The rule, fixed before any run:
 
 1. fewest diverged runs over the checks where the reference, at its meta-train-tuned
@@ -38,9 +39,9 @@ meta-train-tuned learning rate run next to them for comparison. The rule, fixed 
    blended ones last).
 
 Writes ``choose_variant.json`` and ``choose_variant.md`` in the workdir and prints the
-table; set ``eval.adaptive_per_leaf``, ``eval.adaptive_blend_rate`` and
-``eval.adaptive_blend_statistics`` (in the family's config, or with ``--config.eval...``)
-to the choice.
+table; set ``eval.adaptive_per_leaf``, ``eval.adaptive_blend_rate``,
+``eval.adaptive_blend_statistics`` and ``eval.adaptive_momentum`` (in the family's config,
+or with ``--config.eval...``) to the choice.
 """
 
 from __future__ import annotations
@@ -77,8 +78,20 @@ CANDIDATES = {
     **{f'blended_kron_{rate}': {'adaptive_per_leaf': True, 'adaptive_blend_rate': rate,
                                 'adaptive_blend_statistics': 'kronecker'}
        for rate in (0.01, 0.03, 0.1, 0.3)},
+    **{f'blended_0.01_nesterov_{beta}': {'adaptive_per_leaf': True,
+                                         'adaptive_blend_rate': 0.01,
+                                         'adaptive_blend_statistics': 'sum',
+                                         'adaptive_momentum': beta}
+       for beta in (0.5, 0.9)},
+    **{f'blended_kron_0.1_nesterov_{beta}': {'adaptive_per_leaf': True,
+                                             'adaptive_blend_rate': 0.1,
+                                             'adaptive_blend_statistics': 'kronecker',
+                                             'adaptive_momentum': beta}
+       for beta in (0.5, 0.9)},
 }
 """The candidates and their ``eval`` settings; earlier ones win ties."""
+for _settings in CANDIDATES.values():  # no momentum unless a candidate names one
+  _settings.setdefault('adaptive_momentum', 0.0)
 IN_DISTRIBUTION = 'in_distribution'
 RESULT = 'choose_variant'
 
@@ -219,7 +232,9 @@ def format_choice(result: dict) -> str:
            f"(eval.adaptive_per_leaf={result['adaptive_per_leaf']}, "
            f"eval.adaptive_blend_rate={result['adaptive_blend_rate']}"
            + (f", eval.adaptive_blend_statistics={result['adaptive_blend_statistics']!r}"
-              if 'adaptive_blend_statistics' in result else '') + ').', '',
+              if 'adaptive_blend_statistics' in result else '')
+           + (f", eval.adaptive_momentum={result['adaptive_momentum']}"
+              if result.get('adaptive_momentum') else '') + ').', '',
            f'| candidate | diverged runs where {reference} trains | faster than '
            f'{reference} re-tuned | final loss / re-tuned {reference} (geometric mean) |',
            '| --- | --- | --- | --- |']

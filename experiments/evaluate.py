@@ -53,6 +53,7 @@ def calibrate(config: ml_collections.ConfigDict, divergence: PyTree, family: Tas
           'quantile': ev.adaptive_quantile, 'per_leaf': ev.adaptive_per_leaf,
           'blend_rate': ev.adaptive_blend_rate,
           'blend_statistics': ev.adaptive_blend_statistics,
+          'momentum': ev.get('adaptive_momentum', 0.0),
           'calibration_tasks': 'meta-train tuning tasks',
           'num_calibration_tasks': ev.num_tune_tasks, 'num_steps': ev.num_steps}
 
@@ -60,18 +61,25 @@ def calibrate(config: ml_collections.ConfigDict, divergence: PyTree, family: Tas
 def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
                        adaptive: dict | None):
   """Adaptive MetaMD with the levels of :func:`calibrate`, blended MetaMD
-  (:func:`metamd_jax.blended_metamd`) when ``eval.adaptive_blend_rate > 0``; ``None``
-  when calibration failed or is off."""
+  (:func:`metamd_jax.blended_metamd`) when ``eval.adaptive_blend_rate > 0``, followed by
+  Nesterov's momentum (:func:`metamd_jax.nesterov_momentum`) when
+  ``eval.adaptive_momentum > 0``; ``None`` when calibration failed or is off."""
   if adaptive is None or adaptive['reference_norm'] is None:
     return None
   ev = config.eval
   if ev.adaptive_blend_rate > 0:
-    return metamd_jax.blended_metamd(divergence, adaptive['reference_norm'],
-                                     ev.adaptive_blend_rate, decay=ev.adaptive_decay,
-                                     per_leaf=ev.adaptive_per_leaf,
-                                     statistics=ev.adaptive_blend_statistics)
-  return metamd_jax.adaptive_metamd(divergence, adaptive['reference_norm'],
-                                    decay=ev.adaptive_decay, per_leaf=ev.adaptive_per_leaf)
+    optimizer = metamd_jax.blended_metamd(divergence, adaptive['reference_norm'],
+                                          ev.adaptive_blend_rate, decay=ev.adaptive_decay,
+                                          per_leaf=ev.adaptive_per_leaf,
+                                          statistics=ev.adaptive_blend_statistics)
+  else:
+    optimizer = metamd_jax.adaptive_metamd(divergence, adaptive['reference_norm'],
+                                           decay=ev.adaptive_decay,
+                                           per_leaf=ev.adaptive_per_leaf)
+  momentum = ev.get('adaptive_momentum', 0.0)
+  if momentum > 0:
+    optimizer = optax.chain(optimizer, metamd_jax.nesterov_momentum(momentum))
+  return optimizer
 
 
 def evaluate_shift(config: ml_collections.ConfigDict, shift: str,

@@ -1,5 +1,6 @@
 """metamd_jax: Meta Mirror Descent, a meta-learned Bregman divergence as an optax optimiser."""
 
+from metamd_jax.accelerated import accelerated_metamd, nesterov_momentum
 from metamd_jax.adaptive import (
     ScaleByAdaptiveMirrorDescentState,
     adaptive_metamd,
@@ -58,6 +59,7 @@ __all__ = (
     'ScaleByMirrorDescentState',
     'Task',
     'TaskFamily',
+    'accelerated_metamd',
     'adaptive_metamd',
     'adaptive_regret_bound',
     'adaptive_rollout',
@@ -72,6 +74,7 @@ __all__ = (
     'meta_gradient',
     'metamd',
     'mirror_step',
+    'nesterov_momentum',
     'reference_gradient_norm',
     'regret_bound',
     'rollout',

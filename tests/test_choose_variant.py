@@ -64,7 +64,8 @@ def test_compare_runs_validation_tasks_only_and_applies_the_rule(tmp_path, monke
   # Two of the candidates (each costs its runs): one scale, and blended with one per leaf.
   candidates = {name: choose_variant.CANDIDATES[name] for name in ('adaptive', 'blended_0.03')}
   assert candidates['blended_0.03'] == {'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.03,
-                                        'adaptive_blend_statistics': 'sum'}
+                                        'adaptive_blend_statistics': 'sum',
+                                        'adaptive_momentum': 0.0}
   monkeypatch.setattr(choose_variant, 'CANDIDATES', candidates)
   result = choose_variant.compare(config, tmp_path, divergence)
 
@@ -126,7 +127,12 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
       'adaptive', 'blended_kron_0.03')
   assert choose_variant.CANDIDATES['blended_kron_0.1'] == {
       'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.1,
-      'adaptive_blend_statistics': 'kronecker'}
+      'adaptive_blend_statistics': 'kronecker', 'adaptive_momentum': 0.0}
+  assert choose_variant.CANDIDATES['blended_0.01_nesterov_0.9'] == {
+      'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.01,
+      'adaptive_blend_statistics': 'sum', 'adaptive_momentum': 0.9}
+  assert all(settings['adaptive_momentum'] == 0.0 for name, settings in
+             choose_variant.CANDIDATES.items() if 'nesterov' not in name)
   with pytest.raises(ValueError, match="unknown candidate 'blended_2'"):
     choose_variant.check_candidates(['adaptive', 'blended_2'])
   with pytest.raises(ValueError, match='twice'):

@@ -184,6 +184,9 @@ def test_shifted_families_are_shifted(setup):
     ('eval.adaptive_blend_rate', float('nan')),
     ('eval.adaptive_blend_rate', math.inf),
     ('eval.adaptive_blend_statistics', 'mean'),
+    ('eval.adaptive_momentum', 1.0),
+    ('eval.adaptive_momentum', -0.5),
+    ('eval.adaptive_momentum', float('nan')),
 ])
 def test_bad_adaptive_and_shift_values_name_the_field(field, value):
   config = tiny.get_config()
@@ -226,6 +229,11 @@ def test_adaptive_optimizer_is_blended_with_a_positive_blend_rate():
   chex.assert_trees_all_close(
       blended_updates, {k: u - 0.5 / scales[k] for k, u in adaptive_updates.items()},
       atol=1e-6)
+  # Nesterov's momentum: the first step is (1 + beta) * step_factor times the blended one.
+  config.eval.adaptive_momentum = 0.9
+  chex.assert_trees_all_close(
+      first_update(evaluate.adaptive_optimizer(config, divergence, calibration)),
+      jax.tree.map(lambda u: 1.9 * 0.5 * u, blended_updates), atol=1e-6)
 
 
 def test_a_shift_keeps_every_optimizer_and_retunes_adam(setup, monkeypatch):
