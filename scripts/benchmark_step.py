@@ -5,7 +5,8 @@ Part 1 times one full jitted training step (forward, backward, optimiser update,
 MetaMD (a random, dense, positive-definite Kronecker divergence), adaptive MetaMD and
 blended MetaMD on the same divergence (``reference_norm=1.0``; ``blend_rate=0.03``; its
 diagonal statistics, and Shampoo's full ones, ``statistics='kronecker'``, refreshed every
-10 steps: ``blended_kron_metamd``),
+10 steps: ``blended_kron_metamd``; the diagonal one followed by Nesterov's momentum 0.9,
+:func:`metamd_jax.nesterov_momentum`: ``blended_nesterov_metamd``),
 ``optax.adam(1e-3)`` and ``optax.sgd(0.1)`` on an MLP 784-256-256-10 and a small CNN, at
 batch sizes 128 and 1024.
 On the byte-level transformer language model (``--models transformer``; the sizes of
@@ -55,8 +56,8 @@ from scripts import inputs, timing
 from scripts.inputs import init_params, perturbed_divergence
 
 BATCH_SIZES = (128, 1024)
-OPTIMISERS = ('metamd', 'adaptive_metamd', 'blended_metamd', 'blended_kron_metamd', 'adam',
-              'sgd')
+OPTIMISERS = ('metamd', 'adaptive_metamd', 'blended_metamd', 'blended_kron_metamd',
+              'blended_nesterov_metamd', 'adam', 'sgd')
 """The optimisers on the MLP and the CNN; MetaMD's ratios are to Adam and to SGD, the
 adaptive and blended variants' to MetaMD and to Adam."""
 TRANSFORMER_OPTIMISERS = ('metamd', 'adaptive_metamd', 'adamw', 'muon')
@@ -67,7 +68,8 @@ NUM_CLASSES = 10
 VOCAB_SIZE = 256
 NAMES = {'metamd': 'MetaMD', 'adaptive_metamd': 'adaptive MetaMD',
          'blended_metamd': 'blended MetaMD',
-         'blended_kron_metamd': "blended MetaMD, Shampoo's statistics", 'adam': 'Adam',
+         'blended_kron_metamd': "blended MetaMD, Shampoo's statistics",
+         'blended_nesterov_metamd': "blended MetaMD with Nesterov's momentum", 'adam': 'Adam',
          'adamw': 'AdamW', 'sgd': 'SGD', 'muon': 'Muon'}
 # Part 2 variants: the jitted ``optimizer.update(grads, state, params)`` returning
 # ``(updates, state)`` (the figure for the target), the same with the state donated, the
@@ -135,7 +137,8 @@ def make_batch(name: str, input_shape: tuple[int, ...], batch: int):
 
 def make_optimiser(name: str, params, dimension_numbers=None):
   """The optimiser ``name``; MetaMD's divergence: :func:`scripts.inputs.perturbed_divergence`."""
-  if name in ('metamd', 'adaptive_metamd', 'blended_metamd', 'blended_kron_metamd'):
+  if name in ('metamd', 'adaptive_metamd', 'blended_metamd', 'blended_kron_metamd',
+              'blended_nesterov_metamd'):
     divergence = perturbed_divergence(params, dimension_numbers=dimension_numbers)
     if name == 'metamd':
       return metamd_jax.metamd(divergence)
@@ -144,6 +147,10 @@ def make_optimiser(name: str, params, dimension_numbers=None):
     if name == 'blended_kron_metamd':
       return metamd_jax.blended_metamd(divergence, reference_norm=1.0, blend_rate=0.03,
                                        statistics='kronecker')
+    if name == 'blended_nesterov_metamd':
+      return optax.chain(metamd_jax.blended_metamd(divergence, reference_norm=1.0,
+                                                   blend_rate=0.03),
+                         metamd_jax.nesterov_momentum(0.9))
     return metamd_jax.adaptive_metamd(divergence, reference_norm=1.0)
   if name == 'adam':
     return optax.adam(1e-3)
@@ -408,10 +415,14 @@ def print_report(env: dict, steps: list[dict], updates: dict | None, args) -> No
     print('Adaptive MetaMD (`reference_norm=1.0`) and blended MetaMD (`blend_rate=0.03`; '
           "diagonal statistics, and Shampoo's, refreshed every 10 steps) on the same "
           'divergence, the same step:\n')
-    variants = ('adaptive_metamd', 'blended_metamd', 'blended_kron_metamd')
-    print('| model | batch | adaptive ms | blended ms | blended (Shampoo) ms | adaptive/MetaMD '
-          '| blended/MetaMD | blended (Shampoo)/MetaMD | blended/Adam | blended (Shampoo)/Adam |')
-    print('| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
+    variants = ('adaptive_metamd', 'blended_metamd', 'blended_kron_metamd',
+                'blended_nesterov_metamd')
+    print('| model | batch | adaptive ms | blended ms | blended (Shampoo) ms '
+          '| blended (Nesterov) ms | adaptive/MetaMD '
+          '| blended/MetaMD | blended (Shampoo)/MetaMD | blended (Nesterov)/MetaMD '
+          '| blended/Adam | blended (Shampoo)/Adam | blended (Nesterov)/Adam |')
+    print('| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: '
+          '| ---: |')
     for r in classic:
       ratios = [r['over_metamd'][name] for name in variants]
       ratios += [r['over_reference'][name] for name in variants[1:]]

@@ -269,14 +269,15 @@ def test_benchmark_step_main(tmp_path, capsys, monkeypatch):
     assert step[name]['median_ms'] > 0 and step[name]['repeats'] == 2
     assert np.isfinite(step[name]['final_loss'])
   # Adaptive and blended MetaMD against MetaMD: a ratio per variant, and their table.
-  variants = ('adaptive_metamd', 'blended_metamd', 'blended_kron_metamd')
+  variants = ('adaptive_metamd', 'blended_metamd', 'blended_kron_metamd',
+              'blended_nesterov_metamd')
   assert set(variants) <= set(benchmark_step.OPTIMISERS)
   assert step['over_metamd']['metamd'] == {'median': 1.0, 'paired': 1.0}
   for name in variants:
     np.testing.assert_allclose(step['over_metamd'][name]['median'],
                                step[name]['median_ms'] / step['metamd']['median_ms'])
-  assert ('| adaptive ms | blended ms | blended (Shampoo) ms | adaptive/MetaMD '
-          '| blended/MetaMD |') in out
+  assert ('| adaptive ms | blended ms | blended (Shampoo) ms | blended (Nesterov) ms '
+          '| adaptive/MetaMD | blended/MetaMD |') in out
   update = figures['updates']['models']['mlp']
   assert set(update['variants']) == set(benchmark_step.UPDATE_VARIANTS)
   # The analytic count is the matmuls XLA counts for the same products in plain jnp.
