@@ -21,4 +21,5 @@ def get_config():
   config.eval.adaptive_per_leaf = True
   config.eval.adaptive_blend_rate = 0.1
   config.eval.adaptive_blend_statistics = 'kronecker'
+  config.eval.adaptive_momentum = 0.5  # over 0, 0.5, 0.7 on the same validation tasks
   return config

@@ -20,4 +20,5 @@ def get_config():
   config.eval.adaptive_per_leaf = True
   config.eval.adaptive_blend_rate = 0.01
   config.eval.adaptive_blend_statistics = 'sum'
+  config.eval.adaptive_momentum = 0.5  # over 0, 0.5, 0.7, 0.9 on the same validation tasks
   return config

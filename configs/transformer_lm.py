@@ -58,4 +58,5 @@ def get_config() -> ml_collections.ConfigDict:
   #   python -m experiments.choose_variant --config configs/transformer_lm.py ...
   ev.adaptive_blend_rate = 0.01
   ev.adaptive_blend_statistics = 'sum'  # diagonal statistics (the choice's candidates)
+  ev.adaptive_momentum = 0.0  # no momentum: not among this family's candidates
   return config

@@ -24,7 +24,7 @@ direction from running sums at blend rates 0.01, 0.03, 0.1) and ``'blended_peak_
 and ``'blended_kron_<rate>'`` (Shampoo's full Kronecker statistics,
 ``statistics='kronecker'``, at 0.01, 0.03, 0.1, 0.3), and
 ``'blended_0.01_nesterov_<beta>'`` and ``'blended_kron_0.1_nesterov_<beta>'`` (the same
-followed by Nesterov's momentum, :func:`metamd_jax.nesterov_momentum`, at 0.5 and 0.9);
+followed by Nesterov's momentum, :func:`metamd_jax.nesterov_momentum`, at 0.5, 0.7 and 0.9);
 ``--candidates=a,b`` compares a subset; frozen ``'metamd'`` and the reference at its
 meta-train-tuned learning rate run next to them for comparison. The rule, fixed before any run:
 
@@ -82,12 +82,12 @@ CANDIDATES = {
                                          'adaptive_blend_rate': 0.01,
                                          'adaptive_blend_statistics': 'sum',
                                          'adaptive_momentum': beta}
-       for beta in (0.5, 0.9)},
+       for beta in (0.5, 0.7, 0.9)},
     **{f'blended_kron_0.1_nesterov_{beta}': {'adaptive_per_leaf': True,
                                              'adaptive_blend_rate': 0.1,
                                              'adaptive_blend_statistics': 'kronecker',
                                              'adaptive_momentum': beta}
-       for beta in (0.5, 0.9)},
+       for beta in (0.5, 0.7, 0.9)},
 }
 """The candidates and their ``eval`` settings; earlier ones win ties."""
 for _settings in CANDIDATES.values():  # no momentum unless a candidate names one

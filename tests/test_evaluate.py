@@ -35,10 +35,11 @@ def test_adaptive_row_with_a_huge_reference_is_metamd(setup, tmp_path, monkeypat
   config.eval.baselines = ()
   config.eval.shifts = ()
   config.eval.time_steps, config.eval.horizon_multiplier = True, 2
-  # The default: blended MetaMD with Shampoo's statistics.
-  assert (config.eval.adaptive_blend_rate, config.eval.adaptive_blend_statistics) == (
-      0.1, 'kronecker')
+  # The default: blended MetaMD with Shampoo's statistics and Nesterov's momentum.
+  assert (config.eval.adaptive_blend_rate, config.eval.adaptive_blend_statistics,
+          config.eval.adaptive_momentum) == (0.1, 'kronecker', 0.5)
   config.eval.adaptive_blend_rate = 0.0  # adaptive MetaMD alone: never adapting, it is MetaMD
+  config.eval.adaptive_momentum = 0.0
   calls = []
 
   def reference(div, family, task_params, num_steps, *, quantile, decay, per_leaf):
@@ -105,7 +106,8 @@ def test_per_leaf_calibration_gives_one_level_per_leaf(setup):
   assert all(c > 0 for c in result['reference_norm'])
   optimizer = evaluate.adaptive_optimizer(config, divergence, result)
   state = optimizer.init(meta_test_family.init_params())
-  assert state[0].adaptive.scale.shape == (len(leaves),)  # blended MetaMD by default
+  # The default: blended MetaMD followed by Nesterov's momentum.
+  assert state[0][0].adaptive.scale.shape == (len(leaves),)
   assert report._learning_rate_text(None, [1.5, 2.25, math.inf]) == (
       'learned (c per leaf: 1.5 to 2.25)')
   assert report._learning_rate_text(None, 8.94) == 'learned (c = 8.94)'
@@ -198,6 +200,7 @@ def test_bad_adaptive_and_shift_values_name_the_field(field, value):
 
 def test_adaptive_optimizer_is_blended_with_a_positive_blend_rate():
   config = tiny.get_config()
+  config.eval.adaptive_momentum = 0.0  # the momentum is checked last
   params = {'w': jnp.ones((3, 2)), 'b': jnp.ones((2,))}
   divergence = metamd_jax.init_divergence(params, 0.1)
   calibration = {'reference_norm': (1.0, 1.0)}
