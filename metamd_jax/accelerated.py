@@ -38,8 +38,10 @@ preconditioned curvatures below ``2 (1 + beta) / (1 + 2 beta)`` (between 4/3 and
 factor of 1 would lose MetaMD's edge-of-stability steps.
 
 With the online scale of :func:`metamd_jax.adaptive_metamd` or
-:func:`metamd_jax.blended_metamd` underneath, the metric only grows, so the smoothness
-condition above is kept at every step; the rate is claimed for a fixed metric only.
+:func:`metamd_jax.blended_metamd` underneath, the metric ``M_t`` never decreases, so once the
+smoothness condition holds for ``M_1`` it holds at every later step (the blend's online
+half makes ``M_1`` smaller than ``M``, so for blended MetaMD the condition is on ``M_1``,
+not on ``M``); the rate is claimed for a fixed metric only.
 
 Cost: one more buffer the size of the parameters (the trace, as Adam's first moment) and
 three elementwise operations per parameter.
