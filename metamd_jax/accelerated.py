@@ -32,7 +32,9 @@ at least that strongly convex (0.9: ``mu = 1/361``; 0.5: ``mu = 1/9``). The defa
 ``step_factor = 1/2`` makes the smoothness condition ``nabla^2 f <= 2 M / learning_rate``:
 exactly where MetaMD's own step is stable on a quadratic (every direction of the
 preconditioned curvature below 2). So wherever frozen MetaMD converges on a quadratic,
-accelerated MetaMD converges too, at the accelerated rate; the factor is fixed by this
+accelerated MetaMD converges too (every such direction is inside Nesterov's stability
+region below), at the accelerated rate when ``f`` is at least
+``((1 - beta) / (1 + beta))^2``-strongly convex in that norm; the factor is fixed by this
 argument, not tuned. Nesterov's iteration itself is stable on a quadratic only for
 preconditioned curvatures below ``2 (1 + beta) / (1 + 2 beta)`` (between 4/3 and 2), so a
 factor of 1 would lose MetaMD's edge-of-stability steps.

@@ -98,6 +98,37 @@ def test_default_step_factor_accelerates_wherever_metamd_is_stable(x64):
   assert accelerated[-1] < plain[-1] / 100  # the plain step is not accelerated
 
 
+@pytest.mark.parametrize('momentum', [0.5, 0.9, 0.99])
+def test_default_step_factor_is_stable_where_metamd_is_and_a_unit_factor_is_not(x64,
+                                                                                momentum):
+  """Curvature relative to ``M / learning_rate`` in ``[0.5, 1.9]``: MetaMD's step is
+  stable there; with the default factor 1/2 Nesterov's iteration converges for any
+  momentum, with factor 1 it diverges (stable only below ``2 (1 + beta) / (1 + 2 beta)``)."""
+  params = {'w': jnp.zeros((3, 2), jnp.float64)}
+  divergence = well_conditioned(metamd_jax.init_divergence(params, 0.5, dtype=jnp.float64),
+                                seed=7, noise=0.3)
+  metric = dense_block_metric(divergence)
+  hessian = _quadratic_in_the_metric(metric, np.linspace(0.5, 1.9, 6), seed=7)
+  target = np.random.default_rng(8).standard_normal(6)
+
+  def loss(w):
+    diff = jnp.ravel(w) - target
+    return 0.5 * diff @ jnp.asarray(hessian) @ diff
+
+  def final_loss(optimizer):
+    w, state = params['w'], optimizer.init(params)
+    for _ in range(200):
+      updates, state = optimizer.update({'w': jax.grad(loss)(w)}, state, {'w': w})
+      w = w + updates['w']
+    return float(loss(w))
+
+  start = float(loss(params['w']))
+  assert final_loss(metamd_jax.metamd(divergence)) < 1e-6 * start
+  assert final_loss(metamd_jax.accelerated_metamd(divergence, momentum)) < 1e-6 * start
+  unit = metamd_jax.accelerated_metamd(divergence, momentum, step_factor=1.0)
+  assert not final_loss(unit) < start  # grows without bound (or overflows)
+
+
 def test_zero_momentum_and_unit_factor_is_metamd():
   task = quadratic_task(dims=(4, 3), seed=5)
   params = task.init()
