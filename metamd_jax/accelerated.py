@@ -51,11 +51,9 @@ three elementwise operations per parameter.
 
 from __future__ import annotations
 
-import math
-
 import optax
 
-from metamd_jax import transform
+from metamd_jax import adaptive, blended, transform
 from metamd_jax.types import PyTree
 
 __all__ = ('accelerated_metamd', 'check_momentum', 'nesterov_momentum')
@@ -64,25 +62,18 @@ DEFAULT_STEP_FACTOR = 0.5
 """``step_factor`` of the guarantee: stable wherever MetaMD's own step is."""
 
 
-def check_momentum(momentum) -> float:
-  """``momentum`` as a float; ``ValueError`` unless it is a finite number in ``[0, 1)``."""
-  try:
-    value = float(momentum)
-  except (TypeError, ValueError):
-    raise ValueError(f'momentum must be a number in [0, 1), got {momentum!r}.') from None
-  if not (math.isfinite(value) and 0.0 <= value < 1.0):
-    raise ValueError(f'momentum must be a number in [0, 1), got {momentum!r}.')
-  return value
+def check_momentum(momentum):
+  """``momentum`` as a float in ``[0, 1)`` (a traced value is returned as it is).
 
-
-def _check_step_factor(step_factor) -> float:
-  try:
-    value = float(step_factor)
-  except (TypeError, ValueError):
-    raise ValueError(f'step_factor must be a positive finite number, got {step_factor!r}.'
-                     ) from None
-  if not (math.isfinite(value) and value > 0):
-    raise ValueError(f'step_factor must be a positive finite number, got {step_factor!r}.')
+  Raises:
+    TypeError: if it is not a real number (a bool is not one).
+    ValueError: if it is outside ``[0, 1)``.
+  """
+  value = adaptive.real_number(momentum, 'momentum', 'a float in [0, 1)')
+  if value is None:
+    return momentum
+  if not 0 <= value < 1:  # NaN fails the comparison too
+    raise ValueError(f'momentum must be a float in [0, 1), got {momentum!r}.')
   return value
 
 
@@ -104,11 +95,12 @@ def nesterov_momentum(momentum: float = 0.5, step_factor: float = DEFAULT_STEP_F
     An ``optax.GradientTransformation`` (its state is ``optax.trace``'s).
 
   Raises:
+    TypeError: on a momentum that is not a real number.
     ValueError: on a momentum outside ``[0, 1)`` or a step factor that is not positive.
   """
   beta = check_momentum(momentum)
-  factor = _check_step_factor(step_factor)
-  return optax.chain(optax.trace(decay=beta, nesterov=True), optax.scale(factor))
+  blended.check_positive(step_factor, 'step_factor')
+  return optax.chain(optax.trace(decay=beta, nesterov=True), optax.scale(step_factor))
 
 
 def accelerated_metamd(divergence: PyTree, momentum: float = 0.5,

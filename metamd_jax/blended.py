@@ -142,7 +142,8 @@ def check_blend_rate(blend_rate: Any) -> float | Array:
   return blend_rate
 
 
-def _check_positive(value: Any, name: str) -> None:
+def check_positive(value: Any, name: str) -> None:
+  """``ValueError`` naming ``name`` unless ``value`` is a positive finite number."""
   if not (isinstance(value, (int, float)) and not isinstance(value, bool)
           and math.isfinite(value) and value > 0):
     raise ValueError(f'{name} must be a positive finite float, got {value!r}.')
@@ -223,7 +224,7 @@ def scale_by_factored_statistics(epsilon: float = 1e-8, *, statistics: str = 'su
     ValueError: if ``epsilon`` is not positive and finite, ``statistics`` is unknown or
       ``decay`` is outside ``[0, 1)``.
   """
-  _check_positive(epsilon, 'epsilon')
+  check_positive(epsilon, 'epsilon')
   if statistics not in FACTORED_STATISTICS:
     raise ValueError(f'statistics must be one of {FACTORED_STATISTICS}, got {statistics!r}.')
   decay = adaptive.check_decay(decay)
@@ -386,7 +387,7 @@ def scale_by_kronecker_statistics(
     ValueError: on a bad ``epsilon``, ``relative_epsilon``, ``refresh_every`` or
       ``max_dimension`` (each named in the message).
   """
-  _check_positive(epsilon, 'epsilon')
+  check_positive(epsilon, 'epsilon')
   if not (isinstance(relative_epsilon, (int, float)) and not isinstance(relative_epsilon, bool)
           and math.isfinite(relative_epsilon) and relative_epsilon >= 0):
     raise ValueError(f'relative_epsilon must be a finite float >= 0, got {relative_epsilon!r}.')

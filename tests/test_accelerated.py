@@ -165,15 +165,21 @@ def test_momentum_follows_blended_metamd_under_vmap():
       np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize('momentum', [-0.1, 1.0, float('nan'), 'high', None])
-def test_bad_momentum_is_named(momentum):
-  with pytest.raises(ValueError, match='momentum must be a number in'):
+@pytest.mark.parametrize('momentum', [-0.1, 1.0, float('nan')])
+def test_momentum_outside_the_unit_interval_is_named(momentum):
+  with pytest.raises(ValueError, match=r'momentum must be a float in \[0, 1\)'):
+    metamd_jax.nesterov_momentum(momentum)
+
+
+@pytest.mark.parametrize('momentum', ['high', None, True])
+def test_momentum_that_is_not_a_number_is_named(momentum):
+  with pytest.raises(TypeError, match=r'momentum must be a float in \[0, 1\)'):
     metamd_jax.nesterov_momentum(momentum)
 
 
 @pytest.mark.parametrize('factor', [0.0, -1.0, math.inf, 'half'])
 def test_bad_step_factor_is_named(factor):
-  with pytest.raises(ValueError, match='step_factor must be a positive finite number'):
+  with pytest.raises(ValueError, match='step_factor must be a positive finite float'):
     metamd_jax.nesterov_momentum(0.9, factor)
 
 
