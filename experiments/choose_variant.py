@@ -24,7 +24,9 @@ direction from running sums at blend rates 0.01, 0.03, 0.1) and ``'blended_peak_
 and ``'blended_kron_<rate>'`` (Shampoo's full Kronecker statistics,
 ``statistics='kronecker'``, at 0.01, 0.03, 0.1, 0.3), and
 ``'blended_0.01_nesterov_<beta>'`` and ``'blended_kron_0.1_nesterov_<beta>'`` (the same
-followed by Nesterov's momentum, :func:`metamd_jax.nesterov_momentum`, at 0.5, 0.7 and 0.9);
+followed by Nesterov's momentum, :func:`metamd_jax.nesterov_momentum`, at 0.5, 0.7 and 0.9)
+and ``'blended_peak_<rate>_nesterov_0.5'`` (the peak averages at 0.003 and 0.01, then
+momentum 0.5);
 ``--candidates=a,b`` compares a subset; frozen ``'metamd'`` and the reference at its
 meta-train-tuned learning rate run next to them for comparison. The rule, fixed before any run:
 
@@ -88,6 +90,11 @@ CANDIDATES = {
                                              'adaptive_blend_statistics': 'kronecker',
                                              'adaptive_momentum': beta}
        for beta in (0.5, 0.7, 0.9)},
+    **{f'blended_peak_{rate}_nesterov_0.5': {'adaptive_per_leaf': True,
+                                             'adaptive_blend_rate': rate,
+                                             'adaptive_blend_statistics': 'peak_average',
+                                             'adaptive_momentum': 0.5}
+       for rate in (0.003, 0.01)},
 }
 """The candidates and their ``eval`` settings; earlier ones win ties."""
 for _settings in CANDIDATES.values():  # no momentum unless a candidate names one

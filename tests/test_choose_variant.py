@@ -131,6 +131,9 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
   assert choose_variant.CANDIDATES['blended_0.01_nesterov_0.9'] == {
       'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.01,
       'adaptive_blend_statistics': 'sum', 'adaptive_momentum': 0.9}
+  assert choose_variant.CANDIDATES['blended_peak_0.003_nesterov_0.5'] == {
+      'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.003,
+      'adaptive_blend_statistics': 'peak_average', 'adaptive_momentum': 0.5}
   assert all(settings['adaptive_momentum'] == 0.0 for name, settings in
              choose_variant.CANDIDATES.items() if 'nesterov' not in name)
   with pytest.raises(ValueError, match="unknown candidate 'blended_2'"):
