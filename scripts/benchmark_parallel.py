@@ -9,6 +9,8 @@ Usage (from the repository root)::
 
   python -m scripts.benchmark_parallel --devices 1 2 4 --config configs/digits_mlp.py
   python -m scripts.benchmark_parallel --quick      # smoke run: 2 rounds, horizon 5
+  python -m scripts.benchmark_parallel --devices 1 --config configs/default.py \
+      --horizon 0 --meta-batch-size 0 --json out.json   # the config's own horizon and batch
 """
 
 from __future__ import annotations
@@ -46,9 +48,11 @@ def main(argv: list[str] | None = None) -> None:
                       help='smoke run: horizon 5 and 2 rounds unless given')
   parser.add_argument('--devices', type=int, nargs='+', default=[1, 2, 4])
   parser.add_argument('--config', default='configs/digits_mlp.py')
-  parser.add_argument('--meta-batch-size', type=int, default=8)
+  parser.add_argument('--meta-batch-size', type=int, default=8,
+                      help="tasks per meta-step (0: the config's)")
   parser.add_argument('--horizon', type=int, default=None,
-                      help='inner steps per task (default 20, 5 with --quick)')
+                      help="inner steps per task (default 20, 5 with --quick; 0: the config's)")
+  parser.add_argument('--json', default=None, help='also write the figures here')
   parser.add_argument('--repeats', type=int, default=None,
                       help='timed rounds (default 5, 2 with --quick)')
   args = parser.parse_args(argv)
@@ -64,6 +68,10 @@ def main(argv: list[str] | None = None) -> None:
                  'set before JAX starts).')
 
   config = load_config(args.config)
+  if args.horizon < 0 or args.meta_batch_size < 0:
+    parser.error('--horizon and --meta-batch-size must be >= 0 (0: the config\'s).')
+  args.horizon = args.horizon or config.meta.horizon
+  args.meta_batch_size = args.meta_batch_size or config.meta.meta_batch_size
   config.meta.horizon = args.horizon
   config.meta.meta_batch_size = args.meta_batch_size
   family, _ = builders.build_families(config)
@@ -74,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
   tasks = [meta_train.sample_tasks(family, key, step, args.meta_batch_size)
            for step in range(args.repeats + 1)]
 
-  print(timing.describe_environment(timing.environment()))
+  env = timing.environment()
+  print(timing.describe_environment(env))
   print(f'config {args.config}, meta-batch {args.meta_batch_size}, horizon {args.horizon}, '
         f'{args.repeats} rounds, device counts interleaved round-robin')
   bodies, runners = {}, {}
@@ -98,6 +107,12 @@ def main(argv: list[str] | None = None) -> None:
     median = body.median
     print(f'| {num_devices} | {runners[num_devices].tasks_per_device} | {median:.3f} '
           f'({median / baseline:.2f}x of {device_counts[0]} device(s)) | {1 / median:.2f} |')
+  if args.json:
+    timing.write_json(args.json, {
+        'config': args.config, 'meta_batch_size': args.meta_batch_size,
+        'horizon': args.horizon, 'repeats': args.repeats, 'environment': env,
+        'devices': {str(n): {'tasks_per_device': runners[n].tasks_per_device, **body.summary()}
+                    for n, body in bodies.items()}})
 
 
 if __name__ == '__main__':

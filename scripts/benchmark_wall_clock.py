@@ -1,0 +1,210 @@
+"""Benchmark (not a test): wall clock to Adam's T-step loss, from a finished benchmark run.
+
+Re-times the benchmark's held-out comparison of one family on whatever device JAX runs on,
+without tuning or meta-training again: the learned divergence comes from the benchmark's
+artifact (``<workdir>/<family>/metamd/divergence.npz``), the baselines' learning rates and
+adaptive MetaMD's calibration from its ``results.json``. Each optimiser trains the same
+held-out tasks (:func:`metamd_jax.evaluation.held_out_tasks`) for ``T`` steps, the
+whole-set loss tracked every step (:func:`metamd_jax.evaluation.run`), and is timed as the
+benchmark times it (:func:`experiments.benchmark_runs.time_runs`: compiled once, then the
+median of ``--repeats`` runs per task). Per optimiser: seconds for ``T`` steps, seconds per
+step, steps and seconds to tuned Adam's final loss, that time as a fraction of Adam's
+``T``-step time, final loss, and the steps the stored results give (a check that the runs
+are the benchmark's: equal on the CPU the benchmark ran on, close on another backend,
+whose float32 matrix products may round differently).
+
+Usage (from the repository root)::
+
+  python -m scripts.benchmark_wall_clock --workdir runs/benchmark_full \
+      --results experiments/results/benchmark.json --family mnist_mlp --json out.json
+  python -m scripts.benchmark_wall_clock ... --optimizers adam,metamd,metamd_adaptive
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import time
+
+import jax
+import numpy as np
+
+import metamd_jax
+from experiments import benchmark_runs, benchmark_setup, builders, evaluate, protocol
+from experiments.benchmark_setup import ADAPTIVE
+from metamd_jax import evaluation
+from scripts import timing
+from scripts.benchmark_parallel import load_config
+
+DEFAULT_OPTIMIZERS = ('metamd', ADAPTIVE, 'adam', 'sgd', 'muon', 'psgd_kron', 'shampoo')
+_CALIBRATION_FIELDS = {'blend_rate': 'adaptive_blend_rate',
+                       'blend_statistics': 'adaptive_blend_statistics',
+                       'decay': 'adaptive_decay', 'per_leaf': 'adaptive_per_leaf',
+                       'momentum': 'adaptive_momentum'}
+
+
+def _fail(message: str):
+  raise SystemExit(f'benchmark_wall_clock: {message}')
+
+
+def _mean(pair) -> float | None:
+  """The mean of a ``[mean, std]`` pair; ``None`` when absent or when no task reached it."""
+  return None if pair is None or pair[0] is None else float(pair[0])
+
+
+def stored_family(results_path: pathlib.Path, family: str) -> dict:
+  """The family's entry of a benchmark ``results.json``; exits with a message if absent."""
+  if not results_path.is_file():
+    _fail(f'--results {results_path} is not a file (a benchmark results.json).')
+  results = json.loads(results_path.read_text())
+  families = results.get('families', {})
+  if family not in families:
+    _fail(f'{results_path} has no family {family!r} (it has {sorted(families)}).')
+  return families[family]
+
+
+def build_optimizer(name: str, family_cfg, stored: dict, divergence):
+  """Optimiser ``name`` as the benchmark built it (stored learning rate or calibration)."""
+  if name == 'metamd':
+    return metamd_jax.metamd(divergence)
+  if name == ADAPTIVE:
+    adaptive = stored.get('adaptive')
+    for recorded, field in _CALIBRATION_FIELDS.items():
+      if adaptive is not None and adaptive.get(recorded) != family_cfg.eval[field]:
+        _fail(f'the stored calibration has {recorded}={adaptive.get(recorded)!r} but the '
+              f'config has eval.{field}={family_cfg.eval[field]!r}: rerun the benchmark '
+              'or pass the config it ran with.')
+    optimizer = evaluate.adaptive_optimizer(family_cfg, divergence, adaptive)
+    if optimizer is None:
+      _fail(f'the stored results have no calibration for {ADAPTIVE}.')
+    return optimizer
+  if name in builders.BASELINES:
+    rate = stored['optimizers'].get(name, {}).get('learning_rate')
+    if rate is None:
+      _fail(f'the stored results have no tuned learning rate for {name!r}.')
+    return builders.BASELINES[name](rate)
+  raise ValueError(f'unknown optimiser {name!r}')
+
+
+def measure_one(optimizer, family, tasks, horizon: int, repeats: int
+                ) -> tuple[evaluation.Curves, np.ndarray, float]:
+  """The tracked runs, the timed seconds per task and the first (compiling) call's time."""
+  started = time.perf_counter()
+  run = evaluation.run(optimizer, family, tasks, horizon, track_every=1)
+  first = time.perf_counter() - started  # compile and one run of all tasks
+  return run, benchmark_runs.time_runs(optimizer, family, tasks, horizon, repeats), first
+
+
+def row(run: evaluation.Curves, seconds: np.ndarray, first: float, horizon: int,
+        target: np.ndarray, reference_seconds: float, reference: str, stored: dict) -> dict:
+  """One optimiser's figures against the reference's final loss and ``T``-step time."""
+  per_step = seconds / horizon
+  reached = protocol.reach(run, target, per_step)
+  mean_seconds = _mean(reached['seconds'])
+  return {
+      'seconds_for_T_steps': float(np.mean(seconds)),
+      'seconds_per_step': float(np.mean(per_step)),
+      'first_run_seconds': first,
+      'steps_to_reference_final_loss': reached['steps'],
+      'seconds_to_reference_final_loss': reached['seconds'],
+      'fraction_of_reference_T_seconds': (None if mean_seconds is None
+                                          else mean_seconds / reference_seconds),
+      'reached_fraction': reached['reached_fraction'],
+      'final_train_loss': float(np.mean(evaluation.final_train_loss(run.train_losses))),
+      'stored_steps_to_reference_final_loss': stored.get(f'steps_to_{reference}_final_loss'),
+      'stored_seconds_for_T_steps': _mean(stored.get('wall_clock_seconds')),
+  }
+
+
+def format_table(rows: dict, reference: str, horizon: int) -> str:
+  def pair(value, digits):
+    return 'not reached' if _mean(value) is None else f'{value[0]:.{digits}f}'
+
+  lines = [f'| optimiser | s for T={horizon} steps | ms per step | steps to {reference} '
+           f'final loss (stored) | s to it | x {reference} T-step s | final loss |',
+           '| --- | ---: | ---: | ---: | ---: | ---: | ---: |']
+  for name, row in rows.items():
+    stored = row['stored_steps_to_reference_final_loss']
+    fraction = row['fraction_of_reference_T_seconds']
+    lines.append(
+        f"| {name} | {row['seconds_for_T_steps']:.4f} | {1e3 * row['seconds_per_step']:.3f} | "
+        f"{pair(row['steps_to_reference_final_loss'], 1)} ({pair(stored, 1)}; "
+        f"{row['reached_fraction']:.0%} reached) | "
+        f"{pair(row['seconds_to_reference_final_loss'], 4)} | "
+        f"{'-' if fraction is None else f'{fraction:.2f}'} | {row['final_train_loss']:.4f} |")
+  return '\n'.join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--config', default='configs/benchmark.py')
+  parser.add_argument('--family', default='mnist_mlp')
+  parser.add_argument('--workdir', default='runs/benchmark_full',
+                      help='the benchmark workdir holding <family>/metamd/divergence.npz')
+  parser.add_argument('--results', default='experiments/results/benchmark.json')
+  parser.add_argument('--optimizers', default=','.join(DEFAULT_OPTIMIZERS))
+  parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--num-tasks', type=int, default=None,
+                      help='held-out tasks (default: the benchmark config\'s)')
+  parser.add_argument('--json', default=None, help='also write the figures here')
+  args = parser.parse_args(argv)
+  if args.repeats < 1:
+    parser.error(f'--repeats must be >= 1, got {args.repeats}.')
+
+  config = load_config(args.config)
+  family_cfg = benchmark_setup.family_config(config, args.family)
+  stored = stored_family(pathlib.Path(args.results), args.family)
+  reference = config.reference
+  names = [n for n in args.optimizers.split(',') if n]
+  for name in names:
+    if name not in ('metamd', ADAPTIVE, *builders.BASELINES):
+      parser.error(f'--optimizers names {name!r}: neither metamd, {ADAPTIVE} nor a baseline '
+                   f'({", ".join(builders.BASELINES)}).')
+  path = pathlib.Path(args.workdir) / args.family / 'metamd' / 'divergence.npz'
+  if not path.is_file():
+    _fail(f'no learned divergence at {path} (run the benchmark with --workdir '
+          f'{args.workdir} first).')
+  divergence, _ = metamd_jax.load_divergence(path)
+
+  _, test_family = builders.build_families(family_cfg)
+  metamd_jax.artifact.check_compatible(divergence, test_family.init_params())
+  num_tasks = args.num_tasks or family_cfg.eval.num_tasks
+  tasks = evaluation.held_out_tasks(test_family, family_cfg.seed, num_tasks)
+  horizon = family_cfg.meta.horizon
+  env = timing.environment()
+  print(timing.describe_environment(env))
+  print(f'family {args.family}, {num_tasks} held-out tasks, T = {horizon}, '
+        f'{args.repeats} timed runs per task', flush=True)
+  payload = {'family': args.family, 'horizon': horizon, 'num_tasks': num_tasks,
+             'reference': reference, 'repeats': args.repeats,
+             'device': str(jax.devices()[0]), 'environment': env, 'optimizers': {},
+             'errors': {}}
+  target = reference_seconds = None
+  for name in dict.fromkeys([reference, *names]):  # the reference first
+    try:
+      optimizer = build_optimizer(name, family_cfg, stored, divergence)
+      run, seconds, first = measure_one(optimizer, test_family, tasks, horizon, args.repeats)
+    except Exception as error:  # noqa: BLE001 - an optional baseline's library can fail here
+      if name == reference:
+        raise
+      payload['errors'][name] = f'{type(error).__name__}: {error}'
+      print(f'{name}: failed ({payload["errors"][name]})', flush=True)
+      continue
+    if name == reference:
+      target = evaluation.final_train_loss(run.train_losses)
+      reference_seconds = float(np.mean(seconds))
+    payload['optimizers'][name] = row(run, seconds, first, horizon, target, reference_seconds,
+                                      reference, stored['optimizers'].get(name, {}))
+    print(f'{name}: {np.mean(seconds):.4f} s for {horizon} steps (first call {first:.1f} s)',
+          flush=True)
+    if args.json:  # after every optimiser, so a run stopped early keeps what it measured
+      pathlib.Path(args.json).write_text(json.dumps(payload, indent=2, default=str))
+  print(format_table(payload['optimizers'], reference, horizon))
+  if args.json:
+    timing.write_json(args.json, payload)
+  return payload
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The GPU checks of experiments/RESULTS.md, one prepared run on a machine with one GPU.
+#
+#   bash scripts/gpu_check.sh OUTDIR [SECONDS]
+#
+# Runs, in order of priority, each under its own time limit and all within SECONDS (default
+# 400), writing JSON figures and one log to OUTDIR:
+#   1. wall_clock.json: the MNIST MLP benchmark's held-out runs re-timed on the GPU
+#      (scripts/benchmark_wall_clock.py; needs runs/benchmark_full/mnist_mlp/metamd/
+#      divergence.npz and experiments/results/benchmark.json);
+#   2. meta_step_default.json: one meta-step of configs/default.py (its horizon and
+#      meta-batch) on one GPU (scripts/benchmark_parallel.py);
+#   3. step_transformer.json: the transformer's training step for MetaMD, adaptive MetaMD,
+#      AdamW and Muon (scripts/benchmark_step.py);
+#   4. meta_step_transformer.json: one meta-step of configs/transformer_lm.py on one GPU;
+#   5. meta_step_default_cpu.json: item 2 on the same machine's CPU, for the GPU/CPU ratio.
+# A part that fails or runs out of time is logged and the next one starts.
+set -u
+out=${1:?usage: bash scripts/gpu_check.sh OUTDIR [SECONDS]}
+budget=${2:-400}
+mkdir -p "$out"
+log="$out/gpu_check.log"
+export PYTHONUNBUFFERED=1
+start=$SECONDS
+
+part() {  # part NAME LIMIT_SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  local left=$((budget - (SECONDS - start)))
+  if ((left < 20)); then
+    echo "== $name: skipped (${left} s of the budget left)" | tee -a "$log"
+    return
+  fi
+  ((limit > left)) && limit=$left
+  echo "== $name (limit ${limit} s): $*" | tee -a "$log"
+  local t0=$SECONDS first_line=$(($(wc -l <"$log") + 1))
+  timeout "$limit" "$@" >>"$log" 2>&1
+  local rc=$?
+  echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$log"
+  tail -n "+$first_line" "$log" | grep -v -e Warning -e '^  ' | tail -n 12
+}
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c 'import jax, jaxlib, optax, flax; print("jax", jax.__version__, "optax",
+optax.__version__, "flax", flax.__version__, jax.devices())'
+} 2>&1 | tee -a "$log"
+python3 -c 'import jax, metamd_jax, ml_collections, mlxtend, mnist1d
+assert jax.default_backend() == "gpu", jax.devices()' >>"$log" 2>&1 || {
+  echo "== setup failed: no GPU backend or a missing package (see $log)"
+  tail -n 20 "$log"
+  exit 1
+}
+
+part wall_clock 220 python3 -m scripts.benchmark_wall_clock --json "$out/wall_clock.json"
+part meta_step_default 90 python3 -m scripts.benchmark_parallel --devices 1 \
+  --config configs/default.py --horizon 0 --meta-batch-size 0 --repeats 5 \
+  --json "$out/meta_step_default.json"
+part step_transformer 60 python3 -m scripts.benchmark_step --models transformer --steps-only \
+  --json "$out/step_transformer.json"
+part meta_step_transformer 90 python3 -m scripts.benchmark_parallel --devices 1 \
+  --config configs/transformer_lm.py --horizon 0 --meta-batch-size 0 --repeats 5 \
+  --json "$out/meta_step_transformer.json"
+JAX_PLATFORMS=cpu part meta_step_default_cpu 90 python3 -m scripts.benchmark_parallel \
+  --devices 1 --config configs/default.py --horizon 0 --meta-batch-size 0 --repeats 3 \
+  --json "$out/meta_step_default_cpu.json"
+echo "== done in $((SECONDS - start)) s" | tee -a "$log"
