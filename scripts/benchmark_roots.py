@@ -27,13 +27,12 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src.lax.linalg import EighImplementation
 
 from metamd_jax import blended
 from scripts import benchmark_wall_clock, timing
 
-IMPLEMENTATIONS = {'default': None, 'qr': EighImplementation.QR,
-                   'jacobi': EighImplementation.JACOBI}
+IMPLEMENTATIONS = {'default': None, 'qr': jax.lax.linalg.EighImplementation.QR,
+                   'jacobi': jax.lax.linalg.EighImplementation.JACOBI}
 
 
 def eigh_with(implementation):

@@ -30,18 +30,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import time
 
-import jax
-import numpy as np
+# One OpenBLAS thread, as experiments/benchmark.py runs (set before numpy loads; a user's
+# value wins): the CPU's eigendecompositions then round as they did in the benchmark.
+os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
 
-import metamd_jax
-from experiments import benchmark_runs, benchmark_setup, builders, evaluate, protocol
-from experiments.benchmark_setup import ADAPTIVE
-from metamd_jax import evaluation
-from scripts import timing
-from scripts.benchmark_parallel import load_config
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import metamd_jax  # noqa: E402
+from experiments import (  # noqa: E402
+    benchmark_runs,
+    benchmark_setup,
+    builders,
+    evaluate,
+    protocol,
+)
+from experiments.benchmark_setup import ADAPTIVE  # noqa: E402
+from metamd_jax import evaluation  # noqa: E402
+from scripts import timing  # noqa: E402
+from scripts.benchmark_parallel import load_config  # noqa: E402
 
 DEFAULT_OPTIMIZERS = ('metamd', ADAPTIVE, 'adam', 'sgd', 'muon', 'psgd_kron', 'shampoo')
 _CALIBRATION_FIELDS = {'blend_rate': 'adaptive_blend_rate',
@@ -161,60 +172,63 @@ def format_table(rows: dict, reference: str, horizon: int) -> str:
   return '\n'.join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--config', default='configs/benchmark.py')
-  parser.add_argument('--family', default='mnist_mlp')
-  parser.add_argument('--workdir', default='runs/benchmark_full',
-                      help='the benchmark workdir holding <family>/metamd/divergence.npz')
-  parser.add_argument('--results', default='experiments/results/benchmark.json')
-  parser.add_argument('--optimizers', default=','.join(DEFAULT_OPTIMIZERS))
-  parser.add_argument('--repeats', type=int, default=3)
-  parser.add_argument('--num-tasks', type=int, default=None,
-                      help='held-out tasks (default: the benchmark config\'s)')
-  parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
-                      help=f'change one adaptive setting, one of {", ".join(_SETTABLE)}')
-  parser.add_argument('--json', default=None, help='also write the figures here')
-  args = parser.parse_args(argv)
-  if args.repeats < 1:
-    parser.error(f'--repeats must be >= 1, got {args.repeats}.')
+def wall_clock(config, family: str, workdir, results, optimizers=DEFAULT_OPTIMIZERS, *,
+               repeats: int = 3, num_tasks: int | None = None, settings: dict | None = None,
+               json_path=None) -> dict:
+  """Re-time the held-out runs of ``family`` from a finished benchmark (module docstring).
 
-  config = load_config(args.config)
-  family_cfg = benchmark_setup.family_config(config, args.family)
-  stored = stored_family(pathlib.Path(args.results), args.family)
-  settings = parse_settings(args.set)
+  Args:
+    config: the benchmark config the run used (``configs/benchmark.py``'s ``get_config()``).
+    family: a family of ``config.families``.
+    workdir: the benchmark's workdir (``<workdir>/<family>/metamd/divergence.npz``).
+    results: its ``results.json``.
+    optimizers: names: ``metamd``, ``metamd_adaptive`` or baselines; the reference
+      (``config.reference``) always runs, first.
+    repeats: timed runs per task.
+    num_tasks: held-out tasks (default: the config's).
+    settings: ``eval.adaptive_*`` fields changed for adaptive MetaMD (``--set``).
+    json_path: also write the figures there, after every optimiser.
+
+  Returns:
+    ``{'family', 'horizon', 'num_tasks', 'reference', 'repeats', 'settings', 'device',
+    'environment', 'optimizers': {name: row}, 'errors': {name: message}}`` with the rows of
+    :func:`row`; an optimiser that fails to build or run (other than the reference) is
+    recorded in ``errors``.
+  """
+  for name in optimizers:
+    if name not in ('metamd', ADAPTIVE, *builders.BASELINES):
+      _fail(f'--optimizers names {name!r}: neither metamd, {ADAPTIVE} nor a baseline '
+            f'({", ".join(builders.BASELINES)}).')
+  settings = dict(settings or {})
+  family_cfg = benchmark_setup.family_config(config, family)
+  stored = stored_family(pathlib.Path(results), family)
   family_cfg.eval.update(settings)
   builders.validate_config(family_cfg)
   reference = config.reference
-  names = [n for n in args.optimizers.split(',') if n]
-  for name in names:
-    if name not in ('metamd', ADAPTIVE, *builders.BASELINES):
-      parser.error(f'--optimizers names {name!r}: neither metamd, {ADAPTIVE} nor a baseline '
-                   f'({", ".join(builders.BASELINES)}).')
-  path = pathlib.Path(args.workdir) / args.family / 'metamd' / 'divergence.npz'
+  path = pathlib.Path(workdir) / family / 'metamd' / 'divergence.npz'
   if not path.is_file():
     _fail(f'no learned divergence at {path} (run the benchmark with --workdir '
-          f'{args.workdir} first).')
+          f'{workdir} first).')
   divergence, _ = metamd_jax.load_divergence(path)
 
   _, test_family = builders.build_families(family_cfg)
   metamd_jax.artifact.check_compatible(divergence, test_family.init_params())
-  num_tasks = args.num_tasks or family_cfg.eval.num_tasks
+  num_tasks = num_tasks or family_cfg.eval.num_tasks
   tasks = evaluation.held_out_tasks(test_family, family_cfg.seed, num_tasks)
   horizon = family_cfg.meta.horizon
   env = timing.environment()
   print(timing.describe_environment(env))
-  print(f'family {args.family}, {num_tasks} held-out tasks, T = {horizon}, '
-        f'{args.repeats} timed runs per task', flush=True)
-  payload = {'family': args.family, 'horizon': horizon, 'num_tasks': num_tasks,
-             'reference': reference, 'repeats': args.repeats, 'settings': settings,
+  print(f'family {family}, {num_tasks} held-out tasks, T = {horizon}, '
+        f'{repeats} timed runs per task', flush=True)
+  payload = {'family': family, 'horizon': horizon, 'num_tasks': num_tasks,
+             'reference': reference, 'repeats': repeats, 'settings': settings,
              'device': str(jax.devices()[0]), 'environment': env, 'optimizers': {},
              'errors': {}}
   target = reference_seconds = None
-  for name in dict.fromkeys([reference, *names]):  # the reference first
+  for name in dict.fromkeys([reference, *optimizers]):  # the reference first
     try:
       optimizer = build_optimizer(name, family_cfg, stored, divergence, tuple(settings))
-      run, seconds, first = measure_one(optimizer, test_family, tasks, horizon, args.repeats)
+      run, seconds, first = measure_one(optimizer, test_family, tasks, horizon, repeats)
     except Exception as error:  # noqa: BLE001 - an optional baseline's library can fail here
       if name == reference:
         raise
@@ -228,12 +242,37 @@ def main(argv: list[str] | None = None) -> dict:
                                       reference, stored['optimizers'].get(name, {}))
     print(f'{name}: {np.mean(seconds):.4f} s for {horizon} steps (first call {first:.1f} s)',
           flush=True)
-    if args.json:  # after every optimiser, so a run stopped early keeps what it measured
-      pathlib.Path(args.json).write_text(json.dumps(payload, indent=2, default=str))
+    if json_path:  # after every optimiser, so a run stopped early keeps what it measured
+      pathlib.Path(json_path).write_text(json.dumps(payload, indent=2, default=str))
   print(format_table(payload['optimizers'], reference, horizon))
-  if args.json:
-    timing.write_json(args.json, payload)
+  if json_path:
+    timing.write_json(json_path, payload)
   return payload
+
+
+def main(argv: list[str] | None = None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--config', default='configs/benchmark.py')
+  parser.add_argument('--family', default='mnist_mlp')
+  parser.add_argument('--workdir', default='runs/benchmark_full',
+                      help='the benchmark workdir holding <family>/metamd/divergence.npz')
+  parser.add_argument('--results', default='experiments/results/benchmark.json')
+  parser.add_argument('--optimizers', default=','.join(DEFAULT_OPTIMIZERS))
+  parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--num-tasks', type=int, default=None,
+                      help="held-out tasks (default: the benchmark config's)")
+  parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
+                      help=f'change one adaptive setting, one of {", ".join(_SETTABLE)}')
+  parser.add_argument('--json', default=None, help='also write the figures here')
+  args = parser.parse_args(argv)
+  if args.repeats < 1:
+    parser.error(f'--repeats must be >= 1, got {args.repeats}.')
+  if args.num_tasks is not None and args.num_tasks < 1:
+    parser.error(f'--num-tasks must be >= 1, got {args.num_tasks}.')
+  return wall_clock(load_config(args.config), args.family, args.workdir, args.results,
+                    [n for n in args.optimizers.split(',') if n], repeats=args.repeats,
+                    num_tasks=args.num_tasks, settings=parse_settings(args.set),
+                    json_path=args.json)
 
 
 if __name__ == '__main__':

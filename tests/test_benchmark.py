@@ -9,6 +9,7 @@ import pytest
 from configs import benchmark as benchmark_config
 from configs import tiny
 from experiments import benchmark, benchmark_setup, benchmark_targets
+from scripts import benchmark_wall_clock
 
 
 def _tiny_benchmark_config() -> ml_collections.ConfigDict:
@@ -123,6 +124,43 @@ def test_quick_benchmark_writes_documented_results(tmp_path, capsys):
   assert 'Robustness:' in markdown and '| 3T | metamd_adaptive | learned (c per leaf: ' in markdown
   for suffix in ('loss_vs_step', 'loss_vs_time', 'beyond_horizon', 'robustness'):
     assert (tmp_path / f'tiny_{suffix}.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  _check_wall_clock(config, tmp_path, family)
+
+
+def _check_wall_clock(config, workdir, family):
+  """scripts/benchmark_wall_clock re-times the finished run: on the CPU it ran on, the
+  same runs (step counts, final losses) from the stored divergence, rates and calibration."""
+  figures = benchmark_wall_clock.wall_clock(
+      config, 'tiny', workdir, workdir / 'results.json', ['metamd_adaptive', 'metamd'],
+      repeats=1, json_path=workdir / 'wall_clock.json')
+  assert list(figures['optimizers']) == ['adam', 'metamd_adaptive', 'metamd']  # adam first
+  assert figures['errors'] == {} and figures['num_tasks'] == 2
+  adam_seconds = figures['optimizers']['adam']['seconds_for_T_steps']
+  for name, row in figures['optimizers'].items():
+    stored = family['optimizers'][name]
+    assert row['steps_to_reference_final_loss'] == stored['steps_to_adam_final_loss'], name
+    assert row['stored_steps_to_reference_final_loss'] == stored['steps_to_adam_final_loss']
+    assert row['final_train_loss'] == pytest.approx(stored['final_train_loss'][0], rel=1e-5)
+    assert row['seconds_for_T_steps'] > 0
+    assert row['seconds_per_step'] == pytest.approx(row['seconds_for_T_steps'] / family['horizon'])
+    seconds_to = row['seconds_to_reference_final_loss'][0]
+    if seconds_to is not None:
+      assert row['fraction_of_reference_T_seconds'] == pytest.approx(seconds_to / adam_seconds)
+  assert json.loads((workdir / 'wall_clock.json').read_text())['optimizers'].keys() == (
+      figures['optimizers'].keys())
+  # Another adaptive variant on the same divergence: the changed setting is recorded.
+  varied = benchmark_wall_clock.wall_clock(
+      config, 'tiny', workdir, workdir / 'results.json', ['metamd_adaptive'], repeats=1,
+      settings={'adaptive_momentum': 0.0})
+  assert varied['settings'] == {'adaptive_momentum': 0.0}
+  assert varied['optimizers']['metamd_adaptive']['final_train_loss'] > 0
+  with pytest.raises(SystemExit, match='no learned divergence'):
+    benchmark_wall_clock.wall_clock(config, 'tiny', workdir / 'nowhere',
+                                    workdir / 'results.json')
+  with pytest.raises(SystemExit, match='is not a file'):
+    benchmark_wall_clock.wall_clock(config, 'tiny', workdir, workdir / 'missing.json')
+  with pytest.raises(SystemExit, match="neither metamd, metamd_adaptive nor a baseline"):
+    benchmark_wall_clock.wall_clock(config, 'tiny', workdir, workdir / 'results.json', ['adan'])
 
 
 def _check_robustness(family):

@@ -2,7 +2,10 @@
 script's whole ``main`` on tiny settings."""
 
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,9 +13,15 @@ import numpy as np
 import pytest
 from conftest import FAST_COMPILE
 
-from metamd_jax import models
+from metamd_jax import blended, models
 from metamd_jax.objectives import MetaGradient
-from scripts import benchmark_meta_gradient, benchmark_parallel, benchmark_step, timing
+from scripts import (
+  benchmark_meta_gradient,
+  benchmark_parallel,
+  benchmark_roots,
+  benchmark_step,
+  timing,
+)
 from scripts.inputs import init_params
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
@@ -300,15 +309,57 @@ def test_benchmark_meta_gradient_main(tmp_path, capsys):
     assert function['memory']['temp'] > 0
 
 
-def test_benchmark_parallel_main(monkeypatch, capsys):
+def test_benchmark_parallel_main(monkeypatch, capsys, tmp_path):
   monkeypatch.setenv('XLA_FLAGS', FAST_COMPILE)  # main adds the fake device count to it.
+  path = tmp_path / 'parallel.json'
+  # --horizon 0 and --meta-batch-size 0: the config's own.
   benchmark_parallel.main(['--quick', '--config', str(CONFIGS / 'tiny.py'), '--devices', '1',
-                           '--meta-batch-size', '2', '--horizon', '2', '--repeats', '1'])
+                           '--meta-batch-size', '0', '--horizon', '0', '--repeats', '1',
+                           '--json', str(path)])
   out = capsys.readouterr().out
   rows = [line for line in out.splitlines() if line.startswith('| 1 |')]
   assert len(rows) == 1, out
   cells = [cell.strip() for cell in rows[0].strip('|').split('|')]
   assert cells[1] == '2' and float(cells[3]) > 0  # 2 tasks on the device; meta-steps / s.
+  figures = json.loads(path.read_text())
+  tiny = benchmark_parallel.load_config(str(CONFIGS / 'tiny.py'))
+  assert (figures['horizon'], figures['meta_batch_size']) == (tiny.meta.horizon,
+                                                              tiny.meta.meta_batch_size)
+  assert figures['devices']['1']['tasks_per_device'] == tiny.meta.meta_batch_size == 2
+  assert figures['devices']['1']['median_ms'] > 0 and figures['devices']['1']['repeats'] == 1
+
+
+def test_roots_benchmark_swaps_the_refresh_eigh_and_times_each_implementation(tmp_path):
+  matrix = benchmark_roots.spd(6)
+  original = blended._eigh  # noqa: SLF001
+  expected = np.linalg.eigvalsh(np.asarray(matrix, np.float64))
+  with benchmark_roots.refresh_eigh(benchmark_roots.IMPLEMENTATIONS['qr']):
+    assert blended._eigh is not original  # noqa: SLF001
+    values, vectors = blended._eigh(matrix)  # noqa: SLF001
+    np.testing.assert_allclose(values, expected, rtol=1e-4)
+    np.testing.assert_allclose(vectors @ jnp.diag(values) @ vectors.T, matrix, atol=1e-4)
+  assert blended._eigh is original  # noqa: SLF001
+  figures = benchmark_roots.main(['--sizes', '6', '--repeats', '2', '--out-dir', str(tmp_path)])
+  eigh = figures['eigh']
+  assert eigh['6/default']['median_ms'] > 0 and eigh['6/default'][
+      'max_relative_value_deviation'] == 0.0
+  assert eigh['6/qr']['max_relative_value_deviation'] < 1e-5
+  # The CPU lowers no Jacobi eigendecomposition: recorded, not fatal.
+  assert 'error' in eigh['6/jacobi'] or eigh['6/jacobi']['median_ms'] > 0
+  assert json.loads((tmp_path / 'roots.json').read_text())['eigh'].keys() == eigh.keys()
+
+
+def test_gpu_check_stops_at_once_without_a_gpu(tmp_path):
+  env = {**os.environ, 'PATH': f'{pathlib.Path(sys.executable).parent}:{os.environ["PATH"]}',
+         'JAX_PLATFORMS': 'cpu'}
+  root = CONFIGS.parent
+  done = subprocess.run(['bash', str(root / 'scripts' / 'gpu_check.sh'), str(tmp_path)],
+                        cwd=root, env=env, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 1, done.stdout + done.stderr
+  assert 'setup failed: no GPU backend' in done.stdout
+  log = (tmp_path / 'gpu_check.log').read_text()
+  assert 'AssertionError' in log  # the backend check, after every import succeeded
+  assert not list(tmp_path.glob('*.json'))  # nothing ran
 
 
 # ---------------------------------------------------------------------------
