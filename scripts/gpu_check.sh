@@ -4,20 +4,23 @@
 #   bash scripts/gpu_check.sh OUTDIR [SECONDS]
 #
 # Runs, in order of priority, each under its own time limit and all within SECONDS (default
-# 400), writing JSON figures and one log to OUTDIR:
+# 560), writing JSON figures and one log to OUTDIR (experiments/RESULTS.md section 12):
 #   1. wall_clock.json: the MNIST MLP benchmark's held-out runs re-timed on the GPU
 #      (scripts/benchmark_wall_clock.py; needs runs/benchmark_full/mnist_mlp/metamd/
 #      divergence.npz and experiments/results/benchmark.json);
-#   2. meta_step_default.json: one meta-step of configs/default.py (its horizon and
+#   2. roots.json: the eigendecompositions of the Kronecker statistics' refresh, per
+#      implementation (scripts/benchmark_roots.py);
+#   3. meta_step_default.json: one meta-step of configs/default.py (its horizon and
 #      meta-batch) on one GPU (scripts/benchmark_parallel.py);
-#   3. step_transformer.json: the transformer's training step for MetaMD, adaptive MetaMD,
+#   4. step_transformer.json: the transformer's training step for MetaMD, adaptive MetaMD,
 #      AdamW and Muon (scripts/benchmark_step.py);
-#   4. meta_step_transformer.json: one meta-step of configs/transformer_lm.py on one GPU;
-#   5. meta_step_default_cpu.json: item 2 on the same machine's CPU, for the GPU/CPU ratio.
+#   5. meta_step_transformer.json: one meta-step of configs/transformer_lm.py on one GPU;
+#   6. meta_step_default_cpu.json: item 3 on the same machine's CPU, for the GPU/CPU ratio;
+#   7. main_default/: the main job (experiments/main.py, configs/default.py), timed.
 # A part that fails or runs out of time is logged and the next one starts.
 set -u
 out=${1:?usage: bash scripts/gpu_check.sh OUTDIR [SECONDS]}
-budget=${2:-400}
+budget=${2:-560}
 mkdir -p "$out"
 log="$out/gpu_check.log"
 export PYTHONUNBUFFERED=1
@@ -53,6 +56,7 @@ assert jax.default_backend() == "gpu", jax.devices()' >>"$log" 2>&1 || {
 }
 
 part wall_clock 220 python3 -m scripts.benchmark_wall_clock --json "$out/wall_clock.json"
+part roots 40 python3 -m scripts.benchmark_roots --sizes 10,256,784 --out-dir "$out"
 part meta_step_default 90 python3 -m scripts.benchmark_parallel --devices 1 \
   --config configs/default.py --horizon 0 --meta-batch-size 0 --repeats 5 \
   --json "$out/meta_step_default.json"
@@ -64,4 +68,6 @@ part meta_step_transformer 90 python3 -m scripts.benchmark_parallel --devices 1 
 JAX_PLATFORMS=cpu part meta_step_default_cpu 90 python3 -m scripts.benchmark_parallel \
   --devices 1 --config configs/default.py --horizon 0 --meta-batch-size 0 --repeats 3 \
   --json "$out/meta_step_default_cpu.json"
+part main_default 200 python3 -m experiments.main --config configs/default.py \
+  --workdir "$out/main_default"
 echo "== done in $((SECONDS - start)) s" | tee -a "$log"
