@@ -6,6 +6,7 @@ import math
 import ml_collections
 import pytest
 
+import metamd_jax
 from configs import benchmark as benchmark_config
 from configs import tiny
 from experiments import benchmark, benchmark_setup, benchmark_targets
@@ -148,12 +149,20 @@ def _check_wall_clock(config, workdir, family):
       assert row['fraction_of_reference_T_seconds'] == pytest.approx(seconds_to / adam_seconds)
   assert json.loads((workdir / 'wall_clock.json').read_text())['optimizers'].keys() == (
       figures['optimizers'].keys())
-  # Another adaptive variant on the same divergence: the changed setting is recorded.
-  varied = benchmark_wall_clock.wall_clock(
-      config, 'tiny', workdir, workdir / 'results.json', ['metamd_adaptive'], repeats=1,
-      settings={'adaptive_momentum': 0.0})
-  assert varied['settings'] == {'adaptive_momentum': 0.0}
-  assert varied['optimizers']['metamd_adaptive']['final_train_loss'] > 0
+  # Another adaptive variant (--set): accepted where named as changed, refused otherwise.
+  assert benchmark_wall_clock.parse_settings(['adaptive_momentum=0', 'adaptive_blend_statistics'
+                                              '=sum']) == {'adaptive_momentum': 0.0,
+                                                           'adaptive_blend_statistics': 'sum'}
+  for bad in ('adaptive_decay=0.5', 'adaptive_momentum', 'adaptive_momentum=fast'):
+    with pytest.raises(SystemExit, match='--set'):
+      benchmark_wall_clock.parse_settings([bad])
+  family_cfg = benchmark_setup.family_config(config, 'tiny')
+  family_cfg.eval.adaptive_momentum = 0.0
+  divergence, _ = metamd_jax.load_divergence(workdir / 'tiny' / 'metamd' / 'divergence.npz')
+  assert benchmark_wall_clock.build_optimizer('metamd_adaptive', family_cfg, family, divergence,
+                                              ('adaptive_momentum',)) is not None
+  with pytest.raises(SystemExit, match='momentum'):
+    benchmark_wall_clock.build_optimizer('metamd_adaptive', family_cfg, family, divergence)
   with pytest.raises(SystemExit, match='no learned divergence'):
     benchmark_wall_clock.wall_clock(config, 'tiny', workdir / 'nowhere',
                                     workdir / 'results.json')
