@@ -142,7 +142,8 @@ def benchmark_family(config: ml_collections.ConfigDict, name: str, workdir: path
   tuning_seconds = time.perf_counter() - started
 
   init_from = 'config'
-  if config.init_from_tuned_sgd and learning_rates.get('sgd') is not None:
+  if (benchmark_setup.init_from_tuned_sgd(config, family_cfg)
+      and learning_rates.get('sgd') is not None):
     init_from = 'tuned sgd'
     # Every learned optimiser starts from the divergence of tuned SGD (meta-train tasks).
     family_cfg.meta.init_learning_rate = float(learning_rates['sgd'])

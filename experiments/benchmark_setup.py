@@ -53,7 +53,19 @@ def family_config(config: ml_collections.ConfigDict, name: str) -> ml_collection
     raise ValueError(f'config.families.{name}.heldout.dataset must be one of '
                      f'{HELDOUT_DATASETS}, got {heldout.dataset!r}.')
   benchmark_targets.validate_targets(family, f'config.families.{name}')
+  start = family.get('init_from_tuned_sgd', None)
+  if start is not None and not isinstance(start, bool):
+    raise ValueError(f'config.families.{name}.init_from_tuned_sgd must be True, False or '
+                     f'None (the benchmark-wide config.init_from_tuned_sgd), got {start!r}.')
   return family
+
+
+def init_from_tuned_sgd(config: ml_collections.ConfigDict,
+                        family: ml_collections.ConfigDict) -> bool:
+  """Whether family ``family`` (from :func:`family_config`) starts meta-training from tuned
+  SGD: its own ``init_from_tuned_sgd`` where set, else the benchmark-wide one."""
+  start = family.get('init_from_tuned_sgd', None)
+  return bool(config.init_from_tuned_sgd if start is None else start)
 
 
 def variant_config(family: ml_collections.ConfigDict,

@@ -231,6 +231,24 @@ def test_variant_configs():
   assert benchmark_setup.family_config(config, 'digits_mlp').meta.num_meta_steps == 3
 
 
+def test_start_of_meta_training_per_family():
+  config = benchmark_config.get_config()
+  # Chosen per family on validation tasks (experiments/results/sweep_init_*.json).
+  starts = {name: benchmark_setup.init_from_tuned_sgd(
+      config, benchmark_setup.family_config(config, name)) for name in config.family_names}
+  assert starts == {'mnist_mlp': True, 'mnist1d_cnn': False, 'digits_mlp': True,
+                    'least_squares': True}
+  config.init_from_tuned_sgd = False  # the benchmark-wide setting, where a family has none
+  assert not benchmark_setup.init_from_tuned_sgd(
+      config, benchmark_setup.family_config(config, 'mnist_mlp'))
+  config.families.mnist1d_cnn.init_from_tuned_sgd = True
+  assert benchmark_setup.init_from_tuned_sgd(
+      config, benchmark_setup.family_config(config, 'mnist1d_cnn'))
+  config.families.digits_mlp.init_from_tuned_sgd = 'yes'
+  with pytest.raises(ValueError, match=r'config\.families\.digits_mlp\.init_from_tuned_sgd'):
+    benchmark_setup.validate(config)
+
+
 @pytest.mark.parametrize('field,value,message', [
     ('shifts', ('heldout_text',), 'language-model families only'),
     ('shifts', 'inputs_x2', 'must be a tuple'),
