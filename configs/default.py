@@ -107,6 +107,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Chosen with experiments.choose_variant on validation tasks over 0, 0.5, 0.7, 0.9
   # (experiments/RESULTS.md section 10): 0.5.
   evaluation.adaptive_momentum = 0.5
+  # One scale per eigendirection of each learned Kronecker factor (metamd_jax.eigenbasis),
+  # each calibrated on its own share of ||g||^2 in the learned geometry, instead of one per
+  # leaf: a change that raises the gradients along a few learned directions (standardised
+  # or offset inputs) shortens the steps along those alone. Needs adaptive_per_leaf.
+  evaluation.adaptive_eigenbasis = False
   # Everyday changes (classification families only; () disables): the held-out tasks again
   # with every optimiser as it is (learned metric, tuned learning rates, calibrated c),
   # against Adam re-tuned on each change. Each costs one Adam tuning and one run per

@@ -199,6 +199,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _fail('eval.adaptive_decay', decay, 'must be a number in [0, 1)')
   if not isinstance(evaluation.adaptive_per_leaf, bool):
     _fail('eval.adaptive_per_leaf', evaluation.adaptive_per_leaf, 'must be True or False')
+  eigenbasis = evaluation.get('adaptive_eigenbasis', False)
+  if not isinstance(eigenbasis, bool):
+    _fail('eval.adaptive_eigenbasis', eigenbasis, 'must be True or False')
+  if eigenbasis and not evaluation.adaptive_per_leaf:
+    _fail('eval.adaptive_eigenbasis', eigenbasis, 'needs eval.adaptive_per_leaf=True')
   blend_rate = evaluation.adaptive_blend_rate
   if isinstance(blend_rate, bool) or not isinstance(blend_rate, (int, float)) \
       or not (math.isfinite(blend_rate) and blend_rate >= 0):

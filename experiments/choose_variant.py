@@ -26,7 +26,9 @@ and ``'blended_kron_<rate>'`` (Shampoo's full Kronecker statistics,
 ``'blended_0.01_nesterov_<beta>'`` and ``'blended_kron_0.1_nesterov_<beta>'`` (the same
 followed by Nesterov's momentum, :func:`metamd_jax.nesterov_momentum`, at 0.5, 0.7 and 0.9)
 and ``'blended_peak_<rate>_nesterov_0.5'`` (the peak averages at 0.003 and 0.01, then
-momentum 0.5);
+momentum 0.5); ``'eigen'``, ``'eigen_kron_0.1'``, ``'eigen_0.01'`` and their
+``_nesterov_0.5`` forms (one scale per eigendirection of the learned factors,
+:mod:`metamd_jax.eigenbasis`, alone or as the learned half of the blends above);
 ``--candidates=a,b`` compares a subset; frozen ``'metamd'`` and the reference at its
 meta-train-tuned learning rate run next to them for comparison. The rule, fixed before any run:
 
@@ -95,10 +97,21 @@ CANDIDATES = {
                                              'adaptive_blend_statistics': 'peak_average',
                                              'adaptive_momentum': 0.5}
        for rate in (0.003, 0.01)},
+    'eigen': {'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.0,
+              'adaptive_eigenbasis': True},
+    **{f'eigen_kron_0.1{tail}': {'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.1,
+                                 'adaptive_blend_statistics': 'kronecker',
+                                 'adaptive_eigenbasis': True, 'adaptive_momentum': beta}
+       for tail, beta in (('', 0.0), ('_nesterov_0.5', 0.5))},
+    **{f'eigen_0.01{tail}': {'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.01,
+                             'adaptive_blend_statistics': 'sum',
+                             'adaptive_eigenbasis': True, 'adaptive_momentum': beta}
+       for tail, beta in (('', 0.0), ('_nesterov_0.5', 0.5))},
 }
 """The candidates and their ``eval`` settings; earlier ones win ties."""
 for _settings in CANDIDATES.values():  # no momentum unless a candidate names one
   _settings.setdefault('adaptive_momentum', 0.0)
+  _settings.setdefault('adaptive_eigenbasis', False)
 IN_DISTRIBUTION = 'in_distribution'
 RESULT = 'choose_variant'
 
@@ -190,10 +203,10 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     settings = CANDIDATES[name]
     variant = config.copy_and_resolve_references()
     variant.eval.update(settings)
-    per_leaf = settings['adaptive_per_leaf']
-    if per_leaf not in calibrations:  # the levels depend on per_leaf alone
-      calibrations[per_leaf] = evaluate.calibrate(variant, divergence, family, tune_tasks)
-    calibration = calibrations[per_leaf]
+    key = (settings['adaptive_per_leaf'], settings['adaptive_eigenbasis'])
+    if key not in calibrations:  # the levels depend on these two alone
+      calibrations[key] = evaluate.calibrate(variant, divergence, family, tune_tasks)
+    calibration = calibrations[key]
     optimizer = evaluate.adaptive_optimizer(variant, divergence, calibration)
     if optimizer is not None:
       optimizers[name], levels[name] = optimizer, calibration['reference_norm']
@@ -241,7 +254,9 @@ def format_choice(result: dict) -> str:
            + (f", eval.adaptive_blend_statistics={result['adaptive_blend_statistics']!r}"
               if 'adaptive_blend_statistics' in result else '')
            + (f", eval.adaptive_momentum={result['adaptive_momentum']}"
-              if result.get('adaptive_momentum') else '') + ').', '',
+              if result.get('adaptive_momentum') else '')
+           + (', eval.adaptive_eigenbasis=True' if result.get('adaptive_eigenbasis') else '')
+           + ').', '',
            f'| candidate | diverged runs where {reference} trains | faster than '
            f'{reference} re-tuned | final loss / re-tuned {reference} (geometric mean) |',
            '| --- | --- | --- | --- |']

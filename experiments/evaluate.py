@@ -15,6 +15,7 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
 
@@ -22,6 +23,7 @@ import metamd_jax
 from experiments import benchmark_runs, builders, plots, protocol, report
 from experiments import meta_train as meta_train_exp
 from metamd_jax import adaptive as adaptive_lib
+from metamd_jax import eigenbasis as eigenbasis_lib
 from metamd_jax import evaluation, parallel
 from metamd_jax.tasks.base import TaskFamily
 from metamd_jax.types import PyTree
@@ -49,7 +51,15 @@ def calibrate(config: ml_collections.ConfigDict, divergence: PyTree, family: Tas
   except ValueError as error:
     logging.warning('adaptive MetaMD left out: %s', error)
     reference = None
+  eigenbasis = ev.get('adaptive_eigenbasis', False)
+  levels = None
+  if eigenbasis and reference is not None:
+    levels = [[np.asarray(x).tolist() for x in leaf] for leaf in
+              eigenbasis_lib.eigenbasis_levels(divergence, family, tune_tasks, ev.num_steps,
+                                               quantile=ev.adaptive_quantile,
+                                               decay=ev.adaptive_decay)]
   return {'reference_norm': reference, 'decay': ev.adaptive_decay,
+          'eigenbasis': eigenbasis, 'eigenbasis_levels': levels,
           'quantile': ev.adaptive_quantile, 'per_leaf': ev.adaptive_per_leaf,
           'blend_rate': ev.adaptive_blend_rate,
           'blend_statistics': ev.adaptive_blend_statistics,
@@ -67,11 +77,18 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
   if adaptive is None or adaptive['reference_norm'] is None:
     return None
   ev = config.eval
+  levels = adaptive.get('eigenbasis_levels') if ev.get('adaptive_eigenbasis', False) else None
+  if ev.get('adaptive_eigenbasis', False) and levels is None:
+    raise ValueError('eval.adaptive_eigenbasis is set but the calibration has no '
+                     'eigenbasis levels: calibrate with the same config.')
   if ev.adaptive_blend_rate > 0:
     optimizer = metamd_jax.blended_metamd(divergence, adaptive['reference_norm'],
                                           ev.adaptive_blend_rate, decay=ev.adaptive_decay,
                                           per_leaf=ev.adaptive_per_leaf,
-                                          statistics=ev.adaptive_blend_statistics)
+                                          statistics=ev.adaptive_blend_statistics,
+                                          eigenbasis_levels=levels)
+  elif levels is not None:
+    optimizer = eigenbasis_lib.eigenbasis_metamd(divergence, levels, decay=ev.adaptive_decay)
   else:
     optimizer = metamd_jax.adaptive_metamd(divergence, adaptive['reference_norm'],
                                            decay=ev.adaptive_decay,

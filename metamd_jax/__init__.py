@@ -26,6 +26,12 @@ from metamd_jax.divergence import (
     init_divergence,
     strong_convexity,
 )
+from metamd_jax.eigenbasis import (
+    EigenbasisState,
+    eigenbasis_levels,
+    eigenbasis_metamd,
+    scale_by_eigenbasis_mirror_descent,
+)
 from metamd_jax.inner_loop import AdaptiveRollout, Rollout, adaptive_rollout, rollout
 from metamd_jax.meta_train import FitResult, MetaTrainState, fit
 from metamd_jax.mirror import mirror_step
@@ -45,6 +51,7 @@ __all__ = (
     'AdaptiveRollout',
     'ClassificationFamily',
     'DiagonalMetric',
+    'EigenbasisState',
     'FitResult',
     'KroneckerAxes',
     'KroneckerMetric',
@@ -68,6 +75,8 @@ __all__ = (
     'check_divergence',
     'check_structure',
     'convergence_bound',
+    'eigenbasis_levels',
+    'eigenbasis_metamd',
     'fit',
     'init_divergence',
     'load_divergence',
@@ -81,6 +90,7 @@ __all__ = (
     'save_divergence',
     'scale_by_adaptive_mirror_descent',
     'scale_by_blended_mirror_descent',
+    'scale_by_eigenbasis_mirror_descent',
     'scale_by_mirror_descent',
     'strong_convexity',
     'unrolled_loss',

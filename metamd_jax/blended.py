@@ -106,7 +106,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from metamd_jax import adaptive, transform
+from metamd_jax import adaptive, eigenbasis, transform
 from metamd_jax.types import Array, PyTree
 
 __all__ = [
@@ -473,6 +473,7 @@ def scale_by_blended_mirror_descent(
     epsilon: float = 1e-8,
     statistics: str = 'sum',
     refresh_every: int = 10,
+    eigenbasis_levels: Any = None,
 ) -> optax.GradientTransformation:
   """Map gradients to ``(M^{-1} g + blend_rate * K_t^{-1} g) / s_t`` (see the module doc).
 
@@ -496,17 +497,32 @@ def scale_by_blended_mirror_descent(
       ``'kronecker'``: Shampoo's full Kronecker statistics
       (:func:`scale_by_kronecker_statistics`).
     refresh_every: with ``'kronecker'``, the steps between two refreshes of the roots.
+    eigenbasis_levels: the learned half is eigenbasis MetaMD
+      (:func:`metamd_jax.eigenbasis.scale_by_eigenbasis_mirror_descent`, one scale per
+      eigendirection of the learned factors) with these levels
+      (:func:`metamd_jax.eigenbasis.eigenbasis_levels`); the online half is shortened by
+      the per-leaf scale of ``reference_norm`` (``per_leaf`` must be True). ``None``:
+      adaptive MetaMD's learned half. The metric ``M_t = (M^E_t^{-1} + eta K_t^{-1} /
+      s_t)^{-1}``, with ``M^E_t`` eigenbasis MetaMD's, still never decreases.
 
   Returns:
     An ``optax.GradientTransformation``.
 
   Raises:
     TypeError, ValueError: on a bad ``blend_rate``, ``reference_norm``, ``decay``,
-      ``epsilon``, ``statistics`` or ``refresh_every`` (each named in the message).
+      ``epsilon``, ``statistics``, ``refresh_every`` or ``eigenbasis_levels`` (each named
+      in the message).
   """
   blend_rate = check_blend_rate(blend_rate)
-  learned = adaptive.scale_by_adaptive_mirror_descent(divergence, reference_norm,
-                                                      decay=decay, per_leaf=per_leaf)
+  if eigenbasis_levels is None:
+    learned = adaptive.scale_by_adaptive_mirror_descent(divergence, reference_norm,
+                                                        decay=decay, per_leaf=per_leaf)
+  elif per_leaf is not True:
+    raise ValueError('eigenbasis_levels needs per_leaf=True: the online half is shortened '
+                     'by one scale per leaf.')
+  else:
+    learned = eigenbasis.scale_by_eigenbasis_mirror_descent(
+        divergence, eigenbasis_levels, reference_norm, decay=decay)
   if statistics not in STATISTICS:
     raise ValueError(f'statistics must be one of {STATISTICS}, got {statistics!r}.')
   if statistics == 'kronecker':
@@ -540,6 +556,7 @@ def blended_metamd(
     epsilon: float = 1e-8,
     statistics: str = 'sum',
     refresh_every: int = 10,
+    eigenbasis_levels: Any = None,
 ) -> optax.GradientTransformation:
   """Blended MetaMD: ``-lr (M^{-1} g + blend_rate K_t^{-1} g) / s_t``.
 
@@ -561,6 +578,8 @@ def blended_metamd(
     statistics: ``'sum'`` or ``'peak_average'`` (diagonal statistics), or
       ``'kronecker'`` (Shampoo's full ones).
     refresh_every: with ``'kronecker'``, the steps between two refreshes of the roots.
+    eigenbasis_levels: eigenbasis MetaMD as the learned half (see
+      :func:`scale_by_blended_mirror_descent`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -579,6 +598,7 @@ def blended_metamd(
   return optax.chain(
       scale_by_blended_mirror_descent(divergence, reference_norm, blend_rate, decay=decay,
                                       per_leaf=per_leaf, epsilon=epsilon,
-                                      statistics=statistics, refresh_every=refresh_every),
+                                      statistics=statistics, refresh_every=refresh_every,
+                                      eigenbasis_levels=eigenbasis_levels),
       optax.scale_by_learning_rate(learning_rate),
   )

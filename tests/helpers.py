@@ -79,6 +79,43 @@ class QuadraticFamily(TaskFamily):
                 evaluate=lambda params: {'train_loss': loss(params, None)})
 
 
+class ScaledLeastSquares(TaskFamily):
+  """Least squares ``1/2 mean ||c X W + b - Y||^2`` with the targets of ``c = 1``: the
+  input scale ``c`` multiplies the curvature of ``W`` by ``c**2``."""
+
+  def __init__(self, input_scale=1.0, dims=(8, 4), num_samples=64, batch_size=16):
+    self.input_scale, self.dims = input_scale, dims
+    self.num_samples, self.batch_size = num_samples, batch_size
+
+  def sample(self, key):
+    return {'key': jax.random.key_data(key)}
+
+  def data(self, task_params):
+    key = jax.random.wrap_key_data(task_params['key'])
+    kx, kw, kn = jax.random.split(key, 3)
+    x = jax.random.normal(kx, (self.num_samples, self.dims[0]))
+    y = x @ jax.random.normal(kw, self.dims) + 0.1 * jax.random.normal(
+        kn, (self.num_samples, self.dims[1]))
+    return self.input_scale * x, y
+
+  @staticmethod
+  def loss(params, batch):
+    x, y = batch
+    return 0.5 * jnp.mean(jnp.sum((x @ params['w'] + params['b'] - y) ** 2, axis=-1))
+
+  def task(self, task_params):
+    x, y = self.data(task_params)
+
+    def batch(step):
+      start = (step * self.batch_size) % self.num_samples
+      return (jax.lax.dynamic_slice_in_dim(x, start, self.batch_size),
+              jax.lax.dynamic_slice_in_dim(y, start, self.batch_size))
+
+    return Task(init=lambda: {'w': jnp.zeros(self.dims), 'b': jnp.zeros(self.dims[1])},
+                loss=self.loss, batch=batch,
+                evaluate=lambda params: {'train_loss': self.loss(params, (x, y))})
+
+
 # Python source that, run first in a fresh process, makes the process kill itself with
 # SIGKILL (no clean-up of any kind) when the meta-trainer samples the tasks of meta-step
 # $KILL_AT_META_STEP (0-based; unset: never): a real kill at a known point of a run.

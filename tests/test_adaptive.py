@@ -12,12 +12,11 @@ import numpy as np
 import optax
 import pytest
 from conftest import dense_block_metric, flat
-from helpers import QuadraticFamily, quadratic_task, well_conditioned
+from helpers import QuadraticFamily, ScaledLeastSquares, quadratic_task, well_conditioned
 
 import metamd_jax
 from metamd_jax import bound, evaluation, inner_loop, meta_train, objectives
 from metamd_jax import divergence as divergence_lib
-from metamd_jax.tasks.base import Task, TaskFamily
 
 SHAPES = {'w': (4, 3), 'b': (3,), 'conv': (2, 2, 2, 3)}
 STRUCTURES = [dict(structure='kronecker'), dict(structure='kronecker', max_factor_size=3),
@@ -490,43 +489,6 @@ def test_meta_step_takes_the_adaptive_objective_through_solver_options():
 # ---------------------------------------------------------------------------
 # Calibration and robustness.
 # ---------------------------------------------------------------------------
-
-
-class ScaledLeastSquares(TaskFamily):
-  """Least squares ``1/2 mean ||c X W + b - Y||^2`` with the targets of ``c = 1``: the
-  input scale ``c`` multiplies the curvature of ``W`` by ``c**2``."""
-
-  def __init__(self, input_scale=1.0, dims=(8, 4), num_samples=64, batch_size=16):
-    self.input_scale, self.dims = input_scale, dims
-    self.num_samples, self.batch_size = num_samples, batch_size
-
-  def sample(self, key):
-    return {'key': jax.random.key_data(key)}
-
-  def data(self, task_params):
-    key = jax.random.wrap_key_data(task_params['key'])
-    kx, kw, kn = jax.random.split(key, 3)
-    x = jax.random.normal(kx, (self.num_samples, self.dims[0]))
-    y = x @ jax.random.normal(kw, self.dims) + 0.1 * jax.random.normal(
-        kn, (self.num_samples, self.dims[1]))
-    return self.input_scale * x, y
-
-  @staticmethod
-  def loss(params, batch):
-    x, y = batch
-    return 0.5 * jnp.mean(jnp.sum((x @ params['w'] + params['b'] - y) ** 2, axis=-1))
-
-  def task(self, task_params):
-    x, y = self.data(task_params)
-
-    def batch(step):
-      start = (step * self.batch_size) % self.num_samples
-      return (jax.lax.dynamic_slice_in_dim(x, start, self.batch_size),
-              jax.lax.dynamic_slice_in_dim(y, start, self.batch_size))
-
-    return Task(init=lambda: {'w': jnp.zeros(self.dims), 'b': jnp.zeros(self.dims[1])},
-                loss=self.loss, batch=batch,
-                evaluate=lambda params: {'train_loss': self.loss(params, (x, y))})
 
 
 def test_reference_gradient_norm_is_the_peak_level_over_tasks():

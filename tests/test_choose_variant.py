@@ -61,22 +61,23 @@ def test_compare_runs_validation_tasks_only_and_applies_the_rule(tmp_path, monke
   divergence = builders.build_divergence(config, family)
   monkeypatch.setattr(evaluation, 'held_out_tasks',
                       lambda *a, **k: pytest.fail('held-out tasks used'))
-  # Two of the candidates (each costs its runs): one scale, and blended with one per leaf.
-  candidates = {name: choose_variant.CANDIDATES[name] for name in ('adaptive', 'blended_0.03')}
-  assert candidates['blended_0.03'] == {'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.03,
-                                        'adaptive_blend_statistics': 'sum',
-                                        'adaptive_momentum': 0.0}
+  # Two of the candidates (each costs its runs): one scale, and blended with one scale per
+  # eigendirection of the learned factors.
+  candidates = {name: choose_variant.CANDIDATES[name] for name in ('adaptive', 'eigen_0.01')}
+  assert candidates['eigen_0.01'] == {'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.01,
+                                      'adaptive_blend_statistics': 'sum',
+                                      'adaptive_momentum': 0.0, 'adaptive_eigenbasis': True}
   monkeypatch.setattr(choose_variant, 'CANDIDATES', candidates)
   result = choose_variant.compare(config, tmp_path, divergence)
 
   assert list(result['checks']) == ['in_distribution', 'inputs_x2']
-  assert set(result['levels']) == {'adaptive', 'blended_0.03'}
+  assert set(result['levels']) == {'adaptive', 'eigen_0.01'}
   assert isinstance(result['levels']['adaptive'], float)
   metrics = jax.tree.leaves(divergence, is_leaf=divergence_lib.is_metric)
-  assert len(result['levels']['blended_0.03']) == len(metrics)
+  assert len(result['levels']['eigen_0.01']) == len(metrics)
   for check in result['checks'].values():
     assert check['reference'] == 'adam_retuned'
-    assert set(check['optimizers']) == {'metamd', 'adaptive', 'blended_0.03', 'adam',
+    assert set(check['optimizers']) == {'metamd', 'adaptive', 'eigen_0.01', 'adam',
                                         'adam_retuned'}
     for entry in check['optimizers'].values():
       assert entry['num_runs'] == config.eval.num_tasks
@@ -105,7 +106,8 @@ def test_compare_runs_validation_tasks_only_and_applies_the_rule(tmp_path, monke
   assert f"chosen: **{result['chosen']}**" in table
   if 'adaptive_blend_statistics' in result:
     assert f"eval.adaptive_blend_statistics={result['adaptive_blend_statistics']!r}" in table
-  assert table.count('| inputs_x2 |') == 5 and '| blended_0.03 | learned (c per leaf' in table
+  assert result.get('adaptive_eigenbasis', False) == settings['adaptive_eigenbasis']
+  assert table.count('| inputs_x2 |') == 5 and '| eigen_0.01 | learned (c per leaf' in table
 
 
 def test_reference_that_always_diverges_is_named(tmp_path, monkeypatch):
@@ -127,15 +129,24 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
       'adaptive', 'blended_kron_0.03')
   assert choose_variant.CANDIDATES['blended_kron_0.1'] == {
       'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.1,
-      'adaptive_blend_statistics': 'kronecker', 'adaptive_momentum': 0.0}
+      'adaptive_blend_statistics': 'kronecker', 'adaptive_momentum': 0.0,
+      'adaptive_eigenbasis': False}
   assert choose_variant.CANDIDATES['blended_0.01_nesterov_0.9'] == {
       'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.01,
-      'adaptive_blend_statistics': 'sum', 'adaptive_momentum': 0.9}
+      'adaptive_blend_statistics': 'sum', 'adaptive_momentum': 0.9,
+      'adaptive_eigenbasis': False}
   assert choose_variant.CANDIDATES['blended_peak_0.003_nesterov_0.5'] == {
       'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.003,
-      'adaptive_blend_statistics': 'peak_average', 'adaptive_momentum': 0.5}
+      'adaptive_blend_statistics': 'peak_average', 'adaptive_momentum': 0.5,
+      'adaptive_eigenbasis': False}
   assert all(settings['adaptive_momentum'] == 0.0 for name, settings in
              choose_variant.CANDIDATES.items() if 'nesterov' not in name)
+  assert choose_variant.CANDIDATES['eigen_kron_0.1_nesterov_0.5'] == {
+      'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.1,
+      'adaptive_blend_statistics': 'kronecker', 'adaptive_momentum': 0.5,
+      'adaptive_eigenbasis': True}
+  assert all(settings['adaptive_eigenbasis'] == name.startswith('eigen') for name, settings
+             in choose_variant.CANDIDATES.items())
   with pytest.raises(ValueError, match="unknown candidate 'blended_2'"):
     choose_variant.check_candidates(['adaptive', 'blended_2'])
   with pytest.raises(ValueError, match='twice'):

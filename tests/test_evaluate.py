@@ -118,6 +118,42 @@ def test_per_leaf_calibration_gives_one_level_per_leaf(setup):
     builders.validate_config(config)
 
 
+def test_eigenbasis_calibration_gives_levels_per_eigendirection(setup):
+  config, meta_train_family, meta_test_family, divergence = setup
+  config = config.copy_and_resolve_references()
+  config.eval.adaptive_eigenbasis = True
+  builders.validate_config(config)
+  tasks = evaluation.tuning_tasks(meta_train_family, config.seed, 1)
+  result = evaluate.calibrate(config, divergence, meta_train_family, tasks)
+  assert result['eigenbasis'] is True
+  levels = result['eigenbasis_levels']
+  expected = metamd_jax.eigenbasis.eigenbasis_levels(
+      divergence, meta_train_family, tasks, config.eval.num_steps,
+      quantile=config.eval.adaptive_quantile, decay=config.eval.adaptive_decay)
+  assert len(levels) == len(expected) == len(jax.tree.leaves(meta_train_family.init_params()))
+  for ours, theirs in zip(levels, expected):  # JSON-able lists of the library's levels
+    assert all(isinstance(x, (list, float)) for x in ours)
+    for a, b in zip(ours, theirs):
+      np.testing.assert_array_equal(np.asarray(a, np.float64), b)
+  # The default blend with eigenbasis MetaMD as its learned half, then the momentum.
+  optimizer = evaluate.adaptive_optimizer(config, divergence, result)
+  state = optimizer.init(meta_test_family.init_params())
+  assert isinstance(state[0][0].adaptive, metamd_jax.eigenbasis.EigenbasisState)
+  config.eval.adaptive_blend_rate = 0.0
+  state = evaluate.adaptive_optimizer(config, divergence, result).init(
+      meta_test_family.init_params())
+  assert isinstance(state[0][0], metamd_jax.eigenbasis.EigenbasisState)
+  with pytest.raises(ValueError, match='no eigenbasis levels'):
+    evaluate.adaptive_optimizer(config, divergence, {**result, 'eigenbasis_levels': None})
+  config.eval.adaptive_per_leaf = False
+  with pytest.raises(ValueError, match=r'config\.eval\.adaptive_eigenbasis.*adaptive_per_leaf'):
+    builders.validate_config(config)
+  with config.ignore_type():
+    config.eval.adaptive_eigenbasis = 1
+  with pytest.raises(ValueError, match=r'config\.eval\.adaptive_eigenbasis.*True or False'):
+    builders.validate_config(config)
+
+
 def _flat(x):
   return np.asarray(x).reshape(len(x), -1)
 

@@ -1,0 +1,281 @@
+"""Eigenbasis MetaMD: never adapting is MetaMD, the steps are those of the dense metric the
+scales define (float64 numpy, from the factors' own eigendecompositions), that metric never
+decreases, calibrated levels keep frozen MetaMD's steps on the calibration tasks, vmap,
+the blend, and bad arguments."""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import dense_factor, flat
+from helpers import ScaledLeastSquares, well_conditioned
+
+import metamd_jax
+from metamd_jax import divergence as divergence_lib
+from metamd_jax import eigenbasis
+
+SHAPES = {'w': (4, 3), 'b': (3,), 'conv': (2, 2, 2, 3)}
+STRUCTURES = [dict(structure='kronecker'), dict(structure='kronecker', max_factor_size=3),
+              dict(structure='diagonal'), dict(structure='scalar')]
+
+
+def _tree(seed, scale=1.0):
+  rng = np.random.default_rng(seed)
+  return {k: jnp.asarray(scale * rng.standard_normal(s)) for k, s in SHAPES.items()}
+
+
+def _divergence(options=None, seed=0, dtype=None):
+  divergence = metamd_jax.init_divergence(_tree(0), 0.1, dtype=dtype, **(options or {}))
+  return well_conditioned(divergence, seed=seed, noise=0.3)
+
+
+def _never(divergence):
+  bases, _ = eigenbasis.leaf_bases(divergence)
+  return [(np.full(len(b.left_values), math.inf), np.full(len(b.right_values), math.inf))
+          if b.inverse_values is None else (math.inf,) for b in bases]
+
+
+def _run(optimizer, grads_list, params):
+  state = optimizer.init(params)
+  update = jax.jit(optimizer.update)
+  updates, states = [], []
+  for grads in grads_list:
+    u, state = update(grads, state, params)
+    params = optax.apply_updates(params, u)
+    updates.append(u)
+    states.append(state)
+  return updates, states
+
+
+@pytest.mark.parametrize('options', STRUCTURES)
+def test_never_adapting_is_metamd(options):
+  params = _tree(1)
+  grads_list = [_tree(10 + t, scale=3.0 ** t) for t in range(5)]
+  divergence = _divergence(options, seed=1, dtype=jnp.float32)
+  ours, states = _run(eigenbasis.eigenbasis_metamd(divergence, _never(divergence)),
+                      grads_list, params)
+  reference, _ = _run(metamd_jax.metamd(divergence), grads_list, params)
+  for a, b in zip(ours, reference):
+    chex.assert_trees_all_close(a, b, rtol=2e-5, atol=1e-4)  # values up to ~150
+  assert all(np.all(np.asarray(s) == 1) for leaf in states[-1][0].scales for s in leaf)
+
+
+def _dense_inverse_factors(metric):
+  """``P = L^{-1}``, ``Q = R^{-1}`` of a Kronecker metric in float64, from its raw factors."""
+  left = np.linalg.inv(dense_factor(metric.left, metric.eps))
+  right = np.linalg.inv(dense_factor(metric.right, metric.eps))
+  return left, right
+
+
+def _eigh(inverse, raw):
+  """``(eigenvalues, eigenvectors)`` of an inverse factor; a diagonal factor (1-D raw) keeps
+  its own order (its eigenbasis is the identity)."""
+  if np.ndim(raw) == 1:
+    return np.diag(inverse), np.eye(len(inverse))
+  return np.linalg.eigh(inverse)
+
+
+def _rotated(inverse, raw, scales):
+  """``U diag(eigvals / scales) U^T`` for ``inverse = U diag(eigvals) U^T``."""
+  values, vectors = _eigh(inverse, raw)
+  return vectors @ np.diag(values / np.asarray(scales, np.float64)) @ vectors.T
+
+
+def _leaf_inverse_metric(metric, scales):
+  """The dense ``M_t^{-1}`` of one leaf on its row-major flattening (float64)."""
+  size = int(np.prod(metric.shape))
+  if not isinstance(metric, divergence_lib.KroneckerMetric):
+    values = np.asarray(metric.scale, np.float64).ravel() ** 2 + metric.eps
+    return np.diag(np.broadcast_to(1 / values, (size,)) / float(scales[0]))
+  left, right = _dense_inverse_factors(metric)
+  dense = np.kron(_rotated(left, metric.left, scales[0]),
+                  _rotated(right, metric.right, scales[1]))
+  perm = tuple(metric.rows) + tuple(metric.cols)
+  idx = np.arange(size).reshape(metric.shape).transpose(perm).ravel()
+  full = np.zeros((size, size))
+  full[np.ix_(idx, idx)] = dense
+  return full
+
+
+def _inverse_metric(divergence, scales):
+  blocks = [_leaf_inverse_metric(m, s) for m, s in zip(
+      jax.tree.leaves(divergence, is_leaf=divergence_lib.is_metric), scales)]
+  size = sum(len(b) for b in blocks)
+  full, offset = np.zeros((size, size)), 0
+  for b in blocks:
+    full[offset:offset + len(b), offset:offset + len(b)] = b
+    offset += len(b)
+  return full
+
+
+@pytest.mark.parametrize('options', STRUCTURES[:3])
+def test_steps_are_the_dense_metric_of_the_scales_which_never_decreases(x64, options):
+  """Every update is ``-M_t^{-1} g_t`` for ``M_t`` built in numpy from the factors' own
+  eigendecompositions and the state's scales; the scales follow a numpy loop of the rule
+  (moving average, bias correction, running maximum), and ``M_t`` never decreases."""
+  params = _tree(1)
+  divergence = _divergence(options, seed=2)
+  bases, _ = eigenbasis.leaf_bases(divergence)
+  rng = np.random.default_rng(3)
+  # Low levels, different per direction: most scales grow, by different amounts.
+  levels = [(rng.uniform(0.05, 0.5, len(b.left_values)), rng.uniform(0.05, 0.5,
+                                                                      len(b.right_values)))
+            if b.inverse_values is None else (0.2,) for b in bases]
+  decay = 0.8
+  grads_list = [_tree(20 + t, scale=1.0 + t) for t in range(6)]
+  updates, states = _run(eigenbasis.eigenbasis_metamd(divergence, levels, decay=decay),
+                         grads_list, params)
+  metrics = jax.tree.leaves(divergence, is_leaf=divergence_lib.is_metric)
+  averages = [[np.zeros(np.shape(x)) for x in level] for level in levels]
+  expected = [[np.ones(np.shape(x)) for x in level] for level in levels]
+  previous = None
+  for t, (grads, update, state) in enumerate(zip(grads_list, updates, states), start=1):
+    state = state[0]  # the chain's first transformation
+    for i, (metric, g) in enumerate(zip(metrics, jax.tree.leaves(grads))):
+      g = np.asarray(g, np.float64)
+      if isinstance(metric, divergence_lib.KroneckerMetric):
+        left, right = _dense_inverse_factors(metric)
+        (p, u), (q, v) = _eigh(left, metric.left), _eigh(right, metric.right)
+        perm = tuple(metric.rows) + tuple(metric.cols)
+        gm = g.transpose(perm).reshape(len(p), len(q))
+        w = p[:, None] * (u.T @ gm @ v) ** 2 * q[None, :]
+        shares = (w.sum(1), w.sum(0))
+      else:
+        values = np.asarray(metric.scale, np.float64).ravel() ** 2 + metric.eps
+        shares = (np.sum(g.ravel() ** 2 / np.broadcast_to(values, (g.size,))),)
+      for side, share in enumerate(shares):
+        averages[i][side] = decay * averages[i][side] + (1 - decay) * share
+        level = np.sqrt(averages[i][side] / (1 - decay ** t)) / levels[i][side]
+        expected[i][side] = np.maximum(expected[i][side], level)
+        np.testing.assert_allclose(state.scales[i][side], expected[i][side], rtol=1e-9)
+    assert any(np.any(np.asarray(s) > 1) for leaf in state.scales for s in leaf)
+    inverse = _inverse_metric(divergence, expected)
+    np.testing.assert_allclose(flat(update), -inverse @ flat(grads), rtol=1e-8, atol=1e-12)
+    if previous is not None:  # M_t - M_{t-1} >= 0, i.e. M_{t-1}^{-1} - M_t^{-1} >= 0
+      gap = np.linalg.eigvalsh(previous - inverse)
+      assert gap.min() >= -1e-10 * np.abs(gap).max()
+    previous = inverse
+
+
+def test_calibrated_levels_keep_frozen_steps_on_the_calibration_tasks():
+  family = ScaledLeastSquares()
+  unit = well_conditioned(metamd_jax.init_divergence(family.init_params(), 1.0), seed=1,
+                          noise=0.3)
+  divergence = divergence_lib.scale_steps(unit, 0.05)
+  task_params = family.sample_batch(jax.random.key(1), 4)
+  num_steps = 20
+  levels = eigenbasis.eigenbasis_levels(divergence, family, task_params, num_steps)
+
+  def run(levels):
+    optimizer = eigenbasis.eigenbasis_metamd(divergence, levels)
+    return jax.jit(jax.vmap(lambda tp: one(optimizer, tp)))(task_params)
+
+  def one(optimizer, tp):
+    task = family.task(tp)
+
+    def body(carry, step):
+      params, state, frozen = carry
+      updates, state = optimizer.update(jax.grad(task.loss)(params, task.batch(step)), state)
+      frozen = jax.tree.map(lambda p, d: p - d, frozen, divergence_lib.solve_metric(
+          divergence, jax.grad(task.loss)(frozen, task.batch(step))))
+      return (optax.apply_updates(params, updates), state, frozen), None
+
+    params = task.init()
+    (params, state, frozen), _ = jax.lax.scan(body, (params, optimizer.init(params), params),
+                                              jnp.arange(num_steps))
+    return params, frozen, state[0].scales
+
+  params, frozen, scales = run([tuple(x * (1 + 1e-5) for x in leaf) for leaf in levels])
+  chex.assert_trees_all_close(params, frozen, rtol=1e-4, atol=1e-6)
+  assert all(np.all(np.asarray(s) == 1) for leaf in scales for s in leaf)
+  # The peak of each share is reached on some task: a lower level adapts there.
+  _, _, scales = run([tuple(x * 0.5 for x in leaf) for leaf in levels])
+  assert any(np.any(np.asarray(s) > 1) for leaf in scales for s in leaf)
+  with pytest.raises(ValueError, match='quantile'):
+    eigenbasis.eigenbasis_levels(divergence, family, task_params, 5, quantile=2.0)
+  with pytest.raises(ValueError, match='diverges on 4 calibration task'):
+    eigenbasis.eigenbasis_levels(unit, family, task_params, 100)
+
+
+def test_under_vmap_equals_one_task_at_a_time():
+  divergence = _divergence(STRUCTURES[0], seed=4, dtype=jnp.float32)
+  bases, _ = eigenbasis.leaf_bases(divergence)
+  levels = [(np.full(len(b.left_values), 0.3), np.full(len(b.right_values), 0.3))
+            if b.inverse_values is None else (0.3,) for b in bases]
+  optimizer = eigenbasis.eigenbasis_metamd(divergence, levels)
+  params = _tree(5)
+  grads = jax.tree.map(lambda *x: jnp.stack(x), *[_tree(30 + i, 2.0) for i in range(3)])
+
+  def one(g):
+    return optimizer.update(g, optimizer.init(params), params)[0]
+
+  batched = jax.jit(jax.vmap(one))(grads)
+  for i in range(3):
+    single = jax.jit(one)(jax.tree.map(lambda x, i=i: x[i], grads))
+    chex.assert_trees_all_close(jax.tree.map(lambda x, i=i: x[i], batched), single,
+                                rtol=1e-5, atol=1e-7)
+
+
+def test_as_the_learned_half_of_blended_metamd():
+  divergence = _divergence(STRUCTURES[0], seed=6, dtype=jnp.float32)
+  params = _tree(7)
+  grads_list = [_tree(40 + t, scale=2.0 ** t) for t in range(4)]
+  bases, _ = eigenbasis.leaf_bases(divergence)
+  levels = [(np.full(len(b.left_values), 0.2), np.full(len(b.right_values), 0.2))
+            if b.inverse_values is None else (0.2,) for b in bases]
+  leaf_levels = [0.5] * len(bases)
+  blended = metamd_jax.blended_metamd(divergence, leaf_levels, 0.3, per_leaf=True,
+                                      eigenbasis_levels=levels)
+  learned = eigenbasis.scale_by_eigenbasis_mirror_descent(divergence, levels, leaf_levels)
+  online = metamd_jax.blended.scale_by_factored_statistics(1e-8)
+  ours, states = _run(blended, grads_list, params)
+  learned_state, online_state = learned.init(params), online.init(params)
+  for grads, update, state in zip(grads_list, ours, states):
+    a, learned_state = learned.update(grads, learned_state)
+    b, online_state = online.update(grads, online_state)
+    leaves = jax.tree.leaves(b)
+    scaled = jax.tree.unflatten(jax.tree.structure(b), [
+        x / learned_state.scale[i] for i, x in enumerate(leaves)])
+    expected = jax.tree.map(lambda x, y: -(x + 0.3 * y), a, scaled)
+    chex.assert_trees_all_close(update, expected, rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(state[0].adaptive.scale, learned_state.scale)
+  assert np.all(np.asarray(learned_state.scale) > 1)  # leaf levels 0.5: every leaf adapted
+  with pytest.raises(ValueError, match='per_leaf=True'):
+    metamd_jax.blended_metamd(divergence, 0.5, 0.3, eigenbasis_levels=levels)
+
+
+def test_bad_levels_and_a_traced_divergence_are_named():
+  divergence = _divergence(STRUCTURES[0], seed=8, dtype=jnp.float32)
+  levels = _never(divergence)
+  with pytest.raises(ValueError, match='one entry per parameter leaf'):
+    eigenbasis.eigenbasis_metamd(divergence, levels[:-1])
+  with pytest.raises(ValueError, match='one entry per parameter leaf'):
+    eigenbasis.eigenbasis_metamd(divergence, None)
+  kronecker = next(i for i, x in enumerate(levels) if len(x) == 2)
+  bad = list(levels)
+  bad[kronecker] = (levels[kronecker][0][:-1], levels[kronecker][1])
+  with pytest.raises(ValueError, match=rf'levels\[{kronecker}\]\[0\] has shape'):
+    eigenbasis.eigenbasis_metamd(divergence, bad)
+  bad[kronecker] = (-levels[kronecker][0], levels[kronecker][1])
+  with pytest.raises(ValueError, match='not positive'):
+    eigenbasis.eigenbasis_metamd(divergence, bad)
+  bad[kronecker] = (levels[kronecker][0] * np.nan, levels[kronecker][1])
+  with pytest.raises(ValueError, match='not positive'):
+    eigenbasis.eigenbasis_metamd(divergence, bad)
+  bad[kronecker] = (levels[kronecker][0],)
+  with pytest.raises(ValueError, match='must hold 2 arrays'):
+    eigenbasis.eigenbasis_metamd(divergence, bad)
+  # JSON writes inf as null: read back as never adapting.
+  as_json = [[[None] * len(x) if np.ndim(x) else None for x in leaf] for leaf in levels]
+  params = _tree(9)
+  ours, _ = _run(eigenbasis.eigenbasis_metamd(divergence, as_json), [_tree(50)], params)
+  theirs, _ = _run(metamd_jax.metamd(divergence), [_tree(50)], params)
+  chex.assert_trees_all_close(ours[0], theirs[0], rtol=2e-5, atol=1e-6)
+  with pytest.raises(TypeError, match='concrete divergence'):
+    jax.jit(lambda d: eigenbasis.eigenbasis_metamd(d, levels).init(params))(divergence)
+  with pytest.raises(ValueError, match='decay'):
+    eigenbasis.eigenbasis_metamd(divergence, levels, decay=1.0)
