@@ -111,7 +111,9 @@ def get_config() -> ml_collections.ConfigDict:
   # each calibrated on its own share of ||g||^2 in the learned geometry, instead of one per
   # leaf: a change that raises the gradients along a few learned directions (standardised
   # or offset inputs) shortens the steps along those alone. Needs adaptive_per_leaf.
-  evaluation.adaptive_eigenbasis = False
+  # Chosen with experiments.choose_variant on validation tasks (experiments/RESULTS.md
+  # section 13): with Shampoo's statistics at 0.1 and Nesterov 0.5, 8 of 8 checks.
+  evaluation.adaptive_eigenbasis = True
   # Everyday changes (classification families only; () disables): the held-out tasks again
   # with every optimiser as it is (learned metric, tuned learning rates, calibrated c),
   # against Adam re-tuned on each change. Each costs one Adam tuning and one run per

@@ -60,4 +60,5 @@ def get_config() -> ml_collections.ConfigDict:
   ev.adaptive_blend_rate = 0.003
   ev.adaptive_blend_statistics = 'peak_average'
   ev.adaptive_momentum = 0.5
+  ev.adaptive_eigenbasis = False  # one scale per leaf: this family's choice predates it
   return config

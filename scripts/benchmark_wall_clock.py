@@ -58,7 +58,9 @@ DEFAULT_OPTIMIZERS = ('metamd', ADAPTIVE, 'adam', 'sgd', 'muon', 'psgd_kron', 's
 _CALIBRATION_FIELDS = {'blend_rate': 'adaptive_blend_rate',
                        'blend_statistics': 'adaptive_blend_statistics',
                        'decay': 'adaptive_decay', 'per_leaf': 'adaptive_per_leaf',
-                       'momentum': 'adaptive_momentum'}
+                       'momentum': 'adaptive_momentum', 'eigenbasis': 'adaptive_eigenbasis'}
+# What a calibration stored before a field existed meant.
+_CALIBRATION_DEFAULTS = {'eigenbasis': False}
 
 
 def _fail(message: str):
@@ -107,7 +109,8 @@ def build_optimizer(name: str, family_cfg, stored: dict, divergence, changed=())
     adaptive = stored.get('adaptive')
     for recorded, field in _CALIBRATION_FIELDS.items():
       if (adaptive is not None and field not in changed
-          and adaptive.get(recorded) != family_cfg.eval[field]):
+          and adaptive.get(recorded, _CALIBRATION_DEFAULTS.get(recorded))
+          != family_cfg.eval.get(field, _CALIBRATION_DEFAULTS.get(recorded))):
         _fail(f'the stored calibration has {recorded}={adaptive.get(recorded)!r} but the '
               f'config has eval.{field}={family_cfg.eval[field]!r}: rerun the benchmark '
               'or pass the config it ran with.')
