@@ -48,8 +48,20 @@ def test_adaptive_row_with_a_huge_reference_is_metamd(setup, tmp_path, monkeypat
     return 1e30  # never adapts: s_t = 1
 
   monkeypatch.setattr(adaptive, 'reference_gradient_norm', reference)
+  assert config.eval.adaptive_eigenbasis  # the default: one scale per learned direction
+  eigen_calls = []
+
+  def levels(div, family, task_params, num_steps, *, quantile, decay):
+    eigen_calls.append((family, task_params, num_steps))
+    bases, _ = metamd_jax.eigenbasis.leaf_bases(div)
+    return [(np.full(len(b.left_values), 1e30), np.full(len(b.right_values), 1e30))
+            if b.inverse_values is None else (np.asarray(1e30),) for b in bases]
+
+  monkeypatch.setattr(metamd_jax.eigenbasis, 'eigenbasis_levels', levels)
   monkeypatch.setattr(plots, 'plot_evaluation', lambda *args, **kwargs: None)  # tested elsewhere
   results = evaluate.evaluate(config, tmp_path, divergence)
+  (family, task_params, _), = eigen_calls  # the same calibration tasks as the levels below
+  assert family is meta_train_family and _leaves_equal(task_params, calls[0][1])
   # Calibrated once, on the meta-train tuning tasks, never on the held-out ones.
   (family, task_params, num_steps, quantile, decay), = calls
   assert family is meta_train_family and num_steps == config.eval.num_steps
