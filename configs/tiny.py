@@ -9,6 +9,7 @@ def get_config():
   config.task.hidden_sizes = (8,)
   config.task.batch_size = 16
   config.task.subset_size = 200
+  config.meta.init_learning_rate = 0.1  # the tests' SGD reference
   config.meta.horizon = 5
   config.meta.meta_batch_size = 2
   config.meta.num_meta_steps = 4
