@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import metamd_jax
 from metamd_jax import divergence as divergence_lib
 from metamd_jax.tasks.base import Task, TaskFamily
 
@@ -45,6 +46,25 @@ def quadratic_task(dims=(4, 3), seed=0, noise=0.0, dtype=jnp.float32):
     return (jax.lax.dynamic_slice_in_dim(x, start, 8), jax.lax.dynamic_slice_in_dim(y, start, 8))
 
   return Task(init=lambda: init, loss=loss, batch=batch)
+
+
+# A dense leaf, a bias and a convolution kernel, and the structures a divergence can take:
+# the trees of the adaptive and eigenbasis optimisers' tests.
+SHAPES = {'w': (4, 3), 'b': (3,), 'conv': (2, 2, 2, 3)}
+STRUCTURES = [dict(structure='kronecker'), dict(structure='kronecker', max_factor_size=3),
+              dict(structure='diagonal'), dict(structure='scalar')]
+
+
+def random_tree(seed, scale=1.0):
+  """Gaussian leaves of :data:`SHAPES` (a parameter or gradient tree)."""
+  rng = np.random.default_rng(seed)
+  return {k: jnp.asarray(scale * rng.standard_normal(s)) for k, s in SHAPES.items()}
+
+
+def random_divergence(options=None, seed=0, dtype=None):
+  """A well-conditioned random divergence on :data:`SHAPES`, steps about 0.1."""
+  divergence = metamd_jax.init_divergence(random_tree(0), 0.1, dtype=dtype, **(options or {}))
+  return well_conditioned(divergence, seed=seed, noise=0.3)
 
 
 class QuadraticFamily(TaskFamily):

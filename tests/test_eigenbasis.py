@@ -6,6 +6,7 @@ the blend, and bad arguments."""
 import math
 
 import chex
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,19 +19,8 @@ import metamd_jax
 from metamd_jax import divergence as divergence_lib
 from metamd_jax import eigenbasis
 
-SHAPES = {'w': (4, 3), 'b': (3,), 'conv': (2, 2, 2, 3)}
-STRUCTURES = [dict(structure='kronecker'), dict(structure='kronecker', max_factor_size=3),
-              dict(structure='diagonal'), dict(structure='scalar')]
-
-
-def _tree(seed, scale=1.0):
-  rng = np.random.default_rng(seed)
-  return {k: jnp.asarray(scale * rng.standard_normal(s)) for k, s in SHAPES.items()}
-
-
-def _divergence(options=None, seed=0, dtype=None):
-  divergence = metamd_jax.init_divergence(_tree(0), 0.1, dtype=dtype, **(options or {}))
-  return well_conditioned(divergence, seed=seed, noise=0.3)
+SHAPES, STRUCTURES = helpers.SHAPES, helpers.STRUCTURES
+_tree, _divergence = helpers.random_tree, helpers.random_divergence
 
 
 def _never(divergence):

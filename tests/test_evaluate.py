@@ -106,13 +106,19 @@ def test_calibration_failure_leaves_the_adaptive_row_out(setup, monkeypatch):
   assert result['reference_norm'] is None
 
 
-def test_per_leaf_calibration_gives_one_level_per_leaf(setup):
-  config, meta_train_family, meta_test_family, divergence = setup
+def _calibrated(setup, **settings):
+  """The config with ``eval`` settings changed, one tuning task and its calibration."""
+  config, meta_train_family, _, divergence = setup
   config = config.copy_and_resolve_references()
-  config.eval.adaptive_per_leaf = True
+  config.eval.update(settings)
   builders.validate_config(config)
   tasks = evaluation.tuning_tasks(meta_train_family, config.seed, 1)
-  result = evaluate.calibrate(config, divergence, meta_train_family, tasks)
+  return config, tasks, evaluate.calibrate(config, divergence, meta_train_family, tasks)
+
+
+def test_per_leaf_calibration_gives_one_level_per_leaf(setup):
+  _, meta_train_family, meta_test_family, divergence = setup
+  config, _, result = _calibrated(setup, adaptive_per_leaf=True)
   leaves = jax.tree.leaves(meta_train_family.init_params())
   assert result['per_leaf'] is True and len(result['reference_norm']) == len(leaves)
   assert all(c > 0 for c in result['reference_norm'])
@@ -131,12 +137,8 @@ def test_per_leaf_calibration_gives_one_level_per_leaf(setup):
 
 
 def test_eigenbasis_calibration_gives_levels_per_eigendirection(setup):
-  config, meta_train_family, meta_test_family, divergence = setup
-  config = config.copy_and_resolve_references()
-  config.eval.adaptive_eigenbasis = True
-  builders.validate_config(config)
-  tasks = evaluation.tuning_tasks(meta_train_family, config.seed, 1)
-  result = evaluate.calibrate(config, divergence, meta_train_family, tasks)
+  _, meta_train_family, meta_test_family, divergence = setup
+  config, tasks, result = _calibrated(setup, adaptive_eigenbasis=True)
   assert result['eigenbasis'] is True
   levels = result['eigenbasis_levels']
   expected = metamd_jax.eigenbasis.eigenbasis_levels(
