@@ -251,6 +251,8 @@ def test_bad_adaptive_and_shift_values_name_the_field(field, value):
 def test_adaptive_optimizer_is_blended_with_a_positive_blend_rate():
   config = tiny.get_config()
   config.eval.adaptive_momentum = 0.0  # the momentum is checked last
+  # One scale per leaf (the eigenbasis scales need their own levels: tested above).
+  config.eval.adaptive_eigenbasis = False
   params = {'w': jnp.ones((3, 2)), 'b': jnp.ones((2,))}
   divergence = metamd_jax.init_divergence(params, 0.1)
   calibration = {'reference_norm': (1.0, 1.0)}
