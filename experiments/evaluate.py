@@ -38,10 +38,13 @@ def calibrate(config: ml_collections.ConfigDict, divergence: PyTree, family: Tas
   never the held-out tasks) over ``eval.num_steps`` steps.
 
   Returns:
-    ``{'reference_norm', 'decay', 'quantile', 'per_leaf', 'calibration_tasks',
-    'num_steps'}``; ``reference_norm`` is one level, or one per parameter leaf with
-    ``eval.adaptive_per_leaf``, and ``None`` (logged as a warning) when the frozen
-    divergence diverges on a calibration task: adaptive MetaMD is then left out.
+    ``{'reference_norm', 'decay', 'eigenbasis', 'eigenbasis_levels', 'quantile',
+    'per_leaf', 'calibration_tasks', 'num_steps', ...}``; ``reference_norm`` is one
+    level, or one per parameter leaf with ``eval.adaptive_per_leaf``, and ``None`` (logged
+    as a warning) when the frozen divergence diverges on a calibration task: adaptive
+    MetaMD is then left out. With ``eval.adaptive_eigenbasis``, ``eigenbasis_levels`` are
+    :func:`metamd_jax.eigenbasis.eigenbasis_levels` on the same tasks, as JSON-able lists
+    (else ``None``).
   """
   ev = config.eval
   try:

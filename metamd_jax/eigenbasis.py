@@ -235,6 +235,12 @@ def scale_by_eigenbasis_mirror_descent(
 
   Returns:
     An ``optax.GradientTransformation``; the direction has the sign of the gradient.
+
+  Raises:
+    TypeError: on a traced divergence (the bases are computed here, outside jit).
+    ValueError: on levels of the wrong count or shape, or not positive (each named by
+      its leaf and side), a bad ``reference_norm`` or ``decay``; at ``init``, on params
+      that do not fit the divergence.
   """
   bases64, operators = leaf_bases(divergence)
   checked = check_levels(levels, bases64)
