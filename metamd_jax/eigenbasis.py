@@ -246,7 +246,7 @@ def scale_by_eigenbasis_mirror_descent(
   checked = check_levels(levels, bases64)
   reference_norm = adaptive.check_reference_norms(reference_norm)
   decay = adaptive.check_decay(decay)
-  dtype = jnp.result_type(*jax.tree.leaves(divergence_lib.preconditioner(divergence)))
+  dtype = jnp.result_type(*jax.tree.leaves(operators))
 
   def cast(basis):
     return LeafBasis(*[None if x is None else jnp.asarray(x, dtype) for x in basis])
@@ -347,8 +347,10 @@ def eigenbasis_levels(divergence: PyTree, family: TaskFamily, task_params: PyTre
     raise ValueError(f'quantile must be in [0, 1], got {quantile}.')
   decay = adaptive.check_decay(decay)
   bases64, operators = leaf_bases(divergence)
-  inverse = divergence_lib.preconditioner(divergence)
-  dtype = jnp.result_type(*jax.tree.leaves(inverse))
+  # The operators as the divergence's tree: the frozen steps below (no second inversion).
+  inverse = jax.tree.unflatten(
+      jax.tree.structure(divergence, is_leaf=divergence_lib.is_metric), operators)
+  dtype = jnp.result_type(*jax.tree.leaves(operators))
   bases = [LeafBasis(*[None if x is None else jnp.asarray(x, dtype) for x in b])
            for b in bases64]
 
