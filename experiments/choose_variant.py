@@ -27,8 +27,9 @@ and ``'blended_kron_<rate>'`` (Shampoo's full Kronecker statistics,
 followed by Nesterov's momentum, :func:`metamd_jax.nesterov_momentum`, at 0.5, 0.7 and 0.9)
 and ``'blended_peak_<rate>_nesterov_0.5'`` (the peak averages at 0.003 and 0.01, then
 momentum 0.5); ``'eigen'``, ``'eigen_kron_0.1'``, ``'eigen_0.01'`` and their
-``_nesterov_0.5`` forms (one scale per eigendirection of the learned factors,
-:mod:`metamd_jax.eigenbasis`, alone or as the learned half of the blends above);
+``_nesterov_0.5`` forms and ``'eigen_peak_<rate>_nesterov_0.5'`` (at 0.003 and 0.01)
+(one scale per eigendirection of the learned factors, :mod:`metamd_jax.eigenbasis`, alone
+or as the learned half of the blends above);
 ``--candidates=a,b`` compares a subset; frozen ``'metamd'`` and the reference at its
 meta-train-tuned learning rate run next to them for comparison. The rule, fixed before any run:
 
@@ -107,6 +108,12 @@ CANDIDATES = {
                              'adaptive_blend_statistics': 'sum',
                              'adaptive_eigenbasis': True, 'adaptive_momentum': beta}
        for tail, beta in (('', 0.0), ('_nesterov_0.5', 0.5))},
+    **{f'eigen_peak_{rate}_nesterov_0.5': {'adaptive_per_leaf': True,
+                                           'adaptive_blend_rate': rate,
+                                           'adaptive_blend_statistics': 'peak_average',
+                                           'adaptive_eigenbasis': True,
+                                           'adaptive_momentum': 0.5}
+       for rate in (0.003, 0.01)},
 }
 """The candidates and their ``eval`` settings; earlier ones win ties."""
 for _settings in CANDIDATES.values():  # no momentum unless a candidate names one
