@@ -145,6 +145,10 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
       'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.1,
       'adaptive_blend_statistics': 'kronecker', 'adaptive_momentum': 0.5,
       'adaptive_eigenbasis': True}
+  assert choose_variant.CANDIDATES['eigen_peak_0.01_nesterov_0.5'] == {
+      'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.01,
+      'adaptive_blend_statistics': 'peak_average', 'adaptive_momentum': 0.5,
+      'adaptive_eigenbasis': True}
   assert all(settings['adaptive_eigenbasis'] == name.startswith('eigen') for name, settings
              in choose_variant.CANDIDATES.items())
   with pytest.raises(ValueError, match="unknown candidate 'blended_2'"):
