@@ -118,6 +118,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Chosen with experiments.choose_variant on validation tasks (experiments/RESULTS.md
   # section 13): with Shampoo's statistics at 0.1 and Nesterov 0.5, 8 of 8 checks.
   evaluation.adaptive_eigenbasis = True
+  # The online half of the blend is divided by the learned scale to this power, in [0, 1]
+  # (1: shortened as the learned half is; 0: never). Chosen with experiments.choose_variant
+  # on validation tasks over 0, 0.5 and 1 (experiments/RESULTS.md section 14): 0.5.
+  evaluation.adaptive_online_power = 0.5
   # Everyday changes (classification families only; () disables): the held-out tasks again
   # with every optimiser as it is (learned metric, tuned learning rates, calibrated c),
   # against Adam re-tuned on each change. Each costs one Adam tuning and one run per

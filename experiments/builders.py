@@ -214,6 +214,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) \
       or not (math.isfinite(momentum) and 0 <= momentum < 1):
     _fail('eval.adaptive_momentum', momentum, 'must be a number in [0, 1)')
+  online_power = evaluation.get('adaptive_online_power', 1.0)
+  if isinstance(online_power, bool) or not isinstance(online_power, (int, float)) \
+      or not 0 <= online_power <= 1:
+    _fail('eval.adaptive_online_power', online_power, 'must be a number in [0, 1]')
   quantile = evaluation.adaptive_quantile
   if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) \
       or not 0 < quantile <= 1:

@@ -29,7 +29,9 @@ and ``'blended_peak_<rate>_nesterov_0.5'`` (the peak averages at 0.003 and 0.01,
 momentum 0.5); ``'eigen'``, ``'eigen_kron_0.1'``, ``'eigen_0.01'`` and their
 ``_nesterov_0.5`` forms and ``'eigen_peak_<rate>_nesterov_0.5'`` (at 0.003 and 0.01)
 (one scale per eigendirection of the learned factors, :mod:`metamd_jax.eigenbasis`, alone
-or as the learned half of the blends above);
+or as the learned half of the blends above); ``'eigen_kron_0.1_nesterov_0.5_online_<p>'``
+(at 0 and 0.5: the online half divided by the learned scale to the power ``p``, 1
+elsewhere, ``eval.adaptive_online_power``);
 ``--candidates=a,b`` compares a subset; frozen ``'metamd'`` and the reference at its
 meta-train-tuned learning rate run next to them for comparison. The rule, fixed before any run:
 
@@ -45,7 +47,8 @@ meta-train-tuned learning rate run next to them for comparison. The rule, fixed 
 
 Writes ``choose_variant.json`` and ``choose_variant.md`` in the workdir and prints the
 table; set ``eval.adaptive_per_leaf``, ``eval.adaptive_blend_rate``,
-``eval.adaptive_blend_statistics`` and ``eval.adaptive_momentum`` (in the family's config,
+``eval.adaptive_blend_statistics``, ``eval.adaptive_momentum``, ``eval.adaptive_eigenbasis``
+and ``eval.adaptive_online_power`` (in the family's config,
 or with ``--config.eval...``) to the choice.
 """
 
@@ -108,6 +111,11 @@ CANDIDATES = {
                              'adaptive_blend_statistics': 'sum',
                              'adaptive_eigenbasis': True, 'adaptive_momentum': beta}
        for tail, beta in (('', 0.0), ('_nesterov_0.5', 0.5))},
+    **{f'eigen_kron_0.1_nesterov_0.5_online_{power}': {
+        'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.1,
+        'adaptive_blend_statistics': 'kronecker', 'adaptive_eigenbasis': True,
+        'adaptive_momentum': 0.5, 'adaptive_online_power': power}
+       for power in (0.0, 0.5)},
     **{f'eigen_peak_{rate}_nesterov_0.5': {'adaptive_per_leaf': True,
                                            'adaptive_blend_rate': rate,
                                            'adaptive_blend_statistics': 'peak_average',
@@ -119,6 +127,7 @@ CANDIDATES = {
 for _settings in CANDIDATES.values():  # no momentum unless a candidate names one
   _settings.setdefault('adaptive_momentum', 0.0)
   _settings.setdefault('adaptive_eigenbasis', False)
+  _settings.setdefault('adaptive_online_power', 1.0)
 IN_DISTRIBUTION = 'in_distribution'
 RESULT = 'choose_variant'
 
@@ -263,6 +272,8 @@ def format_choice(result: dict) -> str:
            + (f", eval.adaptive_momentum={result['adaptive_momentum']}"
               if result.get('adaptive_momentum') else '')
            + (', eval.adaptive_eigenbasis=True' if result.get('adaptive_eigenbasis') else '')
+           + (f", eval.adaptive_online_power={result['adaptive_online_power']}"
+              if result.get('adaptive_online_power', 1.0) != 1.0 else '')
            + ').', '',
            f'| candidate | diverged runs where {reference} trains | faster than '
            f'{reference} re-tuned | final loss / re-tuned {reference} (geometric mean) |',

@@ -67,6 +67,7 @@ def calibrate(config: ml_collections.ConfigDict, divergence: PyTree, family: Tas
           'blend_rate': ev.adaptive_blend_rate,
           'blend_statistics': ev.adaptive_blend_statistics,
           'momentum': ev.get('adaptive_momentum', 0.0),
+          'online_power': ev.get('adaptive_online_power', 1.0),
           'calibration_tasks': 'meta-train tuning tasks',
           'num_calibration_tasks': ev.num_tune_tasks, 'num_steps': ev.num_steps}
 
@@ -74,7 +75,8 @@ def calibrate(config: ml_collections.ConfigDict, divergence: PyTree, family: Tas
 def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
                        adaptive: dict | None):
   """Adaptive MetaMD with the levels of :func:`calibrate`, blended MetaMD
-  (:func:`metamd_jax.blended_metamd`) when ``eval.adaptive_blend_rate > 0``, followed by
+  (:func:`metamd_jax.blended_metamd`, its online half divided by the learned scale to the
+  power ``eval.adaptive_online_power``) when ``eval.adaptive_blend_rate > 0``, followed by
   Nesterov's momentum (:func:`metamd_jax.nesterov_momentum`) when
   ``eval.adaptive_momentum > 0``; ``None`` when calibration failed or is off."""
   if adaptive is None or adaptive['reference_norm'] is None:
@@ -89,7 +91,8 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
                                           ev.adaptive_blend_rate, decay=ev.adaptive_decay,
                                           per_leaf=ev.adaptive_per_leaf,
                                           statistics=ev.adaptive_blend_statistics,
-                                          eigenbasis_levels=levels)
+                                          eigenbasis_levels=levels,
+                                          online_power=ev.get('adaptive_online_power', 1.0))
   elif levels is not None:
     optimizer = eigenbasis_lib.eigenbasis_metamd(divergence, levels, decay=ev.adaptive_decay)
   else:

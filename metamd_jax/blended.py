@@ -73,6 +73,13 @@ adaptive-mirror-descent bound above still holds; its online gradient term is the
 ``eta/2 sum_t ||g_t||^2_{K_t^{-1}} / s_t``, at most linear in ``T`` (a constant step),
 instead of AdaGrad's ``sqrt(T)``.
 
+``online_power=p`` divides the online half by ``s_t^p`` instead of ``s_t`` (``p`` in
+``[0, 1]``; 0: the online half is never shortened): ``M_t = (M^{-1} / s_t + eta K_t^{-1}
+/ s_t^p)^{-1}``, still non-decreasing since ``s_t^p`` never decreases, so the bound above
+holds with the online gradient term divided by ``s_t^p``. Where the learned geometry no
+longer fits (a reordering of the inputs) the learned scales rise and, with ``p = 1``,
+shorten the online half too, although it is then the half that trains.
+
 ``statistics='kronecker'`` takes Shampoo's full statistics instead of their diagonals
 (:func:`scale_by_kronecker_statistics`): ``K_t = (L_t / n + lambda I)^{1/4} ⊗
 (R_t / m + lambda I)^{1/4}`` with ``L_t = sum G G^T``, ``R_t = sum G^T G`` and a damping
@@ -117,6 +124,7 @@ __all__ = [
     'ScaleByBlendedMirrorDescentState',
     'blended_metamd',
     'check_blend_rate',
+    'check_online_power',
     'factored_denominator',
     'scale_by_blended_mirror_descent',
     'scale_by_factored_statistics',
@@ -140,6 +148,21 @@ def check_blend_rate(blend_rate: Any) -> float | Array:
     raise ValueError(f'blend_rate must be finite and >= 0 (0: adaptive MetaMD), got '
                      f'{blend_rate!r}.')
   return blend_rate
+
+
+def check_online_power(online_power: Any) -> float:
+  """Validate ``online_power``: a number in ``[0, 1]``.
+
+  Raises:
+    TypeError: if it is not a real number (a bool is not one).
+    ValueError: if it is outside ``[0, 1]`` or NaN.
+  """
+  if isinstance(online_power, bool) or not isinstance(online_power, (int, float)):
+    raise TypeError(f'online_power must be a float in [0, 1], got {online_power!r}.')
+  if not 0 <= online_power <= 1:
+    raise ValueError(f'online_power must be in [0, 1] (1: the online half is divided by '
+                     f'the learned scale, 0: never shortened), got {online_power!r}.')
+  return float(online_power)
 
 
 def check_positive(value: Any, name: str) -> None:
@@ -474,6 +497,7 @@ def scale_by_blended_mirror_descent(
     statistics: str = 'sum',
     refresh_every: int = 10,
     eigenbasis_levels: Any = None,
+    online_power: float = 1.0,
 ) -> optax.GradientTransformation:
   """Map gradients to ``(M^{-1} g + blend_rate * K_t^{-1} g) / s_t`` (see the module doc).
 
@@ -504,16 +528,19 @@ def scale_by_blended_mirror_descent(
       the per-leaf scale of ``reference_norm`` (``per_leaf`` must be True). ``None``:
       adaptive MetaMD's learned half. The metric ``M_t = (M^E_t^{-1} + eta K_t^{-1} /
       s_t)^{-1}``, with ``M^E_t`` eigenbasis MetaMD's, still never decreases.
+    online_power: ``p`` in ``[0, 1]``: the online half is divided by ``s_t^p`` (1: by the
+      learned half's scale, as the learned half is; 0: never shortened).
 
   Returns:
     An ``optax.GradientTransformation``.
 
   Raises:
     TypeError, ValueError: on a bad ``blend_rate``, ``reference_norm``, ``decay``,
-      ``epsilon``, ``statistics``, ``refresh_every`` or ``eigenbasis_levels`` (each named
-      in the message).
+      ``epsilon``, ``statistics``, ``refresh_every``, ``eigenbasis_levels`` or
+      ``online_power`` (each named in the message).
   """
   blend_rate = check_blend_rate(blend_rate)
+  check_online_power(online_power)
   if eigenbasis_levels is None:
     learned = adaptive.scale_by_adaptive_mirror_descent(divergence, reference_norm,
                                                         decay=decay, per_leaf=per_leaf)
@@ -536,8 +563,12 @@ def scale_by_blended_mirror_descent(
   def update_fn(updates, state, params=None):
     learned_direction, learned_state = learned.update(updates, state.adaptive, params)
     online_direction, online_state = online.update(updates, state.statistics, params)
-    # The online scale shortens both halves alike (one scale, or one per leaf).
-    online_direction = adaptive.divide_leaves(updates, online_direction, learned_state.scale)
+    # The online scale shortens the online half too (one scale, or one per leaf), raised
+    # to online_power.
+    scale = learned_state.scale
+    if online_power != 1:
+      scale = scale ** online_power
+    online_direction = adaptive.divide_leaves(updates, online_direction, scale)
     updates = jax.tree.map(lambda a, b: (a + blend_rate * b).astype(a.dtype),
                            learned_direction, online_direction)
     return updates, ScaleByBlendedMirrorDescentState(learned_state, online_state)
@@ -557,6 +588,7 @@ def blended_metamd(
     statistics: str = 'sum',
     refresh_every: int = 10,
     eigenbasis_levels: Any = None,
+    online_power: float = 1.0,
 ) -> optax.GradientTransformation:
   """Blended MetaMD: ``-lr (M^{-1} g + blend_rate K_t^{-1} g) / s_t``.
 
@@ -580,6 +612,7 @@ def blended_metamd(
     refresh_every: with ``'kronecker'``, the steps between two refreshes of the roots.
     eigenbasis_levels: eigenbasis MetaMD as the learned half (see
       :func:`scale_by_blended_mirror_descent`).
+    online_power: the online half is divided by ``s_t ** online_power``, in ``[0, 1]``.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -599,6 +632,7 @@ def blended_metamd(
       scale_by_blended_mirror_descent(divergence, reference_norm, blend_rate, decay=decay,
                                       per_leaf=per_leaf, epsilon=epsilon,
                                       statistics=statistics, refresh_every=refresh_every,
-                                      eigenbasis_levels=eigenbasis_levels),
+                                      eigenbasis_levels=eigenbasis_levels,
+                                      online_power=online_power),
       optax.scale_by_learning_rate(learning_rate),
   )

@@ -58,9 +58,10 @@ DEFAULT_OPTIMIZERS = ('metamd', ADAPTIVE, 'adam', 'sgd', 'muon', 'psgd_kron', 's
 _CALIBRATION_FIELDS = {'blend_rate': 'adaptive_blend_rate',
                        'blend_statistics': 'adaptive_blend_statistics',
                        'decay': 'adaptive_decay', 'per_leaf': 'adaptive_per_leaf',
-                       'momentum': 'adaptive_momentum', 'eigenbasis': 'adaptive_eigenbasis'}
+                       'momentum': 'adaptive_momentum', 'eigenbasis': 'adaptive_eigenbasis',
+                       'online_power': 'adaptive_online_power'}
 # What a calibration stored before a field existed meant.
-_CALIBRATION_DEFAULTS = {'eigenbasis': False}
+_CALIBRATION_DEFAULTS = {'eigenbasis': False, 'online_power': 1.0}
 
 
 def _fail(message: str):
@@ -83,7 +84,8 @@ def stored_family(results_path: pathlib.Path, family: str) -> dict:
   return families[family]
 
 
-_SETTABLE = ('adaptive_blend_rate', 'adaptive_blend_statistics', 'adaptive_momentum')
+_SETTABLE = ('adaptive_blend_rate', 'adaptive_blend_statistics', 'adaptive_momentum',
+             'adaptive_online_power')
 
 
 def parse_settings(pairs: list[str]) -> dict:

@@ -163,6 +163,12 @@ def _check_wall_clock(config, workdir, family):
                                               ('adaptive_momentum',)) is not None
   with pytest.raises(SystemExit, match='momentum'):
     benchmark_wall_clock.build_optimizer('metamd_adaptive', family_cfg, family, divergence)
+  family_cfg = benchmark_setup.family_config(config, 'tiny')
+  family_cfg.eval.adaptive_online_power = 0.25  # not what the run stored
+  with pytest.raises(SystemExit, match='online_power'):
+    benchmark_wall_clock.build_optimizer('metamd_adaptive', family_cfg, family, divergence)
+  assert benchmark_wall_clock.parse_settings(['adaptive_online_power=0.5']) == {
+      'adaptive_online_power': 0.5}
   with pytest.raises(SystemExit, match='no learned divergence'):
     benchmark_wall_clock.wall_clock(config, 'tiny', workdir / 'nowhere',
                                     workdir / 'results.json')

@@ -248,15 +248,17 @@ def test_state_is_the_adaptive_state_and_one_row_and_column_per_leaf():
   assert all(float(jnp.sum(x)) == 0 for x in jax.tree.leaves(state.statistics))
 
 
-@pytest.mark.parametrize('per_leaf, statistics', [(False, 'sum'), (True, 'sum'),
-                                                  (True, 'peak_average'),
-                                                  (True, 'kronecker')])
-def test_metric_never_decreases_and_the_regret_bound_holds(x64, per_leaf, statistics):
+@pytest.mark.parametrize('per_leaf, statistics, online_power', [
+    (False, 'sum', 1.0), (True, 'sum', 1.0), (True, 'peak_average', 1.0),
+    (True, 'kronecker', 1.0), (True, 'kronecker', 0.5), (True, 'sum', 0.0)])
+def test_metric_never_decreases_and_the_regret_bound_holds(x64, per_leaf, statistics,
+                                                           online_power):
   """Least squares (convex), dense ``M_t = s_t (M^{-1} + eta K_t^{-1})^{-1}`` (per leaf:
   block by block): each ``M_t - M_{t-1}`` is positive semi-definite, and the regret
   against the minimiser is below the adaptive-mirror-descent bound, itself below the
   closed-form bound (AdaGrad's, for running diagonal sums); with Shampoo's statistics the
-  online half is dense and its roots partly stale."""
+  online half is dense and its roots partly stale. With ``online_power = p`` the online
+  half is divided by ``s_t^p``: ``M_t = (M^{-1} / s_t + eta K_t^{-1} / s_t^p)^{-1}``."""
   task = quadratic_task(dims=(4, 3), seed=3, dtype=jnp.float64)
   params = task.init()
   divergence = well_conditioned(metamd_jax.init_divergence(params, 0.2, dtype=jnp.float64),
@@ -269,7 +271,8 @@ def test_metric_never_decreases_and_the_regret_bound_holds(x64, per_leaf, statis
   refresh_every = 3  # 'kronecker': stale roots at steps 5, 6, 8, 9, ...
   optimizer = metamd_jax.blended_metamd(divergence, reference_norm, blend_rate, epsilon=epsilon,
                                         per_leaf=per_leaf, statistics=statistics,
-                                        refresh_every=refresh_every)
+                                        refresh_every=refresh_every,
+                                        online_power=online_power)
   sizes = [3, 12]  # leaves b, then w: a scale per leaf repeats over its coordinates
   state = optimizer.init(params)
   update, gradient = jax.jit(optimizer.update), jax.jit(jax.grad(task.loss))
@@ -300,7 +303,8 @@ def test_metric_never_decreases_and_the_regret_bound_holds(x64, per_leaf, statis
       rows, columns = (_factored_statistics(grads_list[:t + 1]) if statistics == 'sum'
                        else _peak_statistics(grads_list[:t + 1], 0.99))
       online = np.diag(1 / _denominator(rows, columns, epsilon))
-    inverse_t = (inverse + blend_rate * online) / scales[t][:, None]  # block diagonal
+    inverse_t = (inverse / scales[t][:, None]  # block diagonal
+                 + blend_rate * online / scales[t][:, None] ** online_power)
     # The step is mirror descent with the metric M_t.
     np.testing.assert_allclose(thetas[t + 1] - thetas[t], -inverse_t @ flat(grads_list[t]),
                                rtol=1e-10, atol=1e-14)
@@ -316,7 +320,7 @@ def test_metric_never_decreases_and_the_regret_bound_holds(x64, per_leaf, statis
                               for t in range(1, num_steps))
   adaptive_bound += 0.5 * sum(flat(g) @ m @ flat(g) for g, m in zip(grads_list, inverses))
   assert regret <= adaptive_bound
-  if statistics != 'sum':
+  if statistics != 'sum' or online_power != 1:
     return
 
   adagrad = np.sqrt(sum(flat(g) ** 2 for g in grads_list)) + epsilon
@@ -371,6 +375,14 @@ def test_bad_statistics_and_decay_are_named():
     metamd_jax.blended_metamd(_divergence(), 1.0, 0.1, statistics='mean')
   with pytest.raises(ValueError, match='decay'):
     blended.scale_by_factored_statistics(statistics='peak_average', decay=1.0)
+
+
+@pytest.mark.parametrize('value, error', [(-0.5, ValueError), (1.5, ValueError),
+                                          (float('nan'), ValueError), (True, TypeError),
+                                          ('1', TypeError)])
+def test_bad_online_power_is_named(value, error):
+  with pytest.raises(error, match='online_power'):
+    metamd_jax.blended_metamd(_divergence(), 1.0, 0.1, online_power=value)
 
 
 def test_bad_levels_and_learning_rate_are_named():

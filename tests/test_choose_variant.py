@@ -66,7 +66,8 @@ def test_compare_runs_validation_tasks_only_and_applies_the_rule(tmp_path, monke
   candidates = {name: choose_variant.CANDIDATES[name] for name in ('adaptive', 'eigen_0.01')}
   assert candidates['eigen_0.01'] == {'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.01,
                                       'adaptive_blend_statistics': 'sum',
-                                      'adaptive_momentum': 0.0, 'adaptive_eigenbasis': True}
+                                      'adaptive_momentum': 0.0, 'adaptive_eigenbasis': True,
+                                      'adaptive_online_power': 1.0}
   monkeypatch.setattr(choose_variant, 'CANDIDATES', candidates)
   result = choose_variant.compare(config, tmp_path, divergence)
 
@@ -130,25 +131,30 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
   assert choose_variant.CANDIDATES['blended_kron_0.1'] == {
       'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.1,
       'adaptive_blend_statistics': 'kronecker', 'adaptive_momentum': 0.0,
-      'adaptive_eigenbasis': False}
+      'adaptive_eigenbasis': False, 'adaptive_online_power': 1.0}
   assert choose_variant.CANDIDATES['blended_0.01_nesterov_0.9'] == {
       'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.01,
       'adaptive_blend_statistics': 'sum', 'adaptive_momentum': 0.9,
-      'adaptive_eigenbasis': False}
+      'adaptive_eigenbasis': False, 'adaptive_online_power': 1.0}
   assert choose_variant.CANDIDATES['blended_peak_0.003_nesterov_0.5'] == {
       'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.003,
       'adaptive_blend_statistics': 'peak_average', 'adaptive_momentum': 0.5,
-      'adaptive_eigenbasis': False}
+      'adaptive_eigenbasis': False, 'adaptive_online_power': 1.0}
   assert all(settings['adaptive_momentum'] == 0.0 for name, settings in
              choose_variant.CANDIDATES.items() if 'nesterov' not in name)
   assert choose_variant.CANDIDATES['eigen_kron_0.1_nesterov_0.5'] == {
       'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.1,
       'adaptive_blend_statistics': 'kronecker', 'adaptive_momentum': 0.5,
-      'adaptive_eigenbasis': True}
+      'adaptive_eigenbasis': True, 'adaptive_online_power': 1.0}
   assert choose_variant.CANDIDATES['eigen_peak_0.01_nesterov_0.5'] == {
       'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.01,
       'adaptive_blend_statistics': 'peak_average', 'adaptive_momentum': 0.5,
-      'adaptive_eigenbasis': True}
+      'adaptive_eigenbasis': True, 'adaptive_online_power': 1.0}
+  assert choose_variant.CANDIDATES['eigen_kron_0.1_nesterov_0.5_online_0.5'] == {
+      **choose_variant.CANDIDATES['eigen_kron_0.1_nesterov_0.5'], 'adaptive_online_power': 0.5}
+  assert all(settings['adaptive_online_power'] == (0.0 if name.endswith('online_0.0') else
+                                                   0.5 if name.endswith('online_0.5') else 1.0)
+             for name, settings in choose_variant.CANDIDATES.items())
   assert all(settings['adaptive_eigenbasis'] == name.startswith('eigen') for name, settings
              in choose_variant.CANDIDATES.items())
   with pytest.raises(ValueError, match="unknown candidate 'blended_2'"):

@@ -239,6 +239,8 @@ def test_shifted_families_are_shifted(setup):
     ('eval.adaptive_momentum', 1.0),
     ('eval.adaptive_momentum', -0.5),
     ('eval.adaptive_momentum', float('nan')),
+    ('eval.adaptive_online_power', -0.5),
+    ('eval.adaptive_online_power', 2.0),
 ])
 def test_bad_adaptive_and_shift_values_name_the_field(field, value):
   config = tiny.get_config()
@@ -251,6 +253,7 @@ def test_bad_adaptive_and_shift_values_name_the_field(field, value):
 def test_adaptive_optimizer_is_blended_with_a_positive_blend_rate():
   config = tiny.get_config()
   config.eval.adaptive_momentum = 0.0  # the momentum is checked last
+  config.eval.adaptive_online_power = 1.0  # the online half shortened as the learned one
   # One scale per leaf (the eigenbasis scales need their own levels: tested above).
   config.eval.adaptive_eigenbasis = False
   params = {'w': jnp.ones((3, 2)), 'b': jnp.ones((2,))}
@@ -284,6 +287,12 @@ def test_adaptive_optimizer_is_blended_with_a_positive_blend_rate():
   chex.assert_trees_all_close(
       blended_updates, {k: u - 0.5 / scales[k] for k, u in adaptive_updates.items()},
       atol=1e-6)
+  # eval.adaptive_online_power: the online half divided by s ** p instead.
+  config.eval.adaptive_online_power = 0.5
+  chex.assert_trees_all_close(
+      first_update(evaluate.adaptive_optimizer(config, divergence, calibration)),
+      {k: u - 0.5 / scales[k] ** 0.5 for k, u in adaptive_updates.items()}, atol=1e-6)
+  config.eval.adaptive_online_power = 1.0
   # Nesterov's momentum: the first step is (1 + beta) * step_factor times the blended one.
   config.eval.adaptive_momentum = 0.9
   chex.assert_trees_all_close(
