@@ -128,28 +128,19 @@ def test_missing_artifact_is_named(tmp_path):
 def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
   assert choose_variant.check_candidates(['blended_kron_0.03', 'adaptive']) == (
       'adaptive', 'blended_kron_0.03')
-  assert choose_variant.CANDIDATES['blended_kron_0.1'] == {
-      'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.1,
-      'adaptive_blend_statistics': 'kronecker', 'adaptive_momentum': 0.0,
-      'adaptive_eigenbasis': False, 'adaptive_online_power': 1.0}
-  assert choose_variant.CANDIDATES['blended_0.01_nesterov_0.9'] == {
-      'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.01,
-      'adaptive_blend_statistics': 'sum', 'adaptive_momentum': 0.9,
-      'adaptive_eigenbasis': False, 'adaptive_online_power': 1.0}
-  assert choose_variant.CANDIDATES['blended_peak_0.003_nesterov_0.5'] == {
-      'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.003,
-      'adaptive_blend_statistics': 'peak_average', 'adaptive_momentum': 0.5,
-      'adaptive_eigenbasis': False, 'adaptive_online_power': 1.0}
+  expected = {  # name: (blend rate, statistics, momentum, eigenbasis)
+      'blended_kron_0.1': (0.1, 'kronecker', 0.0, False),
+      'blended_0.01_nesterov_0.9': (0.01, 'sum', 0.9, False),
+      'blended_peak_0.003_nesterov_0.5': (0.003, 'peak_average', 0.5, False),
+      'eigen_kron_0.1_nesterov_0.5': (0.1, 'kronecker', 0.5, True),
+      'eigen_peak_0.01_nesterov_0.5': (0.01, 'peak_average', 0.5, True)}
+  for name, (rate, statistics, momentum, eigenbasis) in expected.items():
+    assert choose_variant.CANDIDATES[name] == {
+        'adaptive_per_leaf': True, 'adaptive_blend_rate': rate,
+        'adaptive_blend_statistics': statistics, 'adaptive_momentum': momentum,
+        'adaptive_eigenbasis': eigenbasis, 'adaptive_online_power': 1.0}, name
   assert all(settings['adaptive_momentum'] == 0.0 for name, settings in
              choose_variant.CANDIDATES.items() if 'nesterov' not in name)
-  assert choose_variant.CANDIDATES['eigen_kron_0.1_nesterov_0.5'] == {
-      'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.1,
-      'adaptive_blend_statistics': 'kronecker', 'adaptive_momentum': 0.5,
-      'adaptive_eigenbasis': True, 'adaptive_online_power': 1.0}
-  assert choose_variant.CANDIDATES['eigen_peak_0.01_nesterov_0.5'] == {
-      'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.01,
-      'adaptive_blend_statistics': 'peak_average', 'adaptive_momentum': 0.5,
-      'adaptive_eigenbasis': True, 'adaptive_online_power': 1.0}
   assert choose_variant.CANDIDATES['eigen_kron_0.1_nesterov_0.5_online_0.5'] == {
       **choose_variant.CANDIDATES['eigen_kron_0.1_nesterov_0.5'], 'adaptive_online_power': 0.5}
   assert all(settings['adaptive_online_power'] == (0.0 if name.endswith('online_0.0') else
