@@ -91,7 +91,7 @@ def test_updates_equal_a_numpy_loop_of_the_rule(x64, options, decay):
     # Float64 rounding of a dense solve against the Kronecker one: relative to the
     # update's largest entry (a small entry can lose digits to cancellation).
     np.testing.assert_allclose(flat(updates), expected[t], rtol=1e-12,
-                               atol=1e-12 * np.abs(expected[t]).max())
+                               atol=1e-14 * np.abs(expected[t]).max())
     np.testing.assert_allclose(float(state[0].scale), scales[t], rtol=1e-13)
   assert int(state[0].count) == len(grads_list)
   np.testing.assert_allclose(float(state[0].norm_average), average, rtol=1e-12)
@@ -630,7 +630,7 @@ def test_per_leaf_updates_equal_a_numpy_loop_of_the_rule(x64, options):
     # Float64 rounding of a dense solve against the Kronecker one: relative to the
     # update's largest entry (a small entry can lose digits to cancellation).
     np.testing.assert_allclose(flat(updates), expected[t], rtol=1e-12,
-                               atol=1e-12 * np.abs(expected[t]).max())
+                               atol=1e-14 * np.abs(expected[t]).max())
     np.testing.assert_allclose(np.asarray(state[0].scale), scales[t], rtol=1e-13)
   np.testing.assert_allclose(np.asarray(state[0].norm_average), average, rtol=1e-12)
   # The global scale, with the same gradients, shortens every leaf's step.
