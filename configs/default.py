@@ -122,6 +122,12 @@ def get_config() -> ml_collections.ConfigDict:
   # (1: shortened as the learned half is; 0: never). Chosen with experiments.choose_variant
   # on validation tasks over 0, 0.5 and 1 (experiments/RESULTS.md section 14): 0.5.
   evaluation.adaptive_online_power = 0.5
+  # Shampoo's statistics only: a side of a layer longer than adaptive_blend_max_dimension
+  # keeps the diagonal of its statistic, and one longer than adaptive_blend_block_size
+  # (0: no blocking) its diagonal blocks of at most that size (metamd_jax.blended:
+  # cheaper roots, the same guarantee).
+  evaluation.adaptive_blend_max_dimension = 1024
+  evaluation.adaptive_blend_block_size = 0
   # Everyday changes (classification families only; () disables): the held-out tasks again
   # with every optimiser as it is (learned metric, tuned learning rates, calibrated c),
   # against Adam re-tuned on each change. Each costs one Adam tuning and one run per

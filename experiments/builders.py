@@ -218,6 +218,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if isinstance(online_power, bool) or not isinstance(online_power, (int, float)) \
       or not 0 <= online_power <= 1:
     _fail('eval.adaptive_online_power', online_power, 'must be a number in [0, 1]')
+  for name, minimum in (('adaptive_blend_max_dimension', 1), ('adaptive_blend_block_size', 0)):
+    value = evaluation.get(name, 1024 if minimum else 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+      _fail(f'eval.{name}', value, f'must be an int >= {minimum}'
+            + (' (0: no blocking)' if not minimum else ''))
   quantile = evaluation.adaptive_quantile
   if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) \
       or not 0 < quantile <= 1:

@@ -31,7 +31,12 @@ momentum 0.5); ``'eigen'``, ``'eigen_kron_0.1'``, ``'eigen_0.01'`` and their
 (one scale per eigendirection of the learned factors, :mod:`metamd_jax.eigenbasis`, alone
 or as the learned half of the blends above); ``'eigen_kron_0.1_nesterov_0.5_online_<p>'``
 (at 0 and 0.5: the online half divided by the learned scale to the power ``p``, 1
-elsewhere, ``eval.adaptive_online_power``);
+elsewhere, ``eval.adaptive_online_power``) and ``'eigen_kron_<rate>_nesterov_0.5_online_0.5'``
+(the same at ``p = 0.5`` with Shampoo's statistics at the blend rates 0.03 and 0.3);
+``'eigen_kron_0.1_nesterov_0.5_online_0.5_blocks_256'`` and ``'..._max_512'`` (the
+default's cheaper forms: a side of Shampoo's statistics longer than 256 in diagonal blocks
+of at most 256, ``eval.adaptive_blend_block_size``, or one longer than 512 diagonal,
+``eval.adaptive_blend_max_dimension``);
 ``--candidates=a,b`` compares a subset; frozen ``'metamd'`` and the reference at its
 meta-train-tuned learning rate run next to them for comparison. The rule, fixed before any run:
 
@@ -48,7 +53,8 @@ meta-train-tuned learning rate run next to them for comparison. The rule, fixed 
 Writes ``choose_variant.json`` and ``choose_variant.md`` in the workdir and prints the
 table; set ``eval.adaptive_per_leaf``, ``eval.adaptive_blend_rate``,
 ``eval.adaptive_blend_statistics``, ``eval.adaptive_momentum``, ``eval.adaptive_eigenbasis``
-and ``eval.adaptive_online_power`` (in the family's config,
+``eval.adaptive_online_power``, ``eval.adaptive_blend_max_dimension`` and
+``eval.adaptive_blend_block_size`` (in the family's config,
 or with ``--config.eval...``) to the choice.
 """
 
@@ -116,18 +122,31 @@ CANDIDATES = {
         'adaptive_blend_statistics': 'kronecker', 'adaptive_eigenbasis': True,
         'adaptive_momentum': 0.5, 'adaptive_online_power': power}
        for power in (0.0, 0.5)},
+    **{f'eigen_kron_{rate}_nesterov_0.5_online_0.5': {
+        'adaptive_per_leaf': True, 'adaptive_blend_rate': rate,
+        'adaptive_blend_statistics': 'kronecker', 'adaptive_eigenbasis': True,
+        'adaptive_momentum': 0.5, 'adaptive_online_power': 0.5}
+       for rate in (0.03, 0.3)},
     **{f'eigen_peak_{rate}_nesterov_0.5': {'adaptive_per_leaf': True,
                                            'adaptive_blend_rate': rate,
                                            'adaptive_blend_statistics': 'peak_average',
                                            'adaptive_eigenbasis': True,
                                            'adaptive_momentum': 0.5}
        for rate in (0.003, 0.01)},
+    **{f'eigen_kron_0.1_nesterov_0.5_online_0.5_{tail}': {
+        'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.1,
+        'adaptive_blend_statistics': 'kronecker', 'adaptive_eigenbasis': True,
+        'adaptive_momentum': 0.5, 'adaptive_online_power': 0.5, **sides}
+       for tail, sides in (('blocks_256', {'adaptive_blend_block_size': 256}),
+                           ('max_512', {'adaptive_blend_max_dimension': 512}))},
 }
 """The candidates and their ``eval`` settings; earlier ones win ties."""
 for _settings in CANDIDATES.values():  # no momentum unless a candidate names one
   _settings.setdefault('adaptive_momentum', 0.0)
   _settings.setdefault('adaptive_eigenbasis', False)
   _settings.setdefault('adaptive_online_power', 1.0)
+  _settings.setdefault('adaptive_blend_max_dimension', 1024)
+  _settings.setdefault('adaptive_blend_block_size', 0)
 IN_DISTRIBUTION = 'in_distribution'
 RESULT = 'choose_variant'
 
@@ -274,6 +293,10 @@ def format_choice(result: dict) -> str:
            + (', eval.adaptive_eigenbasis=True' if result.get('adaptive_eigenbasis') else '')
            + (f", eval.adaptive_online_power={result['adaptive_online_power']}"
               if result.get('adaptive_online_power', 1.0) != 1.0 else '')
+           + (f", eval.adaptive_blend_max_dimension={result['adaptive_blend_max_dimension']}"
+              if result.get('adaptive_blend_max_dimension', 1024) != 1024 else '')
+           + (f", eval.adaptive_blend_block_size={result['adaptive_blend_block_size']}"
+              if result.get('adaptive_blend_block_size', 0) else '')
            + ').', '',
            f'| candidate | diverged runs where {reference} trains | faster than '
            f'{reference} re-tuned | final loss / re-tuned {reference} (geometric mean) |',

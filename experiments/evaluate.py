@@ -68,6 +68,8 @@ def calibrate(config: ml_collections.ConfigDict, divergence: PyTree, family: Tas
           'blend_statistics': ev.adaptive_blend_statistics,
           'momentum': ev.get('adaptive_momentum', 0.0),
           'online_power': ev.get('adaptive_online_power', 1.0),
+          'max_dimension': ev.get('adaptive_blend_max_dimension', 1024),
+          'block_size': ev.get('adaptive_blend_block_size', 0),
           'calibration_tasks': 'meta-train tuning tasks',
           'num_calibration_tasks': ev.num_tune_tasks, 'num_steps': ev.num_steps}
 
@@ -76,7 +78,9 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
                        adaptive: dict | None):
   """Adaptive MetaMD with the levels of :func:`calibrate`, blended MetaMD
   (:func:`metamd_jax.blended_metamd`, its online half divided by the learned scale to the
-  power ``eval.adaptive_online_power``) when ``eval.adaptive_blend_rate > 0``, followed by
+  power ``eval.adaptive_online_power``; with Shampoo's statistics, sides over
+  ``eval.adaptive_blend_max_dimension`` diagonal and over ``eval.adaptive_blend_block_size``
+  blocked) when ``eval.adaptive_blend_rate > 0``, followed by
   Nesterov's momentum (:func:`metamd_jax.nesterov_momentum`) when
   ``eval.adaptive_momentum > 0``; ``None`` when calibration failed or is off."""
   if adaptive is None or adaptive['reference_norm'] is None:
@@ -92,7 +96,11 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
                                           per_leaf=ev.adaptive_per_leaf,
                                           statistics=ev.adaptive_blend_statistics,
                                           eigenbasis_levels=levels,
-                                          online_power=ev.get('adaptive_online_power', 1.0))
+                                          online_power=ev.get('adaptive_online_power', 1.0),
+                                          max_dimension=ev.get('adaptive_blend_max_dimension',
+                                                               1024),
+                                          block_size=ev.get('adaptive_blend_block_size', 0)
+                                          or None)
   elif levels is not None:
     optimizer = eigenbasis_lib.eigenbasis_metamd(divergence, levels, decay=ev.adaptive_decay)
   else:

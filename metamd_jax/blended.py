@@ -94,7 +94,15 @@ rotation of a layer's inputs or outputs (the diagonal ones to a reordering only)
 costs, per ``m x n`` leaf, two matrix products for the direction and two for the
 statistics (``2 (m^2 n + m n^2)`` flops per step, about twice the learned half's
 products) and, at each refresh, two symmetric eigendecompositions (``m^3`` and ``n^3``);
-sides longer than ``max_dimension`` (1024) keep their diagonals.
+sides longer than ``max_dimension`` (1024) keep their diagonals. With ``block_size=b``
+a side longer than ``b`` (and at most ``max_dimension``) keeps the ``k = ceil(m / b)``
+diagonal blocks of its statistic instead (consecutive indices, blocks of ``ceil(m / k)``),
+as distributed Shampoo partitions a large factor: the refresh then costs ``k``
+eigendecompositions of about ``m / k`` rows (``m^3 / k^2``) and the products ``m^2 n /
+k``. The blocks of a non-decreasing statistic never decrease (each is a compression
+``E^T L E``), each block's damping grows with its own largest eigenvalue, so ``K_t``
+still never decreases and the adaptive-mirror-descent bound holds; the rest of a block's
+factor is zero, so the direction follows correlations within a block only.
 
 Cost per step, against :func:`metamd_jax.adaptive_metamd`, with the diagonal statistics
 (the default): per leaf, two reductions of
@@ -124,6 +132,7 @@ __all__ = [
     'ScaleByBlendedMirrorDescentState',
     'blended_metamd',
     'check_blend_rate',
+    'check_block_size',
     'check_online_power',
     'factored_denominator',
     'scale_by_blended_mirror_descent',
@@ -170,6 +179,19 @@ def check_positive(value: Any, name: str) -> None:
   if not (isinstance(value, (int, float)) and not isinstance(value, bool)
           and math.isfinite(value) and value > 0):
     raise ValueError(f'{name} must be a positive finite float, got {value!r}.')
+
+
+def check_block_size(block_size: Any) -> int | None:
+  """Validate ``block_size``: ``None`` (one block per side) or an int ``>= 1``.
+
+  Raises:
+    ValueError: naming ``block_size`` otherwise.
+  """
+  if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
+                                 or block_size < 1):
+    raise ValueError(f'block_size must be None (one block per side) or an int >= 1, got '
+                     f'{block_size!r}.')
+  return block_size
 
 
 def _row_and_column(squared: Array) -> tuple[Array, Array]:
@@ -322,8 +344,12 @@ def _eigh_one_at_a_time(axis_size, in_batched, matrix):
 
 def _inverse_fourth_root(statistic: Array, other_size: int, epsilon: float,
                          relative_epsilon: float) -> Array:
-  """``(S / k + (epsilon + rho lambda_max(S / k)) I)^{-1/4}`` of a full (square) or
-  diagonal (vector) statistic ``S``; ``k`` is the other side's size, so it is a mean."""
+  """``(S / k + (epsilon + rho lambda_max(S / k)) I)^{-1/4}`` of a full (square),
+  diagonal (vector) or block-diagonal (``(blocks, b, b)``, one damping per block)
+  statistic ``S``; ``k`` is the other side's size, so it is a mean."""
+  if statistic.ndim == 3:
+    return jax.vmap(lambda block: _inverse_fourth_root(block, other_size, epsilon,
+                                                       relative_epsilon))(statistic)
   mean = statistic / other_size
   if statistic.ndim == 2:
     values, vectors = _eigh(jax.lax.stop_gradient(mean))
@@ -334,11 +360,39 @@ def _inverse_fourth_root(statistic: Array, other_size: int, epsilon: float,
   return (mean + floor) ** -0.25
 
 
+def _blocks(size: int, block_size: int | None) -> tuple[int, int]:
+  """``(k, b)``: a side of ``size`` split into ``k`` blocks of ``b`` rows (the last
+  padded), ``k = ceil(size / block_size)``; ``(1, size)`` without blocking."""
+  if block_size is None or size <= block_size:
+    return 1, size
+  count = -(-size // block_size)
+  return count, -(-size // count)
+
+
+def _split(matrix: Array, count: int, width: int) -> Array:
+  """The rows of ``matrix`` ``(m, n)``, zero-padded to ``count * width``, as
+  ``(count, width, n)``."""
+  padded = jnp.pad(matrix, ((0, count * width - matrix.shape[0]), (0, 0)))
+  return padded.reshape(count, width, matrix.shape[1])
+
+
+def _block_statistic(matrix: Array, count: int, width: int) -> Array:
+  """The ``(count, width, width)`` diagonal blocks of ``matrix @ matrix.T``."""
+  pieces = _split(matrix, count, width)
+  return jnp.einsum('kin,kjn->kij', pieces, pieces)
+
+
 def _apply_side(root: Array, matrix: Array, side: str) -> Array:
   """``root @ matrix`` (``side='left'``) or ``matrix @ root``; a vector root scales the
-  rows or the columns."""
+  rows or the columns, a ``(k, b, b)`` root is block diagonal."""
   if root.ndim == 1:
     return matrix * (root[:, None] if side == 'left' else root)
+  if root.ndim == 3:
+    rows = matrix if side == 'left' else matrix.T
+    count, width = root.shape[:2]
+    out = jnp.einsum('kij,kjn->kin', root, _split(rows, count, width))
+    out = out.reshape(count * width, -1)[:rows.shape[0]]
+    return out if side == 'left' else out.T
   return root @ matrix if side == 'left' else matrix @ root
 
 
@@ -347,8 +401,9 @@ class KroneckerStatisticsState(NamedTuple):
 
   Attributes:
     left: per parameter leaf seen as an ``m x n`` matrix ``G``, ``L_t = sum G G^T``,
-      ``(m, m)``; ``(m,)``, its diagonal, where ``m > max_dimension``.
-    right: ``R_t = sum G^T G``, ``(n, n)`` (or its diagonal, ``(n,)``).
+      ``(m, m)``; ``(m,)``, its diagonal, where ``m > max_dimension``; ``(k, b, b)``,
+      its ``k`` diagonal blocks, where ``block_size < m <= max_dimension``.
+    right: ``R_t = sum G^T G``, ``(n, n)`` (or its diagonal or blocks).
     left_root: ``(L / n + (epsilon + rho lambda_max) I)^{-1/4}`` at the last refresh.
     right_root: the same of ``R / m``.
     count: number of updates taken, int32 ``()``.
@@ -367,6 +422,7 @@ def scale_by_kronecker_statistics(
     relative_epsilon: float = 1e-4,
     refresh_every: int = 10,
     max_dimension: int = 1024,
+    block_size: int | None = None,
 ) -> optax.GradientTransformation:
   """Map gradients to ``K_t^{-1} g``, Shampoo's full Kronecker statistics.
 
@@ -392,7 +448,12 @@ def scale_by_kronecker_statistics(
   last ones are used. A stale ``K`` is the ``K`` of an earlier step, so the sequence
   used still never decreases. A side longer than ``max_dimension`` keeps the diagonal of
   its statistic instead (as :func:`scale_by_factored_statistics` does), so an embedding
-  table or a wide layer costs ``m + n`` numbers on that side. The roots are not
+  table or a wide layer costs ``m + n`` numbers on that side. A side longer than
+  ``block_size`` (and at most ``max_dimension``) keeps ``k = ceil(m / block_size)``
+  diagonal blocks of its statistic (consecutive indices, blocks of ``ceil(m / k)``, each
+  with its own damping): ``k`` eigendecompositions of ``m / k`` rows instead of one of
+  ``m``. Blocks of a non-decreasing statistic never decrease, so neither does ``K_t``.
+  The roots are not
   differentiated: a derivative through an update treats them as constants (as the
   gradient statistics are in a training step).
 
@@ -402,13 +463,15 @@ def scale_by_kronecker_statistics(
       eigenvalue: it bounds how much a direction with small statistics is amplified.
     refresh_every: ``k >= 1``, the steps between two refreshes of the roots.
     max_dimension: sides longer than this keep a diagonal statistic.
+    block_size: sides longer than this (up to ``max_dimension``) keep block-diagonal
+      statistics; ``None``: one block per side.
 
   Returns:
     An ``optax.GradientTransformation``.
 
   Raises:
-    ValueError: on a bad ``epsilon``, ``relative_epsilon``, ``refresh_every`` or
-      ``max_dimension`` (each named in the message).
+    ValueError: on a bad ``epsilon``, ``relative_epsilon``, ``refresh_every``,
+      ``max_dimension`` or ``block_size`` (each named in the message).
   """
   check_positive(epsilon, 'epsilon')
   if not (isinstance(relative_epsilon, (int, float)) and not isinstance(relative_epsilon, bool)
@@ -417,12 +480,16 @@ def scale_by_kronecker_statistics(
   for name, value in (('refresh_every', refresh_every), ('max_dimension', max_dimension)):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f'{name} must be an int >= 1, got {value!r}.')
+  check_block_size(block_size)
 
   def accumulator_dtype(leaf):
     return jnp.promote_types(leaf.dtype, jnp.float32)
 
   def zeros(size, dtype):
-    return jnp.zeros((size, size) if size <= max_dimension else (size,), dtype)
+    if size > max_dimension:
+      return jnp.zeros((size,), dtype)
+    count, width = _blocks(size, block_size)
+    return jnp.zeros((size, size) if count == 1 else (count, width, width), dtype)
 
   def init_fn(params):
     leaves, treedef = jax.tree.flatten(params)
@@ -436,6 +503,8 @@ def scale_by_kronecker_statistics(
   def statistic(old, matrix, side):
     if old.ndim == 1:
       return old + jnp.sum(jnp.square(matrix), axis=1 if side == 'left' else 0)
+    if old.ndim == 3:
+      return old + _block_statistic(matrix if side == 'left' else matrix.T, *old.shape[:2])
     return old + (matrix @ matrix.T if side == 'left' else matrix.T @ matrix)
 
   def update_fn(updates, state, params=None):
@@ -498,6 +567,8 @@ def scale_by_blended_mirror_descent(
     refresh_every: int = 10,
     eigenbasis_levels: Any = None,
     online_power: float = 1.0,
+    max_dimension: int = 1024,
+    block_size: int | None = None,
 ) -> optax.GradientTransformation:
   """Map gradients to ``(M^{-1} g + blend_rate * K_t^{-1} g) / s_t`` (see the module doc).
 
@@ -530,17 +601,24 @@ def scale_by_blended_mirror_descent(
       s_t)^{-1}``, with ``M^E_t`` eigenbasis MetaMD's, still never decreases.
     online_power: ``p`` in ``[0, 1]``: the online half is divided by ``s_t^p`` (1: by the
       learned half's scale, as the learned half is; 0: never shortened).
+    max_dimension: with ``'kronecker'``, sides longer than this keep diagonal statistics.
+    block_size: with ``'kronecker'``, sides longer than this (up to ``max_dimension``)
+      keep block-diagonal statistics (:func:`scale_by_kronecker_statistics`); ``None``:
+      one block per side.
 
   Returns:
     An ``optax.GradientTransformation``.
 
   Raises:
     TypeError, ValueError: on a bad ``blend_rate``, ``reference_norm``, ``decay``,
-      ``epsilon``, ``statistics``, ``refresh_every``, ``eigenbasis_levels`` or
-      ``online_power`` (each named in the message).
+      ``epsilon``, ``statistics``, ``refresh_every``, ``eigenbasis_levels``,
+      ``online_power``, ``max_dimension`` or ``block_size`` (each named in the message).
   """
   blend_rate = check_blend_rate(blend_rate)
   check_online_power(online_power)
+  check_block_size(block_size)
+  if isinstance(max_dimension, bool) or not isinstance(max_dimension, int) or max_dimension < 1:
+    raise ValueError(f'max_dimension must be an int >= 1, got {max_dimension!r}.')
   if eigenbasis_levels is None:
     learned = adaptive.scale_by_adaptive_mirror_descent(divergence, reference_norm,
                                                         decay=decay, per_leaf=per_leaf)
@@ -553,7 +631,9 @@ def scale_by_blended_mirror_descent(
   if statistics not in STATISTICS:
     raise ValueError(f'statistics must be one of {STATISTICS}, got {statistics!r}.')
   if statistics == 'kronecker':
-    online = scale_by_kronecker_statistics(epsilon, refresh_every=refresh_every)
+    online = scale_by_kronecker_statistics(epsilon, refresh_every=refresh_every,
+                                           max_dimension=max_dimension,
+                                           block_size=block_size)
   else:
     online = scale_by_factored_statistics(epsilon, statistics=statistics)
 
@@ -589,6 +669,8 @@ def blended_metamd(
     refresh_every: int = 10,
     eigenbasis_levels: Any = None,
     online_power: float = 1.0,
+    max_dimension: int = 1024,
+    block_size: int | None = None,
 ) -> optax.GradientTransformation:
   """Blended MetaMD: ``-lr (M^{-1} g + blend_rate K_t^{-1} g) / s_t``.
 
@@ -613,6 +695,8 @@ def blended_metamd(
     eigenbasis_levels: eigenbasis MetaMD as the learned half (see
       :func:`scale_by_blended_mirror_descent`).
     online_power: the online half is divided by ``s_t ** online_power``, in ``[0, 1]``.
+    max_dimension: with ``'kronecker'``, sides longer than this keep diagonal statistics.
+    block_size: with ``'kronecker'``, sides longer than this keep block-diagonal ones.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -633,6 +717,7 @@ def blended_metamd(
                                       per_leaf=per_leaf, epsilon=epsilon,
                                       statistics=statistics, refresh_every=refresh_every,
                                       eigenbasis_levels=eigenbasis_levels,
-                                      online_power=online_power),
+                                      online_power=online_power,
+                                      max_dimension=max_dimension, block_size=block_size),
       optax.scale_by_learning_rate(learning_rate),
   )

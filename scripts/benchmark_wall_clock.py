@@ -59,9 +59,12 @@ _CALIBRATION_FIELDS = {'blend_rate': 'adaptive_blend_rate',
                        'blend_statistics': 'adaptive_blend_statistics',
                        'decay': 'adaptive_decay', 'per_leaf': 'adaptive_per_leaf',
                        'momentum': 'adaptive_momentum', 'eigenbasis': 'adaptive_eigenbasis',
-                       'online_power': 'adaptive_online_power'}
+                       'online_power': 'adaptive_online_power',
+                       'max_dimension': 'adaptive_blend_max_dimension',
+                       'block_size': 'adaptive_blend_block_size'}
 # What a calibration stored before a field existed meant.
-_CALIBRATION_DEFAULTS = {'eigenbasis': False, 'online_power': 1.0}
+_CALIBRATION_DEFAULTS = {'eigenbasis': False, 'online_power': 1.0, 'max_dimension': 1024,
+                         'block_size': 0}
 
 
 def _fail(message: str):
@@ -85,7 +88,9 @@ def stored_family(results_path: pathlib.Path, family: str) -> dict:
 
 
 _SETTABLE = ('adaptive_blend_rate', 'adaptive_blend_statistics', 'adaptive_momentum',
-             'adaptive_online_power')
+             'adaptive_online_power', 'adaptive_blend_max_dimension',
+             'adaptive_blend_block_size')
+_INTEGER_SETTINGS = ('adaptive_blend_max_dimension', 'adaptive_blend_block_size')
 
 
 def parse_settings(pairs: list[str]) -> dict:
@@ -96,9 +101,11 @@ def parse_settings(pairs: list[str]) -> dict:
     if not sep or field not in _SETTABLE:
       _fail(f'--set takes FIELD=VALUE with FIELD one of {_SETTABLE}, got {pair!r}.')
     try:
-      settings[field] = value if field == 'adaptive_blend_statistics' else float(value)
+      settings[field] = (value if field == 'adaptive_blend_statistics'
+                         else int(value) if field in _INTEGER_SETTINGS else float(value))
     except ValueError:
-      _fail(f'--set {field} takes a number, got {value!r}.')
+      _fail(f'--set {field} takes '
+            + ('an integer' if field in _INTEGER_SETTINGS else 'a number') + f', got {value!r}.')
   return settings
 
 

@@ -169,6 +169,16 @@ def _check_wall_clock(config, workdir, family):
     benchmark_wall_clock.build_optimizer('metamd_adaptive', family_cfg, family, divergence)
   assert benchmark_wall_clock.parse_settings(['adaptive_online_power=0.5']) == {
       'adaptive_online_power': 0.5}
+  family_cfg = benchmark_setup.family_config(config, 'tiny')
+  family_cfg.eval.adaptive_blend_block_size = 256  # not what the run stored (no blocking)
+  with pytest.raises(SystemExit, match='block_size'):
+    benchmark_wall_clock.build_optimizer('metamd_adaptive', family_cfg, family, divergence)
+  settings = benchmark_wall_clock.parse_settings(['adaptive_blend_block_size=256',
+                                                  'adaptive_blend_max_dimension=512'])
+  assert settings == {'adaptive_blend_block_size': 256, 'adaptive_blend_max_dimension': 512}
+  assert all(type(value) is int for value in settings.values())
+  with pytest.raises(SystemExit, match='an integer'):
+    benchmark_wall_clock.parse_settings(['adaptive_blend_block_size=2.5'])
   with pytest.raises(SystemExit, match='no learned divergence'):
     benchmark_wall_clock.wall_clock(config, 'tiny', workdir / 'nowhere',
                                     workdir / 'results.json')

@@ -109,11 +109,31 @@ def _inverse_fourth_root(statistic, other_size, epsilon, rho):
   return (vectors * (values + epsilon + rho * values.max()) ** -0.25) @ vectors.T
 
 
-def _kronecker_roots(grads_list, refresh_every, epsilon, rho, max_dimension=1024):
+def _block_root(statistic, other_size, epsilon, rho, block_size):
+  """The root of a side: one root of the whole statistic, or, for a side longer than
+  ``block_size``, the dense block-diagonal matrix of the roots of its diagonal blocks
+  (``k = ceil(m / block_size)`` blocks of ``ceil(m / k)`` consecutive indices, the last
+  shorter), each damped by its own largest eigenvalue."""
+  size = statistic.shape[0]
+  if statistic.ndim == 1 or block_size is None or size <= block_size:
+    return _inverse_fourth_root(statistic, other_size, epsilon, rho)
+  count = -(-size // block_size)
+  width = -(-size // count)
+  root = np.zeros((size, size))
+  for start in range(0, size, width):
+    block = slice(start, min(start + width, size))
+    root[block, block] = _inverse_fourth_root(statistic[block, block], other_size, epsilon,
+                                              rho)
+  return root
+
+
+def _kronecker_roots(grads_list, refresh_every, epsilon, rho, max_dimension=1024,
+                     block_size=None):
   """Per step, per leaf (``jax.tree.leaves`` order): the roots ``(A_t, B_t)`` in use,
   from the definition: ``L = sum G G^T``, ``R = sum G^T G`` (a leaf as an ``m x n``
-  matrix, rows every axis but the last; a side over ``max_dimension`` keeps the diagonal),
-  recomputed at steps ``1..k`` and ``1 + j k``, kept in between."""
+  matrix, rows every axis but the last; a side over ``max_dimension`` keeps the diagonal,
+  one over ``block_size`` its diagonal blocks), recomputed at steps ``1..k`` and
+  ``1 + j k``, kept in between."""
   roots, current, lefts, rights = [], None, None, None
   for t, grads in enumerate(grads_list, start=1):
     matrices = [np.asarray(g, np.float64).reshape(-1, g.shape[-1] if g.ndim else 1)
@@ -125,8 +145,8 @@ def _kronecker_roots(grads_list, refresh_every, epsilon, rho, max_dimension=1024
     lefts = new_lefts if lefts is None else [a + b for a, b in zip(lefts, new_lefts)]
     rights = new_rights if rights is None else [a + b for a, b in zip(rights, new_rights)]
     if t <= refresh_every or (t - 1) % refresh_every == 0:
-      current = [(_inverse_fourth_root(left, m.shape[1], epsilon, rho),
-                  _inverse_fourth_root(right, m.shape[0], epsilon, rho))
+      current = [(_block_root(left, m.shape[1], epsilon, rho, block_size),
+                  _block_root(right, m.shape[0], epsilon, rho, block_size))
                  for left, right, m in zip(lefts, rights, matrices)]
     roots.append(current)
   return roots
@@ -149,16 +169,22 @@ def _kronecker_inverse(roots):
   return full
 
 
-@pytest.mark.parametrize('max_dimension', [1024, 3])
-def test_kronecker_statistics_equal_a_numpy_reference(x64, max_dimension):
+@pytest.mark.parametrize('max_dimension, block_size', [(1024, None), (3, None), (1024, 3)])
+def test_kronecker_statistics_equal_a_numpy_reference(x64, max_dimension, block_size):
   """Steps 1 and 2 refresh, then every second step: stale roots at steps 4 and 6; with
-  ``max_dimension=3`` the 4- and 8-row sides keep their diagonals."""
+  ``max_dimension=3`` the 4- and 8-row sides keep their diagonals; with ``block_size=3``
+  they keep diagonal blocks (8 rows: blocks of 3, 3 and 2; 4 rows: 2 and 2)."""
   grads_list = [_tree(30 + t, scale=1.5 ** t) for t in range(6)]
   epsilon, rho, refresh_every = 1e-6, 1e-3, 2
   transformation = blended.scale_by_kronecker_statistics(
-      epsilon, relative_epsilon=rho, refresh_every=refresh_every, max_dimension=max_dimension)
+      epsilon, relative_epsilon=rho, refresh_every=refresh_every, max_dimension=max_dimension,
+      block_size=block_size)
   state = transformation.init(_tree(1))
-  expected = _kronecker_roots(grads_list, refresh_every, epsilon, rho, max_dimension)
+  expected = _kronecker_roots(grads_list, refresh_every, epsilon, rho, max_dimension,
+                              block_size)
+  if block_size is not None:  # the blocks differ from the whole side's root
+    whole = _kronecker_roots(grads_list, refresh_every, epsilon, rho)
+    assert not np.allclose(expected[-1][1][0], whole[-1][1][0])
   conv = [roots[1][1] for roots in expected]  # the conv leaf's right root, per step
   assert not np.allclose(conv[2], conv[1]) and np.array_equal(conv[3], conv[2])  # 3: refresh
   update = jax.jit(transformation.update)
@@ -171,6 +197,9 @@ def test_kronecker_statistics_equal_a_numpy_reference(x64, max_dimension):
   # Leaves in order b (1 x 3), conv (8 x 3), scalar (1 x 1), w (4 x 3).
   if max_dimension == 3:
     assert shapes == [((1, 1), (3, 3)), ((8,), (3, 3)), ((1, 1), (1, 1)), ((4,), (3, 3))]
+  elif block_size == 3:
+    assert shapes == [((1, 1), (3, 3)), ((3, 3, 3), (3, 3)), ((1, 1), (1, 1)),
+                      ((2, 2, 2), (3, 3))]
   else:
     assert shapes == [((1, 1), (3, 3)), ((8, 8), (3, 3)), ((1, 1), (1, 1)), ((4, 4), (3, 3))]
   assert int(state.count) == len(grads_list)
@@ -248,17 +277,19 @@ def test_state_is_the_adaptive_state_and_one_row_and_column_per_leaf():
   assert all(float(jnp.sum(x)) == 0 for x in jax.tree.leaves(state.statistics))
 
 
-@pytest.mark.parametrize('per_leaf, statistics, online_power', [
-    (False, 'sum', 1.0), (True, 'sum', 1.0), (True, 'peak_average', 1.0),
-    (True, 'kronecker', 1.0), (True, 'kronecker', 0.5), (True, 'sum', 0.0)])
+@pytest.mark.parametrize('per_leaf, statistics, online_power, block_size', [
+    (False, 'sum', 1.0, None), (True, 'sum', 1.0, None), (True, 'peak_average', 1.0, None),
+    (True, 'kronecker', 1.0, None), (True, 'kronecker', 0.5, None), (True, 'sum', 0.0, None),
+    (True, 'kronecker', 0.5, 2)])
 def test_metric_never_decreases_and_the_regret_bound_holds(x64, per_leaf, statistics,
-                                                           online_power):
+                                                           online_power, block_size):
   """Least squares (convex), dense ``M_t = s_t (M^{-1} + eta K_t^{-1})^{-1}`` (per leaf:
   block by block): each ``M_t - M_{t-1}`` is positive semi-definite, and the regret
   against the minimiser is below the adaptive-mirror-descent bound, itself below the
   closed-form bound (AdaGrad's, for running diagonal sums); with Shampoo's statistics the
   online half is dense and its roots partly stale. With ``online_power = p`` the online
-  half is divided by ``s_t^p``: ``M_t = (M^{-1} / s_t + eta K_t^{-1} / s_t^p)^{-1}``."""
+  half is divided by ``s_t^p``: ``M_t = (M^{-1} / s_t + eta K_t^{-1} / s_t^p)^{-1}``;
+  with ``block_size=2`` the 4-row side of ``w`` keeps two diagonal blocks."""
   task = quadratic_task(dims=(4, 3), seed=3, dtype=jnp.float64)
   params = task.init()
   divergence = well_conditioned(metamd_jax.init_divergence(params, 0.2, dtype=jnp.float64),
@@ -272,7 +303,7 @@ def test_metric_never_decreases_and_the_regret_bound_holds(x64, per_leaf, statis
   optimizer = metamd_jax.blended_metamd(divergence, reference_norm, blend_rate, epsilon=epsilon,
                                         per_leaf=per_leaf, statistics=statistics,
                                         refresh_every=refresh_every,
-                                        online_power=online_power)
+                                        online_power=online_power, block_size=block_size)
   sizes = [3, 12]  # leaves b, then w: a scale per leaf repeats over its coordinates
   state = optimizer.init(params)
   update, gradient = jax.jit(optimizer.update), jax.jit(jax.grad(task.loss))
@@ -295,7 +326,7 @@ def test_metric_never_decreases_and_the_regret_bound_holds(x64, per_leaf, statis
 
   thetas.append(flat(params))
   metrics, inverses, regret = [], [], 0.0
-  roots = _kronecker_roots(grads_list, refresh_every, epsilon, 1e-4)
+  roots = _kronecker_roots(grads_list, refresh_every, epsilon, 1e-4, block_size=block_size)
   for t in range(num_steps):
     if statistics == 'kronecker':
       online = _kronecker_inverse(roots[t])
@@ -408,14 +439,18 @@ def test_keeps_the_parameter_dtype_and_accumulates_in_float32():
 
 @pytest.mark.parametrize('name, value', [
     ('refresh_every', 0), ('refresh_every', 2.0), ('max_dimension', 0),
-    ('relative_epsilon', -1.0), ('relative_epsilon', float('nan'))])
+    ('relative_epsilon', -1.0), ('relative_epsilon', float('nan')), ('block_size', 0),
+    ('block_size', 2.0), ('block_size', True)])
 def test_bad_kronecker_settings_are_named(name, value):
   with pytest.raises(ValueError, match=name):
     blended.scale_by_kronecker_statistics(**{name: value})
-  if name == 'refresh_every':
+  if name in ('refresh_every', 'max_dimension', 'block_size'):
     with pytest.raises(ValueError, match=name):
       metamd_jax.blended_metamd(_divergence(), 1.0, 0.1, statistics='kronecker',
-                                refresh_every=value)
+                                **{name: value})
+  if name in ('max_dimension', 'block_size'):  # checked whatever the statistics
+    with pytest.raises(ValueError, match=name):
+      metamd_jax.blended_metamd(_divergence(), 1.0, 0.1, **{name: value})
 
 
 def test_kronecker_half_keeps_the_parameter_dtype_and_accumulates_in_float32():
@@ -433,10 +468,12 @@ def test_kronecker_half_keeps_the_parameter_dtype_and_accumulates_in_float32():
   assert all(bool(jnp.all(jnp.isfinite(u.astype(jnp.float32)))) for u in jax.tree.leaves(updates))
 
 
-def test_kronecker_statistics_under_vmap_equal_one_task_at_a_time():
+@pytest.mark.parametrize('block_size', [None, 3])
+def test_kronecker_statistics_under_vmap_equal_one_task_at_a_time(block_size):
   """A vmapped update (tasks stacked; the roots' eigendecompositions then run one matrix
-  at a time) equals the update of each task alone."""
-  transformation = blended.scale_by_kronecker_statistics(refresh_every=2)
+  at a time) equals the update of each task alone, with blocked sides too."""
+  transformation = blended.scale_by_kronecker_statistics(refresh_every=2,
+                                                         block_size=block_size)
   params = _tree(1, dtype=jnp.float32)
   steps = [[_tree(40 + 3 * t + task, dtype=jnp.float32) for task in range(3)]
            for t in range(3)]

@@ -67,7 +67,9 @@ def test_compare_runs_validation_tasks_only_and_applies_the_rule(tmp_path, monke
   assert candidates['eigen_0.01'] == {'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.01,
                                       'adaptive_blend_statistics': 'sum',
                                       'adaptive_momentum': 0.0, 'adaptive_eigenbasis': True,
-                                      'adaptive_online_power': 1.0}
+                                      'adaptive_online_power': 1.0,
+                                      'adaptive_blend_max_dimension': 1024,
+                                      'adaptive_blend_block_size': 0}
   monkeypatch.setattr(choose_variant, 'CANDIDATES', candidates)
   result = choose_variant.compare(config, tmp_path, divergence)
 
@@ -138,13 +140,23 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
     assert choose_variant.CANDIDATES[name] == {
         'adaptive_per_leaf': True, 'adaptive_blend_rate': rate,
         'adaptive_blend_statistics': statistics, 'adaptive_momentum': momentum,
-        'adaptive_eigenbasis': eigenbasis, 'adaptive_online_power': 1.0}, name
+        'adaptive_eigenbasis': eigenbasis, 'adaptive_online_power': 1.0,
+        'adaptive_blend_max_dimension': 1024, 'adaptive_blend_block_size': 0}, name
   assert all(settings['adaptive_momentum'] == 0.0 for name, settings in
              choose_variant.CANDIDATES.items() if 'nesterov' not in name)
   assert choose_variant.CANDIDATES['eigen_kron_0.1_nesterov_0.5_online_0.5'] == {
       **choose_variant.CANDIDATES['eigen_kron_0.1_nesterov_0.5'], 'adaptive_online_power': 0.5}
-  assert all(settings['adaptive_online_power'] == (0.0 if name.endswith('online_0.0') else
-                                                   0.5 if name.endswith('online_0.5') else 1.0)
+  for rate in (0.03, 0.3):
+    assert choose_variant.CANDIDATES[f'eigen_kron_{rate}_nesterov_0.5_online_0.5'] == {
+        **choose_variant.CANDIDATES['eigen_kron_0.1_nesterov_0.5_online_0.5'],
+        'adaptive_blend_rate': rate}
+  default = choose_variant.CANDIDATES['eigen_kron_0.1_nesterov_0.5_online_0.5']
+  assert choose_variant.CANDIDATES['eigen_kron_0.1_nesterov_0.5_online_0.5_blocks_256'] == {
+      **default, 'adaptive_blend_block_size': 256}
+  assert choose_variant.CANDIDATES['eigen_kron_0.1_nesterov_0.5_online_0.5_max_512'] == {
+      **default, 'adaptive_blend_max_dimension': 512}
+  assert all(settings['adaptive_online_power'] == (0.0 if 'online_0.0' in name else
+                                                   0.5 if 'online_0.5' in name else 1.0)
              for name, settings in choose_variant.CANDIDATES.items())
   assert all(settings['adaptive_eigenbasis'] == name.startswith('eigen') for name, settings
              in choose_variant.CANDIDATES.items())

@@ -241,6 +241,10 @@ def test_shifted_families_are_shifted(setup):
     ('eval.adaptive_momentum', float('nan')),
     ('eval.adaptive_online_power', -0.5),
     ('eval.adaptive_online_power', 2.0),
+    ('eval.adaptive_blend_max_dimension', 0),
+    ('eval.adaptive_blend_max_dimension', -3),
+    ('eval.adaptive_blend_block_size', -1),
+    ('eval.adaptive_blend_block_size', True),
 ])
 def test_bad_adaptive_and_shift_values_name_the_field(field, value):
   config = tiny.get_config()
@@ -272,10 +276,21 @@ def test_adaptive_optimizer_is_blended_with_a_positive_blend_rate():
       divergence, (1.0, 1.0), per_leaf=True)))
   config.eval.adaptive_blend_rate = 0.5
   config.eval.adaptive_blend_statistics = 'kronecker'
-  chex.assert_trees_all_close(
-      first_update(evaluate.adaptive_optimizer(config, divergence, calibration)),
-      first_update(metamd_jax.blended_metamd(divergence, (1.0, 1.0), 0.5, per_leaf=True,
-                                             statistics='kronecker')))
+  kronecker_updates = first_update(evaluate.adaptive_optimizer(config, divergence, calibration))
+  chex.assert_trees_all_close(kronecker_updates, first_update(metamd_jax.blended_metamd(
+      divergence, (1.0, 1.0), 0.5, per_leaf=True, statistics='kronecker')))
+  # The 3-row side of w: two diagonal blocks (block size 2), or its diagonal (over 2).
+  grads = {'w': jnp.asarray([[2.0, 1.0], [0.5, 2.0], [1.0, -1.0]]), 'b': jnp.full((2,), 2.0)}
+  for field, option in (('adaptive_blend_block_size', 'block_size'),
+                        ('adaptive_blend_max_dimension', 'max_dimension')):
+    whole = first_update(evaluate.adaptive_optimizer(config, divergence, calibration))
+    config.eval[field] = 2
+    changed = first_update(evaluate.adaptive_optimizer(config, divergence, calibration))
+    chex.assert_trees_all_close(changed, first_update(metamd_jax.blended_metamd(
+        divergence, (1.0, 1.0), 0.5, per_leaf=True, statistics='kronecker', **{option: 2})))
+    assert not np.allclose(changed['w'], whole['w']), field
+    config.eval[field] = {'adaptive_blend_block_size': 0}.get(field, 1024)
+  grads = {'w': jnp.full((3, 2), 2.0), 'b': jnp.full((2,), 2.0)}
   config.eval.adaptive_blend_statistics = 'sum'
   blended_updates = first_update(evaluate.adaptive_optimizer(config, divergence, calibration))
   chex.assert_trees_all_close(blended_updates, first_update(metamd_jax.blended_metamd(
