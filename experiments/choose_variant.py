@@ -33,10 +33,10 @@ or as the learned half of the blends above); ``'eigen_kron_0.1_nesterov_0.5_onli
 (at 0 and 0.5: the online half divided by the learned scale to the power ``p``, 1
 elsewhere, ``eval.adaptive_online_power``) and ``'eigen_kron_<rate>_nesterov_0.5_online_0.5'``
 (the same at ``p = 0.5`` with Shampoo's statistics at the blend rates 0.03 and 0.3);
-``'eigen_kron_0.1_nesterov_0.5_online_0.5_blocks_256'`` and ``'..._max_512'`` (the
-default's cheaper forms: a side of Shampoo's statistics longer than 256 in diagonal blocks
-of at most 256, ``eval.adaptive_blend_block_size``, or one longer than 512 diagonal,
-``eval.adaptive_blend_max_dimension``);
+``'eigen_kron_0.1_nesterov_0.5_online_0.5_blocks_<size>'`` (at 256, 128 and 64) and
+``'..._max_512'`` (the default's cheaper forms: a side of Shampoo's statistics longer
+than ``size`` in diagonal blocks of at most ``size``, ``eval.adaptive_blend_block_size``,
+or one longer than 512 diagonal, ``eval.adaptive_blend_max_dimension``);
 ``--candidates=a,b`` compares a subset; frozen ``'metamd'`` and the reference at its
 meta-train-tuned learning rate run next to them for comparison. The rule, fixed before any run:
 
@@ -137,7 +137,8 @@ CANDIDATES = {
         'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.1,
         'adaptive_blend_statistics': 'kronecker', 'adaptive_eigenbasis': True,
         'adaptive_momentum': 0.5, 'adaptive_online_power': 0.5, **sides}
-       for tail, sides in (('blocks_256', {'adaptive_blend_block_size': 256}),
+       for tail, sides in (*((f'blocks_{size}', {'adaptive_blend_block_size': size})
+                             for size in (256, 128, 64)),
                            ('max_512', {'adaptive_blend_max_dimension': 512}))},
 }
 """The candidates and their ``eval`` settings; earlier ones win ties."""

@@ -151,8 +151,9 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
         **choose_variant.CANDIDATES['eigen_kron_0.1_nesterov_0.5_online_0.5'],
         'adaptive_blend_rate': rate}
   default = choose_variant.CANDIDATES['eigen_kron_0.1_nesterov_0.5_online_0.5']
-  assert choose_variant.CANDIDATES['eigen_kron_0.1_nesterov_0.5_online_0.5_blocks_256'] == {
-      **default, 'adaptive_blend_block_size': 256}
+  for size in (256, 128, 64):
+    assert choose_variant.CANDIDATES[f'eigen_kron_0.1_nesterov_0.5_online_0.5_blocks_{size}'] == {
+        **default, 'adaptive_blend_block_size': size}
   assert choose_variant.CANDIDATES['eigen_kron_0.1_nesterov_0.5_online_0.5_max_512'] == {
       **default, 'adaptive_blend_max_dimension': 512}
   assert all(settings['adaptive_online_power'] == (0.0 if 'online_0.0' in name else
