@@ -37,6 +37,7 @@ elsewhere, ``eval.adaptive_online_power``) and ``'eigen_kron_<rate>_nesterov_0.5
 ``'..._max_512'`` (the default's cheaper forms: a side of Shampoo's statistics longer
 than ``size`` in diagonal blocks of at most ``size``, ``eval.adaptive_blend_block_size``,
 or one longer than 512 diagonal, ``eval.adaptive_blend_max_dimension``);
+and ``'config'`` (:data:`OWN`: the config's own settings, as they are);
 ``--candidates=a,b`` compares a subset; frozen ``'metamd'`` and the reference at its
 meta-train-tuned learning rate run next to them for comparison. The rule, fixed before any run:
 
@@ -47,8 +48,8 @@ meta-train-tuned learning rate run next to them for comparison. The rule, fixed 
 3. then the lowest geometric mean, over the checks, of the candidate's mean final
    training loss divided by the re-tuned reference's (a diverged check counts as
    infinite);
-4. ties go to the earlier candidate in :data:`CANDIDATES` (the single scale first, the
-   blended ones last).
+4. ties go to ``'config'``, then to the earlier candidate in :data:`CANDIDATES` (the
+   single scale first, the blended ones last).
 
 Writes ``choose_variant.json`` and ``choose_variant.md`` in the workdir and prints the
 table; set ``eval.adaptive_per_leaf``, ``eval.adaptive_blend_rate``,
@@ -148,8 +149,20 @@ for _settings in CANDIDATES.values():  # no momentum unless a candidate names on
   _settings.setdefault('adaptive_online_power', 1.0)
   _settings.setdefault('adaptive_blend_max_dimension', 1024)
   _settings.setdefault('adaptive_blend_block_size', 0)
+OWN = 'config'
+"""The candidate that keeps the config's own ``eval`` settings (always allowed; first in
+ties): how :mod:`experiments.sweep` scores a meta-training setting by this rule."""
 IN_DISTRIBUTION = 'in_distribution'
 RESULT = 'choose_variant'
+
+
+def settings_of(config: ml_collections.ConfigDict, name: str) -> dict:
+  """The ``eval`` settings of candidate ``name``; :data:`OWN`: the config's own values of
+  the fields the candidates set."""
+  if name != OWN:
+    return CANDIDATES[name]
+  template = CANDIDATES['eigen_kron_0.1_nesterov_0.5_online_0.5']
+  return {field: config.eval.get(field, default) for field, default in template.items()}
 
 
 def _loss_ratio(check: dict, name: str) -> float:
@@ -182,7 +195,7 @@ def choose(scores: dict) -> str:
 
 
 def check_candidates(candidates) -> tuple[str, ...]:
-  """Validate candidate names (a sequence of :data:`CANDIDATES` keys, no repeats).
+  """Validate candidate names (:data:`OWN` or :data:`CANDIDATES` keys, no repeats).
 
   Raises:
     ValueError: naming an unknown or repeated candidate, or on an empty selection.
@@ -192,11 +205,11 @@ def check_candidates(candidates) -> tuple[str, ...]:
     raise ValueError('candidates is empty: name at least one of '
                      f'{tuple(CANDIDATES)}.')
   for name in names:
-    if name not in CANDIDATES:
-      raise ValueError(f'unknown candidate {name!r}; known: {tuple(CANDIDATES)}.')
+    if name != OWN and name not in CANDIDATES:
+      raise ValueError(f'unknown candidate {name!r}; known: {(OWN, *CANDIDATES)}.')
   if len(set(names)) != len(names):
     raise ValueError(f'candidates names a candidate twice: {names}.')
-  return tuple(name for name in CANDIDATES if name in names)  # CANDIDATES order: ties
+  return tuple(name for name in (OWN, *CANDIDATES) if name in names)  # this order: ties
 
 
 def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
@@ -236,7 +249,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   levels = {}
   calibrations = {}
   for name in candidates:
-    settings = CANDIDATES[name]
+    settings = settings_of(config, name)
     variant = config.copy_and_resolve_references()
     variant.eval.update(settings)
     key = (settings['adaptive_per_leaf'], settings['adaptive_eigenbasis'])
@@ -276,7 +289,8 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   return {'tasks': 'validation: meta-train tuning tasks (evaluation.tuning_tasks)',
           'num_tasks': ev.num_tasks, 'reference': ev.reference,
           'reference_learning_rate': tuned[ev.reference], 'levels': levels,
-          'checks': checks, 'scores': scores, 'chosen': chosen, **CANDIDATES[chosen]}
+          'checks': checks, 'scores': scores, 'chosen': chosen,
+          **settings_of(config, chosen)}
 
 
 def format_choice(result: dict) -> str:

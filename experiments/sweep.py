@@ -19,6 +19,14 @@ Nothing here touches the held-out tasks or the test split:
 
 The chosen value is the one with the highest mean validation accuracy (the lowest mean
 final training loss for families without accuracy); ties go to the first value listed.
+
+With ``--rule=robustness`` the value is chosen for the learned optimiser the config
+meta-tests instead (adaptive MetaMD with the config's own ``eval.adaptive_*`` settings),
+by the rule of :mod:`experiments.choose_variant` on the same validation tasks as they are
+and under each of ``eval.shifts``: fewest diverged runs, then the most checks faster than
+re-tuned Adam, then the lowest geometric mean of the final loss over re-tuned Adam's
+(:func:`experiments.choose_variant.compare` with the candidate ``'config'`` on each
+value's divergence; ties go to the first value listed).
 Writes ``sweep.json`` and prints a markdown table.
 """
 
@@ -36,7 +44,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 import metamd_jax  # noqa: E402
-from experiments import builders, cli, protocol, report  # noqa: E402
+from experiments import builders, choose_variant, cli, protocol, report  # noqa: E402
 from experiments import meta_train as meta_train_exp  # noqa: E402
 from metamd_jax import evaluation  # noqa: E402
 from metamd_jax.tasks import ClassificationFamily  # noqa: E402
@@ -44,6 +52,7 @@ from metamd_jax.tasks.base import TaskFamily  # noqa: E402
 from metamd_jax.types import PyTree  # noqa: E402
 
 REFERENCE = 'adam'
+RULES = ('accuracy', 'robustness')
 
 
 def parse_values(text: str) -> list[float]:
@@ -99,15 +108,23 @@ def validation_run(optimizer, family: TaskFamily, task_params: PyTree, num_steps
 
 
 def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, field: str,
-          values: list[float], *, progress: bool = True) -> dict:
+          values: list[float], *, rule: str = 'accuracy', progress: bool = True) -> dict:
   """Meta-train one config per value of ``field``; compare them on validation tasks.
+
+  Args:
+    rule: ``'accuracy'`` (frozen MetaMD's validation accuracy, or final loss) or
+      ``'robustness'`` (the config's adaptive MetaMD under ``eval.shifts``, the rule of
+      :mod:`experiments.choose_variant`).
 
   Returns:
     ``{'field', 'values', 'reference', 'reference_learning_rate', 'num_tasks',
     'chosen', 'criterion', 'rows': {value: {'final_train_loss', 'steps_to_adam',
     'reached_fraction', 'validation_accuracy', 'dropped_tasks', 'best_meta_step'}}}``,
-    statistics as ``[mean, std]`` over the validation tasks.
+    statistics as ``[mean, std]`` over the validation tasks; with ``rule='robustness'``
+    each row also has ``'robustness'`` (the rule's score) and ``'checks'``.
   """
+  if rule not in RULES:
+    raise ValueError(f'rule must be one of {RULES}, got {rule!r}.')
   workdir = pathlib.Path(workdir)
   configs = {value: with_value(config, field, value) for value in values}  # all checked first
   ev = config.eval
@@ -121,8 +138,8 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, field: 
     target = evaluation.final_train_loss(adam.train_losses)
   rows = {}
   for value, value_config in configs.items():
-    result = meta_train_exp.meta_train(value_config, workdir / f'{field}={value:g}',
-                                       progress=progress)
+    value_workdir = workdir / f'{field}={value:g}'
+    result = meta_train_exp.meta_train(value_config, value_workdir, progress=progress)
     curves = validation_run(metamd_jax.metamd(result.divergence), family, tasks, ev.num_steps)
     row = {'final_train_loss': report.pair(evaluation.final_train_loss(curves.train_losses)),
            'dropped_tasks': int(result.state.dropped_tasks),
@@ -132,7 +149,20 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, field: 
       row.update(steps_to_adam=reached['steps'], reached_fraction=reached['reached_fraction'])
     if 'validation_accuracy' in curves.metrics:
       row['validation_accuracy'] = report.pair(curves.metrics['validation_accuracy'])
+    if rule == 'robustness':
+      compared = choose_variant.compare(value_config, value_workdir, result.divergence,
+                                        candidates=(choose_variant.OWN,))
+      if choose_variant.OWN not in compared['scores']:  # calibration failed: never chosen
+        raise ValueError(f'{field}={value:g}: adaptive MetaMD could not be calibrated.')
+      row['robustness'] = compared['scores'][choose_variant.OWN]
+      row['checks'] = compared['checks']
     rows[f'{value:g}'] = row
+  if rule == 'robustness':
+    chosen = choose_variant.choose({key: row['robustness'] for key, row in rows.items()})
+    return {'field': field, 'values': [f'{v:g}' for v in values], 'reference': REFERENCE,
+            'reference_learning_rate': tuned[REFERENCE], 'num_tasks': ev.num_tasks,
+            'tasks': 'validation: meta-train tuning tasks (evaluation.tuning_tasks)',
+            'criterion': 'robustness', 'chosen': chosen, 'rows': rows}
   criterion = ('validation_accuracy' if all('validation_accuracy' in r for r in rows.values())
                else 'final_train_loss')
   sign = 1 if criterion == 'validation_accuracy' else -1
@@ -162,13 +192,25 @@ def format_sweep(result: dict) -> str:
     lines.append(f"| {value} | {report.pair_text(row['final_train_loss'], '.4f')} | {steps} | "
                  f"{report.pair_text(row.get('validation_accuracy'), '.3f')} | "
                  f"{row['dropped_tasks']} | {row['best_meta_step']} |")
+  if result['criterion'] == 'robustness':
+    lines += ['', "The config's adaptive MetaMD under the checks (the rule of "
+              "experiments.choose_variant; the table above is frozen MetaMD's):", '',
+              f"| {result['field']} | diverged runs where {result['reference']} trains | "
+              f"faster than {result['reference']} re-tuned | final loss / re-tuned "
+              f"{result['reference']} (geometric mean) |", '| --- | --- | --- | --- |']
+    for value, row in result['rows'].items():
+      score = row['robustness']
+      faster = ', '.join(score['faster']) or 'none'
+      lines.append(f"| {value} | {score['diverged_runs']} | {score['num_faster']} of "
+                   f"{score['num_checks']} ({faster}) | "
+                   f"{report.number_text(score['loss_ratio_geometric_mean'])} |")
   return '\n'.join(lines)
 
 
 def main(argv):
   flag_values = cli.start(argv)
   result = sweep(flag_values.config, flag_values.workdir, flag_values.field,
-                 parse_values(flag_values['values'].value))
+                 parse_values(flag_values['values'].value), rule=flag_values.rule)
   report.write_result(flag_values.workdir, 'sweep', result, format_sweep(result))
 
 
@@ -176,6 +218,9 @@ if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, 'Directory for the sub-runs and the results.')
   flags.DEFINE_string('field', 'meta.eps', 'The numeric config field to sweep.')
   flags.DEFINE_string('values', None, 'Comma-separated values of the field.')
+  flags.DEFINE_enum('rule', 'accuracy', RULES, "How the value is chosen: frozen MetaMD's "
+                    "validation accuracy, or the config's adaptive MetaMD under eval.shifts "
+                    '(the rule of experiments.choose_variant).')
   config_flags.DEFINE_config_file('config', 'configs/default.py', 'Experiment config file.',
                                   lock_config=True)
   flags.mark_flags_as_required(['workdir', 'values'])

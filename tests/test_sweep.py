@@ -6,7 +6,7 @@ import pytest
 
 import metamd_jax
 from configs import tiny
-from experiments import builders, sweep
+from experiments import builders, choose_variant, sweep
 from metamd_jax import evaluation
 
 
@@ -59,3 +59,31 @@ def test_values_are_checked():
       sweep.parse_values(bad)
   with pytest.raises(ValueError, match=r'config\.meta\.eps'):
     sweep.with_value(tiny.get_config(), 'meta.eps', -1.0)
+
+
+def test_robustness_rule_scores_the_configs_adaptive_metamd_under_the_shifts(tmp_path,
+                                                                            monkeypatch):
+  """``rule='robustness'``: each value's adaptive MetaMD (the config's own settings) under
+  ``eval.shifts`` on validation tasks, scored and chosen by experiments.choose_variant's
+  rule."""
+  config = tiny.get_config()
+  config.eval.shifts = ('inputs_x2',)
+  monkeypatch.setattr(evaluation, 'held_out_tasks',
+                      lambda *a, **k: pytest.fail('held-out tasks used'))
+  result = sweep.sweep(config, tmp_path, 'meta.eps', [0.01, 0.1], rule='robustness',
+                       progress=False)
+  assert result['criterion'] == 'robustness'
+  for row in result['rows'].values():
+    assert list(row['checks']) == ['in_distribution', 'inputs_x2']
+    assert row['robustness'] == choose_variant.score(row['checks'], choose_variant.OWN, 'adam')
+    assert choose_variant.OWN in row['checks']['in_distribution']['optimizers']
+  assert result['chosen'] == choose_variant.choose(
+      {key: row['robustness'] for key, row in result['rows'].items()})
+  table = sweep.format_sweep(result)
+  assert table.count('| 0.1 |') == 2 and "The config's adaptive MetaMD" in table
+  # The 'config' candidate is the config's own settings.
+  own = choose_variant.settings_of(config, choose_variant.OWN)
+  assert own == {field: config.eval[field] for field in own}
+  assert own.keys() == choose_variant.CANDIDATES['eigen_kron_0.1_nesterov_0.5'].keys()
+  with pytest.raises(ValueError, match='rule must be one of'):
+    sweep.sweep(config, tmp_path, 'meta.eps', [0.1], rule='speed')
