@@ -10,9 +10,12 @@ def get_config():
   config.task.channels = (8, 16)
   config.task.batch_size = 64
   config.task.subset_size = 2000
-  # Chosen on validation tasks over 1e-3 ... 1 (experiments/RESULTS.md section 10):
-  #   python -m experiments.sweep --config configs/mnist1d_cnn.py --field=meta.eps ...
-  config.meta.eps = 0.1
+  # Chosen on validation tasks over 0.03, 0.1 and 0.3 for the adaptive optimiser under
+  # the everyday changes: 8 of 8 checks against 7 of 8 for 0.1, the previous floor, which
+  # frozen MetaMD's validation accuracy chose (experiments/RESULTS.md sections 10, 15):
+  #   python -m experiments.sweep --config configs/mnist1d_cnn.py --field=meta.eps \
+  #       --values=0.1,0.03,0.3 --rule=robustness --config.eval.shifts=...
+  config.meta.eps = 0.3
   config.meta.num_meta_steps = 60  # the sweep's length; the kept step is 59 of 60
   # Chosen on validation tasks over 0.1 and 0.3 (experiments/RESULTS.md section 13):
   # accuracy 0.634 against 0.566.
