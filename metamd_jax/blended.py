@@ -101,8 +101,9 @@ as distributed Shampoo partitions a large factor: the refresh then costs ``k``
 eigendecompositions of about ``m / k`` rows (``m^3 / k^2``) and the products ``m^2 n /
 k``. The blocks of a non-decreasing statistic never decrease (each is a compression
 ``E^T L E``), each block's damping grows with its own largest eigenvalue, so ``K_t``
-still never decreases and the adaptive-mirror-descent bound holds; the rest of a block's
-factor is zero, so the direction follows correlations within a block only.
+still never decreases and the adaptive-mirror-descent bound holds (Shampoo's
+``O(sqrt(T))`` term is not claimed for blocks); the factor is zero outside its blocks, so
+the direction follows correlations within a block only.
 
 Cost per step, against :func:`metamd_jax.adaptive_metamd`, with the diagonal statistics
 (the default): per leaf, two reductions of
