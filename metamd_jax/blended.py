@@ -182,6 +182,12 @@ def check_positive(value: Any, name: str) -> None:
     raise ValueError(f'{name} must be a positive finite float, got {value!r}.')
 
 
+def _check_positive_int(value: Any, name: str) -> None:
+  """``ValueError`` naming ``name`` unless ``value`` is an int ``>= 1`` (not a bool)."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f'{name} must be an int >= 1, got {value!r}.')
+
+
 def check_block_size(block_size: Any) -> int | None:
   """Validate ``block_size``: ``None`` (one block per side) or an int ``>= 1``.
 
@@ -478,9 +484,8 @@ def scale_by_kronecker_statistics(
   if not (isinstance(relative_epsilon, (int, float)) and not isinstance(relative_epsilon, bool)
           and math.isfinite(relative_epsilon) and relative_epsilon >= 0):
     raise ValueError(f'relative_epsilon must be a finite float >= 0, got {relative_epsilon!r}.')
-  for name, value in (('refresh_every', refresh_every), ('max_dimension', max_dimension)):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f'{name} must be an int >= 1, got {value!r}.')
+  _check_positive_int(refresh_every, 'refresh_every')
+  _check_positive_int(max_dimension, 'max_dimension')
   check_block_size(block_size)
 
   def accumulator_dtype(leaf):
@@ -618,8 +623,7 @@ def scale_by_blended_mirror_descent(
   blend_rate = check_blend_rate(blend_rate)
   check_online_power(online_power)
   check_block_size(block_size)
-  if isinstance(max_dimension, bool) or not isinstance(max_dimension, int) or max_dimension < 1:
-    raise ValueError(f'max_dimension must be an int >= 1, got {max_dimension!r}.')
+  _check_positive_int(max_dimension, 'max_dimension')
   if eigenbasis_levels is None:
     learned = adaptive.scale_by_adaptive_mirror_descent(divergence, reference_norm,
                                                         decay=decay, per_leaf=per_leaf)
