@@ -32,7 +32,9 @@ momentum 0.5); ``'eigen'``, ``'eigen_kron_0.1'``, ``'eigen_0.01'`` and their
 or as the learned half of the blends above); ``'eigen_kron_0.1_nesterov_0.5_online_<p>'``
 (at 0 and 0.5: the online half divided by the learned scale to the power ``p``, 1
 elsewhere, ``eval.adaptive_online_power``) and ``'eigen_kron_<rate>_nesterov_0.5_online_0.5'``
-(the same at ``p = 0.5`` with Shampoo's statistics at the blend rates 0.03 and 0.3);
+(the same at ``p = 0.5`` with Shampoo's statistics at the blend rates 0.003, 0.01, 0.03
+and 0.3) and ``'eigen_kron_<rate>_nesterov_0.5_online_<p>'`` (the blend rates 0.01 and
+0.03 at ``p`` 0 and 1);
 ``'eigen_kron_0.1_nesterov_0.5_online_0.5_blocks_<size>'`` (at 256, 128 and 64) and
 ``'..._max_512'`` (the default's cheaper forms: a side of Shampoo's statistics longer
 than ``size`` in diagonal blocks of at most ``size``, ``eval.adaptive_blend_block_size``,
@@ -127,7 +129,12 @@ CANDIDATES = {
         'adaptive_per_leaf': True, 'adaptive_blend_rate': rate,
         'adaptive_blend_statistics': 'kronecker', 'adaptive_eigenbasis': True,
         'adaptive_momentum': 0.5, 'adaptive_online_power': 0.5}
-       for rate in (0.03, 0.3)},
+       for rate in (0.003, 0.01, 0.03, 0.3)},
+    **{f'eigen_kron_{rate}_nesterov_0.5_online_{power}': {
+        'adaptive_per_leaf': True, 'adaptive_blend_rate': rate,
+        'adaptive_blend_statistics': 'kronecker', 'adaptive_eigenbasis': True,
+        'adaptive_momentum': 0.5, 'adaptive_online_power': power}
+       for rate in (0.01, 0.03) for power in (0.0, 1.0)},
     **{f'eigen_peak_{rate}_nesterov_0.5': {'adaptive_per_leaf': True,
                                            'adaptive_blend_rate': rate,
                                            'adaptive_blend_statistics': 'peak_average',

@@ -146,10 +146,15 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
              choose_variant.CANDIDATES.items() if 'nesterov' not in name)
   assert choose_variant.CANDIDATES['eigen_kron_0.1_nesterov_0.5_online_0.5'] == {
       **choose_variant.CANDIDATES['eigen_kron_0.1_nesterov_0.5'], 'adaptive_online_power': 0.5}
-  for rate in (0.03, 0.3):
+  for rate in (0.003, 0.01, 0.03, 0.3):
     assert choose_variant.CANDIDATES[f'eigen_kron_{rate}_nesterov_0.5_online_0.5'] == {
         **choose_variant.CANDIDATES['eigen_kron_0.1_nesterov_0.5_online_0.5'],
         'adaptive_blend_rate': rate}
+  for rate in (0.01, 0.03):
+    for power in (0.0, 1.0):
+      assert choose_variant.CANDIDATES[f'eigen_kron_{rate}_nesterov_0.5_online_{power}'] == {
+          **choose_variant.CANDIDATES[f'eigen_kron_{rate}_nesterov_0.5_online_0.5'],
+          'adaptive_online_power': power}
   default = choose_variant.CANDIDATES['eigen_kron_0.1_nesterov_0.5_online_0.5']
   for size in (256, 128, 64):
     assert choose_variant.CANDIDATES[f'eigen_kron_0.1_nesterov_0.5_online_0.5_blocks_{size}'] == {
