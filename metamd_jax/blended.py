@@ -194,10 +194,8 @@ def check_block_size(block_size: Any) -> int | None:
   Raises:
     ValueError: naming ``block_size`` otherwise.
   """
-  if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
-                                 or block_size < 1):
-    raise ValueError(f'block_size must be None (one block per side) or an int >= 1, got '
-                     f'{block_size!r}.')
+  if block_size is not None:
+    _check_positive_int(block_size, 'block_size (None: one block per side)')
   return block_size
 
 
