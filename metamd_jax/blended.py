@@ -105,6 +105,43 @@ still never decreases and the adaptive-mirror-descent bound holds (Shampoo's
 ``O(sqrt(T))`` term is not claimed for blocks); the factor is zero outside its blocks, so
 the direction follows correlations within a block only.
 
+``overshoot_decay=beta`` adds the overshoot check to the learned half. The online scales
+react to the size of the gradients in the learned geometry; they do not see a learned step
+that is too long for the curvature it meets (features reordered, a noisier gradient),
+which passes the minimum along its own direction and makes the loss rise. Per leaf, with
+``d_t`` the learned half's direction (after the check) and ``g_t`` the gradient, the
+directional derivative along the last direction before and after the step gives the
+secant estimate
+
+.. math::
+
+  \\rho_t = \\frac{\\bar a_t}{\\bar b_t}, \\qquad
+  \\bar a_t = \\beta \\bar a_{t-1} + (1 - \\beta) \\langle g_t, d_{t-1} \\rangle, \\qquad
+  \\bar b_t = \\beta \\bar b_{t-1} + (1 - \\beta) \\langle g_{t-1}, d_{t-1} \\rangle
+
+(both moving averages start at 0, so their ratio needs no bias correction). On a
+quadratic the loss along ``d_{t-1}`` is least at ``1 / (1 - rho_t)`` of the step taken:
+``rho_t < 0`` means the step passed that minimum, and ``rho_t <= -1`` that it did not
+decrease the loss along it. The learned half is divided by
+
+.. math::
+
+  \\sigma_t = \\sigma_{t-1} \\max(1, 1 - \\rho_t), \\qquad \\sigma_0 = 1,
+
+so that, with ``beta = 0``, a step that passed the minimum by a factor ``1 - rho`` is
+shortened by that factor and the next one lands on it; a step short of it (``rho >= 0``)
+is never lengthened. With ``beta > 0`` the ratio of moving averages smooths the noise of
+minibatch gradients, and a past overshoot goes on shortening the steps until later
+slopes outweigh it. A leaf whose last direction had no slope (zero gradients) keeps its
+``sigma``. The metric is ``M_t = (M^{-1}_t / sigma_t + eta K_t^{-1} / s_t^p)^{-1}``, with
+``M^{-1}_t`` the learned half's inverse metric before the check: ``sigma_t`` never
+decreases, so ``M_t`` never decreases and the adaptive-mirror-descent bound above
+holds, whatever the gradients that drove ``sigma``. Its closed form has ``sigma_T`` in
+the learned terms (``M_T <= sigma_T s_T M``), and ``M_T <= s_T^p K_T / eta`` whatever
+``sigma_T``: with ``eta > 0`` the online half caps the bound when the check has
+shortened the learned half away. The check costs two inner products per leaf per step
+and keeps the last learned direction (one number per parameter).
+
 Cost per step, against :func:`metamd_jax.adaptive_metamd`, with the diagonal statistics
 (the default): per leaf, two reductions of
 ``g^2`` (over the rows and over the columns) and four elementwise operations per
@@ -129,12 +166,14 @@ __all__ = [
     'FactoredStatisticsState',
     'FACTORED_STATISTICS',
     'KroneckerStatisticsState',
+    'OvershootState',
     'STATISTICS',
     'ScaleByBlendedMirrorDescentState',
     'blended_metamd',
     'check_blend_rate',
     'check_block_size',
     'check_online_power',
+    'check_overshoot_decay',
     'factored_denominator',
     'scale_by_blended_mirror_descent',
     'scale_by_factored_statistics',
@@ -557,6 +596,79 @@ class ScaleByBlendedMirrorDescentState(NamedTuple):
 
   adaptive: adaptive.ScaleByAdaptiveMirrorDescentState
   statistics: FactoredStatisticsState
+  overshoot: Any = optax.EmptyState()
+
+
+class OvershootState(NamedTuple):
+  """State of the overshoot check of :func:`scale_by_blended_mirror_descent`.
+
+  Attributes:
+    previous: ``d_{t-1}``, the learned half's last direction (after ``sigma``), like the
+      parameters.
+    slope: ``<g_{t-1}, d_{t-1}>``, float32 ``(L,)``, one per leaf in ``jax.tree.leaves``
+      order.
+    after: the moving average of ``<g_t, d_{t-1}>``, float32 ``(L,)`` (0 at ``init``).
+    before: the moving average of ``<g_{t-1}, d_{t-1}>``, float32 ``(L,)``.
+    scale: ``sigma_t >= 1``, float32 ``(L,)``: the learned half is divided by it.
+    count: number of updates taken, int32 ``()``.
+  """
+
+  previous: PyTree
+  slope: Array
+  after: Array
+  before: Array
+  scale: Array
+  count: Array
+
+
+def check_overshoot_decay(overshoot_decay: Any) -> float | None:
+  """Validate ``overshoot_decay``: ``None`` (no overshoot check) or a float in ``[0, 1)``.
+
+  Raises:
+    TypeError: if it is not ``None`` or a real number (a bool is not one).
+    ValueError: if it is outside ``[0, 1)`` or NaN.
+  """
+  if overshoot_decay is None:
+    return None
+  if isinstance(overshoot_decay, bool) or not isinstance(overshoot_decay, (int, float)):
+    raise TypeError(f'overshoot_decay must be None (no overshoot check) or a float in '
+                    f'[0, 1), got {overshoot_decay!r}.')
+  if not 0 <= overshoot_decay < 1:
+    raise ValueError(f'overshoot_decay must be in [0, 1) (0: the last step alone), got '
+                     f'{overshoot_decay!r}.')
+  return float(overshoot_decay)
+
+
+def _leaf_dots(a: PyTree, b: PyTree) -> Array:
+  """``<a_l, b_l>`` per leaf, float32 ``(L,)``."""
+  return jnp.stack([jnp.sum(x.astype(jnp.float32) * y.astype(jnp.float32))
+                    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))])
+
+
+def _init_overshoot(params: PyTree) -> OvershootState:
+  zeros = jnp.zeros((len(jax.tree.leaves(params)),), jnp.float32)
+  return OvershootState(previous=jax.tree.map(jnp.zeros_like, params), slope=zeros,
+                        after=zeros, before=zeros, scale=jnp.ones_like(zeros),
+                        count=jnp.zeros((), jnp.int32))
+
+
+def _check_overshoot(grads: PyTree, direction: PyTree, state: OvershootState,
+                     decay: float) -> tuple[PyTree, OvershootState]:
+  """The learned direction divided by ``sigma_t`` (see the module doc), and the state."""
+  first = state.count == 0
+  after = jnp.where(first, 0.0,
+                    decay * state.after + (1 - decay) * _leaf_dots(grads, state.previous))
+  before = jnp.where(first, 0.0, decay * state.before + (1 - decay) * state.slope)
+  # rho = after / before: the same weights on both sums, so no bias correction. A leaf
+  # whose last direction had no slope (a zero gradient) keeps its scale.
+  usable = (before > 0) & (state.slope > 0)
+  ratio = jnp.where(usable, after / jnp.where(usable, before, 1.0), 0.0)
+  ratio = jnp.where(jnp.isfinite(ratio), ratio, 0.0)
+  scale = state.scale * jnp.maximum(1.0, 1.0 - ratio)
+  direction = adaptive.divide_leaves(grads, direction, scale)
+  return direction, OvershootState(previous=direction, slope=_leaf_dots(grads, direction),
+                                   after=after, before=before, scale=scale,
+                                   count=optax.safe_increment(state.count))
 
 
 def scale_by_blended_mirror_descent(
@@ -573,6 +685,7 @@ def scale_by_blended_mirror_descent(
     online_power: float = 1.0,
     max_dimension: int = 1024,
     block_size: int | None = None,
+    overshoot_decay: float | None = None,
 ) -> optax.GradientTransformation:
   """Map gradients to ``(M^{-1} g + blend_rate * K_t^{-1} g) / s_t`` (see the module doc).
 
@@ -609,6 +722,10 @@ def scale_by_blended_mirror_descent(
     block_size: with ``'kronecker'``, sides longer than this (up to ``max_dimension``)
       keep block-diagonal statistics (:func:`scale_by_kronecker_statistics`); ``None``:
       one block per side.
+    overshoot_decay: the overshoot check (the module doc): ``None``, off; a float in
+      ``[0, 1)``, the decay of its moving averages (0: the last step alone). The learned
+      half is then divided by a non-decreasing ``sigma_t`` per leaf that shortens it
+      where it passed the minimum along its own last direction.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -616,10 +733,12 @@ def scale_by_blended_mirror_descent(
   Raises:
     TypeError, ValueError: on a bad ``blend_rate``, ``reference_norm``, ``decay``,
       ``epsilon``, ``statistics``, ``refresh_every``, ``eigenbasis_levels``,
-      ``online_power``, ``max_dimension`` or ``block_size`` (each named in the message).
+      ``online_power``, ``max_dimension``, ``block_size`` or ``overshoot_decay`` (each
+      named in the message).
   """
   blend_rate = check_blend_rate(blend_rate)
   check_online_power(online_power)
+  overshoot_decay = check_overshoot_decay(overshoot_decay)
   check_block_size(block_size)
   _check_positive_int(max_dimension, 'max_dimension')
   if eigenbasis_levels is None:
@@ -641,11 +760,17 @@ def scale_by_blended_mirror_descent(
     online = scale_by_factored_statistics(epsilon, statistics=statistics)
 
   def init_fn(params):
-    return ScaleByBlendedMirrorDescentState(learned.init(params), online.init(params))
+    return ScaleByBlendedMirrorDescentState(
+        learned.init(params), online.init(params),
+        optax.EmptyState() if overshoot_decay is None else _init_overshoot(params))
 
   def update_fn(updates, state, params=None):
     learned_direction, learned_state = learned.update(updates, state.adaptive, params)
     online_direction, online_state = online.update(updates, state.statistics, params)
+    overshoot_state = state.overshoot
+    if overshoot_decay is not None:
+      learned_direction, overshoot_state = _check_overshoot(
+          updates, learned_direction, overshoot_state, overshoot_decay)
     # The online scale shortens the online half too (one scale, or one per leaf), raised
     # to online_power.
     scale = learned_state.scale
@@ -654,7 +779,8 @@ def scale_by_blended_mirror_descent(
     online_direction = adaptive.divide_leaves(updates, online_direction, scale)
     updates = jax.tree.map(lambda a, b: (a + blend_rate * b).astype(a.dtype),
                            learned_direction, online_direction)
-    return updates, ScaleByBlendedMirrorDescentState(learned_state, online_state)
+    return updates, ScaleByBlendedMirrorDescentState(learned_state, online_state,
+                                                     overshoot_state)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -674,6 +800,7 @@ def blended_metamd(
     online_power: float = 1.0,
     max_dimension: int = 1024,
     block_size: int | None = None,
+    overshoot_decay: float | None = None,
 ) -> optax.GradientTransformation:
   """Blended MetaMD: ``-lr (M^{-1} g + blend_rate K_t^{-1} g) / s_t``.
 
@@ -700,6 +827,8 @@ def blended_metamd(
     online_power: the online half is divided by ``s_t ** online_power``, in ``[0, 1]``.
     max_dimension: with ``'kronecker'``, sides longer than this keep diagonal statistics.
     block_size: with ``'kronecker'``, sides longer than this keep block-diagonal ones.
+    overshoot_decay: ``None`` (off) or the overshoot check's decay in ``[0, 1)`` (see
+      :func:`scale_by_blended_mirror_descent`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -721,6 +850,7 @@ def blended_metamd(
                                       statistics=statistics, refresh_every=refresh_every,
                                       eigenbasis_levels=eigenbasis_levels,
                                       online_power=online_power,
-                                      max_dimension=max_dimension, block_size=block_size),
+                                      max_dimension=max_dimension, block_size=block_size,
+                                      overshoot_decay=overshoot_decay),
       optax.scale_by_learning_rate(learning_rate),
   )

@@ -277,23 +277,30 @@ def test_state_is_the_adaptive_state_and_one_row_and_column_per_leaf():
   assert all(float(jnp.sum(x)) == 0 for x in jax.tree.leaves(state.statistics))
 
 
-@pytest.mark.parametrize('per_leaf, statistics, online_power, block_size', [
-    (False, 'sum', 1.0, None), (True, 'sum', 1.0, None), (True, 'peak_average', 1.0, None),
-    (True, 'kronecker', 1.0, None), (True, 'kronecker', 0.5, None), (True, 'sum', 0.0, None),
-    (True, 'kronecker', 0.5, 2)])
+@pytest.mark.parametrize('per_leaf, statistics, online_power, block_size, overshoot', [
+    (False, 'sum', 1.0, None, None), (True, 'sum', 1.0, None, None),
+    (True, 'peak_average', 1.0, None, None), (True, 'kronecker', 1.0, None, None),
+    (True, 'kronecker', 0.5, None, None), (True, 'sum', 0.0, None, None),
+    (True, 'kronecker', 0.5, 2, None), (True, 'kronecker', 0.5, None, 0.5),
+    (True, 'sum', 1.0, None, 0.0)])
 def test_metric_never_decreases_and_the_regret_bound_holds(x64, per_leaf, statistics,
-                                                           online_power, block_size):
+                                                           online_power, block_size,
+                                                           overshoot):
   """Least squares (convex), dense ``M_t = s_t (M^{-1} + eta K_t^{-1})^{-1}`` (per leaf:
   block by block): each ``M_t - M_{t-1}`` is positive semi-definite, and the regret
   against the minimiser is below the adaptive-mirror-descent bound, itself below the
   closed-form bound (AdaGrad's, for running diagonal sums); with Shampoo's statistics the
   online half is dense and its roots partly stale. With ``online_power = p`` the online
   half is divided by ``s_t^p``: ``M_t = (M^{-1} / s_t + eta K_t^{-1} / s_t^p)^{-1}``;
-  with ``block_size=2`` the 4-row side of ``w`` keeps two diagonal blocks."""
+  with ``block_size=2`` the 4-row side of ``w`` keeps two diagonal blocks. With the
+  overshoot check (learned steps three times as long, so that they pass the minimum) the
+  learned half is divided by ``sigma_t`` per leaf too:
+  ``M_t = (M^{-1} / (s_t sigma_t) + eta K_t^{-1} / s_t^p)^{-1}``."""
   task = quadratic_task(dims=(4, 3), seed=3, dtype=jnp.float64)
   params = task.init()
-  divergence = well_conditioned(metamd_jax.init_divergence(params, 0.2, dtype=jnp.float64),
-                                seed=3, noise=0.3)
+  learning_rate = 0.2 if overshoot is None else 0.6
+  divergence = well_conditioned(
+      metamd_jax.init_divergence(params, learning_rate, dtype=jnp.float64), seed=3, noise=0.3)
   metric = dense_block_metric(divergence)
   inverse = np.linalg.inv(metric)
   blend_rate, epsilon, num_steps = 0.05, 1e-8, 40
@@ -303,19 +310,25 @@ def test_metric_never_decreases_and_the_regret_bound_holds(x64, per_leaf, statis
   optimizer = metamd_jax.blended_metamd(divergence, reference_norm, blend_rate, epsilon=epsilon,
                                         per_leaf=per_leaf, statistics=statistics,
                                         refresh_every=refresh_every,
-                                        online_power=online_power, block_size=block_size)
+                                        online_power=online_power, block_size=block_size,
+                                        overshoot_decay=overshoot)
   sizes = [3, 12]  # leaves b, then w: a scale per leaf repeats over its coordinates
   state = optimizer.init(params)
   update, gradient = jax.jit(optimizer.update), jax.jit(jax.grad(task.loss))
-  thetas, grads_list, scales = [], [], []
+  thetas, grads_list, scales, sigmas = [], [], [], []
   for t in range(num_steps):
     grads = gradient(params, task.batch(jnp.asarray(t)))
     thetas.append(flat(params))
     grads_list.append(grads)
     updates, state = update(grads, state, params)
     scales.append(np.repeat(np.broadcast_to(np.asarray(state[0].adaptive.scale), 2), sizes))
+    sigmas.append(np.ones(15) if overshoot is None
+                  else np.repeat(np.asarray(state[0].overshoot.scale, np.float64), sizes))
     params = optax.apply_updates(params, updates)
   assert scales[-1].max() > 1.5  # the learned half adapted
+  if overshoot is not None:
+    assert sigmas[-1].max() > 1.5  # the check shortened it
+    assert all(np.all(b >= a) for a, b in zip(sigmas, sigmas[1:]))
 
   # The comparator u: the least-squares minimiser of the losses seen (the batches cycle
   # through the task's 32 rows with period 4), in numpy; leaves in order: b, then w.
@@ -334,7 +347,7 @@ def test_metric_never_decreases_and_the_regret_bound_holds(x64, per_leaf, statis
       rows, columns = (_factored_statistics(grads_list[:t + 1]) if statistics == 'sum'
                        else _peak_statistics(grads_list[:t + 1], 0.99))
       online = np.diag(1 / _denominator(rows, columns, epsilon))
-    inverse_t = (inverse / scales[t][:, None]  # block diagonal
+    inverse_t = (inverse / (scales[t] * sigmas[t])[:, None]  # block diagonal
                  + blend_rate * online / scales[t][:, None] ** online_power)
     # The step is mirror descent with the metric M_t.
     np.testing.assert_allclose(thetas[t + 1] - thetas[t], -inverse_t @ flat(grads_list[t]),
@@ -351,7 +364,7 @@ def test_metric_never_decreases_and_the_regret_bound_holds(x64, per_leaf, statis
                               for t in range(1, num_steps))
   adaptive_bound += 0.5 * sum(flat(g) @ m @ flat(g) for g, m in zip(grads_list, inverses))
   assert regret <= adaptive_bound
-  if statistics != 'sum' or online_power != 1:
+  if statistics != 'sum' or online_power != 1 or overshoot is not None:
     return
 
   adagrad = np.sqrt(sum(flat(g) ** 2 for g in grads_list)) + epsilon
@@ -385,6 +398,120 @@ def test_online_half_trains_where_the_learned_steps_are_too_short():
   blend = final_loss(metamd_jax.blended_metamd(too_short, None, blend_rate=0.1))
   assert frozen - best > 0.99 * (initial - best)
   assert blend - best < 0.1 * (initial - best)
+
+
+def test_overshoot_check_lands_on_the_minimum_of_a_quadratic():
+  """``f = 1/2 sum_l h_l ||theta_l||^2`` with learned steps ``1.9 g``: on the leaf with
+  ``h = 1`` the first step passes the minimum (``theta_2 = -0.9 theta_1``), the secant
+  gives ``rho = -0.9`` and ``sigma = 1.9``, and the second step lands on it; on the leaf
+  with ``h = 0.5`` the steps stop short (``rho = 0.05``) and are never lengthened."""
+  curvature = {'a': 1.0, 'b': 0.5}
+  params = {'a': jnp.asarray([[1.0, -2.0], [0.5, 3.0]]), 'b': jnp.asarray([2.0, -1.0, 4.0])}
+  divergence = metamd_jax.init_divergence(params, 1.9)
+  optimizer = metamd_jax.blended_metamd(divergence, None, 0.0, overshoot_decay=0.0)
+  state = optimizer.init(params)
+  theta = params
+  for _ in range(2):
+    grads = {k: curvature[k] * v for k, v in theta.items()}
+    updates, state = optimizer.update(grads, state, theta)
+    theta = optax.apply_updates(theta, updates)
+  np.testing.assert_allclose(state[0].overshoot.scale, [1.9, 1.0], rtol=1e-6)
+  np.testing.assert_allclose(theta['a'], 0.0, atol=1e-6)
+  np.testing.assert_allclose(theta['b'], 0.05 ** 2 * params['b'], rtol=1e-5)
+
+
+def test_overshoot_check_equals_a_numpy_loop(x64):
+  """The learned half with the check against a float64 numpy loop of ``rho``, ``sigma``
+  and ``d_t = M^{-1} g_t / sigma_t`` (the learned half never adapts: no levels), on
+  gradients that flip sign, shrink and vanish on one leaf."""
+  divergence = _divergence(seed=2, dtype=jnp.float64)
+  metric = dense_block_metric(divergence)
+  inverse = np.linalg.inv(metric)
+  params = _tree(1)
+  rng = np.random.default_rng(5)
+  grads_list = []
+  for t in range(8):
+    grads = _tree(30 + t)
+    if t % 2:  # partly flipped back along the last gradient
+      grads = jax.tree.map(lambda g, h: g - 2.0 * h, grads, grads_list[-1])
+    grads['scalar'] = jnp.zeros(()) if t >= 3 else grads['scalar']
+    grads_list.append(jax.tree.map(lambda g: g * rng.uniform(0.5, 1.5), grads))
+  decay = 0.5
+  # Coordinates in the order of flat(): leaves sorted by name, as jax.tree.leaves.
+  names = sorted(SHAPES)
+  sizes = [int(np.prod(SHAPES[k])) for k in names]
+  bounds = np.cumsum([0, *sizes])
+  sigma, after, before = np.ones(4), np.zeros(4), np.zeros(4)
+  previous, slope, expected, sigmas = np.zeros(bounds[-1]), np.zeros(4), [], []
+  for t, grads in enumerate(grads_list):
+    g = flat(grads)
+    raw = inverse @ g
+    for leaf in range(4):
+      part = slice(bounds[leaf], bounds[leaf + 1])
+      if t:
+        after[leaf] = decay * after[leaf] + (1 - decay) * g[part] @ previous[part]
+        before[leaf] = decay * before[leaf] + (1 - decay) * slope[leaf]
+        usable = before[leaf] > 0 and slope[leaf] > 0  # no slope: sigma kept
+        rho = after[leaf] / before[leaf] if usable else 0.0
+        sigma[leaf] *= max(1.0, 1.0 - rho)
+    direction = raw / np.repeat(sigma, sizes)
+    slope = np.array([g[bounds[i]:bounds[i + 1]] @ direction[bounds[i]:bounds[i + 1]]
+                      for i in range(4)])
+    previous = direction
+    expected.append(-direction)
+    sigmas.append(sigma.copy())
+  scalar = names.index('scalar')
+  assert sigmas[-1].max() > 1.5 and sigmas[-1][scalar] == sigmas[3][scalar]
+
+  optimizer = metamd_jax.blended_metamd(divergence, None, 0.0, overshoot_decay=decay)
+  state = optimizer.init(params)
+  update = jax.jit(optimizer.update)
+  for t, grads in enumerate(grads_list):
+    updates, state = update(grads, state, params)
+    # The check's averages and sigma are float32 (one number per leaf).
+    np.testing.assert_allclose(flat(updates), expected[t], rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(state[0].overshoot.scale, sigmas[t], rtol=1e-5)
+
+
+def test_overshoot_check_keeps_the_online_half_and_the_dtype():
+  """With the check, the online half is added unchanged (the check divides the learned
+  half alone), a bfloat16 leaf stays bfloat16 and its check accumulates in float32."""
+  params = _tree(1, dtype=jnp.float32)
+  divergence = _divergence(seed=1, dtype=jnp.float32)
+  grads_list = [_tree(40 + t) for t in range(4)]
+  grads_list = [g if t % 2 == 0 else jax.tree.map(lambda x: -x, g)
+                for t, g in enumerate(grads_list)]
+  checked = metamd_jax.blended_metamd(divergence, None, 0.3, overshoot_decay=0.0)
+  learned_only = metamd_jax.blended_metamd(divergence, None, 0.0, overshoot_decay=0.0)
+  online_only = blended.scale_by_factored_statistics()
+  states = [checked.init(params), learned_only.init(params), online_only.init(params)]
+  for grads in grads_list:
+    a, states[0] = checked.update(grads, states[0], params)
+    b, states[1] = learned_only.update(grads, states[1], params)
+    c, states[2] = online_only.update(grads, states[2], params)
+    chex.assert_trees_all_close(a, jax.tree.map(lambda x, y: x - 0.3 * y, b, c), rtol=1e-5,
+                                atol=1e-7)
+  assert float(jnp.max(states[0][0].overshoot.scale)) > 1.5
+
+  half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  optimizer = metamd_jax.blended_metamd(
+      metamd_jax.init_divergence(half, 0.1), None, 0.1, overshoot_decay=0.5)
+  state = optimizer.init(half)
+  for grads in grads_list:
+    updates, state = optimizer.update(jax.tree.map(lambda x: x.astype(jnp.bfloat16), grads),
+                                      state, half)
+  assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates))
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state[0].overshoot.previous))
+  assert state[0].overshoot.scale.dtype == jnp.float32
+  assert bool(jnp.all(jnp.isfinite(state[0].overshoot.scale)))
+
+
+@pytest.mark.parametrize('value, error', [(-0.1, ValueError), (1.0, ValueError),
+                                          (float('nan'), ValueError), (True, TypeError),
+                                          ('0.5', TypeError)])
+def test_bad_overshoot_decay_is_named(value, error):
+  with pytest.raises(error, match='overshoot_decay'):
+    metamd_jax.blended_metamd(_divergence(), 1.0, 0.1, overshoot_decay=value)
 
 
 @pytest.mark.parametrize('value, error', [
