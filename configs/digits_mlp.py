@@ -28,4 +28,8 @@ def get_config():
   # One scale per eigendirection of the learned factors (as the default): 7 of 8 checks
   # against 5 of 8 with one scale per leaf (experiments/RESULTS.md section 13).
   config.eval.adaptive_eigenbasis = True
+  # The overshoot check at 0.5 (as the default): 6 of 8 checks against 4 of 8 without it,
+  # over the decays 0, 0.5 and 0.8 (experiments/RESULTS.md section 17).
+  config.eval.adaptive_overshoot = True
+  config.eval.adaptive_overshoot_decay = 0.5
   return config

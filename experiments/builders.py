@@ -218,6 +218,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if isinstance(online_power, bool) or not isinstance(online_power, (int, float)) \
       or not 0 <= online_power <= 1:
     _fail('eval.adaptive_online_power', online_power, 'must be a number in [0, 1]')
+  overshoot = evaluation.get('adaptive_overshoot', False)
+  if not isinstance(overshoot, bool):
+    _fail('eval.adaptive_overshoot', overshoot, 'must be True or False')
+  overshoot_decay = evaluation.get('adaptive_overshoot_decay', 0.5)
+  if isinstance(overshoot_decay, bool) or not isinstance(overshoot_decay, (int, float)) \
+      or not 0 <= overshoot_decay < 1:
+    _fail('eval.adaptive_overshoot_decay', overshoot_decay, 'must be a number in [0, 1)')
   for name, minimum in (('adaptive_blend_max_dimension', 1), ('adaptive_blend_block_size', 0)):
     value = evaluation.get(name, 1024 if minimum else 0)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

@@ -39,7 +39,10 @@ and 0.3) and ``'eigen_kron_<rate>_nesterov_0.5_online_<p>'`` (the blend rates 0.
 ``'..._max_512'`` (the default's cheaper forms: a side of Shampoo's statistics longer
 than ``size`` in diagonal blocks of at most ``size``, ``eval.adaptive_blend_block_size``,
 or one longer than 512 diagonal, ``eval.adaptive_blend_max_dimension``);
-and ``'config'`` (:data:`OWN`: the config's own settings, as they are);
+and ``'config'`` (:data:`OWN`: the config's own settings, as they are) and
+``'config_overshoot_<decay>'`` (:data:`OVERSHOOT`: the config's own settings with the
+overshoot check of :func:`metamd_jax.blended_metamd` at the decays 0, 0.5 and 0.8,
+``eval.adaptive_overshoot`` and ``eval.adaptive_overshoot_decay``);
 ``--candidates=a,b`` compares a subset; frozen ``'metamd'`` and the reference at its
 meta-train-tuned learning rate run next to them for comparison. The rule, fixed before any run:
 
@@ -51,13 +54,14 @@ meta-train-tuned learning rate run next to them for comparison. The rule, fixed 
    training loss divided by the re-tuned reference's (a diverged check counts as
    infinite);
 4. ties go to ``'config'``, then to the earlier candidate in :data:`CANDIDATES` (the
-   single scale first, the blended ones last).
+   single scale first, the blended ones last), then in :data:`OVERSHOOT`.
 
 Writes ``choose_variant.json`` and ``choose_variant.md`` in the workdir and prints the
 table; set ``eval.adaptive_per_leaf``, ``eval.adaptive_blend_rate``,
 ``eval.adaptive_blend_statistics``, ``eval.adaptive_momentum``, ``eval.adaptive_eigenbasis``
-``eval.adaptive_online_power``, ``eval.adaptive_blend_max_dimension`` and
-``eval.adaptive_blend_block_size`` (in the family's config,
+``eval.adaptive_online_power``, ``eval.adaptive_blend_max_dimension``,
+``eval.adaptive_blend_block_size``, ``eval.adaptive_overshoot`` and
+``eval.adaptive_overshoot_decay`` (in the family's config,
 or with ``--config.eval...``) to the choice.
 """
 
@@ -156,6 +160,14 @@ for _settings in CANDIDATES.values():  # no momentum unless a candidate names on
   _settings.setdefault('adaptive_online_power', 1.0)
   _settings.setdefault('adaptive_blend_max_dimension', 1024)
   _settings.setdefault('adaptive_blend_block_size', 0)
+  _settings.setdefault('adaptive_overshoot', False)
+  _settings.setdefault('adaptive_overshoot_decay', 0.5)
+OVERSHOOT = {f'config_overshoot_{decay}': {'adaptive_overshoot': True,
+                                           'adaptive_overshoot_decay': decay}
+             for decay in (0.0, 0.5, 0.8)}
+"""Candidates that keep the config's own settings and add the overshoot check at a
+decay (``eval.adaptive_overshoot``, ``eval.adaptive_overshoot_decay``); after
+:data:`CANDIDATES` in ties."""
 OWN = 'config'
 """The candidate that keeps the config's own ``eval`` settings (always allowed; first in
 ties): how :mod:`experiments.sweep` scores a meta-training setting by this rule."""
@@ -166,6 +178,8 @@ RESULT = 'choose_variant'
 def settings_of(config: ml_collections.ConfigDict, name: str) -> dict:
   """The ``eval`` settings of candidate ``name``; :data:`OWN`: the config's own values of
   the fields the candidates set."""
+  if name in OVERSHOOT:
+    return {**settings_of(config, OWN), **OVERSHOOT[name]}
   if name != OWN:
     return CANDIDATES[name]
   template = CANDIDATES['eigen_kron_0.1_nesterov_0.5_online_0.5']
@@ -202,7 +216,8 @@ def choose(scores: dict) -> str:
 
 
 def check_candidates(candidates) -> tuple[str, ...]:
-  """Validate candidate names (:data:`OWN` or :data:`CANDIDATES` keys, no repeats).
+  """Validate candidate names (:data:`OWN`, :data:`CANDIDATES` or :data:`OVERSHOOT`
+  keys, no repeats).
 
   Raises:
     ValueError: naming an unknown or repeated candidate, or on an empty selection.
@@ -212,11 +227,13 @@ def check_candidates(candidates) -> tuple[str, ...]:
     raise ValueError('candidates is empty: name at least one of '
                      f'{tuple(CANDIDATES)}.')
   for name in names:
-    if name != OWN and name not in CANDIDATES:
-      raise ValueError(f'unknown candidate {name!r}; known: {(OWN, *CANDIDATES)}.')
+    if name != OWN and name not in CANDIDATES and name not in OVERSHOOT:
+      raise ValueError(f'unknown candidate {name!r}; known: '
+                       f'{(OWN, *CANDIDATES, *OVERSHOOT)}.')
   if len(set(names)) != len(names):
     raise ValueError(f'candidates names a candidate twice: {names}.')
-  return tuple(name for name in (OWN, *CANDIDATES) if name in names)  # this order: ties
+  return tuple(name for name in (OWN, *CANDIDATES, *OVERSHOOT)  # this order: ties
+               if name in names)
 
 
 def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
@@ -319,6 +336,9 @@ def format_choice(result: dict) -> str:
               if result.get('adaptive_blend_max_dimension', 1024) != 1024 else '')
            + (f", eval.adaptive_blend_block_size={result['adaptive_blend_block_size']}"
               if result.get('adaptive_blend_block_size', 0) else '')
+           + (', eval.adaptive_overshoot=True, eval.adaptive_overshoot_decay='
+              f"{result['adaptive_overshoot_decay']}" if result.get('adaptive_overshoot')
+              else '')
            + ').', '',
            f'| candidate | diverged runs where {reference} trains | faster than '
            f'{reference} re-tuned | final loss / re-tuned {reference} (geometric mean) |',

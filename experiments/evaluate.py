@@ -70,6 +70,8 @@ def calibrate(config: ml_collections.ConfigDict, divergence: PyTree, family: Tas
           'online_power': ev.get('adaptive_online_power', 1.0),
           'max_dimension': ev.get('adaptive_blend_max_dimension', 1024),
           'block_size': ev.get('adaptive_blend_block_size', 0),
+          'overshoot': ev.get('adaptive_overshoot', False),
+          'overshoot_decay': ev.get('adaptive_overshoot_decay', 0.5),
           'calibration_tasks': 'meta-train tuning tasks',
           'num_calibration_tasks': ev.num_tune_tasks, 'num_steps': ev.num_steps}
 
@@ -80,7 +82,9 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
   (:func:`metamd_jax.blended_metamd`, its online half divided by the learned scale to the
   power ``eval.adaptive_online_power``; with Shampoo's statistics, sides over
   ``eval.adaptive_blend_max_dimension`` diagonal and over ``eval.adaptive_blend_block_size``
-  blocked) when ``eval.adaptive_blend_rate > 0``, followed by
+  blocked; with ``eval.adaptive_overshoot``, the overshoot check at
+  ``eval.adaptive_overshoot_decay``) when ``eval.adaptive_blend_rate > 0`` or
+  ``eval.adaptive_overshoot``, followed by
   Nesterov's momentum (:func:`metamd_jax.nesterov_momentum`) when
   ``eval.adaptive_momentum > 0``; ``None`` when calibration failed or is off."""
   if adaptive is None or adaptive['reference_norm'] is None:
@@ -90,7 +94,8 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
   if ev.get('adaptive_eigenbasis', False) and levels is None:
     raise ValueError('eval.adaptive_eigenbasis is set but the calibration has no '
                      'eigenbasis levels: calibrate with the same config.')
-  if ev.adaptive_blend_rate > 0:
+  overshoot = ev.get('adaptive_overshoot', False)
+  if ev.adaptive_blend_rate > 0 or overshoot:
     optimizer = metamd_jax.blended_metamd(divergence, adaptive['reference_norm'],
                                           ev.adaptive_blend_rate, decay=ev.adaptive_decay,
                                           per_leaf=ev.adaptive_per_leaf,
@@ -100,7 +105,10 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
                                           max_dimension=ev.get('adaptive_blend_max_dimension',
                                                                1024),
                                           block_size=ev.get('adaptive_blend_block_size', 0)
-                                          or None)
+                                          or None,
+                                          overshoot_decay=(
+                                              ev.get('adaptive_overshoot_decay', 0.5)
+                                              if overshoot else None))
   elif levels is not None:
     optimizer = eigenbasis_lib.eigenbasis_metamd(divergence, levels, decay=ev.adaptive_decay)
   else:

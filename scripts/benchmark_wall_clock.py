@@ -61,10 +61,12 @@ _CALIBRATION_FIELDS = {'blend_rate': 'adaptive_blend_rate',
                        'momentum': 'adaptive_momentum', 'eigenbasis': 'adaptive_eigenbasis',
                        'online_power': 'adaptive_online_power',
                        'max_dimension': 'adaptive_blend_max_dimension',
-                       'block_size': 'adaptive_blend_block_size'}
+                       'block_size': 'adaptive_blend_block_size',
+                       'overshoot': 'adaptive_overshoot',
+                       'overshoot_decay': 'adaptive_overshoot_decay'}
 # What a calibration stored before a field existed meant.
 _CALIBRATION_DEFAULTS = {'eigenbasis': False, 'online_power': 1.0, 'max_dimension': 1024,
-                         'block_size': 0}
+                         'block_size': 0, 'overshoot': False, 'overshoot_decay': 0.5}
 
 
 def _fail(message: str):
@@ -89,8 +91,9 @@ def stored_family(results_path: pathlib.Path, family: str) -> dict:
 
 _SETTABLE = ('adaptive_blend_rate', 'adaptive_blend_statistics', 'adaptive_momentum',
              'adaptive_online_power', 'adaptive_blend_max_dimension',
-             'adaptive_blend_block_size')
+             'adaptive_blend_block_size', 'adaptive_overshoot', 'adaptive_overshoot_decay')
 _INTEGER_SETTINGS = ('adaptive_blend_max_dimension', 'adaptive_blend_block_size')
+_BOOLEANS = {'true': True, 'false': False}
 
 
 def parse_settings(pairs: list[str]) -> dict:
@@ -100,6 +103,11 @@ def parse_settings(pairs: list[str]) -> dict:
     field, sep, value = pair.partition('=')
     if not sep or field not in _SETTABLE:
       _fail(f'--set takes FIELD=VALUE with FIELD one of {_SETTABLE}, got {pair!r}.')
+    if field == 'adaptive_overshoot':
+      if value.lower() not in _BOOLEANS:
+        _fail(f'--set {field} takes true or false, got {value!r}.')
+      settings[field] = _BOOLEANS[value.lower()]
+      continue
     try:
       settings[field] = (value if field == 'adaptive_blend_statistics'
                          else int(value) if field in _INTEGER_SETTINGS else float(value))

@@ -179,6 +179,15 @@ def _check_wall_clock(config, workdir, family):
   assert all(type(value) is int for value in settings.values())
   with pytest.raises(SystemExit, match='an integer'):
     benchmark_wall_clock.parse_settings(['adaptive_blend_block_size=2.5'])
+  assert benchmark_wall_clock.parse_settings(
+      ['adaptive_overshoot=True', 'adaptive_overshoot_decay=0.8']) == {
+          'adaptive_overshoot': True, 'adaptive_overshoot_decay': 0.8}
+  with pytest.raises(SystemExit, match='true or false'):
+    benchmark_wall_clock.parse_settings(['adaptive_overshoot=1'])
+  family_cfg = benchmark_setup.family_config(config, 'tiny')
+  family_cfg.eval.adaptive_overshoot = not family_cfg.eval.adaptive_overshoot  # not stored
+  with pytest.raises(SystemExit, match='overshoot'):
+    benchmark_wall_clock.build_optimizer('metamd_adaptive', family_cfg, family, divergence)
   with pytest.raises(SystemExit, match='no learned divergence'):
     benchmark_wall_clock.wall_clock(config, 'tiny', workdir / 'nowhere',
                                     workdir / 'results.json')

@@ -69,7 +69,9 @@ def test_compare_runs_validation_tasks_only_and_applies_the_rule(tmp_path, monke
                                       'adaptive_momentum': 0.0, 'adaptive_eigenbasis': True,
                                       'adaptive_online_power': 1.0,
                                       'adaptive_blend_max_dimension': 1024,
-                                      'adaptive_blend_block_size': 0}
+                                      'adaptive_blend_block_size': 0,
+                                      'adaptive_overshoot': False,
+                                      'adaptive_overshoot_decay': 0.5}
   monkeypatch.setattr(choose_variant, 'CANDIDATES', candidates)
   result = choose_variant.compare(config, tmp_path, divergence)
 
@@ -141,7 +143,8 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
         'adaptive_per_leaf': True, 'adaptive_blend_rate': rate,
         'adaptive_blend_statistics': statistics, 'adaptive_momentum': momentum,
         'adaptive_eigenbasis': eigenbasis, 'adaptive_online_power': 1.0,
-        'adaptive_blend_max_dimension': 1024, 'adaptive_blend_block_size': 0}, name
+        'adaptive_blend_max_dimension': 1024, 'adaptive_blend_block_size': 0,
+        'adaptive_overshoot': False, 'adaptive_overshoot_decay': 0.5}, name
   assert all(settings['adaptive_momentum'] == 0.0 for name, settings in
              choose_variant.CANDIDATES.items() if 'nesterov' not in name)
   assert choose_variant.CANDIDATES['eigen_kron_0.1_nesterov_0.5_online_0.5'] == {
@@ -166,6 +169,24 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
              for name, settings in choose_variant.CANDIDATES.items())
   assert all(settings['adaptive_eigenbasis'] == name.startswith('eigen') for name, settings
              in choose_variant.CANDIDATES.items())
+  assert not any(settings['adaptive_overshoot'] for settings in
+                 choose_variant.CANDIDATES.values())
+  # The overshoot candidates: the config's own settings, with the check at a decay.
+  config = tiny.get_config()
+  config.eval.adaptive_blend_rate = 0.03
+  config.eval.adaptive_online_power = 0.0
+  config.eval.adaptive_overshoot = False
+  own = choose_variant.settings_of(config, 'config')
+  assert own['adaptive_blend_rate'] == 0.03 and own['adaptive_overshoot'] is False
+  for decay in (0.0, 0.5, 0.8):
+    assert choose_variant.settings_of(config, f'config_overshoot_{decay}') == {
+        **own, 'adaptive_overshoot': True, 'adaptive_overshoot_decay': decay}
+  # Ties: the config first, the overshoot candidates after every other one.
+  assert choose_variant.check_candidates(
+      ['config_overshoot_0.5', 'eigen', 'config', 'config_overshoot_0.0']) == (
+          'config', 'eigen', 'config_overshoot_0.0', 'config_overshoot_0.5')
+  with pytest.raises(ValueError, match="unknown candidate 'config_overshoot_0.9'"):
+    choose_variant.check_candidates(['config_overshoot_0.9'])
   with pytest.raises(ValueError, match="unknown candidate 'blended_2'"):
     choose_variant.check_candidates(['adaptive', 'blended_2'])
   with pytest.raises(ValueError, match='twice'):

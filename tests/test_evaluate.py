@@ -40,6 +40,7 @@ def test_adaptive_row_with_a_huge_reference_is_metamd(setup, tmp_path, monkeypat
           config.eval.adaptive_momentum) == (0.1, 'kronecker', 0.5)
   config.eval.adaptive_blend_rate = 0.0  # adaptive MetaMD alone: never adapting, it is MetaMD
   config.eval.adaptive_momentum = 0.0
+  config.eval.adaptive_overshoot = False  # the default's check shortens passing steps
   calls = []
 
   def reference(div, family, task_params, num_steps, *, quantile, decay, per_leaf):
@@ -154,6 +155,13 @@ def test_eigenbasis_calibration_gives_levels_per_eigendirection(setup):
   state = optimizer.init(meta_test_family.init_params())
   assert isinstance(state[0][0].adaptive, metamd_jax.eigenbasis.EigenbasisState)
   config.eval.adaptive_blend_rate = 0.0
+  # With the overshoot check (the default) blended MetaMD at rate 0 carries it.
+  assert config.eval.adaptive_overshoot
+  state = evaluate.adaptive_optimizer(config, divergence, result).init(
+      meta_test_family.init_params())
+  assert isinstance(state[0][0].adaptive, metamd_jax.eigenbasis.EigenbasisState)
+  assert isinstance(state[0][0].overshoot, metamd_jax.blended.OvershootState)
+  config.eval.adaptive_overshoot = False
   state = evaluate.adaptive_optimizer(config, divergence, result).init(
       meta_test_family.init_params())
   assert isinstance(state[0][0], metamd_jax.eigenbasis.EigenbasisState)
@@ -245,6 +253,8 @@ def test_shifted_families_are_shifted(setup):
     ('eval.adaptive_blend_max_dimension', -3),
     ('eval.adaptive_blend_block_size', -1),
     ('eval.adaptive_blend_block_size', True),
+    ('eval.adaptive_overshoot_decay', 1.0),
+    ('eval.adaptive_overshoot_decay', -0.1),
 ])
 def test_bad_adaptive_and_shift_values_name_the_field(field, value):
   config = tiny.get_config()
@@ -308,6 +318,29 @@ def test_adaptive_optimizer_is_blended_with_a_positive_blend_rate():
       first_update(evaluate.adaptive_optimizer(config, divergence, calibration)),
       {k: u - 0.5 / scales[k] ** 0.5 for k, u in adaptive_updates.items()}, atol=1e-6)
   config.eval.adaptive_online_power = 1.0
+  # eval.adaptive_overshoot: blended MetaMD with the check, also at blend rate 0. Two steps
+  # with the gradient flipped: rho = -1, so the learned half of the second is halved.
+  flipped = jax.tree.map(lambda g: -g, grads)
+
+  def two_updates(optimizer):
+    state = optimizer.init(params)
+    _, state = optimizer.update(grads, state, params)
+    return optimizer.update(flipped, state, params)[0]
+
+  for rate in (0.5, 0.0):
+    config.eval.adaptive_blend_rate = rate
+    config.eval.adaptive_overshoot = True
+    config.eval.adaptive_overshoot_decay = 0.0
+    checked = two_updates(evaluate.adaptive_optimizer(config, divergence, calibration))
+    chex.assert_trees_all_close(checked, two_updates(metamd_jax.blended_metamd(
+        divergence, (1.0, 1.0), rate, per_leaf=True, overshoot_decay=0.0)))
+    config.eval.adaptive_overshoot = False
+    unchecked = two_updates(evaluate.adaptive_optimizer(config, divergence, calibration))
+    learned = two_updates(metamd_jax.adaptive_metamd(divergence, (1.0, 1.0), per_leaf=True))
+    chex.assert_trees_all_close(jax.tree.map(lambda a, b, c: a - b + c / 2, unchecked,
+                                             checked, learned),
+                                learned, atol=1e-6)
+  config.eval.adaptive_blend_rate = 0.5
   # Nesterov's momentum: the first step is (1 + beta) * step_factor times the blended one.
   config.eval.adaptive_momentum = 0.9
   chex.assert_trees_all_close(
