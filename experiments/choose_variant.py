@@ -42,7 +42,10 @@ or one longer than 512 diagonal, ``eval.adaptive_blend_max_dimension``);
 and ``'config'`` (:data:`OWN`: the config's own settings, as they are) and
 ``'config_overshoot_<decay>'`` (:data:`OVERSHOOT`: the config's own settings with the
 overshoot check of :func:`metamd_jax.blended_metamd` at the decays 0, 0.5 and 0.8,
-``eval.adaptive_overshoot`` and ``eval.adaptive_overshoot_decay``);
+``eval.adaptive_overshoot`` and ``eval.adaptive_overshoot_decay``), and with the check at
+0.5 the cheaper online halves ``'eigen_<sum|peak>_<rate>_nesterov_0.5_online_0.5_overshoot_0.5'``
+(the diagonal running sums or peak averages at 0.01, 0.03 and 0.1) and
+``'eigen_kron_0.1_nesterov_0.5_online_0.5_blocks_128_overshoot_0.5'``;
 ``--candidates=a,b`` compares a subset; frozen ``'metamd'`` and the reference at its
 meta-train-tuned learning rate run next to them for comparison. The rule, fixed before any run:
 
@@ -152,6 +155,21 @@ CANDIDATES = {
        for tail, sides in (*((f'blocks_{size}', {'adaptive_blend_block_size': size})
                              for size in (256, 128, 64)),
                            ('max_512', {'adaptive_blend_max_dimension': 512}))},
+    # With the overshoot check at 0.5: the cheaper online halves (the diagonal running
+    # sums or peak averages, or Shampoo's statistics in blocks of 128).
+    **{f'eigen_{short}_{rate}_nesterov_0.5_online_0.5_overshoot_0.5': {
+        'adaptive_per_leaf': True, 'adaptive_blend_rate': rate,
+        'adaptive_blend_statistics': statistics, 'adaptive_eigenbasis': True,
+        'adaptive_momentum': 0.5, 'adaptive_online_power': 0.5,
+        'adaptive_overshoot': True, 'adaptive_overshoot_decay': 0.5}
+       for short, statistics in (('sum', 'sum'), ('peak', 'peak_average'))
+       for rate in (0.01, 0.03, 0.1)},
+    'eigen_kron_0.1_nesterov_0.5_online_0.5_blocks_128_overshoot_0.5': {
+        'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.1,
+        'adaptive_blend_statistics': 'kronecker', 'adaptive_eigenbasis': True,
+        'adaptive_momentum': 0.5, 'adaptive_online_power': 0.5,
+        'adaptive_blend_block_size': 128, 'adaptive_overshoot': True,
+        'adaptive_overshoot_decay': 0.5},
 }
 """The candidates and their ``eval`` settings; earlier ones win ties."""
 for _settings in CANDIDATES.values():  # no momentum unless a candidate names one

@@ -169,8 +169,17 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
              for name, settings in choose_variant.CANDIDATES.items())
   assert all(settings['adaptive_eigenbasis'] == name.startswith('eigen') for name, settings
              in choose_variant.CANDIDATES.items())
-  assert not any(settings['adaptive_overshoot'] for settings in
-                 choose_variant.CANDIDATES.values())
+  assert all(settings['adaptive_overshoot'] == name.endswith('_overshoot_0.5')
+             for name, settings in choose_variant.CANDIDATES.items())
+  for short, statistics in (('sum', 'sum'), ('peak', 'peak_average')):
+    for rate in (0.01, 0.03, 0.1):
+      assert choose_variant.CANDIDATES[
+          f'eigen_{short}_{rate}_nesterov_0.5_online_0.5_overshoot_0.5'] == {
+              **default, 'adaptive_blend_rate': rate, 'adaptive_blend_statistics': statistics,
+              'adaptive_overshoot': True}
+  assert choose_variant.CANDIDATES[
+      'eigen_kron_0.1_nesterov_0.5_online_0.5_blocks_128_overshoot_0.5'] == {
+          **default, 'adaptive_blend_block_size': 128, 'adaptive_overshoot': True}
   # The overshoot candidates: the config's own settings, with the check at a decay.
   config = tiny.get_config()
   config.eval.adaptive_blend_rate = 0.03
