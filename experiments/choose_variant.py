@@ -42,7 +42,9 @@ or one longer than 512 diagonal, ``eval.adaptive_blend_max_dimension``);
 and ``'config'`` (:data:`OWN`: the config's own settings, as they are) and
 ``'config_overshoot_<decay>'`` (:data:`OVERSHOOT`: the config's own settings with the
 overshoot check of :func:`metamd_jax.blended_metamd` at the decays 0, 0.5 and 0.8,
-``eval.adaptive_overshoot`` and ``eval.adaptive_overshoot_decay``), and with the check at
+``eval.adaptive_overshoot`` and ``eval.adaptive_overshoot_decay``; ``'..._0.5_blend_<rate>'``
+and ``'..._0.5_online_<p>'``: the check at 0.5 with the blend rate 0.03 or 0.3, or the
+online power 0 or 1, instead of the config's), and with the check at
 0.5 the cheaper online halves ``'eigen_<sum|peak>_<rate>_nesterov_0.5_online_0.5_overshoot_0.5'``
 (the diagonal running sums or peak averages at 0.01, 0.03 and 0.1) and
 ``'eigen_kron_0.1_nesterov_0.5_online_0.5_blocks_128_overshoot_0.5'``;
@@ -180,12 +182,22 @@ for _settings in CANDIDATES.values():  # no momentum unless a candidate names on
   _settings.setdefault('adaptive_blend_block_size', 0)
   _settings.setdefault('adaptive_overshoot', False)
   _settings.setdefault('adaptive_overshoot_decay', 0.5)
-OVERSHOOT = {f'config_overshoot_{decay}': {'adaptive_overshoot': True,
-                                           'adaptive_overshoot_decay': decay}
-             for decay in (0.0, 0.5, 0.8)}
+OVERSHOOT = {
+    **{f'config_overshoot_{decay}': {'adaptive_overshoot': True,
+                                     'adaptive_overshoot_decay': decay}
+       for decay in (0.0, 0.5, 0.8)},
+    **{f'config_overshoot_0.5_blend_{rate}': {'adaptive_overshoot': True,
+                                              'adaptive_overshoot_decay': 0.5,
+                                              'adaptive_blend_rate': rate}
+       for rate in (0.03, 0.3)},
+    **{f'config_overshoot_0.5_online_{power}': {'adaptive_overshoot': True,
+                                                'adaptive_overshoot_decay': 0.5,
+                                                'adaptive_online_power': power}
+       for power in (0.0, 1.0)},
+}
 """Candidates that keep the config's own settings and add the overshoot check at a
-decay (``eval.adaptive_overshoot``, ``eval.adaptive_overshoot_decay``); after
-:data:`CANDIDATES` in ties."""
+decay (``eval.adaptive_overshoot``, ``eval.adaptive_overshoot_decay``), or at 0.5 with
+another blend rate or online power; after :data:`CANDIDATES` in ties."""
 OWN = 'config'
 """The candidate that keeps the config's own ``eval`` settings (always allowed; first in
 ties): how :mod:`experiments.sweep` scores a meta-training setting by this rule."""

@@ -190,6 +190,13 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
   for decay in (0.0, 0.5, 0.8):
     assert choose_variant.settings_of(config, f'config_overshoot_{decay}') == {
         **own, 'adaptive_overshoot': True, 'adaptive_overshoot_decay': decay}
+  checked = choose_variant.settings_of(config, 'config_overshoot_0.5')
+  for rate in (0.03, 0.3):
+    assert choose_variant.settings_of(config, f'config_overshoot_0.5_blend_{rate}') == {
+        **checked, 'adaptive_blend_rate': rate}
+  for power in (0.0, 1.0):
+    assert choose_variant.settings_of(config, f'config_overshoot_0.5_online_{power}') == {
+        **checked, 'adaptive_online_power': power}
   # Ties: the config first, the overshoot candidates after every other one.
   assert choose_variant.check_candidates(
       ['config_overshoot_0.5', 'eigen', 'config', 'config_overshoot_0.0']) == (
