@@ -659,14 +659,21 @@ def _check_overshoot(grads: PyTree, direction: PyTree, state: OvershootState,
   after = jnp.where(first, 0.0,
                     decay * state.after + (1 - decay) * _leaf_dots(grads, state.previous))
   before = jnp.where(first, 0.0, decay * state.before + (1 - decay) * state.slope)
+  # A non-finite gradient (or a non-finite last direction) leaves the averages and sigma
+  # as they were.
+  finite = jnp.isfinite(after) & jnp.isfinite(before)
+  after = jnp.where(finite, after, state.after)
+  before = jnp.where(finite, before, state.before)
   # rho = after / before: the same weights on both sums, so no bias correction. A leaf
   # whose last direction had no slope (a zero gradient) keeps its scale.
-  usable = (before > 0) & (state.slope > 0)
+  usable = finite & (before > 0) & (state.slope > 0)
   ratio = jnp.where(usable, after / jnp.where(usable, before, 1.0), 0.0)
   ratio = jnp.where(jnp.isfinite(ratio), ratio, 0.0)
   scale = state.scale * jnp.maximum(1.0, 1.0 - ratio)
   direction = adaptive.divide_leaves(grads, direction, scale)
-  return direction, OvershootState(previous=direction, slope=_leaf_dots(grads, direction),
+  slope = _leaf_dots(grads, direction)
+  return direction, OvershootState(previous=direction,
+                                   slope=jnp.where(jnp.isfinite(slope), slope, 0.0),
                                    after=after, before=before, scale=scale,
                                    count=optax.safe_increment(state.count))
 

@@ -506,6 +506,28 @@ def test_overshoot_check_keeps_the_online_half_and_the_dtype():
   assert bool(jnp.all(jnp.isfinite(state[0].overshoot.scale)))
 
 
+def test_a_non_finite_gradient_leaves_the_check_as_it_was():
+  """A NaN gradient gives a NaN step, but the check's averages and sigma stay as they
+  were, also at the next step (whose last direction is NaN). The other halves keep a
+  non-finite gradient in their statistics: ``optax.apply_if_finite`` keeps it out."""
+  params = {'w': jnp.ones((3, 2))}
+  divergence = metamd_jax.init_divergence(params, 1.9)
+  optimizer = metamd_jax.blended_metamd(divergence, None, 0.0, overshoot_decay=0.5)
+  grads = [{'w': jnp.full((3, 2), v)} for v in (1.0, -0.5, 0.25)]
+  state = optimizer.init(params)
+  _, state = optimizer.update(grads[0], state, params)
+  _, state = optimizer.update(grads[1], state, params)
+  before = state
+  updates, state = optimizer.update({'w': jnp.full((3, 2), jnp.nan)}, state, params)
+  assert bool(jnp.all(jnp.isnan(updates['w'])))
+  for field in ('after', 'before', 'scale'):
+    np.testing.assert_array_equal(getattr(state[0].overshoot, field),
+                                  getattr(before[0].overshoot, field))
+  assert float(state[0].overshoot.slope[0]) == 0.0  # no slope: the next step keeps sigma
+  _, state = optimizer.update(grads[2], state, params)
+  np.testing.assert_array_equal(state[0].overshoot.scale, before[0].overshoot.scale)
+
+
 @pytest.mark.parametrize('value, error', [(-0.1, ValueError), (1.0, ValueError),
                                           (float('nan'), ValueError), (True, TypeError),
                                           ('0.5', TypeError)])
