@@ -591,7 +591,10 @@ class ScaleByBlendedMirrorDescentState(NamedTuple):
     adaptive: the state of :func:`metamd_jax.scale_by_adaptive_mirror_descent` (cached
       inverse factors, count, moving average, online scale ``s_t``).
     statistics: the state of the online half: a :class:`FactoredStatisticsState`, or a
-      :class:`KroneckerStatisticsState` with ``statistics='kronecker'``.
+      :class:`KroneckerStatisticsState` with ``statistics='kronecker'``;
+      ``optax.EmptyState()`` with ``blend_rate=0``.
+    overshoot: an :class:`OvershootState` with ``overshoot_decay``, else
+      ``optax.EmptyState()``.
   """
 
   adaptive: adaptive.ScaleByAdaptiveMirrorDescentState
@@ -766,18 +769,25 @@ def scale_by_blended_mirror_descent(
   else:
     online = scale_by_factored_statistics(epsilon, statistics=statistics)
 
+  # A blend rate of exactly 0 (adaptive or eigenbasis MetaMD, e.g. with the overshoot
+  # check alone) keeps no online statistics: they would cost without moving the step.
+  no_online = isinstance(blend_rate, (int, float)) and blend_rate == 0
+
   def init_fn(params):
     return ScaleByBlendedMirrorDescentState(
-        learned.init(params), online.init(params),
+        learned.init(params), optax.EmptyState() if no_online else online.init(params),
         optax.EmptyState() if overshoot_decay is None else _init_overshoot(params))
 
   def update_fn(updates, state, params=None):
     learned_direction, learned_state = learned.update(updates, state.adaptive, params)
-    online_direction, online_state = online.update(updates, state.statistics, params)
     overshoot_state = state.overshoot
     if overshoot_decay is not None:
       learned_direction, overshoot_state = _check_overshoot(
           updates, learned_direction, overshoot_state, overshoot_decay)
+    if no_online:
+      return learned_direction, ScaleByBlendedMirrorDescentState(
+          learned_state, state.statistics, overshoot_state)
+    online_direction, online_state = online.update(updates, state.statistics, params)
     # The online scale shortens the online half too (one scale, or one per leaf), raised
     # to online_power.
     scale = learned_state.scale
@@ -815,7 +825,8 @@ def blended_metamd(
   AdaGrad direction (diagonal by default, Shampoo's with ``statistics='kronecker'``)
   weighted by ``blend_rate``: mirror descent with the non-decreasing
   metric ``M_t = s_t (M^{-1} + blend_rate K_t^{-1})^{-1}``, so it keeps the adaptive
-  regret bound (the module docstring states it). ``blend_rate=0`` is adaptive MetaMD.
+  regret bound (the module docstring states it). ``blend_rate=0`` is adaptive MetaMD (and
+  keeps no online statistics).
 
   Args:
     divergence: a divergence from :func:`metamd_jax.init_divergence`.

@@ -232,6 +232,8 @@ def test_zero_blend_rate_is_adaptive_metamd():
     b, reference_state = jax.jit(reference.update)(grads, reference_state, params)
     chex.assert_trees_all_equal(a, b)
   chex.assert_trees_all_equal(ours_state[0].adaptive, reference_state[0])
+  # No online statistics are kept at rate 0 (they would not move the step).
+  assert isinstance(ours_state[0].statistics, optax.EmptyState)
 
 
 @pytest.mark.parametrize('structure', ['kronecker', 'diagonal'])
