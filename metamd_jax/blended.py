@@ -613,7 +613,9 @@ class OvershootState(NamedTuple):
     after: the moving average of ``<g_t, d_{t-1}>``, float32 ``(L,)`` (0 at ``init``).
     before: the moving average of ``<g_{t-1}, d_{t-1}>``, float32 ``(L,)``.
     scale: ``sigma_t >= 1``, float32 ``(L,)``: the learned half is divided by it.
-    count: number of updates taken, int32 ``()``.
+
+  At ``init`` the last direction and every average are 0, so the first step has no slope
+  and keeps ``sigma = 1``.
   """
 
   previous: PyTree
@@ -621,7 +623,6 @@ class OvershootState(NamedTuple):
   after: Array
   before: Array
   scale: Array
-  count: Array
 
 
 def check_overshoot_decay(overshoot_decay: Any) -> float | None:
@@ -651,17 +652,14 @@ def _leaf_dots(a: PyTree, b: PyTree) -> Array:
 def _init_overshoot(params: PyTree) -> OvershootState:
   zeros = jnp.zeros((len(jax.tree.leaves(params)),), jnp.float32)
   return OvershootState(previous=jax.tree.map(jnp.zeros_like, params), slope=zeros,
-                        after=zeros, before=zeros, scale=jnp.ones_like(zeros),
-                        count=jnp.zeros((), jnp.int32))
+                        after=zeros, before=zeros, scale=jnp.ones_like(zeros))
 
 
 def _check_overshoot(grads: PyTree, direction: PyTree, state: OvershootState,
                      decay: float) -> tuple[PyTree, OvershootState]:
   """The learned direction divided by ``sigma_t`` (see the module doc), and the state."""
-  first = state.count == 0
-  after = jnp.where(first, 0.0,
-                    decay * state.after + (1 - decay) * _leaf_dots(grads, state.previous))
-  before = jnp.where(first, 0.0, decay * state.before + (1 - decay) * state.slope)
+  after = decay * state.after + (1 - decay) * _leaf_dots(grads, state.previous)
+  before = decay * state.before + (1 - decay) * state.slope
   # A non-finite gradient (or a non-finite last direction) leaves the averages and sigma
   # as they were.
   finite = jnp.isfinite(after) & jnp.isfinite(before)
@@ -677,8 +675,7 @@ def _check_overshoot(grads: PyTree, direction: PyTree, state: OvershootState,
   slope = _leaf_dots(grads, direction)
   return direction, OvershootState(previous=direction,
                                    slope=jnp.where(jnp.isfinite(slope), slope, 0.0),
-                                   after=after, before=before, scale=scale,
-                                   count=optax.safe_increment(state.count))
+                                   after=after, before=before, scale=scale)
 
 
 def scale_by_blended_mirror_descent(
