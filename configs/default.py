@@ -137,6 +137,12 @@ def get_config() -> ml_collections.ConfigDict:
   # 0.5 and 0.8 (experiments/RESULTS.md section 17): 8 of 8 checks against 7 of 8.
   evaluation.adaptive_overshoot = True
   evaluation.adaptive_overshoot_decay = 0.5
+  # Shampoo's statistics only: the roots are refreshed at each of the first 10 steps and
+  # every 10th after; a layer's roots are also refreshed once its gradient mass (the sum
+  # of its squared gradients) has grown by this fraction since their last refresh, so a
+  # burst of new gradients (a rare input feature) never meets stale roots. 0: every step;
+  # inf: the schedule alone.
+  evaluation.adaptive_refresh_growth = float('inf')
   # Everyday changes (classification families only; () disables): the held-out tasks again
   # with every optimiser as it is (learned metric, tuned learning rates, calibrated c),
   # against Adam re-tuned on each change. Each costs one Adam tuning and one run per

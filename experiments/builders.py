@@ -225,6 +225,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if isinstance(overshoot_decay, bool) or not isinstance(overshoot_decay, (int, float)) \
       or not 0 <= overshoot_decay < 1:
     _fail('eval.adaptive_overshoot_decay', overshoot_decay, 'must be a number in [0, 1)')
+  refresh_growth = evaluation.get('adaptive_refresh_growth', math.inf)
+  if isinstance(refresh_growth, bool) or not isinstance(refresh_growth, (int, float)) \
+      or not refresh_growth >= 0:
+    _fail('eval.adaptive_refresh_growth', refresh_growth,
+          'must be a number >= 0 (0: every step) or inf (the schedule alone)')
   for name, minimum in (('adaptive_blend_max_dimension', 1), ('adaptive_blend_block_size', 0)):
     value = evaluation.get(name, 1024 if minimum else 0)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

@@ -44,7 +44,10 @@ and ``'config'`` (:data:`OWN`: the config's own settings, as they are) and
 overshoot check of :func:`metamd_jax.blended_metamd` at the decays 0, 0.5 and 0.8,
 ``eval.adaptive_overshoot`` and ``eval.adaptive_overshoot_decay``; ``'..._0.5_blend_<rate>'``
 and ``'..._0.5_online_<p>'``: the check at 0.5 with the blend rate 0.03 or 0.3, or the
-online power 0 or 1, instead of the config's), and with the check at
+online power 0 or 1, instead of the config's), ``'config_refresh_<kappa>'`` (the config's
+own settings with the roots of Shampoo's statistics also refreshed once a leaf's gradient
+mass has grown by the fraction ``kappa`` since their last refresh, at 0, 0.1, 0.3 and 1,
+``eval.adaptive_refresh_growth``; 0: every step), and with the check at
 0.5 the cheaper online halves ``'eigen_<sum|peak>_<rate>_nesterov_0.5_online_0.5_overshoot_0.5'``
 (the diagonal running sums or peak averages at 0.01, 0.03 and 0.1) and
 ``'eigen_kron_0.1_nesterov_0.5_online_0.5_blocks_128_overshoot_0.5'``;
@@ -65,8 +68,8 @@ Writes ``choose_variant.json`` and ``choose_variant.md`` in the workdir and prin
 table; set ``eval.adaptive_per_leaf``, ``eval.adaptive_blend_rate``,
 ``eval.adaptive_blend_statistics``, ``eval.adaptive_momentum``, ``eval.adaptive_eigenbasis``
 ``eval.adaptive_online_power``, ``eval.adaptive_blend_max_dimension``,
-``eval.adaptive_blend_block_size``, ``eval.adaptive_overshoot`` and
-``eval.adaptive_overshoot_decay`` (in the family's config,
+``eval.adaptive_blend_block_size``, ``eval.adaptive_overshoot``,
+``eval.adaptive_overshoot_decay`` and ``eval.adaptive_refresh_growth`` (in the family's config,
 or with ``--config.eval...``) to the choice.
 """
 
@@ -182,6 +185,7 @@ for _settings in CANDIDATES.values():  # no momentum unless a candidate names on
   _settings.setdefault('adaptive_blend_block_size', 0)
   _settings.setdefault('adaptive_overshoot', False)
   _settings.setdefault('adaptive_overshoot_decay', 0.5)
+  _settings.setdefault('adaptive_refresh_growth', math.inf)
 OVERSHOOT = {
     **{f'config_overshoot_{decay}': {'adaptive_overshoot': True,
                                      'adaptive_overshoot_decay': decay}
@@ -194,10 +198,14 @@ OVERSHOOT = {
                                                 'adaptive_overshoot_decay': 0.5,
                                                 'adaptive_online_power': power}
        for power in (0.0, 1.0)},
+    **{f'config_refresh_{growth}': {'adaptive_refresh_growth': growth}
+       for growth in (0.0, 0.1, 0.3, 1.0)},
 }
 """Candidates that keep the config's own settings and add the overshoot check at a
 decay (``eval.adaptive_overshoot``, ``eval.adaptive_overshoot_decay``), or at 0.5 with
-another blend rate or online power; after :data:`CANDIDATES` in ties."""
+another blend rate or online power, or refresh the roots of Shampoo's statistics also
+after a growth of their gradient mass (``eval.adaptive_refresh_growth``); after
+:data:`CANDIDATES` in ties."""
 OWN = 'config'
 """The candidate that keeps the config's own ``eval`` settings (always allowed; first in
 ties): how :mod:`experiments.sweep` scores a meta-training setting by this rule."""

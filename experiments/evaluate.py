@@ -9,6 +9,7 @@ and ``eval.shifts`` repeats the comparison under everyday changes of the tasks
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 import time
@@ -72,6 +73,9 @@ def calibrate(config: ml_collections.ConfigDict, divergence: PyTree, family: Tas
           'block_size': ev.get('adaptive_blend_block_size', 0),
           'overshoot': ev.get('adaptive_overshoot', False),
           'overshoot_decay': ev.get('adaptive_overshoot_decay', 0.5),
+          # None: the roots on their schedule alone (JSON has no infinity).
+          'refresh_growth': (None if math.isinf(ev.get('adaptive_refresh_growth', math.inf))
+                             else ev.adaptive_refresh_growth),
           'calibration_tasks': 'meta-train tuning tasks',
           'num_calibration_tasks': ev.num_tune_tasks, 'num_steps': ev.num_steps}
 
@@ -82,7 +86,8 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
   (:func:`metamd_jax.blended_metamd`, its online half divided by the learned scale to the
   power ``eval.adaptive_online_power``; with Shampoo's statistics, sides over
   ``eval.adaptive_blend_max_dimension`` diagonal and over ``eval.adaptive_blend_block_size``
-  blocked; with ``eval.adaptive_overshoot``, the overshoot check at
+  blocked, and their roots also refreshed after a growth of ``eval.adaptive_refresh_growth``;
+  with ``eval.adaptive_overshoot``, the overshoot check at
   ``eval.adaptive_overshoot_decay``) when ``eval.adaptive_blend_rate > 0`` or
   ``eval.adaptive_overshoot``, followed by
   Nesterov's momentum (:func:`metamd_jax.nesterov_momentum`) when
@@ -108,7 +113,9 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
                                           or None,
                                           overshoot_decay=(
                                               ev.get('adaptive_overshoot_decay', 0.5)
-                                              if overshoot else None))
+                                              if overshoot else None),
+                                          refresh_growth=ev.get('adaptive_refresh_growth',
+                                                                math.inf))
   elif levels is not None:
     optimizer = eigenbasis_lib.eigenbasis_metamd(divergence, levels, decay=ev.adaptive_decay)
   else:

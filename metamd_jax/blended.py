@@ -84,7 +84,9 @@ shorten the online half too, although it is then the half that trains.
 (:func:`scale_by_kronecker_statistics`): ``K_t = (L_t / n + lambda I)^{1/4} ⊗
 (R_t / m + lambda I)^{1/4}`` with ``L_t = sum G G^T``, ``R_t = sum G^T G`` and a damping
 ``lambda`` that grows with the largest eigenvalue, the roots refreshed every
-``refresh_every`` steps (every step during the first ``refresh_every``). ``K_t`` still
+``refresh_every`` steps (every step during the first ``refresh_every``) and, with
+``refresh_growth=kappa``, also at any step where a leaf's gradient mass has grown by a
+fraction ``kappa`` since its last refresh. ``K_t`` still
 never decreases (the fourth root is operator monotone; a stale root is an earlier
 ``K``), so the adaptive-mirror-descent bound above holds; with ``refresh_every=1`` its
 online gradient term is Shampoo's, which Gupta, Koren & Singer (2018) bound by
@@ -404,6 +406,30 @@ def _inverse_fourth_root(statistic: Array, other_size: int, epsilon: float,
   return (mean + floor) ** -0.25
 
 
+def _trace(statistic: Array) -> Array:
+  """The trace of a full, diagonal (vector) or block-diagonal ``(k, b, b)`` statistic."""
+  if statistic.ndim == 1:
+    return jnp.sum(statistic)
+  return jnp.sum(jnp.diagonal(statistic, axis1=-2, axis2=-1))
+
+
+def check_refresh_growth(refresh_growth: Any) -> float | None:
+  """Validate ``refresh_growth``: ``None`` or ``inf`` (the schedule alone, returned as
+  ``None``) or a float >= 0.
+
+  Raises:
+    ValueError: naming ``refresh_growth`` on anything else (a bool, a negative number,
+      NaN, a string).
+  """
+  if refresh_growth is None:
+    return None
+  if (isinstance(refresh_growth, bool) or not isinstance(refresh_growth, (int, float))
+      or not refresh_growth >= 0):
+    raise ValueError(f'refresh_growth must be None or inf (refresh on the schedule alone) '
+                     f'or a float >= 0 (0: every step), got {refresh_growth!r}.')
+  return None if math.isinf(refresh_growth) else float(refresh_growth)
+
+
 def _blocks(size: int, block_size: int | None) -> tuple[int, int]:
   """``(k, b)``: a side of ``size`` split into ``k`` blocks of ``b`` rows (the last
   padded), ``k = ceil(size / block_size)``; ``(1, size)`` without blocking."""
@@ -451,6 +477,8 @@ class KroneckerStatisticsState(NamedTuple):
     left_root: ``(L / n + (epsilon + rho lambda_max) I)^{-1/4}`` at the last refresh.
     right_root: the same of ``R / m``.
     count: number of updates taken, int32 ``()``.
+    refreshed: per leaf (``jax.tree.leaves`` order), float32 ``(L,)``: ``tr L = tr R =
+      sum ||G||_F^2`` at the leaf's last refresh (0 at ``init``).
   """
 
   left: PyTree
@@ -458,6 +486,7 @@ class KroneckerStatisticsState(NamedTuple):
   left_root: PyTree
   right_root: PyTree
   count: Array
+  refreshed: Array
 
 
 def scale_by_kronecker_statistics(
@@ -467,6 +496,7 @@ def scale_by_kronecker_statistics(
     refresh_every: int = 10,
     max_dimension: int = 1024,
     block_size: int | None = None,
+    refresh_growth: float | None = None,
 ) -> optax.GradientTransformation:
   """Map gradients to ``K_t^{-1} g``, Shampoo's full Kronecker statistics.
 
@@ -490,9 +520,17 @@ def scale_by_kronecker_statistics(
   The roots are recomputed (one symmetric eigendecomposition per factor) at every step
   of the first ``refresh_every`` and then every ``refresh_every`` steps; in between the
   last ones are used. A stale ``K`` is the ``K`` of an earlier step, so the sequence
-  used still never decreases. A side longer than ``max_dimension`` keeps the diagonal of
-  its statistic instead (as :func:`scale_by_factored_statistics` does), so an embedding
-  table or a wide layer costs ``m + n`` numbers on that side. A side longer than
+  used still never decreases. A stale root is too long a step along a direction whose
+  gradients have grown since it was computed (a rare input feature that shows up, a
+  spike): with ``refresh_growth=kappa`` a leaf's roots are also recomputed at any step
+  where its gradient mass ``tr L_t = sum ||G||_F^2`` exceeds ``(1 + kappa)`` times its
+  mass at the leaf's last refresh (``kappa = 0``: every step). Gradients of a steady size
+  then refresh at steps growing geometrically (about ``log(T) / log(1 + kappa)`` in ``T``
+  steps), and a burst refreshes at once. Each leaf's roots are still those of an earlier
+  statistic, refreshed in order, so ``K_t`` still never decreases. A side longer than
+  ``max_dimension`` keeps the diagonal of its statistic instead (as
+  :func:`scale_by_factored_statistics` does), so an embedding table or a wide layer
+  costs ``m + n`` numbers on that side. A side longer than
   ``block_size`` (and at most ``max_dimension``) keeps ``k = ceil(m / block_size)``
   diagonal blocks of its statistic (consecutive indices, blocks of ``ceil(m / k)``, each
   with its own damping): ``k`` eigendecompositions of ``m / k`` rows instead of one of
@@ -509,13 +547,15 @@ def scale_by_kronecker_statistics(
     max_dimension: sides longer than this keep a diagonal statistic.
     block_size: sides longer than this (up to ``max_dimension``) keep block-diagonal
       statistics; ``None``: one block per side.
+    refresh_growth: ``None`` (the schedule alone) or ``kappa >= 0``: also refresh a
+      leaf whose gradient mass has grown by this fraction since its last refresh.
 
   Returns:
     An ``optax.GradientTransformation``.
 
   Raises:
     ValueError: on a bad ``epsilon``, ``relative_epsilon``, ``refresh_every``,
-      ``max_dimension`` or ``block_size`` (each named in the message).
+      ``max_dimension``, ``block_size`` or ``refresh_growth`` (each named in the message).
   """
   check_positive(epsilon, 'epsilon')
   if not (isinstance(relative_epsilon, (int, float)) and not isinstance(relative_epsilon, bool)
@@ -524,6 +564,7 @@ def scale_by_kronecker_statistics(
   _check_positive_int(refresh_every, 'refresh_every')
   _check_positive_int(max_dimension, 'max_dimension')
   check_block_size(block_size)
+  refresh_growth = check_refresh_growth(refresh_growth)
 
   def accumulator_dtype(leaf):
     return jnp.promote_types(leaf.dtype, jnp.float32)
@@ -541,7 +582,8 @@ def scale_by_kronecker_statistics(
     left = treedef.unflatten([s[0] for s in sides])
     right = treedef.unflatten([s[1] for s in sides])
     return KroneckerStatisticsState(left=left, right=right, left_root=left, right_root=right,
-                                    count=jnp.zeros((), jnp.int32))
+                                    count=jnp.zeros((), jnp.int32),
+                                    refreshed=jnp.zeros((len(leaves),), jnp.float32))
 
   def statistic(old, matrix, side):
     if old.ndim == 1:
@@ -562,24 +604,41 @@ def scale_by_kronecker_statistics(
       new_lefts.append(statistic(left, matrix, 'left'))
       new_rights.append(statistic(right, matrix, 'right'))
 
-    def refresh(_):
-      return ([_inverse_fourth_root(s, m.shape[1], epsilon, relative_epsilon)
-               for s, m in zip(new_lefts, matrices)],
-              [_inverse_fourth_root(s, m.shape[0], epsilon, relative_epsilon)
-               for s, m in zip(new_rights, matrices)])
-
-    def keep(_):
-      return (treedef.flatten_up_to(state.left_root), treedef.flatten_up_to(state.right_root))
-
     due = (count <= refresh_every) | ((count - 1) % refresh_every == 0)
-    left_roots, right_roots = jax.lax.cond(due, refresh, keep, None)
+    old_lefts = treedef.flatten_up_to(state.left_root)
+    old_rights = treedef.flatten_up_to(state.right_root)
+    if refresh_growth is None:  # one schedule for every leaf
+      def refresh(_):
+        return ([_inverse_fourth_root(s, m.shape[1], epsilon, relative_epsilon)
+                 for s, m in zip(new_lefts, matrices)],
+                [_inverse_fourth_root(s, m.shape[0], epsilon, relative_epsilon)
+                 for s, m in zip(new_rights, matrices)])
+
+      left_roots, right_roots = jax.lax.cond(due, refresh, lambda _: (old_lefts, old_rights),
+                                             None)
+      refreshed = jnp.where(due, jnp.stack([_trace(s) for s in new_lefts]), state.refreshed)
+    else:  # per leaf: the schedule, or its mass grown by more than (1 + kappa)
+      masses = jnp.stack([_trace(s) for s in new_lefts])
+      grown = masses > (1 + refresh_growth) * state.refreshed
+      leaf_due = due | grown
+      left_roots, right_roots = [], []
+      for index, (s_left, s_right, m, a, b) in enumerate(
+          zip(new_lefts, new_rights, matrices, old_lefts, old_rights)):
+        def refresh_leaf(_, s_left=s_left, s_right=s_right, m=m):
+          return (_inverse_fourth_root(s_left, m.shape[1], epsilon, relative_epsilon),
+                  _inverse_fourth_root(s_right, m.shape[0], epsilon, relative_epsilon))
+
+        a, b = jax.lax.cond(leaf_due[index], refresh_leaf, lambda _, a=a, b=b: (a, b), None)
+        left_roots.append(a)
+        right_roots.append(b)
+      refreshed = jnp.where(leaf_due, masses, state.refreshed)
     directions = [
         _apply_side(b, _apply_side(a, m, 'left'), 'right').reshape(g.shape).astype(g.dtype)
         for g, m, a, b in zip(leaves, matrices, left_roots, right_roots)]
     return treedef.unflatten(directions), KroneckerStatisticsState(
         left=treedef.unflatten(new_lefts), right=treedef.unflatten(new_rights),
         left_root=treedef.unflatten(left_roots), right_root=treedef.unflatten(right_roots),
-        count=count)
+        count=count, refreshed=refreshed.astype(jnp.float32))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -693,6 +752,7 @@ def scale_by_blended_mirror_descent(
     max_dimension: int = 1024,
     block_size: int | None = None,
     overshoot_decay: float | None = None,
+    refresh_growth: float | None = None,
 ) -> optax.GradientTransformation:
   """Map gradients to ``(M^{-1} g + blend_rate * K_t^{-1} g) / s_t`` (see the module doc).
 
@@ -733,6 +793,9 @@ def scale_by_blended_mirror_descent(
       ``[0, 1)``, the decay of its moving averages (0: the last step alone). The learned
       half is then divided by a non-decreasing ``sigma_t`` per leaf that shortens it
       where it passed the minimum along its own last direction.
+    refresh_growth: with ``'kronecker'``, ``None`` (the schedule alone) or ``kappa >= 0``:
+      a leaf's roots are also refreshed once its gradient mass has grown by this fraction
+      since their last refresh (:func:`scale_by_kronecker_statistics`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -740,14 +803,15 @@ def scale_by_blended_mirror_descent(
   Raises:
     TypeError, ValueError: on a bad ``blend_rate``, ``reference_norm``, ``decay``,
       ``epsilon``, ``statistics``, ``refresh_every``, ``eigenbasis_levels``,
-      ``online_power``, ``max_dimension``, ``block_size`` or ``overshoot_decay`` (each
-      named in the message).
+      ``online_power``, ``max_dimension``, ``block_size``, ``overshoot_decay`` or
+      ``refresh_growth`` (each named in the message).
   """
   blend_rate = check_blend_rate(blend_rate)
   check_online_power(online_power)
   overshoot_decay = check_overshoot_decay(overshoot_decay)
   check_block_size(block_size)
   _check_positive_int(max_dimension, 'max_dimension')
+  refresh_growth = check_refresh_growth(refresh_growth)
   if eigenbasis_levels is None:
     learned = adaptive.scale_by_adaptive_mirror_descent(divergence, reference_norm,
                                                         decay=decay, per_leaf=per_leaf)
@@ -762,7 +826,8 @@ def scale_by_blended_mirror_descent(
   if statistics == 'kronecker':
     online = scale_by_kronecker_statistics(epsilon, refresh_every=refresh_every,
                                            max_dimension=max_dimension,
-                                           block_size=block_size)
+                                           block_size=block_size,
+                                           refresh_growth=refresh_growth)
   else:
     online = scale_by_factored_statistics(epsilon, statistics=statistics)
 
@@ -815,6 +880,7 @@ def blended_metamd(
     max_dimension: int = 1024,
     block_size: int | None = None,
     overshoot_decay: float | None = None,
+    refresh_growth: float | None = None,
 ) -> optax.GradientTransformation:
   """Blended MetaMD: ``-lr (M^{-1} g + blend_rate K_t^{-1} g) / s_t``.
 
@@ -844,6 +910,8 @@ def blended_metamd(
     block_size: with ``'kronecker'``, sides longer than this keep block-diagonal ones.
     overshoot_decay: ``None`` (off) or the overshoot check's decay in ``[0, 1)`` (see
       :func:`scale_by_blended_mirror_descent`).
+    refresh_growth: with ``'kronecker'``, also refresh a leaf's roots once its gradient
+      mass has grown by this fraction (see :func:`scale_by_kronecker_statistics`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -866,6 +934,7 @@ def blended_metamd(
                                       eigenbasis_levels=eigenbasis_levels,
                                       online_power=online_power,
                                       max_dimension=max_dimension, block_size=block_size,
-                                      overshoot_decay=overshoot_decay),
+                                      overshoot_decay=overshoot_decay,
+                                      refresh_growth=refresh_growth),
       optax.scale_by_learning_rate(learning_rate),
   )

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import time
@@ -63,10 +64,19 @@ _CALIBRATION_FIELDS = {'blend_rate': 'adaptive_blend_rate',
                        'max_dimension': 'adaptive_blend_max_dimension',
                        'block_size': 'adaptive_blend_block_size',
                        'overshoot': 'adaptive_overshoot',
-                       'overshoot_decay': 'adaptive_overshoot_decay'}
+                       'overshoot_decay': 'adaptive_overshoot_decay',
+                       'refresh_growth': 'adaptive_refresh_growth'}
 # What a calibration stored before a field existed meant.
 _CALIBRATION_DEFAULTS = {'eigenbasis': False, 'online_power': 1.0, 'max_dimension': 1024,
-                         'block_size': 0, 'overshoot': False, 'overshoot_decay': 0.5}
+                         'block_size': 0, 'overshoot': False, 'overshoot_decay': 0.5,
+                         'refresh_growth': None}
+
+
+def _as_recorded(recorded: str, value):
+  """A config value as the calibration records it (an infinite refresh growth: None)."""
+  if recorded == 'refresh_growth' and value is not None and math.isinf(value):
+    return None
+  return value
 
 
 def _fail(message: str):
@@ -91,7 +101,8 @@ def stored_family(results_path: pathlib.Path, family: str) -> dict:
 
 _SETTABLE = ('adaptive_blend_rate', 'adaptive_blend_statistics', 'adaptive_momentum',
              'adaptive_online_power', 'adaptive_blend_max_dimension',
-             'adaptive_blend_block_size', 'adaptive_overshoot', 'adaptive_overshoot_decay')
+             'adaptive_blend_block_size', 'adaptive_overshoot', 'adaptive_overshoot_decay',
+             'adaptive_refresh_growth')
 _INTEGER_SETTINGS = ('adaptive_blend_max_dimension', 'adaptive_blend_block_size')
 _BOOLEANS = {'true': True, 'false': False}
 
@@ -127,7 +138,8 @@ def build_optimizer(name: str, family_cfg, stored: dict, divergence, changed=())
     for recorded, field in _CALIBRATION_FIELDS.items():
       if (adaptive is not None and field not in changed
           and adaptive.get(recorded, _CALIBRATION_DEFAULTS.get(recorded))
-          != family_cfg.eval.get(field, _CALIBRATION_DEFAULTS.get(recorded))):
+          != _as_recorded(recorded, family_cfg.eval.get(
+              field, _CALIBRATION_DEFAULTS.get(recorded)))):
         _fail(f'the stored calibration has {recorded}={adaptive.get(recorded)!r} but the '
               f'config has eval.{field}={family_cfg.eval[field]!r}: rerun the benchmark '
               'or pass the config it ran with.')

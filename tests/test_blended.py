@@ -128,13 +128,15 @@ def _block_root(statistic, other_size, epsilon, rho, block_size):
 
 
 def _kronecker_roots(grads_list, refresh_every, epsilon, rho, max_dimension=1024,
-                     block_size=None):
+                     block_size=None, refresh_growth=None):
   """Per step, per leaf (``jax.tree.leaves`` order): the roots ``(A_t, B_t)`` in use,
   from the definition: ``L = sum G G^T``, ``R = sum G^T G`` (a leaf as an ``m x n``
   matrix, rows every axis but the last; a side over ``max_dimension`` keeps the diagonal,
   one over ``block_size`` its diagonal blocks), recomputed at steps ``1..k`` and
-  ``1 + j k``, kept in between."""
-  roots, current, lefts, rights = [], None, None, None
+  ``1 + j k``, kept in between; with ``refresh_growth`` a leaf's are also recomputed at
+  a step where ``sum ||G||^2`` exceeds ``1 + refresh_growth`` times its value at the
+  leaf's last refresh."""
+  roots, current, lefts, rights, masses, refreshed = [], None, None, None, None, None
   for t, grads in enumerate(grads_list, start=1):
     matrices = [np.asarray(g, np.float64).reshape(-1, g.shape[-1] if g.ndim else 1)
                 for g in jax.tree.leaves(grads)]
@@ -144,10 +146,20 @@ def _kronecker_roots(grads_list, refresh_every, epsilon, rho, max_dimension=1024
                   for m in matrices]
     lefts = new_lefts if lefts is None else [a + b for a, b in zip(lefts, new_lefts)]
     rights = new_rights if rights is None else [a + b for a, b in zip(rights, new_rights)]
-    if t <= refresh_every or (t - 1) % refresh_every == 0:
-      current = [(_block_root(left, m.shape[1], epsilon, rho, block_size),
-                  _block_root(right, m.shape[0], epsilon, rho, block_size))
-                 for left, right, m in zip(lefts, rights, matrices)]
+    step_masses = [float(np.sum(m ** 2)) for m in matrices]
+    masses = step_masses if masses is None else [a + b for a, b in zip(masses, step_masses)]
+    refreshed = [0.0] * len(matrices) if refreshed is None else refreshed
+    scheduled = t <= refresh_every or (t - 1) % refresh_every == 0
+    due = [scheduled or (refresh_growth is not None
+                         and mass > (1 + refresh_growth) * before)
+           for mass, before in zip(masses, refreshed)]
+    fresh = [(_block_root(left, m.shape[1], epsilon, rho, block_size),
+              _block_root(right, m.shape[0], epsilon, rho, block_size))
+             for left, right, m in zip(lefts, rights, matrices)]
+    current = [new if leaf_due else old for new, old, leaf_due
+               in zip(fresh, current or fresh, due)]
+    refreshed = [mass if leaf_due else before
+                 for mass, before, leaf_due in zip(masses, refreshed, due)]
     roots.append(current)
   return roots
 
@@ -203,6 +215,68 @@ def test_kronecker_statistics_equal_a_numpy_reference(x64, max_dimension, block_
   else:
     assert shapes == [((1, 1), (3, 3)), ((8, 8), (3, 3)), ((1, 1), (1, 1)), ((4, 4), (3, 3))]
   assert int(state.count) == len(grads_list)
+
+
+@pytest.mark.parametrize('refresh_growth', [0.0, 0.5, 50.0])
+def test_kronecker_roots_refresh_on_growth_as_a_numpy_reference(x64, refresh_growth):
+  """Roots refreshed on the schedule (every third step after the third) and, per leaf,
+  when its gradient mass has grown by ``refresh_growth``: gradients of one size, then a
+  burst of ten times that size at step 5 in the ``w`` leaf alone. ``0`` refreshes every
+  step; ``0.5`` refreshes ``w`` at the burst (a stale step for the schedule; its mass
+  grows about 26-fold) and leaves the other leaves' roots stale there."""
+  grads_list = [_tree(60 + t) for t in range(9)]
+  grads_list[4] = {**grads_list[4], 'w': 10.0 * grads_list[4]['w']}
+  epsilon, rho, refresh_every = 1e-6, 1e-3, 3
+  transformation = blended.scale_by_kronecker_statistics(
+      epsilon, relative_epsilon=rho, refresh_every=refresh_every,
+      refresh_growth=refresh_growth)
+  expected = _kronecker_roots(grads_list, refresh_every, epsilon, rho,
+                              refresh_growth=refresh_growth)
+  scheduled = _kronecker_roots(grads_list, refresh_every, epsilon, rho)
+  # Leaves in order b, conv, scalar, w; step 5 (index 4) is not on the schedule.
+  w_at_burst = expected[4][3][0]
+  assert np.array_equal(scheduled[4][3][0], scheduled[3][3][0])
+  if refresh_growth < 50:
+    assert not np.allclose(w_at_burst, scheduled[4][3][0])  # refreshed at the burst
+  else:
+    assert np.array_equal(w_at_burst, scheduled[4][3][0])  # a burst of about 26x is under 51x
+  if refresh_growth == 0.5:
+    assert np.array_equal(expected[4][1][0], expected[3][1][0])  # conv: still stale
+  if refresh_growth == 0:
+    every = _kronecker_roots(grads_list, 1, epsilon, rho)
+    for mine, theirs in zip(expected, every):
+      for (a, b), (c, d) in zip(mine, theirs):
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, d)
+  state = transformation.init(_tree(1))
+  update = jax.jit(transformation.update)
+  for t, grads in enumerate(grads_list):
+    directions, state = update(grads, state)
+    want = _kronecker_inverse(expected[t]) @ flat(grads)
+    np.testing.assert_allclose(flat(directions), want, rtol=1e-9, atol=1e-12)
+  masses = [sum(float(np.sum(np.asarray(g[k], np.float64) ** 2)) for g in grads_list)
+            for k in ('b', 'conv', 'scalar', 'w')]
+  if refresh_growth == 0:  # refreshed at the last step: the mass of every step
+    np.testing.assert_allclose(np.asarray(state.refreshed), masses, rtol=1e-6)
+
+
+def test_an_infinite_refresh_growth_is_the_schedule_alone():
+  grads_list = [_tree(70 + t, scale=3.0 ** t) for t in range(6)]
+  alone = blended.scale_by_kronecker_statistics(refresh_every=2)
+  infinite = blended.scale_by_kronecker_statistics(refresh_every=2,
+                                                   refresh_growth=float('inf'))
+  growth = blended.scale_by_kronecker_statistics(refresh_every=2, refresh_growth=0.1)
+  states = [t.init(_tree(1)) for t in (alone, infinite, growth)]
+  differs = False
+  for grads in grads_list:
+    outs = []
+    for index, transformation in enumerate((alone, infinite, growth)):
+      out, states[index] = transformation.update(grads, states[index])
+      outs.append(out)
+    chex.assert_trees_all_equal(outs[0], outs[1])
+    differs |= not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(outs[0]),
+                                                          jax.tree.leaves(outs[2])))
+  assert differs  # the growing gradients refresh stale steps with 0.1
 
 
 def test_kronecker_statistics_of_isotropic_gradients_are_adagrad_sized():
@@ -279,15 +353,17 @@ def test_state_is_the_adaptive_state_and_one_row_and_column_per_leaf():
   assert all(float(jnp.sum(x)) == 0 for x in jax.tree.leaves(state.statistics))
 
 
-@pytest.mark.parametrize('per_leaf, statistics, online_power, block_size, overshoot', [
-    (False, 'sum', 1.0, None, None), (True, 'sum', 1.0, None, None),
-    (True, 'peak_average', 1.0, None, None), (True, 'kronecker', 1.0, None, None),
-    (True, 'kronecker', 0.5, None, None), (True, 'sum', 0.0, None, None),
-    (True, 'kronecker', 0.5, 2, None), (True, 'kronecker', 0.5, None, 0.5),
-    (True, 'sum', 1.0, None, 0.0)])
+@pytest.mark.parametrize(
+    'per_leaf, statistics, online_power, block_size, overshoot, refresh_growth', [
+        (False, 'sum', 1.0, None, None, None), (True, 'sum', 1.0, None, None, None),
+        (True, 'peak_average', 1.0, None, None, None),
+        (True, 'kronecker', 1.0, None, None, None), (True, 'kronecker', 0.5, None, None, None),
+        (True, 'sum', 0.0, None, None, None), (True, 'kronecker', 0.5, 2, None, None),
+        (True, 'kronecker', 0.5, None, 0.5, None), (True, 'sum', 1.0, None, 0.0, None),
+        (True, 'kronecker', 0.5, None, 0.5, 0.05)])
 def test_metric_never_decreases_and_the_regret_bound_holds(x64, per_leaf, statistics,
                                                            online_power, block_size,
-                                                           overshoot):
+                                                           overshoot, refresh_growth):
   """Least squares (convex), dense ``M_t = s_t (M^{-1} + eta K_t^{-1})^{-1}`` (per leaf:
   block by block): each ``M_t - M_{t-1}`` is positive semi-definite, and the regret
   against the minimiser is below the adaptive-mirror-descent bound, itself below the
@@ -297,7 +373,8 @@ def test_metric_never_decreases_and_the_regret_bound_holds(x64, per_leaf, statis
   with ``block_size=2`` the 4-row side of ``w`` keeps two diagonal blocks. With the
   overshoot check (learned steps three times as long, so that they pass the minimum) the
   learned half is divided by ``sigma_t`` per leaf too:
-  ``M_t = (M^{-1} / (s_t sigma_t) + eta K_t^{-1} / s_t^p)^{-1}``."""
+  ``M_t = (M^{-1} / (s_t sigma_t) + eta K_t^{-1} / s_t^p)^{-1}``. With ``refresh_growth``
+  the roots are also refreshed off the schedule, leaf by leaf."""
   task = quadratic_task(dims=(4, 3), seed=3, dtype=jnp.float64)
   params = task.init()
   learning_rate = 0.2 if overshoot is None else 0.6
@@ -313,7 +390,8 @@ def test_metric_never_decreases_and_the_regret_bound_holds(x64, per_leaf, statis
                                         per_leaf=per_leaf, statistics=statistics,
                                         refresh_every=refresh_every,
                                         online_power=online_power, block_size=block_size,
-                                        overshoot_decay=overshoot)
+                                        overshoot_decay=overshoot,
+                                        refresh_growth=refresh_growth)
   sizes = [3, 12]  # leaves b, then w: a scale per leaf repeats over its coordinates
   state = optimizer.init(params)
   update, gradient = jax.jit(optimizer.update), jax.jit(jax.grad(task.loss))
@@ -341,7 +419,11 @@ def test_metric_never_decreases_and_the_regret_bound_holds(x64, per_leaf, statis
 
   thetas.append(flat(params))
   metrics, inverses, regret = [], [], 0.0
-  roots = _kronecker_roots(grads_list, refresh_every, epsilon, 1e-4, block_size=block_size)
+  roots = _kronecker_roots(grads_list, refresh_every, epsilon, 1e-4, block_size=block_size,
+                           refresh_growth=refresh_growth)
+  if refresh_growth is not None:  # some refreshes were off the schedule
+    scheduled = _kronecker_roots(grads_list, refresh_every, epsilon, 1e-4)
+    assert any(not np.array_equal(a[0][0], b[0][0]) for a, b in zip(roots, scheduled))
   for t in range(num_steps):
     if statistics == 'kronecker':
       online = _kronecker_inverse(roots[t])
@@ -591,11 +673,12 @@ def test_keeps_the_parameter_dtype_and_accumulates_in_float32():
 @pytest.mark.parametrize('name, value', [
     ('refresh_every', 0), ('refresh_every', 2.0), ('max_dimension', 0),
     ('relative_epsilon', -1.0), ('relative_epsilon', float('nan')), ('block_size', 0),
-    ('block_size', 2.0), ('block_size', True)])
+    ('block_size', 2.0), ('block_size', True), ('refresh_growth', -0.1),
+    ('refresh_growth', float('nan')), ('refresh_growth', True), ('refresh_growth', '1')])
 def test_bad_kronecker_settings_are_named(name, value):
   with pytest.raises(ValueError, match=name):
     blended.scale_by_kronecker_statistics(**{name: value})
-  if name in ('refresh_every', 'max_dimension', 'block_size'):
+  if name in ('refresh_every', 'max_dimension', 'block_size', 'refresh_growth'):
     with pytest.raises(ValueError, match=name):
       metamd_jax.blended_metamd(_divergence(), 1.0, 0.1, statistics='kronecker',
                                 **{name: value})
@@ -619,15 +702,19 @@ def test_kronecker_half_keeps_the_parameter_dtype_and_accumulates_in_float32():
   assert all(bool(jnp.all(jnp.isfinite(u.astype(jnp.float32)))) for u in jax.tree.leaves(updates))
 
 
-@pytest.mark.parametrize('block_size', [None, 3])
-def test_kronecker_statistics_under_vmap_equal_one_task_at_a_time(block_size):
+@pytest.mark.parametrize('block_size, refresh_growth', [(None, None), (3, None), (None, 0.3)])
+def test_kronecker_statistics_under_vmap_equal_one_task_at_a_time(block_size, refresh_growth):
   """A vmapped update (tasks stacked; the roots' eigendecompositions then run one matrix
-  at a time) equals the update of each task alone, with blocked sides too."""
+  at a time) equals the update of each task alone, with blocked sides too, and with
+  refreshes on growth (then per task and per leaf)."""
   transformation = blended.scale_by_kronecker_statistics(refresh_every=2,
-                                                         block_size=block_size)
+                                                         block_size=block_size,
+                                                         refresh_growth=refresh_growth)
   params = _tree(1, dtype=jnp.float32)
-  steps = [[_tree(40 + 3 * t + task, dtype=jnp.float32) for task in range(3)]
-           for t in range(3)]
+  # Task 1 has a burst at step 4 (a stale step for the schedule).
+  steps = [[_tree(40 + 3 * t + task, scale=4.0 if (task, t) == (1, 3) else 1.0,
+                  dtype=jnp.float32) for task in range(3)]
+           for t in range(5)]
   stack = lambda trees: jax.tree.map(lambda *x: jnp.stack(x), *trees)  # noqa: E731
   batched_state = jax.vmap(transformation.init)(stack([params] * 3))
   states = [transformation.init(params) for _ in range(3)]

@@ -71,7 +71,8 @@ def test_compare_runs_validation_tasks_only_and_applies_the_rule(tmp_path, monke
                                       'adaptive_blend_max_dimension': 1024,
                                       'adaptive_blend_block_size': 0,
                                       'adaptive_overshoot': False,
-                                      'adaptive_overshoot_decay': 0.5}
+                                      'adaptive_overshoot_decay': 0.5,
+                                      'adaptive_refresh_growth': math.inf}
   monkeypatch.setattr(choose_variant, 'CANDIDATES', candidates)
   result = choose_variant.compare(config, tmp_path, divergence)
 
@@ -144,7 +145,8 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
         'adaptive_blend_statistics': statistics, 'adaptive_momentum': momentum,
         'adaptive_eigenbasis': eigenbasis, 'adaptive_online_power': 1.0,
         'adaptive_blend_max_dimension': 1024, 'adaptive_blend_block_size': 0,
-        'adaptive_overshoot': False, 'adaptive_overshoot_decay': 0.5}, name
+        'adaptive_overshoot': False, 'adaptive_overshoot_decay': 0.5,
+        'adaptive_refresh_growth': math.inf}, name
   assert all(settings['adaptive_momentum'] == 0.0 for name, settings in
              choose_variant.CANDIDATES.items() if 'nesterov' not in name)
   assert choose_variant.CANDIDATES['eigen_kron_0.1_nesterov_0.5_online_0.5'] == {
@@ -197,6 +199,12 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
   for power in (0.0, 1.0):
     assert choose_variant.settings_of(config, f'config_overshoot_0.5_online_{power}') == {
         **checked, 'adaptive_online_power': power}
+  # The refresh candidates: the config's own settings, with the roots also refreshed on
+  # growth.
+  assert own['adaptive_refresh_growth'] == math.inf
+  for growth in (0.0, 0.1, 0.3, 1.0):
+    assert choose_variant.settings_of(config, f'config_refresh_{growth}') == {
+        **own, 'adaptive_refresh_growth': growth}
   # Ties: the config first, the overshoot candidates after every other one.
   assert choose_variant.check_candidates(
       ['config_overshoot_0.5', 'eigen', 'config', 'config_overshoot_0.0']) == (

@@ -255,6 +255,8 @@ def test_shifted_families_are_shifted(setup):
     ('eval.adaptive_blend_block_size', True),
     ('eval.adaptive_overshoot_decay', 1.0),
     ('eval.adaptive_overshoot_decay', -0.1),
+    ('eval.adaptive_refresh_growth', -0.1),
+    ('eval.adaptive_refresh_growth', float('nan')),
 ])
 def test_bad_adaptive_and_shift_values_name_the_field(field, value):
   config = tiny.get_config()
@@ -341,6 +343,28 @@ def test_adaptive_optimizer_is_blended_with_a_positive_blend_rate():
                                              checked, learned),
                                 learned, atol=1e-6)
   config.eval.adaptive_blend_rate = 0.5
+  # eval.adaptive_refresh_growth: Shampoo's roots also refreshed on growth. Steps 1 to 10
+  # and 11 refresh on the schedule; at step 12 (stale) a burst refreshes them with 0.5 only.
+  config.eval.adaptive_blend_statistics = 'kronecker'
+
+  def twelfth_update(optimizer):
+    state = optimizer.init(params)
+    for _ in range(11):
+      _, state = optimizer.update(grads, state, params)
+    return optimizer.update(jax.tree.map(lambda g: 30 * g, grads), state, params)[0]
+
+  on_growth = {}
+  for growth in (math.inf, 0.5):
+    config.eval.adaptive_refresh_growth = growth
+    on_growth[growth] = twelfth_update(evaluate.adaptive_optimizer(config, divergence,
+                                                                    calibration))
+    chex.assert_trees_all_close(on_growth[growth], twelfth_update(metamd_jax.blended_metamd(
+        divergence, (1.0, 1.0), 0.5, per_leaf=True, statistics='kronecker',
+        refresh_growth=growth)))
+  assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(on_growth[math.inf]),
+                                                    jax.tree.leaves(on_growth[0.5])))
+  config.eval.adaptive_refresh_growth = math.inf
+  config.eval.adaptive_blend_statistics = 'sum'
   # Nesterov's momentum: the first step is (1 + beta) * step_factor times the blended one.
   config.eval.adaptive_momentum = 0.9
   chex.assert_trees_all_close(
