@@ -35,4 +35,9 @@ def get_config():
   # section 17).
   config.eval.adaptive_overshoot = True
   config.eval.adaptive_overshoot_decay = 0.5
+  # Shampoo's roots refreshed at every step (refresh growth 0; its factors are at most
+  # 64 x 64): 8 of 8 checks against 7 of 8 on the schedule alone, over the growths 0,
+  # 0.1, 0.3 and 1 and, at 0 and 0.1, the blend rates 0.03, 0.1 and 0.3
+  # (experiments/RESULTS.md section 18).
+  config.eval.adaptive_refresh_growth = 0.0
   return config

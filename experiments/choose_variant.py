@@ -46,8 +46,10 @@ overshoot check of :func:`metamd_jax.blended_metamd` at the decays 0, 0.5 and 0.
 and ``'..._0.5_online_<p>'``: the check at 0.5 with the blend rate 0.03 or 0.3, or the
 online power 0 or 1, instead of the config's), ``'config_refresh_<kappa>'`` (the config's
 own settings with the roots of Shampoo's statistics also refreshed once a leaf's gradient
-mass has grown by the fraction ``kappa`` since their last refresh, at 0, 0.1, 0.3 and 1,
-``eval.adaptive_refresh_growth``; 0: every step), and with the check at
+mass has grown by the fraction ``kappa`` since their last refresh, at 0, 0.1, 0.3, 1 and
+``inf``, ``eval.adaptive_refresh_growth``; 0: every step; ``inf``: the schedule alone;
+``'..._blend_<rate>'``: at 0 and 0.1 with the blend rate 0.03, 0.1 or 0.3 instead of the
+config's), and with the check at
 0.5 the cheaper online halves ``'eigen_<sum|peak>_<rate>_nesterov_0.5_online_0.5_overshoot_0.5'``
 (the diagonal running sums or peak averages at 0.01, 0.03 and 0.1) and
 ``'eigen_kron_0.1_nesterov_0.5_online_0.5_blocks_128_overshoot_0.5'``;
@@ -199,7 +201,10 @@ OVERSHOOT = {
                                                 'adaptive_online_power': power}
        for power in (0.0, 1.0)},
     **{f'config_refresh_{growth}': {'adaptive_refresh_growth': growth}
-       for growth in (0.0, 0.1, 0.3, 1.0)},
+       for growth in (0.0, 0.1, 0.3, 1.0, math.inf)},
+    **{f'config_refresh_{growth}_blend_{rate}': {'adaptive_refresh_growth': growth,
+                                                 'adaptive_blend_rate': rate}
+       for growth in (0.0, 0.1) for rate in (0.03, 0.1, 0.3)},
 }
 """Candidates that keep the config's own settings and add the overshoot check at a
 decay (``eval.adaptive_overshoot``, ``eval.adaptive_overshoot_decay``), or at 0.5 with

@@ -201,10 +201,14 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
         **checked, 'adaptive_online_power': power}
   # The refresh candidates: the config's own settings, with the roots also refreshed on
   # growth.
-  assert own['adaptive_refresh_growth'] == math.inf
-  for growth in (0.0, 0.1, 0.3, 1.0):
+  assert own['adaptive_refresh_growth'] == config.eval.adaptive_refresh_growth
+  for growth in (0.0, 0.1, 0.3, 1.0, math.inf):
     assert choose_variant.settings_of(config, f'config_refresh_{growth}') == {
         **own, 'adaptive_refresh_growth': growth}
+  for growth in (0.0, 0.1):
+    for rate in (0.03, 0.1, 0.3):
+      assert choose_variant.settings_of(config, f'config_refresh_{growth}_blend_{rate}') == {
+          **own, 'adaptive_refresh_growth': growth, 'adaptive_blend_rate': rate}
   # Ties: the config first, the overshoot candidates after every other one.
   assert choose_variant.check_candidates(
       ['config_overshoot_0.5', 'eigen', 'config', 'config_overshoot_0.0']) == (
