@@ -186,12 +186,14 @@ def _check_wall_clock(config, workdir, family):
     benchmark_wall_clock.parse_settings(['adaptive_overshoot=1'])
   assert benchmark_wall_clock.parse_settings(['adaptive_refresh_growth=0.3']) == {
       'adaptive_refresh_growth': 0.3}
-  # The stored calibration records the schedule alone (the config's inf) as None.
-  assert family['adaptive']['refresh_growth'] is None
   family_cfg = benchmark_setup.family_config(config, 'tiny')
-  family_cfg.eval.adaptive_refresh_growth = 0.3  # not stored
+  assert family['adaptive']['refresh_growth'] == family_cfg.eval.adaptive_refresh_growth == 0.1
+  family_cfg.eval.adaptive_refresh_growth = math.inf  # not stored
   with pytest.raises(SystemExit, match='refresh_growth'):
     benchmark_wall_clock.build_optimizer('metamd_adaptive', family_cfg, family, divergence)
+  # A calibration records the schedule alone (the config's inf) as None, as JSON can.
+  assert benchmark_wall_clock._as_recorded('refresh_growth', math.inf) is None
+  assert benchmark_wall_clock._as_recorded('refresh_growth', 0.3) == 0.3
   family_cfg = benchmark_setup.family_config(config, 'tiny')
   family_cfg.eval.adaptive_overshoot = not family_cfg.eval.adaptive_overshoot  # not stored
   with pytest.raises(SystemExit, match='overshoot'):

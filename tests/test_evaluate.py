@@ -41,6 +41,7 @@ def test_adaptive_row_with_a_huge_reference_is_metamd(setup, tmp_path, monkeypat
   config.eval.adaptive_blend_rate = 0.0  # adaptive MetaMD alone: never adapting, it is MetaMD
   config.eval.adaptive_momentum = 0.0
   config.eval.adaptive_overshoot = False  # the default's check shortens passing steps
+  config.eval.adaptive_refresh_growth = math.inf  # recorded as None (JSON has no inf)
   calls = []
 
   def reference(div, family, task_params, num_steps, *, quantile, decay, per_leaf):
@@ -90,6 +91,7 @@ def test_adaptive_row_with_a_huge_reference_is_metamd(setup, tmp_path, monkeypat
                              rtol=1e-5)
   written = json.loads((tmp_path / 'results.json').read_text())
   assert written['adaptive']['reference_norm'] == 1e30
+  assert written['adaptive']['refresh_growth'] is None  # the schedule alone
   table = (tmp_path / 'results.md').read_text()
   assert '| metamd_adaptive | learned (c = 1e+30) |' in table
   assert 'Beyond the horizon: 2T' in table and 'ms per step' in table
