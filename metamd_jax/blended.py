@@ -607,31 +607,22 @@ def scale_by_kronecker_statistics(
     due = (count <= refresh_every) | ((count - 1) % refresh_every == 0)
     old_lefts = treedef.flatten_up_to(state.left_root)
     old_rights = treedef.flatten_up_to(state.right_root)
-    if refresh_growth is None:  # one schedule for every leaf
-      def refresh(_):
-        return ([_inverse_fourth_root(s, m.shape[1], epsilon, relative_epsilon)
-                 for s, m in zip(new_lefts, matrices)],
-                [_inverse_fourth_root(s, m.shape[0], epsilon, relative_epsilon)
-                 for s, m in zip(new_rights, matrices)])
+    # Per leaf: the schedule, or (with refresh_growth) its mass grown by more than 1 + kappa.
+    masses = jnp.stack([_trace(s) for s in new_lefts])
+    leaf_due = jnp.broadcast_to(due, masses.shape)
+    if refresh_growth is not None:
+      leaf_due = leaf_due | (masses > (1 + refresh_growth) * state.refreshed)
+    left_roots, right_roots = [], []
+    for index, (s_left, s_right, m, a, b) in enumerate(
+        zip(new_lefts, new_rights, matrices, old_lefts, old_rights)):
+      def refresh_leaf(_, s_left=s_left, s_right=s_right, m=m):
+        return (_inverse_fourth_root(s_left, m.shape[1], epsilon, relative_epsilon),
+                _inverse_fourth_root(s_right, m.shape[0], epsilon, relative_epsilon))
 
-      left_roots, right_roots = jax.lax.cond(due, refresh, lambda _: (old_lefts, old_rights),
-                                             None)
-      refreshed = jnp.where(due, jnp.stack([_trace(s) for s in new_lefts]), state.refreshed)
-    else:  # per leaf: the schedule, or its mass grown by more than (1 + kappa)
-      masses = jnp.stack([_trace(s) for s in new_lefts])
-      grown = masses > (1 + refresh_growth) * state.refreshed
-      leaf_due = due | grown
-      left_roots, right_roots = [], []
-      for index, (s_left, s_right, m, a, b) in enumerate(
-          zip(new_lefts, new_rights, matrices, old_lefts, old_rights)):
-        def refresh_leaf(_, s_left=s_left, s_right=s_right, m=m):
-          return (_inverse_fourth_root(s_left, m.shape[1], epsilon, relative_epsilon),
-                  _inverse_fourth_root(s_right, m.shape[0], epsilon, relative_epsilon))
-
-        a, b = jax.lax.cond(leaf_due[index], refresh_leaf, lambda _, a=a, b=b: (a, b), None)
-        left_roots.append(a)
-        right_roots.append(b)
-      refreshed = jnp.where(leaf_due, masses, state.refreshed)
+      a, b = jax.lax.cond(leaf_due[index], refresh_leaf, lambda _, a=a, b=b: (a, b), None)
+      left_roots.append(a)
+      right_roots.append(b)
+    refreshed = jnp.where(leaf_due, masses, state.refreshed)
     directions = [
         _apply_side(b, _apply_side(a, m, 'left'), 'right').reshape(g.shape).astype(g.dtype)
         for g, m, a, b in zip(leaves, matrices, left_roots, right_roots)]
