@@ -137,6 +137,10 @@ def get_config() -> ml_collections.ConfigDict:
   # 0.5 and 0.8 (experiments/RESULTS.md section 17): 8 of 8 checks against 7 of 8.
   evaluation.adaptive_overshoot = True
   evaluation.adaptive_overshoot_decay = 0.5
+  # The largest factor by which the check shortens the learned half (>= 1; inf: no cap).
+  # The check's factor never decreases, and minibatch noise alone makes it grow over a
+  # long run: a cap keeps the learned half at least 1 / cap of its length.
+  evaluation.adaptive_overshoot_cap = float('inf')
   # Shampoo's statistics only: the roots are refreshed at each of the first 10 steps and
   # every 10th after; a layer's roots are also refreshed once its gradient mass (the sum
   # of its squared gradients) has grown by this fraction since their last refresh, so a

@@ -230,6 +230,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       or not refresh_growth >= 0:
     _fail('eval.adaptive_refresh_growth', refresh_growth,
           'must be a number >= 0 (0: every step) or inf (the schedule alone)')
+  overshoot_cap = evaluation.get('adaptive_overshoot_cap', math.inf)
+  if isinstance(overshoot_cap, bool) or not isinstance(overshoot_cap, (int, float)) \
+      or not overshoot_cap >= 1:
+    _fail('eval.adaptive_overshoot_cap', overshoot_cap,
+          'must be a number >= 1 (the largest factor of the overshoot check) or inf (no cap)')
   for name, minimum in (('adaptive_blend_max_dimension', 1), ('adaptive_blend_block_size', 0)):
     value = evaluation.get(name, 1024 if minimum else 0)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

@@ -48,8 +48,10 @@ online power 0 or 1, instead of the config's), ``'config_refresh_<kappa>'`` (the
 own settings with the roots of Shampoo's statistics also refreshed once a leaf's gradient
 mass has grown by the fraction ``kappa`` since their last refresh, at 0, 0.1, 0.3, 1 and
 ``inf``, ``eval.adaptive_refresh_growth``; 0: every step; ``inf``: the schedule alone;
-``'..._blend_<rate>'``: at 0 and 0.1 with the blend rate 0.03, 0.1 or 0.3 instead of the
-config's), and with the check at
+``'..._blend_<rate>'``: at 0 and 0.1 with the blend rate 0.03, 0.1, 0.15, 0.2 or 0.3
+instead of the config's), ``'config_cap_<c>'`` (the config's own settings with the
+overshoot check's factor at most ``c``, at 2, 3, 10, 30 and ``inf``,
+``eval.adaptive_overshoot_cap``), and with the check at
 0.5 the cheaper online halves ``'eigen_<sum|peak>_<rate>_nesterov_0.5_online_0.5_overshoot_0.5'``
 (the diagonal running sums or peak averages at 0.01, 0.03 and 0.1) and
 ``'eigen_kron_0.1_nesterov_0.5_online_0.5_blocks_128_overshoot_0.5'``;
@@ -71,8 +73,15 @@ table; set ``eval.adaptive_per_leaf``, ``eval.adaptive_blend_rate``,
 ``eval.adaptive_blend_statistics``, ``eval.adaptive_momentum``, ``eval.adaptive_eigenbasis``
 ``eval.adaptive_online_power``, ``eval.adaptive_blend_max_dimension``,
 ``eval.adaptive_blend_block_size``, ``eval.adaptive_overshoot``,
-``eval.adaptive_overshoot_decay`` and ``eval.adaptive_refresh_growth`` (in the family's config,
-or with ``--config.eval...``) to the choice.
+``eval.adaptive_overshoot_decay``, ``eval.adaptive_refresh_growth`` and
+``eval.adaptive_overshoot_cap`` (in the family's config, or with ``--config.eval...``) to
+the choice.
+
+The checks are the validation tasks as they are and under each change of
+``eval.shifts``; with ``eval.horizon_multiplier = m > 1`` also ``'<m>T'``: the same tasks
+for ``m`` times the horizon, the reference re-tuned for that many steps on the tuning
+tasks, the whole-set loss every ``eval.track_every`` steps (as the benchmark's check
+beyond the horizon).
 """
 
 from __future__ import annotations
@@ -88,7 +97,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 import metamd_jax  # noqa: E402
-from experiments import benchmark_targets, builders, cli, evaluate, protocol, report  # noqa: E402
+from experiments import benchmark_runs, benchmark_targets, builders, cli, evaluate, protocol, report  # noqa: E402
 from experiments import meta_train as meta_train_exp  # noqa: E402
 from metamd_jax import evaluation  # noqa: E402
 from metamd_jax.types import PyTree  # noqa: E402
@@ -188,6 +197,7 @@ for _settings in CANDIDATES.values():  # no momentum unless a candidate names on
   _settings.setdefault('adaptive_overshoot', False)
   _settings.setdefault('adaptive_overshoot_decay', 0.5)
   _settings.setdefault('adaptive_refresh_growth', math.inf)
+  _settings.setdefault('adaptive_overshoot_cap', math.inf)
 OVERSHOOT = {
     **{f'config_overshoot_{decay}': {'adaptive_overshoot': True,
                                      'adaptive_overshoot_decay': decay}
@@ -204,13 +214,15 @@ OVERSHOOT = {
        for growth in (0.0, 0.1, 0.3, 1.0, math.inf)},
     **{f'config_refresh_{growth}_blend_{rate}': {'adaptive_refresh_growth': growth,
                                                  'adaptive_blend_rate': rate}
-       for growth in (0.0, 0.1) for rate in (0.03, 0.1, 0.3)},
+       for growth in (0.0, 0.1) for rate in (0.03, 0.1, 0.15, 0.2, 0.3)},
+    **{f'config_cap_{cap}': {'adaptive_overshoot_cap': cap}
+       for cap in (2.0, 3.0, 10.0, 30.0, math.inf)},
 }
 """Candidates that keep the config's own settings and add the overshoot check at a
 decay (``eval.adaptive_overshoot``, ``eval.adaptive_overshoot_decay``), or at 0.5 with
 another blend rate or online power, or refresh the roots of Shampoo's statistics also
-after a growth of their gradient mass (``eval.adaptive_refresh_growth``); after
-:data:`CANDIDATES` in ties."""
+after a growth of their gradient mass (``eval.adaptive_refresh_growth``), or cap the
+check's factor (``eval.adaptive_overshoot_cap``); after :data:`CANDIDATES` in ties."""
 OWN = 'config'
 """The candidate that keeps the config's own ``eval`` settings (always allowed; first in
 ties): how :mod:`experiments.sweep` scores a meta-training setting by this rule."""
@@ -351,6 +363,21 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                                          ev.track_every, curves, learning_rates)
     result['seconds'] = time.perf_counter() - started
     checks[check] = result
+  multiplier = ev.get('horizon_multiplier', 0)
+  if multiplier > 1:  # beyond the horizon, as the benchmark's check
+    started = time.perf_counter()
+    validation = evaluation.tuning_tasks(family, config.seed, ev.num_tasks)
+    curves = {name: benchmark_runs.long_run(optimizer, family, validation, ev.num_steps,
+                                            multiplier)
+              for name, optimizer in optimizers.items()}
+    every = next(iter(curves.values())).every
+    result, _ = protocol.against_retuned(
+        ev, f'{multiplier} times the horizon ({multiplier * ev.num_steps} steps, the '
+        f'whole-set loss every {every} steps; {ev.reference} re-tuned for '
+        f'{multiplier * ev.num_steps} steps)', (family, tune_tasks), (family, validation),
+        multiplier * ev.num_steps, every, curves, learning_rates)
+    result['seconds'] = time.perf_counter() - started
+    checks[f'{multiplier}T'] = result
   scores = {name: score(checks, name, ev.reference) for name in candidates if name in levels}
   chosen = choose(scores)
   return {'tasks': 'validation: meta-train tuning tasks (evaluation.tuning_tasks)',
@@ -382,6 +409,11 @@ def format_choice(result: dict) -> str:
            + (', eval.adaptive_overshoot=True, eval.adaptive_overshoot_decay='
               f"{result['adaptive_overshoot_decay']}" if result.get('adaptive_overshoot')
               else '')
+           + (f", eval.adaptive_overshoot_cap={result['adaptive_overshoot_cap']}"
+              if result.get('adaptive_overshoot')
+              and result.get('adaptive_overshoot_cap', math.inf) != math.inf else '')
+           + (f", eval.adaptive_refresh_growth={result['adaptive_refresh_growth']}"
+              if result.get('adaptive_refresh_growth', math.inf) != math.inf else '')
            + ').', '',
            f'| candidate | diverged runs where {reference} trains | faster than '
            f'{reference} re-tuned | final loss / re-tuned {reference} (geometric mean) |',

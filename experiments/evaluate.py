@@ -76,6 +76,8 @@ def calibrate(config: ml_collections.ConfigDict, divergence: PyTree, family: Tas
           # None: the roots on their schedule alone (JSON has no infinity).
           'refresh_growth': (None if math.isinf(ev.get('adaptive_refresh_growth', math.inf))
                              else ev.adaptive_refresh_growth),
+          'overshoot_cap': (None if math.isinf(ev.get('adaptive_overshoot_cap', math.inf))
+                            else ev.adaptive_overshoot_cap),
           'calibration_tasks': 'meta-train tuning tasks',
           'num_calibration_tasks': ev.num_tune_tasks, 'num_steps': ev.num_steps}
 
@@ -88,8 +90,8 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
   ``eval.adaptive_blend_max_dimension`` diagonal and over ``eval.adaptive_blend_block_size``
   blocked, and their roots also refreshed after a growth of ``eval.adaptive_refresh_growth``;
   with ``eval.adaptive_overshoot``, the overshoot check at
-  ``eval.adaptive_overshoot_decay``) when ``eval.adaptive_blend_rate > 0`` or
-  ``eval.adaptive_overshoot``, followed by
+  ``eval.adaptive_overshoot_decay``, its factor at most ``eval.adaptive_overshoot_cap``)
+  when ``eval.adaptive_blend_rate > 0`` or ``eval.adaptive_overshoot``, followed by
   Nesterov's momentum (:func:`metamd_jax.nesterov_momentum`) when
   ``eval.adaptive_momentum > 0``; ``None`` when calibration failed or is off."""
   if adaptive is None or adaptive['reference_norm'] is None:
@@ -115,7 +117,9 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
                                               ev.get('adaptive_overshoot_decay', 0.5)
                                               if overshoot else None),
                                           refresh_growth=ev.get('adaptive_refresh_growth',
-                                                                math.inf))
+                                                                math.inf),
+                                          overshoot_cap=ev.get('adaptive_overshoot_cap',
+                                                               math.inf))
   elif levels is not None:
     optimizer = eigenbasis_lib.eigenbasis_metamd(divergence, levels, decay=ev.adaptive_decay)
   else:

@@ -144,6 +144,13 @@ the learned terms (``M_T <= sigma_T s_T M``), and ``M_T <= s_T^p K_T / eta`` wha
 shortened the learned half away. The check costs two inner products per leaf per step
 and keeps the last learned direction (one number per parameter).
 
+``overshoot_cap=c`` bounds the check: ``sigma_t = min(c, sigma_{t-1} max(1, 1 - rho_t))``,
+still non-decreasing (``sigma_{t-1} <= c``), so the bound above holds with
+``M_T <= c s_T M`` in the learned terms. The slope after a step is measured on another
+minibatch, so ``rho_t`` also falls below 0 from the noise alone, and without a cap
+``sigma`` compounds over a long run, in distribution too, until the learned half is
+gone; a cap keeps the learned half at least ``1 / c`` of its length.
+
 Cost per step, against :func:`metamd_jax.adaptive_metamd`, with the diagonal statistics
 (the default): per leaf, two reductions of
 ``g^2`` (over the rows and over the columns) and four elementwise operations per
@@ -175,6 +182,7 @@ __all__ = [
     'check_blend_rate',
     'check_block_size',
     'check_online_power',
+    'check_overshoot_cap',
     'check_overshoot_decay',
     'factored_denominator',
     'scale_by_blended_mirror_descent',
@@ -693,6 +701,27 @@ def check_overshoot_decay(overshoot_decay: Any) -> float | None:
   return float(overshoot_decay)
 
 
+def check_overshoot_cap(overshoot_cap: Any) -> float | None:
+  """Validate ``overshoot_cap``: ``None`` or ``inf`` (no cap) or a float ``>= 1``.
+
+  Returns ``None`` for no cap.
+
+  Raises:
+    TypeError: if it is not ``None`` or a real number (a bool is not one).
+    ValueError: if it is below 1 or NaN.
+  """
+  if overshoot_cap is None:
+    return None
+  if isinstance(overshoot_cap, bool) or not isinstance(overshoot_cap, (int, float)):
+    raise TypeError(f'overshoot_cap must be None (no cap) or a float >= 1, got '
+                    f'{overshoot_cap!r}.')
+  if not overshoot_cap >= 1:
+    raise ValueError(f'overshoot_cap must be >= 1 (the largest factor by which the check '
+                     f'shortens the learned half; None or inf: no cap), got '
+                     f'{overshoot_cap!r}.')
+  return None if math.isinf(overshoot_cap) else float(overshoot_cap)
+
+
 def _leaf_dots(a: PyTree, b: PyTree) -> Array:
   """``<a_l, b_l>`` per leaf, float32 ``(L,)``."""
   return jnp.stack([jnp.sum(x.astype(jnp.float32) * y.astype(jnp.float32))
@@ -706,7 +735,7 @@ def _init_overshoot(params: PyTree) -> OvershootState:
 
 
 def _check_overshoot(grads: PyTree, direction: PyTree, state: OvershootState,
-                     decay: float) -> tuple[PyTree, OvershootState]:
+                     decay: float, cap: float | None = None) -> tuple[PyTree, OvershootState]:
   """The learned direction divided by ``sigma_t`` (see the module doc), and the state."""
   after = decay * state.after + (1 - decay) * _leaf_dots(grads, state.previous)
   before = decay * state.before + (1 - decay) * state.slope
@@ -721,6 +750,8 @@ def _check_overshoot(grads: PyTree, direction: PyTree, state: OvershootState,
   ratio = jnp.where(usable, after / jnp.where(usable, before, 1.0), 0.0)
   ratio = jnp.where(jnp.isfinite(ratio), ratio, 0.0)
   scale = state.scale * jnp.maximum(1.0, 1.0 - ratio)
+  if cap is not None:  # still non-decreasing: the last scale is at most the cap
+    scale = jnp.minimum(scale, cap)
   direction = adaptive.divide_leaves(grads, direction, scale)
   slope = _leaf_dots(grads, direction)
   return direction, OvershootState(previous=direction,
@@ -744,6 +775,7 @@ def scale_by_blended_mirror_descent(
     block_size: int | None = None,
     overshoot_decay: float | None = None,
     refresh_growth: float | None = None,
+    overshoot_cap: float | None = None,
 ) -> optax.GradientTransformation:
   """Map gradients to ``(M^{-1} g + blend_rate * K_t^{-1} g) / s_t`` (see the module doc).
 
@@ -787,6 +819,9 @@ def scale_by_blended_mirror_descent(
     refresh_growth: with ``'kronecker'``, ``None`` (the schedule alone) or ``kappa >= 0``:
       a leaf's roots are also refreshed once its gradient mass has grown by this fraction
       since their last refresh (:func:`scale_by_kronecker_statistics`).
+    overshoot_cap: with the overshoot check, ``None`` or ``inf`` (no cap) or ``c >= 1``:
+      ``sigma_t`` is at most ``c``, so the check shortens the learned half by at most
+      that factor (the module doc).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -794,12 +829,13 @@ def scale_by_blended_mirror_descent(
   Raises:
     TypeError, ValueError: on a bad ``blend_rate``, ``reference_norm``, ``decay``,
       ``epsilon``, ``statistics``, ``refresh_every``, ``eigenbasis_levels``,
-      ``online_power``, ``max_dimension``, ``block_size``, ``overshoot_decay`` or
-      ``refresh_growth`` (each named in the message).
+      ``online_power``, ``max_dimension``, ``block_size``, ``overshoot_decay``,
+      ``refresh_growth`` or ``overshoot_cap`` (each named in the message).
   """
   blend_rate = check_blend_rate(blend_rate)
   check_online_power(online_power)
   overshoot_decay = check_overshoot_decay(overshoot_decay)
+  overshoot_cap = check_overshoot_cap(overshoot_cap)
   check_block_size(block_size)
   _check_positive_int(max_dimension, 'max_dimension')
   refresh_growth = check_refresh_growth(refresh_growth)
@@ -836,7 +872,7 @@ def scale_by_blended_mirror_descent(
     overshoot_state = state.overshoot
     if overshoot_decay is not None:
       learned_direction, overshoot_state = _check_overshoot(
-          updates, learned_direction, overshoot_state, overshoot_decay)
+          updates, learned_direction, overshoot_state, overshoot_decay, overshoot_cap)
     if no_online:
       return learned_direction, ScaleByBlendedMirrorDescentState(
           learned_state, state.statistics, overshoot_state)
@@ -872,6 +908,7 @@ def blended_metamd(
     block_size: int | None = None,
     overshoot_decay: float | None = None,
     refresh_growth: float | None = None,
+    overshoot_cap: float | None = None,
 ) -> optax.GradientTransformation:
   """Blended MetaMD: ``-lr (M^{-1} g + blend_rate K_t^{-1} g) / s_t``.
 
@@ -903,6 +940,8 @@ def blended_metamd(
       :func:`scale_by_blended_mirror_descent`).
     refresh_growth: with ``'kronecker'``, also refresh a leaf's roots once its gradient
       mass has grown by this fraction (see :func:`scale_by_kronecker_statistics`).
+    overshoot_cap: ``None``/``inf`` or the largest factor ``c >= 1`` of the overshoot
+      check (see :func:`scale_by_blended_mirror_descent`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -926,6 +965,7 @@ def blended_metamd(
                                       online_power=online_power,
                                       max_dimension=max_dimension, block_size=block_size,
                                       overshoot_decay=overshoot_decay,
-                                      refresh_growth=refresh_growth),
+                                      refresh_growth=refresh_growth,
+                                      overshoot_cap=overshoot_cap),
       optax.scale_by_learning_rate(learning_rate),
   )

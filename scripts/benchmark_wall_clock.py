@@ -65,16 +65,19 @@ _CALIBRATION_FIELDS = {'blend_rate': 'adaptive_blend_rate',
                        'block_size': 'adaptive_blend_block_size',
                        'overshoot': 'adaptive_overshoot',
                        'overshoot_decay': 'adaptive_overshoot_decay',
-                       'refresh_growth': 'adaptive_refresh_growth'}
+                       'refresh_growth': 'adaptive_refresh_growth',
+                       'overshoot_cap': 'adaptive_overshoot_cap'}
 # What a calibration stored before a field existed meant.
 _CALIBRATION_DEFAULTS = {'eigenbasis': False, 'online_power': 1.0, 'max_dimension': 1024,
                          'block_size': 0, 'overshoot': False, 'overshoot_decay': 0.5,
-                         'refresh_growth': None}
+                         'refresh_growth': None, 'overshoot_cap': None}
 
 
 def _as_recorded(recorded: str, value):
-  """A config value as the calibration records it (an infinite refresh growth: None)."""
-  if recorded == 'refresh_growth' and value is not None and math.isinf(value):
+  """A config value as the calibration records it (an infinite refresh growth or
+  overshoot cap: None)."""
+  if recorded in ('refresh_growth', 'overshoot_cap') and value is not None \
+      and math.isinf(value):
     return None
   return value
 
@@ -102,7 +105,7 @@ def stored_family(results_path: pathlib.Path, family: str) -> dict:
 _SETTABLE = ('adaptive_blend_rate', 'adaptive_blend_statistics', 'adaptive_momentum',
              'adaptive_online_power', 'adaptive_blend_max_dimension',
              'adaptive_blend_block_size', 'adaptive_overshoot', 'adaptive_overshoot_decay',
-             'adaptive_refresh_growth')
+             'adaptive_refresh_growth', 'adaptive_overshoot_cap')
 _INTEGER_SETTINGS = ('adaptive_blend_max_dimension', 'adaptive_blend_block_size')
 _BOOLEANS = {'true': True, 'false': False}
 

@@ -355,16 +355,19 @@ def test_state_is_the_adaptive_state_and_one_row_and_column_per_leaf():
 
 
 @pytest.mark.parametrize(
-    'per_leaf, statistics, online_power, block_size, overshoot, refresh_growth', [
-        (False, 'sum', 1.0, None, None, None), (True, 'sum', 1.0, None, None, None),
-        (True, 'peak_average', 1.0, None, None, None),
-        (True, 'kronecker', 1.0, None, None, None), (True, 'kronecker', 0.5, None, None, None),
-        (True, 'sum', 0.0, None, None, None), (True, 'kronecker', 0.5, 2, None, None),
-        (True, 'kronecker', 0.5, None, 0.5, None), (True, 'sum', 1.0, None, 0.0, None),
-        (True, 'kronecker', 0.5, None, 0.5, 0.05)])
+    'per_leaf, statistics, online_power, block_size, overshoot, refresh_growth, cap', [
+        (False, 'sum', 1.0, None, None, None, None), (True, 'sum', 1.0, None, None, None, None),
+        (True, 'peak_average', 1.0, None, None, None, None),
+        (True, 'kronecker', 1.0, None, None, None, None),
+        (True, 'kronecker', 0.5, None, None, None, None),
+        (True, 'sum', 0.0, None, None, None, None), (True, 'kronecker', 0.5, 2, None, None, None),
+        (True, 'kronecker', 0.5, None, 0.5, None, None),
+        (True, 'sum', 1.0, None, 0.0, None, None),
+        (True, 'kronecker', 0.5, None, 0.5, 0.05, None),
+        (True, 'kronecker', 0.5, None, 0.5, None, 1.2)])
 def test_metric_never_decreases_and_the_regret_bound_holds(x64, per_leaf, statistics,
                                                            online_power, block_size,
-                                                           overshoot, refresh_growth):
+                                                           overshoot, refresh_growth, cap):
   """Least squares (convex), dense ``M_t = s_t (M^{-1} + eta K_t^{-1})^{-1}`` (per leaf:
   block by block): each ``M_t - M_{t-1}`` is positive semi-definite, and the regret
   against the minimiser is below the adaptive-mirror-descent bound, itself below the
@@ -375,7 +378,8 @@ def test_metric_never_decreases_and_the_regret_bound_holds(x64, per_leaf, statis
   overshoot check (learned steps three times as long, so that they pass the minimum) the
   learned half is divided by ``sigma_t`` per leaf too:
   ``M_t = (M^{-1} / (s_t sigma_t) + eta K_t^{-1} / s_t^p)^{-1}``. With ``refresh_growth``
-  the roots are also refreshed off the schedule, leaf by leaf."""
+  the roots are also refreshed off the schedule, leaf by leaf. With ``overshoot_cap``
+  ``sigma_t`` stops at the cap."""
   task = quadratic_task(dims=(4, 3), seed=3, dtype=jnp.float64)
   params = task.init()
   learning_rate = 0.2 if overshoot is None else 0.6
@@ -392,7 +396,7 @@ def test_metric_never_decreases_and_the_regret_bound_holds(x64, per_leaf, statis
                                         refresh_every=refresh_every,
                                         online_power=online_power, block_size=block_size,
                                         overshoot_decay=overshoot,
-                                        refresh_growth=refresh_growth)
+                                        refresh_growth=refresh_growth, overshoot_cap=cap)
   sizes = [3, 12]  # leaves b, then w: a scale per leaf repeats over its coordinates
   state = optimizer.init(params)
   update, gradient = jax.jit(optimizer.update), jax.jit(jax.grad(task.loss))
@@ -408,7 +412,10 @@ def test_metric_never_decreases_and_the_regret_bound_holds(x64, per_leaf, statis
     params = optax.apply_updates(params, updates)
   assert scales[-1].max() > 1.5  # the learned half adapted
   if overshoot is not None:
-    assert sigmas[-1].max() > 1.5  # the check shortened it
+    if cap is None:
+      assert sigmas[-1].max() > 1.5  # the check shortened it
+    else:  # the check reached its cap and stayed there
+      assert sigmas[-1].max() == pytest.approx(cap) and np.all(sigmas[-1] <= cap * (1 + 1e-7))
     assert all(np.all(b >= a) for a, b in zip(sigmas, sigmas[1:]))
 
   # The comparator u: the least-squares minimiser of the losses seen (the batches cycle
@@ -505,10 +512,12 @@ def test_overshoot_check_lands_on_the_minimum_of_a_quadratic():
   np.testing.assert_allclose(theta['b'], 0.05 ** 2 * params['b'], rtol=1e-5)
 
 
-def test_overshoot_check_equals_a_numpy_loop(x64):
+@pytest.mark.parametrize('cap', [None, 1.3])
+def test_overshoot_check_equals_a_numpy_loop(x64, cap):
   """The learned half with the check against a float64 numpy loop of ``rho``, ``sigma``
   and ``d_t = M^{-1} g_t / sigma_t`` (the learned half never adapts: no levels), on
-  gradients that flip sign, shrink and vanish on one leaf."""
+  gradients that flip sign, shrink and vanish on one leaf; with a cap,
+  ``sigma_t = min(cap, sigma_{t-1} max(1, 1 - rho_t))``."""
   divergence = _divergence(seed=2, dtype=jnp.float64)
   metric = dense_block_metric(divergence)
   inverse = np.linalg.inv(metric)
@@ -539,6 +548,8 @@ def test_overshoot_check_equals_a_numpy_loop(x64):
         usable = before[leaf] > 0 and slope[leaf] > 0  # no slope: sigma kept
         rho = after[leaf] / before[leaf] if usable else 0.0
         sigma[leaf] *= max(1.0, 1.0 - rho)
+        if cap is not None:
+          sigma[leaf] = min(cap, sigma[leaf])
     direction = raw / np.repeat(sigma, sizes)
     slope = np.array([g[bounds[i]:bounds[i + 1]] @ direction[bounds[i]:bounds[i + 1]]
                       for i in range(4)])
@@ -546,9 +557,14 @@ def test_overshoot_check_equals_a_numpy_loop(x64):
     expected.append(-direction)
     sigmas.append(sigma.copy())
   scalar = names.index('scalar')
-  assert sigmas[-1].max() > 1.5 and sigmas[-1][scalar] == sigmas[3][scalar]
+  assert sigmas[-1][scalar] == sigmas[3][scalar]
+  if cap is None:
+    assert sigmas[-1].max() > 1.5
+  else:  # the cap binds on some leaf, and not on every leaf from the start
+    assert sigmas[-1].max() == cap and min(s.min() for s in sigmas) < cap
 
-  optimizer = metamd_jax.blended_metamd(divergence, None, 0.0, overshoot_decay=decay)
+  optimizer = metamd_jax.blended_metamd(divergence, None, 0.0, overshoot_decay=decay,
+                                        overshoot_cap=cap)
   state = optimizer.init(params)
   update = jax.jit(optimizer.update)
   for t, grads in enumerate(grads_list):
@@ -619,6 +635,47 @@ def test_a_non_finite_gradient_leaves_the_check_as_it_was():
 def test_bad_overshoot_decay_is_named(value, error):
   with pytest.raises(error, match='overshoot_decay'):
     metamd_jax.blended_metamd(_divergence(), 1.0, 0.1, overshoot_decay=value)
+
+
+@pytest.mark.parametrize('value, error', [(0.5, ValueError), (0.0, ValueError),
+                                          (float('nan'), ValueError), (True, TypeError),
+                                          ('2', TypeError)])
+def test_bad_overshoot_cap_is_named(value, error):
+  with pytest.raises(error, match='overshoot_cap'):
+    metamd_jax.blended_metamd(_divergence(), 1.0, 0.1, overshoot_decay=0.5,
+                              overshoot_cap=value)
+
+
+def test_overshoot_cap_of_one_is_no_check_and_inf_is_no_cap():
+  """A cap of 1 keeps ``sigma = 1``: the steps of the blend without the check. ``inf``:
+  the check uncapped (``None``), and it does shorten the learned half here."""
+  divergence = _divergence(seed=2)
+  params = _tree(1)
+  grads_list = []
+  for t in range(6):
+    grads = _tree(40 + t)
+    if t % 2:  # partly flipped back along the last gradient: the steps pass the minimum
+      grads = jax.tree.map(lambda g, h: g - 2.0 * h, grads, grads_list[-1])
+    grads_list.append(grads)
+
+  def run(**kwargs):
+    optimizer = metamd_jax.blended_metamd(divergence, 1.0, 0.1, per_leaf=True,
+                                          statistics='kronecker', **kwargs)
+    state, steps = optimizer.init(params), []
+    for grads in grads_list:
+      updates, state = optimizer.update(grads, state, params)
+      steps.append(flat(updates))
+    return np.stack(steps), state
+
+  plain, _ = run()
+  capped, state = run(overshoot_decay=0.5, overshoot_cap=1.0)
+  np.testing.assert_array_equal(state[0].overshoot.scale, np.ones(4))
+  np.testing.assert_allclose(capped, plain, rtol=1e-6, atol=1e-9)
+  uncapped, state = run(overshoot_decay=0.5)
+  infinite, state_inf = run(overshoot_decay=0.5, overshoot_cap=math.inf)
+  np.testing.assert_array_equal(infinite, uncapped)
+  assert float(np.max(state_inf[0].overshoot.scale)) > 1.0
+  assert not np.allclose(uncapped, plain)
 
 
 @pytest.mark.parametrize('value, error', [

@@ -72,7 +72,8 @@ def test_compare_runs_validation_tasks_only_and_applies_the_rule(tmp_path, monke
                                       'adaptive_blend_block_size': 0,
                                       'adaptive_overshoot': False,
                                       'adaptive_overshoot_decay': 0.5,
-                                      'adaptive_refresh_growth': math.inf}
+                                      'adaptive_refresh_growth': math.inf,
+                                      'adaptive_overshoot_cap': math.inf}
   monkeypatch.setattr(choose_variant, 'CANDIDATES', candidates)
   result = choose_variant.compare(config, tmp_path, divergence)
 
@@ -116,6 +117,43 @@ def test_compare_runs_validation_tasks_only_and_applies_the_rule(tmp_path, monke
   assert table.count('| inputs_x2 |') == 5 and '| eigen_0.01 | learned (c per leaf' in table
 
 
+def test_beyond_the_horizon_is_a_check_with_the_reference_retuned_there(tmp_path,
+                                                                        monkeypatch):
+  """With ``eval.horizon_multiplier = 2`` the validation tasks also run for ``2 T`` steps
+  (the whole-set loss every 2 steps), judged against Adam re-tuned for ``2 T`` steps."""
+  config = tiny.get_config()
+  config.eval.shifts = ()
+  config.eval.horizon_multiplier = 2
+  family, _ = builders.build_families(config)
+  divergence = builders.build_divergence(config, family)  # SGD at init_learning_rate
+  monkeypatch.setattr(evaluation, 'held_out_tasks',
+                      lambda *a, **k: pytest.fail('held-out tasks used'))
+  monkeypatch.setattr(choose_variant, 'CANDIDATES',
+                      {'adaptive': choose_variant.CANDIDATES['adaptive']})
+  result = choose_variant.compare(config, tmp_path, divergence)
+
+  assert list(result['checks']) == ['in_distribution', '2T']
+  long = result['checks']['2T']
+  steps = 2 * config.eval.num_steps
+  assert long['num_steps'] == steps and f'({steps} steps' in long['description']
+  assert result['scores']['adaptive']['num_checks'] == 2
+  tasks = evaluation.tuning_tasks(family, config.seed, config.eval.num_tasks)
+  # Frozen MetaMD there is optax.sgd for 2 T steps; the reference is re-tuned for 2 T
+  # steps on the tuning tasks.
+  sgd = evaluation.run(optax.sgd(config.meta.init_learning_rate), family, tasks, steps,
+                       track_every=2)
+  np.testing.assert_allclose(long['optimizers']['metamd']['final_train_loss'][0],
+                             np.mean(evaluation.final_train_loss(sgd.train_losses)),
+                             rtol=1e-4)
+  tune_tasks = evaluation.tuning_tasks(family, config.seed, config.eval.num_tune_tasks)
+  tuned, _ = protocol.tune_baselines(('adam',), config.eval, family, tune_tasks, steps)
+  assert long['adam_retuned_learning_rate'] == tuned['adam']
+  adam = evaluation.run(optax.adam(tuned['adam']), family, tasks, steps, track_every=2)
+  np.testing.assert_allclose(long['optimizers']['adam_retuned']['final_train_loss'][0],
+                             np.mean(evaluation.final_train_loss(adam.train_losses)),
+                             rtol=1e-4)
+
+
 def test_reference_that_always_diverges_is_named(tmp_path, monkeypatch):
   config = tiny.get_config()
   family, _ = builders.build_families(config)
@@ -146,7 +184,7 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
         'adaptive_eigenbasis': eigenbasis, 'adaptive_online_power': 1.0,
         'adaptive_blend_max_dimension': 1024, 'adaptive_blend_block_size': 0,
         'adaptive_overshoot': False, 'adaptive_overshoot_decay': 0.5,
-        'adaptive_refresh_growth': math.inf}, name
+        'adaptive_refresh_growth': math.inf, 'adaptive_overshoot_cap': math.inf}, name
   assert all(settings['adaptive_momentum'] == 0.0 for name, settings in
              choose_variant.CANDIDATES.items() if 'nesterov' not in name)
   assert choose_variant.CANDIDATES['eigen_kron_0.1_nesterov_0.5_online_0.5'] == {
@@ -206,9 +244,14 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
     assert choose_variant.settings_of(config, f'config_refresh_{growth}') == {
         **own, 'adaptive_refresh_growth': growth}
   for growth in (0.0, 0.1):
-    for rate in (0.03, 0.1, 0.3):
+    for rate in (0.03, 0.1, 0.15, 0.2, 0.3):
       assert choose_variant.settings_of(config, f'config_refresh_{growth}_blend_{rate}') == {
           **own, 'adaptive_refresh_growth': growth, 'adaptive_blend_rate': rate}
+  # The cap candidates: the config's own settings, the check's factor capped.
+  assert own['adaptive_overshoot_cap'] == math.inf  # tiny's config has no cap
+  for cap in (2.0, 3.0, 10.0, 30.0, math.inf):
+    assert choose_variant.settings_of(config, f'config_cap_{cap}') == {
+        **own, 'adaptive_overshoot_cap': cap}
   # Ties: the config first, the overshoot candidates after every other one.
   assert choose_variant.check_candidates(
       ['config_overshoot_0.5', 'eigen', 'config', 'config_overshoot_0.0']) == (

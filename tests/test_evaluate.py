@@ -92,6 +92,7 @@ def test_adaptive_row_with_a_huge_reference_is_metamd(setup, tmp_path, monkeypat
   written = json.loads((tmp_path / 'results.json').read_text())
   assert written['adaptive']['reference_norm'] == 1e30
   assert written['adaptive']['refresh_growth'] is None  # the schedule alone
+  assert written['adaptive']['overshoot_cap'] is None  # the config's inf: no cap
   table = (tmp_path / 'results.md').read_text()
   assert '| metamd_adaptive | learned (c = 1e+30) |' in table
   assert 'Beyond the horizon: 2T' in table and 'ms per step' in table
@@ -259,6 +260,9 @@ def test_shifted_families_are_shifted(setup):
     ('eval.adaptive_overshoot_decay', -0.1),
     ('eval.adaptive_refresh_growth', -0.1),
     ('eval.adaptive_refresh_growth', float('nan')),
+    ('eval.adaptive_overshoot_cap', 0.5),
+    ('eval.adaptive_overshoot_cap', float('nan')),
+    ('eval.adaptive_overshoot_cap', 0.0),
 ])
 def test_bad_adaptive_and_shift_values_name_the_field(field, value):
   config = tiny.get_config()
@@ -344,6 +348,16 @@ def test_adaptive_optimizer_is_blended_with_a_positive_blend_rate():
     chex.assert_trees_all_close(jax.tree.map(lambda a, b, c: a - b + c / 2, unchecked,
                                              checked, learned),
                                 learned, atol=1e-6)
+  # eval.adaptive_overshoot_cap: sigma = 2 on the second step, capped at 1.5.
+  config.eval.adaptive_overshoot = True
+  config.eval.adaptive_overshoot_cap = 1.5
+  capped = two_updates(evaluate.adaptive_optimizer(config, divergence, calibration))
+  chex.assert_trees_all_close(capped, two_updates(metamd_jax.blended_metamd(
+      divergence, (1.0, 1.0), 0.0, per_leaf=True, overshoot_decay=0.0, overshoot_cap=1.5)))
+  chex.assert_trees_all_close(jax.tree.map(lambda c, a: 1.5 * c - a, capped, learned),
+                              jax.tree.map(jnp.zeros_like, learned), atol=1e-6)
+  config.eval.adaptive_overshoot_cap = math.inf
+  config.eval.adaptive_overshoot = False
   config.eval.adaptive_blend_rate = 0.5
   # eval.adaptive_refresh_growth: Shampoo's roots also refreshed on growth. Steps 1 to 10
   # and 11 refresh on the schedule; at step 12 (stale) a burst refreshes them with 0.5 only.

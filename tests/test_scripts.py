@@ -10,10 +10,12 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import FAST_COMPILE
 
-from metamd_jax import blended, models
+from experiments import builders, evaluate
+from metamd_jax import artifact, blended, evaluation, models
 from metamd_jax.objectives import MetaGradient
 from scripts import (
   benchmark_meta_gradient,
@@ -21,6 +23,7 @@ from scripts import (
   benchmark_roots,
   benchmark_step,
   timing,
+  trace_overshoot,
 )
 from scripts.inputs import init_params
 
@@ -466,3 +469,62 @@ def test_benchmark_meta_gradient_main_transformer(tmp_path, capsys):
   # Both adjoints give the same bound on the same task.
   values = [result['functions'][name]['value'] for name in ('rollout', 'statistics', 'implicit')]
   assert values == pytest.approx([values[0]] * 3, rel=1e-4)
+
+
+def test_trace_overshoot_main(tmp_path, capsys):
+  """The trace equals a plain loop of the config's adaptive optimiser on the same
+  validation task: the whole-set losses every 2 steps and the check's final factors;
+  the factors start at 1, never decrease and stop at the cap set on the command line."""
+  config = benchmark_parallel.load_config(str(CONFIGS / 'tiny.py'))
+  config.meta.init_learning_rate = 3.0  # long learned steps: the check shortens them
+  family, _ = builders.build_families(config)
+  divergence = builders.build_divergence(config, family)
+  artifact.save_divergence(tmp_path / 'divergence.npz', divergence)
+  result = trace_overshoot.main(['--config', str(CONFIGS / 'tiny.py'), '--workdir',
+                                 str(tmp_path), '--steps', '8', '--every', '2', '--task', '1',
+                                 '--set', 'adaptive_overshoot_cap=1.5', '--json',
+                                 str(tmp_path / 'trace.json')])
+  # tiny's config with the same learned divergence (its start is meta.init_learning_rate).
+  assert result['steps'] == [0, 2, 4, 6, 8] and result['settings']['overshoot_cap'] == 1.5
+  sigma = np.asarray(result['sigma'])
+  assert sigma.shape == (5, len(result['layers'])) and np.all(sigma[0] == 1)
+  assert np.all(np.diff(sigma, axis=0) >= 0) and np.all(sigma <= 1.5 * (1 + 1e-6))
+  assert sigma[-1].max() > 1  # the check acted
+  assert json.loads((tmp_path / 'trace.json').read_text())['sigma'] == result['sigma']
+  assert '| step | train loss | sigma' in capsys.readouterr().out
+
+  config.eval.adaptive_overshoot_cap = 1.5
+  tune = evaluation.tuning_tasks(family, config.seed, config.eval.num_tune_tasks)
+  optimizer = evaluate.adaptive_optimizer(
+      config, divergence, evaluate.calibrate(config, divergence, family, tune))
+  tasks = evaluation.tuning_tasks(family, config.seed, 2)
+  task = family.task(jax.tree.map(lambda x: x[1], tasks))
+  curves = evaluation.run(optimizer, family, jax.tree.map(lambda x: x[1:], tasks), 8,
+                          track_every=2)
+  np.testing.assert_allclose(result['train_loss'], curves.train_losses[0], rtol=1e-5)
+  params = task.init()
+  state = optimizer.init(params)
+  for step in range(8):
+    grads = jax.grad(task.loss)(params, task.batch(jnp.int32(step)))
+    updates, state = optimizer.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(sigma[-1], trace_overshoot._overshoot_state(state).scale,
+                             rtol=1e-5)
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--set', 'no_such_field=1'], 'FIELD=VALUE'),
+    (['--set', 'adaptive_overshoot_cap=big'], 'adaptive_overshoot_cap'),
+    (['--steps', '5', '--every', '2'], 'multiple'),
+    (['--shift', 'upside_down'], '--shift'),
+    (['--set', 'adaptive_overshoot=false'], 'no check'),
+])
+def test_trace_overshoot_names_bad_arguments(tmp_path, argv, message):
+  with pytest.raises(SystemExit, match=message):
+    trace_overshoot.main(['--config', str(CONFIGS / 'tiny.py'), '--workdir', str(tmp_path),
+                          *argv])
+
+
+def test_trace_overshoot_names_a_missing_divergence(tmp_path):
+  with pytest.raises(FileNotFoundError, match='divergence.npz'):
+    trace_overshoot.main(['--config', str(CONFIGS / 'tiny.py'), '--workdir', str(tmp_path)])
