@@ -199,7 +199,8 @@ def _check_wall_clock(config, workdir, family):
   assert benchmark_wall_clock.parse_settings(['adaptive_overshoot_cap=10']) == {
       'adaptive_overshoot_cap': 10.0}
   family_cfg = benchmark_setup.family_config(config, 'tiny')
-  family_cfg.eval.adaptive_overshoot_cap = 3.0  # not stored (the calibration has None)
+  assert family['adaptive']['overshoot_cap'] == family_cfg.eval.adaptive_overshoot_cap == 3.0
+  family_cfg.eval.adaptive_overshoot_cap = 7.0  # not stored
   with pytest.raises(SystemExit, match='overshoot_cap'):
     benchmark_wall_clock.build_optimizer('metamd_adaptive', family_cfg, family, divergence)
   family_cfg = benchmark_setup.family_config(config, 'tiny')

@@ -248,7 +248,7 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
       assert choose_variant.settings_of(config, f'config_refresh_{growth}_blend_{rate}') == {
           **own, 'adaptive_refresh_growth': growth, 'adaptive_blend_rate': rate}
   # The cap candidates: the config's own settings, the check's factor capped.
-  assert own['adaptive_overshoot_cap'] == math.inf  # tiny's config has no cap
+  assert own['adaptive_overshoot_cap'] == config.eval.adaptive_overshoot_cap == 3.0
   for cap in (2.0, 3.0, 10.0, 30.0, math.inf):
     assert choose_variant.settings_of(config, f'config_cap_{cap}') == {
         **own, 'adaptive_overshoot_cap': cap}

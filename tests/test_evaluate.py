@@ -42,6 +42,7 @@ def test_adaptive_row_with_a_huge_reference_is_metamd(setup, tmp_path, monkeypat
   config.eval.adaptive_momentum = 0.0
   config.eval.adaptive_overshoot = False  # the default's check shortens passing steps
   config.eval.adaptive_refresh_growth = math.inf  # recorded as None (JSON has no inf)
+  config.eval.adaptive_overshoot_cap = math.inf  # recorded as None too
   calls = []
 
   def reference(div, family, task_params, num_steps, *, quantile, decay, per_leaf):
@@ -92,7 +93,7 @@ def test_adaptive_row_with_a_huge_reference_is_metamd(setup, tmp_path, monkeypat
   written = json.loads((tmp_path / 'results.json').read_text())
   assert written['adaptive']['reference_norm'] == 1e30
   assert written['adaptive']['refresh_growth'] is None  # the schedule alone
-  assert written['adaptive']['overshoot_cap'] is None  # the config's inf: no cap
+  assert written['adaptive']['overshoot_cap'] is None  # inf: no cap
   table = (tmp_path / 'results.md').read_text()
   assert '| metamd_adaptive | learned (c = 1e+30) |' in table
   assert 'Beyond the horizon: 2T' in table and 'ms per step' in table
