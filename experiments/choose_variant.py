@@ -80,8 +80,8 @@ the choice.
 The checks are the validation tasks as they are and under each change of
 ``eval.shifts``; with ``eval.horizon_multiplier = m > 1`` also ``'<m>T'``: the same tasks
 for ``m`` times the horizon, the reference re-tuned for that many steps on the tuning
-tasks, the whole-set loss every ``eval.track_every`` steps (as the benchmark's check
-beyond the horizon).
+tasks, the whole-set loss every ``m`` steps (every step when ``m`` does not divide ``T``),
+as the benchmark's check beyond the horizon.
 """
 
 from __future__ import annotations

@@ -118,8 +118,9 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
                                               if overshoot else None),
                                           refresh_growth=ev.get('adaptive_refresh_growth',
                                                                 math.inf),
-                                          overshoot_cap=ev.get('adaptive_overshoot_cap',
-                                                               math.inf))
+                                          overshoot_cap=(
+                                              ev.get('adaptive_overshoot_cap', math.inf)
+                                              if overshoot else None))
   elif levels is not None:
     optimizer = eigenbasis_lib.eigenbasis_metamd(divergence, levels, decay=ev.adaptive_decay)
   else:

@@ -830,12 +830,16 @@ def scale_by_blended_mirror_descent(
     TypeError, ValueError: on a bad ``blend_rate``, ``reference_norm``, ``decay``,
       ``epsilon``, ``statistics``, ``refresh_every``, ``eigenbasis_levels``,
       ``online_power``, ``max_dimension``, ``block_size``, ``overshoot_decay``,
-      ``refresh_growth`` or ``overshoot_cap`` (each named in the message).
+      ``refresh_growth`` or ``overshoot_cap`` (each named in the message), or a finite
+      ``overshoot_cap`` without ``overshoot_decay``.
   """
   blend_rate = check_blend_rate(blend_rate)
   check_online_power(online_power)
   overshoot_decay = check_overshoot_decay(overshoot_decay)
   overshoot_cap = check_overshoot_cap(overshoot_cap)
+  if overshoot_cap is not None and overshoot_decay is None:
+    raise ValueError(f'overshoot_cap={overshoot_cap!r} caps the overshoot check, which is off '
+                     '(overshoot_decay=None): set overshoot_decay or leave the cap None.')
   check_block_size(block_size)
   _check_positive_int(max_dimension, 'max_dimension')
   refresh_growth = check_refresh_growth(refresh_growth)

@@ -646,6 +646,12 @@ def test_bad_overshoot_cap_is_named(value, error):
                               overshoot_cap=value)
 
 
+def test_overshoot_cap_without_the_check_is_refused():
+  with pytest.raises(ValueError, match='overshoot_cap=3.0 caps the overshoot check'):
+    metamd_jax.blended_metamd(_divergence(), 1.0, 0.1, overshoot_cap=3.0)
+  metamd_jax.blended_metamd(_divergence(), 1.0, 0.1, overshoot_cap=math.inf)  # no cap: fine
+
+
 def test_overshoot_cap_of_one_is_no_check_and_inf_is_no_cap():
   """A cap of 1 keeps ``sigma = 1``: the steps of the blend without the check. ``inf``:
   the check uncapped (``None``), and it does shorten the learned half here."""
