@@ -52,6 +52,9 @@ def apply_settings(config, pairs: list[str]) -> None:
     if not sep or field not in config.eval:
       _fail(f'--set takes FIELD=VALUE with FIELD a field of the config\'s eval, got {pair!r}.')
     current = config.eval[field]
+    if not isinstance(current, (bool, int, float, str)):
+      _fail(f'--set {field}: only number, bool and string fields can be set, it holds '
+            f'{current!r}.')
     try:
       if isinstance(current, bool):
         typed = _BOOLEANS[value.lower()]

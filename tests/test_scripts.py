@@ -515,6 +515,7 @@ def test_trace_overshoot_main(tmp_path, capsys):
 @pytest.mark.parametrize('argv, message', [
     (['--set', 'no_such_field=1'], 'FIELD=VALUE'),
     (['--set', 'adaptive_overshoot_cap=big'], 'adaptive_overshoot_cap'),
+    (['--set', 'shifts=inputs_x2'], 'only number, bool and string'),
     (['--steps', '5', '--every', '2'], 'multiple'),
     (['--shift', 'upside_down'], '--shift'),
     (['--set', 'adaptive_overshoot=false'], 'no check'),
