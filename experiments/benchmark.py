@@ -220,12 +220,9 @@ def benchmark_family(config: ml_collections.ConfigDict, name: str, workdir: path
         {opt: optimizers[opt] for opt in robust_names}, {opt: rates[opt] for opt in robust_names})
     robustness[shift]['num_steps'] = horizon
   if robust and multiplier > 1:
-    every = next(iter(long_curves.values())).every
-    check, retuned_curves = protocol.against_retuned(
-        ev, f'{multiplier} times the horizon ({multiplier * horizon} steps; the beyond-horizon '
-        f'runs, the whole-set loss every {every} steps; {ev.reference} re-tuned for '
-        f'{multiplier * horizon} steps)', (train_family, tune_tasks), (test_family, test_tasks),
-        multiplier * horizon, every, {opt: long_curves[opt] for opt in robust_names}, rates)
+    check, retuned_curves = protocol.beyond_horizon(
+        ev, multiplier, horizon, (train_family, tune_tasks), (test_family, test_tasks),
+        {opt: long_curves[opt] for opt in robust_names}, rates)
     robustness[f'{multiplier}T'] = check
     if retuned_curves is not None:  # the re-tuned reference joins the beyond-horizon section
       result['beyond_horizon'][check['reference']] = {

@@ -370,12 +370,8 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     curves = {name: benchmark_runs.long_run(optimizer, family, validation, ev.num_steps,
                                             multiplier)
               for name, optimizer in optimizers.items()}
-    every = next(iter(curves.values())).every
-    result, _ = protocol.against_retuned(
-        ev, f'{multiplier} times the horizon ({multiplier * ev.num_steps} steps, the '
-        f'whole-set loss every {every} steps; {ev.reference} re-tuned for '
-        f'{multiplier * ev.num_steps} steps)', (family, tune_tasks), (family, validation),
-        multiplier * ev.num_steps, every, curves, learning_rates)
+    result, _ = protocol.beyond_horizon(ev, multiplier, ev.num_steps, (family, tune_tasks),
+                                        (family, validation), curves, learning_rates)
     result['seconds'] = time.perf_counter() - started
     checks[f'{multiplier}T'] = result
   scores = {name: score(checks, name, ev.reference) for name in candidates if name in levels}

@@ -73,13 +73,17 @@ def calibrate(config: ml_collections.ConfigDict, divergence: PyTree, family: Tas
           'block_size': ev.get('adaptive_blend_block_size', 0),
           'overshoot': ev.get('adaptive_overshoot', False),
           'overshoot_decay': ev.get('adaptive_overshoot_decay', 0.5),
-          # None: the roots on their schedule alone (JSON has no infinity).
-          'refresh_growth': (None if math.isinf(ev.get('adaptive_refresh_growth', math.inf))
-                             else ev.adaptive_refresh_growth),
-          'overshoot_cap': (None if math.isinf(ev.get('adaptive_overshoot_cap', math.inf))
-                            else ev.adaptive_overshoot_cap),
+          # None: the roots on their schedule alone; no cap.
+          'refresh_growth': as_recorded(ev.get('adaptive_refresh_growth', math.inf)),
+          'overshoot_cap': as_recorded(ev.get('adaptive_overshoot_cap', math.inf)),
           'calibration_tasks': 'meta-train tuning tasks',
           'num_calibration_tasks': ev.num_tune_tasks, 'num_steps': ev.num_steps}
+
+
+def as_recorded(value):
+  """A setting as :func:`calibrate` records it: an infinite float as ``None`` (JSON has
+  no infinity), anything else as it is."""
+  return None if isinstance(value, float) and math.isinf(value) else value
 
 
 def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,

@@ -180,3 +180,18 @@ def against_retuned(eval_config: ml_collections.ConfigDict, description: str,
            f'{reference}_learning_rate': retuned, 'num_steps': num_steps,
            'seconds': time.perf_counter() - started, 'optimizers': entries}
   return check, curves.get(reference)
+
+
+def beyond_horizon(eval_config: ml_collections.ConfigDict, multiplier: int, horizon: int,
+                   tuning: tuple[TaskFamily, PyTree], testing: tuple[TaskFamily, PyTree],
+                   curves: dict[str, evaluation.Curves],
+                   learning_rates: dict) -> tuple[dict, evaluation.Curves | None]:
+  """The check ``'<multiplier>T'``: runs of ``multiplier * horizon`` steps (``curves``,
+  e.g. :func:`experiments.benchmark_runs.long_run`'s) against the reference re-tuned for
+  that many steps (:func:`against_retuned`, whose ``(check, runs)`` it returns)."""
+  steps = multiplier * horizon
+  every = next(iter(curves.values())).every
+  return against_retuned(
+      eval_config, f'{multiplier} times the horizon ({steps} steps, the whole-set loss every '
+      f'{every} steps; {eval_config.reference} re-tuned for {steps} steps)', tuning, testing,
+      steps, every, curves, learning_rates)

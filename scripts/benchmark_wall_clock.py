@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import pathlib
 import time
@@ -71,15 +70,6 @@ _CALIBRATION_FIELDS = {'blend_rate': 'adaptive_blend_rate',
 _CALIBRATION_DEFAULTS = {'eigenbasis': False, 'online_power': 1.0, 'max_dimension': 1024,
                          'block_size': 0, 'overshoot': False, 'overshoot_decay': 0.5,
                          'refresh_growth': None, 'overshoot_cap': None}
-
-
-def _as_recorded(recorded: str, value):
-  """A config value as the calibration records it (an infinite refresh growth or
-  overshoot cap: None)."""
-  if recorded in ('refresh_growth', 'overshoot_cap') and value is not None \
-      and math.isinf(value):
-    return None
-  return value
 
 
 def _fail(message: str):
@@ -141,8 +131,8 @@ def build_optimizer(name: str, family_cfg, stored: dict, divergence, changed=())
     for recorded, field in _CALIBRATION_FIELDS.items():
       if (adaptive is not None and field not in changed
           and adaptive.get(recorded, _CALIBRATION_DEFAULTS.get(recorded))
-          != _as_recorded(recorded, family_cfg.eval.get(
-              field, _CALIBRATION_DEFAULTS.get(recorded)))):
+          != evaluate.as_recorded(family_cfg.eval.get(field,
+                                                      _CALIBRATION_DEFAULTS.get(recorded)))):
         _fail(f'the stored calibration has {recorded}={adaptive.get(recorded)!r} but the '
               f'config has eval.{field}={family_cfg.eval[field]!r}: rerun the benchmark '
               'or pass the config it ran with.')

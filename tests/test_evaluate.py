@@ -534,3 +534,10 @@ def test_shifts_apply_by_family_kind(setup):
   builders.validate_config(convex_config)  # inherits the default's image shifts
   convex_family, _ = builders.build_families(convex_config)
   assert builders.applicable_shifts(convex_family, convex_config.eval.shifts) == ()
+
+
+def test_calibration_records_an_infinite_setting_as_none():
+  """JSON has no infinity: inf (the schedule alone, no cap) is recorded as None."""
+  assert evaluate.as_recorded(math.inf) is None
+  assert evaluate.as_recorded(0.3) == 0.3 and evaluate.as_recorded('kronecker') == 'kronecker'
+  assert evaluate.as_recorded(True) is True and evaluate.as_recorded(None) is None
