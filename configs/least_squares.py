@@ -21,7 +21,14 @@ def get_config():
   config.eval.learning_rates = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
   # Meta learning rate 0.1 collapsed meta-training on this family (experiments/RESULTS.md).
   config.meta.learning_rate = 0.03
-  config.meta.eps = 1e-3  # the floor this family was measured with (RESULTS.md)
+  # The floor, chosen on validation tasks over 1e-4, 1e-3, 0.01 and 0.1 by the rule of
+  # experiments.choose_variant, judged also at 10 times the horizon (experiments/RESULTS.md
+  # section 20): 0.01. Every value passes both checks, and the final losses agree to 5e-6:
+  # the learned factors' smallest eigenvalues (about 1.1) lie above all four floors (1e-3
+  # before, not swept).
+  #   python -m experiments.sweep --config configs/least_squares.py --field=meta.eps \
+  #       --values=0.0001,0.001,0.01,0.1 --rule=robustness --config.eval.horizon_multiplier=10
+  config.meta.eps = 0.01
   # No cap on the overshoot check (the default has 3): on the validation tasks, judged also
   # at 10 times the horizon, 2 of 2 checks against 1 of 2 with the cap 3 (10T lost) and a
   # lower final loss than the cap 10 (experiments/RESULTS.md section 19).
