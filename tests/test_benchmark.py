@@ -8,7 +8,7 @@ import pytest
 
 import metamd_jax
 from configs import benchmark as benchmark_config
-from configs import tiny
+from configs import default, digits_mlp, mnist1d_cnn, tiny
 from experiments import benchmark, benchmark_setup, benchmark_targets
 from scripts import benchmark_wall_clock
 
@@ -286,6 +286,20 @@ def test_start_of_meta_training_per_family():
   config.families.digits_mlp.init_from_tuned_sgd = 'yes'
   with pytest.raises(ValueError, match=r'config\.families\.digits_mlp\.init_from_tuned_sgd'):
     benchmark_setup.validate(config)
+
+
+def test_image_families_meta_train_as_their_configs():
+  # The variant's settings of each image family are chosen on validation tasks with the
+  # divergence of its own config (experiments.choose_variant on a main job's artifact): the
+  # benchmark meta-tests that divergence only if it meta-trains the same way (digits ran 60
+  # meta-steps against its config's 100 until RESULTS.md section 20).
+  config = benchmark_config.get_config()
+  own = {'mnist_mlp': default, 'digits_mlp': digits_mlp, 'mnist1d_cnn': mnist1d_cnn}
+  for name, module in own.items():
+    family = benchmark_setup.family_config(config, name).meta.to_dict()
+    expected = module.get_config().meta.to_dict()
+    family.pop('checkpoint_every'), expected.pop('checkpoint_every')
+    assert family == expected, name
 
 
 @pytest.mark.parametrize('field,value,message', [
