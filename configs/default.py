@@ -153,6 +153,13 @@ def get_config() -> ml_collections.ConfigDict:
   # step, left out for its cost; experiments/RESULTS.md section 18): 0.1, 8 of 8 checks
   # as the schedule alone, with a lower final loss.
   evaluation.adaptive_refresh_growth = 0.1
+  # Doubling restarts (metamd_jax.doubling_restarts): the adaptive optimiser's whole state
+  # (online scales, the check's factor, Shampoo's statistics, momentum) started afresh
+  # after eval.num_steps updates, then after twice and four times as many, ...: the steps
+  # the non-decreasing metric has shortened over a run longer than the calibrated horizon
+  # are lengthened again, and the regret bound holds epoch by epoch. A run of
+  # eval.num_steps steps is unchanged; only runs beyond the horizon differ.
+  evaluation.adaptive_restarts = False
   # Everyday changes (classification families only; () disables): the held-out tasks again
   # with every optimiser as it is (learned metric, tuned learning rates, calibrated c),
   # against Adam re-tuned on each change. Each costs one Adam tuning and one run per

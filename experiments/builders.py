@@ -235,6 +235,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       or not overshoot_cap >= 1:
     _fail('eval.adaptive_overshoot_cap', overshoot_cap,
           'must be a number >= 1 (the largest factor of the overshoot check) or inf (no cap)')
+  restarts = evaluation.get('adaptive_restarts', False)
+  if not isinstance(restarts, bool):
+    _fail('eval.adaptive_restarts', restarts, 'must be True or False')
   for name, minimum in (('adaptive_blend_max_dimension', 1), ('adaptive_blend_block_size', 0)):
     value = evaluation.get(name, 1024 if minimum else 0)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

@@ -51,7 +51,10 @@ mass has grown by the fraction ``kappa`` since their last refresh, at 0, 0.1, 0.
 ``'..._blend_<rate>'``: at 0 and 0.1 with the blend rate 0.03, 0.1, 0.15, 0.2 or 0.3
 instead of the config's), ``'config_cap_<c>'`` (the config's own settings with the
 overshoot check's factor at most ``c``, at 2, 3, 10, 30 and ``inf``,
-``eval.adaptive_overshoot_cap``), and with the check at
+``eval.adaptive_overshoot_cap``), ``'config_restart'`` and ``'config_restart_blend_<rate>'``
+(the config's own settings with the state started afresh after ``eval.num_steps``
+updates, twice as many, four times, ..., :func:`metamd_jax.doubling_restarts`,
+``eval.adaptive_restarts``; at the config's blend rate or at 0.03 or 0.1), and with the check at
 0.5 the cheaper online halves ``'eigen_<sum|peak>_<rate>_nesterov_0.5_online_0.5_overshoot_0.5'``
 (the diagonal running sums or peak averages at 0.01, 0.03 and 0.1) and
 ``'eigen_kron_0.1_nesterov_0.5_online_0.5_blocks_128_overshoot_0.5'``;
@@ -73,9 +76,9 @@ table; set ``eval.adaptive_per_leaf``, ``eval.adaptive_blend_rate``,
 ``eval.adaptive_blend_statistics``, ``eval.adaptive_momentum``, ``eval.adaptive_eigenbasis``
 ``eval.adaptive_online_power``, ``eval.adaptive_blend_max_dimension``,
 ``eval.adaptive_blend_block_size``, ``eval.adaptive_overshoot``,
-``eval.adaptive_overshoot_decay``, ``eval.adaptive_refresh_growth`` and
-``eval.adaptive_overshoot_cap`` (in the family's config, or with ``--config.eval...``) to
-the choice.
+``eval.adaptive_overshoot_decay``, ``eval.adaptive_refresh_growth``,
+``eval.adaptive_overshoot_cap`` and ``eval.adaptive_restarts`` (in the family's config,
+or with ``--config.eval...``) to the choice.
 
 The checks are the validation tasks as they are and under each change of
 ``eval.shifts``; with ``eval.horizon_multiplier = m > 1`` also ``'<m>T'``: the same tasks
@@ -198,6 +201,7 @@ for _settings in CANDIDATES.values():  # no momentum unless a candidate names on
   _settings.setdefault('adaptive_overshoot_decay', 0.5)
   _settings.setdefault('adaptive_refresh_growth', math.inf)
   _settings.setdefault('adaptive_overshoot_cap', math.inf)
+  _settings.setdefault('adaptive_restarts', False)
 OVERSHOOT = {
     **{f'config_overshoot_{decay}': {'adaptive_overshoot': True,
                                      'adaptive_overshoot_decay': decay}
@@ -217,12 +221,18 @@ OVERSHOOT = {
        for growth in (0.0, 0.1) for rate in (0.03, 0.1, 0.15, 0.2, 0.3)},
     **{f'config_cap_{cap}': {'adaptive_overshoot_cap': cap}
        for cap in (2.0, 3.0, 10.0, 30.0, math.inf)},
+    'config_restart': {'adaptive_restarts': True},
+    **{f'config_restart_blend_{rate}': {'adaptive_restarts': True,
+                                         'adaptive_blend_rate': rate}
+       for rate in (0.03, 0.1)},
 }
 """Candidates that keep the config's own settings and add the overshoot check at a
 decay (``eval.adaptive_overshoot``, ``eval.adaptive_overshoot_decay``), or at 0.5 with
 another blend rate or online power, or refresh the roots of Shampoo's statistics also
 after a growth of their gradient mass (``eval.adaptive_refresh_growth``), or cap the
-check's factor (``eval.adaptive_overshoot_cap``); after :data:`CANDIDATES` in ties."""
+check's factor (``eval.adaptive_overshoot_cap``), or start the state afresh after the
+horizon, twice it, ... (``eval.adaptive_restarts``, alone or with the blend rate 0.03 or
+0.1); after :data:`CANDIDATES` in ties."""
 OWN = 'config'
 """The candidate that keeps the config's own ``eval`` settings (always allowed; first in
 ties): how :mod:`experiments.sweep` scores a meta-training setting by this rule."""
@@ -410,6 +420,7 @@ def format_choice(result: dict) -> str:
               and result.get('adaptive_overshoot_cap', math.inf) != math.inf else '')
            + (f", eval.adaptive_refresh_growth={result['adaptive_refresh_growth']}"
               if result.get('adaptive_refresh_growth', math.inf) != math.inf else '')
+           + (', eval.adaptive_restarts=True' if result.get('adaptive_restarts') else '')
            + ').', '',
            f'| candidate | diverged runs where {reference} trains | faster than '
            f'{reference} re-tuned | final loss / re-tuned {reference} (geometric mean) |',

@@ -76,6 +76,7 @@ def calibrate(config: ml_collections.ConfigDict, divergence: PyTree, family: Tas
           # None: the roots on their schedule alone; no cap.
           'refresh_growth': as_recorded(ev.get('adaptive_refresh_growth', math.inf)),
           'overshoot_cap': as_recorded(ev.get('adaptive_overshoot_cap', math.inf)),
+          'restarts': ev.get('adaptive_restarts', False),
           'calibration_tasks': 'meta-train tuning tasks',
           'num_calibration_tasks': ev.num_tune_tasks, 'num_steps': ev.num_steps}
 
@@ -97,7 +98,10 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
   ``eval.adaptive_overshoot_decay``, its factor at most ``eval.adaptive_overshoot_cap``)
   when ``eval.adaptive_blend_rate > 0`` or ``eval.adaptive_overshoot``, followed by
   Nesterov's momentum (:func:`metamd_jax.nesterov_momentum`) when
-  ``eval.adaptive_momentum > 0``; ``None`` when calibration failed or is off."""
+  ``eval.adaptive_momentum > 0``; with ``eval.adaptive_restarts``, the whole state started
+  afresh after ``eval.num_steps`` (the horizon the levels were calibrated over), twice
+  that, four times, ... (:func:`metamd_jax.doubling_restarts`: a run of ``eval.num_steps``
+  steps is unchanged); ``None`` when calibration failed or is off."""
   if adaptive is None or adaptive['reference_norm'] is None:
     return None
   ev = config.eval
@@ -134,6 +138,8 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
   momentum = ev.get('adaptive_momentum', 0.0)
   if momentum > 0:
     optimizer = optax.chain(optimizer, metamd_jax.nesterov_momentum(momentum))
+  if ev.get('adaptive_restarts', False):
+    optimizer = metamd_jax.doubling_restarts(optimizer, ev.num_steps)
   return optimizer
 
 

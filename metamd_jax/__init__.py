@@ -36,6 +36,7 @@ from metamd_jax.inner_loop import AdaptiveRollout, Rollout, adaptive_rollout, ro
 from metamd_jax.meta_train import FitResult, MetaTrainState, fit
 from metamd_jax.mirror import mirror_step
 from metamd_jax.objectives import MetaGradient, meta_gradient, unrolled_loss
+from metamd_jax.restarts import RestartState, doubling_restarts
 from metamd_jax.tasks import (
     ClassificationFamily,
     LeastSquaresFamily,
@@ -59,6 +60,7 @@ __all__ = (
     'LogisticRegressionFamily',
     'MetaGradient',
     'MetaTrainState',
+    'RestartState',
     'Rollout',
     'ScalarMetric',
     'ScaleByAdaptiveMirrorDescentState',
@@ -75,6 +77,7 @@ __all__ = (
     'check_divergence',
     'check_structure',
     'convergence_bound',
+    'doubling_restarts',
     'eigenbasis_levels',
     'eigenbasis_metamd',
     'fit',

@@ -65,11 +65,12 @@ _CALIBRATION_FIELDS = {'blend_rate': 'adaptive_blend_rate',
                        'overshoot': 'adaptive_overshoot',
                        'overshoot_decay': 'adaptive_overshoot_decay',
                        'refresh_growth': 'adaptive_refresh_growth',
-                       'overshoot_cap': 'adaptive_overshoot_cap'}
+                       'overshoot_cap': 'adaptive_overshoot_cap',
+                       'restarts': 'adaptive_restarts'}
 # What a calibration stored before a field existed meant.
 _CALIBRATION_DEFAULTS = {'eigenbasis': False, 'online_power': 1.0, 'max_dimension': 1024,
                          'block_size': 0, 'overshoot': False, 'overshoot_decay': 0.5,
-                         'refresh_growth': None, 'overshoot_cap': None}
+                         'refresh_growth': None, 'overshoot_cap': None, 'restarts': False}
 
 
 def _fail(message: str):

@@ -73,7 +73,8 @@ def test_compare_runs_validation_tasks_only_and_applies_the_rule(tmp_path, monke
                                       'adaptive_overshoot': False,
                                       'adaptive_overshoot_decay': 0.5,
                                       'adaptive_refresh_growth': math.inf,
-                                      'adaptive_overshoot_cap': math.inf}
+                                      'adaptive_overshoot_cap': math.inf,
+                                      'adaptive_restarts': False}
   monkeypatch.setattr(choose_variant, 'CANDIDATES', candidates)
   result = choose_variant.compare(config, tmp_path, divergence)
 
@@ -184,7 +185,8 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
         'adaptive_eigenbasis': eigenbasis, 'adaptive_online_power': 1.0,
         'adaptive_blend_max_dimension': 1024, 'adaptive_blend_block_size': 0,
         'adaptive_overshoot': False, 'adaptive_overshoot_decay': 0.5,
-        'adaptive_refresh_growth': math.inf, 'adaptive_overshoot_cap': math.inf}, name
+        'adaptive_refresh_growth': math.inf, 'adaptive_overshoot_cap': math.inf,
+        'adaptive_restarts': False}, name
   assert all(settings['adaptive_momentum'] == 0.0 for name, settings in
              choose_variant.CANDIDATES.items() if 'nesterov' not in name)
   assert choose_variant.CANDIDATES['eigen_kron_0.1_nesterov_0.5_online_0.5'] == {
@@ -252,6 +254,14 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
   for cap in (2.0, 3.0, 10.0, 30.0, math.inf):
     assert choose_variant.settings_of(config, f'config_cap_{cap}') == {
         **own, 'adaptive_overshoot_cap': cap}
+  # The restart candidates: the config's own settings, the state started afresh after
+  # the horizon, twice it, ...; at the config's blend rate or another.
+  assert own['adaptive_restarts'] is config.eval.adaptive_restarts is False
+  assert choose_variant.settings_of(config, 'config_restart') == {
+      **own, 'adaptive_restarts': True}
+  for rate in (0.03, 0.1):
+    assert choose_variant.settings_of(config, f'config_restart_blend_{rate}') == {
+        **own, 'adaptive_restarts': True, 'adaptive_blend_rate': rate}
   # Ties: the config first, the overshoot candidates after every other one.
   assert choose_variant.check_candidates(
       ['config_overshoot_0.5', 'eigen', 'config', 'config_overshoot_0.0']) == (

@@ -7,6 +7,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import metamd_jax
@@ -387,6 +388,46 @@ def test_adaptive_optimizer_is_blended_with_a_positive_blend_rate():
   chex.assert_trees_all_close(
       first_update(evaluate.adaptive_optimizer(config, divergence, calibration)),
       jax.tree.map(lambda u: 1.9 * 0.5 * u, blended_updates), atol=1e-6)
+
+
+def test_adaptive_restarts_start_the_whole_state_afresh_after_the_horizon():
+  config = tiny.get_config()
+  config.eval.adaptive_eigenbasis = False
+  config.eval.num_steps = 3
+  params = {'w': jnp.ones((3, 2)), 'b': jnp.ones((2,))}
+  divergence = metamd_jax.init_divergence(params, 0.1)
+  calibration = {'reference_norm': (1.0, 1.0)}
+  keys = jax.random.split(jax.random.PRNGKey(0), 8)
+  gradients = [{'w': jax.random.normal(k, (3, 2)), 'b': jax.random.normal(k, (2,))}
+               for k in keys]
+
+  def updates_of(optimizer, gradients, params=params):
+    state, out = optimizer.init(params), []
+    for g in gradients:
+      u, state = optimizer.update(g, state, params)
+      params = optax.apply_updates(params, u)
+      out.append(u)
+    return out, params, state
+
+  plain = evaluate.adaptive_optimizer(config, divergence, calibration)
+  config.eval.adaptive_restarts = True
+  restarted = evaluate.adaptive_optimizer(config, divergence, calibration)
+  got, _, state = updates_of(restarted, gradients)
+  assert isinstance(state, metamd_jax.RestartState) and int(state.next) == 12
+  # The horizon's 3 steps as without restarts; then epochs [3, 6) and [6, 8) as fresh runs
+  # (momentum, scales and statistics included) from where the last one ended.
+  want, ended, _ = updates_of(plain, gradients[:3])
+  for start, stop in ((3, 6), (6, 8)):
+    more, ended, _ = updates_of(plain, gradients[start:stop], ended)
+    want += more
+  for a, b in zip(got, want):
+    chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-7)
+  assert not np.allclose(got[3]['w'], updates_of(plain, gradients[:4])[0][3]['w'])
+
+
+def test_calibration_records_the_restarts(setup):
+  assert _calibrated(setup)[2]['restarts'] is False  # the default
+  assert _calibrated(setup, adaptive_restarts=True)[2]['restarts'] is True
 
 
 def test_a_shift_keeps_every_optimizer_and_retunes_adam(setup, monkeypatch):

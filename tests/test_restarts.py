@@ -1,0 +1,156 @@
+"""Tests for metamd_jax.restarts: the doubling restarts of an optimiser's state."""
+
+import doctest
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import metamd_jax
+from metamd_jax import restarts
+
+
+def _gradients(num_steps, seed=0):
+  key = jax.random.PRNGKey(seed)
+  return [{'w': jax.random.normal(k, (3, 2)), 'b': jax.random.normal(k, (2,)) * 0.1}
+          for k in jax.random.split(key, num_steps)]
+
+
+def _params():
+  return {'w': jnp.ones((3, 2)), 'b': jnp.zeros((2,))}
+
+
+def _run(optimizer, gradients, params):
+  """Updates of ``optimizer`` along ``gradients``, applying each to ``params``."""
+  state = optimizer.init(params)
+  out = []
+  for g in gradients:
+    updates, state = optimizer.update(g, state, params)
+    params = optax.apply_updates(params, updates)
+    out.append(updates)
+  return out, state
+
+
+def _epochs_by_hand(inner, gradients, params, bounds):
+  """The reference: ``inner`` started afresh (``inner.init``) at every epoch bound."""
+  out = []
+  for start, stop in zip(bounds[:-1], bounds[1:]):
+    state = inner.init(params)
+    for g in gradients[start:stop]:
+      updates, state = inner.update(g, state, params)
+      params = optax.apply_updates(params, updates)
+      out.append(updates)
+  return out
+
+
+def _assert_same(got, want, exact=True):
+  assert len(got) == len(want)
+  for a, b in zip(got, want):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      if exact:
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+      else:
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize('first,factor,bounds', [
+    (2, 2, [0, 2, 4, 8, 11]),
+    (3, 2, [0, 3, 6, 11]),
+    (2, 3, [0, 2, 6, 11]),
+    (20, 2, [0, 11]),  # a run shorter than the first epoch never restarts
+])
+def test_restarts_are_fresh_optax_states_at_the_epoch_bounds(first, factor, bounds):
+  inner = optax.adam(0.1)
+  gradients = _gradients(11)
+  got, _ = _run(restarts.doubling_restarts(inner, first, factor), gradients, _params())
+  _assert_same(got, _epochs_by_hand(inner, gradients, _params(), bounds), exact=False)
+
+
+def _blended():
+  params = _params()
+  divergence = metamd_jax.init_divergence(params, learning_rate=0.1)
+  optimizer = metamd_jax.blended_metamd(divergence, 1.0, 0.1, per_leaf=True,
+                                        statistics='kronecker', overshoot_decay=0.5,
+                                        overshoot_cap=3.0)
+  return optax.chain(optimizer, metamd_jax.nesterov_momentum(0.5))
+
+
+def test_blended_metamd_with_momentum_restarts_exactly():
+  inner = _blended()
+  gradients = _gradients(9, seed=1)
+  got, state = _run(restarts.doubling_restarts(inner, 2), gradients, _params())
+  # Before the first restart the wrapped optimiser is itself, bit for bit.
+  _assert_same(got[:2], _run(inner, gradients[:2], _params())[0])
+  _assert_same(got, _epochs_by_hand(inner, gradients, _params(), [0, 2, 4, 8, 9]),
+               exact=False)
+  assert int(state.count) == 9 and int(state.next) == 16
+
+
+def test_a_restart_shortens_no_step_the_inner_run_would_lengthen():
+  # AdaGrad's steps decay as 1 / sqrt(t) within an epoch and return to the first
+  # step's length at each restart: the doubling trick's schedule.
+  adagrad = optax.chain(optax.scale_by_rss(initial_accumulator_value=0.0), optax.scale(-1.0))
+  optimizer = restarts.doubling_restarts(adagrad, 1)
+  params = {'w': jnp.zeros(())}
+  state = optimizer.init(params)
+  lengths = []
+  for _ in range(8):
+    updates, state = optimizer.update({'w': jnp.ones(())}, state, params)
+    lengths.append(-float(updates['w']))
+  # Epochs [1], [2], [3, 4], [5, 8]: steps 1, 1, 1, 1/sqrt(2), 1, 1/sqrt(2), 1/sqrt(3), 1/2.
+  want = [1.0, 1.0, 1.0, 2 ** -0.5, 1.0, 2 ** -0.5, 3 ** -0.5, 0.5]
+  np.testing.assert_allclose(lengths, want, rtol=1e-6)
+
+
+def test_restarts_compile_in_a_scan():
+  inner = _blended()
+  optimizer = restarts.doubling_restarts(inner, 2)
+  gradients = _gradients(7, seed=2)
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *gradients)
+
+  def body(carry, g):
+    params, state = carry
+    updates, state = optimizer.update(g, state, params)
+    return (optax.apply_updates(params, updates), state), updates
+
+  params = _params()
+  _, scanned = jax.lax.scan(body, (params, optimizer.init(params)), stacked)
+  eager, _ = _run(optimizer, gradients, params)
+  for step, want in enumerate(eager):
+    for x, y in zip(jax.tree.leaves(jax.tree.map(lambda u, i=step: u[i], scanned)),
+                    jax.tree.leaves(want)):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+
+
+def test_the_next_restart_never_overflows():
+  big = jnp.asarray(2 ** 30 + 1, jnp.int32)
+  assert int(restarts._advance(big, 2)) == np.iinfo(np.int32).max
+  assert int(restarts._advance(jnp.asarray(2 ** 29, jnp.int32), 2)) == 2 ** 30
+
+
+@pytest.mark.parametrize('kwargs,error,match', [
+    ({'first': 0}, ValueError, 'first must be an integer >= 1'),
+    ({'first': 2.0}, TypeError, 'first must be an integer'),
+    ({'first': True}, TypeError, 'first must be an integer'),
+    ({'first': 2, 'factor': 1}, ValueError, 'factor must be an integer >= 2'),
+    ({'first': 2, 'factor': 1.5}, TypeError, 'factor must be an integer'),
+])
+def test_bad_settings_are_named(kwargs, error, match):
+  with pytest.raises(error, match=match):
+    restarts.doubling_restarts(optax.sgd(0.1), **kwargs)
+
+
+def test_bad_inner_and_missing_params_are_named():
+  with pytest.raises(TypeError, match='inner must be an optax.GradientTransformation'):
+    restarts.doubling_restarts(lambda g: g, 2)
+  optimizer = restarts.doubling_restarts(optax.sgd(0.1), 2)
+  state = optimizer.init(_params())
+  with pytest.raises(ValueError, match='needs params'):
+    optimizer.update(_params(), state)
+
+
+def test_docstring_examples_run():
+  failed, attempted = doctest.testmod(restarts)
+  assert attempted > 0 and failed == 0
