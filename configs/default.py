@@ -158,8 +158,13 @@ def get_config() -> ml_collections.ConfigDict:
   # after eval.num_steps updates, then after twice and four times as many, ...: the steps
   # the non-decreasing metric has shortened over a run longer than the calibrated horizon
   # are lengthened again, and the regret bound holds epoch by epoch. A run of
-  # eval.num_steps steps is unchanged; only runs beyond the horizon differ.
-  evaluation.adaptive_restarts = False
+  # eval.num_steps steps is unchanged; only runs beyond the horizon differ. Chosen with
+  # experiments.choose_variant on validation tasks judged also at 10 times the horizon
+  # (experiments/RESULTS.md section 21): 9 of 9 checks as without restarts, geometric mean
+  # of final losses over re-tuned Adam's 0.175 against 0.227; at 10 times the horizon
+  # re-tuned Adam's loss in 294 steps against 608, at a test accuracy of 0.874 against
+  # 0.884 (re-tuned Adam 0.905).
+  evaluation.adaptive_restarts = True
   # Everyday changes (classification families only; () disables): the held-out tasks again
   # with every optimiser as it is (learned metric, tuned learning rates, calibrated c),
   # against Adam re-tuned on each change. Each costs one Adam tuning and one run per

@@ -49,4 +49,11 @@ def get_config():
   # 0.5); beyond the horizon it reaches Adam's loss in 665 steps against 795
   # (experiments/RESULTS.md section 19).
   config.eval.adaptive_overshoot_cap = 10.0
+  # Doubling restarts: the whole adaptive state started afresh after 100, 200, 400, ...
+  # steps. On the validation tasks 9 of 9 checks against 8 of 9 (the 100-step runs are
+  # the same by construction, up to float32 rounding): at 10 times the horizon re-tuned
+  # Adam's loss reached on every task, in 450 steps against 996 (685 on 4 of 5 tasks
+  # without restarts); geometric mean 0.179 against 0.219. The test accuracy at 10 times
+  # the horizon is lower, 0.979 against 0.984 (experiments/RESULTS.md section 21).
+  config.eval.adaptive_restarts = True
   return config

@@ -96,7 +96,7 @@ def stored_family(results_path: pathlib.Path, family: str) -> dict:
 _SETTABLE = ('adaptive_blend_rate', 'adaptive_blend_statistics', 'adaptive_momentum',
              'adaptive_online_power', 'adaptive_blend_max_dimension',
              'adaptive_blend_block_size', 'adaptive_overshoot', 'adaptive_overshoot_decay',
-             'adaptive_refresh_growth', 'adaptive_overshoot_cap')
+             'adaptive_refresh_growth', 'adaptive_overshoot_cap', 'adaptive_restarts')
 _INTEGER_SETTINGS = ('adaptive_blend_max_dimension', 'adaptive_blend_block_size')
 _BOOLEANS = {'true': True, 'false': False}
 
@@ -108,7 +108,7 @@ def parse_settings(pairs: list[str]) -> dict:
     field, sep, value = pair.partition('=')
     if not sep or field not in _SETTABLE:
       _fail(f'--set takes FIELD=VALUE with FIELD one of {_SETTABLE}, got {pair!r}.')
-    if field == 'adaptive_overshoot':
+    if field in ('adaptive_overshoot', 'adaptive_restarts'):
       if value.lower() not in _BOOLEANS:
         _fail(f'--set {field} takes true or false, got {value!r}.')
       settings[field] = _BOOLEANS[value.lower()]

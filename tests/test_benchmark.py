@@ -184,6 +184,10 @@ def _check_wall_clock(config, workdir, family):
           'adaptive_overshoot': True, 'adaptive_overshoot_decay': 0.8}
   with pytest.raises(SystemExit, match='true or false'):
     benchmark_wall_clock.parse_settings(['adaptive_overshoot=1'])
+  assert benchmark_wall_clock.parse_settings(['adaptive_restarts=false']) == {
+      'adaptive_restarts': False}
+  with pytest.raises(SystemExit, match='true or false'):
+    benchmark_wall_clock.parse_settings(['adaptive_restarts=no'])
   assert benchmark_wall_clock.parse_settings(['adaptive_refresh_growth=0.3']) == {
       'adaptive_refresh_growth': 0.3}
   family_cfg = benchmark_setup.family_config(config, 'tiny')
@@ -197,6 +201,11 @@ def _check_wall_clock(config, workdir, family):
   assert family['adaptive']['overshoot_cap'] == family_cfg.eval.adaptive_overshoot_cap == 3.0
   family_cfg.eval.adaptive_overshoot_cap = 7.0  # not stored
   with pytest.raises(SystemExit, match='overshoot_cap'):
+    benchmark_wall_clock.build_optimizer('metamd_adaptive', family_cfg, family, divergence)
+  family_cfg = benchmark_setup.family_config(config, 'tiny')
+  assert family['adaptive']['restarts'] is family_cfg.eval.adaptive_restarts is True
+  family_cfg.eval.adaptive_restarts = False  # not stored
+  with pytest.raises(SystemExit, match='restarts'):
     benchmark_wall_clock.build_optimizer('metamd_adaptive', family_cfg, family, divergence)
   family_cfg = benchmark_setup.family_config(config, 'tiny')
   family_cfg.eval.adaptive_overshoot = not family_cfg.eval.adaptive_overshoot  # not stored

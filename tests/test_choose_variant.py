@@ -256,7 +256,7 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
         **own, 'adaptive_overshoot_cap': cap}
   # The restart candidates: the config's own settings, the state started afresh after
   # the horizon, twice it, ...; at the config's blend rate or another.
-  assert own['adaptive_restarts'] is config.eval.adaptive_restarts is False
+  assert own['adaptive_restarts'] is config.eval.adaptive_restarts
   assert choose_variant.settings_of(config, 'config_restart') == {
       **own, 'adaptive_restarts': True}
   for rate in (0.03, 0.1):

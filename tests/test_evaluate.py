@@ -130,8 +130,11 @@ def test_per_leaf_calibration_gives_one_level_per_leaf(setup):
   assert all(c > 0 for c in result['reference_norm'])
   optimizer = evaluate.adaptive_optimizer(config, divergence, result)
   state = optimizer.init(meta_test_family.init_params())
-  # The default: blended MetaMD followed by Nesterov's momentum.
-  assert state[0][0].adaptive.scale.shape == (len(leaves),)
+  # The default: blended MetaMD followed by Nesterov's momentum, restarted after the
+  # horizon, twice it, ...
+  assert isinstance(state, metamd_jax.RestartState)
+  assert int(state.next) == config.eval.num_steps
+  assert state.inner[0][0].adaptive.scale.shape == (len(leaves),)
   assert report._learning_rate_text(None, [1.5, 2.25, math.inf]) == (
       'learned (c per leaf: 1.5 to 2.25)')
   assert report._learning_rate_text(None, 8.94) == 'learned (c = 8.94)'
@@ -155,7 +158,9 @@ def test_eigenbasis_calibration_gives_levels_per_eigendirection(setup):
     assert all(isinstance(x, (list, float)) for x in ours)
     for a, b in zip(ours, theirs):
       np.testing.assert_array_equal(np.asarray(a, np.float64), b)
-  # The default blend with eigenbasis MetaMD as its learned half, then the momentum.
+  # The default blend with eigenbasis MetaMD as its learned half, then the momentum (the
+  # restarts left out here; they wrap the whole state, tested below).
+  config.eval.adaptive_restarts = False
   optimizer = evaluate.adaptive_optimizer(config, divergence, result)
   state = optimizer.init(meta_test_family.init_params())
   assert isinstance(state[0][0].adaptive, metamd_jax.eigenbasis.EigenbasisState)
@@ -276,6 +281,7 @@ def test_bad_adaptive_and_shift_values_name_the_field(field, value):
 
 def test_adaptive_optimizer_is_blended_with_a_positive_blend_rate():
   config = tiny.get_config()
+  config.eval.adaptive_restarts = False  # compared with the bare optimisers over 12 steps
   config.eval.adaptive_momentum = 0.0  # the momentum is checked last
   config.eval.adaptive_online_power = 1.0  # the online half shortened as the learned one
   # One scale per leaf (the eigenbasis scales need their own levels: tested above).
@@ -393,6 +399,7 @@ def test_adaptive_optimizer_is_blended_with_a_positive_blend_rate():
 def test_adaptive_restarts_start_the_whole_state_afresh_after_the_horizon():
   config = tiny.get_config()
   config.eval.adaptive_eigenbasis = False
+  config.eval.adaptive_restarts = False
   config.eval.num_steps = 3
   params = {'w': jnp.ones((3, 2)), 'b': jnp.ones((2,))}
   divergence = metamd_jax.init_divergence(params, 0.1)
@@ -426,8 +433,8 @@ def test_adaptive_restarts_start_the_whole_state_afresh_after_the_horizon():
 
 
 def test_calibration_records_the_restarts(setup):
-  assert _calibrated(setup)[2]['restarts'] is False  # the default
-  assert _calibrated(setup, adaptive_restarts=True)[2]['restarts'] is True
+  assert _calibrated(setup)[2]['restarts'] is True  # the default
+  assert _calibrated(setup, adaptive_restarts=False)[2]['restarts'] is False
 
 
 def test_a_shift_keeps_every_optimizer_and_retunes_adam(setup, monkeypatch):
