@@ -67,6 +67,16 @@ class RestartState(NamedTuple):
   inner: Any
 
 
+def _integer_at_least(value: Any, name: str, minimum: int, meaning: str) -> int:
+  """``value`` as an int ``>= minimum``; errors name ``name`` and what it means."""
+  message = f'{name} must be an integer >= {minimum} ({meaning}), got {value!r}.'
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError(message)
+  if value < minimum:
+    raise ValueError(message)
+  return int(value)
+
+
 def check_restart_first(first: Any) -> int:
   """``first`` as an int ``>= 1``: the updates before the first restart.
 
@@ -74,13 +84,7 @@ def check_restart_first(first: Any) -> int:
     TypeError: if it is not an integer (a bool is not one).
     ValueError: if it is below 1.
   """
-  if isinstance(first, bool) or not isinstance(first, (int, np.integer)):
-    raise TypeError(f'first must be an integer >= 1 (updates before the first restart), '
-                    f'got {first!r}.')
-  if first < 1:
-    raise ValueError(f'first must be an integer >= 1 (updates before the first restart), '
-                     f'got {first!r}.')
-  return int(first)
+  return _integer_at_least(first, 'first', 1, 'updates before the first restart')
 
 
 def check_restart_factor(factor: Any) -> int:
@@ -90,13 +94,7 @@ def check_restart_factor(factor: Any) -> int:
     TypeError: if it is not an integer (a bool is not one).
     ValueError: if it is below 2.
   """
-  if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)):
-    raise TypeError(f'factor must be an integer >= 2 (the growth of the epochs), '
-                    f'got {factor!r}.')
-  if factor < 2:
-    raise ValueError(f'factor must be an integer >= 2 (the growth of the epochs), '
-                     f'got {factor!r}.')
-  return int(factor)
+  return _integer_at_least(factor, 'factor', 2, 'the growth of the epochs')
 
 
 def _advance(next_restart: jax.Array, factor: int) -> jax.Array:
