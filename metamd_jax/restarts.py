@@ -158,7 +158,8 @@ def doubling_restarts(inner: optax.GradientTransformation, first: int, factor: i
     if params is None:
       raise ValueError('doubling_restarts needs params in update: a restart starts the '
                        'inner state afresh with inner.init(params).')
-    restart = state.count == state.next
+    # _NEVER marks a next restart past int32; the count saturates there, never restarting.
+    restart = (state.count == state.next) & (state.next != _NEVER)
 
     def fresh():
       new = inner.init(params)

@@ -434,7 +434,12 @@ def test_adaptive_restarts_start_the_whole_state_afresh_after_the_horizon():
 
 def test_calibration_records_the_restarts(setup):
   assert _calibrated(setup)[2]['restarts'] is True  # the default
-  assert _calibrated(setup, adaptive_restarts=False)[2]['restarts'] is False
+  config, _, result = _calibrated(setup, adaptive_restarts=False)
+  assert result['restarts'] is False
+  with config.ignore_type():
+    config.eval.adaptive_restarts = 1
+  with pytest.raises(ValueError, match=r'config\.eval\.adaptive_restarts'):
+    builders.validate_config(config)
 
 
 def test_a_shift_keeps_every_optimizer_and_retunes_adam(setup, monkeypatch):

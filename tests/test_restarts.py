@@ -187,6 +187,17 @@ def test_the_next_restart_never_overflows():
   big = jnp.asarray(2 ** 30 + 1, jnp.int32)
   assert int(restarts._advance(big, 2)) == np.iinfo(np.int32).max
   assert int(restarts._advance(jnp.asarray(2 ** 29, jnp.int32), 2)) == 2 ** 30
+  # A saturated count at the never-reached restart does not restart at every step.
+  adagrad = optax.chain(optax.scale_by_rss(initial_accumulator_value=0.0), optax.scale(-1.0))
+  optimizer = restarts.doubling_restarts(adagrad, 1)
+  params = {'w': jnp.zeros(())}
+  never = jnp.asarray(np.iinfo(np.int32).max, jnp.int32)
+  state = optimizer.init(params)._replace(count=never, next=never)
+  lengths = []
+  for _ in range(2):
+    updates, state = optimizer.update({'w': jnp.ones(())}, state, params)
+    lengths.append(-float(updates['w']))
+  np.testing.assert_allclose(lengths, [1.0, 2 ** -0.5], rtol=1e-6)
 
 
 @pytest.mark.parametrize('kwargs,error,match', [
