@@ -165,6 +165,12 @@ def get_config() -> ml_collections.ConfigDict:
   # re-tuned Adam's loss in 294 steps against 608, at a test accuracy of 0.874 against
   # 0.884 (re-tuned Adam 0.905).
   evaluation.adaptive_restarts = True
+  # Per restarted epoch, L times eval.num_steps long (L = 1, 1, 2, 4, ...): the online half
+  # times L**growth and the learned half times L**-shrink (0, 0: the same in every epoch;
+  # shrink = 0.5 is the doubling trick's step for the learned metric, tuned for one horizon;
+  # metamd_jax/restarts.py has the guarantee). Only runs beyond the horizon differ.
+  evaluation.adaptive_restart_growth = 0.0
+  evaluation.adaptive_restart_shrink = 0.0
   # Everyday changes (classification families only; () disables): the held-out tasks again
   # with every optimiser as it is (learned metric, tuned learning rates, calibrated c),
   # against Adam re-tuned on each change. Each costs one Adam tuning and one run per

@@ -238,6 +238,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   restarts = evaluation.get('adaptive_restarts', False)
   if not isinstance(restarts, bool):
     _fail('eval.adaptive_restarts', restarts, 'must be True or False')
+  for name, meaning in (('adaptive_restart_growth', 'the online half'),
+                        ('adaptive_restart_shrink', 'the learned half')):
+    power = evaluation.get(name, 0.0)
+    if isinstance(power, bool) or not isinstance(power, (int, float)) \
+        or not 0 <= power < math.inf:
+      _fail(f'eval.{name}', power,
+            f'must be a finite number >= 0 (0: {meaning} the same in every epoch)')
+    if power > 0 and not restarts:
+      _fail(f'eval.{name}', power,
+            f'needs eval.adaptive_restarts = True ({meaning} changes from one restarted '
+            'epoch to the next)')
   for name, minimum in (('adaptive_blend_max_dimension', 1), ('adaptive_blend_block_size', 0)):
     value = evaluation.get(name, 1024 if minimum else 0)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

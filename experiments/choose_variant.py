@@ -54,7 +54,13 @@ overshoot check's factor at most ``c``, at 2, 3, 10, 30 and ``inf``,
 ``eval.adaptive_overshoot_cap``), ``'config_restart'`` and ``'config_restart_blend_<rate>'``
 (the config's own settings with the state started afresh after ``eval.num_steps``
 updates, twice as many, four times, ..., :func:`metamd_jax.doubling_restarts`,
-``eval.adaptive_restarts``; at the config's blend rate or at 0.03 or 0.1), and with the check at
+``eval.adaptive_restarts``; at the config's blend rate or at 0.03 or 0.1),
+``'config_restart_growth_<a>'`` (the same restarts with each epoch's online half the
+config's times the epoch's length over ``eval.num_steps``, 1, 1, 2, 4, ..., to the power
+``a``, 0.25 or 0.5, ``eval.adaptive_restart_growth``), ``'config_restart_shrink_0.5'`` (the
+learned half times the length to the power -0.5, the doubling trick's step,
+``eval.adaptive_restart_shrink``) and ``'config_restart_growth_0.5_shrink_0.5'`` (both),
+and with the check at
 0.5 the cheaper online halves ``'eigen_<sum|peak>_<rate>_nesterov_0.5_online_0.5_overshoot_0.5'``
 (the diagonal running sums or peak averages at 0.01, 0.03 and 0.1) and
 ``'eigen_kron_0.1_nesterov_0.5_online_0.5_blocks_128_overshoot_0.5'``;
@@ -77,7 +83,8 @@ table; set ``eval.adaptive_per_leaf``, ``eval.adaptive_blend_rate``,
 ``eval.adaptive_online_power``, ``eval.adaptive_blend_max_dimension``,
 ``eval.adaptive_blend_block_size``, ``eval.adaptive_overshoot``,
 ``eval.adaptive_overshoot_decay``, ``eval.adaptive_refresh_growth``,
-``eval.adaptive_overshoot_cap`` and ``eval.adaptive_restarts`` (in the family's config,
+``eval.adaptive_overshoot_cap``, ``eval.adaptive_restarts``,
+``eval.adaptive_restart_growth`` and ``eval.adaptive_restart_shrink`` (in the family's config,
 or with ``--config.eval...``) to the choice.
 
 The checks are the validation tasks as they are and under each change of
@@ -202,6 +209,8 @@ for _settings in CANDIDATES.values():  # no momentum unless a candidate names on
   _settings.setdefault('adaptive_refresh_growth', math.inf)
   _settings.setdefault('adaptive_overshoot_cap', math.inf)
   _settings.setdefault('adaptive_restarts', False)
+  _settings.setdefault('adaptive_restart_growth', 0.0)
+  _settings.setdefault('adaptive_restart_shrink', 0.0)
 OVERSHOOT = {
     **{f'config_overshoot_{decay}': {'adaptive_overshoot': True,
                                      'adaptive_overshoot_decay': decay}
@@ -225,6 +234,13 @@ OVERSHOOT = {
     **{f'config_restart_blend_{rate}': {'adaptive_restarts': True,
                                          'adaptive_blend_rate': rate}
        for rate in (0.03, 0.1)},
+    **{f'config_restart_growth_{growth}': {'adaptive_restarts': True,
+                                            'adaptive_restart_growth': growth}
+       for growth in (0.25, 0.5)},
+    'config_restart_shrink_0.5': {'adaptive_restarts': True, 'adaptive_restart_shrink': 0.5},
+    'config_restart_growth_0.5_shrink_0.5': {'adaptive_restarts': True,
+                                             'adaptive_restart_growth': 0.5,
+                                             'adaptive_restart_shrink': 0.5},
 }
 """Candidates that keep the config's own settings and add the overshoot check at a
 decay (``eval.adaptive_overshoot``, ``eval.adaptive_overshoot_decay``), or at 0.5 with
@@ -232,7 +248,9 @@ another blend rate or online power, or refresh the roots of Shampoo's statistics
 after a growth of their gradient mass (``eval.adaptive_refresh_growth``), or cap the
 check's factor (``eval.adaptive_overshoot_cap``), or start the state afresh after the
 horizon, twice it, ... (``eval.adaptive_restarts``, alone or with the blend rate 0.03 or
-0.1); after :data:`CANDIDATES` in ties."""
+0.1, or with each epoch's online half grown as the epoch's length to the power 0.25 or 0.5,
+``eval.adaptive_restart_growth``, or its learned half shrunk as the length to the power
+-0.5, ``eval.adaptive_restart_shrink``, or both); after :data:`CANDIDATES` in ties."""
 OWN = 'config'
 """The candidate that keeps the config's own ``eval`` settings (always allowed; first in
 ties): how :mod:`experiments.sweep` scores a meta-training setting by this rule."""
@@ -421,6 +439,10 @@ def format_choice(result: dict) -> str:
            + (f", eval.adaptive_refresh_growth={result['adaptive_refresh_growth']}"
               if result.get('adaptive_refresh_growth', math.inf) != math.inf else '')
            + (', eval.adaptive_restarts=True' if result.get('adaptive_restarts') else '')
+           + (f", eval.adaptive_restart_growth={result['adaptive_restart_growth']}"
+              if result.get('adaptive_restart_growth', 0.0) else '')
+           + (f", eval.adaptive_restart_shrink={result['adaptive_restart_shrink']}"
+              if result.get('adaptive_restart_shrink', 0.0) else '')
            + ').', '',
            f'| candidate | diverged runs where {reference} trains | faster than '
            f'{reference} re-tuned | final loss / re-tuned {reference} (geometric mean) |',

@@ -77,6 +77,8 @@ def calibrate(config: ml_collections.ConfigDict, divergence: PyTree, family: Tas
           'refresh_growth': as_recorded(ev.get('adaptive_refresh_growth', math.inf)),
           'overshoot_cap': as_recorded(ev.get('adaptive_overshoot_cap', math.inf)),
           'restarts': ev.get('adaptive_restarts', False),
+          'restart_growth': ev.get('adaptive_restart_growth', 0.0),
+          'restart_shrink': ev.get('adaptive_restart_shrink', 0.0),
           'calibration_tasks': 'meta-train tuning tasks',
           'num_calibration_tasks': ev.num_tune_tasks, 'num_steps': ev.num_steps}
 
@@ -101,7 +103,10 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
   ``eval.adaptive_momentum > 0``; with ``eval.adaptive_restarts``, the whole state started
   afresh after ``eval.num_steps`` (the horizon the levels were calibrated over), twice
   that, four times, ... (:func:`metamd_jax.doubling_restarts`: a run of ``eval.num_steps``
-  steps is unchanged); ``None`` when calibration failed or is off."""
+  steps is unchanged), and with ``eval.adaptive_restart_growth = a`` and
+  ``eval.adaptive_restart_shrink = b`` each epoch's online half times ``L**a`` and learned
+  half times ``L**-b``, for an epoch ``L`` times ``eval.num_steps`` long (1, 1, 2, 4, ...);
+  ``None`` when calibration failed or is off."""
   if adaptive is None or adaptive['reference_norm'] is None:
     return None
   ev = config.eval
@@ -110,37 +115,45 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
     raise ValueError('eval.adaptive_eigenbasis is set but the calibration has no '
                      'eigenbasis levels: calibrate with the same config.')
   overshoot = ev.get('adaptive_overshoot', False)
-  if ev.adaptive_blend_rate > 0 or overshoot:
-    optimizer = metamd_jax.blended_metamd(divergence, adaptive['reference_norm'],
-                                          ev.adaptive_blend_rate, decay=ev.adaptive_decay,
-                                          per_leaf=ev.adaptive_per_leaf,
-                                          statistics=ev.adaptive_blend_statistics,
-                                          eigenbasis_levels=levels,
-                                          online_power=ev.get('adaptive_online_power', 1.0),
-                                          max_dimension=ev.get('adaptive_blend_max_dimension',
-                                                               1024),
-                                          block_size=ev.get('adaptive_blend_block_size', 0)
-                                          or None,
-                                          overshoot_decay=(
-                                              ev.get('adaptive_overshoot_decay', 0.5)
-                                              if overshoot else None),
-                                          refresh_growth=ev.get('adaptive_refresh_growth',
-                                                                math.inf),
-                                          overshoot_cap=(
-                                              ev.get('adaptive_overshoot_cap', math.inf)
-                                              if overshoot else None))
-  elif levels is not None:
-    optimizer = eigenbasis_lib.eigenbasis_metamd(divergence, levels, decay=ev.adaptive_decay)
-  else:
-    optimizer = metamd_jax.adaptive_metamd(divergence, adaptive['reference_norm'],
-                                           decay=ev.adaptive_decay,
-                                           per_leaf=ev.adaptive_per_leaf)
-  momentum = ev.get('adaptive_momentum', 0.0)
-  if momentum > 0:
-    optimizer = optax.chain(optimizer, metamd_jax.nesterov_momentum(momentum))
-  if ev.get('adaptive_restarts', False):
-    optimizer = metamd_jax.doubling_restarts(optimizer, ev.num_steps)
-  return optimizer
+
+  def build(blend_rate):
+    if ev.adaptive_blend_rate > 0 or overshoot:
+      optimizer = metamd_jax.blended_metamd(
+          divergence, adaptive['reference_norm'], blend_rate, decay=ev.adaptive_decay,
+          per_leaf=ev.adaptive_per_leaf, statistics=ev.adaptive_blend_statistics,
+          eigenbasis_levels=levels, online_power=ev.get('adaptive_online_power', 1.0),
+          max_dimension=ev.get('adaptive_blend_max_dimension', 1024),
+          block_size=ev.get('adaptive_blend_block_size', 0) or None,
+          overshoot_decay=ev.get('adaptive_overshoot_decay', 0.5) if overshoot else None,
+          refresh_growth=ev.get('adaptive_refresh_growth', math.inf),
+          overshoot_cap=ev.get('adaptive_overshoot_cap', math.inf) if overshoot else None)
+    elif levels is not None:
+      optimizer = eigenbasis_lib.eigenbasis_metamd(divergence, levels,
+                                                   decay=ev.adaptive_decay)
+    else:
+      optimizer = metamd_jax.adaptive_metamd(divergence, adaptive['reference_norm'],
+                                             decay=ev.adaptive_decay,
+                                             per_leaf=ev.adaptive_per_leaf)
+    momentum = ev.get('adaptive_momentum', 0.0)
+    if momentum > 0:
+      optimizer = optax.chain(optimizer, metamd_jax.nesterov_momentum(momentum))
+    return optimizer
+
+  if not ev.get('adaptive_restarts', False):
+    return build(ev.adaptive_blend_rate)
+  growth = ev.get('adaptive_restart_growth', 0.0)
+  shrink = ev.get('adaptive_restart_shrink', 0.0)
+  if growth == 0 and shrink == 0:
+    return metamd_jax.doubling_restarts(build(ev.adaptive_blend_rate), ev.num_steps)
+
+  def for_epoch(length):
+    # The learned half times L**-shrink, the online half times L**growth: the whole step
+    # times L**-shrink, the blend rate times L**(growth + shrink).
+    optimizer = build(ev.adaptive_blend_rate * length ** (growth + shrink))
+    return optimizer if shrink == 0 else optax.chain(optimizer,
+                                                     optax.scale(length ** -shrink))
+
+  return metamd_jax.doubling_restarts(for_epoch, ev.num_steps)
 
 
 def evaluate_shift(config: ml_collections.ConfigDict, shift: str,

@@ -36,7 +36,36 @@ first-step value, which the bound pays for with one more distance term.
 
 Nesterov's momentum (:func:`metamd_jax.nesterov_momentum`) chained inside the wrapper
 restarts with the rest: restarted accelerated methods keep their rate on each epoch.
-``tests/test_restarts.py`` checks the bound above on least squares with dense metrics.
+
+Epoch-dependent settings. ``inner`` may also be a function of the epoch's length ``L``
+(in units of ``first``: ``1`` for ``E_0``, ``factor - 1`` for ``E_1``, then ``factor``
+times the last) that returns the transformation to run on that epoch. Inside an epoch the
+transformation is fixed, so its own bound holds there and the sum above still bounds the
+regret, each epoch's term with that epoch's settings. For blended MetaMD with the learned
+half times ``L_k^{-b}`` and the online half times ``L_k^a`` on epoch ``k``
+(``optax.chain(blended_metamd(..., blend_rate=rho * L**(a + b)), optax.scale(L**-b))``;
+``eval.adaptive_restart_shrink`` and ``eval.adaptive_restart_growth`` in the experiments),
+the epoch's metric ``M_t`` has ``M_t^{-1} = L_k^{-b} M^{-1} / s_t + rho L_k^a K_t^{-1} /
+s_t^p``, so its gradient term splits into the two halves' and its distance term is at most
+either half's alone (``M_t`` is below each half's metric). Per epoch, with ``G`` bounding
+the gradients:
+
+- the learned half pays ``1/2 s D^2 tr(M) L_k^b + 1/2 L_k^{1 - b} G_M^2``: with ``b = 0``
+  the second term is linear in ``L_k`` (a fixed metric tuned for ``first`` steps is
+  constant-step mirror descent beyond them), with ``b = 1/2`` both are ``O(sqrt(L_k))``:
+  the doubling trick's step, the bound-optimal fixed metric for ``L_k`` steps being
+  ``sqrt(L_k)`` times the one for ``first`` (the learned metric is optimal for ``first``);
+- the online half's AdaGrad gradient term is ``rho L_k^a O(sqrt(L_k))`` (Duchi, Hazan &
+  Singer 2011), sublinear in ``T`` for ``a < 1/2``.
+
+Summed over the doubling epochs: ``b = 1/2, a = 0`` gives ``O(sqrt(T))`` regret, average
+regret going to zero, a guarantee beyond the horizon that the fixed learned metric alone
+does not have; ``a > 0`` weights the online half more in longer epochs, at ``O(T^{1/2 +
+a})``: still sublinear for ``a < 1/2``, linear (a neighbourhood of the comparator's
+average loss, as constant-step SGD reaches) at ``a = 1/2``. A function ``inner`` is
+called under ``jax.ensure_compile_time_eval``, so what it computes from concrete values
+(eigendecompositions of the learned factors) is computed once when ``init`` or
+``update`` is traced, not in every step; the length itself may be traced.
 
 Cost: an integer comparison and a conditional per step, and at each of the ``K``
 restarts one ``inner.init`` (for the learned half, the eigendecompositions of its factors
@@ -46,6 +75,7 @@ step time is the same within the machine's noise (experiments/RESULTS.md section
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -65,11 +95,15 @@ class RestartState(NamedTuple):
   Attributes:
     count: number of updates taken, int32 ``()``.
     next: the update count at which the next restart happens, int32 ``()``.
+    length: the current epoch's length in units of ``first``, float32 ``()`` (``1``, then
+      ``factor - 1``, then ``factor`` times the last; what an epoch-dependent ``inner``
+      is called with).
     inner: the wrapped optimiser's state, started afresh at each restart.
   """
 
   count: jax.Array
   next: jax.Array
+  length: jax.Array
   inner: Any
 
 
@@ -109,8 +143,9 @@ def _advance(next_restart: jax.Array, factor: int) -> jax.Array:
                    next_restart * factor).astype(jnp.int32)
 
 
-def doubling_restarts(inner: optax.GradientTransformation, first: int, factor: int = 2
-                      ) -> optax.GradientTransformation:
+def doubling_restarts(
+    inner: optax.GradientTransformation | Callable[[jax.Array], optax.GradientTransformation],
+    first: int, factor: int = 2) -> optax.GradientTransformation:
   """Start ``inner``'s state afresh after ``first``, ``factor * first``, ... updates.
 
   See the module docstring for the guarantee. Each restart calls ``inner.init(params)``
@@ -118,7 +153,11 @@ def doubling_restarts(inner: optax.GradientTransformation, first: int, factor: i
 
   Args:
     inner: the optimiser whose state restarts (e.g. :func:`metamd_jax.blended_metamd`,
-      or a chain of it and :func:`metamd_jax.nesterov_momentum`).
+      or a chain of it and :func:`metamd_jax.nesterov_momentum`); or a function of the
+      epoch's length in units of ``first`` (a float32 scalar, traced: ``1``, ``factor -
+      1``, ``factor (factor - 1)``, ...) returning the optimiser for that epoch, whose
+      state has the same structure for every length (settings may change with the epoch,
+      the state's shapes may not).
     first: updates before the first restart, an int ``>= 1`` (e.g. the horizon the
       optimiser's levels were calibrated over).
     factor: the growth of the epochs, an int ``>= 2`` (default 2: the doubling trick).
@@ -127,8 +166,9 @@ def doubling_restarts(inner: optax.GradientTransformation, first: int, factor: i
     An ``optax.GradientTransformation`` whose state is a :class:`RestartState`.
 
   Raises:
-    TypeError: if ``inner`` is not a ``GradientTransformation``, or on a ``first`` or
-      ``factor`` that is not an integer.
+    TypeError: if ``inner`` is neither a ``GradientTransformation`` nor callable, if an
+      epoch-dependent ``inner`` returns something else, or on a ``first`` or ``factor``
+      that is not an integer.
     ValueError: on ``first < 1`` or ``factor < 2``; from ``update``, on ``params=None``.
 
   Examples:
@@ -144,15 +184,44 @@ def doubling_restarts(inner: optax.GradientTransformation, first: int, factor: i
     ...   steps.append(round(-float(updates['w']), 3))
     >>> steps  # AdaGrad's 1 / sqrt(t), started again at the 3rd and the 5th update
     [1.0, 0.707, 1.0, 0.707, 1.0]
+    >>> longer = doubling_restarts(  # the step times the epoch's length
+    ...     lambda length: optax.chain(optax.scale_by_rss(initial_accumulator_value=0.0),
+    ...                                optax.scale(-length)), first=2)
+    >>> state = longer.init(params)
+    >>> steps = []
+    >>> for _ in range(5):  # epochs of 2, 2 and 4 updates: lengths 1, 1, 2
+    ...   updates, state = longer.update({'w': jnp.ones(())}, state, params)
+    ...   steps.append(round(-float(updates['w']), 3))
+    >>> steps
+    [1.0, 0.707, 1.0, 0.707, 2.0]
   """
-  if not isinstance(inner, optax.GradientTransformation):
-    raise TypeError(f'inner must be an optax.GradientTransformation, got {type(inner)}.')
+  if isinstance(inner, optax.GradientTransformation):
+    fixed = inner
+
+    def for_epoch(length):
+      del length
+      return fixed
+  elif callable(inner):
+    def for_epoch(length):
+      # Work on concrete values while building (a learned divergence's eigendecompositions)
+      # runs once, when init or update is traced, not in every step; `length` may be traced.
+      with jax.ensure_compile_time_eval():
+        transformation = inner(length)
+      if not isinstance(transformation, optax.GradientTransformation):
+        raise TypeError('an epoch-dependent inner must return an '
+                        f'optax.GradientTransformation, got {type(transformation)}.')
+      return transformation
+  else:
+    raise TypeError('inner must be an optax.GradientTransformation or a function of the '
+                    f'epoch length returning one, got {type(inner)}.')
   first = check_restart_first(first)
   factor = check_restart_factor(factor)
 
   def init_fn(params):
+    length = jnp.ones((), jnp.float32)
     return RestartState(count=jnp.zeros((), jnp.int32),
-                        next=jnp.asarray(first, jnp.int32), inner=inner.init(params))
+                        next=jnp.asarray(first, jnp.int32), length=length,
+                        inner=for_epoch(length).init(params))
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -160,18 +229,21 @@ def doubling_restarts(inner: optax.GradientTransformation, first: int, factor: i
                        'inner state afresh with inner.init(params).')
     # _NEVER marks a next restart past int32; the count saturates there, never restarting.
     restart = (state.count == state.next) & (state.next != _NEVER)
+    # The epoch that starts at a restart at update `next` ends at `factor * next`.
+    started = (state.next.astype(jnp.float32) * (factor - 1)) / first
+    length = jnp.where(restart, started, state.length).astype(jnp.float32)
+    transformation = for_epoch(length)
 
     def fresh():
-      new = inner.init(params)
+      new = transformation.init(params)
       # The fresh state must match the running one leaf for leaf (lax.cond's branches).
       return jax.tree.map(lambda n, o: jnp.asarray(n, o.dtype), new, state.inner)
 
     inner_state = jax.lax.cond(restart, fresh, lambda: state.inner)
-    updates, inner_state = inner.update(updates, inner_state, params)
+    updates, inner_state = transformation.update(updates, inner_state, params)
     next_restart = jnp.where(restart, _advance(state.next, factor), state.next)
     count = optax.safe_int32_increment(state.count)
     return updates, RestartState(count=count, next=next_restart.astype(jnp.int32),
-                                 inner=inner_state)
+                                 length=length, inner=inner_state)
 
   return optax.GradientTransformation(init_fn, update_fn)
-

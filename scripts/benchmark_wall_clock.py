@@ -66,11 +66,14 @@ _CALIBRATION_FIELDS = {'blend_rate': 'adaptive_blend_rate',
                        'overshoot_decay': 'adaptive_overshoot_decay',
                        'refresh_growth': 'adaptive_refresh_growth',
                        'overshoot_cap': 'adaptive_overshoot_cap',
-                       'restarts': 'adaptive_restarts'}
+                       'restarts': 'adaptive_restarts',
+                       'restart_growth': 'adaptive_restart_growth',
+                       'restart_shrink': 'adaptive_restart_shrink'}
 # What a calibration stored before a field existed meant.
 _CALIBRATION_DEFAULTS = {'eigenbasis': False, 'online_power': 1.0, 'max_dimension': 1024,
                          'block_size': 0, 'overshoot': False, 'overshoot_decay': 0.5,
-                         'refresh_growth': None, 'overshoot_cap': None, 'restarts': False}
+                         'refresh_growth': None, 'overshoot_cap': None, 'restarts': False,
+                         'restart_growth': 0.0, 'restart_shrink': 0.0}
 
 
 def _fail(message: str):
@@ -96,7 +99,8 @@ def stored_family(results_path: pathlib.Path, family: str) -> dict:
 _SETTABLE = ('adaptive_blend_rate', 'adaptive_blend_statistics', 'adaptive_momentum',
              'adaptive_online_power', 'adaptive_blend_max_dimension',
              'adaptive_blend_block_size', 'adaptive_overshoot', 'adaptive_overshoot_decay',
-             'adaptive_refresh_growth', 'adaptive_overshoot_cap', 'adaptive_restarts')
+             'adaptive_refresh_growth', 'adaptive_overshoot_cap', 'adaptive_restarts',
+             'adaptive_restart_growth', 'adaptive_restart_shrink')
 _INTEGER_SETTINGS = ('adaptive_blend_max_dimension', 'adaptive_blend_block_size')
 _BOOLEANS = {'true': True, 'false': False}
 

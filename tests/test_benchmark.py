@@ -207,6 +207,13 @@ def _check_wall_clock(config, workdir, family):
   family_cfg.eval.adaptive_restarts = False  # not stored
   with pytest.raises(SystemExit, match='restarts'):
     benchmark_wall_clock.build_optimizer('metamd_adaptive', family_cfg, family, divergence)
+  assert benchmark_wall_clock.parse_settings(['adaptive_restart_growth=0.5']) == {
+      'adaptive_restart_growth': 0.5}
+  family_cfg = benchmark_setup.family_config(config, 'tiny')
+  assert family['adaptive']['restart_growth'] == family_cfg.eval.adaptive_restart_growth == 0.0
+  family_cfg.eval.adaptive_restart_growth = 0.5  # not stored
+  with pytest.raises(SystemExit, match='restart_growth'):
+    benchmark_wall_clock.build_optimizer('metamd_adaptive', family_cfg, family, divergence)
   family_cfg = benchmark_setup.family_config(config, 'tiny')
   family_cfg.eval.adaptive_overshoot = not family_cfg.eval.adaptive_overshoot  # not stored
   with pytest.raises(SystemExit, match='overshoot'):

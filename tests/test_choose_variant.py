@@ -74,7 +74,9 @@ def test_compare_runs_validation_tasks_only_and_applies_the_rule(tmp_path, monke
                                       'adaptive_overshoot_decay': 0.5,
                                       'adaptive_refresh_growth': math.inf,
                                       'adaptive_overshoot_cap': math.inf,
-                                      'adaptive_restarts': False}
+                                      'adaptive_restarts': False,
+                                      'adaptive_restart_growth': 0.0,
+                                      'adaptive_restart_shrink': 0.0}
   monkeypatch.setattr(choose_variant, 'CANDIDATES', candidates)
   result = choose_variant.compare(config, tmp_path, divergence)
 
@@ -186,7 +188,8 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
         'adaptive_blend_max_dimension': 1024, 'adaptive_blend_block_size': 0,
         'adaptive_overshoot': False, 'adaptive_overshoot_decay': 0.5,
         'adaptive_refresh_growth': math.inf, 'adaptive_overshoot_cap': math.inf,
-        'adaptive_restarts': False}, name
+        'adaptive_restarts': False, 'adaptive_restart_growth': 0.0,
+        'adaptive_restart_shrink': 0.0}, name
   assert all(settings['adaptive_momentum'] == 0.0 for name, settings in
              choose_variant.CANDIDATES.items() if 'nesterov' not in name)
   assert choose_variant.CANDIDATES['eigen_kron_0.1_nesterov_0.5_online_0.5'] == {
@@ -262,6 +265,17 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
   for rate in (0.03, 0.1):
     assert choose_variant.settings_of(config, f'config_restart_blend_{rate}') == {
         **own, 'adaptive_restarts': True, 'adaptive_blend_rate': rate}
+  # ... or with each epoch's blend rate grown with its length.
+  assert own['adaptive_restart_growth'] == config.eval.adaptive_restart_growth == 0.0
+  for growth in (0.25, 0.5):
+    assert choose_variant.settings_of(config, f'config_restart_growth_{growth}') == {
+        **own, 'adaptive_restarts': True, 'adaptive_restart_growth': growth}
+  assert own['adaptive_restart_shrink'] == config.eval.adaptive_restart_shrink == 0.0
+  assert choose_variant.settings_of(config, 'config_restart_shrink_0.5') == {
+      **own, 'adaptive_restarts': True, 'adaptive_restart_shrink': 0.5}
+  assert choose_variant.settings_of(config, 'config_restart_growth_0.5_shrink_0.5') == {
+      **own, 'adaptive_restarts': True, 'adaptive_restart_growth': 0.5,
+      'adaptive_restart_shrink': 0.5}
   # Ties: the config first, the overshoot candidates after every other one.
   assert choose_variant.check_candidates(
       ['config_overshoot_0.5', 'eigen', 'config', 'config_overshoot_0.0']) == (

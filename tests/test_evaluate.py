@@ -432,6 +432,81 @@ def test_adaptive_restarts_start_the_whole_state_afresh_after_the_horizon():
   assert not np.allclose(got[3]['w'], updates_of(plain, gradients[:4])[0][3]['w'])
 
 
+def test_restart_growth_and_shrink_reweigh_each_epochs_halves():
+  config = tiny.get_config()
+  config.eval.update(adaptive_eigenbasis=False, adaptive_restarts=False, num_steps=3,
+                     adaptive_blend_rate=0.5, adaptive_blend_statistics='kronecker',
+                     adaptive_momentum=0.5)
+  params = {'w': jnp.ones((3, 2)), 'b': jnp.ones((2,))}
+  divergence = metamd_jax.init_divergence(params, 0.1)
+  calibration = {'reference_norm': (1.0, 1.0)}
+  keys = jax.random.split(jax.random.PRNGKey(1), 8)
+  gradients = [{'w': jax.random.normal(k, (3, 2)), 'b': jax.random.normal(k, (2,))}
+               for k in keys]
+
+  def updates_of(optimizer, gradients, params=params):
+    state, out = optimizer.init(params), []
+    for g in gradients:
+      u, state = optimizer.update(g, state, params)
+      params = optax.apply_updates(params, u)
+      out.append(u)
+    return out, params
+
+  def plain(rate):  # the same optimiser without restarts, at a given blend rate
+    fixed = config.copy_and_resolve_references()
+    fixed.eval.update(adaptive_restarts=False, adaptive_blend_rate=float(rate))
+    return evaluate.adaptive_optimizer(fixed, divergence, calibration)
+
+  config.eval.adaptive_restarts = True
+  config.eval.adaptive_restart_growth = 0.5
+  grown = evaluate.adaptive_optimizer(config, divergence, calibration)
+  got, _ = updates_of(grown, gradients)
+  # Epochs [0, 3) and [3, 6) are one horizon long (rate 0.5), [6, 12) two (0.5 sqrt(2)).
+  want, ended = updates_of(plain(0.5), gradients[:3])
+  for start, stop, rate in ((3, 6, 0.5), (6, 8, 0.5 * np.sqrt(2))):
+    more, ended = updates_of(plain(rate), gradients[start:stop], ended)
+    want += more
+  for a, b in zip(got, want):
+    chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-7)
+  # With the learned half shrunk too: the whole step times L**-0.5 and the blend rate
+  # times L**(0.5 + 0.5), so the online half is the same as above and the learned half
+  # 2**-0.5 as long: in the epoch of length 2, a fresh run at rate 1.0 scaled by 2**-0.5.
+  config.eval.adaptive_restart_shrink = 0.5
+  both, _ = updates_of(evaluate.adaptive_optimizer(config, divergence, calibration), gradients)
+  want, ended = updates_of(plain(0.5), gradients[:3])
+  more, ended = updates_of(plain(0.5), gradients[3:6], ended)
+  want += more
+  scaled = optax.chain(plain(1.0), optax.scale(2 ** -0.5))
+  more, _ = updates_of(scaled, gradients[6:8], ended)
+  for a, b in zip(both, want + more):
+    chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-7)
+  config.eval.adaptive_restart_growth = 0.0
+  config.eval.adaptive_restart_shrink = 0.0
+  constant, _ = updates_of(evaluate.adaptive_optimizer(config, divergence, calibration),
+                           gradients)
+  for a, b in zip(got[:6], constant[:6]):  # the same until the first longer epoch
+    chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-7)
+  for changed in (got, both):
+    assert not np.allclose(changed[6]['w'], constant[6]['w'])
+
+
+@pytest.mark.parametrize('field', ['restart_growth', 'restart_shrink'])
+def test_calibration_records_the_restart_powers(setup, field):
+  assert _calibrated(setup)[2][field] == 0.0  # the default
+  config, _, result = _calibrated(setup, **{f'adaptive_{field}': 0.5})
+  assert result[field] == 0.5
+  for bad in (-0.5, math.inf, 'fast'):
+    with config.ignore_type():
+      config.eval[f'adaptive_{field}'] = bad
+    with pytest.raises(ValueError, match=rf'config\.eval\.adaptive_{field}.*finite number >= 0'):
+      builders.validate_config(config)
+  with config.ignore_type():
+    config.eval[f'adaptive_{field}'] = 0.5
+  config.eval.adaptive_restarts = False
+  with pytest.raises(ValueError, match=f'adaptive_{field}.*needs eval.adaptive_restarts = True'):
+    builders.validate_config(config)
+
+
 def test_calibration_records_the_restarts(setup):
   assert _calibrated(setup)[2]['restarts'] is True  # the default
   config, _, result = _calibrated(setup, adaptive_restarts=False)

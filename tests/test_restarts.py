@@ -90,6 +90,88 @@ def test_blended_metamd_with_momentum_restarts_exactly():
   assert int(state.count) == 9 and int(state.next) == 16
 
 
+@pytest.mark.parametrize('first,factor,lengths', [
+    # Epochs [1, 3], (3, 6], (6, 12], (12, 24]: lengths 1, 1, 2, 4 in units of first.
+    (3, 2, [1] * 3 + [1] * 3 + [2] * 6 + [4] * 4),
+    # Epochs [1, 2], (2, 6], (6, 18]: lengths 1, 2, 6.
+    (2, 3, [1] * 2 + [2] * 4 + [6] * 10),
+])
+def test_an_epoch_dependent_inner_gets_each_epochs_length(first, factor, lengths):
+  # The step is -length * g: what the wrapper passes, read off every update.
+  optimizer = restarts.doubling_restarts(lambda length: optax.scale(-length), first, factor)
+  params = {'w': jnp.zeros(())}
+  state = optimizer.init(params)
+  got = []
+  for _ in lengths:
+    updates, state = optimizer.update({'w': jnp.ones(())}, state, params)
+    got.append(-float(updates['w']))
+    assert float(state.length) == got[-1]
+  assert got == [float(n) for n in lengths]
+
+
+def test_blended_metamd_with_an_epoch_blend_rate_restarts_as_by_hand():
+  # Each epoch runs blended MetaMD at the blend rate 0.1 sqrt(length), started afresh,
+  # exactly as fresh optimisers built by hand at those rates.
+  params = _params()
+  divergence = metamd_jax.init_divergence(params, learning_rate=0.1)
+
+  def blended(rate):
+    return optax.chain(
+        metamd_jax.blended_metamd(divergence, 1.0, rate, per_leaf=True,
+                                  statistics='kronecker', overshoot_decay=0.5),
+        metamd_jax.nesterov_momentum(0.5))
+
+  optimizer = restarts.doubling_restarts(lambda length: blended(0.1 * jnp.sqrt(length)), 2)
+  gradients = _gradients(9, seed=4)
+  got, state = _run(optimizer, gradients, params)
+  bounds, rates = [0, 2, 4, 8, 9], [0.1, 0.1, 0.1 * np.sqrt(2), 0.1 * 2]
+  want = []
+  by_hand = params
+  for start, stop, rate in zip(bounds[:-1], bounds[1:], rates):
+    updates, _ = _run(blended(float(rate)), gradients[start:stop], by_hand)
+    for u in updates:
+      by_hand = optax.apply_updates(by_hand, u)
+    want += updates
+  _assert_same(got, want, exact=False)
+  assert float(state.length) == 4.0
+  # A constant rate is not what ran: the growth changed the later epochs' steps.
+  constant = _epochs_by_hand(blended(0.1), gradients, params, bounds)
+  assert not np.allclose(np.asarray(got[-1]['w']), np.asarray(constant[-1]['w']))
+
+
+def test_an_epoch_dependent_inner_with_an_eigenbasis_builds_under_jit():
+  # Eigenbasis MetaMD eigendecomposes the learned factors when it is built, which needs
+  # concrete factors: built per epoch inside the traced update, it still gets them, and
+  # the jitted scan takes the eager run's steps.
+  params = _params()
+  divergence = well_conditioned(metamd_jax.init_divergence(params, 0.1), seed=5, noise=0.3)
+  bases, _ = metamd_jax.eigenbasis.leaf_bases(divergence)
+  levels = [(np.full(len(b.left_values), 0.5), np.full(len(b.right_values), 0.5))
+            if b.inverse_values is None else (0.5,) for b in bases]
+
+  def for_epoch(length):
+    return optax.chain(metamd_jax.blended_metamd(divergence, 1.0, 0.1 * jnp.sqrt(length),
+                                                 per_leaf=True, statistics='kronecker',
+                                                 eigenbasis_levels=levels),
+                       metamd_jax.nesterov_momentum(0.5))
+
+  optimizer = restarts.doubling_restarts(for_epoch, 2)
+  gradients = _gradients(9, seed=6)
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *gradients)
+
+  def body(carry, g):
+    params, state = carry
+    updates, state = optimizer.update(g, state, params)
+    return (optax.apply_updates(params, updates), state), updates
+
+  _, scanned = jax.jit(lambda p: jax.lax.scan(body, (p, optimizer.init(p)), stacked))(params)
+  eager, _ = _run(optimizer, gradients, params)
+  for step, want in enumerate(eager):
+    for x, y in zip(jax.tree.leaves(jax.tree.map(lambda u, i=step: u[i], scanned)),
+                    jax.tree.leaves(want)):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+
+
 def test_a_restart_shortens_no_step_the_inner_run_would_lengthen():
   # AdaGrad's steps decay as 1 / sqrt(t) within an epoch and return to the first
   # step's length at each restart: the doubling trick's schedule.
@@ -214,7 +296,9 @@ def test_bad_settings_are_named(kwargs, error, match):
 
 def test_bad_inner_and_missing_params_are_named():
   with pytest.raises(TypeError, match='inner must be an optax.GradientTransformation'):
-    restarts.doubling_restarts(lambda g: g, 2)
+    restarts.doubling_restarts(3, 2)
+  with pytest.raises(TypeError, match='must return an optax.GradientTransformation'):
+    restarts.doubling_restarts(lambda length: length, 2).init(_params())
   optimizer = restarts.doubling_restarts(optax.sgd(0.1), 2)
   state = optimizer.init(_params())
   with pytest.raises(ValueError, match='needs params'):
