@@ -143,6 +143,20 @@ def _advance(next_restart: jax.Array, factor: int) -> jax.Array:
                    next_restart * factor).astype(jnp.int32)
 
 
+def _check_same_structure(fresh: Any, running: Any) -> None:
+  """Raise if a fresh inner state differs from the running one in structure or shapes."""
+  fresh_def, running_def = jax.tree.structure(fresh), jax.tree.structure(running)
+  if fresh_def != running_def:
+    raise ValueError('the restarted inner state must have the running state\'s structure '
+                     '(an epoch-dependent inner may change settings, not its state): got '
+                     f'{fresh_def} at a restart against {running_def}.')
+  for n, o in zip(jax.tree.leaves(fresh), jax.tree.leaves(running)):
+    if jnp.shape(n) != jnp.shape(o):
+      raise ValueError('the restarted inner state must have the running state\'s shapes '
+                       '(an epoch-dependent inner may change settings, not its state): got '
+                       f'a leaf of shape {jnp.shape(n)} at a restart against {jnp.shape(o)}.')
+
+
 def doubling_restarts(
     inner: optax.GradientTransformation | Callable[[jax.Array], optax.GradientTransformation],
     first: int, factor: int = 2) -> optax.GradientTransformation:
@@ -237,6 +251,7 @@ def doubling_restarts(
     def fresh():
       new = transformation.init(params)
       # The fresh state must match the running one leaf for leaf (lax.cond's branches).
+      _check_same_structure(new, state.inner)
       return jax.tree.map(lambda n, o: jnp.asarray(n, o.dtype), new, state.inner)
 
     inner_state = jax.lax.cond(restart, fresh, lambda: state.inner)

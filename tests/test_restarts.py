@@ -188,12 +188,15 @@ def test_a_restart_shortens_no_step_the_inner_run_would_lengthen():
   np.testing.assert_allclose(lengths, want, rtol=1e-6)
 
 
-def test_the_regret_bound_holds_epoch_by_epoch(x64):
+@pytest.mark.parametrize('shrink', [0.0, 0.5])
+def test_the_regret_bound_holds_epoch_by_epoch(x64, shrink):
   """Least squares (convex), adaptive MetaMD restarted after 10 and 20 updates, dense
-  metrics ``M_t = s_t M``: every step is mirror descent with ``M_t``; ``M_t`` never
-  decreases inside an epoch and returns to ``M`` at each restart; the regret against the
-  minimiser is below the sum of the epochs' adaptive-mirror-descent bounds, itself below
-  the closed form of the module docstring (one distance term per epoch)."""
+  metrics ``M_t = s_t M / c_k`` with ``c_k = L_k**-shrink`` the epoch's step factor (1, 1,
+  then 2**-shrink in the epoch of length 2): every step is mirror descent with ``M_t``;
+  ``M_t`` never decreases inside an epoch and returns to ``M / c_k`` at each restart; the
+  regret against the minimiser is below the sum of the epochs' adaptive-mirror-descent
+  bounds, itself below the closed form of the module docstring (one distance term per
+  epoch, each times ``1 / c_k``; the gradient terms times ``c_k``)."""
   task = quadratic_task(dims=(4, 3), seed=3, dtype=jnp.float64)
   params = task.init()
   divergence = well_conditioned(
@@ -203,8 +206,12 @@ def test_the_regret_bound_holds_epoch_by_epoch(x64):
   grad0 = flat(jax.grad(task.loss)(params, task.batch(jnp.asarray(0))))
   reference_norm = 0.3 * np.sqrt(grad0 @ inverse @ grad0)  # adapts from the first step
   optimizer = restarts.doubling_restarts(
-      metamd_jax.adaptive_metamd(divergence, reference_norm), first=10)
+      lambda length: optax.chain(metamd_jax.adaptive_metamd(divergence, reference_norm),
+                                 optax.scale(length ** -shrink)), first=10)
   num_steps, epochs = 35, [(0, 10), (10, 20), (20, 35)]
+  # c_k of each epoch, from the float32 length the wrapper passes
+  factors = [1.0, 1.0, float(np.float32(2.0) ** np.float32(-shrink))]
+  factor_at = [c for (start, stop), c in zip(epochs, factors) for _ in range(start, stop)]
   state = optimizer.init(params)
   update, gradient = jax.jit(optimizer.update), jax.jit(jax.grad(task.loss))
   thetas, grads, scales = [], [], []
@@ -213,11 +220,12 @@ def test_the_regret_bound_holds_epoch_by_epoch(x64):
     thetas.append(flat(params))
     grads.append(flat(g))
     updates, state = update(g, state, params)
-    scales.append(float(state.inner[0].scale))  # adaptive_metamd: a chain
+    scales.append(float(state.inner[0][0].scale))  # adaptive_metamd and the factor
     params = optax.apply_updates(params, updates)
   thetas.append(flat(params))
-  for t in range(num_steps):  # mirror descent with M_t = s_t M
-    np.testing.assert_allclose(thetas[t + 1] - thetas[t], -inverse @ grads[t] / scales[t],
+  for t in range(num_steps):  # mirror descent with M_t = s_t M / c_k
+    np.testing.assert_allclose(thetas[t + 1] - thetas[t],
+                               -factor_at[t] * inverse @ grads[t] / scales[t],
                                rtol=1e-10, atol=1e-14)
   for start, stop in epochs:
     assert all(b >= a for a, b in zip(scales[start:stop], scales[start + 1:stop]))
@@ -231,17 +239,19 @@ def test_the_regret_bound_holds_epoch_by_epoch(x64):
   d = [theta - u for theta in thetas]
   regret = sum(g @ dt for g, dt in zip(grads, d))
   epoch_bounds = []
-  for start, stop in epochs:
-    bound = 0.5 * scales[start] * d[start] @ metric @ d[start]
-    bound += 0.5 * sum((scales[t] - scales[t - 1]) * d[t] @ metric @ d[t]
+  for (start, stop), c in zip(epochs, factors):
+    bound = 0.5 * scales[start] / c * d[start] @ metric @ d[start]
+    bound += 0.5 * sum((scales[t] - scales[t - 1]) / c * d[t] @ metric @ d[t]
                        for t in range(start + 1, stop))
-    bound += 0.5 * sum(grads[t] @ inverse @ grads[t] / scales[t] for t in range(start, stop))
+    bound += 0.5 * sum(c * grads[t] @ inverse @ grads[t] / scales[t]
+                       for t in range(start, stop))
     epoch_bounds.append(bound)
   assert regret <= sum(epoch_bounds)
   diameter = max(dt @ dt for dt in d)
-  closed_form = sum(0.5 * max(scales[start:stop]) * np.trace(metric) * diameter
-                    for start, stop in epochs)
-  closed_form += 0.5 * sum(g @ inverse @ g / s for g, s in zip(grads, scales))
+  closed_form = sum(0.5 * max(scales[start:stop]) / c * np.trace(metric) * diameter
+                    for (start, stop), c in zip(epochs, factors))
+  closed_form += 0.5 * sum(c * g @ inverse @ g / s
+                           for g, s, c in zip(grads, scales, factor_at))
   assert sum(epoch_bounds) <= closed_form
 
 
@@ -303,6 +313,29 @@ def test_bad_inner_and_missing_params_are_named():
   state = optimizer.init(_params())
   with pytest.raises(ValueError, match='needs params'):
     optimizer.update(_params(), state)
+
+
+def _moment(size):
+  return optax.GradientTransformation(lambda params: jnp.zeros((size,)),
+                                      lambda updates, state, params=None: (updates, state))
+
+
+@pytest.mark.parametrize('longer,match', [
+    (optax.adam(0.1), "running state's structure"),  # optax.scale has no state
+    (_moment(2), "running state's shapes"),
+])
+def test_an_epoch_inner_that_changes_its_state_is_named(longer, match):
+  shorter = optax.scale(-1.0) if match.endswith('structure') else _moment(1)
+  # Eager: the length is concrete, so the choice can be made in Python. Epochs of 1, 1
+  # and 2 updates: the third update restarts into the longer epoch.
+  optimizer = restarts.doubling_restarts(
+      lambda length: longer if float(length) > 1.5 else shorter, 1)
+  params = {'w': jnp.zeros(())}
+  state = optimizer.init(params)
+  for _ in range(2):
+    _, state = optimizer.update({'w': jnp.ones(())}, state, params)
+  with pytest.raises(ValueError, match=match):
+    optimizer.update({'w': jnp.ones(())}, state, params)
 
 
 def test_docstring_examples_run():
