@@ -188,32 +188,18 @@ def _check_wall_clock(config, workdir, family):
       'adaptive_restarts': False}
   with pytest.raises(SystemExit, match='true or false'):
     benchmark_wall_clock.parse_settings(['adaptive_restarts=no'])
-  assert benchmark_wall_clock.parse_settings(['adaptive_refresh_growth=0.3']) == {
-      'adaptive_refresh_growth': 0.3}
-  family_cfg = benchmark_setup.family_config(config, 'tiny')
-  assert family['adaptive']['refresh_growth'] == family_cfg.eval.adaptive_refresh_growth == 0.1
-  family_cfg.eval.adaptive_refresh_growth = math.inf  # not stored
-  with pytest.raises(SystemExit, match='refresh_growth'):
-    benchmark_wall_clock.build_optimizer('metamd_adaptive', family_cfg, family, divergence)
-  assert benchmark_wall_clock.parse_settings(['adaptive_overshoot_cap=10']) == {
-      'adaptive_overshoot_cap': 10.0}
-  family_cfg = benchmark_setup.family_config(config, 'tiny')
-  assert family['adaptive']['overshoot_cap'] == family_cfg.eval.adaptive_overshoot_cap == 3.0
-  family_cfg.eval.adaptive_overshoot_cap = 7.0  # not stored
-  with pytest.raises(SystemExit, match='overshoot_cap'):
-    benchmark_wall_clock.build_optimizer('metamd_adaptive', family_cfg, family, divergence)
-  family_cfg = benchmark_setup.family_config(config, 'tiny')
-  assert family['adaptive']['restarts'] is family_cfg.eval.adaptive_restarts is True
-  family_cfg.eval.adaptive_restarts = False  # not stored
-  with pytest.raises(SystemExit, match='restarts'):
-    benchmark_wall_clock.build_optimizer('metamd_adaptive', family_cfg, family, divergence)
-  assert benchmark_wall_clock.parse_settings(['adaptive_restart_growth=0.5']) == {
-      'adaptive_restart_growth': 0.5}
-  family_cfg = benchmark_setup.family_config(config, 'tiny')
-  assert family['adaptive']['restart_growth'] == family_cfg.eval.adaptive_restart_growth == 0.0
-  family_cfg.eval.adaptive_restart_growth = 0.5  # not stored
-  with pytest.raises(SystemExit, match='restart_growth'):
-    benchmark_wall_clock.build_optimizer('metamd_adaptive', family_cfg, family, divergence)
+  for pair, value in (('adaptive_refresh_growth=0.3', 0.3), ('adaptive_overshoot_cap=10', 10.0),
+                      ('adaptive_restart_growth=0.5', 0.5), ('adaptive_restart_shrink=0.5', 0.5)):
+    assert benchmark_wall_clock.parse_settings([pair]) == {pair.split('=')[0]: value}
+  # A setting that differs from the stored calibration is named, not silently used.
+  for field, stored, changed in (('refresh_growth', 0.1, math.inf), ('overshoot_cap', 3.0, 7.0),
+                                 ('restarts', True, False), ('restart_growth', 0.0, 0.5),
+                                 ('restart_shrink', 0.0, 0.5)):
+    family_cfg = benchmark_setup.family_config(config, 'tiny')
+    assert family['adaptive'][field] == family_cfg.eval[f'adaptive_{field}'] == stored
+    family_cfg.eval[f'adaptive_{field}'] = changed  # not stored
+    with pytest.raises(SystemExit, match=field):
+      benchmark_wall_clock.build_optimizer('metamd_adaptive', family_cfg, family, divergence)
   family_cfg = benchmark_setup.family_config(config, 'tiny')
   family_cfg.eval.adaptive_overshoot = not family_cfg.eval.adaptive_overshoot  # not stored
   with pytest.raises(SystemExit, match='overshoot'):

@@ -396,25 +396,34 @@ def test_adaptive_optimizer_is_blended_with_a_positive_blend_rate():
       jax.tree.map(lambda u: 1.9 * 0.5 * u, blended_updates), atol=1e-6)
 
 
-def test_adaptive_restarts_start_the_whole_state_afresh_after_the_horizon():
-  config = tiny.get_config()
-  config.eval.adaptive_eigenbasis = False
-  config.eval.adaptive_restarts = False
-  config.eval.num_steps = 3
+def _restart_setup(seed):
+  """Two leaves, a divergence that is SGD(0.1), unit levels and 8 random gradients."""
   params = {'w': jnp.ones((3, 2)), 'b': jnp.ones((2,))}
-  divergence = metamd_jax.init_divergence(params, 0.1)
-  calibration = {'reference_norm': (1.0, 1.0)}
-  keys = jax.random.split(jax.random.PRNGKey(0), 8)
+  keys = jax.random.split(jax.random.PRNGKey(seed), 8)
   gradients = [{'w': jax.random.normal(k, (3, 2)), 'b': jax.random.normal(k, (2,))}
                for k in keys]
+  return (params, metamd_jax.init_divergence(params, 0.1), {'reference_norm': (1.0, 1.0)},
+          gradients)
+
+
+def _updates_of(optimizer, gradients, params):
+  """The updates of ``optimizer`` along ``gradients`` from ``params``, applied as it goes;
+  the last parameters and state."""
+  state, out = optimizer.init(params), []
+  for g in gradients:
+    u, state = optimizer.update(g, state, params)
+    params = optax.apply_updates(params, u)
+    out.append(u)
+  return out, params, state
+
+
+def test_adaptive_restarts_start_the_whole_state_afresh_after_the_horizon():
+  config = tiny.get_config()
+  config.eval.update(adaptive_eigenbasis=False, adaptive_restarts=False, num_steps=3)
+  params, divergence, calibration, gradients = _restart_setup(seed=0)
 
   def updates_of(optimizer, gradients, params=params):
-    state, out = optimizer.init(params), []
-    for g in gradients:
-      u, state = optimizer.update(g, state, params)
-      params = optax.apply_updates(params, u)
-      out.append(u)
-    return out, params, state
+    return _updates_of(optimizer, gradients, params)
 
   plain = evaluate.adaptive_optimizer(config, divergence, calibration)
   config.eval.adaptive_restarts = True
@@ -437,20 +446,10 @@ def test_restart_growth_and_shrink_reweigh_each_epochs_halves():
   config.eval.update(adaptive_eigenbasis=False, adaptive_restarts=False, num_steps=3,
                      adaptive_blend_rate=0.5, adaptive_blend_statistics='kronecker',
                      adaptive_momentum=0.5)
-  params = {'w': jnp.ones((3, 2)), 'b': jnp.ones((2,))}
-  divergence = metamd_jax.init_divergence(params, 0.1)
-  calibration = {'reference_norm': (1.0, 1.0)}
-  keys = jax.random.split(jax.random.PRNGKey(1), 8)
-  gradients = [{'w': jax.random.normal(k, (3, 2)), 'b': jax.random.normal(k, (2,))}
-               for k in keys]
+  params, divergence, calibration, gradients = _restart_setup(seed=1)
 
   def updates_of(optimizer, gradients, params=params):
-    state, out = optimizer.init(params), []
-    for g in gradients:
-      u, state = optimizer.update(g, state, params)
-      params = optax.apply_updates(params, u)
-      out.append(u)
-    return out, params
+    return _updates_of(optimizer, gradients, params)[:2]
 
   def plain(rate):  # the same optimiser without restarts, at a given blend rate
     fixed = config.copy_and_resolve_references()

@@ -35,6 +35,23 @@ def _run(optimizer, gradients, params):
   return out, state
 
 
+def _assert_jitted_scan_is_eager(optimizer, gradients, params, rtol, atol):
+  """``optimizer`` in a jitted ``lax.scan`` (init included) takes the eager run's steps."""
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *gradients)
+
+  def body(carry, g):
+    params, state = carry
+    updates, state = optimizer.update(g, state, params)
+    return (optax.apply_updates(params, updates), state), updates
+
+  _, scanned = jax.jit(lambda p: jax.lax.scan(body, (p, optimizer.init(p)), stacked))(params)
+  eager, _ = _run(optimizer, gradients, params)
+  for step, want in enumerate(eager):
+    for x, y in zip(jax.tree.leaves(jax.tree.map(lambda u, i=step: u[i], scanned)),
+                    jax.tree.leaves(want)):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
 def _epochs_by_hand(inner, gradients, params, bounds):
   """The reference: ``inner`` started afresh (``inner.init``) at every epoch bound."""
   out = []
@@ -155,21 +172,8 @@ def test_an_epoch_dependent_inner_with_an_eigenbasis_builds_under_jit():
                                                  eigenbasis_levels=levels),
                        metamd_jax.nesterov_momentum(0.5))
 
-  optimizer = restarts.doubling_restarts(for_epoch, 2)
-  gradients = _gradients(9, seed=6)
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *gradients)
-
-  def body(carry, g):
-    params, state = carry
-    updates, state = optimizer.update(g, state, params)
-    return (optax.apply_updates(params, updates), state), updates
-
-  _, scanned = jax.jit(lambda p: jax.lax.scan(body, (p, optimizer.init(p)), stacked))(params)
-  eager, _ = _run(optimizer, gradients, params)
-  for step, want in enumerate(eager):
-    for x, y in zip(jax.tree.leaves(jax.tree.map(lambda u, i=step: u[i], scanned)),
-                    jax.tree.leaves(want)):
-      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
+  _assert_jitted_scan_is_eager(restarts.doubling_restarts(for_epoch, 2), _gradients(9, seed=6),
+                               params, rtol=1e-4, atol=1e-6)
 
 
 def test_a_restart_shortens_no_step_the_inner_run_would_lengthen():
@@ -256,23 +260,8 @@ def test_the_regret_bound_holds_epoch_by_epoch(x64, shrink):
 
 
 def test_restarts_compile_in_a_scan():
-  inner = _blended()
-  optimizer = restarts.doubling_restarts(inner, 2)
-  gradients = _gradients(7, seed=2)
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *gradients)
-
-  def body(carry, g):
-    params, state = carry
-    updates, state = optimizer.update(g, state, params)
-    return (optax.apply_updates(params, updates), state), updates
-
-  params = _params()
-  _, scanned = jax.lax.scan(body, (params, optimizer.init(params)), stacked)
-  eager, _ = _run(optimizer, gradients, params)
-  for step, want in enumerate(eager):
-    for x, y in zip(jax.tree.leaves(jax.tree.map(lambda u, i=step: u[i], scanned)),
-                    jax.tree.leaves(want)):
-      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+  _assert_jitted_scan_is_eager(restarts.doubling_restarts(_blended(), 2), _gradients(7, seed=2),
+                               _params(), rtol=1e-5, atol=1e-7)
 
 
 def test_the_next_restart_never_overflows():
