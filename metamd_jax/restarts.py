@@ -66,6 +66,8 @@ average loss, as constant-step SGD reaches) at ``a = 1/2``. A function ``inner``
 called under ``jax.ensure_compile_time_eval``, so what it computes from concrete values
 (eigendecompositions of the learned factors) is computed once when ``init`` or
 ``update`` is traced, not in every step; the length itself may be traced.
+``tests/test_restarts.py`` checks the bound above on least squares with dense metrics,
+with the learned half as it is and shrunk by ``sqrt(L_k)``.
 
 Cost: an integer comparison and a conditional per step, and at each of the ``K``
 restarts one ``inner.init`` (for the learned half, the eigendecompositions of its factors
