@@ -177,10 +177,38 @@ def test_momentum_that_is_not_a_number_is_named(momentum):
     metamd_jax.nesterov_momentum(momentum)
 
 
-@pytest.mark.parametrize('factor', [0.0, -1.0, math.inf, 'half'])
+@pytest.mark.parametrize('factor', [0.0, -1.0, math.inf, math.nan])
 def test_bad_step_factor_is_named(factor):
   with pytest.raises(ValueError, match='step_factor must be a positive finite float'):
     metamd_jax.nesterov_momentum(0.9, factor)
+
+
+@pytest.mark.parametrize('factor', ['half', None, True])
+def test_step_factor_that_is_not_a_number_is_named(factor):
+  with pytest.raises(TypeError, match='step_factor must be a positive finite float'):
+    metamd_jax.nesterov_momentum(0.9, factor)
+
+
+def test_traced_momentum_and_step_factor_match_the_concrete_ones():
+  # Settings that change from one epoch to the next (doubling_restarts) arrive traced.
+  grads = {'w': jnp.array([1.0, -2.0])}
+  params = {'w': jnp.zeros(2)}
+
+  def two_updates(momentum, step_factor):
+    optimizer = metamd_jax.nesterov_momentum(momentum, step_factor)
+    state = optimizer.init(params)
+    first, state = optimizer.update(grads, state)
+    second, _ = optimizer.update(grads, state)
+    return first['w'], second['w']
+
+  traced = jax.jit(two_updates)(jnp.float32(0.9), jnp.float32(0.2))
+  concrete = two_updates(0.9, 0.2)
+  # By hand: m_1 = g, update = 0.2 (g + 0.9 m_1); m_2 = g + 0.9 g.
+  g = grads['w']
+  np.testing.assert_allclose(concrete[0], 0.2 * 1.9 * g, rtol=1e-6)
+  np.testing.assert_allclose(concrete[1], 0.2 * (g + 0.9 * 1.9 * g), rtol=1e-6)
+  for a, b in zip(traced, concrete):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
 def test_bad_learning_rate_is_named():
