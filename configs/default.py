@@ -175,6 +175,12 @@ def get_config() -> ml_collections.ConfigDict:
   # (experiments/RESULTS.md section 22).
   evaluation.adaptive_restart_growth = 0.0
   evaluation.adaptive_restart_shrink = 0.0
+  # Nesterov's momentum and step factor of the restarted epochs longer than the horizon
+  # (L > 1; metamd_jax.nesterov_momentum): None keeps eval.adaptive_momentum and the
+  # factor 1/2 in every epoch. Any factor up to 1/2 keeps the momentum's guarantee
+  # (metamd_jax/accelerated.py). Needs eval.adaptive_restarts and eval.adaptive_momentum > 0.
+  evaluation.adaptive_restart_momentum = ml_collections.config_dict.placeholder(float)
+  evaluation.adaptive_restart_step_factor = 0.5
   # Everyday changes (classification families only; () disables): the held-out tasks again
   # with every optimiser as it is (learned metric, tuned learning rates, calibrated c),
   # against Adam re-tuned on each change. Each costs one Adam tuning and one run per

@@ -249,6 +249,28 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       _fail(f'eval.{name}', power,
             f'needs eval.adaptive_restarts = True ({meaning} changes from one restarted '
             'epoch to the next)')
+  later_momentum = evaluation.get('adaptive_restart_momentum', None)
+  if later_momentum is not None:
+    if isinstance(later_momentum, bool) or not isinstance(later_momentum, (int, float)) \
+        or not 0 <= later_momentum < 1:
+      _fail('eval.adaptive_restart_momentum', later_momentum,
+            'must be None (eval.adaptive_momentum in every epoch) or a number in [0, 1)')
+    if not restarts:
+      _fail('eval.adaptive_restart_momentum', later_momentum,
+            'needs eval.adaptive_restarts = True (the momentum of the restarted epochs '
+            'longer than the horizon)')
+    if not evaluation.get('adaptive_momentum', 0.0) > 0:
+      _fail('eval.adaptive_restart_momentum', later_momentum,
+            'needs eval.adaptive_momentum > 0 (the first epochs\' momentum, which the '
+            'later epochs replace)')
+  later_step_factor = evaluation.get('adaptive_restart_step_factor', 0.5)
+  if isinstance(later_step_factor, bool) or not isinstance(later_step_factor, (int, float)) \
+      or not 0 < later_step_factor < math.inf:
+    _fail('eval.adaptive_restart_step_factor', later_step_factor,
+          'must be a positive finite number')
+  if later_momentum is None and later_step_factor != 0.5:
+    _fail('eval.adaptive_restart_step_factor', later_step_factor,
+          'needs eval.adaptive_restart_momentum (the factor goes with that momentum)')
   for name, minimum in (('adaptive_blend_max_dimension', 1), ('adaptive_blend_block_size', 0)):
     value = evaluation.get(name, 1024 if minimum else 0)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

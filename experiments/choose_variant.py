@@ -59,8 +59,11 @@ updates, twice as many, four times, ..., :func:`metamd_jax.doubling_restarts`,
 config's times the epoch's length over ``eval.num_steps``, 1, 1, 2, 4, ..., to the power
 ``a``, 0.25 or 0.5, ``eval.adaptive_restart_growth``), ``'config_restart_shrink_0.5'`` (the
 learned half times the length to the power -0.5, the doubling trick's step,
-``eval.adaptive_restart_shrink``) and ``'config_restart_growth_0.5_shrink_0.5'`` (both),
-and with the check at
+``eval.adaptive_restart_shrink``), ``'config_restart_growth_0.5_shrink_0.5'`` (both) and
+``'config_restart_momentum_<m>_step_<f>'`` (the same restarts with the epochs longer than
+the horizon taking Nesterov's momentum ``m`` at the step factor ``f``: 0.8 at 0.2, 0.9 at
+0.1, 0.2 and 0.3, 0.95 at 0.1; ``eval.adaptive_restart_momentum``,
+``eval.adaptive_restart_step_factor``), and with the check at
 0.5 the cheaper online halves ``'eigen_<sum|peak>_<rate>_nesterov_0.5_online_0.5_overshoot_0.5'``
 (the diagonal running sums or peak averages at 0.01, 0.03 and 0.1) and
 ``'eigen_kron_0.1_nesterov_0.5_online_0.5_blocks_128_overshoot_0.5'``;
@@ -84,8 +87,9 @@ table; set ``eval.adaptive_per_leaf``, ``eval.adaptive_blend_rate``,
 ``eval.adaptive_blend_block_size``, ``eval.adaptive_overshoot``,
 ``eval.adaptive_overshoot_decay``, ``eval.adaptive_refresh_growth``,
 ``eval.adaptive_overshoot_cap``, ``eval.adaptive_restarts``,
-``eval.adaptive_restart_growth`` and ``eval.adaptive_restart_shrink`` (in the family's config,
-or with ``--config.eval...``) to the choice.
+``eval.adaptive_restart_growth``, ``eval.adaptive_restart_shrink``,
+``eval.adaptive_restart_momentum`` and ``eval.adaptive_restart_step_factor`` (in the
+family's config, or with ``--config.eval...``) to the choice.
 
 The checks are the validation tasks as they are and under each change of
 ``eval.shifts``; with ``eval.horizon_multiplier = m > 1`` also ``'<m>T'``: the same tasks
@@ -211,6 +215,8 @@ for _settings in CANDIDATES.values():  # no momentum unless a candidate names on
   _settings.setdefault('adaptive_restarts', False)
   _settings.setdefault('adaptive_restart_growth', 0.0)
   _settings.setdefault('adaptive_restart_shrink', 0.0)
+  _settings.setdefault('adaptive_restart_momentum', None)
+  _settings.setdefault('adaptive_restart_step_factor', 0.5)
 OVERSHOOT = {
     **{f'config_overshoot_{decay}': {'adaptive_overshoot': True,
                                      'adaptive_overshoot_decay': decay}
@@ -241,6 +247,10 @@ OVERSHOOT = {
     'config_restart_growth_0.5_shrink_0.5': {'adaptive_restarts': True,
                                              'adaptive_restart_growth': 0.5,
                                              'adaptive_restart_shrink': 0.5},
+    **{f'config_restart_momentum_{momentum}_step_{factor}': {
+        'adaptive_restarts': True, 'adaptive_restart_momentum': momentum,
+        'adaptive_restart_step_factor': factor}
+       for momentum, factor in ((0.8, 0.2), (0.9, 0.1), (0.9, 0.2), (0.9, 0.3), (0.95, 0.1))},
 }
 """Candidates that keep the config's own settings and add the overshoot check at a
 decay (``eval.adaptive_overshoot``, ``eval.adaptive_overshoot_decay``), or at 0.5 with
@@ -250,7 +260,10 @@ check's factor (``eval.adaptive_overshoot_cap``), or start the state afresh afte
 horizon, twice it, ... (``eval.adaptive_restarts``, alone or with the blend rate 0.03 or
 0.1, or with each epoch's online half grown as the epoch's length to the power 0.25 or 0.5,
 ``eval.adaptive_restart_growth``, or its learned half shrunk as the length to the power
--0.5, ``eval.adaptive_restart_shrink``, or both); after :data:`CANDIDATES` in ties."""
+-0.5, ``eval.adaptive_restart_shrink``, or both, or with the epochs longer than the horizon
+taking Nesterov's momentum ``m`` at the step factor ``f``,
+``'config_restart_momentum_<m>_step_<f>'``, ``eval.adaptive_restart_momentum`` and
+``eval.adaptive_restart_step_factor``); after :data:`CANDIDATES` in ties."""
 OWN = 'config'
 """The candidate that keeps the config's own ``eval`` settings (always allowed; first in
 ties): how :mod:`experiments.sweep` scores a meta-training setting by this rule."""
@@ -443,6 +456,10 @@ def format_choice(result: dict) -> str:
               if result.get('adaptive_restart_growth', 0.0) else '')
            + (f", eval.adaptive_restart_shrink={result['adaptive_restart_shrink']}"
               if result.get('adaptive_restart_shrink', 0.0) else '')
+           + (f", eval.adaptive_restart_momentum={result['adaptive_restart_momentum']}, "
+              'eval.adaptive_restart_step_factor='
+              f"{result.get('adaptive_restart_step_factor', 0.5)}"
+              if result.get('adaptive_restart_momentum') is not None else '')
            + ').', '',
            f'| candidate | diverged runs where {reference} trains | faster than '
            f'{reference} re-tuned | final loss / re-tuned {reference} (geometric mean) |',

@@ -15,6 +15,7 @@ import pathlib
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -26,6 +27,7 @@ from experiments import meta_train as meta_train_exp
 from metamd_jax import adaptive as adaptive_lib
 from metamd_jax import eigenbasis as eigenbasis_lib
 from metamd_jax import evaluation, parallel
+from metamd_jax.accelerated import DEFAULT_STEP_FACTOR
 from metamd_jax.tasks.base import TaskFamily
 from metamd_jax.types import PyTree
 
@@ -79,6 +81,8 @@ def calibrate(config: ml_collections.ConfigDict, divergence: PyTree, family: Tas
           'restarts': ev.get('adaptive_restarts', False),
           'restart_growth': ev.get('adaptive_restart_growth', 0.0),
           'restart_shrink': ev.get('adaptive_restart_shrink', 0.0),
+          'restart_momentum': ev.get('adaptive_restart_momentum', None),
+          'restart_step_factor': ev.get('adaptive_restart_step_factor', DEFAULT_STEP_FACTOR),
           'calibration_tasks': 'meta-train tuning tasks',
           'num_calibration_tasks': ev.num_tune_tasks, 'num_steps': ev.num_steps}
 
@@ -105,7 +109,9 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
   that, four times, ... (:func:`metamd_jax.doubling_restarts`: a run of ``eval.num_steps``
   steps is unchanged), and with ``eval.adaptive_restart_growth = a`` and
   ``eval.adaptive_restart_shrink = b`` each epoch's online half times ``L**a`` and learned
-  half times ``L**-b``, for an epoch ``L`` times ``eval.num_steps`` long (1, 1, 2, 4, ...);
+  half times ``L**-b``, for an epoch ``L`` times ``eval.num_steps`` long (1, 1, 2, 4, ...),
+  and with ``eval.adaptive_restart_momentum`` the epochs longer than the horizon (``L >
+  1``) taking that momentum and ``eval.adaptive_restart_step_factor``;
   ``None`` when calibration failed or is off."""
   if adaptive is None or adaptive['reference_norm'] is None:
     return None
@@ -115,8 +121,9 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
     raise ValueError('eval.adaptive_eigenbasis is set but the calibration has no '
                      'eigenbasis levels: calibrate with the same config.')
   overshoot = ev.get('adaptive_overshoot', False)
+  first_momentum = ev.get('adaptive_momentum', 0.0)
 
-  def build(blend_rate):
+  def build(blend_rate, momentum=first_momentum, step_factor=DEFAULT_STEP_FACTOR):
     if ev.adaptive_blend_rate > 0 or overshoot:
       optimizer = metamd_jax.blended_metamd(
           divergence, adaptive['reference_norm'], blend_rate, decay=ev.adaptive_decay,
@@ -134,22 +141,30 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
       optimizer = metamd_jax.adaptive_metamd(divergence, adaptive['reference_norm'],
                                              decay=ev.adaptive_decay,
                                              per_leaf=ev.adaptive_per_leaf)
-    momentum = ev.get('adaptive_momentum', 0.0)
-    if momentum > 0:
-      optimizer = optax.chain(optimizer, metamd_jax.nesterov_momentum(momentum))
+    if first_momentum > 0:
+      optimizer = optax.chain(optimizer, metamd_jax.nesterov_momentum(momentum, step_factor))
     return optimizer
 
   if not ev.get('adaptive_restarts', False):
     return build(ev.adaptive_blend_rate)
   growth = ev.get('adaptive_restart_growth', 0.0)
   shrink = ev.get('adaptive_restart_shrink', 0.0)
-  if growth == 0 and shrink == 0:
+  later_momentum = ev.get('adaptive_restart_momentum', None)
+  later_step_factor = ev.get('adaptive_restart_step_factor', DEFAULT_STEP_FACTOR)
+  if growth == 0 and shrink == 0 and later_momentum is None:
     return metamd_jax.doubling_restarts(build(ev.adaptive_blend_rate), ev.num_steps)
 
   def for_epoch(length):
     # The learned half times L**-shrink, the online half times L**growth: the whole step
-    # times L**-shrink, the blend rate times L**(growth + shrink).
-    optimizer = build(ev.adaptive_blend_rate * length ** (growth + shrink))
+    # times L**-shrink, the blend rate times L**(growth + shrink). Epochs longer than the
+    # horizon (L > 1) may take their own momentum and step factor.
+    momentum, step_factor = first_momentum, DEFAULT_STEP_FACTOR
+    if later_momentum is not None:
+      longer = length > 1
+      momentum = jnp.where(longer, later_momentum, momentum)
+      step_factor = jnp.where(longer, later_step_factor, step_factor)
+    optimizer = build(ev.adaptive_blend_rate * length ** (growth + shrink), momentum,
+                      step_factor)
     return optimizer if shrink == 0 else optax.chain(optimizer,
                                                      optax.scale(length ** -shrink))
 

@@ -62,7 +62,17 @@ Summed over the doubling epochs: ``b = 1/2, a = 0`` gives ``O(sqrt(T))`` regret,
 regret going to zero, a guarantee beyond the horizon that the fixed learned metric alone
 does not have; ``a > 0`` weights the online half more in longer epochs, at ``O(T^{1/2 +
 a})``: still sublinear for ``a < 1/2``, linear (a neighbourhood of the comparator's
-average loss, as constant-step SGD reaches) at ``a = 1/2``. A function ``inner`` is
+average loss, as constant-step SGD reaches) at ``a = 1/2``.
+
+The momentum may change with the epoch too (``eval.adaptive_restart_momentum`` and
+``eval.adaptive_restart_step_factor`` in the experiments give the epochs longer than
+``first`` their own ``beta`` and step factor). Each such epoch is then Nesterov's method in
+its own metric (:mod:`metamd_jax.accelerated`) with that ``beta``: with a step factor up to
+1/2 it converges on a quadratic wherever MetaMD's own step does, at the accelerated rate
+for every ``((1 - beta) / (1 + beta))^2``-strongly convex ``f`` (in the metric over the
+step); as for any momentum here, the regret bound above is the plain step's and is not
+claimed with it. A larger ``beta`` at a smaller factor averages more gradients per step
+over an epoch many horizons long. A function ``inner`` is
 called under ``jax.ensure_compile_time_eval``, so what it computes from concrete values
 (eigendecompositions of the learned factors) is computed once when ``init`` or
 ``update`` is traced, not in every step; the length itself may be traced.

@@ -68,12 +68,15 @@ _CALIBRATION_FIELDS = {'blend_rate': 'adaptive_blend_rate',
                        'overshoot_cap': 'adaptive_overshoot_cap',
                        'restarts': 'adaptive_restarts',
                        'restart_growth': 'adaptive_restart_growth',
-                       'restart_shrink': 'adaptive_restart_shrink'}
+                       'restart_shrink': 'adaptive_restart_shrink',
+                       'restart_momentum': 'adaptive_restart_momentum',
+                       'restart_step_factor': 'adaptive_restart_step_factor'}
 # What a calibration stored before a field existed meant.
 _CALIBRATION_DEFAULTS = {'eigenbasis': False, 'online_power': 1.0, 'max_dimension': 1024,
                          'block_size': 0, 'overshoot': False, 'overshoot_decay': 0.5,
                          'refresh_growth': None, 'overshoot_cap': None, 'restarts': False,
-                         'restart_growth': 0.0, 'restart_shrink': 0.0}
+                         'restart_growth': 0.0, 'restart_shrink': 0.0,
+                         'restart_momentum': None, 'restart_step_factor': 0.5}
 
 
 def _fail(message: str):
@@ -100,7 +103,8 @@ _SETTABLE = ('adaptive_blend_rate', 'adaptive_blend_statistics', 'adaptive_momen
              'adaptive_online_power', 'adaptive_blend_max_dimension',
              'adaptive_blend_block_size', 'adaptive_overshoot', 'adaptive_overshoot_decay',
              'adaptive_refresh_growth', 'adaptive_overshoot_cap', 'adaptive_restarts',
-             'adaptive_restart_growth', 'adaptive_restart_shrink')
+             'adaptive_restart_growth', 'adaptive_restart_shrink',
+             'adaptive_restart_momentum', 'adaptive_restart_step_factor')
 _INTEGER_SETTINGS = ('adaptive_blend_max_dimension', 'adaptive_blend_block_size')
 _BOOLEANS = {'true': True, 'false': False}
 

@@ -189,12 +189,15 @@ def _check_wall_clock(config, workdir, family):
   with pytest.raises(SystemExit, match='true or false'):
     benchmark_wall_clock.parse_settings(['adaptive_restarts=no'])
   for pair, value in (('adaptive_refresh_growth=0.3', 0.3), ('adaptive_overshoot_cap=10', 10.0),
-                      ('adaptive_restart_growth=0.5', 0.5), ('adaptive_restart_shrink=0.5', 0.5)):
+                      ('adaptive_restart_growth=0.5', 0.5), ('adaptive_restart_shrink=0.5', 0.5),
+                      ('adaptive_restart_momentum=0.9', 0.9),
+                      ('adaptive_restart_step_factor=0.2', 0.2)):
     assert benchmark_wall_clock.parse_settings([pair]) == {pair.split('=')[0]: value}
   # A setting that differs from the stored calibration is named, not silently used.
   for field, stored, changed in (('refresh_growth', 0.1, math.inf), ('overshoot_cap', 3.0, 7.0),
                                  ('restarts', True, False), ('restart_growth', 0.0, 0.5),
-                                 ('restart_shrink', 0.0, 0.5)):
+                                 ('restart_shrink', 0.0, 0.5), ('restart_momentum', None, 0.9),
+                                 ('restart_step_factor', 0.5, 0.2)):
     family_cfg = benchmark_setup.family_config(config, 'tiny')
     assert family['adaptive'][field] == family_cfg.eval[f'adaptive_{field}'] == stored
     family_cfg.eval[f'adaptive_{field}'] = changed  # not stored

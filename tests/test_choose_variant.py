@@ -76,7 +76,9 @@ def test_compare_runs_validation_tasks_only_and_applies_the_rule(tmp_path, monke
                                       'adaptive_overshoot_cap': math.inf,
                                       'adaptive_restarts': False,
                                       'adaptive_restart_growth': 0.0,
-                                      'adaptive_restart_shrink': 0.0}
+                                      'adaptive_restart_shrink': 0.0,
+                                      'adaptive_restart_momentum': None,
+                                      'adaptive_restart_step_factor': 0.5}
   monkeypatch.setattr(choose_variant, 'CANDIDATES', candidates)
   result = choose_variant.compare(config, tmp_path, divergence)
 
@@ -189,7 +191,8 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
         'adaptive_overshoot': False, 'adaptive_overshoot_decay': 0.5,
         'adaptive_refresh_growth': math.inf, 'adaptive_overshoot_cap': math.inf,
         'adaptive_restarts': False, 'adaptive_restart_growth': 0.0,
-        'adaptive_restart_shrink': 0.0}, name
+        'adaptive_restart_shrink': 0.0, 'adaptive_restart_momentum': None,
+        'adaptive_restart_step_factor': 0.5}, name
   assert all(settings['adaptive_momentum'] == 0.0 for name, settings in
              choose_variant.CANDIDATES.items() if 'nesterov' not in name)
   assert choose_variant.CANDIDATES['eigen_kron_0.1_nesterov_0.5_online_0.5'] == {
@@ -276,6 +279,14 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
   assert choose_variant.settings_of(config, 'config_restart_growth_0.5_shrink_0.5') == {
       **own, 'adaptive_restarts': True, 'adaptive_restart_growth': 0.5,
       'adaptive_restart_shrink': 0.5}
+  # ... or with the epochs longer than the horizon taking their own momentum.
+  assert own['adaptive_restart_momentum'] is config.eval.adaptive_restart_momentum is None
+  assert own['adaptive_restart_step_factor'] == config.eval.adaptive_restart_step_factor == 0.5
+  for momentum, factor in ((0.8, 0.2), (0.9, 0.1), (0.9, 0.2), (0.9, 0.3), (0.95, 0.1)):
+    assert choose_variant.settings_of(
+        config, f'config_restart_momentum_{momentum}_step_{factor}') == {
+            **own, 'adaptive_restarts': True, 'adaptive_restart_momentum': momentum,
+            'adaptive_restart_step_factor': factor}
   # Ties: the config first, the overshoot candidates after every other one.
   assert choose_variant.check_candidates(
       ['config_overshoot_0.5', 'eigen', 'config', 'config_overshoot_0.0']) == (

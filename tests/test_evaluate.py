@@ -489,6 +489,98 @@ def test_restart_growth_and_shrink_reweigh_each_epochs_halves():
     assert not np.allclose(changed[6]['w'], constant[6]['w'])
 
 
+def test_restart_momentum_changes_the_epochs_longer_than_the_horizon_only():
+  config = tiny.get_config()
+  config.eval.update(adaptive_eigenbasis=False, adaptive_restarts=True, num_steps=3,
+                     adaptive_blend_rate=0.5, adaptive_blend_statistics='kronecker',
+                     adaptive_momentum=0.5, adaptive_restart_growth=0.5)
+  params, divergence, calibration, gradients = _restart_setup(seed=2)
+  gradients = gradients + gradients[:4]  # 12 steps: epochs [0, 3), [3, 6), [6, 12)
+
+  def updates_of(optimizer, gradients, params=params):
+    return _updates_of(optimizer, gradients, params)[:2]
+
+  def plain(rate, momentum):  # one epoch's optimiser without restarts, its momentum by hand
+    fixed = config.copy_and_resolve_references()
+    fixed.eval.update(adaptive_restarts=False, adaptive_blend_rate=float(rate),
+                      adaptive_momentum=0.0, adaptive_restart_growth=0.0)
+    return optax.chain(evaluate.adaptive_optimizer(fixed, divergence, calibration),
+                       metamd_jax.nesterov_momentum(*momentum))
+
+  kept, _ = updates_of(evaluate.adaptive_optimizer(config, divergence, calibration), gradients)
+  config.eval.adaptive_restart_momentum = 0.9
+  config.eval.adaptive_restart_step_factor = 0.2
+  builders.validate_config(config)
+  got, _ = updates_of(evaluate.adaptive_optimizer(config, divergence, calibration), gradients)
+  # The first two epochs (one horizon long) keep momentum 0.5 at the factor 1/2; the
+  # epoch [6, 12), two horizons long, runs afresh with momentum 0.9 at the factor 0.2.
+  want, ended = updates_of(plain(0.5, (0.5, 0.5)), gradients[:3])
+  more, ended = updates_of(plain(0.5, (0.5, 0.5)), gradients[3:6], ended)
+  want += more
+  more, _ = updates_of(plain(0.5 * np.sqrt(2), (0.9, 0.2)), gradients[6:], ended)
+  want += more
+  for a, b in zip(got, want):
+    chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-7)
+  for a, b in zip(got[:6], kept[:6]):
+    chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-7)
+  assert not np.allclose(got[7]['w'], kept[7]['w'])
+
+
+def test_restart_momentum_under_jit_matches_the_eager_run():
+  config = tiny.get_config()
+  config.eval.update(adaptive_eigenbasis=False, adaptive_restarts=True, num_steps=2,
+                     adaptive_blend_rate=0.5, adaptive_blend_statistics='kronecker',
+                     adaptive_momentum=0.5, adaptive_restart_momentum=0.9,
+                     adaptive_restart_step_factor=0.2)
+  params, divergence, calibration, gradients = _restart_setup(seed=3)
+  optimizer = evaluate.adaptive_optimizer(config, divergence, calibration)
+  eager, _, _ = _updates_of(optimizer, gradients, params)
+
+  def body(carry, g):
+    params, state = carry
+    u, state = optimizer.update(g, state, params)
+    return (optax.apply_updates(params, u), state), u
+
+  stacked = jax.tree.map(lambda *x: jnp.stack(x), *gradients)
+  _, scanned = jax.jit(lambda p: jax.lax.scan(body, (p, optimizer.init(p)), stacked))(params)
+  for t, want in enumerate(eager):
+    chex.assert_trees_all_close(jax.tree.map(lambda x, t=t: x[t], scanned), want,
+                                rtol=1e-5, atol=1e-7)
+
+
+def test_calibration_records_the_restart_momentum(setup):
+  result = _calibrated(setup)[2]
+  assert result['restart_momentum'] is None and result['restart_step_factor'] == 0.5
+  config, _, result = _calibrated(setup, adaptive_restart_momentum=0.9,
+                                  adaptive_restart_step_factor=0.2)
+  assert result['restart_momentum'] == 0.9 and result['restart_step_factor'] == 0.2
+  for bad in (1.0, -0.1, math.nan, 'heavy', True):
+    with config.ignore_type():
+      config.eval.adaptive_restart_momentum = bad
+    with pytest.raises(ValueError, match=r'config\.eval\.adaptive_restart_momentum.*\[0, 1\)'):
+      builders.validate_config(config)
+  with config.ignore_type():
+    config.eval.adaptive_restart_momentum = 0.9
+  for bad in (0.0, -1.0, math.inf, 'short'):
+    with config.ignore_type():
+      config.eval.adaptive_restart_step_factor = bad
+    with pytest.raises(ValueError, match=r'adaptive_restart_step_factor.*positive finite'):
+      builders.validate_config(config)
+  with config.ignore_type():
+    config.eval.adaptive_restart_step_factor = 0.2
+  config.eval.adaptive_restarts = False
+  with pytest.raises(ValueError, match='restart_momentum.*needs eval.adaptive_restarts = True'):
+    builders.validate_config(config)
+  config.eval.adaptive_restarts = True
+  config.eval.adaptive_momentum = 0.0
+  with pytest.raises(ValueError, match='restart_momentum.*needs eval.adaptive_momentum > 0'):
+    builders.validate_config(config)
+  config.eval.adaptive_momentum = 0.5
+  config.eval.adaptive_restart_momentum = None
+  with pytest.raises(ValueError, match='step_factor.*needs eval.adaptive_restart_momentum'):
+    builders.validate_config(config)
+
+
 @pytest.mark.parametrize('field', ['restart_growth', 'restart_shrink'])
 def test_calibration_records_the_restart_powers(setup, field):
   assert _calibrated(setup)[2][field] == 0.0  # the default
