@@ -554,20 +554,16 @@ def test_calibration_records_the_restart_momentum(setup):
   config, _, result = _calibrated(setup, adaptive_restart_momentum=0.9,
                                   adaptive_restart_step_factor=0.2)
   assert result['restart_momentum'] == 0.9 and result['restart_step_factor'] == 0.2
-  for bad in (1.0, -0.1, math.nan, 'heavy', True):
+  for field, bads, meaning, good in (
+      ('momentum', (1.0, -0.1, math.nan, 'heavy', True), r'\[0, 1\)', 0.9),
+      ('step_factor', (0.0, -1.0, math.inf, 'short'), 'positive finite', 0.2)):
+    for bad in bads:
+      with config.ignore_type():
+        config.eval[f'adaptive_restart_{field}'] = bad
+      with pytest.raises(ValueError, match=rf'config\.eval\.adaptive_restart_{field}.*{meaning}'):
+        builders.validate_config(config)
     with config.ignore_type():
-      config.eval.adaptive_restart_momentum = bad
-    with pytest.raises(ValueError, match=r'config\.eval\.adaptive_restart_momentum.*\[0, 1\)'):
-      builders.validate_config(config)
-  with config.ignore_type():
-    config.eval.adaptive_restart_momentum = 0.9
-  for bad in (0.0, -1.0, math.inf, 'short'):
-    with config.ignore_type():
-      config.eval.adaptive_restart_step_factor = bad
-    with pytest.raises(ValueError, match=r'adaptive_restart_step_factor.*positive finite'):
-      builders.validate_config(config)
-  with config.ignore_type():
-    config.eval.adaptive_restart_step_factor = 0.2
+      config.eval[f'adaptive_restart_{field}'] = good
   config.eval.adaptive_restarts = False
   with pytest.raises(ValueError, match='restart_momentum.*needs eval.adaptive_restarts = True'):
     builders.validate_config(config)
