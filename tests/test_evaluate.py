@@ -91,6 +91,17 @@ def test_adaptive_row_with_a_huge_reference_is_metamd(setup, tmp_path, monkeypat
   assert long['metamd']['steps'] == 2 * config.eval.num_steps
   np.testing.assert_allclose(long['metamd']['loss_at_T'], metamd['final_train_loss'],
                              rtol=1e-5)
+  # The same long runs are the check '2T': Adam re-tuned for 2T steps on the tuning tasks.
+  check = results['shifts']['2T']
+  assert check['num_steps'] == 2 * ev.num_steps and check['reference'] == 'adam_retuned'
+  tuned, _ = protocol.tune_baselines(('adam',), ev, meta_train_family,
+                                     evaluation.tuning_tasks(meta_train_family, config.seed,
+                                                             ev.num_tune_tasks),
+                                     2 * ev.num_steps)
+  assert check['adam_retuned_learning_rate'] == tuned['adam']
+  for name in ('metamd', 'metamd_adaptive'):
+    np.testing.assert_allclose(check['optimizers'][name]['final_train_loss'],
+                               long[name]['loss_at_long'], rtol=1e-6)
   written = json.loads((tmp_path / 'results.json').read_text())
   assert written['adaptive']['reference_norm'] == 1e30
   assert written['adaptive']['refresh_growth'] is None  # the schedule alone
@@ -98,6 +109,7 @@ def test_adaptive_row_with_a_huge_reference_is_metamd(setup, tmp_path, monkeypat
   table = (tmp_path / 'results.md').read_text()
   assert '| metamd_adaptive | learned (c = 1e+30) |' in table
   assert 'Beyond the horizon: 2T' in table and 'ms per step' in table
+  assert '| 2T | adam_retuned |' in table
 
 
 def test_calibration_failure_leaves_the_adaptive_row_out(setup, monkeypatch):
