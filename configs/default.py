@@ -128,6 +128,11 @@ def get_config() -> ml_collections.ConfigDict:
   # cheaper roots, the same guarantee).
   evaluation.adaptive_blend_max_dimension = 1024
   evaluation.adaptive_blend_block_size = 0
+  # Shampoo's statistics only: > 0 keeps, on a side longer than this rank plus its leaf's
+  # other side, a frequent-directions sketch of that rank (metamd_jax.sketch: its roots
+  # exact for the sketch at every step, no eigendecomposition of the long side; the same
+  # guarantee) instead of the whole statistic. 0: no sketch. Not with a block size.
+  evaluation.adaptive_blend_sketch_rank = 0
   # The overshoot check (metamd_jax.blended_metamd(overshoot_decay=...)): per leaf, when
   # the gradient after a step points back along the learned half's last direction (the
   # step passed the minimum along it), the learned half is shortened by a non-decreasing

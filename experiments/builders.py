@@ -271,11 +271,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if later_momentum is None and later_step_factor != 0.5:
     _fail('eval.adaptive_restart_step_factor', later_step_factor,
           'needs eval.adaptive_restart_momentum (the factor goes with that momentum)')
-  for name, minimum in (('adaptive_blend_max_dimension', 1), ('adaptive_blend_block_size', 0)):
+  for name, minimum, zero in (('adaptive_blend_max_dimension', 1, ''),
+                              ('adaptive_blend_block_size', 0, ' (0: no blocking)'),
+                              ('adaptive_blend_sketch_rank', 0, ' (0: no sketch)')):
     value = evaluation.get(name, 1024 if minimum else 0)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-      _fail(f'eval.{name}', value, f'must be an int >= {minimum}'
-            + (' (0: no blocking)' if not minimum else ''))
+      _fail(f'eval.{name}', value, f'must be an int >= {minimum}{zero}')
+  if evaluation.get('adaptive_blend_sketch_rank', 0) and \
+      evaluation.get('adaptive_blend_block_size', 0):
+    _fail('eval.adaptive_blend_sketch_rank', evaluation.adaptive_blend_sketch_rank,
+          'must be 0 when eval.adaptive_blend_block_size is set (two ways to cheapen a '
+          'long side: set one)')
   quantile = evaluation.adaptive_quantile
   if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) \
       or not 0 < quantile <= 1:

@@ -63,7 +63,10 @@ learned half times the length to the power -0.5, the doubling trick's step,
 ``'config_restart_momentum_<m>_step_<f>'`` (the same restarts with the epochs longer than
 the horizon taking Nesterov's momentum ``m`` at the step factor ``f``: 0.8 at 0.2, 0.9 at
 0.1, 0.2 and 0.3, 0.95 at 0.1; ``eval.adaptive_restart_momentum``,
-``eval.adaptive_restart_step_factor``), and with the check at
+``eval.adaptive_restart_step_factor``), ``'config_sketch_<r>'`` (the config's own
+settings with a side of Shampoo's statistics longer than ``r`` plus its leaf's other side
+kept as a rank-``r`` frequent-directions sketch, at 16, 32 and 64,
+``eval.adaptive_blend_sketch_rank``), and with the check at
 0.5 the cheaper online halves ``'eigen_<sum|peak>_<rate>_nesterov_0.5_online_0.5_overshoot_0.5'``
 (the diagonal running sums or peak averages at 0.01, 0.03 and 0.1) and
 ``'eigen_kron_0.1_nesterov_0.5_online_0.5_blocks_128_overshoot_0.5'``;
@@ -84,8 +87,9 @@ Writes ``choose_variant.json`` and ``choose_variant.md`` in the workdir and prin
 table; set ``eval.adaptive_per_leaf``, ``eval.adaptive_blend_rate``,
 ``eval.adaptive_blend_statistics``, ``eval.adaptive_momentum``, ``eval.adaptive_eigenbasis``
 ``eval.adaptive_online_power``, ``eval.adaptive_blend_max_dimension``,
-``eval.adaptive_blend_block_size``, ``eval.adaptive_overshoot``,
-``eval.adaptive_overshoot_decay``, ``eval.adaptive_refresh_growth``,
+``eval.adaptive_blend_block_size``, ``eval.adaptive_blend_sketch_rank``,
+``eval.adaptive_overshoot``, ``eval.adaptive_overshoot_decay``,
+``eval.adaptive_refresh_growth``,
 ``eval.adaptive_overshoot_cap``, ``eval.adaptive_restarts``,
 ``eval.adaptive_restart_growth``, ``eval.adaptive_restart_shrink``,
 ``eval.adaptive_restart_momentum`` and ``eval.adaptive_restart_step_factor`` (in the
@@ -208,6 +212,7 @@ for _settings in CANDIDATES.values():  # no momentum unless a candidate names on
   _settings.setdefault('adaptive_online_power', 1.0)
   _settings.setdefault('adaptive_blend_max_dimension', 1024)
   _settings.setdefault('adaptive_blend_block_size', 0)
+  _settings.setdefault('adaptive_blend_sketch_rank', 0)
   _settings.setdefault('adaptive_overshoot', False)
   _settings.setdefault('adaptive_overshoot_decay', 0.5)
   _settings.setdefault('adaptive_refresh_growth', math.inf)
@@ -251,6 +256,7 @@ OVERSHOOT = {
         'adaptive_restarts': True, 'adaptive_restart_momentum': momentum,
         'adaptive_restart_step_factor': factor}
        for momentum, factor in ((0.8, 0.2), (0.9, 0.1), (0.9, 0.2), (0.9, 0.3), (0.95, 0.1))},
+    **{f'config_sketch_{rank}': {'adaptive_blend_sketch_rank': rank} for rank in (16, 32, 64)},
 }
 """Candidates that keep the config's own settings and add the overshoot check at a
 decay (``eval.adaptive_overshoot``, ``eval.adaptive_overshoot_decay``), or at 0.5 with
@@ -263,7 +269,9 @@ horizon, twice it, ... (``eval.adaptive_restarts``, alone or with the blend rate
 -0.5, ``eval.adaptive_restart_shrink``, or both, or with the epochs longer than the horizon
 taking Nesterov's momentum ``m`` at the step factor ``f``,
 ``'config_restart_momentum_<m>_step_<f>'``, ``eval.adaptive_restart_momentum`` and
-``eval.adaptive_restart_step_factor``); after :data:`CANDIDATES` in ties."""
+``eval.adaptive_restart_step_factor``), or keep a rank-``r`` frequent-directions sketch
+on the long sides of Shampoo's statistics (``'config_sketch_<r>'``,
+``eval.adaptive_blend_sketch_rank``); after :data:`CANDIDATES` in ties."""
 OWN = 'config'
 """The candidate that keeps the config's own ``eval`` settings (always allowed; first in
 ties): how :mod:`experiments.sweep` scores a meta-training setting by this rule."""
@@ -443,6 +451,8 @@ def format_choice(result: dict) -> str:
               if result.get('adaptive_blend_max_dimension', 1024) != 1024 else '')
            + (f", eval.adaptive_blend_block_size={result['adaptive_blend_block_size']}"
               if result.get('adaptive_blend_block_size', 0) else '')
+           + (f", eval.adaptive_blend_sketch_rank={result['adaptive_blend_sketch_rank']}"
+              if result.get('adaptive_blend_sketch_rank', 0) else '')
            + (', eval.adaptive_overshoot=True, eval.adaptive_overshoot_decay='
               f"{result['adaptive_overshoot_decay']}" if result.get('adaptive_overshoot')
               else '')

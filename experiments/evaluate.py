@@ -73,6 +73,7 @@ def calibrate(config: ml_collections.ConfigDict, divergence: PyTree, family: Tas
           'online_power': ev.get('adaptive_online_power', 1.0),
           'max_dimension': ev.get('adaptive_blend_max_dimension', 1024),
           'block_size': ev.get('adaptive_blend_block_size', 0),
+          'sketch_rank': ev.get('adaptive_blend_sketch_rank', 0),
           'overshoot': ev.get('adaptive_overshoot', False),
           'overshoot_decay': ev.get('adaptive_overshoot_decay', 0.5),
           # None: the roots on their schedule alone; no cap.
@@ -98,8 +99,9 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
   """Adaptive MetaMD with the levels of :func:`calibrate`, blended MetaMD
   (:func:`metamd_jax.blended_metamd`, its online half divided by the learned scale to the
   power ``eval.adaptive_online_power``; with Shampoo's statistics, sides over
-  ``eval.adaptive_blend_max_dimension`` diagonal and over ``eval.adaptive_blend_block_size``
-  blocked, and their roots also refreshed after a growth of ``eval.adaptive_refresh_growth``;
+  ``eval.adaptive_blend_max_dimension`` diagonal, over ``eval.adaptive_blend_block_size``
+  blocked or past ``eval.adaptive_blend_sketch_rank`` sketched, and their roots also
+  refreshed after a growth of ``eval.adaptive_refresh_growth``;
   with ``eval.adaptive_overshoot``, the overshoot check at
   ``eval.adaptive_overshoot_decay``, its factor at most ``eval.adaptive_overshoot_cap``)
   when ``eval.adaptive_blend_rate > 0`` or ``eval.adaptive_overshoot``, followed by
@@ -131,6 +133,7 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
           eigenbasis_levels=levels, online_power=ev.get('adaptive_online_power', 1.0),
           max_dimension=ev.get('adaptive_blend_max_dimension', 1024),
           block_size=ev.get('adaptive_blend_block_size', 0) or None,
+          sketch_rank=ev.get('adaptive_blend_sketch_rank', 0) or None,
           overshoot_decay=ev.get('adaptive_overshoot_decay', 0.5) if overshoot else None,
           refresh_growth=ev.get('adaptive_refresh_growth', math.inf),
           overshoot_cap=ev.get('adaptive_overshoot_cap', math.inf) if overshoot else None)

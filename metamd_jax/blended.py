@@ -105,7 +105,15 @@ k``. The blocks of a non-decreasing statistic never decrease (each is a compress
 ``E^T L E``), each block's damping grows with its own largest eigenvalue, so ``K_t``
 still never decreases and the adaptive-mirror-descent bound holds (Shampoo's
 ``O(sqrt(T))`` term is not claimed for blocks); the factor is zero outside its blocks, so
-the direction follows correlations within a block only.
+the direction follows correlations within a block only. With ``sketch_rank=r`` a side of
+``m`` rows, ``r + n < m`` (``n``: the other side), keeps a rank-``r`` frequent-directions
+sketch ``B_t B_t^T + rho_t I`` of its statistic instead (:mod:`metamd_jax.sketch`, as
+Sketchy does for Shampoo): the sketch never decreases and is at least the statistic, so
+``K_t`` still never decreases and the adaptive-mirror-descent bound holds; the side's
+root is exact for its sketch at every step, at ``m (r + n)^2`` flops and one
+eigendecomposition of ``r + n`` rows per step, with no ``m x m`` matrix. Directions
+outside the sketch's ``r`` share the escaped mass ``rho_t``: the direction follows the
+``r`` largest directions of the side's gradients.
 
 ``overshoot_decay=beta`` adds the overshoot check to the learned half. The online scales
 react to the size of the gradients in the learned geometry; they do not see a learned step
@@ -168,7 +176,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from metamd_jax import adaptive, eigenbasis, transform
+from metamd_jax import adaptive, eigenbasis, sketch, transform
 from metamd_jax.types import Array, PyTree
 
 __all__ = [
@@ -184,6 +192,7 @@ __all__ = [
     'check_online_power',
     'check_overshoot_cap',
     'check_overshoot_decay',
+    'check_sketch_rank',
     'factored_denominator',
     'scale_by_blended_mirror_descent',
     'scale_by_factored_statistics',
@@ -246,6 +255,22 @@ def check_block_size(block_size: Any) -> int | None:
   if block_size is not None:
     _check_positive_int(block_size, 'block_size (None: one block per side)')
   return block_size
+
+
+def check_sketch_rank(sketch_rank: Any, block_size: int | None = None) -> int | None:
+  """Validate ``sketch_rank``: ``None`` (no sketch) or an int ``>= 1``, and not together
+  with ``block_size`` (two ways to cheapen a long side: take one).
+
+  Raises:
+    ValueError: naming ``sketch_rank`` otherwise.
+  """
+  if sketch_rank is None:
+    return None
+  _check_positive_int(sketch_rank, 'sketch_rank (None: no sketch)')
+  if block_size is not None:
+    raise ValueError(f'sketch_rank={sketch_rank!r} and block_size={block_size!r} are two '
+                     'ways to cheapen a long side: set one of them (the other None).')
+  return sketch_rank
 
 
 def _row_and_column(squared: Array) -> tuple[Array, Array]:
@@ -460,9 +485,12 @@ def _block_statistic(matrix: Array, count: int, width: int) -> Array:
   return jnp.einsum('kin,kjn->kij', pieces, pieces)
 
 
-def _apply_side(root: Array, matrix: Array, side: str) -> Array:
+def _apply_side(root: Array | sketch.SketchRoot, matrix: Array, side: str) -> Array:
   """``root @ matrix`` (``side='left'``) or ``matrix @ root``; a vector root scales the
-  rows or the columns, a ``(k, b, b)`` root is block diagonal."""
+  rows or the columns, a ``(k, b, b)`` root is block diagonal, a
+  :class:`metamd_jax.sketch.SketchRoot` is identity plus low rank."""
+  if isinstance(root, sketch.SketchRoot):
+    return sketch.apply_root(root, matrix, side)
   if root.ndim == 1:
     return matrix * (root[:, None] if side == 'left' else root)
   if root.ndim == 3:
@@ -505,6 +533,7 @@ def scale_by_kronecker_statistics(
     max_dimension: int = 1024,
     block_size: int | None = None,
     refresh_growth: float | None = None,
+    sketch_rank: int | None = None,
 ) -> optax.GradientTransformation:
   """Map gradients to ``K_t^{-1} g``, Shampoo's full Kronecker statistics.
 
@@ -543,6 +572,12 @@ def scale_by_kronecker_statistics(
   diagonal blocks of its statistic (consecutive indices, blocks of ``ceil(m / k)``, each
   with its own damping): ``k`` eigendecompositions of ``m / k`` rows instead of one of
   ``m``. Blocks of a non-decreasing statistic never decrease, so neither does ``K_t``.
+  With ``sketch_rank=r`` a side of ``m`` rows with ``r + n < m <= max_dimension``
+  (``n``: the other side) keeps a rank-``r`` frequent-directions sketch of its statistic
+  instead (:mod:`metamd_jax.sketch`): ``hat L_t = B_t B_t^T + rho_t I``, which never
+  decreases and is at least ``L_t``, so ``K_t`` still never decreases; its root is exact
+  for the sketch at every step, with no ``m x m`` matrix or eigendecomposition (one of
+  ``r + n`` rows instead). Its leaf's other side keeps the schedule.
   The roots are not
   differentiated: a derivative through an update treats them as constants (as the
   gradient statistics are in a training step).
@@ -557,13 +592,17 @@ def scale_by_kronecker_statistics(
       statistics; ``None``: one block per side.
     refresh_growth: ``None`` (the schedule alone) or ``kappa >= 0``: also refresh a
       leaf whose gradient mass has grown by this fraction since its last refresh.
+    sketch_rank: ``None`` (no sketch) or ``r >= 1``: sides longer than ``r`` plus the
+      other side (up to ``max_dimension``) keep a rank-``r`` frequent-directions sketch.
+      Not with ``block_size``.
 
   Returns:
     An ``optax.GradientTransformation``.
 
   Raises:
     ValueError: on a bad ``epsilon``, ``relative_epsilon``, ``refresh_every``,
-      ``max_dimension``, ``block_size`` or ``refresh_growth`` (each named in the message).
+      ``max_dimension``, ``block_size``, ``refresh_growth`` or ``sketch_rank`` (each named
+      in the message), or both ``block_size`` and ``sketch_rank``.
   """
   check_positive(epsilon, 'epsilon')
   if not (isinstance(relative_epsilon, (int, float)) and not isinstance(relative_epsilon, bool)
@@ -573,27 +612,51 @@ def scale_by_kronecker_statistics(
   _check_positive_int(max_dimension, 'max_dimension')
   check_block_size(block_size)
   refresh_growth = check_refresh_growth(refresh_growth)
+  check_sketch_rank(sketch_rank, block_size)
 
   def accumulator_dtype(leaf):
     return jnp.promote_types(leaf.dtype, jnp.float32)
 
-  def zeros(size, dtype):
+  def sketched(size, other):
+    return sketch_rank is not None and sketch_rank + other < size <= max_dimension
+
+  def zeros(size, other, dtype):
     if size > max_dimension:
       return jnp.zeros((size,), dtype)
+    if sketched(size, other):
+      return sketch.init(size, sketch_rank, dtype)
     count, width = _blocks(size, block_size)
     return jnp.zeros((size, size) if count == 1 else (count, width, width), dtype)
 
+  def zero_root(statistic):
+    if isinstance(statistic, sketch.SketchState):
+      basis = statistic.basis
+      return sketch.SketchRoot(vectors=basis, weights=jnp.zeros(basis.shape[1:], basis.dtype),
+                               identity=statistic.escaped)
+    return statistic
+
   def init_fn(params):
     leaves, treedef = jax.tree.flatten(params)
-    sides = [[zeros(size, accumulator_dtype(x)) for size in _matrix_view(jnp.shape(x))]
-             for x in leaves]
+    sides = []
+    for x in leaves:
+      m, n = _matrix_view(jnp.shape(x))
+      sides.append((zeros(m, n, accumulator_dtype(x)), zeros(n, m, accumulator_dtype(x))))
     left = treedef.unflatten([s[0] for s in sides])
     right = treedef.unflatten([s[1] for s in sides])
-    return KroneckerStatisticsState(left=left, right=right, left_root=left, right_root=right,
-                                    count=jnp.zeros((), jnp.int32),
-                                    refreshed=jnp.zeros((len(leaves),), jnp.float32))
+    return KroneckerStatisticsState(
+        left=left, right=right,
+        left_root=treedef.unflatten([zero_root(s[0]) for s in sides]),
+        right_root=treedef.unflatten([zero_root(s[1]) for s in sides]),
+        count=jnp.zeros((), jnp.int32), refreshed=jnp.zeros((len(leaves),), jnp.float32))
 
   def statistic(old, matrix, side):
+    if isinstance(old, sketch.SketchState):
+      # The sketch, and its root (exact for the sketch, at every step).
+      new, vectors, values = sketch.update(old, matrix if side == 'left' else matrix.T,
+                                           eigh=_eigh)
+      other = matrix.shape[1] if side == 'left' else matrix.shape[0]
+      return new, sketch.inverse_fourth_root(vectors, values, new.escaped, other, epsilon,
+                                             relative_epsilon)
     if old.ndim == 1:
       return old + jnp.sum(jnp.square(matrix), axis=1 if side == 'left' else 0)
     if old.ndim == 3:
@@ -605,31 +668,46 @@ def scale_by_kronecker_statistics(
     count = optax.safe_increment(state.count)
     leaves, treedef = jax.tree.flatten(updates)
     lefts, rights = treedef.flatten_up_to(state.left), treedef.flatten_up_to(state.right)
-    matrices, new_lefts, new_rights = [], [], []
-    for g, left, right in zip(leaves, lefts, rights):
-      matrix = g.astype(left.dtype).reshape(_matrix_view(g.shape))
-      matrices.append(matrix)
-      new_lefts.append(statistic(left, matrix, 'left'))
-      new_rights.append(statistic(right, matrix, 'right'))
-
-    due = (count <= refresh_every) | ((count - 1) % refresh_every == 0)
     old_lefts = treedef.flatten_up_to(state.left_root)
     old_rights = treedef.flatten_up_to(state.right_root)
+    matrices, new_lefts, new_rights = [], [], []
+    # A sketched side's root is fresh at every step (None: the side follows the schedule).
+    sketch_lefts, sketch_rights = [], []
+    for g, left, right in zip(leaves, lefts, rights):
+      matrix = g.astype(accumulator_dtype(g)).reshape(_matrix_view(g.shape))
+      matrices.append(matrix)
+      for old, side, news, roots in ((left, 'left', new_lefts, sketch_lefts),
+                                     (right, 'right', new_rights, sketch_rights)):
+        new = statistic(old, matrix, side)
+        if isinstance(old, sketch.SketchState):
+          new, root = new
+        else:
+          root = None
+        news.append(new)
+        roots.append(root)
+
+    due = (count <= refresh_every) | ((count - 1) % refresh_every == 0)
     # Per leaf: the schedule, or (with refresh_growth) its mass grown by more than 1 + kappa.
-    masses = jnp.stack([_trace(s) for s in new_lefts])
+    # The mass is the trace of a side that is not sketched (at most one side of a leaf is).
+    masses = jnp.stack([_trace(rs if isinstance(ls, sketch.SketchState) else ls)
+                        for ls, rs in zip(new_lefts, new_rights)])
     leaf_due = jnp.broadcast_to(due, masses.shape)
     if refresh_growth is not None:
       leaf_due = leaf_due | (masses > (1 + refresh_growth) * state.refreshed)
     left_roots, right_roots = [], []
-    for index, (s_left, s_right, m, a, b) in enumerate(
-        zip(new_lefts, new_rights, matrices, old_lefts, old_rights)):
-      def refresh_leaf(_, s_left=s_left, s_right=s_right, m=m):
-        return (_inverse_fourth_root(s_left, m.shape[1], epsilon, relative_epsilon),
+    for index, (s_left, s_right, m, a, b, fresh_a, fresh_b) in enumerate(
+        zip(new_lefts, new_rights, matrices, old_lefts, old_rights, sketch_lefts,
+            sketch_rights)):
+      def refresh_leaf(_, s_left=s_left, s_right=s_right, m=m, a=a, b=b,
+                       fresh_a=fresh_a, fresh_b=fresh_b):
+        return (a if fresh_a is not None else
+                _inverse_fourth_root(s_left, m.shape[1], epsilon, relative_epsilon),
+                b if fresh_b is not None else
                 _inverse_fourth_root(s_right, m.shape[0], epsilon, relative_epsilon))
 
       a, b = jax.lax.cond(leaf_due[index], refresh_leaf, lambda _, a=a, b=b: (a, b), None)
-      left_roots.append(a)
-      right_roots.append(b)
+      left_roots.append(a if fresh_a is None else fresh_a)
+      right_roots.append(b if fresh_b is None else fresh_b)
     refreshed = jnp.where(leaf_due, masses, state.refreshed)
     directions = [
         _apply_side(b, _apply_side(a, m, 'left'), 'right').reshape(g.shape).astype(g.dtype)
@@ -776,6 +854,7 @@ def scale_by_blended_mirror_descent(
     overshoot_decay: float | None = None,
     refresh_growth: float | None = None,
     overshoot_cap: float | None = None,
+    sketch_rank: int | None = None,
 ) -> optax.GradientTransformation:
   """Map gradients to ``(M^{-1} g + blend_rate * K_t^{-1} g) / s_t`` (see the module doc).
 
@@ -822,6 +901,11 @@ def scale_by_blended_mirror_descent(
     overshoot_cap: with the overshoot check, ``None`` or ``inf`` (no cap) or ``c >= 1``:
       ``sigma_t`` is at most ``c``, so the check shortens the learned half by at most
       that factor (the module doc).
+    sketch_rank: with ``'kronecker'``, ``None`` or ``r >= 1``: a side longer than ``r``
+      plus its leaf's other side (up to ``max_dimension``) keeps a rank-``r``
+      frequent-directions sketch of its statistic (:mod:`metamd_jax.sketch`; its roots
+      fresh at every step, no eigendecomposition of the long side). Not with
+      ``block_size``.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -830,8 +914,9 @@ def scale_by_blended_mirror_descent(
     TypeError, ValueError: on a bad ``blend_rate``, ``reference_norm``, ``decay``,
       ``epsilon``, ``statistics``, ``refresh_every``, ``eigenbasis_levels``,
       ``online_power``, ``max_dimension``, ``block_size``, ``overshoot_decay``,
-      ``refresh_growth`` or ``overshoot_cap`` (each named in the message), or a finite
-      ``overshoot_cap`` without ``overshoot_decay``.
+      ``refresh_growth``, ``overshoot_cap`` or ``sketch_rank`` (each named in the
+      message), a finite ``overshoot_cap`` without ``overshoot_decay``, or both
+      ``block_size`` and ``sketch_rank``.
   """
   blend_rate = check_blend_rate(blend_rate)
   check_online_power(online_power)
@@ -841,6 +926,7 @@ def scale_by_blended_mirror_descent(
     raise ValueError(f'overshoot_cap={overshoot_cap!r} caps the overshoot check, which is off '
                      '(overshoot_decay=None): set overshoot_decay or leave the cap None.')
   check_block_size(block_size)
+  check_sketch_rank(sketch_rank, block_size)
   _check_positive_int(max_dimension, 'max_dimension')
   refresh_growth = check_refresh_growth(refresh_growth)
   if eigenbasis_levels is None:
@@ -858,7 +944,8 @@ def scale_by_blended_mirror_descent(
     online = scale_by_kronecker_statistics(epsilon, refresh_every=refresh_every,
                                            max_dimension=max_dimension,
                                            block_size=block_size,
-                                           refresh_growth=refresh_growth)
+                                           refresh_growth=refresh_growth,
+                                           sketch_rank=sketch_rank)
   else:
     online = scale_by_factored_statistics(epsilon, statistics=statistics)
 
@@ -913,6 +1000,7 @@ def blended_metamd(
     overshoot_decay: float | None = None,
     refresh_growth: float | None = None,
     overshoot_cap: float | None = None,
+    sketch_rank: int | None = None,
 ) -> optax.GradientTransformation:
   """Blended MetaMD: ``-lr (M^{-1} g + blend_rate K_t^{-1} g) / s_t``.
 
@@ -946,6 +1034,8 @@ def blended_metamd(
       mass has grown by this fraction (see :func:`scale_by_kronecker_statistics`).
     overshoot_cap: ``None``/``inf`` or the largest factor ``c >= 1`` of the overshoot
       check (see :func:`scale_by_blended_mirror_descent`).
+    sketch_rank: with ``'kronecker'``, ``None`` or the rank of a frequent-directions
+      sketch kept on long sides (see :func:`scale_by_kronecker_statistics`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -970,6 +1060,7 @@ def blended_metamd(
                                       max_dimension=max_dimension, block_size=block_size,
                                       overshoot_decay=overshoot_decay,
                                       refresh_growth=refresh_growth,
-                                      overshoot_cap=overshoot_cap),
+                                      overshoot_cap=overshoot_cap,
+                                      sketch_rank=sketch_rank),
       optax.scale_by_learning_rate(learning_rate),
   )

@@ -62,6 +62,7 @@ _CALIBRATION_FIELDS = {'blend_rate': 'adaptive_blend_rate',
                        'online_power': 'adaptive_online_power',
                        'max_dimension': 'adaptive_blend_max_dimension',
                        'block_size': 'adaptive_blend_block_size',
+                       'sketch_rank': 'adaptive_blend_sketch_rank',
                        'overshoot': 'adaptive_overshoot',
                        'overshoot_decay': 'adaptive_overshoot_decay',
                        'refresh_growth': 'adaptive_refresh_growth',
@@ -73,7 +74,8 @@ _CALIBRATION_FIELDS = {'blend_rate': 'adaptive_blend_rate',
                        'restart_step_factor': 'adaptive_restart_step_factor'}
 # What a calibration stored before a field existed meant.
 _CALIBRATION_DEFAULTS = {'eigenbasis': False, 'online_power': 1.0, 'max_dimension': 1024,
-                         'block_size': 0, 'overshoot': False, 'overshoot_decay': 0.5,
+                         'block_size': 0, 'sketch_rank': 0, 'overshoot': False,
+                         'overshoot_decay': 0.5,
                          'refresh_growth': None, 'overshoot_cap': None, 'restarts': False,
                          'restart_growth': 0.0, 'restart_shrink': 0.0,
                          'restart_momentum': None, 'restart_step_factor': 0.5}
@@ -101,11 +103,13 @@ def stored_family(results_path: pathlib.Path, family: str) -> dict:
 
 _SETTABLE = ('adaptive_blend_rate', 'adaptive_blend_statistics', 'adaptive_momentum',
              'adaptive_online_power', 'adaptive_blend_max_dimension',
-             'adaptive_blend_block_size', 'adaptive_overshoot', 'adaptive_overshoot_decay',
+             'adaptive_blend_block_size', 'adaptive_blend_sketch_rank', 'adaptive_overshoot',
+             'adaptive_overshoot_decay',
              'adaptive_refresh_growth', 'adaptive_overshoot_cap', 'adaptive_restarts',
              'adaptive_restart_growth', 'adaptive_restart_shrink',
              'adaptive_restart_momentum', 'adaptive_restart_step_factor')
-_INTEGER_SETTINGS = ('adaptive_blend_max_dimension', 'adaptive_blend_block_size')
+_INTEGER_SETTINGS = ('adaptive_blend_max_dimension', 'adaptive_blend_block_size',
+                     'adaptive_blend_sketch_rank')
 _BOOLEANS = {'true': True, 'false': False}
 
 

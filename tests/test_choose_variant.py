@@ -70,6 +70,7 @@ def test_compare_runs_validation_tasks_only_and_applies_the_rule(tmp_path, monke
                                       'adaptive_online_power': 1.0,
                                       'adaptive_blend_max_dimension': 1024,
                                       'adaptive_blend_block_size': 0,
+                                      'adaptive_blend_sketch_rank': 0,
                                       'adaptive_overshoot': False,
                                       'adaptive_overshoot_decay': 0.5,
                                       'adaptive_refresh_growth': math.inf,
@@ -188,6 +189,7 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
         'adaptive_blend_statistics': statistics, 'adaptive_momentum': momentum,
         'adaptive_eigenbasis': eigenbasis, 'adaptive_online_power': 1.0,
         'adaptive_blend_max_dimension': 1024, 'adaptive_blend_block_size': 0,
+        'adaptive_blend_sketch_rank': 0,
         'adaptive_overshoot': False, 'adaptive_overshoot_decay': 0.5,
         'adaptive_refresh_growth': math.inf, 'adaptive_overshoot_cap': math.inf,
         'adaptive_restarts': False, 'adaptive_restart_growth': 0.0,
@@ -287,6 +289,11 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
         config, f'config_restart_momentum_{momentum}_step_{factor}') == {
             **own, 'adaptive_restarts': True, 'adaptive_restart_momentum': momentum,
             'adaptive_restart_step_factor': factor}
+  # ... or with a frequent-directions sketch on the long sides of Shampoo's statistics.
+  assert own['adaptive_blend_sketch_rank'] == config.eval.adaptive_blend_sketch_rank == 0
+  for rank in (16, 32, 64):
+    assert choose_variant.settings_of(config, f'config_sketch_{rank}') == {
+        **own, 'adaptive_blend_sketch_rank': rank}
   # Ties: the config first, the overshoot candidates after every other one.
   assert choose_variant.check_candidates(
       ['config_overshoot_0.5', 'eigen', 'config', 'config_overshoot_0.0']) == (

@@ -275,6 +275,8 @@ def test_shifted_families_are_shifted(setup):
     ('eval.adaptive_blend_max_dimension', -3),
     ('eval.adaptive_blend_block_size', -1),
     ('eval.adaptive_blend_block_size', True),
+    ('eval.adaptive_blend_sketch_rank', -1),
+    ('eval.adaptive_blend_sketch_rank', True),
     ('eval.adaptive_overshoot_decay', 1.0),
     ('eval.adaptive_overshoot_decay', -0.1),
     ('eval.adaptive_refresh_growth', -0.1),
@@ -289,6 +291,16 @@ def test_bad_adaptive_and_shift_values_name_the_field(field, value):
   config[section][name] = value
   with pytest.raises(ValueError, match=rf'config\.{field}'):
     builders.validate_config(config)
+
+
+def test_a_sketch_with_blocks_is_refused():
+  config = tiny.get_config()
+  config.eval.adaptive_blend_block_size = 128
+  config.eval.adaptive_blend_sketch_rank = 32
+  with pytest.raises(ValueError, match=r'config\.eval\.adaptive_blend_sketch_rank.*block_size'):
+    builders.validate_config(config)
+  config.eval.adaptive_blend_block_size = 0
+  builders.validate_config(config)
 
 
 def test_adaptive_optimizer_is_blended_with_a_positive_blend_rate():
@@ -328,6 +340,24 @@ def test_adaptive_optimizer_is_blended_with_a_positive_blend_rate():
         divergence, (1.0, 1.0), 0.5, per_leaf=True, statistics='kronecker', **{option: 2})))
     assert not np.allclose(changed['w'], whole['w']), field
     config.eval[field] = {'adaptive_blend_block_size': 0}.get(field, 1024)
+  # eval.adaptive_blend_sketch_rank: an 8-row side (over the rank 1 plus the 2 columns)
+  # keeps a rank-1 sketch, which drops one of the gradient's two directions.
+  tall = {'w': jnp.ones((8, 2)), 'b': jnp.ones((2,))}
+  tall_divergence = metamd_jax.init_divergence(tall, 0.1)
+  tall_grads = {'w': jnp.asarray(np.random.default_rng(0).normal(size=(8, 2)), jnp.float32),
+                'b': jnp.full((2,), 2.0)}
+
+  def tall_update(optimizer):
+    return optimizer.update(tall_grads, optimizer.init(tall), tall)[0]
+
+  whole = tall_update(evaluate.adaptive_optimizer(config, tall_divergence, calibration))
+  config.eval.adaptive_blend_sketch_rank = 1
+  sketched = tall_update(evaluate.adaptive_optimizer(config, tall_divergence, calibration))
+  chex.assert_trees_all_close(sketched, tall_update(metamd_jax.blended_metamd(
+      tall_divergence, (1.0, 1.0), 0.5, per_leaf=True, statistics='kronecker',
+      sketch_rank=1)))
+  assert not np.allclose(sketched['w'], whole['w'])
+  config.eval.adaptive_blend_sketch_rank = 0
   grads = {'w': jnp.full((3, 2), 2.0), 'b': jnp.full((2,), 2.0)}
   config.eval.adaptive_blend_statistics = 'sum'
   blended_updates = first_update(evaluate.adaptive_optimizer(config, divergence, calibration))
