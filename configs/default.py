@@ -132,6 +132,12 @@ def get_config() -> ml_collections.ConfigDict:
   # other side, a frequent-directions sketch of that rank (metamd_jax.sketch: its roots
   # exact for the sketch at every step, no eigendecomposition of the long side; the same
   # guarantee) instead of the whole statistic. 0: no sketch. Not with a block size.
+  # 0 here: on the validation tasks, judged also at 10 times the horizon, the whole
+  # statistics keep 9 of 9 checks at the lowest geometric mean, 0.175, against 0.190 for a
+  # rank-64 sketch (9 of 9), 0.207 for 32 and 0.238 for 16 (8 of 9: permuted features
+  # lost) (experiments/RESULTS.md section 24). A rank-64 sketch is the setting for a user
+  # who wants the robustness at a fraction of the step's cost (2.4 against 8.1 ms per step
+  # here on the CPU).
   evaluation.adaptive_blend_sketch_rank = 0
   # The overshoot check (metamd_jax.blended_metamd(overshoot_decay=...)): per leaf, when
   # the gradient after a step points back along the learned half's last direction (the
