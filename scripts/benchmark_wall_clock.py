@@ -24,6 +24,13 @@ Usage (from the repository root)::
 ``--set FIELD=VALUE`` changes one ``eval.adaptive_*`` setting of adaptive MetaMD (its blend
 and momentum; the calibrated reference norm is the stored one, which does not depend on
 them), to time another adaptive variant on the same divergence; the figures record it.
+
+The seconds to Adam's loss are the steps to it times the mean seconds per step of the
+``T``-step run: right for a step of constant cost. A step whose cost varies along the run
+(Shampoo's roots refreshed at each of the first 10 steps, then on a schedule) costs more
+early. ``--elapsed`` also times, per task, a run stopped at the step where that task
+reaches Adam's loss (compiled per step count; the median of ``--repeats`` runs):
+``elapsed_seconds_to_reference_final_loss`` and its fraction of Adam's ``T``-step time.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from experiments import (  # noqa: E402
     builders,
     evaluate,
     protocol,
+    report,
 )
 from experiments.benchmark_setup import ADAPTIVE  # noqa: E402
 from metamd_jax import evaluation  # noqa: E402
@@ -170,12 +178,36 @@ def measure_one(optimizer, family, tasks, horizon: int, repeats: int
   return run, benchmark_runs.time_runs(optimizer, family, tasks, horizon, repeats), first
 
 
+def elapsed_to(optimizer, family, tasks, steps_per_task, repeats: int) -> list:
+  """Per task, the seconds of a run of that task's step count (``None``: not reached;
+  0 steps: 0 seconds), timed as :func:`experiments.benchmark_runs.time_runs` times."""
+  seconds = []
+  for index, steps in enumerate(steps_per_task):
+    if steps is None or not steps > 0:
+      seconds.append(None if steps is None else 0.0)
+      continue
+    one = jax.tree.map(lambda x, i=index: x[i:i + 1], tasks)
+    seconds.append(float(benchmark_runs.time_runs(optimizer, family, one, int(steps),
+                                                  repeats)[0]))
+  return seconds
+
+
 def row(run: evaluation.Curves, seconds: np.ndarray, first: float, horizon: int,
-        target: np.ndarray, reference_seconds: float, reference: str, stored: dict) -> dict:
-  """One optimiser's figures against the reference's final loss and ``T``-step time."""
+        target: np.ndarray, reference_seconds: float, reference: str, stored: dict,
+        elapsed: list | None = None) -> dict:
+  """One optimiser's figures against the reference's final loss and ``T``-step time;
+  ``elapsed``: per task, the timed seconds of a run stopped where it reaches the loss
+  (:func:`elapsed_to`)."""
   per_step = seconds / horizon
   reached = protocol.reach(run, target, per_step)
   mean_seconds = _mean(reached['seconds'])
+  extra = {}
+  if elapsed is not None:
+    pair = report.pair(np.asarray([np.nan if s is None else s for s in elapsed]))
+    extra = {'elapsed_seconds_to_reference_final_loss': pair,
+             'elapsed_seconds_per_task': elapsed,
+             'elapsed_fraction_of_reference_T_seconds': (
+                 None if _mean(pair) is None else _mean(pair) / reference_seconds)}
   return {
       'seconds_for_T_steps': float(np.mean(seconds)),
       'seconds_per_step': float(np.mean(per_step)),
@@ -188,31 +220,41 @@ def row(run: evaluation.Curves, seconds: np.ndarray, first: float, horizon: int,
       'final_train_loss': float(np.mean(evaluation.final_train_loss(run.train_losses))),
       'stored_steps_to_reference_final_loss': stored.get(f'steps_to_{reference}_final_loss'),
       'stored_seconds_for_T_steps': _mean(stored.get('wall_clock_seconds')),
+      **extra,
   }
 
 
 def format_table(rows: dict, reference: str, horizon: int) -> str:
   def pair(value, digits):
-    return 'not reached' if _mean(value) is None else f'{value[0]:.{digits}f}'
+    return 'not reached' if value is None or _mean(value) is None else f'{value[0]:.{digits}f}'
 
+  def ratio(fraction):
+    return '-' if fraction is None else f'{fraction:.2f}'
+
+  elapsed = any('elapsed_seconds_to_reference_final_loss' in row for row in rows.values())
   lines = [f'| optimiser | s for T={horizon} steps | ms per step | steps to {reference} '
-           f'final loss (stored) | s to it | x {reference} T-step s | final loss |',
-           '| --- | ---: | ---: | ---: | ---: | ---: | ---: |']
+           f'final loss (stored) | s to it | x {reference} T-step s | final loss |'
+           + (' elapsed s to it | elapsed x T-step s |' if elapsed else ''),
+           '| --- | ---: | ---: | ---: | ---: | ---: | ---: |'
+           + (' ---: | ---: |' if elapsed else '')]
   for name, row in rows.items():
     stored = row['stored_steps_to_reference_final_loss']
-    fraction = row['fraction_of_reference_T_seconds']
-    lines.append(
+    line = (
         f"| {name} | {row['seconds_for_T_steps']:.4f} | {1e3 * row['seconds_per_step']:.3f} | "
         f"{pair(row['steps_to_reference_final_loss'], 1)} ({pair(stored, 1)}; "
         f"{row['reached_fraction']:.0%} reached) | "
         f"{pair(row['seconds_to_reference_final_loss'], 4)} | "
-        f"{'-' if fraction is None else f'{fraction:.2f}'} | {row['final_train_loss']:.4f} |")
+        f"{ratio(row['fraction_of_reference_T_seconds'])} | {row['final_train_loss']:.4f} |")
+    if elapsed:
+      line += (f" {pair(row.get('elapsed_seconds_to_reference_final_loss'), 4)} | "
+               f"{ratio(row.get('elapsed_fraction_of_reference_T_seconds'))} |")
+    lines.append(line)
   return '\n'.join(lines)
 
 
 def wall_clock(config, family: str, workdir, results, optimizers=DEFAULT_OPTIMIZERS, *,
                repeats: int = 3, num_tasks: int | None = None, settings: dict | None = None,
-               json_path=None) -> dict:
+               json_path=None, elapsed: bool = False) -> dict:
   """Re-time the held-out runs of ``family`` from a finished benchmark (module docstring).
 
   Args:
@@ -226,6 +268,8 @@ def wall_clock(config, family: str, workdir, results, optimizers=DEFAULT_OPTIMIZ
     num_tasks: held-out tasks (default: the config's).
     settings: ``eval.adaptive_*`` fields changed for adaptive MetaMD (``--set``).
     json_path: also write the figures there, after every optimiser.
+    elapsed: also time, per task, a run stopped where it reaches the reference's loss
+      (:func:`elapsed_to`).
 
   Returns:
     ``{'family', 'horizon', 'num_tasks', 'reference', 'repeats', 'settings', 'device',
@@ -276,8 +320,12 @@ def wall_clock(config, family: str, workdir, results, optimizers=DEFAULT_OPTIMIZ
     if name == reference:
       target = evaluation.final_train_loss(run.train_losses)
       reference_seconds = float(np.mean(seconds))
+    stopped = None
+    if elapsed:
+      stopped = elapsed_to(optimizer, test_family, tasks,
+                           protocol.reach(run, target)['steps_per_task'], repeats)
     payload['optimizers'][name] = row(run, seconds, first, horizon, target, reference_seconds,
-                                      reference, stored['optimizers'].get(name, {}))
+                                      reference, stored['optimizers'].get(name, {}), stopped)
     print(f'{name}: {np.mean(seconds):.4f} s for {horizon} steps (first call {first:.1f} s)',
           flush=True)
     if json_path:  # after every optimiser, so a run stopped early keeps what it measured
@@ -302,6 +350,9 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
                       help=f'change one adaptive setting, one of {", ".join(_SETTABLE)}')
   parser.add_argument('--json', default=None, help='also write the figures here')
+  parser.add_argument('--elapsed', action='store_true',
+                      help="also time runs stopped where each task reaches the reference's "
+                      'loss (one compilation per step count)')
   args = parser.parse_args(argv)
   if args.repeats < 1:
     parser.error(f'--repeats must be >= 1, got {args.repeats}.')
@@ -310,7 +361,7 @@ def main(argv: list[str] | None = None) -> dict:
   return wall_clock(load_config(args.config), args.family, args.workdir, args.results,
                     [n for n in args.optimizers.split(',') if n], repeats=args.repeats,
                     num_tasks=args.num_tasks, settings=parse_settings(args.set),
-                    json_path=args.json)
+                    json_path=args.json, elapsed=args.elapsed)
 
 
 if __name__ == '__main__':

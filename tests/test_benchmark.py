@@ -3,13 +3,15 @@
 import json
 import math
 
+import jax
 import ml_collections
+import numpy as np
 import pytest
 
 import metamd_jax
 from configs import benchmark as benchmark_config
 from configs import default, digits_mlp, mnist1d_cnn, tiny
-from experiments import benchmark, benchmark_setup, benchmark_targets
+from experiments import benchmark, benchmark_runs, benchmark_setup, benchmark_targets
 from scripts import benchmark_wall_clock
 
 
@@ -47,7 +49,7 @@ def _finite_pair(value):
   assert all(isinstance(v, float) and math.isfinite(v) for v in value), value
 
 
-def test_quick_benchmark_writes_documented_results(tmp_path, capsys):
+def test_quick_benchmark_writes_documented_results(tmp_path, capsys, monkeypatch):
   config = _tiny_benchmark_config()
   benchmark.benchmark(config, tmp_path, progress=False)
   assert '## tiny' in capsys.readouterr().out
@@ -126,6 +128,39 @@ def test_quick_benchmark_writes_documented_results(tmp_path, capsys):
   for suffix in ('loss_vs_step', 'loss_vs_time', 'beyond_horizon', 'robustness'):
     assert (tmp_path / f'tiny_{suffix}.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   _check_wall_clock(config, tmp_path, family)
+  _check_elapsed(config, tmp_path, monkeypatch, capsys)
+
+
+def _check_elapsed(config, workdir, monkeypatch, capsys):
+  """``elapsed=True`` times, per task, a run stopped at the step where that task reaches
+  the reference's loss: with a clock of 1 ms per step the elapsed seconds are the steps."""
+  timed = []
+
+  def fake_time_runs(optimizer, family, task_params, num_steps, repeats):
+    count = jax.tree.leaves(task_params)[0].shape[0]
+    timed.append((num_steps, count))
+    return np.full(count, 1e-3 * num_steps)
+
+  monkeypatch.setattr(benchmark_runs, 'time_runs', fake_time_runs)
+  figures = benchmark_wall_clock.wall_clock(config, 'tiny', workdir, workdir / 'results.json',
+                                            ['metamd'], repeats=1, elapsed=True)
+  horizon = figures['horizon']
+  for name, row in figures['optimizers'].items():
+    per_task = row['elapsed_seconds_per_task']
+    assert len(per_task) == figures['num_tasks'], name
+    reached = [s for s in per_task if s is not None]
+    assert len(reached) == round(row['reached_fraction'] * figures['num_tasks']), name
+    steps = row['steps_to_reference_final_loss'][0]
+    if steps is None:  # no task reached it: nothing was timed
+      assert not reached and row['elapsed_fraction_of_reference_T_seconds'] is None, name
+      continue
+    # 1 ms per step: the elapsed mean is the mean steps to the loss, in ms.
+    assert row['elapsed_seconds_to_reference_final_loss'][0] == pytest.approx(1e-3 * steps)
+    assert row['elapsed_fraction_of_reference_T_seconds'] == pytest.approx(steps / horizon)
+  assert figures['optimizers']['adam']['reached_fraction'] == 1.0  # its own loss
+  # Each stopped run is one task, of its own step count; the T-step runs time all tasks.
+  assert all(count == 1 for steps, count in timed if steps != horizon)
+  assert '| elapsed s to it | elapsed x T-step s |' in capsys.readouterr().out
 
 
 def _check_wall_clock(config, workdir, family):
