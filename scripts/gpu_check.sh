@@ -11,7 +11,8 @@
 #   1b. wall_clock_blocks_128.json: item 1's adaptive MetaMD with Shampoo's statistics in
 #      blocks of at most 128 rows (--set adaptive_blend_block_size=128; section 15), and Adam;
 #   1c. wall_clock_sketch_64.json: the same with a rank-64 frequent-directions sketch of the
-#      long sides (--set adaptive_blend_sketch_rank=64; section 24), and Adam;
+#      long sides (--set adaptive_blend_sketch_rank=64; section 24), and Adam, also timed
+#      to the step where each run reaches Adam's loss (--elapsed);
 #   2. roots.json: the eigendecompositions of the Kronecker statistics' refresh, per
 #      implementation (scripts/benchmark_roots.py);
 #   3. meta_step_default.json: one meta-step of configs/default.py (its horizon and
@@ -64,7 +65,7 @@ part wall_clock_blocks 100 python3 -m scripts.benchmark_wall_clock \
   --optimizers adam,metamd_adaptive --set adaptive_blend_block_size=128 \
   --json "$out/wall_clock_blocks_128.json"
 part wall_clock_sketch 100 python3 -m scripts.benchmark_wall_clock \
-  --optimizers adam,metamd_adaptive --set adaptive_blend_sketch_rank=64 \
+  --optimizers adam,metamd_adaptive --set adaptive_blend_sketch_rank=64 --elapsed \
   --json "$out/wall_clock_sketch_64.json"
 part roots 40 python3 -m scripts.benchmark_roots --sizes 10,256,784 --out-dir "$out"
 part meta_step_default 90 python3 -m scripts.benchmark_parallel --devices 1 \
