@@ -28,7 +28,11 @@ resolved and checked by :mod:`experiments.benchmark_setup`):
 4. report, mean and std over held-out tasks: the steps (and seconds: steps times the timed
    seconds per step) MetaMD needs to reach each tuned baseline's final training loss,
    every optimiser's steps and seconds to the reference's (tuned Adam's) final loss, final
-   training loss and test metrics; and the learned optimisers' training loss at ``T`` and
+   training loss and test metrics; the learned optimisers' and the reference's elapsed
+   seconds to that loss (per task, a timed run stopped at the step where the task reaches
+   it: :func:`experiments.benchmark_runs.elapsed_to`, right also for a step whose cost
+   varies along the run; the wall-clock target takes these); and the learned optimisers'
+   training loss at ``T`` and
    at ``horizon_multiplier * T``. "Training loss" is the whole-training-set loss: no
    minibatch noise and no moving-average lag in the step counts;
 5. on a held-out dataset (``heldout.dataset``), the same comparison without timing; on the
@@ -69,6 +73,7 @@ os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -175,6 +180,14 @@ def benchmark_family(config: ml_collections.ConfigDict, name: str, workdir: path
   seconds_per_step = {opt: s / horizon for opt, s in seconds.items()}
   target = (evaluation.final_train_loss(runs[reference].train_losses)
             if reference in runs else None)
+  # The learned optimisers and the reference also timed to the step where each task
+  # reaches the reference's loss: runs stopped there (benchmark_runs.elapsed_to).
+  elapsed = {}
+  if target is not None:
+    for opt in dict.fromkeys([*learned_names, reference]):
+      steps = protocol.reach(runs[opt], target)['steps_per_task']
+      elapsed[opt] = benchmark_runs.elapsed_to(optimizers[opt], test_family, test_tasks,
+                                               steps, repeats)
 
   result = {'horizon': horizon, 'num_tasks': ev.num_tasks, 'reference': reference,
             'window': ev.window, 'meta_training': meta_info,
@@ -191,6 +204,9 @@ def benchmark_family(config: ml_collections.ConfigDict, name: str, workdir: path
     if opt in tuning_scores:
       entry['tuning_scores'] = tuning_scores[opt]
     entry.update(protocol.summarize(run, target, reference, seconds_per_step[opt]))
+    if opt in elapsed:
+      entry[f'elapsed_seconds_to_{reference}_final_loss'] = report.pair(
+          np.asarray([np.nan if s is None else s for s in elapsed[opt]], np.float64))
     entry['final_minibatch_loss'] = report.pair(evaluation.final_loss(run.losses, ev.window))
     entry.update(protocol.curves_summary(run))
     result['optimizers'][opt] = entry

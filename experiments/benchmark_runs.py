@@ -89,6 +89,26 @@ def time_runs(optimizer: optax.GradientTransformation, family: TaskFamily,
   return np.asarray(seconds)
 
 
+def elapsed_to(optimizer: optax.GradientTransformation, family: TaskFamily,
+               task_params: PyTree, steps_per_task, repeats: int) -> list:
+  """Per task, the seconds of a run stopped at that task's step count, timed as
+  :func:`time_runs` times (compiled per step count); ``None`` where the count is ``None``
+  (not reached), 0 for 0 steps.
+
+  The steps to a loss times the mean seconds per step of a ``T``-step run is right for a
+  step of constant cost; this measures a step whose cost varies along the run (roots
+  refreshed at every early step) or a fixed cost per run (factors inverted at ``init``).
+  """
+  seconds = []
+  for index, steps in enumerate(steps_per_task):
+    if steps is None or not steps > 0:
+      seconds.append(None if steps is None else 0.0)
+      continue
+    one = jax.tree.map(lambda x, i=index: x[i:i + 1], task_params)
+    seconds.append(float(time_runs(optimizer, family, one, int(steps), repeats)[0]))
+  return seconds
+
+
 def long_run(optimizer: optax.GradientTransformation, family: TaskFamily,
              task_params: PyTree, horizon: int, multiplier: int) -> evaluation.Curves:
   """Train for ``multiplier * horizon`` steps, the whole-set loss tracked.

@@ -8,7 +8,10 @@ kinds of target, each checked on the mean over the held-out tasks (its key in
   most ``T / n``, every task reaching it (``steps_to_<reference>_at_most_T_over_<n>``);
 - ``seconds_at_most_reference_over = n`` (0: off): MetaMD's seconds to the reference's
   final loss at most the reference's seconds for ``T`` steps over ``n``, every task
-  reaching it (``seconds_at_most_<reference>_seconds_over_<n>``);
+  reaching it (``seconds_at_most_<reference>_seconds_over_<n>``); the seconds are the
+  elapsed ones (runs stopped where each task reaches the loss,
+  ``elapsed_seconds_to_<reference>_final_loss``) where the results have them, else the
+  steps times the mean seconds per step;
 - ``test_accuracy_at_least_reference = True``: MetaMD's test accuracy at least the
   reference's (``test_accuracy_at_least_<reference>``; classification families only);
 - ``fewer_steps_than_every_baseline = True``: for every tuned baseline, MetaMD reaches the
@@ -165,6 +168,9 @@ def evaluate_targets(targets: ml_collections.ConfigDict | None, result: dict) ->
   ref = result['optimizers'].get(reference)
   steps = row['steps'][0] if row else None
   seconds = row['seconds'][0] if row else None
+  elapsed = metamd.get(f'elapsed_seconds_to_{reference}_final_loss')
+  if row and elapsed is not None:  # measured to the step, not estimated
+    seconds = elapsed[0]
   all_reached = row is not None and row['reached_fraction'] == 1.0
   checked = {}
   over = targets.get('steps_at_most_T_over', 0)

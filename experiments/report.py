@@ -286,6 +286,13 @@ def _optimizer_rows(result: dict) -> list[str]:
         f"{reach_text(e.get(f'seconds_to_{reference}_final_loss'), reached, '.3f')} | "
         f"{pair_text(e['wall_clock_seconds'], '.3f')} | {pair_text(e['final_train_loss'])} | "
         f'{metric} |')
+  key = f'elapsed_seconds_to_{reference}_final_loss'
+  timed = {opt: e[key] for opt, e in result['optimizers'].items() if key in e}
+  if timed:
+    lines += ['', f"Seconds to {reference}'s final loss above: the steps times the mean "
+              f'seconds per step. Elapsed, timing per task a run stopped where it reaches '
+              f'that loss: ' + '; '.join(f'{opt} {pair_text(value, ".3f")}'
+                                        for opt, value in timed.items()) + '.']
   return lines
 
 

@@ -178,26 +178,12 @@ def measure_one(optimizer, family, tasks, horizon: int, repeats: int
   return run, benchmark_runs.time_runs(optimizer, family, tasks, horizon, repeats), first
 
 
-def elapsed_to(optimizer, family, tasks, steps_per_task, repeats: int) -> list:
-  """Per task, the seconds of a run of that task's step count (``None``: not reached;
-  0 steps: 0 seconds), timed as :func:`experiments.benchmark_runs.time_runs` times."""
-  seconds = []
-  for index, steps in enumerate(steps_per_task):
-    if steps is None or not steps > 0:
-      seconds.append(None if steps is None else 0.0)
-      continue
-    one = jax.tree.map(lambda x, i=index: x[i:i + 1], tasks)
-    seconds.append(float(benchmark_runs.time_runs(optimizer, family, one, int(steps),
-                                                  repeats)[0]))
-  return seconds
-
-
 def row(run: evaluation.Curves, seconds: np.ndarray, first: float, horizon: int,
         target: np.ndarray, reference_seconds: float, reference: str, stored: dict,
         elapsed: list | None = None) -> dict:
   """One optimiser's figures against the reference's final loss and ``T``-step time;
   ``elapsed``: per task, the timed seconds of a run stopped where it reaches the loss
-  (:func:`elapsed_to`)."""
+  (:func:`experiments.benchmark_runs.elapsed_to`)."""
   per_step = seconds / horizon
   reached = protocol.reach(run, target, per_step)
   mean_seconds = _mean(reached['seconds'])
@@ -269,7 +255,7 @@ def wall_clock(config, family: str, workdir, results, optimizers=DEFAULT_OPTIMIZ
     settings: ``eval.adaptive_*`` fields changed for adaptive MetaMD (``--set``).
     json_path: also write the figures there, after every optimiser.
     elapsed: also time, per task, a run stopped where it reaches the reference's loss
-      (:func:`elapsed_to`).
+      (:func:`experiments.benchmark_runs.elapsed_to`).
 
   Returns:
     ``{'family', 'horizon', 'num_tasks', 'reference', 'repeats', 'settings', 'device',
@@ -322,8 +308,9 @@ def wall_clock(config, family: str, workdir, results, optimizers=DEFAULT_OPTIMIZ
       reference_seconds = float(np.mean(seconds))
     stopped = None
     if elapsed:
-      stopped = elapsed_to(optimizer, test_family, tasks,
-                           protocol.reach(run, target)['steps_per_task'], repeats)
+      stopped = benchmark_runs.elapsed_to(optimizer, test_family, tasks,
+                                          protocol.reach(run, target)['steps_per_task'],
+                                          repeats)
     payload['optimizers'][name] = row(run, seconds, first, horizon, target, reference_seconds,
                                       reference, stored['optimizers'].get(name, {}), stopped)
     print(f'{name}: {np.mean(seconds):.4f} s for {horizon} steps (first call {first:.1f} s)',

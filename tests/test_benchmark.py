@@ -87,6 +87,14 @@ def test_quick_benchmark_writes_documented_results(tmp_path, capsys, monkeypatch
       assert 0 <= steps[0] <= family['horizon']
     if name == 'adam':
       assert entry['reached_fraction'] == 1.0
+    # The learned optimisers and the reference: also timed to the step where each task
+    # reaches the reference's loss (runs stopped there).
+    elapsed = entry['elapsed_seconds_to_adam_final_loss']
+    if entry['reached_fraction'] > 0:
+      _finite_pair(elapsed)
+      assert elapsed[0] > 0
+    else:
+      assert elapsed == [None, None]
     # Curves are the whole-training-set loss after 0, 1, ..., T steps; the final loss is
     # its last entry.
     curve = entry['mean_curve']
@@ -124,6 +132,7 @@ def test_quick_benchmark_writes_documented_results(tmp_path, capsys, monkeypatch
   _check_robustness(family)
   markdown = (tmp_path / 'results.md').read_text()
   assert markdown.startswith('## tiny')
+  assert "Elapsed, timing per task a run stopped where it reaches that loss: metamd " in markdown
   assert 'Robustness:' in markdown and '| 3T | metamd_adaptive | learned (c per leaf: ' in markdown
   for suffix in ('loss_vs_step', 'loss_vs_time', 'beyond_horizon', 'robustness'):
     assert (tmp_path / f'tiny_{suffix}.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
