@@ -253,10 +253,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     The results dictionary written to ``results.json``: ``{'reference', 'num_steps',
     'num_tasks', 'optimizers': {name: {'learning_rate', 'final_train_loss',
     'steps_to_<reference>_final_loss', 'reached_fraction', 'final_minibatch_loss',
-    <metrics>, 'mean_curve', 'std_curve', 'curve_every', 'seconds_per_step' (with
-    ``eval.time_steps``)}}, 'adaptive': calibrate(...) or None, 'shifts': {shift:
-    evaluate_shift(...)}, 'long_horizon': {name: ...}}``, statistics as ``[mean, std]``
-    over the held-out tasks (``None`` where no task has a finite value); the
+    <metrics>, 'mean_curve', 'std_curve', 'curve_every', 'seconds_per_step' and, for the
+    learned optimisers and the reference, 'elapsed_seconds_to_<reference>_final_loss' (with
+    ``eval.time_steps``: runs stopped where each task reaches that loss,
+    :func:`experiments.benchmark_runs.elapsed_to`)}}, 'adaptive': calibrate(...) or None,
+    'shifts': {shift: evaluate_shift(...)}, 'long_horizon': {name: ...}}``, statistics as
+    ``[mean, std]`` over the held-out tasks (``None`` where no task has a finite value); the
     ``metamd_adaptive`` entry also has ``'reference_norm'``; ``'shifts'`` also has
     ``'<m>T'`` with ``eval.horizon_multiplier = m > 1``.
   """
@@ -302,6 +304,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     results['optimizers'][name] = entry
   if 'metamd_adaptive' in results['optimizers']:
     results['optimizers']['metamd_adaptive']['reference_norm'] = adaptive['reference_norm']
+  if ev.time_steps:  # the learned optimisers and the reference, timed to the step
+    for name in dict.fromkeys(['metamd', 'metamd_adaptive', reference]):
+      if name in curves:
+        stopped = benchmark_runs.elapsed_to(
+            optimizers[name], meta_test_family, test_tasks,
+            protocol.reach(curves[name], target)['steps_per_task'], 1)
+        results['optimizers'][name][f'elapsed_seconds_to_{reference}_final_loss'] = (
+            report.pair(np.asarray([np.nan if s is None else s for s in stopped],
+                                   np.float64)))
   shifts = builders.applicable_shifts(meta_train_family, ev.shifts)
   if len(shifts) < len(ev.shifts):
     logging.info('eval.shifts %s skipped: they do not apply to this family.',

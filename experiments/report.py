@@ -136,7 +136,7 @@ def format_evaluation(results: dict) -> str:
 
   Adaptive MetaMD's learning rate reads ``learned (c = <reference norm>)``. With timed
   steps (``eval.time_steps``) the seconds per step and the seconds to the reference's
-  final loss join.
+  final loss join, and a line with the elapsed seconds (:func:`elapsed_lines`).
   """
   reference = results['reference']
   entries = results['optimizers']
@@ -158,7 +158,7 @@ def format_evaluation(results: dict) -> str:
     lines.append(f"| {name} | {learning_rate} | {steps} | {timing}"
                  f"{pair_text(entry['final_train_loss'], '.4f')} | "
                  f"{pair_text(entry.get(metric), spec)} |")
-  return '\n'.join(lines)
+  return '\n'.join(lines + elapsed_lines(entries, reference))
 
 
 def format_long_horizon(results: dict, multiplier: int) -> str:
@@ -286,14 +286,20 @@ def _optimizer_rows(result: dict) -> list[str]:
         f"{reach_text(e.get(f'seconds_to_{reference}_final_loss'), reached, '.3f')} | "
         f"{pair_text(e['wall_clock_seconds'], '.3f')} | {pair_text(e['final_train_loss'])} | "
         f'{metric} |')
+  return lines + elapsed_lines(result['optimizers'], reference)
+
+
+def elapsed_lines(entries: dict, reference: str) -> list[str]:
+  """A line under a table: each entry's elapsed seconds to the reference's final loss
+  (:func:`experiments.benchmark_runs.elapsed_to`), where it has them."""
   key = f'elapsed_seconds_to_{reference}_final_loss'
-  timed = {opt: e[key] for opt, e in result['optimizers'].items() if key in e}
-  if timed:
-    lines += ['', f"Seconds to {reference}'s final loss above: the steps times the mean "
-              f'seconds per step. Elapsed, timing per task a run stopped where it reaches '
-              f'that loss: ' + '; '.join(f'{opt} {pair_text(value, ".3f")}'
-                                        for opt, value in timed.items()) + '.']
-  return lines
+  timed = {name: e[key] for name, e in entries.items() if key in e}
+  if not timed:
+    return []
+  return ['', f"Seconds to {reference}'s final loss above: the steps times the mean seconds "
+          'per step. Elapsed, timing per task a run stopped where it reaches that loss: '
+          + '; '.join(f'{name} {pair_text(value, ".3f")}' for name, value in timed.items())
+          + '.']
 
 
 def _learned_vs_baselines_rows(result: dict) -> list[str]:

@@ -86,6 +86,11 @@ def test_adaptive_row_with_a_huge_reference_is_metamd(setup, tmp_path, monkeypat
   for entry in (metamd, adaptive_row):
     assert entry['seconds_per_step'] > 0
     assert 'seconds_to_metamd_final_loss' in entry
+    # ... and timed to the step: runs stopped where each task reaches the loss.
+    elapsed = entry['elapsed_seconds_to_metamd_final_loss']
+    assert (elapsed[0] is None) == (entry['reached_fraction'] == 0)
+  assert metamd['reached_fraction'] == 1.0  # the reference reaches its own loss
+  assert metamd['elapsed_seconds_to_metamd_final_loss'][0] > 0
   long = results['long_horizon']
   assert set(long) == {'metamd', 'metamd_adaptive'}
   assert long['metamd']['steps'] == 2 * config.eval.num_steps
@@ -108,6 +113,7 @@ def test_adaptive_row_with_a_huge_reference_is_metamd(setup, tmp_path, monkeypat
   assert written['adaptive']['overshoot_cap'] is None  # inf: no cap
   table = (tmp_path / 'results.md').read_text()
   assert '| metamd_adaptive | learned (c = 1e+30) |' in table
+  assert 'Elapsed, timing per task a run stopped where it reaches that loss: metamd ' in table
   assert 'Beyond the horizon: 2T' in table and 'ms per step' in table
   assert '| 2T | adam_retuned |' in table
 
