@@ -73,7 +73,6 @@ os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -185,9 +184,8 @@ def benchmark_family(config: ml_collections.ConfigDict, name: str, workdir: path
   elapsed = {}
   if target is not None:
     for opt in dict.fromkeys([*learned_names, reference]):
-      steps = protocol.reach(runs[opt], target)['steps_per_task']
       elapsed[opt] = benchmark_runs.elapsed_to(optimizers[opt], test_family, test_tasks,
-                                               steps, repeats)
+                                               runs[opt], target, repeats)
 
   result = {'horizon': horizon, 'num_tasks': ev.num_tasks, 'reference': reference,
             'window': ev.window, 'meta_training': meta_info,
@@ -205,8 +203,7 @@ def benchmark_family(config: ml_collections.ConfigDict, name: str, workdir: path
       entry['tuning_scores'] = tuning_scores[opt]
     entry.update(protocol.summarize(run, target, reference, seconds_per_step[opt]))
     if opt in elapsed:
-      entry[f'elapsed_seconds_to_{reference}_final_loss'] = report.pair(
-          np.asarray([np.nan if s is None else s for s in elapsed[opt]], np.float64))
+      entry[f'elapsed_seconds_to_{reference}_final_loss'] = report.pair(elapsed[opt])
     entry['final_minibatch_loss'] = report.pair(evaluation.final_loss(run.losses, ev.window))
     entry.update(protocol.curves_summary(run))
     result['optimizers'][opt] = entry

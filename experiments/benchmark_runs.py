@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.typing import ArrayLike
 
 import metamd_jax
 from experiments import benchmark_setup, protocol, report
@@ -90,22 +91,23 @@ def time_runs(optimizer: optax.GradientTransformation, family: TaskFamily,
 
 
 def elapsed_to(optimizer: optax.GradientTransformation, family: TaskFamily,
-               task_params: PyTree, steps_per_task, repeats: int) -> list:
-  """Per task, the seconds of a run stopped at that task's step count, timed as
-  :func:`time_runs` times (compiled per step count); ``None`` where the count is ``None``
-  (not reached), 0 for 0 steps.
+               task_params: PyTree, curves: evaluation.Curves, target: ArrayLike,
+               repeats: int) -> np.ndarray:
+  """Per task, the seconds of a run stopped at the step where ``curves`` first reach
+  ``target`` (a loss per task), timed as :func:`time_runs` times (compiled per step
+  count); ``nan`` where never reached, 0 for 0 steps.
 
   The steps to a loss times the mean seconds per step of a ``T``-step run is right for a
   step of constant cost; this measures a step whose cost varies along the run (roots
   refreshed at every early step) or a fixed cost per run (factors inverted at ``init``).
   """
-  seconds = []
-  for index, steps in enumerate(steps_per_task):
-    if steps is None or not steps > 0:
-      seconds.append(None if steps is None else 0.0)
-      continue
-    one = jax.tree.map(lambda x, i=index: x[i:i + 1], task_params)
-    seconds.append(float(time_runs(optimizer, family, one, int(steps), repeats)[0]))
+  steps = evaluation.steps_to_loss(curves.train_losses, target, curves.every)
+  seconds = np.full(steps.shape, np.nan)
+  for index, count in enumerate(steps):
+    if np.isfinite(count):
+      one = jax.tree.map(lambda x, i=index: x[i:i + 1], task_params)
+      seconds[index] = (float(time_runs(optimizer, family, one, int(count), repeats)[0])
+                        if count > 0 else 0.0)
   return seconds
 
 

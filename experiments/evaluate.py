@@ -307,12 +307,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   if ev.time_steps:  # the learned optimisers and the reference, timed to the step
     for name in dict.fromkeys(['metamd', 'metamd_adaptive', reference]):
       if name in curves:
-        stopped = benchmark_runs.elapsed_to(
-            optimizers[name], meta_test_family, test_tasks,
-            protocol.reach(curves[name], target)['steps_per_task'], 1)
+        stopped = benchmark_runs.elapsed_to(optimizers[name], meta_test_family, test_tasks,
+                                            curves[name], target, 1)
         results['optimizers'][name][f'elapsed_seconds_to_{reference}_final_loss'] = (
-            report.pair(np.asarray([np.nan if s is None else s for s in stopped],
-                                   np.float64)))
+            report.pair(stopped))
   shifts = builders.applicable_shifts(meta_train_family, ev.shifts)
   if len(shifts) < len(ev.shifts):
     logging.info('eval.shifts %s skipped: they do not apply to this family.',

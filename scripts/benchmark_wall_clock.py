@@ -180,7 +180,7 @@ def measure_one(optimizer, family, tasks, horizon: int, repeats: int
 
 def row(run: evaluation.Curves, seconds: np.ndarray, first: float, horizon: int,
         target: np.ndarray, reference_seconds: float, reference: str, stored: dict,
-        elapsed: list | None = None) -> dict:
+        elapsed: np.ndarray | None = None) -> dict:
   """One optimiser's figures against the reference's final loss and ``T``-step time;
   ``elapsed``: per task, the timed seconds of a run stopped where it reaches the loss
   (:func:`experiments.benchmark_runs.elapsed_to`)."""
@@ -189,9 +189,9 @@ def row(run: evaluation.Curves, seconds: np.ndarray, first: float, horizon: int,
   mean_seconds = _mean(reached['seconds'])
   extra = {}
   if elapsed is not None:
-    pair = report.pair(np.asarray([np.nan if s is None else s for s in elapsed]))
+    pair = report.pair(elapsed)
     extra = {'elapsed_seconds_to_reference_final_loss': pair,
-             'elapsed_seconds_per_task': elapsed,
+             'elapsed_seconds_per_task': report.json_safe([float(s) for s in elapsed]),
              'elapsed_fraction_of_reference_T_seconds': (
                  None if _mean(pair) is None else _mean(pair) / reference_seconds)}
   return {
@@ -308,8 +308,7 @@ def wall_clock(config, family: str, workdir, results, optimizers=DEFAULT_OPTIMIZ
       reference_seconds = float(np.mean(seconds))
     stopped = None
     if elapsed:
-      stopped = benchmark_runs.elapsed_to(optimizer, test_family, tasks,
-                                          protocol.reach(run, target)['steps_per_task'],
+      stopped = benchmark_runs.elapsed_to(optimizer, test_family, tasks, run, target,
                                           repeats)
     payload['optimizers'][name] = row(run, seconds, first, horizon, target, reference_seconds,
                                       reference, stored['optimizers'].get(name, {}), stopped)
