@@ -61,4 +61,9 @@ def get_config():
   # 0.179, against the learned half shrunk by sqrt(L) (9 of 9, 0.225), the online half
   # grown by sqrt(L) (8 of 9, 0.326) and both (8 of 9, 0.281) (experiments/RESULTS.md
   # section 22).
+  # Shampoo's whole statistics (no sketch; its sides are at most 64 long), and no check in
+  # seconds: this family has no wall-clock target, and its variant was chosen by the
+  # steps checks alone (experiments/RESULTS.md section 25).
+  config.eval.adaptive_blend_sketch_rank = 0
+  config.eval.seconds_check = False
   return config

@@ -99,7 +99,11 @@ The checks are the validation tasks as they are and under each change of
 ``eval.shifts``; with ``eval.horizon_multiplier = m > 1`` also ``'<m>T'``: the same tasks
 for ``m`` times the horizon, the reference re-tuned for that many steps on the tuning
 tasks, the whole-set loss every ``m`` steps (every step when ``m`` does not divide ``T``),
-as the benchmark's check beyond the horizon.
+as the benchmark's check beyond the horizon. With ``eval.seconds_check`` also
+``'in_distribution_seconds'`` (:func:`seconds_check`): in distribution, the time each
+candidate takes to the reference's final loss, timed to the step, against the reference's
+own ``T``-step time; won when faster, so that a candidate whose steps are few but dear
+does not win the time a user waits by counting steps alone.
 """
 
 from __future__ import annotations
@@ -111,6 +115,7 @@ import time
 os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
 
 import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -276,6 +281,10 @@ OWN = 'config'
 """The candidate that keeps the config's own ``eval`` settings (always allowed; first in
 ties): how :mod:`experiments.sweep` scores a meta-training setting by this rule."""
 IN_DISTRIBUTION = 'in_distribution'
+SECONDS = 'in_distribution_seconds'
+"""The check in wall-clock time (``eval.seconds_check``): see :func:`seconds_check`."""
+TIMING_REPEATS = 3
+"""Timed runs per task and step count in :data:`SECONDS` (the median is kept)."""
 RESULT = 'choose_variant'
 
 
@@ -301,15 +310,74 @@ def _loss_ratio(check: dict, name: str) -> float:
   return math.inf if diverged else mine / theirs
 
 
-def score(checks: dict, name: str, reference: str) -> dict:
-  """The rule's three numbers for one candidate over ``checks`` (see the module doc)."""
+def score(checks: dict, name: str, reference: str, seconds: dict | None = None) -> dict:
+  """The rule's three numbers for one candidate over ``checks`` (see the module doc);
+  ``seconds``: :func:`seconds_check`'s result, one more check (won when ``name`` is
+  ``'faster'`` there; it adds no loss ratio)."""
   summary = benchmark_targets.robustness_summary(checks, [name], reference)[name]
   ratios = [_loss_ratio(check, name) for check in checks.values()]
   geometric = (math.inf if not ratios or not all(map(math.isfinite, ratios))
                else math.exp(sum(map(math.log, ratios)) / len(ratios)))
+  faster = list(summary['faster'])
+  if seconds is not None and seconds['optimizers'].get(name, {}).get('faster'):
+    faster.append(SECONDS)
   return {'diverged_runs': summary['diverged_runs'], 'diverged_in': summary['diverged_in'],
-          'faster': summary['faster'], 'num_faster': len(summary['faster']),
-          'num_checks': len(checks), 'loss_ratio_geometric_mean': geometric}
+          'faster': faster, 'num_faster': len(faster),
+          'num_checks': len(checks) + (seconds is not None),
+          'loss_ratio_geometric_mean': geometric}
+
+
+def seconds_check(optimizers: dict, reference: str, family, tasks: PyTree,
+                  curves: dict[str, evaluation.Curves], num_steps: int,
+                  repeats: int = TIMING_REPEATS) -> dict:
+  """The in-distribution check in wall-clock time: faster than the reference in seconds.
+
+  Per task, each optimiser's run stopped at the step where it reaches the reference's
+  final loss is timed (:func:`experiments.benchmark_runs.elapsed_to`: compiled per step
+  count, the median of ``repeats``; a step whose cost varies along the run, or a cost
+  paid once at ``init``, is counted as it falls), and so are the reference's own
+  ``num_steps``-step runs (:func:`experiments.benchmark_runs.time_runs`). An optimiser
+  wins the check when it reaches the loss on every task and its mean seconds are below
+  the reference's mean ``num_steps``-step seconds: the steps checks' "faster than the
+  re-tuned reference", counted in the time a user waits.
+
+  Args:
+    optimizers: ``{name: optimizer}``, the reference among them.
+    reference: the reference's name (in distribution the re-tuned reference is the tuned
+      one: the same runs).
+    family, tasks: the validation tasks the ``curves`` ran.
+    curves: ``{name: Curves}`` of ``num_steps`` steps on ``tasks``.
+    num_steps: ``T``.
+    repeats: timed runs per task and step count.
+
+  Returns:
+    ``{'description', 'reference', 'reference_seconds_for_T_steps', 'repeats',
+    'optimizers': {name: {'elapsed_seconds_to_reference_final_loss': [mean, std],
+    'elapsed_seconds_per_task', 'reached_fraction', 'fraction_of_reference_T_seconds',
+    'faster'}}}`` (every
+    name but the reference's; ``None`` where a task never reaches the loss).
+  """
+  target = evaluation.final_train_loss(curves[reference].train_losses)
+  reference_seconds = float(np.mean(benchmark_runs.time_runs(
+      optimizers[reference], family, tasks, num_steps, repeats)))
+  entries = {}
+  for name, optimizer in optimizers.items():
+    if name == reference:
+      continue
+    elapsed = benchmark_runs.elapsed_to(optimizer, family, tasks, curves[name], target,
+                                        repeats)
+    reached = bool(np.all(np.isfinite(elapsed)))
+    mean = float(np.mean(elapsed)) if reached else None
+    entries[name] = {
+        'elapsed_seconds_to_reference_final_loss': report.pair(elapsed),
+        'elapsed_seconds_per_task': report.json_safe([float(s) for s in elapsed]),
+        'reached_fraction': float(np.mean(np.isfinite(elapsed))),
+        'fraction_of_reference_T_seconds': None if mean is None else mean / reference_seconds,
+        'faster': mean is not None and mean < reference_seconds}
+  return {'description': f'in distribution, seconds to the final loss of {reference} '
+                         f'against its own {num_steps}-step seconds',
+          'reference': reference, 'reference_seconds_for_T_steps': reference_seconds,
+          'repeats': repeats, 'optimizers': entries}
 
 
 def choose(scores: dict) -> str:
@@ -395,6 +463,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   learning_rates[ev.reference] = tuned[ev.reference]
 
   checks = {}
+  timed = None
   shifts = builders.applicable_shifts(family, ev.shifts)
   for check in (IN_DISTRIBUTION, *shifts):
     started = time.perf_counter()
@@ -412,6 +481,9 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                                          ev.track_every, curves, learning_rates)
     result['seconds'] = time.perf_counter() - started
     checks[check] = result
+    if check == IN_DISTRIBUTION and ev.get('seconds_check', False):
+      timed = seconds_check(optimizers, ev.reference, family, validation, curves,
+                            ev.num_steps)
   multiplier = ev.get('horizon_multiplier', 0)
   if multiplier > 1:  # beyond the horizon, as the benchmark's check
     started = time.perf_counter()
@@ -423,12 +495,14 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                                         (family, validation), curves, learning_rates)
     result['seconds'] = time.perf_counter() - started
     checks[f'{multiplier}T'] = result
-  scores = {name: score(checks, name, ev.reference) for name in candidates if name in levels}
+  scores = {name: score(checks, name, ev.reference, timed)
+            for name in candidates if name in levels}
   chosen = choose(scores)
   return {'tasks': 'validation: meta-train tuning tasks (evaluation.tuning_tasks)',
           'num_tasks': ev.num_tasks, 'reference': ev.reference,
           'reference_learning_rate': tuned[ev.reference], 'levels': levels,
-          'checks': checks, 'scores': scores, 'chosen': chosen,
+          'checks': checks, **({SECONDS: timed} if timed is not None else {}),
+          'scores': scores, 'chosen': chosen,
           **settings_of(config, chosen)}
 
 
@@ -437,7 +511,7 @@ def format_choice(result: dict) -> str:
   reference = result['reference']
   lines = [f"Adaptive MetaMD's variant on {result['num_tasks']} validation tasks (meta-train "
            'tasks never used in meta-training or meta-testing), '
-           f"{len(result['checks'])} checks; chosen: **{result['chosen']}** "
+           f"{len(result['checks']) + (SECONDS in result)} checks; chosen: **{result['chosen']}** "
            f"(eval.adaptive_per_leaf={result['adaptive_per_leaf']}, "
            f"eval.adaptive_blend_rate={result['adaptive_blend_rate']}"
            + (f", eval.adaptive_blend_statistics={result['adaptive_blend_statistics']!r}"
@@ -480,8 +554,27 @@ def format_choice(result: dict) -> str:
                  f"{row['num_checks']} ({faster}) | "
                  f"{report.number_text(row['loss_ratio_geometric_mean'])} |")
   optimizers = {name: {'reference_norm': level} for name, level in result['levels'].items()}
+  if SECONDS in result:
+    lines += ['', *seconds_lines(result[SECONDS])]
   lines += ['', *report.shift_table(result['checks'], optimizers, label='check')]
   return '\n'.join(lines)
+
+
+def seconds_lines(timed: dict) -> list[str]:
+  """The markdown table of :func:`seconds_check`'s result."""
+  reference = timed['reference']
+  lines = [f"Check {SECONDS}: {timed['description']} "
+           f"({timed['reference_seconds_for_T_steps']:.4f} s; median of {timed['repeats']} "
+           'timed runs per task).', '',
+           f'| optimiser | elapsed s to {reference} final loss | x {reference} T-step s '
+           '| faster |', '| --- | --- | --- | --- |']
+  for name, row in timed['optimizers'].items():
+    fraction = row['fraction_of_reference_T_seconds']
+    elapsed = report.reach_text(row['elapsed_seconds_to_reference_final_loss'],
+                                row['reached_fraction'], '.4f')
+    lines.append(f"| {name} | {elapsed} | {report.number_text(fraction)} | "
+                 f"{'yes' if row['faster'] else 'no'} |")
+  return lines
 
 
 def main(argv):

@@ -121,7 +121,8 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, field: 
     'chosen', 'criterion', 'rows': {value: {'final_train_loss', 'steps_to_adam',
     'reached_fraction', 'validation_accuracy', 'dropped_tasks', 'best_meta_step'}}}``,
     statistics as ``[mean, std]`` over the validation tasks; with ``rule='robustness'``
-    each row also has ``'robustness'`` (the rule's score) and ``'checks'``.
+    each row also has ``'robustness'`` (the rule's score) and ``'checks'`` (and, with
+    ``eval.seconds_check``, ``'in_distribution_seconds'``).
   """
   if rule not in RULES:
     raise ValueError(f'rule must be one of {RULES}, got {rule!r}.')
@@ -156,6 +157,8 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, field: 
         raise ValueError(f'{field}={value:g}: adaptive MetaMD could not be calibrated.')
       row['robustness'] = compared['scores'][choose_variant.OWN]
       row['checks'] = compared['checks']
+      if choose_variant.SECONDS in compared:  # eval.seconds_check: the check in seconds
+        row[choose_variant.SECONDS] = compared[choose_variant.SECONDS]
     rows[f'{value:g}'] = row
   if rule == 'robustness':
     chosen = choose_variant.choose({key: row['robustness'] for key, row in rows.items()})

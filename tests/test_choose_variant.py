@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from configs import tiny
-from experiments import benchmark_targets, builders, choose_variant, protocol
+from experiments import benchmark_runs, benchmark_targets, builders, choose_variant, protocol
 from metamd_jax import divergence as divergence_lib
 from metamd_jax import evaluation
 
@@ -56,6 +56,7 @@ def test_rule_diverged_runs_then_faster_checks_then_loss_ratio():
 def test_compare_runs_validation_tasks_only_and_applies_the_rule(tmp_path, monkeypatch):
   config = tiny.get_config()
   config.eval.shifts = ('inputs_x2',)
+  config.eval.seconds_check = False  # the steps checks alone (the time check: below)
   family, _ = builders.build_families(config)
   # The initial divergence is SGD at meta.init_learning_rate: an independent reference.
   divergence = builders.build_divergence(config, family)
@@ -130,6 +131,7 @@ def test_beyond_the_horizon_is_a_check_with_the_reference_retuned_there(tmp_path
   config = tiny.get_config()
   config.eval.shifts = ()
   config.eval.horizon_multiplier = 2
+  config.eval.seconds_check = False
   family, _ = builders.build_families(config)
   divergence = builders.build_divergence(config, family)  # SGD at init_learning_rate
   monkeypatch.setattr(evaluation, 'held_out_tasks',
@@ -290,7 +292,7 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
             **own, 'adaptive_restarts': True, 'adaptive_restart_momentum': momentum,
             'adaptive_restart_step_factor': factor}
   # ... or with a frequent-directions sketch on the long sides of Shampoo's statistics.
-  assert own['adaptive_blend_sketch_rank'] == config.eval.adaptive_blend_sketch_rank == 0
+  assert own['adaptive_blend_sketch_rank'] == config.eval.adaptive_blend_sketch_rank == 64
   for rank in (16, 32, 64):
     assert choose_variant.settings_of(config, f'config_sketch_{rank}') == {
         **own, 'adaptive_blend_sketch_rank': rank}
@@ -306,3 +308,100 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
     choose_variant.check_candidates(['adaptive', 'adaptive'])
   with pytest.raises(ValueError, match='empty'):
     choose_variant.check_candidates([])
+
+
+def _one_ms_per_step(monkeypatch):
+  """A clock of 1 ms per step for benchmark_runs.time_runs; returns the calls it saw."""
+  timed = []
+
+  def fake_time_runs(optimizer, family, task_params, num_steps, repeats):
+    count = jax.tree.leaves(task_params)[0].shape[0]
+    timed.append((num_steps, count, repeats))
+    return np.full(count, 1e-3 * num_steps)
+
+  monkeypatch.setattr(benchmark_runs, 'time_runs', fake_time_runs)
+  return timed
+
+
+def test_seconds_check_is_one_more_check_won_when_faster_in_time():
+  checks = {'x': _check(10, {'a': (0, 5, 1.0, 0.5), 'b': (0, 5, 1.0, 0.4)})}
+  seconds = {'optimizers': {'a': {'faster': True}, 'b': {'faster': False}}}
+  scores = {n: choose_variant.score(checks, n, 'adam', seconds) for n in 'ab'}
+  assert scores['a']['faster'] == ['x', choose_variant.SECONDS]
+  assert scores['b']['faster'] == ['x']
+  assert scores['a']['num_checks'] == scores['b']['num_checks'] == 2
+  # The loss ratios are the steps checks' alone: b ends lower, a wins the time check.
+  np.testing.assert_allclose([scores[n]['loss_ratio_geometric_mean'] for n in 'ab'],
+                             [0.5, 0.4])
+  assert choose_variant.choose(scores) == 'a'
+  # Without the time check the lower loss decides.
+  assert choose_variant.choose({n: choose_variant.score(checks, n, 'adam')
+                                for n in 'ab'}) == 'b'
+
+
+def test_seconds_check_times_runs_stopped_at_the_reference_loss(monkeypatch):
+  """With a clock of 1 ms per step the elapsed seconds are the steps to the reference's
+  final loss, against the reference's T steps; a task that never reaches it loses."""
+  timed = _one_ms_per_step(monkeypatch)
+  steps = 10
+  losses = {'ref': [[3.0, 2.0, 1.0], [3.0, 2.5, 2.0]],  # final losses 1 and 2, every 5
+            'quick': [[3.0, 0.5, 0.5], [3.0, 1.0, 1.0]],  # 5 steps on both tasks
+            'slow': [[3.0, 3.0, 1.0], [3.0, 2.5, 2.5]]}  # 10 steps, then never
+  curves = {name: evaluation.Curves(losses=np.zeros((2, steps)),
+                                    train_losses=np.asarray(v), every=5, metrics={})
+            for name, v in losses.items()}
+  tasks = {'seed': np.arange(2)}
+  optimizers = {name: optax.sgd(0.1) for name in curves}
+  result = choose_variant.seconds_check(optimizers, 'ref', None, tasks, curves, steps,
+                                        repeats=2)
+  assert result['reference_seconds_for_T_steps'] == pytest.approx(1e-3 * steps)
+  assert set(result['optimizers']) == {'quick', 'slow'}
+  quick, slow = result['optimizers']['quick'], result['optimizers']['slow']
+  assert quick['elapsed_seconds_per_task'] == pytest.approx([5e-3, 5e-3])
+  assert quick['fraction_of_reference_T_seconds'] == pytest.approx(0.5)
+  assert quick['faster'] and quick['reached_fraction'] == 1.0
+  assert slow['elapsed_seconds_per_task'][0] == pytest.approx(1e-2)
+  assert slow['elapsed_seconds_per_task'][1] is None
+  assert slow['reached_fraction'] == 0.5 and not slow['faster']
+  assert slow['fraction_of_reference_T_seconds'] is None
+  # The reference's T steps over both tasks, then one task per stopped run.
+  assert timed[0] == (steps, 2, 2)
+  assert sorted(timed[1:]) == [(5, 1, 2), (5, 1, 2), (10, 1, 2)]
+  table = '\n'.join(choose_variant.seconds_lines(result))
+  assert '| quick | 0.0050 ± 0.0000 | 0.5 | yes |' in table
+  assert '(50% reached) | n/a | no |' in table
+
+
+def test_compare_with_the_seconds_check(tmp_path, monkeypatch):
+  config = tiny.get_config()
+  config.eval.shifts = ()
+  config.eval.seconds_check = True
+  family, _ = builders.build_families(config)
+  divergence = builders.build_divergence(config, family)  # SGD at init_learning_rate
+  monkeypatch.setattr(choose_variant, 'CANDIDATES',
+                      {'adaptive': choose_variant.CANDIDATES['adaptive']})
+  _one_ms_per_step(monkeypatch)
+  result = choose_variant.compare(config, tmp_path, divergence)
+  timed = result[choose_variant.SECONDS]
+  assert set(timed['optimizers']) == {'metamd', 'adaptive'}
+  # 1 ms per step: the time check is won exactly when the steps check in distribution is.
+  in_distribution = result['checks']['in_distribution']['optimizers']
+  for name, row in timed['optimizers'].items():
+    steps = in_distribution[name]['steps_to_adam_retuned_final_loss'][0]
+    reached = in_distribution[name]['reached_fraction']
+    assert row['reached_fraction'] == reached
+    if reached == 1.0:
+      assert row['elapsed_seconds_to_reference_final_loss'][0] == pytest.approx(1e-3 * steps)
+    assert row['faster'] == (reached == 1.0 and steps < config.eval.num_steps)
+  row = result['scores']['adaptive']
+  assert row == choose_variant.score(result['checks'], 'adaptive', 'adam', timed)
+  assert row['num_checks'] == 2
+  assert (choose_variant.SECONDS in row['faster']) == timed['optimizers']['adaptive']['faster']
+  assert f'Check {choose_variant.SECONDS}' in choose_variant.format_choice(result)
+
+
+def test_seconds_check_must_be_a_boolean(tmp_path):
+  config = tiny.get_config()
+  config.eval.seconds_check = None  # the ConfigDict refuses a non-boolean itself
+  with pytest.raises(ValueError, match='eval.seconds_check must be True or False'):
+    builders.validate_config(config)

@@ -336,6 +336,7 @@ def test_adaptive_optimizer_is_blended_with_a_positive_blend_rate():
   chex.assert_trees_all_close(kronecker_updates, first_update(metamd_jax.blended_metamd(
       divergence, (1.0, 1.0), 0.5, per_leaf=True, statistics='kronecker')))
   # The 3-row side of w: two diagonal blocks (block size 2), or its diagonal (over 2).
+  config.eval.adaptive_blend_sketch_rank = 0  # the default's sketch: not with blocks
   grads = {'w': jnp.asarray([[2.0, 1.0], [0.5, 2.0], [1.0, -1.0]]), 'b': jnp.full((2,), 2.0)}
   for field, option in (('adaptive_blend_block_size', 'block_size'),
                         ('adaptive_blend_max_dimension', 'max_dimension')):

@@ -75,7 +75,10 @@ def test_robustness_rule_scores_the_configs_adaptive_metamd_under_the_shifts(tmp
   assert result['criterion'] == 'robustness'
   for row in result['rows'].values():
     assert list(row['checks']) == ['in_distribution', 'inputs_x2']
-    assert row['robustness'] == choose_variant.score(row['checks'], choose_variant.OWN, 'adam')
+    # The tiny config inherits the default's check in seconds (eval.seconds_check).
+    assert row['robustness'] == choose_variant.score(row['checks'], choose_variant.OWN, 'adam',
+                                                     row[choose_variant.SECONDS])
+    assert row['robustness']['num_checks'] == 3
     assert choose_variant.OWN in row['checks']['in_distribution']['optimizers']
   assert result['chosen'] == choose_variant.choose(
       {key: row['robustness'] for key, row in result['rows'].items()})
