@@ -312,8 +312,8 @@ def _loss_ratio(check: dict, name: str) -> float:
 
 def score(checks: dict, name: str, reference: str, seconds: dict | None = None) -> dict:
   """The rule's three numbers for one candidate over ``checks`` (see the module doc);
-  ``seconds``: :func:`seconds_check`'s result, one more check (won when ``name`` is
-  ``'faster'`` there; it adds no loss ratio)."""
+  ``seconds``: :func:`seconds_check`'s result, one more check, won where it marks
+  ``name`` ``'faster'`` (it adds no loss ratio)."""
   summary = benchmark_targets.robustness_summary(checks, [name], reference)[name]
   ratios = [_loss_ratio(check, name) for check in checks.values()]
   geometric = (math.inf if not ratios or not all(map(math.isfinite, ratios))
@@ -354,8 +354,8 @@ def seconds_check(optimizers: dict, reference: str, family, tasks: PyTree,
     ``{'description', 'reference', 'reference_seconds_for_T_steps', 'repeats',
     'optimizers': {name: {'elapsed_seconds_to_reference_final_loss': [mean, std],
     'elapsed_seconds_per_task', 'reached_fraction', 'fraction_of_reference_T_seconds',
-    'faster'}}}`` (every
-    name but the reference's; ``None`` where a task never reaches the loss).
+    'faster'}}}`` for every name but the reference's (``None`` where a task never
+    reaches the loss).
   """
   target = evaluation.final_train_loss(curves[reference].train_losses)
   reference_seconds = float(np.mean(benchmark_runs.time_runs(
