@@ -111,6 +111,20 @@ def elapsed_to(optimizer: optax.GradientTransformation, family: TaskFamily,
   return seconds
 
 
+def elapsed_summary(elapsed: np.ndarray, reference_seconds: float) -> dict:
+  """The figures of :func:`elapsed_to`'s per-task seconds against the reference's ``T``-step
+  seconds: ``{'elapsed_seconds_to_reference_final_loss': [mean, std],
+  'elapsed_seconds_per_task', 'reached_fraction', 'elapsed_fraction_of_reference_T_seconds'}``
+  (the mean and the fraction over the tasks that reach the loss; ``None`` where none does).
+  """
+  pair = report.pair(elapsed)
+  return {'elapsed_seconds_to_reference_final_loss': pair,
+          'elapsed_seconds_per_task': report.json_safe([float(s) for s in elapsed]),
+          'reached_fraction': float(np.mean(np.isfinite(elapsed))),
+          'elapsed_fraction_of_reference_T_seconds': (
+              None if pair[0] is None else pair[0] / reference_seconds)}
+
+
 def long_run(optimizer: optax.GradientTransformation, family: TaskFamily,
              task_params: PyTree, horizon: int, multiplier: int) -> evaluation.Curves:
   """Train for ``multiplier * horizon`` steps, the whole-set loss tracked.

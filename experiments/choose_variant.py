@@ -352,10 +352,8 @@ def seconds_check(optimizers: dict, reference: str, family, tasks: PyTree,
 
   Returns:
     ``{'description', 'reference', 'reference_seconds_for_T_steps', 'repeats',
-    'optimizers': {name: {'elapsed_seconds_to_reference_final_loss': [mean, std],
-    'elapsed_seconds_per_task', 'reached_fraction', 'fraction_of_reference_T_seconds',
-    'faster'}}}`` for every name but the reference's (``None`` where a task never
-    reaches the loss).
+    'optimizers': {name: {**benchmark_runs.elapsed_summary(...), 'faster'}}}`` for every
+    name but the reference's.
   """
   target = evaluation.final_train_loss(curves[reference].train_losses)
   reference_seconds = float(np.mean(benchmark_runs.time_runs(
@@ -366,14 +364,10 @@ def seconds_check(optimizers: dict, reference: str, family, tasks: PyTree,
       continue
     elapsed = benchmark_runs.elapsed_to(optimizer, family, tasks, curves[name], target,
                                         repeats)
-    reached = bool(np.all(np.isfinite(elapsed)))
-    mean = float(np.mean(elapsed)) if reached else None
-    entries[name] = {
-        'elapsed_seconds_to_reference_final_loss': report.pair(elapsed),
-        'elapsed_seconds_per_task': report.json_safe([float(s) for s in elapsed]),
-        'reached_fraction': float(np.mean(np.isfinite(elapsed))),
-        'fraction_of_reference_T_seconds': None if mean is None else mean / reference_seconds,
-        'faster': mean is not None and mean < reference_seconds}
+    entry = benchmark_runs.elapsed_summary(elapsed, reference_seconds)
+    entry['faster'] = bool(entry['reached_fraction'] == 1.0
+                           and np.mean(elapsed) < reference_seconds)
+    entries[name] = entry
   return {'description': f'in distribution, seconds to the final loss of {reference} '
                          f'against its own {num_steps}-step seconds',
           'reference': reference, 'reference_seconds_for_T_steps': reference_seconds,
@@ -569,7 +563,7 @@ def seconds_lines(timed: dict) -> list[str]:
            f'| optimiser | elapsed s to {reference} final loss | x {reference} T-step s '
            '| faster |', '| --- | --- | --- | --- |']
   for name, row in timed['optimizers'].items():
-    fraction = row['fraction_of_reference_T_seconds']
+    fraction = row['elapsed_fraction_of_reference_T_seconds']
     elapsed = report.reach_text(row['elapsed_seconds_to_reference_final_loss'],
                                 row['reached_fraction'], '.4f')
     lines.append(f"| {name} | {elapsed} | {report.number_text(fraction)} | "

@@ -55,7 +55,6 @@ from experiments import (  # noqa: E402
     builders,
     evaluate,
     protocol,
-    report,
 )
 from experiments.benchmark_setup import ADAPTIVE  # noqa: E402
 from metamd_jax import evaluation  # noqa: E402
@@ -188,12 +187,9 @@ def row(run: evaluation.Curves, seconds: np.ndarray, first: float, horizon: int,
   reached = protocol.reach(run, target, per_step)
   mean_seconds = _mean(reached['seconds'])
   extra = {}
-  if elapsed is not None:
-    pair = report.pair(elapsed)
-    extra = {'elapsed_seconds_to_reference_final_loss': pair,
-             'elapsed_seconds_per_task': report.json_safe([float(s) for s in elapsed]),
-             'elapsed_fraction_of_reference_T_seconds': (
-                 None if _mean(pair) is None else _mean(pair) / reference_seconds)}
+  if elapsed is not None:  # reached_fraction is the steps' (the same tasks)
+    extra = {k: v for k, v in benchmark_runs.elapsed_summary(elapsed, reference_seconds).items()
+             if k != 'reached_fraction'}
   return {
       'seconds_for_T_steps': float(np.mean(seconds)),
       'seconds_per_step': float(np.mean(per_step)),

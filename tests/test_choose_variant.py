@@ -358,18 +358,19 @@ def test_seconds_check_times_runs_stopped_at_the_reference_loss(monkeypatch):
   assert set(result['optimizers']) == {'quick', 'slow'}
   quick, slow = result['optimizers']['quick'], result['optimizers']['slow']
   assert quick['elapsed_seconds_per_task'] == pytest.approx([5e-3, 5e-3])
-  assert quick['fraction_of_reference_T_seconds'] == pytest.approx(0.5)
+  assert quick['elapsed_fraction_of_reference_T_seconds'] == pytest.approx(0.5)
   assert quick['faster'] and quick['reached_fraction'] == 1.0
   assert slow['elapsed_seconds_per_task'][0] == pytest.approx(1e-2)
   assert slow['elapsed_seconds_per_task'][1] is None
   assert slow['reached_fraction'] == 0.5 and not slow['faster']
-  assert slow['fraction_of_reference_T_seconds'] is None
+  # Its one task that reaches the loss takes the reference's time; it loses all the same.
+  assert slow['elapsed_fraction_of_reference_T_seconds'] == pytest.approx(1.0)
   # The reference's T steps over both tasks, then one task per stopped run.
   assert timed[0] == (steps, 2, 2)
   assert sorted(timed[1:]) == [(5, 1, 2), (5, 1, 2), (10, 1, 2)]
   table = '\n'.join(choose_variant.seconds_lines(result))
   assert '| quick | 0.0050 ± 0.0000 | 0.5 | yes |' in table
-  assert '(50% reached) | n/a | no |' in table
+  assert '(50% reached) | 1 | no |' in table
 
 
 def test_compare_with_the_seconds_check(tmp_path, monkeypatch):
