@@ -211,3 +211,50 @@ def test_init_checks_the_params_without_computing(structure_checks):
       "params leaf ['Dense_0']['kernel'] has shape (3, 32) but the divergence was built for "
       'shape (12, 32).')):
     optimizer.init(other)
+
+
+def test_concrete_divergence_is_inverted_when_init_is_traced():
+  """A jitted run holds a concrete divergence's inverse factors as constants: init inverts
+  nothing at run time, and its state is the eager init's (the inverse of a dense factor)."""
+  params, _ = _model_and_batch('mlp')
+  divergence = randomize(metamd_jax.init_divergence(params, 0.05), seed=6, scale=0.3)
+  optimizer = metamd_jax.metamd(divergence)
+  jaxpr = str(jax.make_jaxpr(optimizer.init)(params))
+  for primitive in ('cholesky', 'triangular_solve', 'lu', 'custom_linear_solve'):
+    assert primitive not in jaxpr, primitive
+  jitted = jax.tree.leaves(jax.jit(optimizer.init)(params))
+  for got, want in zip(jitted, jax.tree.leaves(optimizer.init(params)), strict=True):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  kernel = divergence['Dense_0']['kernel']
+  dense = np.linalg.inv(np.asarray(kernel.factors()[0], np.float64))
+  state = optimizer.init(params)
+  operator = state[0].preconditioner['Dense_0']['kernel']
+  np.testing.assert_allclose(np.asarray(operator.left_inverse), dense, rtol=1e-4, atol=1e-5)
+
+
+def test_traced_divergence_is_inverted_in_init_and_differentiable():
+  """Built inside a function of the divergence (as a meta-gradient through a training run
+  does), init inverts the traced factors: the gradient of a loss after a step equals finite
+  differences in float64."""
+  with jax.enable_x64():
+    params, loss = _model_and_batch('mlp')
+    params = jax.tree.map(lambda x: x.astype(jnp.float64), params)
+    divergence = randomize(metamd_jax.init_divergence(params, 0.05), seed=7, scale=0.3)
+    grads = jax.grad(loss)(params)
+
+    def after_one_step(div):
+      optimizer = metamd_jax.metamd(div)
+      updates, _ = optimizer.update(grads, optimizer.init(params), params)
+      return loss(optax.apply_updates(params, updates))
+
+    jaxpr = str(jax.make_jaxpr(after_one_step)(divergence))
+    assert 'cholesky' in jaxpr
+    gradient = jax.grad(after_one_step)(divergence)
+    direction = jax.tree.map(
+        lambda x: jnp.asarray(np.random.default_rng(8).standard_normal(x.shape)), divergence)
+    h = 1e-6
+    plus = after_one_step(jax.tree.map(lambda x, d: x + h * d, divergence, direction))
+    minus = after_one_step(jax.tree.map(lambda x, d: x - h * d, divergence, direction))
+    directional = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(gradient),
+                                                      jax.tree.leaves(direction), strict=True))
+    np.testing.assert_allclose(float(directional), float((plus - minus) / (2 * h)), rtol=1e-6)
