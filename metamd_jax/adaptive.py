@@ -358,7 +358,9 @@ def scale_by_adaptive_mirror_descent(
 
   def init_fn(params):
     divergence_lib.check_structure(divergence, params)
-    inverse = divergence_lib.preconditioner(divergence)
+    # Once, when init is traced, for a concrete divergence (as metamd_jax.metamd does).
+    with jax.ensure_compile_time_eval():
+      inverse = divergence_lib.preconditioner(divergence)
     dtype = jnp.result_type(*jax.tree.leaves(inverse))
     shape = ()
     if per_leaf:

@@ -127,6 +127,19 @@ def test_state_is_the_preconditioner_and_three_scalars():
   assert state.scale.dtype == jax.tree.leaves(divergence)[0].dtype
 
 
+def test_concrete_divergence_is_inverted_when_init_is_traced():
+  """A jitted init holds a concrete divergence's inverse factors as constants (no
+  Cholesky at run time) and equals the eager one; a traced divergence is still inverted."""
+  params = _tree(1)
+  divergence = _divergence(STRUCTURES[1], seed=4)
+  optimizer = metamd_jax.scale_by_adaptive_mirror_descent(divergence, 1.0)
+  assert 'cholesky' not in str(jax.make_jaxpr(optimizer.init)(params))
+  chex.assert_trees_all_close(jax.jit(optimizer.init)(params), optimizer.init(params))
+  traced = jax.make_jaxpr(
+      lambda d: metamd_jax.scale_by_adaptive_mirror_descent(d, 1.0).init(params))(divergence)
+  assert 'cholesky' in str(traced)
+
+
 @pytest.mark.parametrize('value', [0.0, -1.0, float('nan'), -math.inf])
 def test_bad_reference_norm_is_rejected(value):
   divergence = _divergence()
