@@ -23,9 +23,11 @@ kinds of target, each checked on the mean over the held-out tasks (its key in
   meta-train-tuned learning rate trains (``no_diverged_runs_where_<baseline>_trains``,
   value: MetaMD's diverged runs there, limit 0), and MetaMD faster than the re-tuned
   reference in at least a fraction ``f`` of all checks
-  (``faster_than_<baseline>_retuned_in_<f>_of_checks``, value: that fraction). Adaptive
-  MetaMD is checked alike, its keys prefixed ``metamd_adaptive_`` (reported next to
-  MetaMD's; MetaMD's are the family's target).
+  (``faster_than_<baseline>_retuned_in_<f>_of_checks``, value: that fraction).
+
+Adaptive MetaMD, where the benchmark ran it, is checked against every declared target
+alike, its keys prefixed ``metamd_adaptive_`` (reported next to MetaMD's; MetaMD's are the
+family's target).
 
 A result is ``{'value': MetaMD's figure, 'limit': the bound, 'met': bool}``; a figure that
 is missing (a baseline that diverged at every learning rate, no robustness checks) is
@@ -159,16 +161,30 @@ def evaluate_targets(targets: ml_collections.ConfigDict | None, result: dict) ->
     ``{key: {'value', 'limit', 'met'}}`` for every declared target (empty without
     targets or without a ``'metamd'`` run).
   """
-  metamd = result['optimizers'].get('metamd')
-  if not targets or metamd is None:
+  if not targets or 'metamd' not in result['optimizers']:
     return {}
+  checked = _learned_targets(targets, result, 'metamd')
+  adaptive = 'metamd_adaptive'  # reported next to MetaMD's where the benchmark ran it
+  if adaptive in result['optimizers'] and adaptive in result['learned_vs_baselines']:
+    checked.update(_learned_targets(targets, result, adaptive))
+  fraction = targets.get('robust_no_divergence_and_faster_fraction', 0)
+  if fraction:
+    checked.update(_robustness_targets(result, fraction))
+  return checked
+
+
+def _learned_targets(targets: ml_collections.ConfigDict, result: dict, name: str) -> dict:
+  """The steps, seconds, accuracy and baseline targets of the learned optimiser ``name``
+  (its keys prefixed ``<name>_`` unless it is ``'metamd'``)."""
+  learned = result['optimizers'][name]
+  prefix = '' if name == 'metamd' else f'{name}_'
   horizon, reference = result['horizon'], result['reference']
-  versus = result['learned_vs_baselines'].get('metamd', {})
-  row = versus.get(reference)  # MetaMD against the reference's final loss
+  versus = result['learned_vs_baselines'].get(name, {})
+  row = versus.get(reference)  # the learned optimiser against the reference's final loss
   ref = result['optimizers'].get(reference)
   steps = row['steps'][0] if row else None
   seconds = row['seconds'][0] if row else None
-  elapsed = metamd.get(f'elapsed_seconds_to_{reference}_final_loss')
+  elapsed = learned.get(f'elapsed_seconds_to_{reference}_final_loss')
   if row and elapsed is not None:  # measured to the step, not estimated
     seconds = elapsed[0]
   all_reached = row is not None and row['reached_fraction'] == 1.0
@@ -176,27 +192,24 @@ def evaluate_targets(targets: ml_collections.ConfigDict | None, result: dict) ->
   over = targets.get('steps_at_most_T_over', 0)
   if over:
     limit = horizon / over
-    checked[f'steps_to_{reference}_at_most_T_over_{over:g}'] = _target(
+    checked[f'{prefix}steps_to_{reference}_at_most_T_over_{over:g}'] = _target(
         steps, limit, all_reached and _at_most(steps, limit))
   over = targets.get('seconds_at_most_reference_over', 0)
   if over:
     limit = ref['wall_clock_seconds'][0] / over if ref else None
-    checked[f'seconds_at_most_{reference}_seconds_over_{over:g}'] = _target(
+    checked[f'{prefix}seconds_at_most_{reference}_seconds_over_{over:g}'] = _target(
         seconds, limit, all_reached and _at_most(seconds, limit))
   if targets.get('test_accuracy_at_least_reference', False):
-    value = metamd.get('test_accuracy', [None])[0]
+    value = learned.get('test_accuracy', [None])[0]
     limit = ref.get('test_accuracy', [None])[0] if ref else None
-    checked[f'test_accuracy_at_least_{reference}'] = _target(value, limit,
-                                                             _at_most(limit, value))
+    checked[f'{prefix}test_accuracy_at_least_{reference}'] = _target(value, limit,
+                                                                      _at_most(limit, value))
   if targets.get('fewer_steps_than_every_baseline', False):
     for baseline, versus_row in versus.items():
       value, limit = versus_row['steps'][0], versus_row['baseline_steps'][0]
       met = (versus_row['reached_fraction'] == 1.0 and value is not None
              and limit is not None and value < limit)
-      checked[f'fewer_steps_than_{baseline}'] = _target(value, limit, met)
-  fraction = targets.get('robust_no_divergence_and_faster_fraction', 0)
-  if fraction:
-    checked.update(_robustness_targets(result, fraction))
+      checked[f'{prefix}fewer_steps_than_{baseline}'] = _target(value, limit, met)
   return checked
 
 

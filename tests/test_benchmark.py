@@ -109,15 +109,17 @@ def test_quick_benchmark_writes_documented_results(tmp_path, capsys, monkeypatch
     _finite_pair(row['baseline_final_train_loss'])
     _finite_pair(row['baseline_wall_clock_seconds'])
   # The family declares fewer_steps_than_every_baseline: one target per tuned baseline,
-  # read off the learned-vs-baselines rows; and the robustness target.
+  # read off the learned-vs-baselines rows; and the robustness target; adaptive MetaMD's
+  # alike.
   assert set(family['targets']) == {
-      'fewer_steps_than_adam',
+      'fewer_steps_than_adam', 'metamd_adaptive_fewer_steps_than_adam',
       'no_diverged_runs_where_adam_trains', 'faster_than_adam_retuned_in_0.8_of_checks',
       'metamd_adaptive_no_diverged_runs_where_adam_trains',
       'metamd_adaptive_faster_than_adam_retuned_in_0.8_of_checks'}
-  for baseline in ('adam',):
-    target = family['targets'][f'fewer_steps_than_{baseline}']
-    row = family['learned_vs_baselines']['metamd'][baseline]
+  for learned, baseline in (('metamd', 'adam'), ('metamd_adaptive', 'adam')):
+    prefix = '' if learned == 'metamd' else f'{learned}_'
+    target = family['targets'][f'{prefix}fewer_steps_than_{baseline}']
+    row = family['learned_vs_baselines'][learned][baseline]
     assert (target['value'], target['limit']) == (row['steps'][0], row['baseline_steps'][0])
     assert target['met'] == (row['reached_fraction'] == 1.0 and target['value'] is not None
                              and target['limit'] is not None
