@@ -40,8 +40,8 @@ def scale_by_mirror_descent(divergence: PyTree) -> optax.GradientTransformation:
   ``jax.ensure_compile_time_eval``: once, when ``init`` is traced, so a jitted training
   run holds them as constants instead of inverting the factors at every run (on the
   MNIST MLP's 784-row factor, an inversion costs about as much as ten training steps).
-  A traced divergence (differentiated through, as meta-training does) is inverted in
-  ``init`` as before.
+  A traced divergence (an argument of a jitted or differentiated function) is inverted
+  inside ``init``'s program.
 
   Args:
     divergence: a divergence from :func:`metamd_jax.init_divergence` (learned or not).
