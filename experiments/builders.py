@@ -188,8 +188,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           f'must divide eval.num_steps ({evaluation.num_steps})')
   if not isinstance(evaluation.time_steps, bool):
     _fail('eval.time_steps', evaluation.time_steps, 'must be True or False')
-  if not isinstance(evaluation.get('seconds_check', False), bool):
-    _fail('eval.seconds_check', evaluation.seconds_check, 'must be True or False')
+  for field in ('seconds_check', 'accuracy_check'):
+    if not isinstance(evaluation.get(field, False), bool):
+      _fail(f'eval.{field}', evaluation[field], 'must be True or False')
   _positive_int(config, 'eval.horizon_multiplier', minimum=0)
   if not evaluation.learning_rates or not all(
       isinstance(lr, (int, float)) and lr > 0 for lr in evaluation.learning_rates):

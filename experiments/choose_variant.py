@@ -75,8 +75,10 @@ meta-train-tuned learning rate run next to them for comparison. The rule, fixed 
 
 1. fewest diverged runs over the checks where the reference, at its meta-train-tuned
    learning rate, trains (:func:`experiments.benchmark_targets.robustness_summary`);
-2. then the most checks where the candidate reaches the re-tuned reference's final loss
-   on every task in fewer mean steps than the re-tuned reference;
+2. then the most checks won: those where the candidate reaches the re-tuned reference's
+   final loss on every task in fewer mean steps than the re-tuned reference (and, with
+   ``eval.seconds_check`` and ``eval.accuracy_check``, the checks in time and in test
+   accuracy below);
 3. then the lowest geometric mean, over the checks, of the candidate's mean final
    training loss divided by the re-tuned reference's (a diverged check counts as
    infinite);
@@ -103,7 +105,12 @@ as the benchmark's check beyond the horizon. With ``eval.seconds_check`` also
 ``'in_distribution_seconds'`` (:func:`seconds_check`): in distribution, the time each
 candidate takes to the reference's final loss, timed to the step, against the reference's
 own ``T``-step time; won when faster, so that a candidate whose steps are few but dear
-does not win the time a user waits by counting steps alone.
+does not win the time a user waits by counting steps alone. With ``eval.accuracy_check``
+(a classification family) also ``'in_distribution_accuracy'`` (:func:`accuracy_won`):
+in distribution, won when the candidate's mean test accuracy over the validation tasks is
+at least the re-tuned reference's, the issue's accuracy target, so that a candidate whose
+loss falls fast but which generalises worse than the reference does not win on steps
+alone (experiments/RESULTS.md section 27).
 """
 
 from __future__ import annotations
@@ -283,6 +290,8 @@ ties): how :mod:`experiments.sweep` scores a meta-training setting by this rule.
 IN_DISTRIBUTION = 'in_distribution'
 SECONDS = 'in_distribution_seconds'
 """The check in wall-clock time (``eval.seconds_check``): see :func:`seconds_check`."""
+ACCURACY = 'in_distribution_accuracy'
+"""The check in test accuracy (``eval.accuracy_check``): see :func:`accuracy_won`."""
 TIMING_REPEATS = 3
 """Timed runs per task and step count in :data:`SECONDS` (the median is kept)."""
 RESULT = 'choose_variant'
@@ -310,10 +319,32 @@ def _loss_ratio(check: dict, name: str) -> float:
   return math.inf if diverged else mine / theirs
 
 
-def score(checks: dict, name: str, reference: str, seconds: dict | None = None) -> dict:
+def has_accuracy(checks: dict) -> bool:
+  """Whether the in-distribution check reports test accuracy (a classification family)."""
+  check = checks.get(IN_DISTRIBUTION)
+  return check is not None and 'test_accuracy' in check['optimizers'].get(
+      check['reference'], {})
+
+
+def accuracy_won(check: dict, name: str) -> bool:
+  """The check in test accuracy, on the in-distribution ``check``: won when ``name``
+  has no diverged run and its mean test accuracy over the validation tasks is at least
+  the re-tuned reference's (the issue's "test accuracy no lower than Adam's")."""
+  entries = check['optimizers']
+  mine = entries.get(name, {})
+  theirs = entries[check['reference']]
+  if mine.get('diverged', 1) or 'test_accuracy' not in mine:
+    return False
+  return bool(mine['test_accuracy'][0] >= theirs['test_accuracy'][0])
+
+
+def score(checks: dict, name: str, reference: str, seconds: dict | None = None,
+          accuracy: bool = False) -> dict:
   """The rule's three numbers for one candidate over ``checks`` (see the module doc);
   ``seconds``: :func:`seconds_check`'s result, one more check, won where it marks
-  ``name`` ``'faster'`` (it adds no loss ratio)."""
+  ``name`` ``'faster'`` (it adds no loss ratio); ``accuracy``: also the check
+  :data:`ACCURACY` (:func:`accuracy_won`), where ``checks`` reports test accuracy
+  (:func:`has_accuracy`; it adds no loss ratio either)."""
   summary = benchmark_targets.robustness_summary(checks, [name], reference)[name]
   ratios = [_loss_ratio(check, name) for check in checks.values()]
   geometric = (math.inf if not ratios or not all(map(math.isfinite, ratios))
@@ -321,9 +352,12 @@ def score(checks: dict, name: str, reference: str, seconds: dict | None = None) 
   faster = list(summary['faster'])
   if seconds is not None and seconds['optimizers'].get(name, {}).get('faster'):
     faster.append(SECONDS)
+  accuracy = accuracy and has_accuracy(checks)
+  if accuracy and accuracy_won(checks[IN_DISTRIBUTION], name):
+    faster.append(ACCURACY)
   return {'diverged_runs': summary['diverged_runs'], 'diverged_in': summary['diverged_in'],
           'faster': faster, 'num_faster': len(faster),
-          'num_checks': len(checks) + (seconds is not None),
+          'num_checks': len(checks) + (seconds is not None) + accuracy,
           'loss_ratio_geometric_mean': geometric}
 
 
@@ -489,13 +523,14 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                                         (family, validation), curves, learning_rates)
     result['seconds'] = time.perf_counter() - started
     checks[f'{multiplier}T'] = result
-  scores = {name: score(checks, name, ev.reference, timed)
+  scores = {name: score(checks, name, ev.reference, timed, ev.get('accuracy_check', False))
             for name in candidates if name in levels}
   chosen = choose(scores)
   return {'tasks': 'validation: meta-train tuning tasks (evaluation.tuning_tasks)',
           'num_tasks': ev.num_tasks, 'reference': ev.reference,
           'reference_learning_rate': tuned[ev.reference], 'levels': levels,
           'checks': checks, **({SECONDS: timed} if timed is not None else {}),
+          'accuracy_check': bool(ev.get('accuracy_check', False) and has_accuracy(checks)),
           'scores': scores, 'chosen': chosen,
           **settings_of(config, chosen)}
 
@@ -539,8 +574,11 @@ def format_choice(result: dict) -> str:
               f"{result.get('adaptive_restart_step_factor', 0.5)}"
               if result.get('adaptive_restart_momentum') is not None else '')
            + ').', '',
-           f'| candidate | diverged runs where {reference} trains | faster than '
-           f'{reference} re-tuned | final loss / re-tuned {reference} (geometric mean) |',
+           f'| candidate | diverged runs where {reference} trains | checks won (faster '
+           f'than {reference} re-tuned'
+           + (f'; test accuracy at least its in {ACCURACY}' if result.get('accuracy_check')
+              else '')
+           + f') | final loss / re-tuned {reference} (geometric mean) |',
            '| --- | --- | --- | --- |']
   for name, row in result['scores'].items():
     faster = ', '.join(row['faster']) or 'none'

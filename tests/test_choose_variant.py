@@ -57,6 +57,7 @@ def test_compare_runs_validation_tasks_only_and_applies_the_rule(tmp_path, monke
   config = tiny.get_config()
   config.eval.shifts = ('inputs_x2',)
   config.eval.seconds_check = False  # the steps checks alone (the time check: below)
+  config.eval.accuracy_check = False  # (the accuracy check: below)
   family, _ = builders.build_families(config)
   # The initial divergence is SGD at meta.init_learning_rate: an independent reference.
   divergence = builders.build_divergence(config, family)
@@ -132,6 +133,7 @@ def test_beyond_the_horizon_is_a_check_with_the_reference_retuned_there(tmp_path
   config.eval.shifts = ()
   config.eval.horizon_multiplier = 2
   config.eval.seconds_check = False
+  config.eval.accuracy_check = False
   family, _ = builders.build_families(config)
   divergence = builders.build_divergence(config, family)  # SGD at init_learning_rate
   monkeypatch.setattr(evaluation, 'held_out_tasks',
@@ -377,6 +379,7 @@ def test_compare_with_the_seconds_check(tmp_path, monkeypatch):
   config = tiny.get_config()
   config.eval.shifts = ()
   config.eval.seconds_check = True
+  config.eval.accuracy_check = False
   family, _ = builders.build_families(config)
   divergence = builders.build_divergence(config, family)  # SGD at init_learning_rate
   monkeypatch.setattr(choose_variant, 'CANDIDATES',
@@ -405,4 +408,72 @@ def test_seconds_check_must_be_a_boolean(tmp_path):
   config = tiny.get_config()
   config.eval.seconds_check = None  # the ConfigDict refuses a non-boolean itself
   with pytest.raises(ValueError, match='eval.seconds_check must be True or False'):
+    builders.validate_config(config)
+
+
+def _with_accuracy(check, accuracies):
+  """``check`` with mean test accuracies ``{name: accuracy}`` (the re-tuned reference's
+  under ``'adam_retuned'``)."""
+  for name, accuracy in accuracies.items():
+    check['optimizers'][name]['test_accuracy'] = [accuracy, 0.0]
+  return check
+
+
+def test_accuracy_check_is_one_more_check_won_at_the_references_accuracy_or_above():
+  checks = {'in_distribution': _with_accuracy(
+      _check(10, {'a': (0, 5, 1.0, 0.5), 'b': (0, 5, 1.0, 0.4), 'c': (1, 5, 1.0, 0.3)}),
+      {'adam_retuned': 0.9, 'a': 0.9, 'b': 0.89, 'c': 0.95})}
+  scores = {n: choose_variant.score(checks, n, 'adam', accuracy=True) for n in 'abc'}
+  # a ties the reference's accuracy (won); b is below it; c diverged on a task.
+  assert scores['a']['faster'] == ['in_distribution', choose_variant.ACCURACY]
+  assert scores['b']['faster'] == ['in_distribution']
+  assert choose_variant.ACCURACY not in scores['c']['faster']
+  assert all(scores[n]['num_checks'] == 2 for n in 'abc')
+  # The loss ratios are the steps checks' alone: b ends lower, a wins on accuracy.
+  np.testing.assert_allclose([scores[n]['loss_ratio_geometric_mean'] for n in 'ab'],
+                             [0.5, 0.4])
+  assert choose_variant.choose({n: scores[n] for n in 'ab'}) == 'a'
+  # Without the accuracy check the lower loss decides.
+  assert choose_variant.choose({n: choose_variant.score(checks, n, 'adam')
+                                for n in 'ab'}) == 'b'
+  # A family without accuracy (a regression, a language model) has no such check.
+  plain = {'in_distribution': _check(10, {'a': (0, 5, 1.0, 0.5)})}
+  assert not choose_variant.has_accuracy(plain)
+  row = choose_variant.score(plain, 'a', 'adam', accuracy=True)
+  assert row['num_checks'] == 1 and row['faster'] == ['in_distribution']
+
+
+def test_compare_with_the_accuracy_check(tmp_path, monkeypatch):
+  config = tiny.get_config()
+  config.eval.shifts = ()
+  config.eval.seconds_check = False
+  assert config.eval.accuracy_check  # the default's
+  family, _ = builders.build_families(config)
+  divergence = builders.build_divergence(config, family)  # SGD at init_learning_rate
+  monkeypatch.setattr(choose_variant, 'CANDIDATES',
+                      {'adaptive': choose_variant.CANDIDATES['adaptive']})
+  result = choose_variant.compare(config, tmp_path, divergence)
+  assert result['accuracy_check']
+  row = result['scores']['adaptive']
+  assert row == choose_variant.score(result['checks'], 'adaptive', 'adam', accuracy=True)
+  assert row['num_checks'] == 2
+  # Recomputed from the validation runs themselves: the mean test accuracy of the
+  # candidate against Adam's at its tuned rate (in distribution the re-tuned rate is it).
+  tasks = evaluation.tuning_tasks(family, config.seed, config.eval.num_tasks)
+  entries = result['checks']['in_distribution']['optimizers']
+  adam = evaluation.run(optax.adam(result['reference_learning_rate']), family, tasks,
+                        config.eval.num_steps, track_every=1)
+  np.testing.assert_allclose(entries['adam_retuned']['test_accuracy'][0],
+                             np.mean(adam.metrics['test_accuracy']), rtol=1e-5)
+  won = (entries['adaptive']['diverged'] == 0 and entries['adaptive']['test_accuracy'][0]
+         >= np.mean(adam.metrics['test_accuracy']))
+  assert (choose_variant.ACCURACY in row['faster']) == won
+  assert f'test accuracy at least its in {choose_variant.ACCURACY}' in (
+      choose_variant.format_choice(result))
+
+
+def test_accuracy_check_must_be_a_boolean():
+  config = tiny.get_config()
+  config.eval.accuracy_check = None
+  with pytest.raises(ValueError, match='eval.accuracy_check must be True or False'):
     builders.validate_config(config)

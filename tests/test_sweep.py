@@ -75,10 +75,12 @@ def test_robustness_rule_scores_the_configs_adaptive_metamd_under_the_shifts(tmp
   assert result['criterion'] == 'robustness'
   for row in result['rows'].values():
     assert list(row['checks']) == ['in_distribution', 'inputs_x2']
-    # The tiny config inherits the default's check in seconds (eval.seconds_check).
+    # The tiny config inherits the default's checks in seconds and in test accuracy
+    # (eval.seconds_check, eval.accuracy_check).
     assert row['robustness'] == choose_variant.score(row['checks'], choose_variant.OWN, 'adam',
-                                                     row[choose_variant.SECONDS])
-    assert row['robustness']['num_checks'] == 3
+                                                     row[choose_variant.SECONDS],
+                                                     accuracy=True)
+    assert row['robustness']['num_checks'] == 4
     assert choose_variant.OWN in row['checks']['in_distribution']['optimizers']
   assert result['chosen'] == choose_variant.choose(
       {key: row['robustness'] for key, row in result['rows'].items()})
