@@ -540,7 +540,8 @@ def format_choice(result: dict) -> str:
   reference = result['reference']
   lines = [f"Adaptive MetaMD's variant on {result['num_tasks']} validation tasks (meta-train "
            'tasks never used in meta-training or meta-testing), '
-           f"{len(result['checks']) + (SECONDS in result)} checks; chosen: **{result['chosen']}** "
+           f"{len(result['checks']) + (SECONDS in result) + bool(result.get('accuracy_check'))} "
+           f"checks; chosen: **{result['chosen']}** "
            f"(eval.adaptive_per_leaf={result['adaptive_per_leaf']}, "
            f"eval.adaptive_blend_rate={result['adaptive_blend_rate']}"
            + (f", eval.adaptive_blend_statistics={result['adaptive_blend_statistics']!r}"
@@ -576,7 +577,7 @@ def format_choice(result: dict) -> str:
            + ').', '',
            f'| candidate | diverged runs where {reference} trains | checks won (faster '
            f'than {reference} re-tuned'
-           + (f'; test accuracy at least its in {ACCURACY}' if result.get('accuracy_check')
+           + (f'; {ACCURACY}: test accuracy at least its' if result.get('accuracy_check')
               else '')
            + f') | final loss / re-tuned {reference} (geometric mean) |',
            '| --- | --- | --- | --- |']

@@ -468,8 +468,9 @@ def test_compare_with_the_accuracy_check(tmp_path, monkeypatch):
   won = (entries['adaptive']['diverged'] == 0 and entries['adaptive']['test_accuracy'][0]
          >= np.mean(adam.metrics['test_accuracy']))
   assert (choose_variant.ACCURACY in row['faster']) == won
-  assert f'test accuracy at least its in {choose_variant.ACCURACY}' in (
-      choose_variant.format_choice(result))
+  table = choose_variant.format_choice(result)
+  assert f'{choose_variant.ACCURACY}: test accuracy at least its' in table
+  assert '2 checks; chosen' in table
 
 
 def test_accuracy_check_must_be_a_boolean():

@@ -38,7 +38,7 @@ def test_adaptive_row_with_a_huge_reference_is_metamd(setup, tmp_path, monkeypat
   config.eval.time_steps, config.eval.horizon_multiplier = True, 2
   # The default: blended MetaMD with Shampoo's statistics and Nesterov's momentum.
   assert (config.eval.adaptive_blend_rate, config.eval.adaptive_blend_statistics,
-          config.eval.adaptive_momentum) == (0.2, 'kronecker', 0.5)
+          config.eval.adaptive_momentum) == (0.1, 'kronecker', 0.5)
   config.eval.adaptive_blend_rate = 0.0  # adaptive MetaMD alone: never adapting, it is MetaMD
   config.eval.adaptive_momentum = 0.0
   config.eval.adaptive_overshoot = False  # the default's check shortens passing steps
