@@ -108,14 +108,25 @@ def test_quick_benchmark_writes_documented_results(tmp_path, capsys, monkeypatch
   for row in family['learned_vs_baselines']['metamd'].values():
     _finite_pair(row['baseline_final_train_loss'])
     _finite_pair(row['baseline_wall_clock_seconds'])
-  # The family declares fewer_steps_than_every_baseline: one target per tuned baseline,
-  # read off the learned-vs-baselines rows; and the robustness target; adaptive MetaMD's
-  # alike.
+  # The family declares the digits targets: T/4 steps and test accuracy; then
+  # fewer_steps_than_every_baseline, one target per tuned baseline, read off the
+  # learned-vs-baselines rows; and the robustness target; adaptive MetaMD's alike.
   assert set(family['targets']) == {
+      'steps_to_adam_at_most_T_over_4', 'metamd_adaptive_steps_to_adam_at_most_T_over_4',
+      'test_accuracy_at_least_adam', 'metamd_adaptive_test_accuracy_at_least_adam',
       'fewer_steps_than_adam', 'metamd_adaptive_fewer_steps_than_adam',
       'no_diverged_runs_where_adam_trains', 'faster_than_adam_retuned_in_0.8_of_checks',
       'metamd_adaptive_no_diverged_runs_where_adam_trains',
       'metamd_adaptive_faster_than_adam_retuned_in_0.8_of_checks'}
+  for learned in ('metamd', 'metamd_adaptive'):
+    prefix = '' if learned == 'metamd' else f'{learned}_'
+    entry, adam = family['optimizers'][learned], family['optimizers']['adam']
+    accuracy = family['targets'][f'{prefix}test_accuracy_at_least_adam']
+    assert (accuracy['value'], accuracy['limit']) == (entry['test_accuracy'][0],
+                                                      adam['test_accuracy'][0])
+    assert accuracy['met'] == (accuracy['value'] >= accuracy['limit'])
+    steps = family['targets'][f'{prefix}steps_to_adam_at_most_T_over_4']
+    assert steps['limit'] == family['horizon'] / 4
   for learned, baseline in (('metamd', 'adam'), ('metamd_adaptive', 'adam')):
     prefix = '' if learned == 'metamd' else f'{learned}_'
     target = family['targets'][f'{prefix}fewer_steps_than_{baseline}']
