@@ -79,6 +79,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = evaluation = ml_collections.ConfigDict()
   evaluation.num_tasks = 5  # held-out tasks (seeds)
   evaluation.num_tune_tasks = 3  # meta-train tasks used to tune the baselines' learning rates
+  # Validation tasks (meta-train tasks that neither meta-training nor the held-out tasks
+  # use) that experiments.choose_variant and experiments.sweep choose on; 0: num_tasks. Ten,
+  # so that a check is not decided by one task (experiments/RESULTS.md section 27; sections
+  # up to 26 chose on num_tasks = 5: --config.eval.num_validation_tasks=5 reruns them).
+  evaluation.num_validation_tasks = 10
   evaluation.num_steps = 100  # training steps per held-out task
   evaluation.window = 10  # smoothing window of training-loss curves
   evaluation.baselines = ('sgd', 'adam')

@@ -15,6 +15,7 @@ def get_config():
   config.meta.num_meta_steps = 4
   config.meta.checkpoint_every = 2
   config.eval.num_tasks = 2
+  config.eval.num_validation_tasks = 2
   config.eval.num_tune_tasks = 1
   config.eval.num_steps = 10
   config.eval.window = 3

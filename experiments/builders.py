@@ -121,6 +121,13 @@ def _one_of(value, field: str, choices):
     _fail(field, value, f'must be one of {tuple(choices)}')
 
 
+def num_validation_tasks(evaluation: ml_collections.ConfigDict) -> int:
+  """How many validation tasks :mod:`experiments.choose_variant` and
+  :mod:`experiments.sweep` choose on: ``eval.num_validation_tasks``, or ``eval.num_tasks``
+  where that is 0 or absent."""
+  return evaluation.get('num_validation_tasks', 0) or evaluation.num_tasks
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Check every field the launches use; raise ``ValueError`` naming the first bad one."""
   for section in ('task', 'meta', 'eval'):
@@ -192,6 +199,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not isinstance(evaluation.get(field, False), bool):
       _fail(f'eval.{field}', evaluation[field], 'must be True or False')
   _positive_int(config, 'eval.horizon_multiplier', minimum=0)
+  if 'num_validation_tasks' in evaluation:
+    _positive_int(config, 'eval.num_validation_tasks', minimum=0)
   if not evaluation.learning_rates or not all(
       isinstance(lr, (int, float)) and lr > 0 for lr in evaluation.learning_rates):
     _fail('eval.learning_rates', evaluation.learning_rates, 'must be non-empty and positive')

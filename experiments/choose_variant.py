@@ -9,7 +9,8 @@ model or one per parameter leaf (``eval.adaptive_per_leaf``), and blended MetaMD
 choice, so it is made here on *validation tasks*, never on the held-out tasks: the
 learned divergence of ``<workdir>/divergence.npz`` (a main job's or a meta-training
 run's artifact) trains :func:`metamd_jax.evaluation.tuning_tasks` of the meta-train
-family (``eval.num_tasks`` of them; meta-train tasks that meta-training never samples),
+family (``eval.num_validation_tasks`` of them, :func:`experiments.builders.num_validation_tasks`;
+meta-train tasks that meta-training never samples),
 as they are (the check ``'in_distribution'``) and under each of ``eval.shifts`` that
 applies to the family (:func:`experiments.builders.shifted_family`, role
 ``'meta_train'``). In every check the reference (``eval.reference``, Adam) is re-tuned
@@ -441,7 +442,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   """Run every check on the validation tasks and choose the variant.
 
   Args:
-    config: the experiment config (``eval``: ``num_tasks`` validation tasks,
+    config: the experiment config (``eval``: ``num_validation_tasks`` validation tasks,
       ``num_tune_tasks``, ``num_steps``, ``learning_rates``, ``reference``, ``shifts``,
       ``adaptive_decay``, ``adaptive_quantile``).
     workdir: where ``divergence.npz`` is read (unless ``divergence`` is given).
@@ -464,6 +465,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   family, _ = builders.build_families(config)
   divergence = meta_train_exp.learned_divergence(workdir, family, divergence)
   ev = config.eval
+  num_tasks = builders.num_validation_tasks(ev)
   tune_tasks = evaluation.tuning_tasks(family, config.seed, ev.num_tune_tasks)
   tuned, _ = protocol.tune_baselines((ev.reference,), ev, family, tune_tasks, ev.num_steps)
   if tuned[ev.reference] is None:
@@ -497,7 +499,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     started = time.perf_counter()
     changed = (family if check == IN_DISTRIBUTION
                else builders.shifted_family(config, family, check, 'meta_train'))
-    validation = evaluation.tuning_tasks(changed, config.seed, ev.num_tasks)
+    validation = evaluation.tuning_tasks(changed, config.seed, num_tasks)
     changed_tune = evaluation.tuning_tasks(changed, config.seed, ev.num_tune_tasks)
     curves = {name: evaluation.run(optimizer, changed, validation, ev.num_steps,
                                    track_every=ev.track_every)
@@ -515,7 +517,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   multiplier = ev.get('horizon_multiplier', 0)
   if multiplier > 1:  # beyond the horizon, as the benchmark's check
     started = time.perf_counter()
-    validation = evaluation.tuning_tasks(family, config.seed, ev.num_tasks)
+    validation = evaluation.tuning_tasks(family, config.seed, num_tasks)
     curves = {name: benchmark_runs.long_run(optimizer, family, validation, ev.num_steps,
                                             multiplier)
               for name, optimizer in optimizers.items()}
@@ -527,7 +529,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
             for name in candidates if name in levels}
   chosen = choose(scores)
   return {'tasks': 'validation: meta-train tuning tasks (evaluation.tuning_tasks)',
-          'num_tasks': ev.num_tasks, 'reference': ev.reference,
+          'num_tasks': num_tasks, 'reference': ev.reference,
           'reference_learning_rate': tuned[ev.reference], 'levels': levels,
           'checks': checks, **({SECONDS: timed} if timed is not None else {}),
           'accuracy_check': bool(ev.get('accuracy_check', False) and has_accuracy(checks)),

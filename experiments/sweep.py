@@ -7,7 +7,8 @@ For each value of one numeric config field (e.g. the eigenvalue floor ``meta.eps
 ``meta.learning_rate``) the config is meta-trained in ``<workdir>/<field>=<value>``
 (:func:`experiments.meta_train.meta_train`, so a rerun resumes) and its learned divergence
 trains the *validation tasks*: :func:`metamd_jax.evaluation.tuning_tasks` of the
-meta-train family, ``eval.num_tasks`` of them. Those are meta-train tasks with keys that
+meta-train family, ``eval.num_validation_tasks`` of them
+(:func:`experiments.builders.num_validation_tasks`). Those are meta-train tasks with keys that
 neither meta-training nor the held-out tasks use, the tasks the baselines are tuned on.
 Nothing here touches the held-out tasks or the test split:
 
@@ -130,7 +131,8 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, field: 
   configs = {value: with_value(config, field, value) for value in values}  # all checked first
   ev = config.eval
   family, _ = builders.build_families(config)
-  tasks = evaluation.tuning_tasks(family, config.seed, ev.num_tasks)
+  num_tasks = builders.num_validation_tasks(ev)
+  tasks = evaluation.tuning_tasks(family, config.seed, num_tasks)
   tuned, _ = protocol.tune_baselines((REFERENCE,), ev, family, tasks, ev.num_steps)
   target = None
   if tuned[REFERENCE] is not None:
@@ -163,7 +165,7 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, field: 
   if rule == 'robustness':
     chosen = choose_variant.choose({key: row['robustness'] for key, row in rows.items()})
     return {'field': field, 'values': [f'{v:g}' for v in values], 'reference': REFERENCE,
-            'reference_learning_rate': tuned[REFERENCE], 'num_tasks': ev.num_tasks,
+            'reference_learning_rate': tuned[REFERENCE], 'num_tasks': num_tasks,
             'tasks': 'validation: meta-train tuning tasks (evaluation.tuning_tasks)',
             'criterion': 'robustness', 'chosen': chosen, 'rows': rows}
   criterion = ('validation_accuracy' if all('validation_accuracy' in r for r in rows.values())
@@ -176,7 +178,7 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, field: 
 
   chosen = max(rows, key=score)  # max keeps the first of equal scores
   return {'field': field, 'values': [f'{v:g}' for v in values], 'reference': REFERENCE,
-          'reference_learning_rate': tuned[REFERENCE], 'num_tasks': ev.num_tasks,
+          'reference_learning_rate': tuned[REFERENCE], 'num_tasks': num_tasks,
           'tasks': 'validation: meta-train tuning tasks (evaluation.tuning_tasks)',
           'criterion': criterion, 'chosen': chosen, 'rows': rows}
 

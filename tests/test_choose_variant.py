@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+from configs import default as default_config
 from configs import tiny
 from experiments import benchmark_runs, benchmark_targets, builders, choose_variant, protocol
 from metamd_jax import divergence as divergence_lib
@@ -95,9 +96,10 @@ def test_compare_runs_validation_tasks_only_and_applies_the_rule(tmp_path, monke
     assert set(check['optimizers']) == {'metamd', 'adaptive', 'eigen_0.01', 'adam',
                                         'adam_retuned'}
     for entry in check['optimizers'].values():
-      assert entry['num_runs'] == config.eval.num_tasks
+      assert entry['num_runs'] == builders.num_validation_tasks(config.eval)
   # In distribution, frozen MetaMD on the validation tasks is optax.sgd there.
-  tasks = evaluation.tuning_tasks(family, config.seed, config.eval.num_tasks)
+  tasks = evaluation.tuning_tasks(family, config.seed,
+                                 builders.num_validation_tasks(config.eval))
   sgd = evaluation.run(optax.sgd(config.meta.init_learning_rate), family, tasks,
                        config.eval.num_steps, track_every=1)
   np.testing.assert_allclose(
@@ -147,7 +149,8 @@ def test_beyond_the_horizon_is_a_check_with_the_reference_retuned_there(tmp_path
   steps = 2 * config.eval.num_steps
   assert long['num_steps'] == steps and f'({steps} steps' in long['description']
   assert result['scores']['adaptive']['num_checks'] == 2
-  tasks = evaluation.tuning_tasks(family, config.seed, config.eval.num_tasks)
+  tasks = evaluation.tuning_tasks(family, config.seed,
+                                 builders.num_validation_tasks(config.eval))
   # Frozen MetaMD there is optax.sgd for 2 T steps; the reference is re-tuned for 2 T
   # steps on the tuning tasks.
   sgd = evaluation.run(optax.sgd(config.meta.init_learning_rate), family, tasks, steps,
@@ -447,19 +450,25 @@ def test_compare_with_the_accuracy_check(tmp_path, monkeypatch):
   config = tiny.get_config()
   config.eval.shifts = ()
   config.eval.seconds_check = False
+  config.eval.num_validation_tasks = 3  # not eval.num_tasks (2, the held-out tasks)
   assert config.eval.accuracy_check  # the default's
   family, _ = builders.build_families(config)
   divergence = builders.build_divergence(config, family)  # SGD at init_learning_rate
   monkeypatch.setattr(choose_variant, 'CANDIDATES',
                       {'adaptive': choose_variant.CANDIDATES['adaptive']})
+  monkeypatch.setattr(evaluation, 'held_out_tasks',
+                      lambda *a, **k: pytest.fail('held-out tasks used'))
   result = choose_variant.compare(config, tmp_path, divergence)
+  assert result['num_tasks'] == 3
+  for entry in result['checks']['in_distribution']['optimizers'].values():
+    assert entry['num_runs'] == 3
   assert result['accuracy_check']
   row = result['scores']['adaptive']
   assert row == choose_variant.score(result['checks'], 'adaptive', 'adam', accuracy=True)
   assert row['num_checks'] == 2
   # Recomputed from the validation runs themselves: the mean test accuracy of the
   # candidate against Adam's at its tuned rate (in distribution the re-tuned rate is it).
-  tasks = evaluation.tuning_tasks(family, config.seed, config.eval.num_tasks)
+  tasks = evaluation.tuning_tasks(family, config.seed, 3)
   entries = result['checks']['in_distribution']['optimizers']
   adam = evaluation.run(optax.adam(result['reference_learning_rate']), family, tasks,
                         config.eval.num_steps, track_every=1)
@@ -471,6 +480,19 @@ def test_compare_with_the_accuracy_check(tmp_path, monkeypatch):
   table = choose_variant.format_choice(result)
   assert f'{choose_variant.ACCURACY}: test accuracy at least its' in table
   assert '2 checks; chosen' in table
+
+
+def test_num_validation_tasks_defaults_to_num_tasks_and_is_checked():
+  config = tiny.get_config()
+  assert default_config.get_config().eval.num_validation_tasks == 10
+  assert builders.num_validation_tasks(config.eval) == 2
+  config.eval.num_validation_tasks = 0  # 0: eval.num_tasks
+  config.eval.num_tasks = 4
+  assert builders.num_validation_tasks(config.eval) == 4
+  builders.validate_config(config)
+  config.eval.num_validation_tasks = -1
+  with pytest.raises(ValueError, match='eval.num_validation_tasks must be an integer >= 0'):
+    builders.validate_config(config)
 
 
 def test_accuracy_check_must_be_a_boolean():

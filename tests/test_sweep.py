@@ -12,6 +12,7 @@ from metamd_jax import evaluation
 
 def test_sweep_scores_validation_tasks_and_chooses_the_best(tmp_path, monkeypatch):
   config = tiny.get_config()  # meta.eps = 0.01: the meta-step of the tiny pipeline tests
+  config.eval.num_validation_tasks = 3  # not eval.num_tasks (2, the held-out tasks)
   held_out_calls = []
   monkeypatch.setattr(evaluation, 'held_out_tasks',
                       lambda *a, **k: held_out_calls.append(a) or pytest.fail('held-out'))
@@ -27,7 +28,7 @@ def test_sweep_scores_validation_tasks_and_chooses_the_best(tmp_path, monkeypatc
   divergence, _ = metamd_jax.load_divergence(tmp_path / 'meta.eps=0.1' / 'divergence.npz')
   assert divergence['Dense_0']['kernel'].eps == 0.1
   family, _ = builders.build_families(config)
-  tasks = evaluation.tuning_tasks(family, config.seed, config.eval.num_tasks)
+  tasks = evaluation.tuning_tasks(family, config.seed, 3)
   first = jax.tree.map(lambda x: x[0], tasks)
   params, _ = jax.jit(lambda tp: evaluation.train(metamd_jax.metamd(divergence),
                                                   family.task(tp), config.eval.num_steps))(first)
@@ -38,6 +39,10 @@ def test_sweep_scores_validation_tasks_and_chooses_the_best(tmp_path, monkeypatc
   curves = sweep.validation_run(metamd_jax.metamd(divergence), family, tasks,
                                 config.eval.num_steps)
   np.testing.assert_allclose(curves.metrics['validation_accuracy'][0], expected, atol=1e-6)
+  # The row's mean is over the three validation tasks.
+  assert result['num_tasks'] == 3
+  np.testing.assert_allclose(result['rows']['0.1']['validation_accuracy'][0],
+                             np.mean(curves.metrics['validation_accuracy']), rtol=1e-5)
   table = sweep.format_sweep(result)
   assert '| meta.eps |' in table and f"chosen by validation_accuracy: {result['chosen']}" in table
 
@@ -73,6 +78,7 @@ def test_robustness_rule_scores_the_configs_adaptive_metamd_under_the_shifts(tmp
   result = sweep.sweep(config, tmp_path, 'meta.eps', [0.01, 0.1], rule='robustness',
                        progress=False)
   assert result['criterion'] == 'robustness'
+  assert result['num_tasks'] == builders.num_validation_tasks(config.eval)
   for row in result['rows'].values():
     assert list(row['checks']) == ['in_distribution', 'inputs_x2']
     # The tiny config inherits the default's checks in seconds and in test accuracy
