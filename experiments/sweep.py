@@ -24,8 +24,10 @@ final training loss for families without accuracy); ties go to the first value l
 With ``--rule=robustness`` the value is chosen for the learned optimiser the config
 meta-tests instead (adaptive MetaMD with the config's own ``eval.adaptive_*`` settings),
 by the rule of :mod:`experiments.choose_variant` on the same validation tasks as they are
-and under each of ``eval.shifts``: fewest diverged runs, then the most checks faster than
-re-tuned Adam, then the lowest geometric mean of the final loss over re-tuned Adam's
+and under each of ``eval.shifts``: fewest runs diverged or ended above their start, then
+the most checks won (faster than re-tuned Adam; in seconds and in test accuracy with
+``eval.seconds_check`` and ``eval.accuracy_check``), then the lowest geometric mean of the
+final loss over re-tuned Adam's
 (:func:`experiments.choose_variant.compare` with the candidate ``'config'`` on each
 value's divergence; ties go to the first value listed).
 Writes ``sweep.json`` and prints a markdown table.
@@ -200,13 +202,14 @@ def format_sweep(result: dict) -> str:
   if result['criterion'] == 'robustness':
     lines += ['', "The config's adaptive MetaMD under the checks (the rule of "
               "experiments.choose_variant; the table above is frozen MetaMD's):", '',
-              f"| {result['field']} | diverged runs where {result['reference']} trains | "
+              f"| {result['field']} | runs diverged or ended above their start where "
+              f"{result['reference']} trains | "
               f"faster than {result['reference']} re-tuned | final loss / re-tuned "
               f"{result['reference']} (geometric mean) |", '| --- | --- | --- | --- |']
     for value, row in result['rows'].items():
       score = row['robustness']
       faster = ', '.join(score['faster']) or 'none'
-      lines.append(f"| {value} | {score['diverged_runs']} | {score['num_faster']} of "
+      lines.append(f"| {value} | {choose_variant.failed_runs(score)} | {score['num_faster']} of "
                    f"{score['num_checks']} ({faster}) | "
                    f"{report.number_text(score['loss_ratio_geometric_mean'])} |")
   return '\n'.join(lines)

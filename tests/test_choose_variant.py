@@ -414,6 +414,27 @@ def test_seconds_check_must_be_a_boolean(tmp_path):
     builders.validate_config(config)
 
 
+def test_runs_that_end_above_their_start_count_with_diverged_ones():
+  """The rule's first step: runs that diverged or ended above their initial loss, where the
+  reference trains; a candidate that blows up to a finite loss loses to a slower one."""
+  checks = {'x': _check(10, {'a': (0, 5, 1.0, 0.5), 'b': (0, 8, 1.0, 0.6)}),
+            'y': _check(10, {'a': (0, 5, 1.0, 0.5), 'b': (0, 8, 1.0, 0.6)}),
+            'z': _check(10, {'a': (0, 5, 1.0, 0.5), 'b': (0, 8, 1.0, 0.6)}, adam_diverged=1)}
+  checks['x']['optimizers']['a']['above_initial_loss'] = 2
+  checks['z']['optimizers']['a']['above_initial_loss'] = 3  # Adam diverged there: not counted
+  scores = {n: choose_variant.score(checks, n, 'adam') for n in 'ab'}
+  assert (scores['a']['diverged_runs'], scores['a']['above_initial_runs'],
+          scores['a']['failed_runs']) == (0, 2, 2)
+  assert scores['b']['failed_runs'] == 0
+  assert scores['a']['num_faster'] == scores['b']['num_faster'] == 3  # both faster in all
+  assert choose_variant.choose(scores) == 'b'
+  # Without the count, a's lower loss would win; a row written before the count was kept
+  # is read by its diverged runs.
+  old = {n: {k: v for k, v in scores[n].items() if k not in ('above_initial_runs',
+                                                            'failed_runs')} for n in 'ab'}
+  assert choose_variant.choose(old) == 'a'
+
+
 def _with_accuracy(check, accuracies):
   """``check`` with mean test accuracies ``{name: accuracy}`` (the re-tuned reference's
   under ``'adam_retuned'``)."""

@@ -529,3 +529,52 @@ def test_trace_overshoot_names_bad_arguments(tmp_path, argv, message):
 def test_trace_overshoot_names_a_missing_divergence(tmp_path):
   with pytest.raises(FileNotFoundError, match='divergence.npz'):
     trace_overshoot.main(['--config', str(CONFIGS / 'tiny.py'), '--workdir', str(tmp_path)])
+
+
+def _stored_check(entries, reference='adam'):
+  """A stored check: the baseline at its tuned rate trains, its re-tuned form reaches its
+  loss in 10 steps; ``entries``: ``{name: (above_initial_loss, steps, loss)}``."""
+  optimizers = {reference: {'diverged': 0},
+                f'{reference}_retuned': {'diverged': 0, 'final_train_loss': [1.0, 0.0],
+                                         f'steps_to_{reference}_retuned_final_loss': [10, 0.0],
+                                         'reached_fraction': 1.0}}
+  for name, (above, steps, loss) in entries.items():
+    optimizers[name] = {'diverged': 0, 'above_initial_loss': above,
+                        'final_train_loss': [loss, 0.0],
+                        f'steps_to_{reference}_retuned_final_loss': [steps, 0.0],
+                        'reached_fraction': 1.0}
+  return {'reference': f'{reference}_retuned', 'optimizers': optimizers}
+
+
+def test_rescore_choices_applies_the_current_rule_to_stored_results(tmp_path, capsys):
+  from experiments import choose_variant
+  from scripts import rescore_choices
+  # Stored before runs above their start counted: 'a' (lower loss, 2 runs above its
+  # start) was chosen; the current rule takes 'b'.
+  checks = {'x': _stored_check({'a': (2, 5, 0.5), 'b': (0, 8, 0.6)})}
+  old = {n: {k: v for k, v in choose_variant.score(checks, n, 'adam').items()
+             if k not in ('above_initial_runs', 'failed_runs')} for n in 'ab'}
+  stored = {'reference': 'adam', 'checks': checks, 'scores': old,
+            'chosen': choose_variant.choose(old)}
+  assert stored['chosen'] == 'a'
+  result = rescore_choices.rescore(stored)
+  assert (result['stored'], result['chosen']) == ('a', 'b')
+  assert result['scores']['a']['failed_runs'] == 2
+  # A robustness sweep judged against AdamW: its rows' checks name the baseline.
+  rows = {value: {'checks': {'x': _stored_check({'config': (above, 5, 0.5)}, 'adamw')},
+                  'robustness': {'num_checks': 1}}
+          for value, above in (('0.1', 1), ('0.3', 0))}
+  sweep = {'criterion': 'robustness', 'reference': 'adam', 'chosen': '0.1', 'rows': rows}
+  result = rescore_choices.rescore(sweep)
+  assert result['chosen'] == '0.3' and result['scores']['0.1']['failed_runs'] == 1
+  paths = [tmp_path / 'cv.json', tmp_path / 'sweep.json']
+  for path, value in zip(paths, (stored, sweep)):
+    path.write_text(json.dumps(value))
+  rescore_choices.main([str(p) for p in paths])
+  out = capsys.readouterr().out
+  assert '| cv.json | a | b | a: 2 |' in out and '2 of 2 choices differ' in out
+  (tmp_path / 'other.json').write_text('{"chosen": "a"}')
+  with pytest.raises(SystemExit, match='other.json: not a choose_variant result'):
+    rescore_choices.main([str(tmp_path / 'other.json')])
+  with pytest.raises(SystemExit, match='missing.json: no such file'):
+    rescore_choices.main([str(tmp_path / 'missing.json')])

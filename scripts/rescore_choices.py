@@ -1,0 +1,81 @@
+"""Re-apply the current rule of experiments.choose_variant to stored comparisons (no runs).
+
+Reads results files of :mod:`experiments.choose_variant` (``choose_variant.json``) and of
+:mod:`experiments.sweep` with ``--rule=robustness`` (``sweep.json``), scores every candidate
+or value again from the checks stored in them (:func:`experiments.choose_variant.score`,
+with the file's own check in seconds and accuracy setting), and prints per file the choice
+stored in it, the choice of the current rule and each candidate's runs that diverged or
+ended above their start. A rule change can so be checked against every choice made before
+it without running anything again::
+
+  python -m scripts.rescore_choices experiments/results/choose_variant_*.json \\
+      experiments/results/sweep_*_robustness_*.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+from experiments import choose_variant
+
+
+def _baseline(checks: dict) -> str:
+  """The baseline the checks re-tune (their reference is ``'<baseline>_retuned'``): a
+  sweep's own ``'reference'`` is the one its frozen-MetaMD table uses, Adam, also for a
+  family whose rule judged against AdamW."""
+  reference = next(iter(checks.values()))['reference']
+  return reference.removesuffix('_retuned')
+
+
+def rescore(result: dict) -> dict:
+  """``{'stored', 'chosen', 'scores'}`` of one stored comparison under the current rule.
+
+  Raises:
+    ValueError: on a file that is neither a choose_variant result nor a robustness sweep.
+  """
+  if 'scores' in result and 'checks' in result:  # choose_variant: candidates on one divergence
+    seconds = result.get(choose_variant.SECONDS)
+    accuracy = result.get('accuracy_check', False)
+    scores = {name: choose_variant.score(result['checks'], name, result['reference'],
+                                         seconds, accuracy)
+              for name in result['scores']}
+  elif result.get('criterion') == 'robustness':  # a sweep: the config's own candidate per value
+    scores = {}
+    for value, row in result['rows'].items():
+      accuracy = (row['robustness']['num_checks'] > len(row['checks'])
+                  + (choose_variant.SECONDS in row))
+      scores[value] = choose_variant.score(row['checks'], choose_variant.OWN,
+                                           _baseline(row['checks']),
+                                           row.get(choose_variant.SECONDS), accuracy)
+  else:
+    raise ValueError('not a choose_variant result or a robustness sweep: no scores and '
+                     "checks, and no criterion 'robustness'.")
+  return {'stored': result['chosen'], 'chosen': choose_variant.choose(scores), 'scores': scores}
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('files', nargs='+', type=pathlib.Path)
+  args = parser.parse_args(argv)
+  changed = 0
+  print('| file | stored choice | current rule | runs diverged or above their start |')
+  print('| --- | --- | --- | --- |')
+  for path in args.files:
+    if not path.is_file():
+      raise SystemExit(f'{path}: no such file.')
+    try:
+      result = rescore(json.loads(path.read_text()))
+    except ValueError as error:
+      raise SystemExit(f'{path}: {error}') from None
+    failed = {name: choose_variant.failed_runs(row) for name, row in result['scores'].items()
+              if choose_variant.failed_runs(row)}
+    changed += result['chosen'] != result['stored']
+    print(f"| {path.name} | {result['stored']} | {result['chosen']} | "
+          f"{', '.join(f'{n}: {k}' for n, k in failed.items()) or 'none'} |")
+  print(f'\n{changed} of {len(args.files)} choices differ under the current rule.')
+
+
+if __name__ == '__main__':
+  main()
