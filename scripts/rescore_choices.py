@@ -4,9 +4,10 @@ Reads results files of :mod:`experiments.choose_variant` (``choose_variant.json`
 :mod:`experiments.sweep` with ``--rule=robustness`` (``sweep.json``), scores every candidate
 or value again from the checks stored in them (:func:`experiments.choose_variant.score`,
 with the file's own check in seconds and accuracy setting), and prints per file the choice
-stored in it, the choice of the current rule and each candidate's runs that diverged or
-ended above their start. A rule change can so be checked against every choice made before
-it without running anything again::
+stored in it, the choice of the current rule, each candidate's runs that diverged or ended
+above their start, and whether the stored scores' figures (diverged runs, checks won,
+geometric mean) are reproduced. A rule change can so be checked against every choice made
+before it without running anything again::
 
   python -m scripts.rescore_choices experiments/results/choose_variant_*.json \\
       experiments/results/sweep_*_robustness_*.json
@@ -30,7 +31,8 @@ def _baseline(checks: dict) -> str:
 
 
 def rescore(result: dict) -> dict:
-  """``{'stored', 'chosen', 'scores'}`` of one stored comparison under the current rule.
+  """``{'stored', 'chosen', 'scores', 'reproduced'}`` of one stored comparison under the
+  current rule.
 
   Raises:
     ValueError: on a file that is neither a choose_variant result nor a robustness sweep.
@@ -52,7 +54,20 @@ def rescore(result: dict) -> dict:
   else:
     raise ValueError('not a choose_variant result or a robustness sweep: no scores and '
                      "checks, and no criterion 'robustness'.")
-  return {'stored': result['chosen'], 'chosen': choose_variant.choose(scores), 'scores': scores}
+  stored = (result['scores'] if 'scores' in result
+            else {value: row['robustness'] for value, row in result['rows'].items()})
+  return {'stored': result['chosen'], 'chosen': choose_variant.choose(scores), 'scores': scores,
+          'reproduced': all(_same(stored[name], scores[name]) for name in scores)}
+
+
+def _same(stored: dict, scored: dict) -> bool:
+  """Whether a stored score's diverged runs, checks won and geometric mean are the rescored
+  ones (the figures the rule read when the choice was made)."""
+  keys = ('diverged_runs', 'num_faster', 'num_checks')
+  if any(stored.get(key) != scored[key] for key in keys):
+    return False
+  a, b = stored.get('loss_ratio_geometric_mean'), scored['loss_ratio_geometric_mean']
+  return a == b or (a is not None and abs(a - b) <= 1e-12 * abs(a))
 
 
 def main(argv=None) -> None:
@@ -60,8 +75,9 @@ def main(argv=None) -> None:
   parser.add_argument('files', nargs='+', type=pathlib.Path)
   args = parser.parse_args(argv)
   changed = 0
-  print('| file | stored choice | current rule | runs diverged or above their start |')
-  print('| --- | --- | --- | --- |')
+  print('| file | stored choice | current rule | runs diverged or above their start | '
+        'stored scores reproduced |')
+  print('| --- | --- | --- | --- | --- |')
   for path in args.files:
     if not path.is_file():
       raise SystemExit(f'{path}: no such file.')
@@ -73,7 +89,8 @@ def main(argv=None) -> None:
               if choose_variant.failed_runs(row)}
     changed += result['chosen'] != result['stored']
     print(f"| {path.name} | {result['stored']} | {result['chosen']} | "
-          f"{', '.join(f'{n}: {k}' for n, k in failed.items()) or 'none'} |")
+          f"{', '.join(f'{n}: {k}' for n, k in failed.items()) or 'none'} | "
+          f"{'yes' if result['reproduced'] else 'no'} |")
   print(f'\n{changed} of {len(args.files)} choices differ under the current rule.')
 
 

@@ -572,7 +572,8 @@ def test_rescore_choices_applies_the_current_rule_to_stored_results(tmp_path, ca
     path.write_text(json.dumps(value))
   rescore_choices.main([str(p) for p in paths])
   out = capsys.readouterr().out
-  assert '| cv.json | a | b | a: 2 |' in out and '2 of 2 choices differ' in out
+  assert '| cv.json | a | b | a: 2 | yes |' in out and '2 of 2 choices differ' in out
+  assert '| sweep.json | 0.1 | 0.3 | 0.1: 1 | no |' in out  # its stored rows hold no figures
   (tmp_path / 'other.json').write_text('{"chosen": "a"}')
   with pytest.raises(SystemExit, match='other.json: not a choose_variant result'):
     rescore_choices.main([str(tmp_path / 'other.json')])
