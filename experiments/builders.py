@@ -199,6 +199,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not isinstance(evaluation.get(field, False), bool):
       _fail(f'eval.{field}', evaluation[field], 'must be True or False')
   _positive_int(config, 'eval.horizon_multiplier', minimum=0)
+  fraction = evaluation.get('seconds_check_fraction', 1.0)
+  if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
+      0 < fraction <= 1):
+    _fail('eval.seconds_check_fraction', fraction, 'must be a number in (0, 1]')
   if 'num_validation_tasks' in evaluation:
     _positive_int(config, 'eval.num_validation_tasks', minimum=0)
   if not evaluation.learning_rates or not all(

@@ -30,15 +30,29 @@ def _baseline(checks: dict) -> str:
   return reference.removesuffix('_retuned')
 
 
-def rescore(result: dict) -> dict:
+def rejudge_seconds(seconds: dict | None, fraction: float | None) -> dict | None:
+  """A stored check in seconds with each optimiser's ``'faster'`` judged again against
+  ``fraction`` of the reference's ``T``-step time (``None``: as stored)."""
+  if seconds is None or fraction is None:
+    return seconds
+  optimizers = {}
+  for name, entry in seconds['optimizers'].items():
+    share = entry['elapsed_fraction_of_reference_T_seconds']
+    optimizers[name] = {**entry, 'faster': bool(entry['reached_fraction'] == 1.0
+                                               and share is not None and share < fraction)}
+  return {**seconds, 'fraction': fraction, 'optimizers': optimizers}
+
+
+def rescore(result: dict, seconds_fraction: float | None = None) -> dict:
   """``{'stored', 'chosen', 'scores', 'reproduced'}`` of one stored comparison under the
-  current rule.
+  current rule (``seconds_fraction``: its check in seconds judged against that share of
+  the reference's ``T``-step time instead of the stored one's).
 
   Raises:
     ValueError: on a file that is neither a choose_variant result nor a robustness sweep.
   """
   if 'scores' in result and 'checks' in result:  # choose_variant: candidates on one divergence
-    seconds = result.get(choose_variant.SECONDS)
+    seconds = rejudge_seconds(result.get(choose_variant.SECONDS), seconds_fraction)
     accuracy = result.get('accuracy_check', False)
     scores = {name: choose_variant.score(result['checks'], name, result['reference'],
                                          seconds, accuracy)
@@ -50,7 +64,8 @@ def rescore(result: dict) -> dict:
                   + (choose_variant.SECONDS in row))
       scores[value] = choose_variant.score(row['checks'], choose_variant.OWN,
                                            _baseline(row['checks']),
-                                           row.get(choose_variant.SECONDS), accuracy)
+                                           rejudge_seconds(row.get(choose_variant.SECONDS),
+                                                           seconds_fraction), accuracy)
   else:
     raise ValueError('not a choose_variant result or a robustness sweep: no scores and '
                      "checks, and no criterion 'robustness'.")
@@ -73,7 +88,12 @@ def _same(stored: dict, scored: dict) -> bool:
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('files', nargs='+', type=pathlib.Path)
+  parser.add_argument('--seconds-fraction', type=float, default=None,
+                      help='judge each stored check in seconds against this share of the '
+                           "reference's T-step time (default: as stored)")
   args = parser.parse_args(argv)
+  if args.seconds_fraction is not None and not 0 < args.seconds_fraction <= 1:
+    raise SystemExit(f'--seconds-fraction must be in (0, 1], got {args.seconds_fraction}.')
   changed = 0
   print('| file | stored choice | current rule | runs diverged or above their start | '
         'stored scores reproduced |')
@@ -82,7 +102,7 @@ def main(argv=None) -> None:
     if not path.is_file():
       raise SystemExit(f'{path}: no such file.')
     try:
-      result = rescore(json.loads(path.read_text()))
+      result = rescore(json.loads(path.read_text()), args.seconds_fraction)
     except ValueError as error:
       raise SystemExit(f'{path}: {error}') from None
     failed = {name: choose_variant.failed_runs(row) for name, row in result['scores'].items()

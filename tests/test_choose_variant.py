@@ -376,6 +376,15 @@ def test_seconds_check_times_runs_stopped_at_the_reference_loss(monkeypatch):
   table = '\n'.join(choose_variant.seconds_lines(result))
   assert '| quick | 0.0050 ± 0.0000 | 0.5 | yes |' in table
   assert '(50% reached) | 1 | no |' in table
+  # Against a share of the reference's time (eval.seconds_check_fraction): half of it is
+  # not beaten by a run that takes half, 0.6 of it is.
+  for fraction, won in ((0.5, False), (0.6, True)):
+    result = choose_variant.seconds_check(optimizers, 'ref', None, tasks, curves, steps,
+                                          repeats=2, fraction=fraction)
+    assert result['fraction'] == fraction
+    assert result['optimizers']['quick']['faster'] == won
+    assert not result['optimizers']['slow']['faster']
+    assert f'against {fraction:g} of its own' in result['description']
 
 
 def test_compare_with_the_seconds_check(tmp_path, monkeypatch):
@@ -399,7 +408,10 @@ def test_compare_with_the_seconds_check(tmp_path, monkeypatch):
     assert row['reached_fraction'] == reached
     if reached == 1.0:
       assert row['elapsed_seconds_to_reference_final_loss'][0] == pytest.approx(1e-3 * steps)
-    assert row['faster'] == (reached == 1.0 and steps < config.eval.num_steps)
+    # Won below the config's share of the reference's time (the default's third).
+    assert config.eval.seconds_check_fraction == pytest.approx(1 / 3)
+    assert row['faster'] == (reached == 1.0 and steps < config.eval.seconds_check_fraction
+                             * config.eval.num_steps)
   row = result['scores']['adaptive']
   assert row == choose_variant.score(result['checks'], 'adaptive', 'adam', timed)
   assert row['num_checks'] == 2
@@ -513,6 +525,14 @@ def test_num_validation_tasks_defaults_to_num_tasks_and_is_checked():
   builders.validate_config(config)
   config.eval.num_validation_tasks = -1
   with pytest.raises(ValueError, match='eval.num_validation_tasks must be an integer >= 0'):
+    builders.validate_config(config)
+
+
+@pytest.mark.parametrize('fraction', [0.0, -0.1, 1.5, float('nan')])
+def test_seconds_check_fraction_must_be_in_zero_one(fraction):
+  config = tiny.get_config()
+  config.eval.seconds_check_fraction = fraction
+  with pytest.raises(ValueError, match=r'eval.seconds_check_fraction must be a number in'):
     builders.validate_config(config)
 
 

@@ -574,6 +574,17 @@ def test_rescore_choices_applies_the_current_rule_to_stored_results(tmp_path, ca
   out = capsys.readouterr().out
   assert '| cv.json | a | b | a: 2 | yes |' in out and '2 of 2 choices differ' in out
   assert '| sweep.json | 0.1 | 0.3 | 0.1: 1 | no |' in out  # its stored rows hold no figures
+  # A stored check in seconds judged again against a third of the reference's time.
+  seconds = {'optimizers': {'a': {'reached_fraction': 1.0, 'faster': True,
+                                  'elapsed_fraction_of_reference_T_seconds': 0.4},
+                            'b': {'reached_fraction': 1.0, 'faster': True,
+                                  'elapsed_fraction_of_reference_T_seconds': 0.2}}}
+  timed = dict(stored, **{choose_variant.SECONDS: seconds})
+  assert [rescore_choices.rescore(timed)['scores'][n]['num_faster'] for n in 'ab'] == [2, 2]
+  third = rescore_choices.rescore(timed, seconds_fraction=1 / 3)['scores']
+  assert [third[n]['num_faster'] for n in 'ab'] == [1, 2]
+  with pytest.raises(SystemExit, match='--seconds-fraction must be in'):
+    rescore_choices.main(['--seconds-fraction', '0', str(paths[0])])
   (tmp_path / 'other.json').write_text('{"chosen": "a"}')
   with pytest.raises(SystemExit, match='other.json: not a choose_variant result'):
     rescore_choices.main([str(tmp_path / 'other.json')])
