@@ -118,7 +118,7 @@ def _digits_mlp() -> ml_collections.ConfigDict:
   # meta-steps as well (60 before section 20), so that the benchmark meta-tests the
   # divergence the variant's settings were chosen for on validation tasks.
   config.meta.checkpoint_every = 20
-  # The digits targets: T/4 steps to Adam's loss with no loss of test accuracy.
+  # The digits targets: T/4 steps to Adam's loss with no loss of test accuracy.
   return _family(config, _targets(steps_at_most_T_over=4,
                                   test_accuracy_at_least_reference=True,
                                   fewer_steps_than_every_baseline=True,

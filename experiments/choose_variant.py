@@ -78,7 +78,7 @@ meta-train-tuned learning rate run next to them for comparison. The rule, fixed 
 1. fewest failed runs over the checks where the reference, at its meta-train-tuned
    learning rate, trains (:func:`experiments.benchmark_targets.robustness_summary`): runs
    that diverged (a non-finite loss) or ended above their initial loss, the two outcomes
-   the issue's robustness table reports (:func:`failed_runs`; counting the second as well
+   the benchmark's robustness table reports (:func:`failed_runs`; counting the second as well
    changes none of the choices recorded in experiments/RESULTS.md up to section 27);
 2. then the most checks won: those where the candidate reaches the re-tuned reference's
    final loss on every task in fewer mean steps than the re-tuned reference (and, with
@@ -113,7 +113,7 @@ own ``T``-step time; won when faster, so that a candidate whose steps are few bu
 does not win the time a user waits by counting steps alone. With ``eval.accuracy_check``
 (a classification family) also ``'in_distribution_accuracy'`` (:func:`accuracy_won`):
 in distribution, won when the candidate's mean test accuracy over the validation tasks is
-at least the re-tuned reference's, the issue's accuracy target, so that a candidate whose
+at least the re-tuned reference's, the benchmark's accuracy target, so that a candidate whose
 loss falls fast but which generalises worse than the reference does not win on steps
 alone (experiments/RESULTS.md section 27).
 """
@@ -335,7 +335,7 @@ def has_accuracy(checks: dict) -> bool:
 def accuracy_won(check: dict, name: str) -> bool:
   """The check in test accuracy, on the in-distribution ``check``: won when ``name``
   has no diverged run and its mean test accuracy over the validation tasks is at least
-  the re-tuned reference's (the issue's "test accuracy no lower than Adam's")."""
+  the re-tuned reference's (the benchmark's "test accuracy no lower than Adam's")."""
   entries = check['optimizers']
   mine = entries.get(name, {})
   theirs = entries[check['reference']]
@@ -384,7 +384,7 @@ def seconds_check(optimizers: dict, reference: str, family, tasks: PyTree,
   wins the check when it reaches the loss on every task and its mean seconds are below
   ``fraction`` times the reference's mean ``num_steps``-step seconds: with ``fraction =
   1`` the steps checks' "faster than the re-tuned reference", counted in the time a user
-  waits; with ``1/3`` the issue's wall-clock target (``eval.seconds_check_fraction``).
+  waits; with ``1/3`` the benchmark's wall-clock target (``eval.seconds_check_fraction``).
 
   Args:
     optimizers: ``{name: optimizer}``, the reference among them.

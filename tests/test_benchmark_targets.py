@@ -44,7 +44,7 @@ def test_the_config_declares_the_issue_targets():
   assert mnist.test_accuracy_at_least_reference and not mnist.fewer_steps_than_every_baseline
   for name in ('mnist1d_cnn', 'digits_mlp', 'least_squares'):
     assert config.families[name].targets.fewer_steps_than_every_baseline
-  # Digits: the issue's T/4 and test accuracy no lower than Adam's, as well.
+  # Digits: T/4 and test accuracy no lower than Adam's, as well.
   digits = config.families.digits_mlp.targets
   assert digits.steps_at_most_T_over == 4 and digits.test_accuracy_at_least_reference
   for name in ('mnist1d_cnn', 'least_squares'):
