@@ -341,6 +341,8 @@ def _validate_language_model(task) -> None:
   if task.slice_size < task.context + 1:
     _fail('task.slice_size', task.slice_size,
           f'must be at least task.context + 1 ({task.context + 1})')
+  if 'text_block_size' in task:
+    _positive_int({'task': task}, 'task.text_block_size', minimum=0)
 
 
 def _load(task, name: str, split: str) -> datasets.Dataset:
@@ -374,12 +376,12 @@ def build_transformer(task) -> models.TransformerLM:
 def language_model_family(task, name: str, region: str) -> LanguageModelFamily:
   """Tasks on slices of region ``region`` of text ``name``, evaluated on its test region.
 
-  Regions are those of :func:`metamd_jax.text.split_text`: meta-training slices come from
-  ``'train'``, held-out tasks' slices from ``'heldout'``, test bits per byte from
-  ``'test'``.
+  Regions are those of :func:`metamd_jax.text.split_text` (contiguous, or interleaved
+  blocks of ``task.text_block_size`` bytes): meta-training slices come from ``'train'``,
+  held-out tasks' slices from ``'heldout'``, test bits per byte from ``'test'``.
   """
   whole = text.load_text(name, data_dir=task.data_dir or None)
-  regions = text.split_text(whole)
+  regions = text.split_text(whole, task.get('text_block_size', 0))
   return LanguageModelFamily(train=regions[region], test=regions['test'],
                              model=build_transformer(task), batch_size=task.batch_size,
                              context=task.context, slice_size=task.slice_size,

@@ -17,7 +17,11 @@ Regions: :func:`split_text` cuts a text into three contiguous regions, in order,
 ``'train'`` (meta-training slices, the first 80%), ``'heldout'`` (slices for held-out
 tasks, the next 10%) and ``'test'`` (held-out evaluation text, the last 10%), so no
 held-out task trains on text that meta-training saw and no task evaluates on text it
-trained on.
+trained on. A text whose content changes along the file (the standard library's modules in
+path order) then gives regions of different kinds; with ``block_size = b`` the regions are
+cut from interleaved blocks of ``b`` bytes instead (of every ten blocks, eight go to
+``'train'``, one to ``'heldout'`` and one to ``'test'``), still disjoint, each drawn from
+the whole file.
 """
 
 from __future__ import annotations
@@ -163,16 +167,20 @@ def load_text_file(path: PathLike) -> Text:
   return _from_bytes(data, path.stem, str(path))
 
 
-def load_text(name: str, data_dir: PathLike | None = None, region: str = 'all') -> Text:
+def load_text(name: str, data_dir: PathLike | None = None, region: str = 'all',
+              block_size: int = 0) -> Text:
   """A text by name, whole or one region of it (:func:`split_text`).
 
   Args:
     name: one of :data:`TEXTS`.
     data_dir: the file or directory of ``'text_file'`` (ignored by the others).
     region: one of :data:`REGIONS`.
+    block_size: 0 (contiguous regions) or the bytes per interleaved block
+      (:func:`split_text`).
 
   Raises:
-    ValueError: on an unknown name or region, or ``'text_file'`` without ``data_dir``.
+    ValueError: on an unknown name or region, ``'text_file'`` without ``data_dir``, or a
+      bad ``block_size``.
   """
   if name not in TEXTS:
     raise ValueError(f'unknown text {name!r}; valid names are {", ".join(TEXTS)}')
@@ -187,14 +195,43 @@ def load_text(name: str, data_dir: PathLike | None = None, region: str = 'all') 
       raise ValueError("text 'text_file' is read from a local file: task.data_dir must be "
                        'set to a .txt file or a directory with one (nothing is downloaded)')
     text = load_text_file(data_dir)
-  return text if region == 'all' else split_text(text)[region]
+  return text if region == 'all' else split_text(text, block_size)[region]
 
 
-def split_text(text: Text) -> dict[str, Text]:
-  """The contiguous ``'train'``, ``'heldout'`` and ``'test'`` regions of ``text``.
+BLOCK_PATTERN: tuple[str, ...] = ('train',) * 8 + ('heldout', 'test')
+"""The region of each of every ten consecutive blocks (:data:`REGION_FRACTIONS`)."""
 
-  Boundaries at 80% and 90% of the bytes (:data:`REGION_FRACTIONS`), rounded down.
+
+def split_text(text: Text, block_size: int = 0) -> dict[str, Text]:
+  """The ``'train'``, ``'heldout'`` and ``'test'`` regions of ``text``.
+
+  ``block_size = 0``: contiguous regions, boundaries at 80% and 90% of the bytes
+  (:data:`REGION_FRACTIONS`), rounded down. ``block_size = b > 0``: the text cut into
+  blocks of ``b`` bytes (the last one shorter), block ``i`` going to region
+  ``BLOCK_PATTERN[i % 10]``; each region is its blocks joined in order.
+
+  Raises:
+    ValueError: on a negative or non-integer ``block_size``, or one so large that a
+      region gets no byte.
   """
+  if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or (
+      block_size < 0):
+    raise ValueError(f'block_size must be an integer >= 0 (0: contiguous regions), got '
+                     f'{block_size!r}')
+  if block_size:
+    starts = range(0, len(text), block_size)
+    chosen = {region: [] for region in ('train', 'heldout', 'test')}
+    for index, start in enumerate(starts):
+      chosen[BLOCK_PATTERN[index % len(BLOCK_PATTERN)]].append(
+          text.tokens[start:start + block_size])
+    empty = [region for region, blocks in chosen.items() if not blocks]
+    if empty:
+      raise ValueError(f'block_size {block_size} leaves the regions {empty} of '
+                       f'{text.name!r} ({len(text)} bytes) empty: at most '
+                       f'{len(text) // len(BLOCK_PATTERN)}')
+    return {region: Text(np.concatenate(blocks), f'{text.name}:{region}:{block_size}',
+                         text.source)
+            for region, blocks in chosen.items()}
   n = len(text)
   first = int(n * REGION_FRACTIONS[0])
   second = int(n * (REGION_FRACTIONS[0] + REGION_FRACTIONS[1]))

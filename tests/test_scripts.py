@@ -590,3 +590,24 @@ def test_rescore_choices_applies_the_current_rule_to_stored_results(tmp_path, ca
     rescore_choices.main([str(tmp_path / 'other.json')])
   with pytest.raises(SystemExit, match='missing.json: no such file'):
     rescore_choices.main([str(tmp_path / 'missing.json')])
+
+
+def test_text_regions_measures_each_region_alone(capsys):
+  import zlib
+
+  from metamd_jax import text
+  from scripts import text_regions
+  rows = text_regions.region_rows('python_docs', [0, 4096], chunk=4096)
+  regions = text.split_text(text.load_text('python_docs'), 4096)
+  data = bytes(regions['heldout'].tokens)
+  expected = 8 * sum(len(zlib.compress(data[i:i + 4096], 9))
+                     for i in range(0, len(data), 4096)) / len(data)
+  assert rows[1]['heldout'] == (len(data), pytest.approx(expected))
+  assert sum(rows[0][r][0] for r in text_regions.REGIONS) == len(text.load_text('python_docs'))
+  text_regions.main(['--texts', 'python_docs', '--block-sizes', '0,4096'])
+  out = capsys.readouterr().out
+  assert out.count('| python_docs |') == 2
+  with pytest.raises(SystemExit, match='--block-sizes must be integers'):
+    text_regions.main(['--block-sizes', 'a'])
+  with pytest.raises(SystemExit, match='block_size must be an integer >= 0'):
+    text_regions.main(['--texts', 'python_docs', '--block-sizes', '-5'])

@@ -74,3 +74,36 @@ def test_regions_partition_the_text_in_order():
   docs = text.load_text('python_docs')
   np.testing.assert_array_equal(text.load_text('python_docs', region='heldout').tokens,
                                 text.split_text(docs)['heldout'].tokens)
+
+
+def test_interleaved_regions_are_disjoint_blocks_from_the_whole_text():
+  whole = text.Text((np.arange(1000) % 251).astype(np.uint8), 'n', 'test')
+  regions = text.split_text(whole, block_size=30)
+  # 34 blocks, the last of 10 bytes: blocks 8, 18, 28 held out; 9, 19, 29 test; the
+  # other 28 train (27 x 30 + 10 bytes).
+  assert [len(regions[r]) for r in ('train', 'heldout', 'test')] == [820, 90, 90]
+  positions = {r: [] for r in ('train', 'heldout', 'test')}
+  for index, start in enumerate(range(0, 1000, 30)):
+    region = ('train',) * 8 + ('heldout', 'test')
+    positions[region[index % 10]].extend(range(start, min(start + 30, 1000)))
+  for region, where in positions.items():
+    np.testing.assert_array_equal(regions[region].tokens, whole.tokens[where])
+  # Disjoint, and together the whole text.
+  assert sorted(sum(positions.values(), [])) == list(range(1000))
+  # Each region is drawn from along the whole file, not one stretch of it.
+  assert min(positions['heldout']) == 240 and max(positions['heldout']) == 869
+  # block_size 0 is the contiguous split.
+  contiguous = text.split_text(whole, block_size=0)
+  np.testing.assert_array_equal(contiguous['heldout'].tokens, whole.tokens[800:900])
+  np.testing.assert_array_equal(text.load_text('python_docs', region='test',
+                                               block_size=4096).tokens,
+                                text.split_text(text.load_text('python_docs'),
+                                                4096)['test'].tokens)
+
+
+@pytest.mark.parametrize('block_size, match', [(-1, 'integer >= 0'), (1.5, 'integer >= 0'),
+                                                (True, 'integer >= 0'), (200, 'empty')])
+def test_bad_block_sizes_are_named(block_size, match):
+  whole = text.Text(np.zeros(1000, np.uint8), 'n', 'test')
+  with pytest.raises(ValueError, match=match):
+    text.split_text(whole, block_size=block_size)
