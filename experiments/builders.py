@@ -381,7 +381,12 @@ def language_model_family(task, name: str, region: str) -> LanguageModelFamily:
   held-out tasks' slices from ``'heldout'``, test bits per byte from ``'test'``.
   """
   whole = text.load_text(name, data_dir=task.data_dir or None)
-  regions = text.split_text(whole, task.get('text_block_size', 0))
+  block_size = task.get('text_block_size', 0)
+  try:
+    regions = text.split_text(whole, block_size)
+  except ValueError as error:
+    raise ValueError(f'config.task.text_block_size {block_size}: {error} (0: contiguous '
+                     'regions)') from None
   return LanguageModelFamily(train=regions[region], test=regions['test'],
                              model=build_transformer(task), batch_size=task.batch_size,
                              context=task.context, slice_size=task.slice_size,

@@ -705,13 +705,15 @@ def test_language_model_families_and_shifts_use_the_right_text():
   config = _tiny_language_model_config()
   builders.validate_config(config)
   meta_train_family, meta_test_family = builders.build_families(config)
-  assert meta_train_family.train.name == 'python_docs:train'
-  assert meta_test_family.train.name == 'python_docs:heldout'
-  assert meta_train_family.test.name == meta_test_family.test.name == 'python_docs:test'
+  blocks = f':{config.task.text_block_size}'  # the regions' interleaved blocks
+  assert meta_train_family.train.name == 'python_docs:train' + blocks
+  assert meta_test_family.train.name == 'python_docs:heldout' + blocks
+  assert meta_train_family.test.name == meta_test_family.test.name == 'python_docs:test' + blocks
   code = builders.shifted_family(config, meta_test_family, 'heldout_text', 'meta_test')
-  assert code.train.name == 'python_stdlib:heldout' and code.test.name == 'python_stdlib:test'
+  assert code.train.name == 'python_stdlib:heldout' + blocks
+  assert code.test.name == 'python_stdlib:test' + blocks
   tuning = builders.shifted_family(config, meta_train_family, 'heldout_text', 'meta_train')
-  assert tuning.train.name == 'python_stdlib:train'
+  assert tuning.train.name == 'python_stdlib:train' + blocks
   quarter = builders.shifted_family(config, meta_test_family, 'batch_quarter')
   assert quarter.batch_size == 1 and quarter.train is meta_test_family.train
   with pytest.raises(ValueError, match='changes image inputs'):
@@ -779,6 +781,10 @@ def test_language_model_on_a_user_text_file(tmp_path):
   (tmp_path / 'corpus.txt').write_bytes(corpus)
   config.task.data_dir = str(tmp_path / 'corpus.txt')
   builders.validate_config(config)
+  # 25 KB is too short for ten blocks of the config's 4096 bytes: the field is named.
+  with pytest.raises(ValueError, match=r'config\.task\.text_block_size 4096: .* empty'):
+    builders.build_families(config)
+  config.task.text_block_size = 0  # contiguous regions
   meta_train_family, meta_test_family = builders.build_families(config)
   assert meta_train_family.train.tokens.tobytes() == corpus[:20_000]
   assert meta_test_family.train.tokens.tobytes() == corpus[20_000:22_500]
