@@ -61,7 +61,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Chosen with the blend rate below on 10 validation tasks by the rule of
   # experiments.choose_variant with its check in test accuracy (experiments/RESULTS.md
   # section 27): 100 meta-steps with the blend rate 0.1 win 11 of 11 checks, 200 meta-steps
-  # with 0.2 win 8 of 11 (section 26 had chosen those on 5 tasks without the accuracy check).
+  # with 0.2 win 8 of 11 (10 and 7 of 11 with the check in seconds at a third of Adam's time;
+  # section 26 had chosen 200 and 0.2 on 5 tasks without the accuracy check).
   meta.num_meta_steps = 100
   # Muon's orthogonalised updates change each factor by a bounded spectral norm per step,
   # which keeps the learned step sizes stable (elementwise Adam moves a dense m x m factor
