@@ -35,11 +35,8 @@ def rejudge_seconds(seconds: dict | None, fraction: float | None) -> dict | None
   ``fraction`` of the reference's ``T``-step time (``None``: as stored)."""
   if seconds is None or fraction is None:
     return seconds
-  optimizers = {}
-  for name, entry in seconds['optimizers'].items():
-    share = entry['elapsed_fraction_of_reference_T_seconds']
-    optimizers[name] = {**entry, 'faster': bool(entry['reached_fraction'] == 1.0
-                                               and share is not None and share < fraction)}
+  optimizers = {name: {**entry, 'faster': choose_variant.won_in_time(entry, fraction)}
+                for name, entry in seconds['optimizers'].items()}
   return {**seconds, 'fraction': fraction, 'optimizers': optimizers}
 
 
