@@ -14,7 +14,9 @@ Nothing here touches the held-out tasks or the test split:
 
 * ``final_train_loss``: the loss on each task's whole training subset after
   ``eval.num_steps`` steps;
-* ``steps_to_adam``: steps to the final loss of Adam tuned on the same tasks;
+* ``steps_to_reference``: steps to the final loss of the config's reference
+  (``eval.reference``: Adam in the default config, AdamW for the transformer) tuned on the
+  same tasks;
 * ``validation_accuracy`` (classification): accuracy on the examples of the training pool
   outside the task's own subset, which the task never trains on.
 
@@ -25,9 +27,9 @@ With ``--rule=robustness`` the value is chosen for the learned optimiser the con
 meta-tests instead (adaptive MetaMD with the config's own ``eval.adaptive_*`` settings),
 by the rule of :mod:`experiments.choose_variant` on the same validation tasks as they are
 and under each of ``eval.shifts``: fewest runs diverged or ended above their start, then
-the most checks won (faster than re-tuned Adam; in seconds and in test accuracy with
+the most checks won (faster than the re-tuned reference; in seconds and in test accuracy with
 ``eval.seconds_check`` and ``eval.accuracy_check``), then the lowest geometric mean of the
-final loss over re-tuned Adam's
+final loss over the re-tuned reference's
 (:func:`experiments.choose_variant.compare` with the candidate ``'config'`` on each
 value's divergence; ties go to the first value listed).
 Writes ``sweep.json`` and prints a markdown table.
@@ -54,7 +56,6 @@ from metamd_jax.tasks import ClassificationFamily  # noqa: E402
 from metamd_jax.tasks.base import TaskFamily  # noqa: E402
 from metamd_jax.types import PyTree  # noqa: E402
 
-REFERENCE = 'adam'
 RULES = ('accuracy', 'robustness')
 
 
@@ -121,7 +122,7 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, field: 
 
   Returns:
     ``{'field', 'values', 'reference', 'reference_learning_rate', 'num_tasks',
-    'chosen', 'criterion', 'rows': {value: {'final_train_loss', 'steps_to_adam',
+    'chosen', 'criterion', 'rows': {value: {'final_train_loss', 'steps_to_reference',
     'reached_fraction', 'validation_accuracy', 'dropped_tasks', 'best_meta_step'}}}``,
     statistics as ``[mean, std]`` over the validation tasks; with ``rule='robustness'``
     each row also has ``'robustness'`` (the rule's score) and ``'checks'`` (and, with
@@ -135,12 +136,13 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, field: 
   family, _ = builders.build_families(config)
   num_tasks = builders.num_validation_tasks(ev)
   tasks = evaluation.tuning_tasks(family, config.seed, num_tasks)
-  tuned, _ = protocol.tune_baselines((REFERENCE,), ev, family, tasks, ev.num_steps)
+  reference = ev.reference  # the checks' reference too (experiments.choose_variant)
+  tuned, _ = protocol.tune_baselines((reference,), ev, family, tasks, ev.num_steps)
   target = None
-  if tuned[REFERENCE] is not None:
-    adam = evaluation.run(builders.BASELINES[REFERENCE](tuned[REFERENCE]), family, tasks,
-                          ev.num_steps, track_every=1)
-    target = evaluation.final_train_loss(adam.train_losses)
+  if tuned[reference] is not None:
+    curves = evaluation.run(builders.BASELINES[reference](tuned[reference]), family, tasks,
+                            ev.num_steps, track_every=1)
+    target = evaluation.final_train_loss(curves.train_losses)
   rows = {}
   for value, value_config in configs.items():
     value_workdir = workdir / f'{field}={value:g}'
@@ -151,7 +153,8 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, field: 
            'best_meta_step': int(result.state.best_step)}
     if target is not None:
       reached = protocol.reach(curves, target)
-      row.update(steps_to_adam=reached['steps'], reached_fraction=reached['reached_fraction'])
+      row.update(steps_to_reference=reached['steps'],
+                 reached_fraction=reached['reached_fraction'])
     if 'validation_accuracy' in curves.metrics:
       row['validation_accuracy'] = report.pair(curves.metrics['validation_accuracy'])
     if rule == 'robustness':
@@ -166,8 +169,8 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, field: 
     rows[f'{value:g}'] = row
   if rule == 'robustness':
     chosen = choose_variant.choose({key: row['robustness'] for key, row in rows.items()})
-    return {'field': field, 'values': [f'{v:g}' for v in values], 'reference': REFERENCE,
-            'reference_learning_rate': tuned[REFERENCE], 'num_tasks': num_tasks,
+    return {'field': field, 'values': [f'{v:g}' for v in values], 'reference': reference,
+            'reference_learning_rate': tuned[reference], 'num_tasks': num_tasks,
             'tasks': 'validation: meta-train tuning tasks (evaluation.tuning_tasks)',
             'criterion': 'robustness', 'chosen': chosen, 'rows': rows}
   criterion = ('validation_accuracy' if all('validation_accuracy' in r for r in rows.values())
@@ -179,8 +182,8 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, field: 
     return -math.inf if mean is None else sign * mean
 
   chosen = max(rows, key=score)  # max keeps the first of equal scores
-  return {'field': field, 'values': [f'{v:g}' for v in values], 'reference': REFERENCE,
-          'reference_learning_rate': tuned[REFERENCE], 'num_tasks': num_tasks,
+  return {'field': field, 'values': [f'{v:g}' for v in values], 'reference': reference,
+          'reference_learning_rate': tuned[reference], 'num_tasks': num_tasks,
           'tasks': 'validation: meta-train tuning tasks (evaluation.tuning_tasks)',
           'criterion': criterion, 'chosen': chosen, 'rows': rows}
 
@@ -194,8 +197,9 @@ def format_sweep(result: dict) -> str:
            'loss | validation accuracy | dropped inner runs | kept meta-step |',
            '| --- | --- | --- | --- | --- | --- |']
   for value, row in result['rows'].items():
-    steps = (report.reach_text(row['steps_to_adam'], row['reached_fraction'])
-             if 'steps_to_adam' in row else 'n/a')
+    # 'steps_to_adam': results written before the reference followed eval.reference.
+    reached = row.get('steps_to_reference', row.get('steps_to_adam'))
+    steps = 'n/a' if reached is None else report.reach_text(reached, row['reached_fraction'])
     lines.append(f"| {value} | {report.pair_text(row['final_train_loss'], '.4f')} | {steps} | "
                  f"{report.pair_text(row.get('validation_accuracy'), '.3f')} | "
                  f"{row['dropped_tasks']} | {row['best_meta_step']} |")

@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 import metamd_jax
@@ -98,3 +99,39 @@ def test_robustness_rule_scores_the_configs_adaptive_metamd_under_the_shifts(tmp
   assert own.keys() == choose_variant.CANDIDATES['eigen_kron_0.1_nesterov_0.5'].keys()
   with pytest.raises(ValueError, match='rule must be one of'):
     sweep.sweep(config, tmp_path, 'meta.eps', [0.1], rule='speed')
+
+
+def test_frozen_table_follows_the_configs_reference(tmp_path):
+  """The frozen table's steps are to the final loss of ``eval.reference`` (AdamW here), as
+  the robustness checks' are, tuned on the validation tasks; checked against a plain
+  ``optax.adamw`` run at the tuned rate and the steps counted in numpy."""
+  config = tiny.get_config()
+  config.eval.baselines = ('adam', 'adamw')
+  config.eval.reference = 'adamw'
+  result = sweep.sweep(config, tmp_path, 'meta.eps', [0.1], progress=False)
+  assert result['reference'] == 'adamw'
+  rate = result['reference_learning_rate']
+  assert rate in config.eval.learning_rates
+  family, _ = builders.build_families(config)
+  tasks = evaluation.tuning_tasks(family, config.seed, builders.num_validation_tasks(config.eval))
+  num_steps = config.eval.num_steps
+  reference = evaluation.run(optax.adamw(rate, b2=0.95, weight_decay=0.1), family, tasks,
+                             num_steps, track_every=1)
+  target = np.asarray(reference.train_losses)[:, -1]
+  divergence, _ = metamd_jax.load_divergence(tmp_path / 'meta.eps=0.1' / 'divergence.npz')
+  frozen = np.asarray(evaluation.run(metamd_jax.metamd(divergence), family, tasks, num_steps,
+                                     track_every=1).train_losses)
+  # Column k of the tracked losses is the loss after k steps (column 0: the start).
+  steps = [next((k for k in range(frozen.shape[1]) if frozen[i, k] <= target[i]), None)
+           for i in range(len(target))]
+  reached = [s for s in steps if s is not None]
+  row = result['rows']['0.1']
+  assert row['reached_fraction'] == pytest.approx(len(reached) / len(steps))
+  if reached:
+    assert row['steps_to_reference'][0] == pytest.approx(np.mean(reached))
+  assert 'steps to adamw final loss' in sweep.format_sweep(result)
+  # A result stored before the key was renamed still prints.
+  old = {**result, 'rows': {'0.1': {**{k: v for k, v in row.items()
+                                       if k != 'steps_to_reference'},
+                                    'steps_to_adam': row['steps_to_reference']}}}
+  assert sweep.format_sweep(old) == sweep.format_sweep(result)
