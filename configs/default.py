@@ -181,6 +181,9 @@ def get_config() -> ml_collections.ConfigDict:
   # over no cap and the caps 3 and 10 (experiments/RESULTS.md section 19): 3, 9 of 9
   # checks against 8 of 9 without a cap (10T lost) and a lower final loss than 10.
   evaluation.adaptive_overshoot_cap = 3.0
+  # What the check shortens: 'learned' (the learned half) or 'step' (the whole blended
+  # step, the online half too; metamd_jax.blended.OVERSHOOT_SCOPES).
+  evaluation.adaptive_overshoot_scope = 'learned'
   # Shampoo's statistics only: the roots are refreshed at each of the first 10 steps and
   # every 10th after; a layer's roots are also refreshed once its gradient mass (the sum
   # of its squared gradients) has grown by this fraction since their last refresh, so a

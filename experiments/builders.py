@@ -251,6 +251,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       or not overshoot_cap >= 1:
     _fail('eval.adaptive_overshoot_cap', overshoot_cap,
           'must be a number >= 1 (the largest factor of the overshoot check) or inf (no cap)')
+  _one_of(evaluation.get('adaptive_overshoot_scope', 'learned'), 'eval.adaptive_overshoot_scope',
+          blended_lib.OVERSHOOT_SCOPES)
   restarts = evaluation.get('adaptive_restarts', False)
   if not isinstance(restarts, bool):
     _fail('eval.adaptive_restarts', restarts, 'must be True or False')

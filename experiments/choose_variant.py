@@ -68,7 +68,10 @@ the horizon taking Nesterov's momentum ``m`` at the step factor ``f``: 0.8 at 0.
 settings with a side of Shampoo's statistics longer than ``r`` plus its leaf's other side
 kept as a rank-``r`` frequent-directions sketch, at 16, 32 and 64,
 ``eval.adaptive_blend_sketch_rank``), ``'config_blend_<rate>'`` (the config's own settings
-with the blend rate 0.03, 0.05 or 0.07 alone changed), and with the check at
+with the blend rate 0.03, 0.05 or 0.07 alone changed), ``'config_overshoot_step'`` and
+``'config_overshoot_step_blend_<rate>'`` (the config's own settings with the overshoot
+check shortening the whole blended step, ``eval.adaptive_overshoot_scope='step'``, at the
+config's blend rate or at 0.03 or 0.05), and with the check at
 0.5 the cheaper online halves ``'eigen_<sum|peak>_<rate>_nesterov_0.5_online_0.5_overshoot_0.5'``
 (the diagonal running sums or peak averages at 0.01, 0.03 and 0.1) and
 ``'eigen_kron_0.1_nesterov_0.5_online_0.5_blocks_128_overshoot_0.5'``;
@@ -97,8 +100,8 @@ table; set ``eval.adaptive_per_leaf``, ``eval.adaptive_blend_rate``,
 ``eval.adaptive_blend_block_size``, ``eval.adaptive_blend_sketch_rank``,
 ``eval.adaptive_overshoot``, ``eval.adaptive_overshoot_decay``,
 ``eval.adaptive_refresh_growth``,
-``eval.adaptive_overshoot_cap``, ``eval.adaptive_restarts``,
-``eval.adaptive_restart_growth``, ``eval.adaptive_restart_shrink``,
+``eval.adaptive_overshoot_cap``, ``eval.adaptive_overshoot_scope``,
+``eval.adaptive_restarts``, ``eval.adaptive_restart_growth``, ``eval.adaptive_restart_shrink``,
 ``eval.adaptive_restart_momentum`` and ``eval.adaptive_restart_step_factor`` (in the
 family's config, or with ``--config.eval...``) to the choice.
 
@@ -234,6 +237,7 @@ for _settings in CANDIDATES.values():  # no momentum unless a candidate names on
   _settings.setdefault('adaptive_overshoot_decay', 0.5)
   _settings.setdefault('adaptive_refresh_growth', math.inf)
   _settings.setdefault('adaptive_overshoot_cap', math.inf)
+  _settings.setdefault('adaptive_overshoot_scope', 'learned')
   _settings.setdefault('adaptive_restarts', False)
   _settings.setdefault('adaptive_restart_growth', 0.0)
   _settings.setdefault('adaptive_restart_shrink', 0.0)
@@ -275,6 +279,10 @@ OVERSHOOT = {
        for momentum, factor in ((0.8, 0.2), (0.9, 0.1), (0.9, 0.2), (0.9, 0.3), (0.95, 0.1))},
     **{f'config_sketch_{rank}': {'adaptive_blend_sketch_rank': rank} for rank in (16, 32, 64)},
     **{f'config_blend_{rate}': {'adaptive_blend_rate': rate} for rate in (0.03, 0.05, 0.07)},
+    'config_overshoot_step': {'adaptive_overshoot_scope': 'step'},
+    **{f'config_overshoot_step_blend_{rate}': {'adaptive_overshoot_scope': 'step',
+                                               'adaptive_blend_rate': rate}
+       for rate in (0.03, 0.05)},
 }
 """Candidates that keep the config's own settings and add the overshoot check at a
 decay (``eval.adaptive_overshoot``, ``eval.adaptive_overshoot_decay``), or at 0.5 with
@@ -289,7 +297,10 @@ taking Nesterov's momentum ``m`` at the step factor ``f``,
 ``'config_restart_momentum_<m>_step_<f>'``, ``eval.adaptive_restart_momentum`` and
 ``eval.adaptive_restart_step_factor``), or keep a rank-``r`` frequent-directions sketch
 on the long sides of Shampoo's statistics (``'config_sketch_<r>'``,
-``eval.adaptive_blend_sketch_rank``); after :data:`CANDIDATES` in ties."""
+``eval.adaptive_blend_sketch_rank``), or apply the overshoot check to the whole blended
+step, alone or with the blend rate 0.03 or 0.05 (``'config_overshoot_step'``,
+``'config_overshoot_step_blend_<rate>'``, ``eval.adaptive_overshoot_scope``); after
+:data:`CANDIDATES` in ties."""
 OWN = 'config'
 """The candidate that keeps the config's own ``eval`` settings (always allowed; first in
 ties): how :mod:`experiments.sweep` scores a meta-training setting by this rule."""
@@ -591,6 +602,9 @@ def format_choice(result: dict) -> str:
            + (f", eval.adaptive_overshoot_cap={result['adaptive_overshoot_cap']}"
               if result.get('adaptive_overshoot')
               and result.get('adaptive_overshoot_cap', math.inf) != math.inf else '')
+           + (f", eval.adaptive_overshoot_scope={result['adaptive_overshoot_scope']!r}"
+              if result.get('adaptive_overshoot')
+              and result.get('adaptive_overshoot_scope', 'learned') != 'learned' else '')
            + (f", eval.adaptive_refresh_growth={result['adaptive_refresh_growth']}"
               if result.get('adaptive_refresh_growth', math.inf) != math.inf else '')
            + (', eval.adaptive_restarts=True' if result.get('adaptive_restarts') else '')

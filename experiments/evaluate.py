@@ -79,6 +79,7 @@ def calibrate(config: ml_collections.ConfigDict, divergence: PyTree, family: Tas
           # None: the roots on their schedule alone; no cap.
           'refresh_growth': as_recorded(ev.get('adaptive_refresh_growth', math.inf)),
           'overshoot_cap': as_recorded(ev.get('adaptive_overshoot_cap', math.inf)),
+          'overshoot_scope': ev.get('adaptive_overshoot_scope', 'learned'),
           'restarts': ev.get('adaptive_restarts', False),
           'restart_growth': ev.get('adaptive_restart_growth', 0.0),
           'restart_shrink': ev.get('adaptive_restart_shrink', 0.0),
@@ -103,7 +104,8 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
   blocked or past ``eval.adaptive_blend_sketch_rank`` sketched, and their roots also
   refreshed after a growth of ``eval.adaptive_refresh_growth``;
   with ``eval.adaptive_overshoot``, the overshoot check at
-  ``eval.adaptive_overshoot_decay``, its factor at most ``eval.adaptive_overshoot_cap``)
+  ``eval.adaptive_overshoot_decay``, its factor at most ``eval.adaptive_overshoot_cap``,
+  shortening what ``eval.adaptive_overshoot_scope`` names)
   when ``eval.adaptive_blend_rate > 0`` or ``eval.adaptive_overshoot``, followed by
   Nesterov's momentum (:func:`metamd_jax.nesterov_momentum`) when
   ``eval.adaptive_momentum > 0``; with ``eval.adaptive_restarts``, the whole state started
@@ -136,7 +138,8 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
           sketch_rank=ev.get('adaptive_blend_sketch_rank', 0) or None,
           overshoot_decay=ev.get('adaptive_overshoot_decay', 0.5) if overshoot else None,
           refresh_growth=ev.get('adaptive_refresh_growth', math.inf),
-          overshoot_cap=ev.get('adaptive_overshoot_cap', math.inf) if overshoot else None)
+          overshoot_cap=ev.get('adaptive_overshoot_cap', math.inf) if overshoot else None,
+          overshoot_scope=ev.get('adaptive_overshoot_scope', 'learned'))
     elif levels is not None:
       optimizer = eigenbasis_lib.eigenbasis_metamd(divergence, levels,
                                                    decay=ev.adaptive_decay)

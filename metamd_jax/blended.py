@@ -152,6 +152,16 @@ the learned terms (``M_T <= sigma_T s_T M``), and ``M_T <= s_T^p K_T / eta`` wha
 shortened the learned half away. The check costs two inner products per leaf per step
 and keeps the last learned direction (one number per parameter).
 
+``overshoot_scope='step'`` applies the check to the whole step instead of the learned half:
+``d_t`` is then the blended direction, and both halves are divided by ``sigma_t``. The
+online half has no check of its own, and its direction does not shrink with the gradient
+(with fresh statistics Shampoo's is about ``(mn)^{1/4}`` times the polar factor of ``G``),
+so at a larger blend rate it can carry a run above its start where the learned half would
+not (experiments/RESULTS.md section 28). The metric is ``M_t = sigma_t (M^{-1}_t + eta
+K_t^{-1} / s_t^p)^{-1}``: the product of a non-decreasing scalar and a non-decreasing
+metric, so it never decreases and the adaptive-mirror-descent bound above holds, with
+``sigma_T`` multiplying both halves' terms. The cost is the learned-half check's.
+
 ``overshoot_cap=c`` bounds the check: ``sigma_t = min(c, sigma_{t-1} max(1, 1 - rho_t))``,
 still non-decreasing (``sigma_{t-1} <= c``), so the bound above holds with
 ``M_T <= c s_T M`` in the learned terms. The slope after a step is measured on another
@@ -183,6 +193,7 @@ __all__ = [
     'FactoredStatisticsState',
     'FACTORED_STATISTICS',
     'KroneckerStatisticsState',
+    'OVERSHOOT_SCOPES',
     'OvershootState',
     'STATISTICS',
     'ScaleByBlendedMirrorDescentState',
@@ -322,6 +333,9 @@ FACTORED_STATISTICS = ('sum', 'peak_average')
 STATISTICS = FACTORED_STATISTICS + ('kronecker',)
 """The online halves of :func:`blended_metamd`: the two diagonal ones and ``'kronecker'``
 (:func:`scale_by_kronecker_statistics`)."""
+
+OVERSHOOT_SCOPES = ('learned', 'step')
+"""What the overshoot check shortens: the learned half, or the whole blended step."""
 
 
 def scale_by_factored_statistics(epsilon: float = 1e-8, *, statistics: str = 'sum',
@@ -742,13 +756,15 @@ class OvershootState(NamedTuple):
   """State of the overshoot check of :func:`scale_by_blended_mirror_descent`.
 
   Attributes:
-    previous: ``d_{t-1}``, the learned half's last direction (after ``sigma``), like the
+    previous: ``d_{t-1}``, the last direction the check shortened (the learned half's, or
+      the whole step's with ``overshoot_scope='step'``; after ``sigma``), like the
       parameters.
     slope: ``<g_{t-1}, d_{t-1}>``, float32 ``(L,)``, one per leaf in ``jax.tree.leaves``
       order.
     after: the moving average of ``<g_t, d_{t-1}>``, float32 ``(L,)`` (0 at ``init``).
     before: the moving average of ``<g_{t-1}, d_{t-1}>``, float32 ``(L,)``.
-    scale: ``sigma_t >= 1``, float32 ``(L,)``: the learned half is divided by it.
+    scale: ``sigma_t >= 1``, float32 ``(L,)``: the learned half (or the whole step) is
+      divided by it.
 
   At ``init`` the last direction and every average are 0, so the first step has no slope
   and keeps ``sigma = 1``.
@@ -855,6 +871,7 @@ def scale_by_blended_mirror_descent(
     refresh_growth: float | None = None,
     overshoot_cap: float | None = None,
     sketch_rank: int | None = None,
+    overshoot_scope: str = 'learned',
 ) -> optax.GradientTransformation:
   """Map gradients to ``(M^{-1} g + blend_rate * K_t^{-1} g) / s_t`` (see the module doc).
 
@@ -906,6 +923,8 @@ def scale_by_blended_mirror_descent(
       frequent-directions sketch of its statistic (:mod:`metamd_jax.sketch`; its roots
       fresh at every step, no eigendecomposition of the long side). Not with
       ``block_size``.
+    overshoot_scope: with the overshoot check, what it shortens: ``'learned'`` (the
+      learned half) or ``'step'`` (the whole blended step; the module doc).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -914,11 +933,15 @@ def scale_by_blended_mirror_descent(
     TypeError, ValueError: on a bad ``blend_rate``, ``reference_norm``, ``decay``,
       ``epsilon``, ``statistics``, ``refresh_every``, ``eigenbasis_levels``,
       ``online_power``, ``max_dimension``, ``block_size``, ``overshoot_decay``,
-      ``refresh_growth``, ``overshoot_cap`` or ``sketch_rank`` (each named in the
-      message), a finite ``overshoot_cap`` without ``overshoot_decay``, or both
-      ``block_size`` and ``sketch_rank``.
+      ``refresh_growth``, ``overshoot_cap``, ``sketch_rank`` or ``overshoot_scope`` (each
+      named in the message), a finite ``overshoot_cap`` without ``overshoot_decay``, or
+      both ``block_size`` and ``sketch_rank``.
   """
   blend_rate = check_blend_rate(blend_rate)
+  if overshoot_scope not in OVERSHOOT_SCOPES:
+    raise ValueError(f'overshoot_scope must be one of {OVERSHOOT_SCOPES} (what the overshoot '
+                     f'check shortens), got {overshoot_scope!r}.')
+  whole_step = overshoot_decay is not None and overshoot_scope == 'step'
   check_online_power(online_power)
   overshoot_decay = check_overshoot_decay(overshoot_decay)
   overshoot_cap = check_overshoot_cap(overshoot_cap)
@@ -961,7 +984,7 @@ def scale_by_blended_mirror_descent(
   def update_fn(updates, state, params=None):
     learned_direction, learned_state = learned.update(updates, state.adaptive, params)
     overshoot_state = state.overshoot
-    if overshoot_decay is not None:
+    if overshoot_decay is not None and (no_online or not whole_step):
       learned_direction, overshoot_state = _check_overshoot(
           updates, learned_direction, overshoot_state, overshoot_decay, overshoot_cap)
     if no_online:
@@ -974,10 +997,13 @@ def scale_by_blended_mirror_descent(
     if online_power != 1:
       scale = scale ** online_power
     online_direction = adaptive.divide_leaves(updates, online_direction, scale)
-    updates = jax.tree.map(lambda a, b: (a + blend_rate * b).astype(a.dtype),
-                           learned_direction, online_direction)
-    return updates, ScaleByBlendedMirrorDescentState(learned_state, online_state,
-                                                     overshoot_state)
+    direction = jax.tree.map(lambda a, b: (a + blend_rate * b).astype(a.dtype),
+                             learned_direction, online_direction)
+    if whole_step:
+      direction, overshoot_state = _check_overshoot(
+          updates, direction, overshoot_state, overshoot_decay, overshoot_cap)
+    return direction, ScaleByBlendedMirrorDescentState(learned_state, online_state,
+                                                       overshoot_state)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -1001,6 +1027,7 @@ def blended_metamd(
     refresh_growth: float | None = None,
     overshoot_cap: float | None = None,
     sketch_rank: int | None = None,
+    overshoot_scope: str = 'learned',
 ) -> optax.GradientTransformation:
   """Blended MetaMD: ``-lr (M^{-1} g + blend_rate K_t^{-1} g) / s_t``.
 
@@ -1036,6 +1063,8 @@ def blended_metamd(
       check (see :func:`scale_by_blended_mirror_descent`).
     sketch_rank: with ``'kronecker'``, ``None`` or the rank of a frequent-directions
       sketch kept on long sides (see :func:`scale_by_kronecker_statistics`).
+    overshoot_scope: ``'learned'`` (the overshoot check shortens the learned half) or
+      ``'step'`` (the whole blended step; see :func:`scale_by_blended_mirror_descent`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -1061,6 +1090,7 @@ def blended_metamd(
                                       overshoot_decay=overshoot_decay,
                                       refresh_growth=refresh_growth,
                                       overshoot_cap=overshoot_cap,
-                                      sketch_rank=sketch_rank),
+                                      sketch_rank=sketch_rank,
+                                      overshoot_scope=overshoot_scope),
       optax.scale_by_learning_rate(learning_rate),
   )

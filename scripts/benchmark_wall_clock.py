@@ -57,7 +57,7 @@ from experiments import (  # noqa: E402
     protocol,
 )
 from experiments.benchmark_setup import ADAPTIVE  # noqa: E402
-from metamd_jax import evaluation  # noqa: E402
+from metamd_jax import blended, evaluation  # noqa: E402
 from scripts import timing  # noqa: E402
 from scripts.benchmark_parallel import load_config  # noqa: E402
 
@@ -74,6 +74,7 @@ _CALIBRATION_FIELDS = {'blend_rate': 'adaptive_blend_rate',
                        'overshoot_decay': 'adaptive_overshoot_decay',
                        'refresh_growth': 'adaptive_refresh_growth',
                        'overshoot_cap': 'adaptive_overshoot_cap',
+                       'overshoot_scope': 'adaptive_overshoot_scope',
                        'restarts': 'adaptive_restarts',
                        'restart_growth': 'adaptive_restart_growth',
                        'restart_shrink': 'adaptive_restart_shrink',
@@ -83,7 +84,8 @@ _CALIBRATION_FIELDS = {'blend_rate': 'adaptive_blend_rate',
 _CALIBRATION_DEFAULTS = {'eigenbasis': False, 'online_power': 1.0, 'max_dimension': 1024,
                          'block_size': 0, 'sketch_rank': 0, 'overshoot': False,
                          'overshoot_decay': 0.5,
-                         'refresh_growth': None, 'overshoot_cap': None, 'restarts': False,
+                         'refresh_growth': None, 'overshoot_cap': None,
+                         'overshoot_scope': 'learned', 'restarts': False,
                          'restart_growth': 0.0, 'restart_shrink': 0.0,
                          'restart_momentum': None, 'restart_step_factor': 0.5}
 
@@ -112,7 +114,8 @@ _SETTABLE = ('adaptive_blend_rate', 'adaptive_blend_statistics', 'adaptive_momen
              'adaptive_online_power', 'adaptive_blend_max_dimension',
              'adaptive_blend_block_size', 'adaptive_blend_sketch_rank', 'adaptive_overshoot',
              'adaptive_overshoot_decay',
-             'adaptive_refresh_growth', 'adaptive_overshoot_cap', 'adaptive_restarts',
+             'adaptive_refresh_growth', 'adaptive_overshoot_cap',
+             'adaptive_overshoot_scope', 'adaptive_restarts',
              'adaptive_restart_growth', 'adaptive_restart_shrink',
              'adaptive_restart_momentum', 'adaptive_restart_step_factor')
 _INTEGER_SETTINGS = ('adaptive_blend_max_dimension', 'adaptive_blend_block_size',
@@ -132,8 +135,11 @@ def parse_settings(pairs: list[str]) -> dict:
         _fail(f'--set {field} takes true or false, got {value!r}.')
       settings[field] = _BOOLEANS[value.lower()]
       continue
+    if field == 'adaptive_overshoot_scope' and value not in blended.OVERSHOOT_SCOPES:
+      _fail(f'--set {field} takes one of {blended.OVERSHOOT_SCOPES}, got {value!r}.')
     try:
       settings[field] = (value if field == 'adaptive_blend_statistics'
+                         else value if field == 'adaptive_overshoot_scope'
                          else int(value) if field in _INTEGER_SETTINGS else float(value))
     except ValueError:
       _fail(f'--set {field} takes '

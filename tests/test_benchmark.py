@@ -248,13 +248,17 @@ def _check_wall_clock(config, workdir, family):
   for pair, value in (('adaptive_refresh_growth=0.3', 0.3), ('adaptive_overshoot_cap=10', 10.0),
                       ('adaptive_restart_growth=0.5', 0.5), ('adaptive_restart_shrink=0.5', 0.5),
                       ('adaptive_restart_momentum=0.9', 0.9),
-                      ('adaptive_restart_step_factor=0.2', 0.2)):
+                      ('adaptive_restart_step_factor=0.2', 0.2),
+                      ('adaptive_overshoot_scope=step', 'step')):
     assert benchmark_wall_clock.parse_settings([pair]) == {pair.split('=')[0]: value}
+  with pytest.raises(SystemExit, match='learned'):
+    benchmark_wall_clock.parse_settings(['adaptive_overshoot_scope=online'])
   # A setting that differs from the stored calibration is named, not silently used.
   for field, stored, changed in (('refresh_growth', 0.1, math.inf), ('overshoot_cap', 3.0, 7.0),
                                  ('restarts', True, False), ('restart_growth', 0.0, 0.5),
                                  ('restart_shrink', 0.0, 0.5), ('restart_momentum', None, 0.9),
-                                 ('restart_step_factor', 0.5, 0.2)):
+                                 ('restart_step_factor', 0.5, 0.2),
+                                 ('overshoot_scope', 'learned', 'step')):
     family_cfg = benchmark_setup.family_config(config, 'tiny')
     assert family['adaptive'][field] == family_cfg.eval[f'adaptive_{field}'] == stored
     family_cfg.eval[f'adaptive_{field}'] = changed  # not stored

@@ -805,3 +805,84 @@ def test_kronecker_direction_differentiates_with_the_roots_held_constant():
   _, new_state = transformation.update(grads, state)
   a, b = new_state.left_root['w'], new_state.right_root['w']
   np.testing.assert_allclose(derivative, a @ jnp.ones((4, 3)) @ b, rtol=1e-5)
+
+
+def test_overshoot_check_on_the_whole_step_equals_a_numpy_loop(x64):
+  """``overshoot_scope='step'``: the check's ``rho`` and ``sigma`` follow the blended
+  direction ``M^{-1} g_t + eta c_t`` (``c_t``: the online half, run on its own), and both
+  halves are divided by ``sigma_t``; against a float64 numpy loop."""
+  divergence = _divergence(seed=2, dtype=jnp.float64)
+  inverse = np.linalg.inv(dense_block_metric(divergence))
+  params = _tree(1)
+  grads_list = []
+  for t in range(8):
+    grads = _tree(50 + t)
+    if t % 2:  # partly flipped back along the last gradient
+      grads = jax.tree.map(lambda g, h: g - 2.0 * h, grads, grads_list[-1])
+    grads_list.append(grads)
+  decay, eta, cap = 0.5, 0.3, 2.5
+  online = blended.scale_by_factored_statistics()
+  online_state = online.init(params)
+  names = sorted(SHAPES)
+  sizes = [int(np.prod(SHAPES[k])) for k in names]
+  bounds = np.cumsum([0, *sizes])
+  sigma, after, before = np.ones(4), np.zeros(4), np.zeros(4)
+  previous, slope, expected, sigmas = np.zeros(bounds[-1]), np.zeros(4), [], []
+  for t, grads in enumerate(grads_list):
+    g = flat(grads)
+    c, online_state = online.update(grads, online_state, params)
+    raw = inverse @ g + eta * flat(c)
+    for leaf in range(4):
+      part = slice(bounds[leaf], bounds[leaf + 1])
+      if t:
+        after[leaf] = decay * after[leaf] + (1 - decay) * g[part] @ previous[part]
+        before[leaf] = decay * before[leaf] + (1 - decay) * slope[leaf]
+        usable = before[leaf] > 0 and slope[leaf] > 0
+        rho = after[leaf] / before[leaf] if usable else 0.0
+        sigma[leaf] = min(cap, sigma[leaf] * max(1.0, 1.0 - rho))
+    direction = raw / np.repeat(sigma, sizes)
+    slope = np.array([g[bounds[i]:bounds[i + 1]] @ direction[bounds[i]:bounds[i + 1]]
+                      for i in range(4)])
+    previous = direction
+    expected.append(-direction)
+    sigmas.append(sigma.copy())
+  # The check acts: the cap binds on some leaf, and not on every leaf from the start.
+  assert sigmas[-1].max() == cap and min(x.min() for x in sigmas) < cap
+  assert np.all(np.diff(np.stack(sigmas), axis=0) >= 0)  # non-decreasing: the guarantee
+
+  optimizer = metamd_jax.blended_metamd(divergence, None, eta, overshoot_decay=decay,
+                                        overshoot_cap=cap, overshoot_scope='step')
+  learned_scope = metamd_jax.blended_metamd(divergence, None, eta, overshoot_decay=decay,
+                                            overshoot_cap=cap)
+  state, other = optimizer.init(params), learned_scope.init(params)
+  update = jax.jit(optimizer.update)
+  differs = False
+  for t, grads in enumerate(grads_list):
+    updates, state = update(grads, state, params)
+    np.testing.assert_allclose(flat(updates), expected[t], rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(state[0].overshoot.scale, sigmas[t], rtol=1e-5)
+    others, other = learned_scope.update(grads, other, params)
+    differs |= not np.allclose(flat(others), expected[t], rtol=1e-3)
+  assert differs  # the learned half's check alone is another optimiser
+
+
+def test_overshoot_check_on_the_whole_step_without_an_online_half_is_the_learned_one():
+  """With ``blend_rate=0`` the whole step is the learned half: the two scopes agree."""
+  divergence = _divergence(seed=3)
+  params = _tree(1)
+  a = metamd_jax.blended_metamd(divergence, None, 0.0, overshoot_decay=0.5,
+                                overshoot_scope='step')
+  b = metamd_jax.blended_metamd(divergence, None, 0.0, overshoot_decay=0.5)
+  states = [a.init(params), b.init(params)]
+  for t in range(5):
+    grads = _tree(60 + t, scale=(-1.0) ** t)
+    x, states[0] = a.update(grads, states[0], params)
+    y, states[1] = b.update(grads, states[1], params)
+    chex.assert_trees_all_close(x, y, rtol=1e-6)
+  assert float(jnp.max(states[0][0].overshoot.scale)) > 1.0
+
+
+def test_bad_overshoot_scope_is_named():
+  with pytest.raises(ValueError, match="overshoot_scope must be one of \\('learned', 'step'\\)"):
+    metamd_jax.blended_metamd(_divergence(), 1.0, 0.1, overshoot_decay=0.5,
+                              overshoot_scope='online')

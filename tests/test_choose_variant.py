@@ -78,6 +78,7 @@ def test_compare_runs_validation_tasks_only_and_applies_the_rule(tmp_path, monke
                                       'adaptive_overshoot_decay': 0.5,
                                       'adaptive_refresh_growth': math.inf,
                                       'adaptive_overshoot_cap': math.inf,
+                                      'adaptive_overshoot_scope': 'learned',
                                       'adaptive_restarts': False,
                                       'adaptive_restart_growth': 0.0,
                                       'adaptive_restart_shrink': 0.0,
@@ -199,6 +200,7 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
         'adaptive_blend_sketch_rank': 0,
         'adaptive_overshoot': False, 'adaptive_overshoot_decay': 0.5,
         'adaptive_refresh_growth': math.inf, 'adaptive_overshoot_cap': math.inf,
+        'adaptive_overshoot_scope': 'learned',
         'adaptive_restarts': False, 'adaptive_restart_growth': 0.0,
         'adaptive_restart_shrink': 0.0, 'adaptive_restart_momentum': None,
         'adaptive_restart_step_factor': 0.5}, name

@@ -97,6 +97,7 @@ def test_select_writes_the_best_or_the_last_divergence(tmp_path):
     ('meta.select', 'first'),
     ('meta.score_decay', 1.0),
     ('eval.baselines', ('sgd', 'lion')),
+    ('eval.adaptive_overshoot_scope', 'online'),
 ])
 def test_bad_config_values_name_the_field(field, value):
   config = tiny.get_config()
