@@ -512,6 +512,35 @@ def test_overshoot_check_lands_on_the_minimum_of_a_quadratic():
   np.testing.assert_allclose(theta['b'], 0.05 ** 2 * params['b'], rtol=1e-5)
 
 
+def _numpy_overshoot_loop(raw_directions, grads_list, decay, cap):
+  """The overshoot check in float64 numpy: per step the directions ``-raw_t / sigma_t`` and
+  ``sigma_t``, with ``rho_t`` from the moving averages of ``<g_t, d_{t-1}>`` and
+  ``<g_{t-1}, d_{t-1}>`` per leaf (a leaf whose last direction had no slope keeps sigma),
+  ``sigma_t = min(cap, sigma_{t-1} max(1, 1 - rho_t))`` (no cap: ``cap=None``)."""
+  # Coordinates in the order of flat(): leaves sorted by name, as jax.tree.leaves.
+  sizes = [int(np.prod(SHAPES[k])) for k in sorted(SHAPES)]
+  parts = [slice(a, b) for a, b in zip(np.cumsum([0, *sizes]), np.cumsum(sizes))]
+  sigma, after, before = np.ones(4), np.zeros(4), np.zeros(4)
+  previous, slope, expected, sigmas = np.zeros(sum(sizes)), np.zeros(4), [], []
+  for t, (raw, grads) in enumerate(zip(raw_directions, grads_list)):
+    g = flat(grads)
+    for leaf, part in enumerate(parts):
+      if t:
+        after[leaf] = decay * after[leaf] + (1 - decay) * g[part] @ previous[part]
+        before[leaf] = decay * before[leaf] + (1 - decay) * slope[leaf]
+        usable = before[leaf] > 0 and slope[leaf] > 0  # no slope: sigma kept
+        rho = after[leaf] / before[leaf] if usable else 0.0
+        sigma[leaf] *= max(1.0, 1.0 - rho)
+        if cap is not None:
+          sigma[leaf] = min(cap, sigma[leaf])
+    direction = np.asarray(raw) / np.repeat(sigma, sizes)
+    slope = np.array([g[part] @ direction[part] for part in parts])
+    previous = direction
+    expected.append(-direction)
+    sigmas.append(sigma.copy())
+  return expected, sigmas
+
+
 @pytest.mark.parametrize('cap', [None, 1.3])
 def test_overshoot_check_equals_a_numpy_loop(x64, cap):
   """The learned half with the check against a float64 numpy loop of ``rho``, ``sigma``
@@ -531,32 +560,9 @@ def test_overshoot_check_equals_a_numpy_loop(x64, cap):
     grads['scalar'] = jnp.zeros(()) if t >= 3 else grads['scalar']
     grads_list.append(jax.tree.map(lambda g: g * rng.uniform(0.5, 1.5), grads))
   decay = 0.5
-  # Coordinates in the order of flat(): leaves sorted by name, as jax.tree.leaves.
-  names = sorted(SHAPES)
-  sizes = [int(np.prod(SHAPES[k])) for k in names]
-  bounds = np.cumsum([0, *sizes])
-  sigma, after, before = np.ones(4), np.zeros(4), np.zeros(4)
-  previous, slope, expected, sigmas = np.zeros(bounds[-1]), np.zeros(4), [], []
-  for t, grads in enumerate(grads_list):
-    g = flat(grads)
-    raw = inverse @ g
-    for leaf in range(4):
-      part = slice(bounds[leaf], bounds[leaf + 1])
-      if t:
-        after[leaf] = decay * after[leaf] + (1 - decay) * g[part] @ previous[part]
-        before[leaf] = decay * before[leaf] + (1 - decay) * slope[leaf]
-        usable = before[leaf] > 0 and slope[leaf] > 0  # no slope: sigma kept
-        rho = after[leaf] / before[leaf] if usable else 0.0
-        sigma[leaf] *= max(1.0, 1.0 - rho)
-        if cap is not None:
-          sigma[leaf] = min(cap, sigma[leaf])
-    direction = raw / np.repeat(sigma, sizes)
-    slope = np.array([g[bounds[i]:bounds[i + 1]] @ direction[bounds[i]:bounds[i + 1]]
-                      for i in range(4)])
-    previous = direction
-    expected.append(-direction)
-    sigmas.append(sigma.copy())
-  scalar = names.index('scalar')
+  expected, sigmas = _numpy_overshoot_loop([inverse @ flat(g) for g in grads_list],
+                                           grads_list, decay, cap)
+  scalar = sorted(SHAPES).index('scalar')
   assert sigmas[-1][scalar] == sigmas[3][scalar]
   if cap is None:
     assert sigmas[-1].max() > 1.5
@@ -822,30 +828,11 @@ def test_overshoot_check_on_the_whole_step_equals_a_numpy_loop(x64):
     grads_list.append(grads)
   decay, eta, cap = 0.5, 0.3, 2.5
   online = blended.scale_by_factored_statistics()
-  online_state = online.init(params)
-  names = sorted(SHAPES)
-  sizes = [int(np.prod(SHAPES[k])) for k in names]
-  bounds = np.cumsum([0, *sizes])
-  sigma, after, before = np.ones(4), np.zeros(4), np.zeros(4)
-  previous, slope, expected, sigmas = np.zeros(bounds[-1]), np.zeros(4), [], []
-  for t, grads in enumerate(grads_list):
-    g = flat(grads)
+  online_state, raw_directions = online.init(params), []
+  for grads in grads_list:
     c, online_state = online.update(grads, online_state, params)
-    raw = inverse @ g + eta * flat(c)
-    for leaf in range(4):
-      part = slice(bounds[leaf], bounds[leaf + 1])
-      if t:
-        after[leaf] = decay * after[leaf] + (1 - decay) * g[part] @ previous[part]
-        before[leaf] = decay * before[leaf] + (1 - decay) * slope[leaf]
-        usable = before[leaf] > 0 and slope[leaf] > 0
-        rho = after[leaf] / before[leaf] if usable else 0.0
-        sigma[leaf] = min(cap, sigma[leaf] * max(1.0, 1.0 - rho))
-    direction = raw / np.repeat(sigma, sizes)
-    slope = np.array([g[bounds[i]:bounds[i + 1]] @ direction[bounds[i]:bounds[i + 1]]
-                      for i in range(4)])
-    previous = direction
-    expected.append(-direction)
-    sigmas.append(sigma.copy())
+    raw_directions.append(inverse @ flat(grads) + eta * flat(c))
+  expected, sigmas = _numpy_overshoot_loop(raw_directions, grads_list, decay, cap)
   # The check acts: the cap binds on some leaf, and not on every leaf from the start.
   assert sigmas[-1].max() == cap and min(x.min() for x in sigmas) < cap
   assert np.all(np.diff(np.stack(sigmas), axis=0) >= 0)  # non-decreasing: the guarantee
