@@ -23,9 +23,9 @@ from experiments import choose_variant
 
 
 def _baseline(checks: dict) -> str:
-  """The baseline the checks re-tune (their reference is ``'<baseline>_retuned'``): a
-  sweep's own ``'reference'`` is the one its frozen-MetaMD table uses, Adam, also for a
-  family whose rule judged against AdamW."""
+  """The baseline the checks re-tune (their reference is ``'<baseline>_retuned'``). Not a
+  sweep's own ``'reference'``: sweeps written before it followed ``eval.reference`` store
+  Adam there, also for a family whose rule judged against AdamW."""
   reference = next(iter(checks.values()))['reference']
   return reference.removesuffix('_retuned')
 
