@@ -144,6 +144,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Chosen with experiments.choose_variant on validation tasks (experiments/RESULTS.md
   # section 13): with Shampoo's statistics at 0.1 and Nesterov 0.5, 8 of 8 checks.
   evaluation.adaptive_eigenbasis = True
+  # 0: every eigendirection its own scale. k > 0: on a learned factor longer than k, only
+  # its k longest-step eigendirections keep their own scales and the rest share one: one
+  # m x m product per step instead of two (metamd_jax.eigenbasis, ranked sides).
+  evaluation.adaptive_eigenbasis_rank = 0
   # The online half of the blend is divided by the learned scale to this power, in [0, 1]
   # (1: shortened as the learned half is; 0: never). Chosen with experiments.choose_variant
   # on validation tasks over 0, 0.5 and 1 (experiments/RESULTS.md section 14): 0.5.

@@ -220,6 +220,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _fail('eval.adaptive_eigenbasis', eigenbasis, 'must be True or False')
   if eigenbasis and not evaluation.adaptive_per_leaf:
     _fail('eval.adaptive_eigenbasis', eigenbasis, 'needs eval.adaptive_per_leaf=True')
+  eigenbasis_rank = evaluation.get('adaptive_eigenbasis_rank', 0)
+  if isinstance(eigenbasis_rank, bool) or not isinstance(eigenbasis_rank, int) \
+      or eigenbasis_rank < 0:
+    _fail('eval.adaptive_eigenbasis_rank', eigenbasis_rank,
+          'must be an int >= 0 (0: a scale per eigendirection)')
+  if eigenbasis_rank and not eigenbasis:
+    _fail('eval.adaptive_eigenbasis_rank', eigenbasis_rank,
+          'needs eval.adaptive_eigenbasis=True (it ranks the eigenbasis scales)')
   blend_rate = evaluation.adaptive_blend_rate
   if isinstance(blend_rate, bool) or not isinstance(blend_rate, (int, float)) \
       or not (math.isfinite(blend_rate) and blend_rate >= 0):

@@ -58,9 +58,9 @@ updates, twice as many, four times, ..., :func:`metamd_jax.doubling_restarts`,
 ``eval.adaptive_restarts``; at the config's blend rate or at 0.03 or 0.1),
 ``'config_restart_growth_<a>'`` (the same restarts with each epoch's online half the
 config's times the epoch's length over ``eval.num_steps``, 1, 1, 2, 4, ..., to the power
-``a``, 0.25 or 0.5, ``eval.adaptive_restart_growth``), ``'config_restart_shrink_0.5'`` (the
-learned half times the length to the power -0.5, the doubling trick's step,
-``eval.adaptive_restart_shrink``), ``'config_restart_growth_0.5_shrink_0.5'`` (both) and
+``a``, 0.25 or 0.5, ``eval.adaptive_restart_growth``), ``'config_restart_shrink_<b>'`` (the
+learned half times the length to the power ``-b``, 0, 0.25 or 0.5, the last the doubling
+trick's step, ``eval.adaptive_restart_shrink``), ``'config_restart_growth_0.5_shrink_0.5'`` (both) and
 ``'config_restart_momentum_<m>_step_<f>'`` (the same restarts with the epochs longer than
 the horizon taking Nesterov's momentum ``m`` at the step factor ``f``: 0.8 at 0.2, 0.9 at
 0.1, 0.2 and 0.3, 0.95 at 0.1; ``eval.adaptive_restart_momentum``,
@@ -95,8 +95,8 @@ meta-train-tuned learning rate run next to them for comparison. The rule, fixed 
 
 Writes ``choose_variant.json`` and ``choose_variant.md`` in the workdir and prints the
 table; set ``eval.adaptive_per_leaf``, ``eval.adaptive_blend_rate``,
-``eval.adaptive_blend_statistics``, ``eval.adaptive_momentum``, ``eval.adaptive_eigenbasis``
-``eval.adaptive_online_power``, ``eval.adaptive_blend_max_dimension``,
+``eval.adaptive_blend_statistics``, ``eval.adaptive_momentum``, ``eval.adaptive_eigenbasis``,
+``eval.adaptive_eigenbasis_rank``, ``eval.adaptive_online_power``, ``eval.adaptive_blend_max_dimension``,
 ``eval.adaptive_blend_block_size``, ``eval.adaptive_blend_sketch_rank``,
 ``eval.adaptive_overshoot``, ``eval.adaptive_overshoot_decay``,
 ``eval.adaptive_refresh_growth``,
@@ -229,6 +229,7 @@ CANDIDATES = {
 for _settings in CANDIDATES.values():  # no momentum unless a candidate names one
   _settings.setdefault('adaptive_momentum', 0.0)
   _settings.setdefault('adaptive_eigenbasis', False)
+  _settings.setdefault('adaptive_eigenbasis_rank', 0)
   _settings.setdefault('adaptive_online_power', 1.0)
   _settings.setdefault('adaptive_blend_max_dimension', 1024)
   _settings.setdefault('adaptive_blend_block_size', 0)
@@ -269,7 +270,9 @@ OVERSHOOT = {
     **{f'config_restart_growth_{growth}': {'adaptive_restarts': True,
                                             'adaptive_restart_growth': growth}
        for growth in (0.25, 0.5)},
-    'config_restart_shrink_0.5': {'adaptive_restarts': True, 'adaptive_restart_shrink': 0.5},
+    **{f'config_restart_shrink_{shrink}': {'adaptive_restarts': True,
+                                            'adaptive_restart_shrink': shrink}
+       for shrink in (0.0, 0.25, 0.5)},
     'config_restart_growth_0.5_shrink_0.5': {'adaptive_restarts': True,
                                              'adaptive_restart_growth': 0.5,
                                              'adaptive_restart_shrink': 0.5},
@@ -280,6 +283,8 @@ OVERSHOOT = {
     **{f'config_sketch_{rank}': {'adaptive_blend_sketch_rank': rank} for rank in (16, 32, 64)},
     **{f'config_blend_{rate}': {'adaptive_blend_rate': rate} for rate in (0.03, 0.05, 0.07)},
     'config_overshoot_step': {'adaptive_overshoot_scope': 'step'},
+    **{f'config_eigenbasis_rank_{rank}': {'adaptive_eigenbasis_rank': rank}
+       for rank in (16, 32, 64, 128)},
     **{f'config_overshoot_step_blend_{rate}': {'adaptive_overshoot_scope': 'step',
                                                'adaptive_blend_rate': rate}
        for rate in (0.03, 0.05)},
@@ -292,15 +297,19 @@ check's factor (``eval.adaptive_overshoot_cap``), or start the state afresh afte
 horizon, twice it, ... (``eval.adaptive_restarts``, alone or with the blend rate 0.03 or
 0.1, or with each epoch's online half grown as the epoch's length to the power 0.25 or 0.5,
 ``eval.adaptive_restart_growth``, or its learned half shrunk as the length to the power
--0.5, ``eval.adaptive_restart_shrink``, or both, or with the epochs longer than the horizon
-taking Nesterov's momentum ``m`` at the step factor ``f``,
+-0, -0.25 or -0.5, ``eval.adaptive_restart_shrink``, or growth and shrink both at 0.5,
+or with the epochs longer than the horizon taking Nesterov's momentum ``m`` at the step
+factor ``f``,
 ``'config_restart_momentum_<m>_step_<f>'``, ``eval.adaptive_restart_momentum`` and
 ``eval.adaptive_restart_step_factor``), or keep a rank-``r`` frequent-directions sketch
 on the long sides of Shampoo's statistics (``'config_sketch_<r>'``,
 ``eval.adaptive_blend_sketch_rank``), or apply the overshoot check to the whole blended
 step, alone or with the blend rate 0.03 or 0.05 (``'config_overshoot_step'``,
-``'config_overshoot_step_blend_<rate>'``, ``eval.adaptive_overshoot_scope``); after
-:data:`CANDIDATES` in ties."""
+``'config_overshoot_step_blend_<rate>'``, ``eval.adaptive_overshoot_scope``), or keep
+eigenbasis scales for the ``k`` longest-step eigendirections of each learned factor longer
+than ``k`` and one for the rest (``'config_eigenbasis_rank_<k>'``, 16, 32, 64 or 128,
+``eval.adaptive_eigenbasis_rank``; calibrated at that rank); after :data:`CANDIDATES` in
+ties."""
 OWN = 'config'
 """The candidate that keeps the config's own ``eval`` settings (always allowed; first in
 ties): how :mod:`experiments.sweep` scores a meta-training setting by this rule."""
@@ -515,8 +524,9 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     settings = settings_of(config, name)
     variant = config.copy_and_resolve_references()
     variant.eval.update(settings)
-    key = (settings['adaptive_per_leaf'], settings['adaptive_eigenbasis'])
-    if key not in calibrations:  # the levels depend on these two alone
+    key = (settings['adaptive_per_leaf'], settings['adaptive_eigenbasis'],
+           settings['adaptive_eigenbasis_rank'])
+    if key not in calibrations:  # the levels depend on these three alone
       calibrations[key] = evaluate.calibrate(variant, divergence, family, tune_tasks)
     calibration = calibrations[key]
     optimizer = evaluate.adaptive_optimizer(variant, divergence, calibration)
@@ -588,6 +598,8 @@ def format_choice(result: dict) -> str:
            + (f", eval.adaptive_momentum={result['adaptive_momentum']}"
               if result.get('adaptive_momentum') else '')
            + (', eval.adaptive_eigenbasis=True' if result.get('adaptive_eigenbasis') else '')
+           + (f", eval.adaptive_eigenbasis_rank={result['adaptive_eigenbasis_rank']}"
+              if result.get('adaptive_eigenbasis_rank', 0) else '')
            + (f", eval.adaptive_online_power={result['adaptive_online_power']}"
               if result.get('adaptive_online_power', 1.0) != 1.0 else '')
            + (f", eval.adaptive_blend_max_dimension={result['adaptive_blend_max_dimension']}"

@@ -46,8 +46,8 @@ def calibrate(config: ml_collections.ConfigDict, divergence: PyTree, family: Tas
     level, or one per parameter leaf with ``eval.adaptive_per_leaf``, and ``None`` (logged
     as a warning) when the frozen divergence diverges on a calibration task: adaptive
     MetaMD is then left out. With ``eval.adaptive_eigenbasis``, ``eigenbasis_levels`` are
-    :func:`metamd_jax.eigenbasis.eigenbasis_levels` on the same tasks, as JSON-able lists
-    (else ``None``).
+    :func:`metamd_jax.eigenbasis.eigenbasis_levels` on the same tasks, at the rank
+    ``eval.adaptive_eigenbasis_rank`` (0: none), as JSON-able lists (else ``None``).
   """
   ev = config.eval
   try:
@@ -58,14 +58,17 @@ def calibrate(config: ml_collections.ConfigDict, divergence: PyTree, family: Tas
     logging.warning('adaptive MetaMD left out: %s', error)
     reference = None
   eigenbasis = ev.get('adaptive_eigenbasis', False)
+  eigenbasis_rank = ev.get('adaptive_eigenbasis_rank', 0)
   levels = None
   if eigenbasis and reference is not None:
     levels = [[np.asarray(x).tolist() for x in leaf] for leaf in
               eigenbasis_lib.eigenbasis_levels(divergence, family, tune_tasks, ev.num_steps,
                                                quantile=ev.adaptive_quantile,
-                                               decay=ev.adaptive_decay)]
+                                               decay=ev.adaptive_decay,
+                                               rank=eigenbasis_rank or None)]
   return {'reference_norm': reference, 'decay': ev.adaptive_decay,
           'eigenbasis': eigenbasis, 'eigenbasis_levels': levels,
+          'eigenbasis_rank': eigenbasis_rank,
           'quantile': ev.adaptive_quantile, 'per_leaf': ev.adaptive_per_leaf,
           'blend_rate': ev.adaptive_blend_rate,
           'blend_statistics': ev.adaptive_blend_statistics,
@@ -115,7 +118,9 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
   ``eval.adaptive_restart_shrink = b`` each epoch's online half times ``L**a`` and learned
   half times ``L**-b``, for an epoch ``L`` times ``eval.num_steps`` long (1, 1, 2, 4, ...),
   and with ``eval.adaptive_restart_momentum`` the epochs longer than the horizon (``L >
-  1``) taking that momentum and ``eval.adaptive_restart_step_factor``;
+  1``) taking that momentum and ``eval.adaptive_restart_step_factor``; the eigenbasis
+  scales (``eval.adaptive_eigenbasis``) ranked at ``eval.adaptive_eigenbasis_rank`` when
+  it is positive (the calibration's levels must have that rank);
   ``None`` when calibration failed or is off."""
   if adaptive is None or adaptive['reference_norm'] is None:
     return None
@@ -124,6 +129,11 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
   if ev.get('adaptive_eigenbasis', False) and levels is None:
     raise ValueError('eval.adaptive_eigenbasis is set but the calibration has no '
                      'eigenbasis levels: calibrate with the same config.')
+  rank = ev.get('adaptive_eigenbasis_rank', 0) or None
+  if levels is not None and adaptive.get('eigenbasis_rank', 0) != (rank or 0):
+    raise ValueError(f'eval.adaptive_eigenbasis_rank is {rank or 0} but the calibration\'s '
+                     f'levels have the rank {adaptive.get("eigenbasis_rank", 0)}: calibrate '
+                     'with the same config.')
   overshoot = ev.get('adaptive_overshoot', False)
   first_momentum = ev.get('adaptive_momentum', 0.0)
 
@@ -139,10 +149,11 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
           overshoot_decay=ev.get('adaptive_overshoot_decay', 0.5) if overshoot else None,
           refresh_growth=ev.get('adaptive_refresh_growth', math.inf),
           overshoot_cap=ev.get('adaptive_overshoot_cap', math.inf) if overshoot else None,
-          overshoot_scope=ev.get('adaptive_overshoot_scope', 'learned'))
+          overshoot_scope=ev.get('adaptive_overshoot_scope', 'learned'),
+          eigenbasis_rank=rank if levels is not None else None)
     elif levels is not None:
       optimizer = eigenbasis_lib.eigenbasis_metamd(divergence, levels,
-                                                   decay=ev.adaptive_decay)
+                                                   decay=ev.adaptive_decay, rank=rank)
     else:
       optimizer = metamd_jax.adaptive_metamd(divergence, adaptive['reference_norm'],
                                              decay=ev.adaptive_decay,

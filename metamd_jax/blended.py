@@ -872,6 +872,7 @@ def scale_by_blended_mirror_descent(
     overshoot_cap: float | None = None,
     sketch_rank: int | None = None,
     overshoot_scope: str = 'learned',
+    eigenbasis_rank: int | None = None,
 ) -> optax.GradientTransformation:
   """Map gradients to ``(M^{-1} g + blend_rate * K_t^{-1} g) / s_t`` (see the module doc).
 
@@ -925,6 +926,11 @@ def scale_by_blended_mirror_descent(
       ``block_size``.
     overshoot_scope: with the overshoot check, what it shortens: ``'learned'`` (the
       learned half) or ``'step'`` (the whole blended step; the module doc).
+    eigenbasis_rank: with ``eigenbasis_levels``, ``None`` (a scale per eigendirection) or
+      ``k >= 1``: a learned factor longer than ``k`` keeps scales for its ``k``
+      longest-step eigendirections and one shared by the rest, in one ``m x m`` product
+      per step instead of two (:mod:`metamd_jax.eigenbasis`, ranked sides; the levels must
+      be calibrated with the same rank).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -933,9 +939,10 @@ def scale_by_blended_mirror_descent(
     TypeError, ValueError: on a bad ``blend_rate``, ``reference_norm``, ``decay``,
       ``epsilon``, ``statistics``, ``refresh_every``, ``eigenbasis_levels``,
       ``online_power``, ``max_dimension``, ``block_size``, ``overshoot_decay``,
-      ``refresh_growth``, ``overshoot_cap``, ``sketch_rank`` or ``overshoot_scope`` (each
-      named in the message), a finite ``overshoot_cap`` without ``overshoot_decay``, or
-      both ``block_size`` and ``sketch_rank``.
+      ``refresh_growth``, ``overshoot_cap``, ``sketch_rank``, ``overshoot_scope`` or
+      ``eigenbasis_rank`` (each named in the message), a finite ``overshoot_cap`` without
+      ``overshoot_decay``, both ``block_size`` and ``sketch_rank``, or an
+      ``eigenbasis_rank`` without ``eigenbasis_levels``.
   """
   blend_rate = check_blend_rate(blend_rate)
   if overshoot_scope not in OVERSHOOT_SCOPES:
@@ -952,6 +959,10 @@ def scale_by_blended_mirror_descent(
   check_sketch_rank(sketch_rank, block_size)
   _check_positive_int(max_dimension, 'max_dimension')
   refresh_growth = check_refresh_growth(refresh_growth)
+  eigenbasis_rank = eigenbasis.check_rank(eigenbasis_rank)
+  if eigenbasis_rank is not None and eigenbasis_levels is None:
+    raise ValueError(f'eigenbasis_rank={eigenbasis_rank!r} ranks the eigenbasis learned half, '
+                     'which is off (eigenbasis_levels=None): pass levels or leave it None.')
   if eigenbasis_levels is None:
     learned = adaptive.scale_by_adaptive_mirror_descent(divergence, reference_norm,
                                                         decay=decay, per_leaf=per_leaf)
@@ -960,7 +971,7 @@ def scale_by_blended_mirror_descent(
                      'by one scale per leaf.')
   else:
     learned = eigenbasis.scale_by_eigenbasis_mirror_descent(
-        divergence, eigenbasis_levels, reference_norm, decay=decay)
+        divergence, eigenbasis_levels, reference_norm, decay=decay, rank=eigenbasis_rank)
   if statistics not in STATISTICS:
     raise ValueError(f'statistics must be one of {STATISTICS}, got {statistics!r}.')
   if statistics == 'kronecker':
@@ -1028,6 +1039,7 @@ def blended_metamd(
     overshoot_cap: float | None = None,
     sketch_rank: int | None = None,
     overshoot_scope: str = 'learned',
+    eigenbasis_rank: int | None = None,
 ) -> optax.GradientTransformation:
   """Blended MetaMD: ``-lr (M^{-1} g + blend_rate K_t^{-1} g) / s_t``.
 
@@ -1065,6 +1077,9 @@ def blended_metamd(
       sketch kept on long sides (see :func:`scale_by_kronecker_statistics`).
     overshoot_scope: ``'learned'`` (the overshoot check shortens the learned half) or
       ``'step'`` (the whole blended step; see :func:`scale_by_blended_mirror_descent`).
+    eigenbasis_rank: with ``eigenbasis_levels``, ``None`` or the eigendirections per
+      learned factor that keep their own scales (see
+      :func:`scale_by_blended_mirror_descent`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -1091,6 +1106,7 @@ def blended_metamd(
                                       refresh_growth=refresh_growth,
                                       overshoot_cap=overshoot_cap,
                                       sketch_rank=sketch_rank,
-                                      overshoot_scope=overshoot_scope),
+                                      overshoot_scope=overshoot_scope,
+                                      eigenbasis_rank=eigenbasis_rank),
       optax.scale_by_learning_rate(learning_rate),
   )

@@ -57,7 +57,27 @@ potential is at least as strongly convex as the learned one (``r, k >= 1``).
 
 Cost per step, per ``m x n`` Kronecker leaf: four matrix products (``U^T G``, ``. V``,
 ``U .``, ``. V^T``) against MetaMD's two, and a few elementwise operations per parameter;
-the state adds the bases (the size of ``P`` and ``Q``) and ``2 (m + n)`` numbers.
+the state adds the bases (the size of ``P`` and ``Q``) and ``2 (m + n)`` numbers. On a
+784-pixel input layer ``U^T G`` and ``U .`` are two ``784 x 784 x n`` products where
+MetaMD's ``P G`` is one.
+
+Ranked sides (``rank=k``). On a full factor longer than ``k``, only the ``k``
+eigendirections with the largest eigenvalues of ``P`` (the longest learned steps, ``U_k``,
+``p_k``) keep their own scales; the other ``m - k`` share one scale ``r_c``, whose share is
+``tr(G^T P G Q)`` less the kept rows' shares ``p_i (U_k^T G Q G^T U_k)_ii``. The left
+factor of ``M_t^{-1}`` is then
+
+.. math::
+
+  P_t = U \\mathrm{diag}(p / \\tilde r_t) U^T = P / r_c + U_k \\mathrm{diag}(p_k / r_k -
+  p_k / r_c) U_k^T ,
+
+with ``tilde r`` the kept scales and ``r_c`` repeated: eigenbasis MetaMD with the remaining
+directions' scales tied, so the guarantee above holds unchanged (each scale, tied or not,
+never decreases). The direction ``P_t G Q_t`` is built from ``P G`` (one ``m x m x n``
+product, MetaMD's own) and thin products with ``U_k`` (``2 k m n``); with quantile-1 levels
+the tied share's level is its own peak, so on the calibration tasks the steps are still
+MetaMD's. ``rank=None`` keeps a scale per direction (the products above).
 """
 
 from __future__ import annotations
@@ -89,12 +109,17 @@ class LeafBasis(NamedTuple):
   """The eigendecomposed inverse metric of one leaf.
 
   Attributes:
-    left: ``U``, ``(m, m)``, or ``None`` (a diagonal left factor: the identity).
-    left_values: ``p``, ``(m,)``, the eigenvalues of ``P``.
-    right: ``V``, ``(n, n)``, or ``None``.
-    right_values: ``q``, ``(n,)``.
+    left: ``U``, ``(m, m)``, or ``None`` (a diagonal left factor: the identity); on a
+      ranked side (``rank < m``), ``U_k``, ``(m, rank)``: the eigenvectors of the
+      ``rank`` largest eigenvalues (the longest steps).
+    left_values: ``p``, ``(m,)``, the eigenvalues of ``P`` (ascending); ``(rank,)`` on a
+      ranked side.
+    right: ``V``, ``(n, n)``, ``None``, or ``V_k``, ``(n, rank)``.
+    right_values: ``q``, ``(n,)`` or ``(rank,)``.
     inverse_values: for a diagonal or scalar metric, its inverse values (the leaf's shape
       or ``()``); ``None`` for a Kronecker leaf.
+    left_inverse: ``P``, ``(m, m)``, on a ranked left side; else ``None``.
+    right_inverse: ``Q``, ``(n, n)``, on a ranked right side; else ``None``.
   """
 
   left: Array | None
@@ -102,6 +127,8 @@ class LeafBasis(NamedTuple):
   right: Array | None
   right_values: Array | None
   inverse_values: Array | None
+  left_inverse: Array | None = None
+  right_inverse: Array | None = None
 
 
 def _eigh(factor: Any) -> tuple[np.ndarray | None, np.ndarray]:
@@ -116,20 +143,60 @@ def _eigh(factor: Any) -> tuple[np.ndarray | None, np.ndarray]:
   return vectors, values
 
 
-def leaf_bases(divergence: PyTree) -> tuple[list[LeafBasis], list]:
-  """Every leaf's :class:`LeafBasis` (float64 numpy arrays) and operator, in leaf order."""
+def check_rank(rank: Any) -> int | None:
+  """``rank``: ``None`` (every eigendirection its own scale) or an int ``>= 1``.
+
+  Raises:
+    ValueError: naming ``rank`` on anything else (a bool, a float, zero, a negative).
+  """
+  if rank is None:
+    return None
+  if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+    raise ValueError(f'rank must be None (a scale per eigendirection) or an integer >= 1 '
+                     f'(the longest-step eigendirections of a side with their own scales), '
+                     f'got {rank!r}.')
+  return int(rank)
+
+
+def _side(factor: Any, rank: int | None
+          ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
+  """``(vectors, values, dense)`` of one inverse factor: all of them (``dense`` ``None``),
+  or on a full factor longer than ``rank`` the ``rank`` eigenpairs of the largest values
+  and the factor itself (its remaining directions share one scale)."""
+  vectors, values = _eigh(factor)
+  if rank is None or vectors is None or len(values) <= rank:
+    return vectors, values, None
+  dense = np.asarray(factor, np.float64)
+  return vectors[:, -rank:], values[-rank:], (dense + dense.T) / 2
+
+
+def leaf_bases(divergence: PyTree, rank: int | None = None
+               ) -> tuple[list[LeafBasis], list]:
+  """Every leaf's :class:`LeafBasis` (float64 numpy arrays) and operator, in leaf order;
+  with ``rank``, the full (not diagonal) factors longer than ``rank`` are ranked sides."""
   divergence_lib.check_divergence(divergence)
+  rank = check_rank(rank)
   operators = jax.tree.leaves(divergence_lib.preconditioner(divergence),
                               is_leaf=divergence_lib.is_operator)
   bases = []
   for op in operators:
     if isinstance(op, divergence_lib.KroneckerOperator):
-      u, p = _eigh(op.left_inverse)
-      v, q = _eigh(op.right_inverse)
-      bases.append(LeafBasis(u, p, v, q, None))
+      u, p, left = _side(op.left_inverse, rank)
+      v, q, right = _side(op.right_inverse, rank)
+      bases.append(LeafBasis(u, p, v, q, None, left, right))
     else:
       bases.append(LeafBasis(None, None, None, None, np.asarray(op.inverse_values)))
   return bases, operators
+
+
+def share_sizes(basis: LeafBasis) -> tuple[int, ...]:
+  """The number of scales (and levels) of each side of a leaf: ``(m, n)`` for a Kronecker
+  leaf, one more on a ranked side (the share of its remaining directions, last); ``(1,)``
+  for a diagonal or scalar leaf (a scalar level)."""
+  if basis.inverse_values is not None:
+    return (1,)
+  return (len(basis.left_values) + (basis.left_inverse is not None),
+          len(basis.right_values) + (basis.right_inverse is not None))
 
 
 def _matrix(op, g: Array) -> Array:
@@ -146,11 +213,79 @@ def _from_eigenbasis(basis: LeafBasis, h: Array) -> Array:
   return h if basis.right is None else h @ basis.right.T
 
 
-def _shares(basis: LeafBasis, op, g: Array, dtype) -> tuple[Array, tuple[Array, ...]]:
-  """``(H, shares)``: a Kronecker leaf's ``H = U^T G V`` and its row and column sums of
-  ``W = p q^T * H^2``; an elementwise leaf's ``(None, (||g||^2_{M^{-1}},))``."""
+def _ranked(basis: LeafBasis) -> bool:
+  return basis.left_inverse is not None or basis.right_inverse is not None
+
+
+def _left_t(u, x):
+  return x if u is None else u.T @ x
+
+
+def _left(u, y):
+  return y if u is None else u @ y
+
+
+def _right(v, x):
+  return x if v is None else x @ v
+
+
+def _right_t(v, y):
+  return y if v is None else y @ v.T
+
+
+def _ranked_shares(basis: LeafBasis, gm: Array) -> tuple[tuple, tuple[Array, Array]]:
+  """The products a leaf with a ranked side reuses for its direction, and its shares.
+
+  With ``U_k``, ``V_k`` the kept eigenvectors (all of a full side's), the kept rows' shares
+  are ``p_i (U_k^T G Q G^T U_k)_ii`` and the kept columns' ``q_j (V_k^T G^T P G V_k)_jj``;
+  a ranked side's remaining directions share ``tr(G^T P G Q)`` less its kept shares."""
+  u, p, v, q = basis.left, basis.left_values, basis.right, basis.right_values
+  pg = (basis.left_inverse @ gm if basis.left_inverse is not None
+        else _left(u, p[:, None] * _left_t(u, gm)))  # P G
+  gq = (gm @ basis.right_inverse if basis.right_inverse is not None
+        else _right_t(v, _right(v, gm) * q[None, :]))  # G Q
+  a, aq = _left_t(u, gm), _left_t(u, gq)  # U_k^T G, U_k^T G Q
+  b, pb = _right(v, gm), _right(v, pg)  # G V_k, P G V_k
+  rows = p * jnp.sum(a * aq, axis=1)
+  columns = q * jnp.sum(b * pb, axis=0)
+  total = jnp.sum(pg * gq)
+  if basis.left_inverse is not None:
+    rows = jnp.concatenate([rows, jnp.maximum(total - jnp.sum(rows), 0)[None]])
+  if basis.right_inverse is not None:
+    columns = jnp.concatenate([columns, jnp.maximum(total - jnp.sum(columns), 0)[None]])
+  return (pg, a, aq, pb), (rows, columns)
+
+
+def _ranked_direction(basis: LeafBasis, cache: tuple, rows: Array, columns: Array) -> Array:
+  """``P_r G Q_k`` with ``P_r = c P + U_k diag(p / r - c p) U_k^T`` (``c`` the remaining
+  directions' ``1 / r``, 0 on a full side) and ``Q_k`` alike (module docstring)."""
+  pg, a, aq, pb = cache
+  u, p, v, q = basis.left, basis.left_values, basis.right, basis.right_values
+  left_rest = 1 / rows[-1] if basis.left_inverse is not None else None
+  right_rest = 1 / columns[-1] if basis.right_inverse is not None else None
+  delta = p / rows[:len(p)] - (0 if left_rest is None else left_rest * p)
+  gamma = q / columns[:len(q)] - (0 if right_rest is None else right_rest * q)
+  # U_k D U_k^T G V_k C V_k^T, plus c P G V_k C V_k^T on a ranked left side.
+  inner = _left(u, delta[:, None] * _right(v, a) * gamma[None, :])
+  if left_rest is not None:
+    inner = inner + left_rest * pb * gamma[None, :]
+  direction = _right_t(v, inner)
+  if right_rest is not None:  # (U_k D U_k^T G + c P G) Q, times the right's remaining 1 / k
+    outer = _left(u, delta[:, None] * aq)
+    if left_rest is not None:
+      outer = outer + left_rest * (pg @ basis.right_inverse)
+    direction = direction + right_rest * outer
+  return direction
+
+
+def _shares(basis: LeafBasis, op, g: Array, dtype) -> tuple[Any, tuple[Array, ...]]:
+  """``(cache, shares)``: a Kronecker leaf's ``H = U^T G V`` (or a ranked leaf's products)
+  and its row and column sums of ``W = p q^T * H^2`` (a ranked side's remaining directions
+  summed into one last share); an elementwise leaf's ``(None, (||g||^2_{M^{-1}},))``."""
   g = g.astype(dtype)
   if basis.inverse_values is None:
+    if _ranked(basis):
+      return _ranked_shares(basis, _matrix(op, g))
     h = _to_eigenbasis(basis, _matrix(op, g))
     w = basis.left_values[:, None] * h * h * basis.right_values[None, :]
     return h, (jnp.sum(w, axis=1), jnp.sum(w, axis=0))
@@ -172,7 +307,7 @@ def check_levels(levels: Any, bases: list[LeafBasis]) -> list[tuple[np.ndarray, 
   checked = []
   for i, (level, basis) in enumerate(zip(levels, bases)):
     if basis.inverse_values is None:
-      shapes = ((len(basis.left_values),), (len(basis.right_values),))
+      shapes = tuple((size,) for size in share_sizes(basis))
     else:
       shapes = ((),)
       level = (level,) if np.ndim(level) == 0 else level
@@ -220,18 +355,24 @@ def scale_by_eigenbasis_mirror_descent(
     reference_norm: Any = None,
     *,
     decay: float = 0.9,
+    rank: int | None = None,
 ) -> optax.GradientTransformation:
   """Map gradients to ``U (p / r_t * H * q / k_t) V^T`` per leaf (the module docstring).
 
   Args:
     divergence: a concrete divergence (its inverse factors are eigendecomposed here).
     levels: per parameter leaf (``jax.tree.leaves`` order), ``(row levels (m,), column
-      levels (n,))`` for a Kronecker leaf and one level for a diagonal or scalar one:
-      :func:`eigenbasis_levels` on meta-training tasks.
+      levels (n,))`` for a Kronecker leaf (``rank + 1`` on a ranked side) and one level
+      for a diagonal or scalar one: :func:`eigenbasis_levels` on meta-training tasks,
+      with the same ``rank``.
     reference_norm: one level per leaf for the per-leaf scale in the state (``scale``,
       adaptive MetaMD's ``reference_gradient_norm(..., per_leaf=True)``); ``None``: it
       stays 1. It does not change this direction.
     decay: the moving averages' decay, in ``[0, 1)``.
+    rank: ``None``, a scale per eigendirection; or an int ``k >= 1``: on a full factor
+      longer than ``k`` only its ``k`` longest-step eigendirections keep their own scales
+      and the others share one (ranked sides, the module docstring: the step then costs
+      one ``m x m`` product, not two).
 
   Returns:
     An ``optax.GradientTransformation``; the direction has the sign of the gradient.
@@ -242,7 +383,7 @@ def scale_by_eigenbasis_mirror_descent(
       its leaf and side), a bad ``reference_norm`` or ``decay``; at ``init``, on params
       that do not fit the divergence.
   """
-  bases64, operators = leaf_bases(divergence)
+  bases64, operators = leaf_bases(divergence, rank)
   checked = check_levels(levels, bases64)
   reference_norm = adaptive.check_reference_norms(reference_norm)
   decay = adaptive.check_decay(decay)
@@ -277,6 +418,9 @@ def scale_by_eigenbasis_mirror_descent(
                     for s, a, c in zip(scale, average, level))
       if h is None:
         direction = basis.inverse_values * g.astype(dtype) / scale[0]
+      elif _ranked(basis):
+        direction = divergence_lib.from_matrix(_ranked_direction(basis, h, *scale), op.shape,
+                                               op.rows, op.cols)
       else:
         d = (basis.left_values / scale[0])[:, None] * h * (basis.right_values / scale[1])
         direction = divergence_lib.from_matrix(_from_eigenbasis(basis, d), op.shape,
@@ -297,12 +441,15 @@ def scale_by_eigenbasis_mirror_descent(
 
 def eigenbasis_metamd(divergence: PyTree, levels: Any,
                       learning_rate: optax.ScalarOrSchedule = 1.0, *,
-                      decay: float = 0.9) -> optax.GradientTransformation:
+                      decay: float = 0.9, rank: int | None = None
+                      ) -> optax.GradientTransformation:
   """Eigenbasis MetaMD: ``-learning_rate * U (p / r_t * H * q / k_t) V^T`` per leaf.
 
   MetaMD while every eigendirection's gradient stays at its in-distribution level,
   shorter steps along the eigendirections whose gradients grow beyond it (the module
-  docstring; it keeps the adaptive-mirror-descent regret bound).
+  docstring; it keeps the adaptive-mirror-descent regret bound). With ``rank``, a factor
+  longer than ``rank`` keeps scales for its ``rank`` longest-step eigendirections and one
+  for the rest (:func:`scale_by_eigenbasis_mirror_descent`).
 
   Examples:
     >>> import jax.numpy as jnp, metamd_jax
@@ -318,13 +465,14 @@ def eigenbasis_metamd(divergence: PyTree, levels: Any,
     -0.1
   """
   transform.check_learning_rate(learning_rate)
-  return optax.chain(scale_by_eigenbasis_mirror_descent(divergence, levels, decay=decay),
-                     optax.scale_by_learning_rate(learning_rate))
+  return optax.chain(
+      scale_by_eigenbasis_mirror_descent(divergence, levels, decay=decay, rank=rank),
+      optax.scale_by_learning_rate(learning_rate))
 
 
 def eigenbasis_levels(divergence: PyTree, family: TaskFamily, task_params: PyTree,
-                      num_steps: int, *, quantile: float = 1.0, decay: float = 0.9
-                      ) -> list[tuple[np.ndarray, ...]]:
+                      num_steps: int, *, quantile: float = 1.0, decay: float = 0.9,
+                      rank: int | None = None) -> list[tuple[np.ndarray, ...]]:
   """The in-distribution levels of every eigendirection, from meta-training tasks.
 
   Runs the frozen divergence for ``num_steps`` on each task of ``task_params``, tracks
@@ -332,10 +480,12 @@ def eigenbasis_levels(divergence: PyTree, family: TaskFamily, task_params: PyTre
   scales divide by their levels), keeps each one's peak over the run, and returns the
   ``quantile`` over the tasks: with ``quantile=1`` eigenbasis MetaMD takes exactly frozen
   MetaMD's steps on every calibration task. A share that is zero on every task gets
-  ``inf`` (never adapts).
+  ``inf`` (never adapts). ``rank``: the ranked sides' shares
+  (:func:`scale_by_eigenbasis_mirror_descent`), to calibrate an optimiser with that rank.
 
   Returns:
-    Per leaf ``(rows (m,), columns (n,))`` (Kronecker) or ``(level,)``, float64 numpy.
+    Per leaf ``(rows (m,), columns (n,))`` (Kronecker; ``rank + 1`` on a ranked side) or
+    ``(level,)``, float64 numpy.
 
   Raises:
     ValueError: on a bad ``num_steps`` or ``quantile``, or a calibration run that is not
@@ -346,7 +496,7 @@ def eigenbasis_levels(divergence: PyTree, family: TaskFamily, task_params: PyTre
   if not 0 <= quantile <= 1:
     raise ValueError(f'quantile must be in [0, 1], got {quantile}.')
   decay = adaptive.check_decay(decay)
-  bases64, operators = leaf_bases(divergence)
+  bases64, operators = leaf_bases(divergence, rank)
   # The operators as the divergence's tree: the frozen steps below (no second inversion).
   inverse = jax.tree.unflatten(
       jax.tree.structure(divergence, is_leaf=divergence_lib.is_metric), operators)

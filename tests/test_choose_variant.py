@@ -70,6 +70,7 @@ def test_compare_runs_validation_tasks_only_and_applies_the_rule(tmp_path, monke
   assert candidates['eigen_0.01'] == {'adaptive_per_leaf': True, 'adaptive_blend_rate': 0.01,
                                       'adaptive_blend_statistics': 'sum',
                                       'adaptive_momentum': 0.0, 'adaptive_eigenbasis': True,
+                                      'adaptive_eigenbasis_rank': 0,
                                       'adaptive_online_power': 1.0,
                                       'adaptive_blend_max_dimension': 1024,
                                       'adaptive_blend_block_size': 0,
@@ -195,7 +196,8 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
     assert choose_variant.CANDIDATES[name] == {
         'adaptive_per_leaf': True, 'adaptive_blend_rate': rate,
         'adaptive_blend_statistics': statistics, 'adaptive_momentum': momentum,
-        'adaptive_eigenbasis': eigenbasis, 'adaptive_online_power': 1.0,
+        'adaptive_eigenbasis': eigenbasis, 'adaptive_eigenbasis_rank': 0,
+        'adaptive_online_power': 1.0,
         'adaptive_blend_max_dimension': 1024, 'adaptive_blend_block_size': 0,
         'adaptive_blend_sketch_rank': 0,
         'adaptive_overshoot': False, 'adaptive_overshoot_decay': 0.5,
@@ -285,8 +287,13 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
     assert choose_variant.settings_of(config, f'config_restart_growth_{growth}') == {
         **own, 'adaptive_restarts': True, 'adaptive_restart_growth': growth}
   assert own['adaptive_restart_shrink'] == config.eval.adaptive_restart_shrink == 0.0
-  assert choose_variant.settings_of(config, 'config_restart_shrink_0.5') == {
-      **own, 'adaptive_restarts': True, 'adaptive_restart_shrink': 0.5}
+  assert own['adaptive_eigenbasis_rank'] == config.eval.adaptive_eigenbasis_rank == 0
+  for rank in (16, 32, 64, 128):
+    assert choose_variant.settings_of(config, f'config_eigenbasis_rank_{rank}') == {
+        **own, 'adaptive_eigenbasis_rank': rank}
+  for shrink in (0.0, 0.25, 0.5):
+    assert choose_variant.settings_of(config, f'config_restart_shrink_{shrink}') == {
+        **own, 'adaptive_restarts': True, 'adaptive_restart_shrink': shrink}
   assert choose_variant.settings_of(config, 'config_restart_growth_0.5_shrink_0.5') == {
       **own, 'adaptive_restarts': True, 'adaptive_restart_growth': 0.5,
       'adaptive_restart_shrink': 0.5}

@@ -23,9 +23,9 @@ SHAPES, STRUCTURES = helpers.SHAPES, helpers.STRUCTURES
 _tree, _divergence = helpers.random_tree, helpers.random_divergence
 
 
-def _never(divergence):
-  bases, _ = eigenbasis.leaf_bases(divergence)
-  return [(np.full(len(b.left_values), math.inf), np.full(len(b.right_values), math.inf))
+def _never(divergence, rank=None):
+  bases, _ = eigenbasis.leaf_bases(divergence, rank)
+  return [tuple(np.full(size, math.inf) for size in eigenbasis.share_sizes(b))
           if b.inverse_values is None else (math.inf,) for b in bases]
 
 
@@ -41,12 +41,14 @@ def _run(optimizer, grads_list, params):
   return updates, states
 
 
-@pytest.mark.parametrize('options', STRUCTURES)
-def test_never_adapting_is_metamd(options):
+@pytest.mark.parametrize('options, rank', [*[(options, None) for options in STRUCTURES],
+                                           (STRUCTURES[0], 2), (STRUCTURES[1], 1)])
+def test_never_adapting_is_metamd(options, rank):
   params = _tree(1)
   grads_list = [_tree(10 + t, scale=3.0 ** t) for t in range(5)]
   divergence = _divergence(options, seed=1, dtype=jnp.float32)
-  ours, states = _run(eigenbasis.eigenbasis_metamd(divergence, _never(divergence)),
+  ours, states = _run(eigenbasis.eigenbasis_metamd(divergence, _never(divergence, rank),
+                                                   rank=rank),
                       grads_list, params)
   reference, _ = _run(metamd_jax.metamd(divergence), grads_list, params)
   for a, b in zip(ours, reference):
@@ -69,21 +71,45 @@ def _eigh(inverse, raw):
   return np.linalg.eigh(inverse)
 
 
-def _rotated(inverse, raw, scales):
+def _kept(basis):
+  """Per side, how many eigendirections a ranked side keeps (``None``: a full side)."""
+  return tuple(None if dense is None else len(values) for dense, values in
+               ((basis.left_inverse, basis.left_values),
+                (basis.right_inverse, basis.right_values)))
+
+
+def _per_direction(scales, size, kept):
+  """A side's scales, one per eigendirection (ascending eigenvalues): a ranked side's
+  ``kept + 1`` scales are its ``kept`` largest directions' and the rest's, repeated."""
+  scales = np.asarray(scales, np.float64)
+  if kept is None:
+    return scales
+  return np.concatenate([np.full(size - kept, scales[-1]), scales[:-1]])
+
+
+def _grouped(shares, kept):
+  """Per-direction shares (ascending eigenvalues) summed as a ranked side groups them."""
+  if kept is None:
+    return shares
+  return np.concatenate([shares[-kept:], [shares[:-kept].sum()]])
+
+
+def _rotated(inverse, raw, scales, kept=None):
   """``U diag(eigvals / scales) U^T`` for ``inverse = U diag(eigvals) U^T``."""
   values, vectors = _eigh(inverse, raw)
-  return vectors @ np.diag(values / np.asarray(scales, np.float64)) @ vectors.T
+  scales = _per_direction(scales, len(values), kept)
+  return vectors @ np.diag(values / scales) @ vectors.T
 
 
-def _leaf_inverse_metric(metric, scales):
+def _leaf_inverse_metric(metric, scales, kept=(None, None)):
   """The dense ``M_t^{-1}`` of one leaf on its row-major flattening (float64)."""
   size = int(np.prod(metric.shape))
   if not isinstance(metric, divergence_lib.KroneckerMetric):
     values = np.asarray(metric.scale, np.float64).ravel() ** 2 + metric.eps
     return np.diag(np.broadcast_to(1 / values, (size,)) / float(scales[0]))
   left, right = _dense_inverse_factors(metric)
-  dense = np.kron(_rotated(left, metric.left, scales[0]),
-                  _rotated(right, metric.right, scales[1]))
+  dense = np.kron(_rotated(left, metric.left, scales[0], kept[0]),
+                  _rotated(right, metric.right, scales[1], kept[1]))
   perm = tuple(metric.rows) + tuple(metric.cols)
   idx = np.arange(size).reshape(metric.shape).transpose(perm).ravel()
   full = np.zeros((size, size))
@@ -91,9 +117,9 @@ def _leaf_inverse_metric(metric, scales):
   return full
 
 
-def _inverse_metric(divergence, scales):
-  blocks = [_leaf_inverse_metric(m, s) for m, s in zip(
-      jax.tree.leaves(divergence, is_leaf=divergence_lib.is_metric), scales)]
+def _inverse_metric(divergence, scales, bases):
+  blocks = [_leaf_inverse_metric(m, s, _kept(b)) for m, s, b in zip(
+      jax.tree.leaves(divergence, is_leaf=divergence_lib.is_metric), scales, bases)]
   size = sum(len(b) for b in blocks)
   full, offset = np.zeros((size, size)), 0
   for b in blocks:
@@ -102,22 +128,28 @@ def _inverse_metric(divergence, scales):
   return full
 
 
-@pytest.mark.parametrize('options', STRUCTURES[:3])
-def test_steps_are_the_dense_metric_of_the_scales_which_never_decreases(x64, options):
+@pytest.mark.parametrize('options, rank', [
+    *[(options, None) for options in STRUCTURES[:3]],
+    (STRUCTURES[0], 2), (STRUCTURES[0], 3), (STRUCTURES[1], 2)])
+def test_steps_are_the_dense_metric_of_the_scales_which_never_decreases(x64, options, rank):
   """Every update is ``-M_t^{-1} g_t`` for ``M_t`` built in numpy from the factors' own
   eigendecompositions and the state's scales; the scales follow a numpy loop of the rule
-  (moving average, bias correction, running maximum), and ``M_t`` never decreases."""
+  (moving average, bias correction, running maximum), and ``M_t`` never decreases. With
+  ``rank``, a ranked side's remaining directions share one share and one scale (rank 2
+  ranks both sides of the ``(4, 3)`` and the convolution's leaves, rank 3 their left
+  sides only)."""
   params = _tree(1)
   divergence = _divergence(options, seed=2)
-  bases, _ = eigenbasis.leaf_bases(divergence)
+  bases, _ = eigenbasis.leaf_bases(divergence, rank)
+  assert (rank is not None) == any(b.left_inverse is not None for b in bases)
   rng = np.random.default_rng(3)
   # Low levels, different per direction: most scales grow, by different amounts.
-  levels = [(rng.uniform(0.05, 0.5, len(b.left_values)), rng.uniform(0.05, 0.5,
-                                                                      len(b.right_values)))
+  levels = [tuple(rng.uniform(0.05, 0.5, size) for size in eigenbasis.share_sizes(b))
             if b.inverse_values is None else (0.2,) for b in bases]
   decay = 0.8
   grads_list = [_tree(20 + t, scale=1.0 + t) for t in range(6)]
-  updates, states = _run(eigenbasis.eigenbasis_metamd(divergence, levels, decay=decay),
+  updates, states = _run(eigenbasis.eigenbasis_metamd(divergence, levels, decay=decay,
+                                                      rank=rank),
                          grads_list, params)
   metrics = jax.tree.leaves(divergence, is_leaf=divergence_lib.is_metric)
   averages = [[np.zeros(np.shape(x)) for x in level] for level in levels]
@@ -133,7 +165,8 @@ def test_steps_are_the_dense_metric_of_the_scales_which_never_decreases(x64, opt
         perm = tuple(metric.rows) + tuple(metric.cols)
         gm = g.transpose(perm).reshape(len(p), len(q))
         w = p[:, None] * (u.T @ gm @ v) ** 2 * q[None, :]
-        shares = (w.sum(1), w.sum(0))
+        kept = _kept(bases[i])
+        shares = (_grouped(w.sum(1), kept[0]), _grouped(w.sum(0), kept[1]))
       else:
         values = np.asarray(metric.scale, np.float64).ravel() ** 2 + metric.eps
         shares = (np.sum(g.ravel() ** 2 / np.broadcast_to(values, (g.size,))),)
@@ -143,7 +176,7 @@ def test_steps_are_the_dense_metric_of_the_scales_which_never_decreases(x64, opt
         expected[i][side] = np.maximum(expected[i][side], level)
         np.testing.assert_allclose(state.scales[i][side], expected[i][side], rtol=1e-9)
     assert any(np.any(np.asarray(s) > 1) for leaf in state.scales for s in leaf)
-    inverse = _inverse_metric(divergence, expected)
+    inverse = _inverse_metric(divergence, expected, bases)
     np.testing.assert_allclose(flat(update), -inverse @ flat(grads), rtol=1e-8, atol=1e-12)
     if previous is not None:  # M_t - M_{t-1} >= 0, i.e. M_{t-1}^{-1} - M_t^{-1} >= 0
       gap = np.linalg.eigvalsh(previous - inverse)
@@ -151,17 +184,22 @@ def test_steps_are_the_dense_metric_of_the_scales_which_never_decreases(x64, opt
     previous = inverse
 
 
-def test_calibrated_levels_keep_frozen_steps_on_the_calibration_tasks():
+@pytest.mark.parametrize('rank', [None, 3])
+def test_calibrated_levels_keep_frozen_steps_on_the_calibration_tasks(rank):
   family = ScaledLeastSquares()
   unit = well_conditioned(metamd_jax.init_divergence(family.init_params(), 1.0), seed=1,
                           noise=0.3)
   divergence = divergence_lib.scale_steps(unit, 0.05)
   task_params = family.sample_batch(jax.random.key(1), 4)
   num_steps = 20
-  levels = eigenbasis.eigenbasis_levels(divergence, family, task_params, num_steps)
+  levels = eigenbasis.eigenbasis_levels(divergence, family, task_params, num_steps,
+                                        rank=rank)
+  # The bias (4,) and the weight (8, 4); rank 3 ranks the sides of 4 and 8.
+  assert [[len(x) for x in leaf] for leaf in levels] == (
+      [[4, 1], [8, 4]] if rank is None else [[4, 1], [4, 4]])
 
   def run(levels):
-    optimizer = eigenbasis.eigenbasis_metamd(divergence, levels)
+    optimizer = eigenbasis.eigenbasis_metamd(divergence, levels, rank=rank)
     return jax.jit(jax.vmap(lambda tp: one(optimizer, tp)))(task_params)
 
   def one(optimizer, tp):
@@ -210,17 +248,19 @@ def test_under_vmap_equals_one_task_at_a_time():
                                 rtol=1e-5, atol=1e-7)
 
 
-def test_as_the_learned_half_of_blended_metamd():
+@pytest.mark.parametrize('rank', [None, 2])
+def test_as_the_learned_half_of_blended_metamd(rank):
   divergence = _divergence(STRUCTURES[0], seed=6, dtype=jnp.float32)
   params = _tree(7)
   grads_list = [_tree(40 + t, scale=2.0 ** t) for t in range(4)]
-  bases, _ = eigenbasis.leaf_bases(divergence)
-  levels = [(np.full(len(b.left_values), 0.2), np.full(len(b.right_values), 0.2))
+  bases, _ = eigenbasis.leaf_bases(divergence, rank)
+  levels = [tuple(np.full(size, 0.2) for size in eigenbasis.share_sizes(b))
             if b.inverse_values is None else (0.2,) for b in bases]
   leaf_levels = [0.5] * len(bases)
   blended = metamd_jax.blended_metamd(divergence, leaf_levels, 0.3, per_leaf=True,
-                                      eigenbasis_levels=levels)
-  learned = eigenbasis.scale_by_eigenbasis_mirror_descent(divergence, levels, leaf_levels)
+                                      eigenbasis_levels=levels, eigenbasis_rank=rank)
+  learned = eigenbasis.scale_by_eigenbasis_mirror_descent(divergence, levels, leaf_levels,
+                                                          rank=rank)
   online = metamd_jax.blended.scale_by_factored_statistics(1e-8)
   ours, states = _run(blended, grads_list, params)
   learned_state, online_state = learned.init(params), online.init(params)
@@ -236,6 +276,11 @@ def test_as_the_learned_half_of_blended_metamd():
   assert np.all(np.asarray(learned_state.scale) > 1)  # leaf levels 0.5: every leaf adapted
   with pytest.raises(ValueError, match='per_leaf=True'):
     metamd_jax.blended_metamd(divergence, 0.5, 0.3, eigenbasis_levels=levels)
+  with pytest.raises(ValueError, match='eigenbasis_rank=2 ranks'):
+    metamd_jax.blended_metamd(divergence, 0.5, 0.3, eigenbasis_rank=2)
+  with pytest.raises(ValueError, match='rank must be None'):
+    metamd_jax.blended_metamd(divergence, leaf_levels, 0.3, per_leaf=True,
+                              eigenbasis_levels=levels, eigenbasis_rank=0)
 
 
 def test_bad_levels_and_a_traced_divergence_are_named():
@@ -269,3 +314,9 @@ def test_bad_levels_and_a_traced_divergence_are_named():
     jax.jit(lambda d: eigenbasis.eigenbasis_metamd(d, levels).init(params))(divergence)
   with pytest.raises(ValueError, match='decay'):
     eigenbasis.eigenbasis_metamd(divergence, levels, decay=1.0)
+  for rank in (0, -1, 2.0, True, '2'):
+    with pytest.raises(ValueError, match='rank must be None'):
+      eigenbasis.eigenbasis_metamd(divergence, levels, rank=rank)
+  # Levels of the full sides given to ranked ones: named by leaf and side.
+  with pytest.raises(ValueError, match=r'levels\[\d\]\[0\] has shape'):
+    eigenbasis.eigenbasis_metamd(divergence, levels, rank=2)

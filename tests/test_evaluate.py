@@ -55,7 +55,8 @@ def test_adaptive_row_with_a_huge_reference_is_metamd(setup, tmp_path, monkeypat
   assert config.eval.adaptive_eigenbasis  # the default: one scale per learned direction
   eigen_calls = []
 
-  def levels(div, family, task_params, num_steps, *, quantile, decay):
+  def levels(div, family, task_params, num_steps, *, quantile, decay, rank):
+    assert rank is None  # the default: a scale per eigendirection
     eigen_calls.append((family, task_params, num_steps))
     bases, _ = metamd_jax.eigenbasis.leaf_bases(div)
     return [(np.full(len(b.left_values), 1e30), np.full(len(b.right_values), 1e30))
@@ -195,6 +196,39 @@ def test_eigenbasis_calibration_gives_levels_per_eigendirection(setup):
   assert isinstance(state[0][0], metamd_jax.eigenbasis.EigenbasisState)
   with pytest.raises(ValueError, match='no eigenbasis levels'):
     evaluate.adaptive_optimizer(config, divergence, {**result, 'eigenbasis_levels': None})
+  assert result['eigenbasis_rank'] == config.eval.adaptive_eigenbasis_rank == 0
+  # eval.adaptive_eigenbasis_rank: the 64-row side of the first kernel keeps 16 scales and
+  # one for the rest, calibrated at that rank; the optimiser is the library's at that rank.
+  ranked_config, _, ranked = _calibrated(setup, adaptive_eigenbasis=True,
+                                         adaptive_eigenbasis_rank=16)
+  assert ranked['eigenbasis_rank'] == 16
+  expected = metamd_jax.eigenbasis.eigenbasis_levels(
+      divergence, meta_train_family, tasks, config.eval.num_steps,
+      quantile=config.eval.adaptive_quantile, decay=config.eval.adaptive_decay, rank=16)
+  assert [[len(x) for x in leaf] for leaf in ranked['eigenbasis_levels']] == [
+      [8, 1], [17, 8], [10, 1], [8, 10]]
+  for ours, theirs in zip(ranked['eigenbasis_levels'], expected):
+    for a, b in zip(ours, theirs):
+      np.testing.assert_array_equal(np.asarray(a, np.float64), b)
+  ranked_config.eval.update(adaptive_restarts=False, adaptive_momentum=0.0,
+                            adaptive_blend_rate=0.0, adaptive_overshoot=False)
+  params = meta_test_family.init_params()
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 3.0), params)
+  ours = evaluate.adaptive_optimizer(ranked_config, divergence, ranked)
+  theirs = metamd_jax.eigenbasis.eigenbasis_metamd(divergence, expected, rank=16)
+  chex.assert_trees_all_close(ours.update(grads, ours.init(params), params)[0],
+                              theirs.update(grads, theirs.init(params), params)[0])
+  with pytest.raises(ValueError, match='rank 16: calibrate with the same config'):
+    evaluate.adaptive_optimizer(config, divergence, ranked)
+  ranked_config.eval.adaptive_eigenbasis = False
+  with pytest.raises(ValueError, match=r'adaptive_eigenbasis_rank.*needs eval\.adaptive_eigenbasis'):
+    builders.validate_config(ranked_config)
+  ranked_config.eval.adaptive_eigenbasis = True
+  for bad in (-1, True, 2.0):
+    with ranked_config.ignore_type():
+      ranked_config.eval.adaptive_eigenbasis_rank = bad
+    with pytest.raises(ValueError, match=r'config\.eval\.adaptive_eigenbasis_rank.*int >= 0'):
+      builders.validate_config(ranked_config)
   config.eval.adaptive_per_leaf = False
   with pytest.raises(ValueError, match=r'config\.eval\.adaptive_eigenbasis.*adaptive_per_leaf'):
     builders.validate_config(config)
