@@ -60,7 +60,8 @@ updates, twice as many, four times, ..., :func:`metamd_jax.doubling_restarts`,
 config's times the epoch's length over ``eval.num_steps``, 1, 1, 2, 4, ..., to the power
 ``a``, 0.25 or 0.5, ``eval.adaptive_restart_growth``), ``'config_restart_shrink_<b>'`` (the
 learned half times the length to the power ``-b``, 0, 0.25 or 0.5, the last the doubling
-trick's step, ``eval.adaptive_restart_shrink``), ``'config_restart_growth_0.5_shrink_0.5'`` (both) and
+trick's step, ``eval.adaptive_restart_shrink``), ``'config_restart_growth_0.5_shrink_0.5'``
+(both) and
 ``'config_restart_momentum_<m>_step_<f>'`` (the same restarts with the epochs longer than
 the horizon taking Nesterov's momentum ``m`` at the step factor ``f``: 0.8 at 0.2, 0.9 at
 0.1, 0.2 and 0.3, 0.95 at 0.1; ``eval.adaptive_restart_momentum``,
@@ -96,7 +97,8 @@ meta-train-tuned learning rate run next to them for comparison. The rule, fixed 
 Writes ``choose_variant.json`` and ``choose_variant.md`` in the workdir and prints the
 table; set ``eval.adaptive_per_leaf``, ``eval.adaptive_blend_rate``,
 ``eval.adaptive_blend_statistics``, ``eval.adaptive_momentum``, ``eval.adaptive_eigenbasis``,
-``eval.adaptive_eigenbasis_rank``, ``eval.adaptive_online_power``, ``eval.adaptive_blend_max_dimension``,
+``eval.adaptive_eigenbasis_rank``, ``eval.adaptive_online_power``,
+``eval.adaptive_blend_max_dimension``,
 ``eval.adaptive_blend_block_size``, ``eval.adaptive_blend_sketch_rank``,
 ``eval.adaptive_overshoot``, ``eval.adaptive_overshoot_decay``,
 ``eval.adaptive_refresh_growth``,

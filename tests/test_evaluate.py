@@ -221,7 +221,8 @@ def test_eigenbasis_calibration_gives_levels_per_eigendirection(setup):
   with pytest.raises(ValueError, match='rank 16: calibrate with the same config'):
     evaluate.adaptive_optimizer(config, divergence, ranked)
   ranked_config.eval.adaptive_eigenbasis = False
-  with pytest.raises(ValueError, match=r'adaptive_eigenbasis_rank.*needs eval\.adaptive_eigenbasis'):
+  with pytest.raises(ValueError,
+                     match=r'adaptive_eigenbasis_rank.*needs eval\.adaptive_eigenbasis'):
     builders.validate_config(ranked_config)
   ranked_config.eval.adaptive_eigenbasis = True
   for bad in (-1, True, 2.0):
