@@ -72,4 +72,7 @@ def get_config():
   # alone (experiments/RESULTS.md section 25).
   config.eval.adaptive_blend_sketch_rank = 0
   config.eval.seconds_check = False
+  # A scale per eigendirection, as its variant was chosen with (the default config ranks
+  # sides longer than 64, experiments/RESULTS.md section 29; the dense layer's is 160).
+  config.eval.adaptive_eigenbasis_rank = 0
   return config

@@ -225,9 +225,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       or eigenbasis_rank < 0:
     _fail('eval.adaptive_eigenbasis_rank', eigenbasis_rank,
           'must be an int >= 0 (0: a scale per eigendirection)')
-  if eigenbasis_rank and not eigenbasis:
-    _fail('eval.adaptive_eigenbasis_rank', eigenbasis_rank,
-          'needs eval.adaptive_eigenbasis=True (it ranks the eigenbasis scales)')
   blend_rate = evaluation.adaptive_blend_rate
   if isinstance(blend_rate, bool) or not isinstance(blend_rate, (int, float)) \
       or not (math.isfinite(blend_rate) and blend_rate >= 0):

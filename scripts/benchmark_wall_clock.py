@@ -24,6 +24,8 @@ Usage (from the repository root)::
 ``--set FIELD=VALUE`` changes one ``eval.adaptive_*`` setting of adaptive MetaMD (its blend
 and momentum; the calibrated reference norm is the stored one, which does not depend on
 them), to time another adaptive variant on the same divergence; the figures record it.
+The eigenbasis levels depend on ``adaptive_eigenbasis_rank``: it can only be set to the
+stored calibration's rank (to re-time a run made under another default config).
 
 The seconds to Adam's loss are the steps to it times the mean seconds per step of the
 ``T``-step run: right for a step of constant cost. A step whose cost varies along the run
@@ -119,9 +121,10 @@ _SETTABLE = ('adaptive_blend_rate', 'adaptive_blend_statistics', 'adaptive_momen
              'adaptive_refresh_growth', 'adaptive_overshoot_cap',
              'adaptive_overshoot_scope', 'adaptive_restarts',
              'adaptive_restart_growth', 'adaptive_restart_shrink',
-             'adaptive_restart_momentum', 'adaptive_restart_step_factor')
+             'adaptive_restart_momentum', 'adaptive_restart_step_factor',
+             'adaptive_eigenbasis_rank')
 _INTEGER_SETTINGS = ('adaptive_blend_max_dimension', 'adaptive_blend_block_size',
-                     'adaptive_blend_sketch_rank')
+                     'adaptive_blend_sketch_rank', 'adaptive_eigenbasis_rank')
 _BOOLEANS = {'true': True, 'false': False}
 
 

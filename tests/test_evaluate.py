@@ -56,10 +56,10 @@ def test_adaptive_row_with_a_huge_reference_is_metamd(setup, tmp_path, monkeypat
   eigen_calls = []
 
   def levels(div, family, task_params, num_steps, *, quantile, decay, rank):
-    assert rank is None  # the default: a scale per eigendirection
+    assert rank == config.eval.adaptive_eigenbasis_rank == 64  # the default's ranked sides
     eigen_calls.append((family, task_params, num_steps))
-    bases, _ = metamd_jax.eigenbasis.leaf_bases(div)
-    return [(np.full(len(b.left_values), 1e30), np.full(len(b.right_values), 1e30))
+    bases, _ = metamd_jax.eigenbasis.leaf_bases(div, rank)
+    return [tuple(np.full(size, 1e30) for size in metamd_jax.eigenbasis.share_sizes(b))
             if b.inverse_values is None else (np.asarray(1e30),) for b in bases]
 
   monkeypatch.setattr(metamd_jax.eigenbasis, 'eigenbasis_levels', levels)
@@ -166,7 +166,8 @@ def test_per_leaf_calibration_gives_one_level_per_leaf(setup):
 
 def test_eigenbasis_calibration_gives_levels_per_eigendirection(setup):
   _, meta_train_family, meta_test_family, divergence = setup
-  config, tasks, result = _calibrated(setup, adaptive_eigenbasis=True)
+  config, tasks, result = _calibrated(setup, adaptive_eigenbasis=True,
+                                      adaptive_eigenbasis_rank=0)  # a scale per direction
   assert result['eigenbasis'] is True
   levels = result['eigenbasis_levels']
   expected = metamd_jax.eigenbasis.eigenbasis_levels(
@@ -220,10 +221,11 @@ def test_eigenbasis_calibration_gives_levels_per_eigendirection(setup):
                               theirs.update(grads, theirs.init(params), params)[0])
   with pytest.raises(ValueError, match='rank 16: calibrate with the same config'):
     evaluate.adaptive_optimizer(config, divergence, ranked)
+  # Without the eigenbasis scales the rank has nothing to rank: one scale per leaf.
   ranked_config.eval.adaptive_eigenbasis = False
-  with pytest.raises(ValueError,
-                     match=r'adaptive_eigenbasis_rank.*needs eval\.adaptive_eigenbasis'):
-    builders.validate_config(ranked_config)
+  builders.validate_config(ranked_config)
+  state = evaluate.adaptive_optimizer(ranked_config, divergence, ranked).init(params)
+  assert isinstance(state[0], metamd_jax.adaptive.ScaleByAdaptiveMirrorDescentState)
   ranked_config.eval.adaptive_eigenbasis = True
   for bad in (-1, True, 2.0):
     with ranked_config.ignore_type():
