@@ -240,12 +240,11 @@ def _ranked_shares(basis: LeafBasis, gm: Array) -> tuple[tuple, tuple[Array, Arr
   are ``p_i (U_k^T G Q G^T U_k)_ii`` and the kept columns' ``q_j (V_k^T G^T P G V_k)_jj``;
   a ranked side's remaining directions share ``tr(G^T P G Q)`` less its kept shares."""
   u, p, v, q = basis.left, basis.left_values, basis.right, basis.right_values
-  pg = (basis.left_inverse @ gm if basis.left_inverse is not None
-        else _left(u, p[:, None] * _left_t(u, gm)))  # P G
-  gq = (gm @ basis.right_inverse if basis.right_inverse is not None
-        else _right_t(v, _right(v, gm) * q[None, :]))  # G Q
-  a, aq = _left_t(u, gm), _left_t(u, gq)  # U_k^T G, U_k^T G Q
-  b, pb = _right(v, gm), _right(v, pg)  # G V_k, P G V_k
+  a, b = _left_t(u, gm), _right(v, gm)  # U_k^T G, G V_k
+  # P G and G Q: the dense factor on a ranked side, through the full eigenbasis otherwise.
+  pg = basis.left_inverse @ gm if basis.left_inverse is not None else _left(u, p[:, None] * a)
+  gq = gm @ basis.right_inverse if basis.right_inverse is not None else _right_t(v, b * q)
+  aq, pb = _left_t(u, gq), _right(v, pg)  # U_k^T G Q, P G V_k
   rows = p * jnp.sum(a * aq, axis=1)
   columns = q * jnp.sum(b * pb, axis=0)
   total = jnp.sum(pg * gq)
