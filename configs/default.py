@@ -176,6 +176,14 @@ def get_config() -> ml_collections.ConfigDict:
   # each early step; the sketch 0.33) and keep 9; ranks 32 and 16 lose the permuted
   # features (section 24).
   evaluation.adaptive_blend_sketch_rank = 64
+  # The steps between two merges of a gradient into a sketch (the eigendecomposition of
+  # rank plus other-side rows, most of a sketched side's cost): 1, every step; j > 1, every
+  # j steps; 0, at the steps where the leaf's roots are refreshed (the schedule and
+  # eval.adaptive_refresh_growth). Each merge carries the gradient mass since the last one;
+  # the root is kept in between; the same guarantee. 0 here: chosen with
+  # experiments.choose_variant on 10 validation tasks (experiments/RESULTS.md section 30):
+  # 11 of 11 checks, against 10 for every step and 8 for every 2 or 4 steps.
+  evaluation.adaptive_blend_sketch_interval = 0
   # The overshoot check (metamd_jax.blended_metamd(overshoot_decay=...)): per leaf, when
   # the gradient after a step points back along the learned half's last direction (the
   # step passed the minimum along it), the learned half is shortened by a non-decreasing

@@ -71,6 +71,7 @@ def get_config():
   # this family has no wall-clock target, and its variant was chosen by the steps checks
   # alone (experiments/RESULTS.md section 25).
   config.eval.adaptive_blend_sketch_rank = 0
+  config.eval.adaptive_blend_sketch_interval = 1  # (no sketch: unused; as calibrated)
   config.eval.seconds_check = False
   # A scale per eigendirection, as its variant was chosen with (the default config ranks
   # sides longer than 64, experiments/RESULTS.md section 29; the dense layer's is 160).

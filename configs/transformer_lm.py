@@ -141,6 +141,7 @@ def get_config() -> ml_collections.ConfigDict:
   # higher geometric mean (0.992 against 0.979; rank 32: 2 of 5, 1.008), and at 10 times
   # the horizon ended at 1.457 against 1.391 (experiments/RESULTS.md section 24).
   ev.adaptive_blend_sketch_rank = 0
+  ev.adaptive_blend_sketch_interval = 1  # (no sketch: unused; as calibrated)
   # A scale per eigendirection, as its variant was chosen with (the default config ranks
   # sides longer than 64, experiments/RESULTS.md section 29; the 256-long sides here).
   ev.adaptive_eigenbasis_rank = 0

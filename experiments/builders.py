@@ -296,8 +296,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           'needs eval.adaptive_restart_momentum (the factor goes with that momentum)')
   for name, minimum, zero in (('adaptive_blend_max_dimension', 1, ''),
                               ('adaptive_blend_block_size', 0, ' (0: no blocking)'),
-                              ('adaptive_blend_sketch_rank', 0, ' (0: no sketch)')):
-    value = evaluation.get(name, 1024 if minimum else 0)
+                              ('adaptive_blend_sketch_rank', 0, ' (0: no sketch)'),
+                              ('adaptive_blend_sketch_interval', 0,
+                               " (1: every step; 0: at the leaf's root refreshes)")):
+    value = evaluation.get(name, {'adaptive_blend_max_dimension': 1024,
+                                  'adaptive_blend_sketch_interval': 1}.get(name, 0))
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
       _fail(f'eval.{name}', value, f'must be an int >= {minimum}{zero}')
   if evaluation.get('adaptive_blend_sketch_rank', 0) and \

@@ -100,6 +100,7 @@ table; set ``eval.adaptive_per_leaf``, ``eval.adaptive_blend_rate``,
 ``eval.adaptive_eigenbasis_rank``, ``eval.adaptive_online_power``,
 ``eval.adaptive_blend_max_dimension``,
 ``eval.adaptive_blend_block_size``, ``eval.adaptive_blend_sketch_rank``,
+``eval.adaptive_blend_sketch_interval``,
 ``eval.adaptive_overshoot``, ``eval.adaptive_overshoot_decay``,
 ``eval.adaptive_refresh_growth``,
 ``eval.adaptive_overshoot_cap``, ``eval.adaptive_overshoot_scope``,
@@ -236,6 +237,7 @@ for _settings in CANDIDATES.values():  # no momentum unless a candidate names on
   _settings.setdefault('adaptive_blend_max_dimension', 1024)
   _settings.setdefault('adaptive_blend_block_size', 0)
   _settings.setdefault('adaptive_blend_sketch_rank', 0)
+  _settings.setdefault('adaptive_blend_sketch_interval', 1)
   _settings.setdefault('adaptive_overshoot', False)
   _settings.setdefault('adaptive_overshoot_decay', 0.5)
   _settings.setdefault('adaptive_refresh_growth', math.inf)
@@ -283,6 +285,8 @@ OVERSHOOT = {
         'adaptive_restart_step_factor': factor}
        for momentum, factor in ((0.8, 0.2), (0.9, 0.1), (0.9, 0.2), (0.9, 0.3), (0.95, 0.1))},
     **{f'config_sketch_{rank}': {'adaptive_blend_sketch_rank': rank} for rank in (16, 32, 64)},
+    **{f'config_sketch_interval_{interval}': {'adaptive_blend_sketch_interval': interval}
+       for interval in (0, 2, 4)},
     **{f'config_blend_{rate}': {'adaptive_blend_rate': rate} for rate in (0.03, 0.05, 0.07)},
     'config_overshoot_step': {'adaptive_overshoot_scope': 'step'},
     **{f'config_eigenbasis_rank_{rank}': {'adaptive_eigenbasis_rank': rank}
@@ -310,8 +314,10 @@ step, alone or with the blend rate 0.03 or 0.05 (``'config_overshoot_step'``,
 ``'config_overshoot_step_blend_<rate>'``, ``eval.adaptive_overshoot_scope``), or keep
 eigenbasis scales for the ``k`` longest-step eigendirections of each learned factor longer
 than ``k`` and one for the rest (``'config_eigenbasis_rank_<k>'``, 16, 32, 64 or 128,
-``eval.adaptive_eigenbasis_rank``; calibrated at that rank); after :data:`CANDIDATES` in
-ties."""
+``eval.adaptive_eigenbasis_rank``; calibrated at that rank), or merge a gradient into
+the sketches every 2 or 4 steps or at the roots' refreshes only
+(``'config_sketch_interval_<j>'``, 2, 4 or 0, ``eval.adaptive_blend_sketch_interval``);
+after :data:`CANDIDATES` in ties."""
 OWN = 'config'
 """The candidate that keeps the config's own ``eval`` settings (always allowed; first in
 ties): how :mod:`experiments.sweep` scores a meta-training setting by this rule."""
@@ -610,6 +616,9 @@ def format_choice(result: dict) -> str:
               if result.get('adaptive_blend_block_size', 0) else '')
            + (f", eval.adaptive_blend_sketch_rank={result['adaptive_blend_sketch_rank']}"
               if result.get('adaptive_blend_sketch_rank', 0) else '')
+           + (", eval.adaptive_blend_sketch_interval="
+              f"{result['adaptive_blend_sketch_interval']}"
+              if result.get('adaptive_blend_sketch_interval', 1) != 1 else '')
            + (', eval.adaptive_overshoot=True, eval.adaptive_overshoot_decay='
               f"{result['adaptive_overshoot_decay']}" if result.get('adaptive_overshoot')
               else '')

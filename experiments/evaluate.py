@@ -77,6 +77,7 @@ def calibrate(config: ml_collections.ConfigDict, divergence: PyTree, family: Tas
           'max_dimension': ev.get('adaptive_blend_max_dimension', 1024),
           'block_size': ev.get('adaptive_blend_block_size', 0),
           'sketch_rank': ev.get('adaptive_blend_sketch_rank', 0),
+          'sketch_interval': ev.get('adaptive_blend_sketch_interval', 1),
           'overshoot': ev.get('adaptive_overshoot', False),
           'overshoot_decay': ev.get('adaptive_overshoot_decay', 0.5),
           # None: the roots on their schedule alone; no cap.
@@ -104,7 +105,8 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
   (:func:`metamd_jax.blended_metamd`, its online half divided by the learned scale to the
   power ``eval.adaptive_online_power``; with Shampoo's statistics, sides over
   ``eval.adaptive_blend_max_dimension`` diagonal, over ``eval.adaptive_blend_block_size``
-  blocked or past ``eval.adaptive_blend_sketch_rank`` sketched, and their roots also
+  blocked or past ``eval.adaptive_blend_sketch_rank`` sketched (merging a gradient every
+  ``eval.adaptive_blend_sketch_interval`` steps), and their roots also
   refreshed after a growth of ``eval.adaptive_refresh_growth``;
   with ``eval.adaptive_overshoot``, the overshoot check at
   ``eval.adaptive_overshoot_decay``, its factor at most ``eval.adaptive_overshoot_cap``,
@@ -146,6 +148,7 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
           max_dimension=ev.get('adaptive_blend_max_dimension', 1024),
           block_size=ev.get('adaptive_blend_block_size', 0) or None,
           sketch_rank=ev.get('adaptive_blend_sketch_rank', 0) or None,
+          sketch_interval=ev.get('adaptive_blend_sketch_interval', 1),
           overshoot_decay=ev.get('adaptive_overshoot_decay', 0.5) if overshoot else None,
           refresh_growth=ev.get('adaptive_refresh_growth', math.inf),
           overshoot_cap=ev.get('adaptive_overshoot_cap', math.inf) if overshoot else None,

@@ -113,7 +113,11 @@ Sketchy does for Shampoo): the sketch never decreases and is at least the statis
 root is exact for its sketch at every step, at ``m (r + n)^2`` flops and one
 eigendecomposition of ``r + n`` rows per step, with no ``m x m`` matrix. Directions
 outside the sketch's ``r`` share the escaped mass ``rho_t``: the direction follows the
-``r`` largest directions of the side's gradients.
+``r`` largest directions of the side's gradients. With ``sketch_interval=j`` (every ``j``
+steps) or 0 (at the leaf's root refreshes) the sketch merges fewer gradients, each scaled
+to carry the gradient mass since the last merge, and keeps its root in between: still
+non-decreasing, so the same bound holds (the sketch is then an estimate of the statistic,
+not a bound on it).
 
 ``overshoot_decay=beta`` adds the overshoot check to the learned half. The online scales
 react to the size of the gradients in the learned geometry; they do not see a learned step
@@ -203,6 +207,7 @@ __all__ = [
     'check_online_power',
     'check_overshoot_cap',
     'check_overshoot_decay',
+    'check_sketch_interval',
     'check_sketch_rank',
     'factored_denominator',
     'scale_by_blended_mirror_descent',
@@ -282,6 +287,21 @@ def check_sketch_rank(sketch_rank: Any, block_size: int | None = None) -> int | 
     raise ValueError(f'sketch_rank={sketch_rank!r} and block_size={block_size!r} are two '
                      'ways to cheapen a long side: set one of them (the other None).')
   return sketch_rank
+
+
+def check_sketch_interval(sketch_interval: Any) -> int:
+  """Validate ``sketch_interval``: an int ``>= 0`` (1: a merge at every step; ``j > 1``:
+  every ``j`` steps; 0: at the sketched leaf's root refreshes).
+
+  Raises:
+    ValueError: naming ``sketch_interval`` otherwise.
+  """
+  if isinstance(sketch_interval, bool) or not isinstance(sketch_interval, int) \
+      or sketch_interval < 0:
+    raise ValueError('sketch_interval must be an int >= 0 (1: the sketch merges every '
+                     "step's gradient; j > 1: every j steps; 0: at its leaf's root refreshes), "
+                     f'got {sketch_interval!r}.')
+  return sketch_interval
 
 
 def _row_and_column(squared: Array) -> tuple[Array, Array]:
@@ -529,6 +549,9 @@ class KroneckerStatisticsState(NamedTuple):
     count: number of updates taken, int32 ``()``.
     refreshed: per leaf (``jax.tree.leaves`` order), float32 ``(L,)``: ``tr L = tr R =
       sum ||G||_F^2`` at the leaf's last refresh (0 at ``init``).
+    merged: per leaf, ``(L,)`` (the widest accumulator dtype): the gradient mass
+      ``sum ||G||_F^2`` up to the last merge of the leaf's sketch (0 at ``init`` and for a
+      leaf without a sketch).
   """
 
   left: PyTree
@@ -537,6 +560,7 @@ class KroneckerStatisticsState(NamedTuple):
   right_root: PyTree
   count: Array
   refreshed: Array
+  merged: Array
 
 
 def scale_by_kronecker_statistics(
@@ -548,6 +572,7 @@ def scale_by_kronecker_statistics(
     block_size: int | None = None,
     refresh_growth: float | None = None,
     sketch_rank: int | None = None,
+    sketch_interval: int = 1,
 ) -> optax.GradientTransformation:
   """Map gradients to ``K_t^{-1} g``, Shampoo's full Kronecker statistics.
 
@@ -592,6 +617,20 @@ def scale_by_kronecker_statistics(
   decreases and is at least ``L_t``, so ``K_t`` still never decreases; its root is exact
   for the sketch at every step, with no ``m x m`` matrix or eigendecomposition (one of
   ``r + n`` rows instead). Its leaf's other side keeps the schedule.
+
+  The eigendecomposition of ``r + n`` rows is most of a sketched side's cost. With
+  ``sketch_interval=j > 1`` the sketch merges a gradient only every ``j`` steps (steps 1,
+  ``1 + j``, ...), and with ``sketch_interval=0`` only at the steps where its leaf's
+  roots are refreshed (the schedule and ``refresh_growth``). A merge takes the columns
+  ``sqrt(c_t) G_t`` with ``c_t = (mu_t - mu_last) / ||G_t||_F^2``, ``mu`` the leaf's
+  gradient mass ``sum_tau ||G_tau||_F^2`` (the trace of its other side, exact at every
+  step) and ``mu_last`` its value at the last merge: the merged columns carry the mass of
+  every gradient since the last merge, along the directions of the current one (a zero
+  gradient merges nothing and its mass waits for the next merge). Between merges the side
+  keeps its last root. A merge is a frequent-directions update, so the sketch still never
+  decreases, and a root between merges is an earlier one: ``K_t`` still never decreases
+  and the adaptive-mirror-descent bound holds. The sketch is then an estimate of ``L_t``
+  (equal to it in trace at each merge, up to the escaped mass), no longer a bound on it.
   The roots are not
   differentiated: a derivative through an update treats them as constants (as the
   gradient statistics are in a training step).
@@ -609,14 +648,17 @@ def scale_by_kronecker_statistics(
     sketch_rank: ``None`` (no sketch) or ``r >= 1``: sides longer than ``r`` plus the
       other side (up to ``max_dimension``) keep a rank-``r`` frequent-directions sketch.
       Not with ``block_size``.
+    sketch_interval: with ``sketch_rank``, the steps between two merges of a gradient
+      into a sketch: 1 (every step), ``j > 1``, or 0 (at the leaf's root refreshes).
 
   Returns:
     An ``optax.GradientTransformation``.
 
   Raises:
     ValueError: on a bad ``epsilon``, ``relative_epsilon``, ``refresh_every``,
-      ``max_dimension``, ``block_size``, ``refresh_growth`` or ``sketch_rank`` (each named
-      in the message), or both ``block_size`` and ``sketch_rank``.
+      ``max_dimension``, ``block_size``, ``refresh_growth``, ``sketch_rank`` or
+      ``sketch_interval`` (each named in the message), or both ``block_size`` and
+      ``sketch_rank``.
   """
   check_positive(epsilon, 'epsilon')
   if not (isinstance(relative_epsilon, (int, float)) and not isinstance(relative_epsilon, bool)
@@ -627,6 +669,7 @@ def scale_by_kronecker_statistics(
   check_block_size(block_size)
   refresh_growth = check_refresh_growth(refresh_growth)
   check_sketch_rank(sketch_rank, block_size)
+  check_sketch_interval(sketch_interval)
 
   def accumulator_dtype(leaf):
     return jnp.promote_types(leaf.dtype, jnp.float32)
@@ -661,16 +704,20 @@ def scale_by_kronecker_statistics(
         left=left, right=right,
         left_root=treedef.unflatten([zero_root(s[0]) for s in sides]),
         right_root=treedef.unflatten([zero_root(s[1]) for s in sides]),
-        count=jnp.zeros((), jnp.int32), refreshed=jnp.zeros((len(leaves),), jnp.float32))
+        count=jnp.zeros((), jnp.int32), refreshed=jnp.zeros((len(leaves),), jnp.float32),
+        merged=jnp.zeros((len(leaves),), jnp.result_type(
+            jnp.float32, *[accumulator_dtype(x) for x in leaves])))
+
+  def merge(old, matrix, side):
+    """The sketch with ``matrix``'s columns (``G``, or ``G^T`` on a right side) merged, and
+    its root (exact for the sketch)."""
+    new, vectors, values = sketch.update(old, matrix if side == 'left' else matrix.T,
+                                         eigh=_eigh)
+    other = matrix.shape[1] if side == 'left' else matrix.shape[0]
+    return new, sketch.inverse_fourth_root(vectors, values, new.escaped, other, epsilon,
+                                           relative_epsilon)
 
   def statistic(old, matrix, side):
-    if isinstance(old, sketch.SketchState):
-      # The sketch, and its root (exact for the sketch, at every step).
-      new, vectors, values = sketch.update(old, matrix if side == 'left' else matrix.T,
-                                           eigh=_eigh)
-      other = matrix.shape[1] if side == 'left' else matrix.shape[0]
-      return new, sketch.inverse_fourth_root(vectors, values, new.escaped, other, epsilon,
-                                             relative_epsilon)
     if old.ndim == 1:
       return old + jnp.sum(jnp.square(matrix), axis=1 if side == 'left' else 0)
     if old.ndim == 3:
@@ -685,20 +732,13 @@ def scale_by_kronecker_statistics(
     old_lefts = treedef.flatten_up_to(state.left_root)
     old_rights = treedef.flatten_up_to(state.right_root)
     matrices, new_lefts, new_rights = [], [], []
-    # A sketched side's root is fresh at every step (None: the side follows the schedule).
-    sketch_lefts, sketch_rights = [], []
     for g, left, right in zip(leaves, lefts, rights):
       matrix = g.astype(accumulator_dtype(g)).reshape(_matrix_view(g.shape))
       matrices.append(matrix)
-      for old, side, news, roots in ((left, 'left', new_lefts, sketch_lefts),
-                                     (right, 'right', new_rights, sketch_rights)):
-        new = statistic(old, matrix, side)
-        if isinstance(old, sketch.SketchState):
-          new, root = new
-        else:
-          root = None
-        news.append(new)
-        roots.append(root)
+      for old, side, news in ((left, 'left', new_lefts), (right, 'right', new_rights)):
+        # A sketch is merged below, once its leaf's mass (and refresh) is known.
+        news.append(old if isinstance(old, sketch.SketchState)
+                    else statistic(old, matrix, side))
 
     due = (count <= refresh_every) | ((count - 1) % refresh_every == 0)
     # Per leaf: the schedule, or (with refresh_growth) its mass grown by more than 1 + kappa.
@@ -708,6 +748,38 @@ def scale_by_kronecker_statistics(
     leaf_due = jnp.broadcast_to(due, masses.shape)
     if refresh_growth is not None:
       leaf_due = leaf_due | (masses > (1 + refresh_growth) * state.refreshed)
+    # A sketched side merges its gradient: every step (sketch_interval=1, its root fresh at
+    # every step), every j steps (1, 1 + j, ...), or where its leaf's roots are refreshed
+    # (0), its columns scaled to carry the leaf's gradient mass since the last merge.
+    merge_due = {0: leaf_due, 1: None}.get(
+        sketch_interval, jnp.broadcast_to((count - 1) % max(sketch_interval, 1) == 0,
+                                          masses.shape))
+    merged = state.merged
+    sketch_lefts, sketch_rights = [], []
+    for index, m in enumerate(matrices):
+      for news, roots, old_roots, side in ((new_lefts, sketch_lefts, old_lefts, 'left'),
+                                           (new_rights, sketch_rights, old_rights, 'right')):
+        old = news[index]
+        if not isinstance(old, sketch.SketchState):
+          roots.append(None)
+          continue
+        if merge_due is None:
+          news[index], root = merge(old, m, side)
+          merged = merged.at[index].set(masses[index])
+        else:
+          mass = jnp.sum(jnp.square(m))
+          gained = jnp.maximum(masses[index] - merged[index], 0)
+          factor = jnp.where(mass > 0, jnp.sqrt(gained / jnp.where(mass > 0, mass, 1)), 0)
+
+          def merge_scaled(_, old=old, m=m, side=side, factor=factor):
+            return merge(old, factor.astype(m.dtype) * m, side)
+
+          news[index], root = jax.lax.cond(
+              merge_due[index], merge_scaled,
+              lambda _, old=old, root=old_roots[index]: (old, root), None)
+          merged = merged.at[index].set(
+              jnp.where(merge_due[index] & (mass > 0), masses[index], merged[index]))
+        roots.append(root)
     left_roots, right_roots = [], []
     for index, (s_left, s_right, m, a, b, fresh_a, fresh_b) in enumerate(
         zip(new_lefts, new_rights, matrices, old_lefts, old_rights, sketch_lefts,
@@ -729,7 +801,7 @@ def scale_by_kronecker_statistics(
     return treedef.unflatten(directions), KroneckerStatisticsState(
         left=treedef.unflatten(new_lefts), right=treedef.unflatten(new_rights),
         left_root=treedef.unflatten(left_roots), right_root=treedef.unflatten(right_roots),
-        count=count, refreshed=refreshed.astype(jnp.float32))
+        count=count, refreshed=refreshed.astype(jnp.float32), merged=merged)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -873,6 +945,7 @@ def scale_by_blended_mirror_descent(
     sketch_rank: int | None = None,
     overshoot_scope: str = 'learned',
     eigenbasis_rank: int | None = None,
+    sketch_interval: int = 1,
 ) -> optax.GradientTransformation:
   """Map gradients to ``(M^{-1} g + blend_rate * K_t^{-1} g) / s_t`` (see the module doc).
 
@@ -931,6 +1004,10 @@ def scale_by_blended_mirror_descent(
       longest-step eigendirections and one shared by the rest, in one ``m x m`` product
       per step instead of two (:mod:`metamd_jax.eigenbasis`, ranked sides; the levels must
       be calibrated with the same rank).
+    sketch_interval: with ``sketch_rank``, the steps between two merges of a gradient
+      into a sketch: 1 (every step), ``j > 1`` or 0 (at the leaf's root refreshes), each
+      merge carrying the gradient mass since the last one
+      (:func:`scale_by_kronecker_statistics`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -939,10 +1016,10 @@ def scale_by_blended_mirror_descent(
     TypeError, ValueError: on a bad ``blend_rate``, ``reference_norm``, ``decay``,
       ``epsilon``, ``statistics``, ``refresh_every``, ``eigenbasis_levels``,
       ``online_power``, ``max_dimension``, ``block_size``, ``overshoot_decay``,
-      ``refresh_growth``, ``overshoot_cap``, ``sketch_rank``, ``overshoot_scope`` or
-      ``eigenbasis_rank`` (each named in the message), a finite ``overshoot_cap`` without
-      ``overshoot_decay``, both ``block_size`` and ``sketch_rank``, or an
-      ``eigenbasis_rank`` without ``eigenbasis_levels``.
+      ``refresh_growth``, ``overshoot_cap``, ``sketch_rank``, ``overshoot_scope``,
+      ``eigenbasis_rank`` or ``sketch_interval`` (each named in the message), a finite
+      ``overshoot_cap`` without ``overshoot_decay``, both ``block_size`` and
+      ``sketch_rank``, or an ``eigenbasis_rank`` without ``eigenbasis_levels``.
   """
   blend_rate = check_blend_rate(blend_rate)
   if overshoot_scope not in OVERSHOOT_SCOPES:
@@ -957,6 +1034,7 @@ def scale_by_blended_mirror_descent(
                      '(overshoot_decay=None): set overshoot_decay or leave the cap None.')
   check_block_size(block_size)
   check_sketch_rank(sketch_rank, block_size)
+  check_sketch_interval(sketch_interval)
   _check_positive_int(max_dimension, 'max_dimension')
   refresh_growth = check_refresh_growth(refresh_growth)
   eigenbasis_rank = eigenbasis.check_rank(eigenbasis_rank)
@@ -979,7 +1057,8 @@ def scale_by_blended_mirror_descent(
                                            max_dimension=max_dimension,
                                            block_size=block_size,
                                            refresh_growth=refresh_growth,
-                                           sketch_rank=sketch_rank)
+                                           sketch_rank=sketch_rank,
+                                           sketch_interval=sketch_interval)
   else:
     online = scale_by_factored_statistics(epsilon, statistics=statistics)
 
@@ -1040,6 +1119,7 @@ def blended_metamd(
     sketch_rank: int | None = None,
     overshoot_scope: str = 'learned',
     eigenbasis_rank: int | None = None,
+    sketch_interval: int = 1,
 ) -> optax.GradientTransformation:
   """Blended MetaMD: ``-lr (M^{-1} g + blend_rate K_t^{-1} g) / s_t``.
 
@@ -1080,6 +1160,8 @@ def blended_metamd(
     eigenbasis_rank: with ``eigenbasis_levels``, ``None`` or the eigendirections per
       learned factor that keep their own scales (see
       :func:`scale_by_blended_mirror_descent`).
+    sketch_interval: with ``sketch_rank``, the steps between two merges into a sketch (1,
+      ``j > 1``, or 0: at the root refreshes; see :func:`scale_by_kronecker_statistics`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -1107,6 +1189,7 @@ def blended_metamd(
                                       overshoot_cap=overshoot_cap,
                                       sketch_rank=sketch_rank,
                                       overshoot_scope=overshoot_scope,
-                                      eigenbasis_rank=eigenbasis_rank),
+                                      eigenbasis_rank=eigenbasis_rank,
+                                      sketch_interval=sketch_interval),
       optax.scale_by_learning_rate(learning_rate),
   )

@@ -73,6 +73,7 @@ _CALIBRATION_FIELDS = {'blend_rate': 'adaptive_blend_rate',
                        'max_dimension': 'adaptive_blend_max_dimension',
                        'block_size': 'adaptive_blend_block_size',
                        'sketch_rank': 'adaptive_blend_sketch_rank',
+                       'sketch_interval': 'adaptive_blend_sketch_interval',
                        'overshoot': 'adaptive_overshoot',
                        'overshoot_decay': 'adaptive_overshoot_decay',
                        'refresh_growth': 'adaptive_refresh_growth',
@@ -86,7 +87,8 @@ _CALIBRATION_FIELDS = {'blend_rate': 'adaptive_blend_rate',
 # What a calibration stored before a field existed meant.
 _CALIBRATION_DEFAULTS = {'eigenbasis': False, 'eigenbasis_rank': 0, 'online_power': 1.0,
                          'max_dimension': 1024,
-                         'block_size': 0, 'sketch_rank': 0, 'overshoot': False,
+                         'block_size': 0, 'sketch_rank': 0, 'sketch_interval': 1,
+                         'overshoot': False,
                          'overshoot_decay': 0.5,
                          'refresh_growth': None, 'overshoot_cap': None,
                          'overshoot_scope': 'learned', 'restarts': False,
@@ -122,9 +124,10 @@ _SETTABLE = ('adaptive_blend_rate', 'adaptive_blend_statistics', 'adaptive_momen
              'adaptive_overshoot_scope', 'adaptive_restarts',
              'adaptive_restart_growth', 'adaptive_restart_shrink',
              'adaptive_restart_momentum', 'adaptive_restart_step_factor',
-             'adaptive_eigenbasis_rank')
+             'adaptive_eigenbasis_rank', 'adaptive_blend_sketch_interval')
 _INTEGER_SETTINGS = ('adaptive_blend_max_dimension', 'adaptive_blend_block_size',
-                     'adaptive_blend_sketch_rank', 'adaptive_eigenbasis_rank')
+                     'adaptive_blend_sketch_rank', 'adaptive_eigenbasis_rank',
+                     'adaptive_blend_sketch_interval')
 _BOOLEANS = {'true': True, 'false': False}
 
 

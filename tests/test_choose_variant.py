@@ -75,6 +75,7 @@ def test_compare_runs_validation_tasks_only_and_applies_the_rule(tmp_path, monke
                                       'adaptive_blend_max_dimension': 1024,
                                       'adaptive_blend_block_size': 0,
                                       'adaptive_blend_sketch_rank': 0,
+                                      'adaptive_blend_sketch_interval': 1,
                                       'adaptive_overshoot': False,
                                       'adaptive_overshoot_decay': 0.5,
                                       'adaptive_refresh_growth': math.inf,
@@ -199,7 +200,7 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
         'adaptive_eigenbasis': eigenbasis, 'adaptive_eigenbasis_rank': 0,
         'adaptive_online_power': 1.0,
         'adaptive_blend_max_dimension': 1024, 'adaptive_blend_block_size': 0,
-        'adaptive_blend_sketch_rank': 0,
+        'adaptive_blend_sketch_rank': 0, 'adaptive_blend_sketch_interval': 1,
         'adaptive_overshoot': False, 'adaptive_overshoot_decay': 0.5,
         'adaptive_refresh_growth': math.inf, 'adaptive_overshoot_cap': math.inf,
         'adaptive_overshoot_scope': 'learned',
@@ -310,6 +311,11 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
   for rank in (16, 32, 64):
     assert choose_variant.settings_of(config, f'config_sketch_{rank}') == {
         **own, 'adaptive_blend_sketch_rank': rank}
+  # ... or merging a gradient into the sketch every few steps or at the roots' refreshes.
+  assert own['adaptive_blend_sketch_interval'] == config.eval.adaptive_blend_sketch_interval
+  for interval in (0, 2, 4):
+    assert choose_variant.settings_of(config, f'config_sketch_interval_{interval}') == {
+        **own, 'adaptive_blend_sketch_interval': interval}
   # Ties: the config first, the overshoot candidates after every other one.
   assert choose_variant.check_candidates(
       ['config_overshoot_0.5', 'eigen', 'config', 'config_overshoot_0.0']) == (

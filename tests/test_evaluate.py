@@ -320,6 +320,8 @@ def test_shifted_families_are_shifted(setup):
     ('eval.adaptive_blend_block_size', True),
     ('eval.adaptive_blend_sketch_rank', -1),
     ('eval.adaptive_blend_sketch_rank', True),
+    ('eval.adaptive_blend_sketch_interval', -1),
+    ('eval.adaptive_blend_sketch_interval', True),
     ('eval.adaptive_overshoot_decay', 1.0),
     ('eval.adaptive_overshoot_decay', -0.1),
     ('eval.adaptive_refresh_growth', -0.1),
@@ -401,6 +403,27 @@ def test_adaptive_optimizer_is_blended_with_a_positive_blend_rate():
       tall_divergence, (1.0, 1.0), 0.5, per_leaf=True, statistics='kronecker',
       sketch_rank=1)))
   assert not np.allclose(sketched['w'], whole['w'])
+  # eval.adaptive_blend_sketch_interval: the second step's gradient merged only at step 3.
+  # (Without the overshoot check, which would act from the second step on.)
+  overshoot, config.eval.adaptive_overshoot = config.eval.adaptive_overshoot, False
+  second = jax.tree.map(lambda g: -0.5 * g[::-1], tall_grads)
+
+  def second_update(optimizer):
+    state = optimizer.init(tall)
+    state = optimizer.update(tall_grads, state, tall)[1]
+    return optimizer.update(second, state, tall)[0]
+
+  every_step = second_update(evaluate.adaptive_optimizer(config, tall_divergence, calibration))
+  config.eval.adaptive_blend_sketch_interval = 2
+  every_other = second_update(evaluate.adaptive_optimizer(config, tall_divergence,
+                                                          calibration))
+  chex.assert_trees_all_close(every_other, second_update(metamd_jax.blended_metamd(
+      tall_divergence, (1.0, 1.0), 0.5, per_leaf=True, statistics='kronecker',
+      sketch_rank=1, sketch_interval=2)))
+  assert not np.allclose(every_other['w'], every_step['w'])
+  np.testing.assert_array_equal(every_other['b'], every_step['b'])  # no sketch on b
+  config.eval.adaptive_blend_sketch_interval = 1
+  config.eval.adaptive_overshoot = overshoot
   config.eval.adaptive_blend_sketch_rank = 0
   grads = {'w': jnp.full((3, 2), 2.0), 'b': jnp.full((2,), 2.0)}
   config.eval.adaptive_blend_statistics = 'sum'

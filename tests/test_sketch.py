@@ -170,3 +170,90 @@ def test_bad_sketch_ranks_are_named(sketch_rank, block_size, match):
   with pytest.raises(ValueError, match=match):
     blended.blended_metamd({}, None, 0.1, statistics='kronecker', sketch_rank=sketch_rank,
                            block_size=block_size)
+
+
+@pytest.mark.parametrize('sketch_interval, refresh_growth', [(2, None), (3, None), (0, None),
+                                                              (0, 0.3)])
+def test_sketch_merged_every_few_steps_against_a_numpy_reference(x64, sketch_interval,
+                                                                refresh_growth):
+  """``sketch_interval=j`` merges ``sqrt(c) G`` at steps 1, 1 + j, ... (0: at the leaf's
+  root refreshes), ``c`` the gradient mass since the last merge over ``||G||_F^2``, and
+  keeps the last root in between; the numpy sketch does the same by an SVD. The metric
+  ``K_t`` still never decreases."""
+  epsilon, relative_epsilon, refresh_every = 1e-6, 1e-4, 3
+  optimizer = blended.scale_by_kronecker_statistics(
+      epsilon, relative_epsilon=relative_epsilon, refresh_every=refresh_every, sketch_rank=3,
+      sketch_interval=sketch_interval, refresh_growth=refresh_growth)
+  params = {'w': jnp.zeros((12, 2)), 'b': jnp.zeros((2,))}
+  state = optimizer.init(params)
+  update = jax.jit(optimizer.update)
+  rng = np.random.default_rng(9)
+  basis, escaped, right = np.zeros((12, 3)), 0.0, np.zeros((2, 2))
+  mass = merged = refreshed = 0.0
+  right_root = left_root = previous = None
+  merges = 0
+  for t in range(1, 14):
+    # Growing gradients, so that refresh_growth refreshes off the schedule too.
+    g = rng.standard_normal((12, 2)) * np.geomspace(2.0, 0.2, 12)[:, None] * 1.15 ** t
+    directions, state = update({'w': jnp.asarray(g), 'b': jnp.ones(2)}, state)
+    right += g.T @ g
+    mass += float(np.sum(g ** 2))
+    due = t <= refresh_every or (t - 1) % refresh_every == 0
+    if refresh_growth is not None:
+      due = due or mass > (1 + refresh_growth) * refreshed
+    if due:
+      right_root = _dense_root(right, 12, epsilon, relative_epsilon)
+      refreshed = mass
+    if (due if sketch_interval == 0 else (t - 1) % sketch_interval == 0):
+      scale = np.sqrt((mass - merged) / np.sum(g ** 2))
+      basis, escaped = _numpy_update(basis, escaped, scale * g)
+      merged, merges = mass, merges + 1
+      left_root = _dense_root(basis @ basis.T + escaped * np.eye(12), 2, epsilon,
+                              relative_epsilon)
+    np.testing.assert_allclose(directions['w'], left_root @ g @ right_root, rtol=1e-8,
+                               atol=1e-10)
+    np.testing.assert_allclose(float(state.merged[1]), merged, rtol=1e-12)  # leaves: b, w
+    metric = np.kron(np.linalg.inv(left_root), np.linalg.inv(right_root))
+    if previous is not None:
+      assert np.linalg.eigvalsh(metric - previous).min() > -1e-9 * np.abs(metric).max()
+    previous = metric
+  assert 1 < merges < 13  # merged on some steps only
+
+
+@pytest.mark.parametrize('sketch_interval', [1, 2, 4])
+def test_a_repeated_gradient_merged_every_few_steps_is_the_whole_statistic(x64,
+                                                                           sketch_interval):
+  """The same gradient ``G`` (rank 2, within the sketch's rank 3) at every step: a merge at
+  step ``t`` carries the mass of every step since the last, so the sketch is ``t G G^T``,
+  the statistic itself, at each merge, and stays so until the next."""
+  g = np.random.default_rng(10).standard_normal((12, 2))
+  optimizer = blended.scale_by_kronecker_statistics(sketch_rank=3,
+                                                    sketch_interval=sketch_interval)
+  state = optimizer.init({'w': jnp.zeros((12, 2))})
+  last = 0
+  for t in range(1, 10):
+    _, state = optimizer.update({'w': jnp.asarray(g)}, state)
+    last = t if (t - 1) % sketch_interval == 0 else last
+    np.testing.assert_allclose(_dense(state.left['w']), last * g @ g.T, rtol=1e-9,
+                               atol=1e-9)
+
+
+def test_a_zero_gradient_merges_nothing_and_its_mass_waits(x64):
+  """A merge step with a zero gradient leaves the sketch as it was and keeps the mass
+  since the last merge for the next one."""
+  g = np.random.default_rng(11).standard_normal((12, 2))
+  optimizer = blended.scale_by_kronecker_statistics(sketch_rank=3, sketch_interval=2)
+  state = optimizer.init({'w': jnp.zeros((12, 2))})
+  for grad in (g, g, 0 * g, g, g):  # merges at steps 1, 3 (zero gradient) and 5
+    _, state = optimizer.update({'w': jnp.asarray(grad)}, state)
+  assert np.all(np.isfinite(np.asarray(state.left['w'].basis)))
+  np.testing.assert_allclose(_dense(state.left['w']), 4 * g @ g.T, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize('sketch_interval', [-1, True, 1.5, None])
+def test_bad_sketch_intervals_are_named(sketch_interval):
+  with pytest.raises(ValueError, match='sketch_interval'):
+    blended.scale_by_kronecker_statistics(sketch_rank=4, sketch_interval=sketch_interval)
+  with pytest.raises(ValueError, match='sketch_interval'):
+    blended.blended_metamd({}, None, 0.1, statistics='kronecker', sketch_rank=4,
+                           sketch_interval=sketch_interval)
