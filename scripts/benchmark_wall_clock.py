@@ -20,12 +20,18 @@ Usage (from the repository root)::
   python -m scripts.benchmark_wall_clock ... --optimizers adam,metamd,metamd_adaptive
   python -m scripts.benchmark_wall_clock ... --optimizers metamd_adaptive \
       --set adaptive_blend_statistics=peak_average --set adaptive_blend_rate=0.003
+  python -m scripts.benchmark_wall_clock ... --horizon-multiplier 10   # runs of 10 T steps
 
 ``--set FIELD=VALUE`` changes one ``eval.adaptive_*`` setting of adaptive MetaMD (its blend
 and momentum; the calibrated reference norm is the stored one, which does not depend on
 them), to time another adaptive variant on the same divergence; the figures record it.
 The eigenbasis levels depend on ``adaptive_eigenbasis_rank``: it can only be set to the
 stored calibration's rank (to re-time a run made under another default config).
+
+``--horizon-multiplier m`` trains every optimiser for ``m T`` steps instead (the reference's
+loss is then its ``m T``-step loss, at its meta-train-tuned learning rate; adaptive
+MetaMD keeps its calibration over ``T``): the cost of a step over a longer run, where
+refreshes and merges that follow the gradients' growth become rarer.
 
 The seconds to Adam's loss are the steps to it times the mean seconds per step of the
 ``T``-step run: right for a step of constant cost. A step whose cost varies along the run
@@ -237,7 +243,8 @@ def format_table(rows: dict, reference: str, horizon: int) -> str:
     stored = row['stored_steps_to_reference_final_loss']
     line = (
         f"| {name} | {row['seconds_for_T_steps']:.4f} | {1e3 * row['seconds_per_step']:.3f} | "
-        f"{pair(row['steps_to_reference_final_loss'], 1)} ({pair(stored, 1)}; "
+        f"{pair(row['steps_to_reference_final_loss'], 1)} "
+        f"({'-' if stored is None else pair(stored, 1)}; "
         f"{row['reached_fraction']:.0%} reached) | "
         f"{pair(row['seconds_to_reference_final_loss'], 4)} | "
         f"{ratio(row['fraction_of_reference_T_seconds'])} | {row['final_train_loss']:.4f} |")
@@ -250,7 +257,7 @@ def format_table(rows: dict, reference: str, horizon: int) -> str:
 
 def wall_clock(config, family: str, workdir, results, optimizers=DEFAULT_OPTIMIZERS, *,
                repeats: int = 3, num_tasks: int | None = None, settings: dict | None = None,
-               json_path=None, elapsed: bool = False) -> dict:
+               json_path=None, elapsed: bool = False, horizon_multiplier: int = 1) -> dict:
   """Re-time the held-out runs of ``family`` from a finished benchmark (module docstring).
 
   Args:
@@ -266,6 +273,8 @@ def wall_clock(config, family: str, workdir, results, optimizers=DEFAULT_OPTIMIZ
     json_path: also write the figures there, after every optimiser.
     elapsed: also time, per task, a run stopped where it reaches the reference's loss
       (:func:`experiments.benchmark_runs.elapsed_to`).
+    horizon_multiplier: ``m >= 1``: runs of ``m T`` steps, against the reference's
+      ``m T``-step loss (the stored steps, which are for ``T``, are then not compared).
 
   Returns:
     ``{'family', 'horizon', 'num_tasks', 'reference', 'repeats', 'settings', 'device',
@@ -293,12 +302,16 @@ def wall_clock(config, family: str, workdir, results, optimizers=DEFAULT_OPTIMIZ
   metamd_jax.artifact.check_compatible(divergence, test_family.init_params())
   num_tasks = num_tasks or family_cfg.eval.num_tasks
   tasks = evaluation.held_out_tasks(test_family, family_cfg.seed, num_tasks)
-  horizon = family_cfg.meta.horizon
+  if isinstance(horizon_multiplier, bool) or not isinstance(horizon_multiplier, int) \
+      or horizon_multiplier < 1:
+    _fail(f'--horizon-multiplier must be an int >= 1, got {horizon_multiplier!r}.')
+  horizon = family_cfg.meta.horizon * horizon_multiplier
   env = timing.environment()
   print(timing.describe_environment(env))
   print(f'family {family}, {num_tasks} held-out tasks, T = {horizon}, '
         f'{repeats} timed runs per task', flush=True)
-  payload = {'family': family, 'horizon': horizon, 'num_tasks': num_tasks,
+  payload = {'family': family, 'horizon': horizon, 'horizon_multiplier': horizon_multiplier,
+             'num_tasks': num_tasks,
              'reference': reference, 'repeats': repeats, 'settings': settings,
              'device': str(jax.devices()[0]), 'environment': env, 'optimizers': {},
              'errors': {}}
@@ -321,7 +334,8 @@ def wall_clock(config, family: str, workdir, results, optimizers=DEFAULT_OPTIMIZ
       stopped = benchmark_runs.elapsed_to(optimizer, test_family, tasks, run, target,
                                           repeats)
     payload['optimizers'][name] = row(run, seconds, first, horizon, target, reference_seconds,
-                                      reference, stored['optimizers'].get(name, {}), stopped)
+                                      reference, stored['optimizers'].get(name, {})
+                                      if horizon_multiplier == 1 else {}, stopped)
     print(f'{name}: {np.mean(seconds):.4f} s for {horizon} steps (first call {first:.1f} s)',
           flush=True)
     if json_path:  # after every optimiser, so a run stopped early keeps what it measured
@@ -349,7 +363,11 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument('--elapsed', action='store_true',
                       help="also time runs stopped where each task reaches the reference's "
                       'loss (one compilation per step count)')
+  parser.add_argument('--horizon-multiplier', type=int, default=1,
+                      help='runs of this many times the horizon T (default 1)')
   args = parser.parse_args(argv)
+  if args.horizon_multiplier < 1:
+    parser.error(f'--horizon-multiplier must be >= 1, got {args.horizon_multiplier}.')
   if args.repeats < 1:
     parser.error(f'--repeats must be >= 1, got {args.repeats}.')
   if args.num_tasks is not None and args.num_tasks < 1:
@@ -357,7 +375,8 @@ def main(argv: list[str] | None = None) -> dict:
   return wall_clock(load_config(args.config), args.family, args.workdir, args.results,
                     [n for n in args.optimizers.split(',') if n], repeats=args.repeats,
                     num_tasks=args.num_tasks, settings=parse_settings(args.set),
-                    json_path=args.json, elapsed=args.elapsed)
+                    json_path=args.json, elapsed=args.elapsed,
+                    horizon_multiplier=args.horizon_multiplier)
 
 
 if __name__ == '__main__':

@@ -6,12 +6,14 @@ import math
 import jax
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 import metamd_jax
 from configs import benchmark as benchmark_config
 from configs import default, digits_mlp, mnist1d_cnn, tiny
-from experiments import benchmark, benchmark_runs, benchmark_setup, benchmark_targets
+from experiments import benchmark, benchmark_runs, benchmark_setup, benchmark_targets, builders
+from metamd_jax import evaluation
 from scripts import benchmark_wall_clock
 
 
@@ -151,6 +153,41 @@ def test_quick_benchmark_writes_documented_results(tmp_path, capsys, monkeypatch
     assert (tmp_path / f'tiny_{suffix}.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   _check_wall_clock(config, tmp_path, family)
   _check_elapsed(config, tmp_path, monkeypatch, capsys)
+  _check_longer_runs(config, tmp_path, monkeypatch)
+
+
+def _check_longer_runs(config, workdir, monkeypatch):
+  """``horizon_multiplier=m``: every optimiser trains (and is timed over) ``m T`` steps, and
+  the reference's loss is its own ``m T``-step loss: that of a plain run of the stored rate
+  for ``m T`` steps on the same tasks. The stored steps (for ``T``) are not compared."""
+  timed = []
+
+  def fake_time_runs(optimizer, family, task_params, num_steps, repeats):
+    timed.append(num_steps)
+    return np.full(jax.tree.leaves(task_params)[0].shape[0], 1e-3 * num_steps)
+
+  monkeypatch.setattr(benchmark_runs, 'time_runs', fake_time_runs)
+  figures = benchmark_wall_clock.wall_clock(config, 'tiny', workdir, workdir / 'results.json',
+                                            ['metamd'], repeats=1, horizon_multiplier=2)
+  family_cfg = benchmark_setup.family_config(config, 'tiny')
+  horizon = 2 * family_cfg.meta.horizon
+  assert figures['horizon'] == horizon and figures['horizon_multiplier'] == 2
+  assert timed and all(steps == horizon for steps in timed)
+  _, test_family = builders.build_families(family_cfg)
+  tasks = evaluation.held_out_tasks(test_family, family_cfg.seed, figures['num_tasks'])
+  stored = json.loads((workdir / 'results.json').read_text())['families']['tiny']
+  adam = optax.adam(stored['optimizers']['adam']['learning_rate'])
+  plain = evaluation.run(adam, test_family, tasks, horizon, track_every=1)
+  row = figures['optimizers']['adam']
+  assert row['final_train_loss'] == pytest.approx(
+      float(np.mean(evaluation.final_train_loss(plain.train_losses))), rel=1e-5)
+  assert row['reached_fraction'] == 1.0 and row['steps_to_reference_final_loss'][0] <= horizon
+  assert all(r['stored_steps_to_reference_final_loss'] is None
+             for r in figures['optimizers'].values())
+  for bad in (0, True):
+    with pytest.raises(SystemExit, match='horizon-multiplier'):
+      benchmark_wall_clock.wall_clock(config, 'tiny', workdir, workdir / 'results.json',
+                                      ['metamd'], horizon_multiplier=bad)
 
 
 def _check_elapsed(config, workdir, monkeypatch, capsys):
