@@ -15,11 +15,9 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 # The test programs are small and run briefly: LLVM's optimisation of the generated CPU
 # code costs more than it saves (about half the time of a compile-bound test), and XLA's
 # older CPU fusion emitters compile the same fusions in about half the time of the newer
-# ones (a meta-step: 10.5 s -> 4.7 s). LLVM's expensive passes are skipped too (as
-# jax_disable_most_optimizations does; a few percent of the suite's time). XLA's own graph
-# optimisations still run, so the numerics are those of the real programs.
-FAST_COMPILE = ('--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false '
-                '--xla_llvm_disable_expensive_passes=true')
+# ones (a meta-step: 10.5 s -> 4.7 s). XLA's own graph optimisations still run, so the
+# numerics are those of the real programs.
+FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false'
 for _flag in FAST_COMPILE.split():
   if _flag.split('=')[0] not in os.environ.get('XLA_FLAGS', ''):
     os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
