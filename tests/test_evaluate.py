@@ -12,7 +12,7 @@ import pytest
 
 import metamd_jax
 from configs import tiny
-from experiments import builders, evaluate, plots, protocol, report
+from experiments import benchmark_runs, builders, evaluate, plots, protocol, report
 from metamd_jax import adaptive, evaluation
 
 
@@ -64,7 +64,17 @@ def test_adaptive_row_with_a_huge_reference_is_metamd(setup, tmp_path, monkeypat
 
   monkeypatch.setattr(metamd_jax.eigenbasis, 'eigenbasis_levels', levels)
   monkeypatch.setattr(plots, 'plot_evaluation', lambda *args, **kwargs: None)  # tested elsewhere
+  # A clock of 1 ms per step (the runs timed to the step compile once per step count; the
+  # real clock is the quick benchmark's, tests/test_benchmark.py).
+  timed = []
+
+  def fake_time_runs(optimizer, family, task_params, num_steps, repeats):
+    timed.append(num_steps)
+    return np.full(jax.tree.leaves(task_params)[0].shape[0], 1e-3 * num_steps)
+
+  monkeypatch.setattr(benchmark_runs, 'time_runs', fake_time_runs)
   results = evaluate.evaluate(config, tmp_path, divergence)
+  assert config.eval.num_steps in timed  # the T-step runs were timed
   (family, task_params, _), = eigen_calls  # the same calibration tasks as the levels below
   assert family is meta_train_family and _leaves_equal(task_params, calls[0][1])
   # Calibrated once, on the meta-train tuning tasks, never on the held-out ones.

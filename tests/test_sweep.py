@@ -7,7 +7,7 @@ import pytest
 
 import metamd_jax
 from configs import tiny
-from experiments import builders, choose_variant, sweep
+from experiments import benchmark_runs, builders, choose_variant, sweep
 from metamd_jax import evaluation
 
 
@@ -76,8 +76,19 @@ def test_robustness_rule_scores_the_configs_adaptive_metamd_under_the_shifts(tmp
   config.eval.shifts = ('inputs_x2',)
   monkeypatch.setattr(evaluation, 'held_out_tasks',
                       lambda *a, **k: pytest.fail('held-out tasks used'))
+  # A clock of 1 ms per step for the check in seconds: the scores are the rule's either way
+  # (the check's logic is tested in tests/test_choose_variant.py, the runs it times, stopped
+  # at the reference's loss, in the quick benchmark of tests/test_benchmark.py).
+  timed = []
+
+  def fake_time_runs(optimizer, family, task_params, num_steps, repeats):
+    timed.append(num_steps)
+    return np.full(jax.tree.leaves(task_params)[0].shape[0], 1e-3 * num_steps)
+
+  monkeypatch.setattr(benchmark_runs, 'time_runs', fake_time_runs)
   result = sweep.sweep(config, tmp_path, 'meta.eps', [0.01, 0.1], rule='robustness',
                        progress=False)
+  assert timed  # the check in seconds ran
   assert result['criterion'] == 'robustness'
   assert result['num_tasks'] == builders.num_validation_tasks(config.eval)
   for row in result['rows'].values():
