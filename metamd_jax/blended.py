@@ -751,9 +751,12 @@ def scale_by_kronecker_statistics(
     # A sketched side merges its gradient: every step (sketch_interval=1, its root fresh at
     # every step), every j steps (1, 1 + j, ...), or where its leaf's roots are refreshed
     # (0), its columns scaled to carry the leaf's gradient mass since the last merge.
-    merge_due = {0: leaf_due, 1: None}.get(
-        sketch_interval, jnp.broadcast_to((count - 1) % max(sketch_interval, 1) == 0,
-                                          masses.shape))
+    if sketch_interval == 1:
+      merge_due = None  # unconditional, unscaled
+    elif sketch_interval == 0:
+      merge_due = leaf_due
+    else:
+      merge_due = jnp.broadcast_to((count - 1) % sketch_interval == 0, masses.shape)
     merged = state.merged
     sketch_lefts, sketch_rights = [], []
     for index, m in enumerate(matrices):
