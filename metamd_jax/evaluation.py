@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from metamd_jax.tasks.base import Task, TaskFamily
+from metamd_jax.tasks.base import Task, TaskFamily, batches_of
 from metamd_jax.types import PyTree
 
 # Keys of the tasks of meta-testing: ``seed + offset``, offsets that meta-training (which
@@ -136,12 +136,14 @@ def compile_hoisted(fn: Callable, *args) -> Callable:
   return lambda: jax.tree.unflatten(out_tree, compiled(closed.consts, flat_args))
 
 
-def _step_fn(optimizer: optax.GradientTransformation, task: Task):
-  """``((params, opt_state), step) -> ((params, opt_state), minibatch loss)``, a scan body."""
+def _step_fn(optimizer: optax.GradientTransformation, task: Task, num_steps: int):
+  """``((params, opt_state), step) -> ((params, opt_state), minibatch loss)``, a scan body
+  for the steps ``[0, num_steps)`` (their batches from :func:`metamd_jax.tasks.base.batches_of`)."""
+  batch = batches_of(task, num_steps)
 
   def body(carry, step):
     params, state = carry
-    loss, grads = jax.value_and_grad(task.loss)(params, task.batch(step))
+    loss, grads = jax.value_and_grad(task.loss)(params, batch(step))
     updates, state = optimizer.update(grads, state, params)
     return (optax.apply_updates(params, updates), state), loss
 
@@ -152,11 +154,14 @@ def train(optimizer: optax.GradientTransformation, task: Task, num_steps: int
           ) -> tuple[PyTree, jax.Array]:
   """Train ``task`` for ``num_steps`` steps with ``optimizer`` in a ``lax.scan``.
 
+  The batches are ``task.batch``'s, sampled once for the run where the task has
+  ``run_batches`` (:func:`metamd_jax.tasks.base.batches_of`).
+
   Returns:
     ``(final_params, losses)`` with ``losses`` of shape ``(num_steps,)``.
   """
   params = task.init()
-  (params, _), losses = jax.lax.scan(_step_fn(optimizer, task),
+  (params, _), losses = jax.lax.scan(_step_fn(optimizer, task, num_steps),
                                      (params, optimizer.init(params)),
                                      jnp.arange(num_steps, dtype=jnp.int32))
   return params, losses
@@ -200,7 +205,7 @@ def train_tracked(optimizer: optax.GradientTransformation, task: Task, num_steps
   _check_every(num_steps, every)
   train_loss = _train_loss(task)
   params = task.init()
-  body = _step_fn(optimizer, task)
+  body = _step_fn(optimizer, task, num_steps)
 
   def chunk(carry, start):
     carry, losses = jax.lax.scan(body, carry, start + jnp.arange(every, dtype=jnp.int32))

@@ -1,14 +1,18 @@
 """ClassificationFamily: task parameters, batch order, loss and training on sklearn digits."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import metamd_jax
-from metamd_jax import datasets, models
+from metamd_jax import datasets, evaluation, models
 from metamd_jax.tasks import ClassificationFamily
-from metamd_jax.tasks.classification import epoch_batch_indices
+from metamd_jax.tasks.base import batches_of
+from metamd_jax.tasks.classification import epoch_batch_indices, epoch_run_indices
 
 
 @pytest.fixture(scope='module')
@@ -93,6 +97,44 @@ def test_epoch_batch_indices_large_step_does_not_overflow():
   for j, p in enumerate(range(start, start + 3)):
     perm = jax.random.permutation(jax.random.fold_in(key, p // 7), 7)
     assert positions[j] == int(perm[p % 7])
+
+
+@pytest.mark.parametrize('num_examples,batch_size,num_steps',
+                         [(200, 32, 20), (192, 32, 13), (7, 3, 11), (5, 5, 4), (9, 2, 0)])
+def test_run_indices_are_the_per_step_indices(num_examples, batch_size, num_steps):
+  """One permutation per epoch gives every step's positions of the per-step stream: with
+  batches straddling two epochs, filling epochs exactly, and no steps."""
+  key = jax.random.key(7)
+  run = np.asarray(epoch_run_indices(key, num_steps, num_examples, batch_size))
+  assert run.shape == (num_steps, batch_size) and run.dtype == np.int32
+  for step in range(num_steps):
+    np.testing.assert_array_equal(
+        run[step], epoch_batch_indices(key, jnp.int32(step), num_examples, batch_size))
+
+
+@pytest.mark.parametrize('num_steps', [-1, 2.0, True])
+def test_run_indices_reject_a_bad_number_of_steps(num_steps):
+  with pytest.raises(ValueError, match='num_steps'):
+    epoch_run_indices(jax.random.key(0), num_steps, 7, 3)
+
+
+@pytest.mark.parametrize('subset_size', [192, 200])
+def test_run_batches_are_the_tasks_batches_and_train_alike(digits, subset_size):
+  """``task.run_batches`` (sampled once per run) gives ``task.batch``'s rows at every step,
+  and a training run takes the same steps with it as without it."""
+  family = _family(digits, subset_size=subset_size, batch_size=32)
+  task = family.task(family.sample(jax.random.key(4)))
+  num_steps = 2 * subset_size // 32 + 3
+  run = jax.jit(lambda: jax.vmap(batches_of(task, num_steps))(jnp.arange(num_steps)))()
+  each = jax.jit(jax.vmap(task.batch))(jnp.arange(num_steps))
+  for a, b in zip(run, each):
+    np.testing.assert_array_equal(a, b)
+  plain = dataclasses.replace(task, run_batches=None)
+  assert batches_of(plain, num_steps) is plain.batch
+  optimizer = optax.adam(0.01)
+  with_run = jax.jit(lambda: evaluation.train(optimizer, task, num_steps))()
+  without = jax.jit(lambda: evaluation.train(optimizer, plain, num_steps))()
+  np.testing.assert_allclose(with_run[1], without[1], rtol=1e-6)
 
 
 def test_jit_vmap_loss_and_evaluate_match_numpy_reference(digits):

@@ -82,6 +82,10 @@ def test_batches_cover_data_once_per_epoch(make):
   # order 1 agree to a few float32 ulps; near-zero ones to an absolute 1e-6).
   np.testing.assert_allclose(bx, np.asarray(x)[idx], rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(by, np.asarray(y)[idx], rtol=1e-6, atol=1e-6)
+  # The run's batches, sampled once (one permutation per epoch), are the same rows.
+  rx, ry = jax.jit(lambda: jax.vmap(task.run_batches(num_steps))(jnp.arange(num_steps)))()
+  np.testing.assert_allclose(rx, np.asarray(x)[idx], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(ry, np.asarray(y)[idx], rtol=1e-6, atol=1e-6)
 
 
 def test_least_squares_loss_matches_numpy():

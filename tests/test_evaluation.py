@@ -37,6 +37,29 @@ def test_train_equals_a_python_optax_loop():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize('tracked', [False, True])
+def test_runs_take_the_run_batches_of_a_task_that_has_them(tracked):
+  """``train`` and ``train_tracked`` ask ``run_batches`` once for the run's length and
+  train on what it returns (here other batches than ``batch``'s, to tell them apart)."""
+  task = _with_full_loss(quadratic_task())
+  asked = []
+
+  def run_batches(num_steps):
+    asked.append(num_steps)
+    return lambda step: task.batch(step + 1)
+
+  shifted = dataclasses.replace(task, run_batches=run_batches)
+  optimizer = optax.sgd(0.1)
+  if tracked:
+    _, losses, _ = jax.jit(lambda: evaluation.train_tracked(optimizer, shifted, 6, 3))()
+  else:
+    _, losses = jax.jit(lambda: evaluation.train(optimizer, shifted, 6))()
+  assert asked == [6]
+  _, expected, _ = _python_loop(optimizer, dataclasses.replace(
+      task, batch=lambda step: task.batch(step + 1)), 6)
+  np.testing.assert_allclose(losses, expected, rtol=1e-5)
+
+
 def test_final_losses_and_curve_stats():
   losses = np.array([[5.0, 4.0, 3.0, 2.0, 1.0, 1.0], [9.0, 9.0, 9.0, 9.0, 9.0, 9.0]])
   np.testing.assert_allclose(evaluation.final_loss(losses, 2), [1.0, 9.0])

@@ -24,12 +24,24 @@ class Task:
     batch: ``(step) -> batch``, the training batch of inner step ``step`` (an int32
       scalar); its batch order is part of the task.
     evaluate: optional ``(params) -> dict`` of metrics on the task's held-out data.
+    run_batches: optional ``(num_steps) -> (step -> batch)``: ``batch`` for the steps
+      ``[0, num_steps)`` of one run, sampled once for the whole run (e.g. one permutation
+      per epoch where ``batch`` draws one at every step). Same batches as ``batch``;
+      :func:`batches_of` picks it when present.
   """
 
   init: Callable[[], PyTree]
   loss: Callable[[PyTree, Batch], jax.Array]
   batch: Callable[[jax.Array], Batch]
   evaluate: Callable[[PyTree], dict] | None = None
+  run_batches: Callable[[int], Callable[[jax.Array], Batch]] | None = None
+
+
+def batches_of(task: Task, num_steps: int) -> Callable[[jax.Array], Batch]:
+  """``step -> batch`` for a run of ``num_steps`` steps: ``task.run_batches(num_steps)``
+  when the task has it, else ``task.batch``. Call it inside the traced run, once, before
+  its loop."""
+  return task.batch if task.run_batches is None else task.run_batches(int(num_steps))
 
 
 class TaskFamily(abc.ABC):

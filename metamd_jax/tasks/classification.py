@@ -21,7 +21,7 @@ from metamd_jax.datasets import Dataset
 from metamd_jax.tasks.base import Task, TaskFamily
 from metamd_jax.types import PyTree
 
-__all__ = ['ClassificationFamily', 'as_typed_key', 'epoch_batch_indices']
+__all__ = ['ClassificationFamily', 'as_typed_key', 'epoch_batch_indices', 'epoch_run_indices']
 
 
 # --------------------------------------------------------------------------------------
@@ -80,6 +80,35 @@ def epoch_batch_indices(
   current = jax.random.permutation(jax.random.fold_in(order_key, epoch), n)
   following = jax.random.permutation(jax.random.fold_in(order_key, epoch + 1), n)
   return jnp.where(in_next, jnp.take(following, positions), jnp.take(current, positions))
+
+
+def epoch_run_indices(
+  order_key: jax.Array, num_steps: int, num_examples: int, batch_size: int
+) -> jax.Array:
+  """The positions of minibatches ``0 .. num_steps - 1`` of :func:`epoch_batch_indices`'
+  stream, all at once: row ``s`` equals ``epoch_batch_indices(order_key, s, ...)``.
+
+  One permutation per epoch the run reaches (``ceil(num_steps * batch_size /
+  num_examples)``), where :func:`epoch_batch_indices` draws one (or two, when a minibatch
+  straddles two epochs) at every step: a run's batches cost a gather per step.
+
+  Args:
+    order_key: Typed PRNG key of the batch order.
+    num_steps: Static number of steps ``>= 0``.
+    num_examples: Static number of examples ``n``.
+    batch_size: Static minibatch size, ``1 <= batch_size <= n``.
+
+  Returns:
+    ``(num_steps, batch_size)`` int32 positions.
+  """
+  n, b = int(num_examples), int(batch_size)
+  if not _is_int(num_steps) or num_steps < 0:
+    raise ValueError(f'num_steps must be an int >= 0, got {num_steps!r}')
+  steps = int(num_steps)
+  epochs = max(1, -(-steps * b // n))
+  keys = jax.vmap(lambda e: jax.random.fold_in(order_key, e))(jnp.arange(epochs, dtype=jnp.int32))
+  stream = jax.vmap(lambda key: jax.random.permutation(key, n))(keys).reshape(-1)
+  return stream[:steps * b].reshape(steps, b).astype(jnp.int32)
 
 
 def _is_int(value: Any) -> bool:
@@ -299,6 +328,17 @@ class ClassificationFamily(TaskFamily):
       idx = self.batch_indices(task_params, step)
       return jnp.take(self._train_x, idx, axis=0), jnp.take(self._train_y, idx, axis=0)
 
+    def run_batches(num_steps: int):
+      order_key = jax.random.wrap_key_data(task_params['order_key'])
+      indices = jnp.take(subset, epoch_run_indices(order_key, num_steps, self.subset_size,
+                                                   self.batch_size))
+
+      def batch_of_run(step: jax.Array) -> tuple[jax.Array, jax.Array]:
+        idx = indices[step]
+        return jnp.take(self._train_x, idx, axis=0), jnp.take(self._train_y, idx, axis=0)
+
+      return batch_of_run
+
     def loss(params: PyTree, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
       x, y = batch
       value = jnp.mean(self._cross_entropy(params, x, y))
@@ -316,4 +356,5 @@ class ClassificationFamily(TaskFamily):
         metrics.update(test_loss=test_loss, test_accuracy=test_accuracy)
       return metrics
 
-    return Task(init=init, loss=loss, batch=batch, evaluate=evaluate)
+    return Task(init=init, loss=loss, batch=batch, evaluate=evaluate,
+                run_batches=run_batches)

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from metamd_jax.tasks.base import Task, TaskFamily
-from metamd_jax.tasks.classification import as_typed_key, epoch_batch_indices
+from metamd_jax.tasks.classification import as_typed_key, epoch_batch_indices, epoch_run_indices
 
 Params = dict[str, jax.Array]
 TaskParams = dict[str, jax.Array]
@@ -121,6 +121,19 @@ class _ConvexFamily(TaskFamily):
       return jnp.take(x, idx, axis=0), jnp.take(y, idx, axis=0)
 
     return batch
+
+  def _run_batches_fn(self, task_params: TaskParams, x: jax.Array, y: jax.Array):
+    def run_batches(num_steps: int):
+      order_key = jax.random.wrap_key_data(task_params['order_key'])
+      indices = epoch_run_indices(order_key, num_steps, self.num_samples, self.batch_size)
+
+      def batch_of_run(step: jax.Array) -> tuple[jax.Array, jax.Array]:
+        idx = indices[step]
+        return jnp.take(x, idx, axis=0), jnp.take(y, idx, axis=0)
+
+      return batch_of_run
+
+    return run_batches
 
   def _init_array(self, key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
     if self.init_scale == 0.0:
@@ -245,7 +258,7 @@ class LeastSquaresFamily(_ConvexFamily):
       }
 
     return Task(init=init, loss=self.loss, batch=self._batch_fn(task_params, x, y),
-                evaluate=evaluate)
+                evaluate=evaluate, run_batches=self._run_batches_fn(task_params, x, y))
 
 
 class LogisticRegressionFamily(_ConvexFamily):
@@ -342,4 +355,4 @@ class LogisticRegressionFamily(_ConvexFamily):
       }
 
     return Task(init=init, loss=self.loss, batch=self._batch_fn(task_params, x, y),
-                evaluate=evaluate)
+                evaluate=evaluate, run_batches=self._run_batches_fn(task_params, x, y))
