@@ -87,7 +87,7 @@ import optax
 
 from metamd_jax import divergence as divergence_lib
 from metamd_jax import transform, tree_utils
-from metamd_jax.tasks.base import Task, TaskFamily
+from metamd_jax.tasks.base import Task, TaskFamily, batches_of
 from metamd_jax.types import Array, PyTree
 
 __all__ = [
@@ -476,9 +476,11 @@ def gradient_levels(divergence: PyTree, task: Task, num_steps: int, *, decay: fl
 
   shape = (len(jax.tree.leaves(init_params)),) if per_leaf else ()
 
+  batch = batches_of(task, num_steps)
+
   def body(carry, step):
     params, count, norm_average = carry
-    grads = jax.grad(task.loss)(params, task.batch(step))
+    grads = jax.grad(task.loss)(params, batch(step))
     direction, squared_norm = direction_and_squared_norm(inverse, grads, per_leaf=per_leaf)
     count, norm_average, _ = update_scale(count, norm_average, jnp.ones(shape, dtype),
                                           squared_norm, reference_norm=None, decay=decay)

@@ -92,7 +92,7 @@ import optax
 
 from metamd_jax import adaptive, transform
 from metamd_jax import divergence as divergence_lib
-from metamd_jax.tasks.base import TaskFamily
+from metamd_jax.tasks.base import TaskFamily, batches_of
 from metamd_jax.types import Array, PyTree
 
 __all__ = [
@@ -509,9 +509,11 @@ def eigenbasis_levels(divergence: PyTree, family: TaskFamily, task_params: PyTre
     zeros = [tuple(jnp.zeros_like(x) for x in _shares(b, op, g, dtype)[1])
              for b, op, g in zip(bases, operators, jax.tree.leaves(params))]
 
+    batch = batches_of(task, num_steps)
+
     def body(carry, step):
       params, count, averages, peaks = carry
-      grads = jax.grad(task.loss)(params, task.batch(step))
+      grads = jax.grad(task.loss)(params, batch(step))
       count = count + 1
       correction = 1 - decay ** count.astype(dtype)
       new_averages, new_peaks = [], []

@@ -35,7 +35,7 @@ from metamd_jax import adaptive
 from metamd_jax import bound as bound_lib
 from metamd_jax import divergence as divergence_lib
 from metamd_jax.bound import ADJOINTS
-from metamd_jax.tasks.base import Task
+from metamd_jax.tasks.base import Task, batches_of
 from metamd_jax.types import Array, PyTree
 
 __all__ = ['ADJOINTS', 'AdaptiveRollout', 'Rollout', 'adaptive_rollout', 'rollout']
@@ -115,9 +115,11 @@ def rollout(
   else:
     operators = divergence_lib.operators(divergence)
 
+  batch = batches_of(task, num_steps)  # sampled once for the run where the task can
+
   def body(carry, step):
     params, sums = carry
-    loss, grads = loss_and_grad(params, task.batch(step))
+    loss, grads = loss_and_grad(params, batch(step))
     new_params, sums = bound_lib.add_step(sums, operators, params, grads, adjoint=adjoint,
                                           solver=solver, **solver_options)
     return (new_params, sums), (loss, (params, grads) if return_trajectory else None)
@@ -224,9 +226,11 @@ def adaptive_rollout(
     operators = divergence_lib.operators(divergence)
   dtype = jnp.result_type(*jax.tree.leaves(operators))
 
+  batch = batches_of(task, num_steps)  # sampled once for the run where the task can
+
   def body(carry, step):
     params, count, norm_average, scale, sums = carry
-    loss, grads = loss_and_grad(params, task.batch(step))
+    loss, grads = loss_and_grad(params, batch(step))
     # The transform's update: direction, squared dual norm, scale, step.
     direction, squared_norm = adaptive.direction_and_squared_norm(operators, grads)
     count, norm_average, scale = adaptive.update_scale(

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from metamd_jax import bound, inner_loop, mirror
-from metamd_jax.tasks.base import Task
+from metamd_jax.tasks.base import Task, batches_of
 from metamd_jax.types import Array, PyTree
 
 OBJECTIVES = ('bound', 'unrolled', 'adaptive_bound')
@@ -34,8 +34,10 @@ def unrolled_loss(divergence: PyTree, task: Task, num_steps: int, *,
   """
   init_params = task.init() if params is None else params
 
+  batch = batches_of(task, num_steps)  # steps 0 .. T - 1; the final loss takes batch T
+
   def body(params, step):
-    loss, grads = jax.value_and_grad(task.loss)(params, task.batch(step))
+    loss, grads = jax.value_and_grad(task.loss)(params, batch(step))
     return mirror.mirror_step(divergence, params, grads), loss
 
   final_params, losses = jax.lax.scan(body, init_params,

@@ -160,3 +160,33 @@ def test_rollout_checks_the_initial_params_without_computing(structure_checks):
   with pytest.raises(ValueError, match=re.escape(
       "params leaf ['w'] has shape (3, 4) but the divergence was built for shape (4, 3).")):
     inner_loop.rollout(divergence, task, 2, params=other)
+
+
+@pytest.mark.parametrize('which', ['rollout', 'adaptive_rollout', 'unrolled_loss'])
+def test_meta_training_runs_take_the_tasks_run_batches(which):
+  """The rollouts and the unrolled objective ask ``run_batches`` once for the horizon and
+  train on what it returns (other batches than ``batch``'s here, to tell them apart); the
+  unrolled objective's final loss keeps ``batch(T)``."""
+  import dataclasses
+
+  task = quadratic_task()
+  asked = []
+
+  def run_batches(num_steps):
+    asked.append(num_steps)
+    return lambda step: task.batch(step + 1)
+
+  with_run = dataclasses.replace(task, run_batches=run_batches)
+  by_hand = dataclasses.replace(task, batch=lambda step: task.batch(step + 1))
+  divergence = metamd_jax.init_divergence(task.init(), learning_rate=0.1)
+
+  def losses(t):
+    if which == 'rollout':
+      return inner_loop.rollout(divergence, t, 5).losses
+    if which == 'adaptive_rollout':
+      return inner_loop.adaptive_rollout(divergence, t, 5, None).losses
+    return metamd_jax.objectives.unrolled_loss(divergence, t, 5)[1]
+
+  np.testing.assert_allclose(losses(with_run), losses(by_hand), rtol=1e-6)
+  assert asked == [5]
+  assert not np.allclose(losses(task), losses(by_hand))
