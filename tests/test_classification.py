@@ -137,6 +137,17 @@ def test_run_batches_are_the_tasks_batches_and_train_alike(digits, subset_size):
   np.testing.assert_allclose(with_run[1], without[1], rtol=1e-6)
 
 
+def test_run_batches_of_a_very_long_run_are_the_per_step_batches(digits, monkeypatch):
+  """Past ``RUN_INDICES_LIMIT`` rows a run keeps ``batch(step)`` (no precomputed positions)."""
+  from metamd_jax.tasks import classification
+
+  family = _family(digits, subset_size=200, batch_size=32)
+  task = family.task(family.sample(jax.random.key(4)))
+  monkeypatch.setattr(classification, 'RUN_INDICES_LIMIT', 32 * 10)
+  assert task.run_batches(11) is task.batch
+  assert task.run_batches(10) is not task.batch
+
+
 def test_jit_vmap_loss_and_evaluate_match_numpy_reference(digits):
   train, test = digits
   l2 = 0.3

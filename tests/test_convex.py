@@ -86,6 +86,13 @@ def test_batches_cover_data_once_per_epoch(make):
   rx, ry = jax.jit(lambda: jax.vmap(task.run_batches(num_steps))(jnp.arange(num_steps)))()
   np.testing.assert_allclose(rx, np.asarray(x)[idx], rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(ry, np.asarray(y)[idx], rtol=1e-6, atol=1e-6)
+  # Past the limit a run keeps the per-step batches (the same rows).
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr('metamd_jax.tasks.classification.RUN_INDICES_LIMIT', b * (num_steps - 1))
+    assert task.run_batches(num_steps).__name__ == 'batch'  # the per-step function
+    assert task.run_batches(num_steps - 1).__name__ == 'batch_of_run'
+    lx, _ = jax.jit(lambda: jax.vmap(task.run_batches(num_steps))(jnp.arange(num_steps)))()
+  np.testing.assert_allclose(lx, bx, rtol=1e-6, atol=1e-6)
 
 
 def test_least_squares_loss_matches_numpy():

@@ -26,7 +26,8 @@ class Task:
     evaluate: optional ``(params) -> dict`` of metrics on the task's held-out data.
     run_batches: optional ``(num_steps) -> (step -> batch)``: ``batch`` for the steps
       ``[0, num_steps)`` of one run, sampled once for the whole run (e.g. one permutation
-      per epoch where ``batch`` draws one at every step). Same batches as ``batch``;
+      per epoch where ``batch`` draws one at every step; a task may return ``batch``
+      itself for a run too long to precompute). Same batches as ``batch``;
       :func:`batches_of` picks it when present.
   """
 

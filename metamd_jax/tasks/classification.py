@@ -21,7 +21,8 @@ from metamd_jax.datasets import Dataset
 from metamd_jax.tasks.base import Task, TaskFamily
 from metamd_jax.types import PyTree
 
-__all__ = ['ClassificationFamily', 'as_typed_key', 'epoch_batch_indices', 'epoch_run_indices']
+__all__ = ['RUN_INDICES_LIMIT', 'ClassificationFamily', 'as_typed_key', 'epoch_batch_indices',
+           'epoch_run_indices']
 
 
 # --------------------------------------------------------------------------------------
@@ -80,6 +81,11 @@ def epoch_batch_indices(
   current = jax.random.permutation(jax.random.fold_in(order_key, epoch), n)
   following = jax.random.permutation(jax.random.fold_in(order_key, epoch + 1), n)
   return jnp.where(in_next, jnp.take(following, positions), jnp.take(current, positions))
+
+
+RUN_INDICES_LIMIT = 2**24
+"""The most minibatch rows (``num_steps * batch_size``) whose positions a task's
+``run_batches`` precomputes (64 MB of int32); a longer run keeps ``batch(step)``."""
 
 
 def epoch_run_indices(
@@ -329,6 +335,8 @@ class ClassificationFamily(TaskFamily):
       return jnp.take(self._train_x, idx, axis=0), jnp.take(self._train_y, idx, axis=0)
 
     def run_batches(num_steps: int):
+      if num_steps * self.batch_size > RUN_INDICES_LIMIT:
+        return batch  # the positions of so long a run would take too much memory
       order_key = jax.random.wrap_key_data(task_params['order_key'])
       indices = jnp.take(subset, epoch_run_indices(order_key, num_steps, self.subset_size,
                                                    self.batch_size))

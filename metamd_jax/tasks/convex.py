@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from metamd_jax.tasks import classification
 from metamd_jax.tasks.base import Task, TaskFamily
 from metamd_jax.tasks.classification import as_typed_key, epoch_batch_indices, epoch_run_indices
 
@@ -124,6 +125,8 @@ class _ConvexFamily(TaskFamily):
 
   def _run_batches_fn(self, task_params: TaskParams, x: jax.Array, y: jax.Array):
     def run_batches(num_steps: int):
+      if num_steps * self.batch_size > classification.RUN_INDICES_LIMIT:
+        return self._batch_fn(task_params, x, y)  # too long a run to precompute
       order_key = jax.random.wrap_key_data(task_params['order_key'])
       indices = epoch_run_indices(order_key, num_steps, self.num_samples, self.batch_size)
 
