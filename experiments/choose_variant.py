@@ -67,8 +67,8 @@ the horizon taking Nesterov's momentum ``m`` at the step factor ``f``: 0.8 at 0.
 0.1, 0.2 and 0.3, 0.95 at 0.1; ``eval.adaptive_restart_momentum``,
 ``eval.adaptive_restart_step_factor``), ``'config_sketch_<r>'`` (the config's own
 settings with a side of Shampoo's statistics longer than ``r`` plus its leaf's other side
-kept as a rank-``r`` frequent-directions sketch, at 16, 32 and 64,
-``eval.adaptive_blend_sketch_rank``), ``'config_blend_<rate>'`` (the config's own settings
+kept as a rank-``r`` frequent-directions sketch, at 16, 32 and 64, or 0: no sketch,
+the whole statistics, ``eval.adaptive_blend_sketch_rank``), ``'config_blend_<rate>'`` (the config's own settings
 with the blend rate 0.03, 0.05 or 0.07 alone changed), ``'config_overshoot_step'`` and
 ``'config_overshoot_step_blend_<rate>'`` (the config's own settings with the overshoot
 check shortening the whole blended step, ``eval.adaptive_overshoot_scope='step'``, at the
@@ -284,7 +284,8 @@ OVERSHOOT = {
         'adaptive_restarts': True, 'adaptive_restart_momentum': momentum,
         'adaptive_restart_step_factor': factor}
        for momentum, factor in ((0.8, 0.2), (0.9, 0.1), (0.9, 0.2), (0.9, 0.3), (0.95, 0.1))},
-    **{f'config_sketch_{rank}': {'adaptive_blend_sketch_rank': rank} for rank in (16, 32, 64)},
+    **{f'config_sketch_{rank}': {'adaptive_blend_sketch_rank': rank}
+       for rank in (0, 16, 32, 64)},
     **{f'config_sketch_interval_{interval}': {'adaptive_blend_sketch_interval': interval}
        for interval in (0, 2, 4)},
     **{f'config_blend_{rate}': {'adaptive_blend_rate': rate} for rate in (0.03, 0.05, 0.07)},
@@ -308,8 +309,8 @@ or with the epochs longer than the horizon taking Nesterov's momentum ``m`` at t
 factor ``f``,
 ``'config_restart_momentum_<m>_step_<f>'``, ``eval.adaptive_restart_momentum`` and
 ``eval.adaptive_restart_step_factor``), or keep a rank-``r`` frequent-directions sketch
-on the long sides of Shampoo's statistics (``'config_sketch_<r>'``,
-``eval.adaptive_blend_sketch_rank``), or apply the overshoot check to the whole blended
+on the long sides of Shampoo's statistics (``'config_sketch_<r>'``, or the whole
+statistics at ``r = 0``, ``eval.adaptive_blend_sketch_rank``), or apply the overshoot check to the whole blended
 step, alone or with the blend rate 0.03 or 0.05 (``'config_overshoot_step'``,
 ``'config_overshoot_step_blend_<rate>'``, ``eval.adaptive_overshoot_scope``), or keep
 eigenbasis scales for the ``k`` longest-step eigendirections of each learned factor longer

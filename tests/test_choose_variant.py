@@ -308,7 +308,7 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
             'adaptive_restart_step_factor': factor}
   # ... or with a frequent-directions sketch on the long sides of Shampoo's statistics.
   assert own['adaptive_blend_sketch_rank'] == config.eval.adaptive_blend_sketch_rank == 64
-  for rank in (16, 32, 64):
+  for rank in (0, 16, 32, 64):
     assert choose_variant.settings_of(config, f'config_sketch_{rank}') == {
         **own, 'adaptive_blend_sketch_rank': rank}
   # ... or merging a gradient into the sketch every few steps or at the roots' refreshes.
