@@ -88,10 +88,16 @@ meta-train-tuned learning rate run next to them for comparison. The rule, fixed 
    final loss on every task in fewer mean steps than the re-tuned reference (and, with
    ``eval.seconds_check`` and ``eval.accuracy_check``, the checks in time and in test
    accuracy below);
-3. then the lowest geometric mean, over the checks, of the candidate's mean final
+3. then, with ``eval.seconds_check``, among the candidates still tied: those whose
+   time to the reference's loss in distribution is at most :data:`TIME_FACTOR` (2) times
+   the fastest one's (a candidate that does not reach it on every task has none); so a
+   candidate that wins the same checks in many times another's wall-clock time is not
+   chosen for its final loss alone, whether or not either wins the check in time
+   (experiments/RESULTS.md section 31);
+4. then the lowest geometric mean, over the checks, of the candidate's mean final
    training loss divided by the re-tuned reference's (a diverged check counts as
    infinite);
-4. ties go to ``'config'``, then to the earlier candidate in :data:`CANDIDATES` (the
+5. ties go to ``'config'``, then to the earlier candidate in :data:`CANDIDATES` (the
    single scale first, the blended ones last), then in :data:`OVERSHOOT`.
 
 Writes ``choose_variant.json`` and ``choose_variant.md`` in the workdir and prints the
@@ -327,6 +333,10 @@ SECONDS = 'in_distribution_seconds'
 """The check in wall-clock time (``eval.seconds_check``): see :func:`seconds_check`."""
 ACCURACY = 'in_distribution_accuracy'
 """The check in test accuracy (``eval.accuracy_check``): see :func:`accuracy_won`."""
+TIME_FACTOR = 2.0
+"""Step 3 of the rule: among candidates tied on failed runs and checks won, those whose
+in-distribution time to the reference's loss is more than this many times the fastest
+one's drop out (twice: well beyond the timing noise of repeated runs here, about 20%)."""
 TIMING_REPEATS = 3
 """Timed runs per task and step count in :data:`SECONDS` (the median is kept)."""
 RESULT = 'choose_variant'
@@ -375,7 +385,7 @@ def accuracy_won(check: dict, name: str) -> bool:
 
 def score(checks: dict, name: str, reference: str, seconds: dict | None = None,
           accuracy: bool = False) -> dict:
-  """The rule's three numbers for one candidate over ``checks`` (see the module doc);
+  """The rule's numbers for one candidate over ``checks`` (see the module doc);
   ``seconds``: :func:`seconds_check`'s result, one more check, won where it marks
   ``name`` ``'faster'`` (it adds no loss ratio); ``accuracy``: also the check
   :data:`ACCURACY` (:func:`accuracy_won`), where ``checks`` reports test accuracy
@@ -392,12 +402,18 @@ def score(checks: dict, name: str, reference: str, seconds: dict | None = None,
   accuracy = accuracy and has_accuracy(checks)
   if accuracy and accuracy_won(checks[IN_DISTRIBUTION], name):
     faster.append(ACCURACY)
-  return {'diverged_runs': summary['diverged_runs'], 'diverged_in': summary['diverged_in'],
-          'above_initial_runs': int(above),
-          'failed_runs': summary['diverged_runs'] + int(above),
-          'faster': faster, 'num_faster': len(faster),
-          'num_checks': len(checks) + (seconds is not None) + accuracy,
-          'loss_ratio_geometric_mean': geometric}
+  row = {'diverged_runs': summary['diverged_runs'], 'diverged_in': summary['diverged_in'],
+         'above_initial_runs': int(above),
+         'failed_runs': summary['diverged_runs'] + int(above),
+         'faster': faster, 'num_faster': len(faster),
+         'num_checks': len(checks) + (seconds is not None) + accuracy,
+         'loss_ratio_geometric_mean': geometric}
+  entry = {} if seconds is None else seconds['optimizers'].get(name, {})
+  if 'elapsed_seconds_to_reference_final_loss' in entry:  # the mean time, for step 3
+    mean = entry['elapsed_seconds_to_reference_final_loss'][0]
+    row['seconds_to_reference_loss'] = (
+        float(mean) if entry['reached_fraction'] == 1.0 and mean is not None else math.inf)
+  return row
 
 
 def won_in_time(entry: dict, fraction: float) -> bool:
@@ -465,10 +481,21 @@ def failed_runs(row: dict) -> int:
 
 
 def choose(scores: dict) -> str:
-  """The candidate the rule picks from :func:`score` results (insertion order breaks ties)."""
-  return min(scores, key=lambda name: (failed_runs(scores[name]),
-                                       -scores[name]['num_faster'],
-                                       scores[name]['loss_ratio_geometric_mean']))
+  """The candidate the rule picks from :func:`score` results (insertion order breaks ties).
+
+  Step 3 (time) applies where every tied row has ``'seconds_to_reference_loss'`` (rows
+  scored with the check in seconds; rows stored before it was kept have none).
+  """
+  def robustness(name):
+    return failed_runs(scores[name]), -scores[name]['num_faster']
+
+  best = min(map(robustness, scores))
+  tied = [name for name in scores if robustness(name) == best]
+  times = [scores[name].get('seconds_to_reference_loss') for name in tied]
+  if all(t is not None for t in times):
+    fastest = min(times)
+    tied = [name for name, t in zip(tied, times) if t <= TIME_FACTOR * fastest]
+  return min(tied, key=lambda name: scores[name]['loss_ratio_geometric_mean'])
 
 
 def check_candidates(candidates) -> tuple[str, ...]:

@@ -359,6 +359,48 @@ def test_seconds_check_is_one_more_check_won_when_faster_in_time():
                                 for n in 'ab'}) == 'b'
 
 
+def _timed(seconds_by_name):
+  """A check in seconds: ``{name: (mean seconds or None, reached fraction, faster)}``."""
+  return {'optimizers': {
+      name: {'elapsed_seconds_to_reference_final_loss': [mean, 0.0],
+             'reached_fraction': reached, 'faster': faster}
+      for name, (mean, reached, faster) in seconds_by_name.items()}}
+
+
+def test_among_tied_candidates_one_many_times_slower_drops_out_before_the_loss():
+  """The rule's third step: tied on failed runs and checks won, a candidate more than
+  TIME_FACTOR times slower than the fastest one is not chosen for its lower loss, whether
+  or not either wins the check in time; within the factor the loss decides as before."""
+  checks = {'x': _check(10, {'a': (0, 5, 1.0, 0.5), 'b': (0, 5, 1.0, 0.4),
+                             'c': (0, 5, 1.0, 0.3)})}
+  assert choose_variant.TIME_FACTOR == 2.0
+
+  def chosen(times, names='abc'):
+    timed = _timed(times)
+    return choose_variant.choose({n: choose_variant.score(checks, n, 'adam', timed)
+                                  for n in names})
+
+  # Both lose the check in time; b, with the lower loss, takes 25 times a's time.
+  assert chosen({'a': (1.0, 1.0, False), 'b': (25.0, 1.0, False)}, 'ab') == 'a'
+  # Within twice the fastest one's time the loss decides (1.9 and 2.0 times: kept).
+  assert chosen({'a': (1.0, 1.0, False), 'b': (1.9, 1.0, False)}, 'ab') == 'b'
+  assert chosen({'a': (1.0, 1.0, False), 'b': (2.0, 1.0, False)}, 'ab') == 'b'
+  assert chosen({'a': (1.0, 1.0, False), 'b': (2.1, 1.0, False)}, 'ab') == 'a'
+  # The factor is to the fastest of the tied candidates: c (lowest loss) is out, b is in.
+  assert chosen({'a': (1.0, 1.0, True), 'b': (1.5, 1.0, True), 'c': (3.0, 1.0, True)}) == 'b'
+  # A candidate that does not reach the loss on every task has no time: it drops out.
+  row = choose_variant.score(checks, 'c', 'adam', _timed({'c': (0.5, 0.9, False)}))
+  assert math.isinf(row['seconds_to_reference_loss'])
+  assert chosen({'a': (1.0, 1.0, False), 'c': (0.5, 0.9, False)}, 'ac') == 'a'
+  # Fewer checks won still loses, however fast.
+  slow_wins = _timed({'a': (10.0, 1.0, True), 'b': (1.0, 1.0, False)})
+  assert choose_variant.choose({n: choose_variant.score(checks, n, 'adam', slow_wins)
+                                for n in 'ab'}) == 'a'
+  # Rows without times (no check in seconds, or stored before it) keep the loss order.
+  assert choose_variant.choose({n: choose_variant.score(checks, n, 'adam')
+                                for n in 'abc'}) == 'c'
+
+
 def test_seconds_check_times_runs_stopped_at_the_reference_loss(monkeypatch):
   """With a clock of 1 ms per step the elapsed seconds are the steps to the reference's
   final loss, against the reference's T steps; a task that never reaches it loses."""
