@@ -70,8 +70,9 @@ settings with a side of Shampoo's statistics longer than ``r`` plus its leaf's o
 kept as a rank-``r`` frequent-directions sketch, at 16, 32 and 64, or 0: no sketch,
 the whole statistics, ``eval.adaptive_blend_sketch_rank``), ``'config_blend_<rate>'``
 (the config's own settings with the blend rate 0.03, 0.05 or 0.07 alone changed),
-``'config_overshoot_step'`` and ``'config_overshoot_step_blend_<rate>'`` (the config's own settings with the overshoot
-check shortening the whole blended step, ``eval.adaptive_overshoot_scope='step'``, at the
+``'config_overshoot_step'`` and ``'config_overshoot_step_blend_<rate>'`` (the config's own
+settings with the overshoot check shortening the whole blended step,
+``eval.adaptive_overshoot_scope='step'``, at the
 config's blend rate or at 0.03 or 0.05), and with the check at
 0.5 the cheaper online halves ``'eigen_<sum|peak>_<rate>_nesterov_0.5_online_0.5_overshoot_0.5'``
 (the diagonal running sums or peak averages at 0.01, 0.03 and 0.1) and
@@ -318,7 +319,8 @@ factor ``f``,
 on the long sides of Shampoo's statistics (``'config_sketch_<r>'``, or the whole
 statistics at ``r = 0``, ``eval.adaptive_blend_sketch_rank``), or apply the overshoot
 check to the whole blended step, alone or with the blend rate 0.03 or 0.05
-(``'config_overshoot_step'``, ``'config_overshoot_step_blend_<rate>'``, ``eval.adaptive_overshoot_scope``), or keep
+(``'config_overshoot_step'``, ``'config_overshoot_step_blend_<rate>'``,
+``eval.adaptive_overshoot_scope``), or keep
 eigenbasis scales for the ``k`` longest-step eigendirections of each learned factor longer
 than ``k`` and one for the rest (``'config_eigenbasis_rank_<k>'``, 16, 32, 64 or 128,
 ``eval.adaptive_eigenbasis_rank``; calibrated at that rank), or merge a gradient into
