@@ -28,8 +28,9 @@ meta-tests instead (adaptive MetaMD with the config's own ``eval.adaptive_*`` se
 by the rule of :mod:`experiments.choose_variant` on the same validation tasks as they are
 and under each of ``eval.shifts``: fewest runs diverged or ended above their start, then
 the most checks won (faster than the re-tuned reference; in seconds and in test accuracy with
-``eval.seconds_check`` and ``eval.accuracy_check``), then the lowest geometric mean of the
-final loss over the re-tuned reference's
+``eval.seconds_check`` and ``eval.accuracy_check``), then, with ``eval.seconds_check``,
+the values within twice the fastest one's time to the reference's loss, then the lowest
+geometric mean of the final loss over the re-tuned reference's
 (:func:`experiments.choose_variant.compare` with the candidate ``'config'`` on each
 value's divergence; ties go to the first value listed).
 Writes ``sweep.json`` and prints a markdown table.
