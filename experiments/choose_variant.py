@@ -298,7 +298,7 @@ OVERSHOOT = {
     **{f'config_blend_{rate}': {'adaptive_blend_rate': rate} for rate in (0.03, 0.05, 0.07)},
     'config_overshoot_step': {'adaptive_overshoot_scope': 'step'},
     **{f'config_eigenbasis_rank_{rank}': {'adaptive_eigenbasis_rank': rank}
-       for rank in (16, 32, 64, 128)},
+       for rank in (0, 16, 32, 64, 128)},
     **{f'config_overshoot_step_blend_{rate}': {'adaptive_overshoot_scope': 'step',
                                                'adaptive_blend_rate': rate}
        for rate in (0.03, 0.05)},
@@ -322,8 +322,8 @@ check to the whole blended step, alone or with the blend rate 0.03 or 0.05
 (``'config_overshoot_step'``, ``'config_overshoot_step_blend_<rate>'``,
 ``eval.adaptive_overshoot_scope``), or keep
 eigenbasis scales for the ``k`` longest-step eigendirections of each learned factor longer
-than ``k`` and one for the rest (``'config_eigenbasis_rank_<k>'``, 16, 32, 64 or 128,
-``eval.adaptive_eigenbasis_rank``; calibrated at that rank), or merge a gradient into
+than ``k`` and one for the rest (``'config_eigenbasis_rank_<k>'``, 16, 32, 64 or 128, or
+0: a scale per direction, ``eval.adaptive_eigenbasis_rank``; calibrated at that rank), or merge a gradient into
 the sketches every 2 or 4 steps or at the roots' refreshes only
 (``'config_sketch_interval_<j>'``, 2, 4 or 0, ``eval.adaptive_blend_sketch_interval``);
 after :data:`CANDIDATES` in ties."""

@@ -289,7 +289,7 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
         **own, 'adaptive_restarts': True, 'adaptive_restart_growth': growth}
   assert own['adaptive_restart_shrink'] == config.eval.adaptive_restart_shrink == 0.0
   assert own['adaptive_eigenbasis_rank'] == config.eval.adaptive_eigenbasis_rank == 64
-  for rank in (16, 32, 64, 128):
+  for rank in (0, 16, 32, 64, 128):
     assert choose_variant.settings_of(config, f'config_eigenbasis_rank_{rank}') == {
         **own, 'adaptive_eigenbasis_rank': rank}
   for shrink in (0.0, 0.25, 0.5):
