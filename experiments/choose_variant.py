@@ -323,8 +323,8 @@ check to the whole blended step, alone or with the blend rate 0.03 or 0.05
 ``eval.adaptive_overshoot_scope``), or keep
 eigenbasis scales for the ``k`` longest-step eigendirections of each learned factor longer
 than ``k`` and one for the rest (``'config_eigenbasis_rank_<k>'``, 16, 32, 64 or 128, or
-0: a scale per direction, ``eval.adaptive_eigenbasis_rank``; calibrated at that rank), or merge a gradient into
-the sketches every 2 or 4 steps or at the roots' refreshes only
+0: a scale per direction, ``eval.adaptive_eigenbasis_rank``; calibrated at that rank), or
+merge a gradient into the sketches every 2 or 4 steps or at the roots' refreshes only
 (``'config_sketch_interval_<j>'``, 2, 4 or 0, ``eval.adaptive_blend_sketch_interval``);
 after :data:`CANDIDATES` in ties."""
 OWN = 'config'
