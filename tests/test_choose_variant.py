@@ -288,7 +288,7 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
     assert choose_variant.settings_of(config, f'config_restart_growth_{growth}') == {
         **own, 'adaptive_restarts': True, 'adaptive_restart_growth': growth}
   assert own['adaptive_restart_shrink'] == config.eval.adaptive_restart_shrink == 0.0
-  assert own['adaptive_eigenbasis_rank'] == config.eval.adaptive_eigenbasis_rank == 64
+  assert own['adaptive_eigenbasis_rank'] == config.eval.adaptive_eigenbasis_rank == 0
   for rank in (0, 16, 32, 64, 128):
     assert choose_variant.settings_of(config, f'config_eigenbasis_rank_{rank}') == {
         **own, 'adaptive_eigenbasis_rank': rank}
