@@ -482,21 +482,34 @@ def failed_runs(row: dict) -> int:
   return row.get('failed_runs', row['diverged_runs'])
 
 
-def choose(scores: dict) -> str:
-  """The candidate the rule picks from :func:`score` results (insertion order breaks ties).
-
-  Step 3 (time) applies where every tied row has ``'seconds_to_reference_loss'`` (rows
-  scored with the check in seconds; rows stored before it was kept have none).
-  """
+def _tied_best(scores: dict) -> list[str]:
+  """The candidates best on the rule's first two steps (failed runs, then checks won)."""
   def robustness(name):
     return failed_runs(scores[name]), -scores[name]['num_faster']
 
   best = min(map(robustness, scores))
-  tied = [name for name in scores if robustness(name) == best]
+  return [name for name in scores if robustness(name) == best]
+
+
+def dropped_by_time(scores: dict) -> list[str]:
+  """The candidates step 3 of the rule drops: tied on the first two steps, more than
+  :data:`TIME_FACTOR` times the fastest tied one's time to the reference's loss.
+
+  Applies where every tied row has ``'seconds_to_reference_loss'`` (rows scored with the
+  check in seconds; rows stored before it was kept have none): else none is dropped.
+  """
+  tied = _tied_best(scores)
   times = [scores[name].get('seconds_to_reference_loss') for name in tied]
-  if all(t is not None for t in times):
-    fastest = min(times)
-    tied = [name for name, t in zip(tied, times) if t <= TIME_FACTOR * fastest]
+  if not all(t is not None for t in times):
+    return []
+  fastest = min(times)
+  return [name for name, t in zip(tied, times) if t > TIME_FACTOR * fastest]
+
+
+def choose(scores: dict) -> str:
+  """The candidate the rule picks from :func:`score` results (insertion order breaks ties)."""
+  dropped = dropped_by_time(scores)
+  tied = [name for name in _tied_best(scores) if name not in dropped]
   return min(tied, key=lambda name: scores[name]['loss_ratio_geometric_mean'])
 
 
@@ -682,6 +695,11 @@ def format_choice(result: dict) -> str:
     lines.append(f"| {name} | {failed_runs(row)} | {row['num_faster']} of "
                  f"{row['num_checks']} ({faster}) | "
                  f"{report.number_text(row['loss_ratio_geometric_mean'])} |")
+  dropped = dropped_by_time(result['scores'])
+  if dropped:
+    lines += ['', f"Dropped by the rule's step on time (more than {TIME_FACTOR:g} times the "
+                  'fastest tied candidate\'s time to the reference\'s loss): '
+                  + ', '.join(dropped) + '.']
   optimizers = {name: {'reference_norm': level} for name, level in result['levels'].items()}
   if SECONDS in result:
     lines += ['', *seconds_lines(result[SECONDS])]

@@ -382,6 +382,11 @@ def test_among_tied_candidates_one_many_times_slower_drops_out_before_the_loss()
 
   # Both lose the check in time; b, with the lower loss, takes 25 times a's time.
   assert chosen({'a': (1.0, 1.0, False), 'b': (25.0, 1.0, False)}, 'ab') == 'a'
+  slow = _timed({'a': (1.0, 1.0, False), 'b': (25.0, 1.0, False)})
+  rows = {n: choose_variant.score(checks, n, 'adam', slow) for n in 'ab'}
+  assert choose_variant.dropped_by_time(rows) == ['b']
+  assert choose_variant.dropped_by_time({n: choose_variant.score(checks, n, 'adam')
+                                         for n in 'ab'}) == []
   # Within twice the fastest one's time the loss decides (1.9 and 2.0 times: kept).
   assert chosen({'a': (1.0, 1.0, False), 'b': (1.9, 1.0, False)}, 'ab') == 'b'
   assert chosen({'a': (1.0, 1.0, False), 'b': (2.0, 1.0, False)}, 'ab') == 'b'
@@ -474,6 +479,13 @@ def test_compare_with_the_seconds_check(tmp_path, monkeypatch):
   assert row['num_checks'] == 2
   assert (choose_variant.SECONDS in row['faster']) == timed['optimizers']['adaptive']['faster']
   assert f'Check {choose_variant.SECONDS}' in choose_variant.format_choice(result)
+  assert "step on time" not in choose_variant.format_choice(result)  # one candidate
+  # A second candidate tied with it, 3 times slower, is named as dropped by time.
+  fast = {**row, 'seconds_to_reference_loss': 1.0}
+  slow = {**row, 'seconds_to_reference_loss': 3.0}
+  two = {**result, 'scores': {'adaptive': fast, 'slow': slow}}
+  assert "step on time" in choose_variant.format_choice(two)
+  assert 'loss): slow.' in choose_variant.format_choice(two)
 
 
 def test_seconds_check_must_be_a_boolean(tmp_path):
