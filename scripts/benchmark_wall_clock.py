@@ -21,6 +21,7 @@ Usage (from the repository root)::
   python -m scripts.benchmark_wall_clock ... --optimizers metamd_adaptive \
       --set adaptive_blend_statistics=peak_average --set adaptive_blend_rate=0.003
   python -m scripts.benchmark_wall_clock ... --horizon-multiplier 10   # runs of 10 T steps
+  python -m scripts.benchmark_wall_clock ... --run-lengths 1,2,4,8,16,32,100
 
 ``--set FIELD=VALUE`` changes one ``eval.adaptive_*`` setting of adaptive MetaMD (its blend
 and momentum; the calibrated reference norm is the stored one, which does not depend on
@@ -39,6 +40,13 @@ The seconds to Adam's loss are the steps to it times the mean seconds per step o
 early. ``--elapsed`` also times, per task, a run stopped at the step where that task
 reaches Adam's loss (compiled per step count; the median of ``--repeats`` runs):
 ``elapsed_seconds_to_reference_final_loss`` and its fraction of Adam's ``T``-step time.
+
+``--run-lengths 1,2,4,8,16,32`` also times, per optimiser, runs of each of these step counts
+on every task (timed as the ``T``-step runs; the mean over the tasks of each task's median),
+``run_length_seconds``: where a run's time goes along it. The time of a 1-step run is mostly
+what every run pays once (the model's and the optimiser's ``init``, the run's minibatch
+positions); the differences between lengths are the steps' own costs, e.g. a step that
+refreshes roots at each of the first steps costing more than a later one.
 """
 
 from __future__ import annotations
@@ -226,6 +234,41 @@ def row(run: evaluation.Curves, seconds: np.ndarray, first: float, horizon: int,
   }
 
 
+def check_run_lengths(run_lengths) -> tuple[int, ...]:
+  """``run_lengths``: step counts ``>= 1`` (``--run-lengths``), each once; exits naming a
+  bad one."""
+  lengths = tuple(run_lengths or ())
+  for length in lengths:
+    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 1:
+      _fail(f'--run-lengths takes step counts >= 1, got {length!r}.')
+  if len(set(lengths)) != len(lengths):
+    _fail(f'--run-lengths names a step count twice: {lengths}.')
+  return tuple(int(length) for length in lengths)
+
+
+def run_length_seconds(optimizer, family, tasks, lengths: tuple[int, ...], repeats: int
+                       ) -> dict[str, float]:
+  """``{str(n): seconds}``: per step count ``n``, the mean over the tasks of the timed
+  seconds of an ``n``-step run (:func:`experiments.benchmark_runs.time_runs`)."""
+  return {str(n): float(np.mean(benchmark_runs.time_runs(optimizer, family, tasks, n, repeats)))
+          for n in lengths}
+
+
+def format_run_lengths(rows: dict) -> str:
+  """The ``run_length_seconds`` of every row that has them, in ms per run."""
+  timed = {name: row['run_length_seconds'] for name, row in rows.items()
+           if 'run_length_seconds' in row}
+  if not timed:
+    return ''
+  lengths = list(next(iter(timed.values())))
+  lines = ['ms per run of n steps (mean over the tasks):', '',
+           '| optimiser | ' + ' | '.join(f'n = {n}' for n in lengths) + ' |',
+           '| --- |' + ' ---: |' * len(lengths)]
+  for name, seconds in timed.items():
+    lines.append(f'| {name} | ' + ' | '.join(f'{1e3 * seconds[n]:.2f}' for n in lengths) + ' |')
+  return '\n'.join(lines)
+
+
 def format_table(rows: dict, reference: str, horizon: int) -> str:
   def pair(value, digits):
     return 'not reached' if value is None or _mean(value) is None else f'{value[0]:.{digits}f}'
@@ -257,7 +300,8 @@ def format_table(rows: dict, reference: str, horizon: int) -> str:
 
 def wall_clock(config, family: str, workdir, results, optimizers=DEFAULT_OPTIMIZERS, *,
                repeats: int = 3, num_tasks: int | None = None, settings: dict | None = None,
-               json_path=None, elapsed: bool = False, horizon_multiplier: int = 1) -> dict:
+               json_path=None, elapsed: bool = False, horizon_multiplier: int = 1,
+               run_lengths=()) -> dict:
   """Re-time the held-out runs of ``family`` from a finished benchmark (module docstring).
 
   Args:
@@ -275,6 +319,8 @@ def wall_clock(config, family: str, workdir, results, optimizers=DEFAULT_OPTIMIZ
       (:func:`experiments.benchmark_runs.elapsed_to`).
     horizon_multiplier: ``m >= 1``: runs of ``m T`` steps, against the reference's
       ``m T``-step loss (the stored steps, which are for ``T``, are then not compared).
+    run_lengths: step counts ``n >= 1``: also time runs of each (``run_length_seconds``,
+      :func:`run_length_seconds`).
 
   Returns:
     ``{'family', 'horizon', 'num_tasks', 'reference', 'repeats', 'settings', 'device',
@@ -287,6 +333,7 @@ def wall_clock(config, family: str, workdir, results, optimizers=DEFAULT_OPTIMIZ
       _fail(f'--optimizers names {name!r}: neither metamd, {ADAPTIVE} nor a baseline '
             f'({", ".join(builders.BASELINES)}).')
   settings = dict(settings or {})
+  run_lengths = check_run_lengths(run_lengths)
   family_cfg = benchmark_setup.family_config(config, family)
   stored = stored_family(pathlib.Path(results), family)
   family_cfg.eval.update(settings)
@@ -336,11 +383,16 @@ def wall_clock(config, family: str, workdir, results, optimizers=DEFAULT_OPTIMIZ
     payload['optimizers'][name] = row(run, seconds, first, horizon, target, reference_seconds,
                                       reference, stored['optimizers'].get(name, {})
                                       if horizon_multiplier == 1 else {}, stopped)
+    if run_lengths:
+      payload['optimizers'][name]['run_length_seconds'] = run_length_seconds(
+          optimizer, test_family, tasks, run_lengths, repeats)
     print(f'{name}: {np.mean(seconds):.4f} s for {horizon} steps (first call {first:.1f} s)',
           flush=True)
     if json_path:  # after every optimiser, so a run stopped early keeps what it measured
       pathlib.Path(json_path).write_text(json.dumps(payload, indent=2, default=str))
   print(format_table(payload['optimizers'], reference, horizon))
+  if run_lengths:
+    print(format_run_lengths(payload['optimizers']))
   if json_path:
     timing.write_json(json_path, payload)
   return payload
@@ -365,7 +417,13 @@ def main(argv: list[str] | None = None) -> dict:
                       'loss (one compilation per step count)')
   parser.add_argument('--horizon-multiplier', type=int, default=1,
                       help='runs of this many times the horizon T (default 1)')
+  parser.add_argument('--run-lengths', default='',
+                      help='also time runs of these step counts, e.g. 1,2,4,8,16,32')
   args = parser.parse_args(argv)
+  try:
+    run_lengths = [int(n) for n in args.run_lengths.split(',') if n.strip()]
+  except ValueError:
+    parser.error(f'--run-lengths takes step counts like 1,2,4, got {args.run_lengths!r}.')
   if args.horizon_multiplier < 1:
     parser.error(f'--horizon-multiplier must be >= 1, got {args.horizon_multiplier}.')
   if args.repeats < 1:
@@ -376,7 +434,7 @@ def main(argv: list[str] | None = None) -> dict:
                     [n for n in args.optimizers.split(',') if n], repeats=args.repeats,
                     num_tasks=args.num_tasks, settings=parse_settings(args.set),
                     json_path=args.json, elapsed=args.elapsed,
-                    horizon_multiplier=args.horizon_multiplier)
+                    horizon_multiplier=args.horizon_multiplier, run_lengths=run_lengths)
 
 
 if __name__ == '__main__':
