@@ -294,7 +294,7 @@ OVERSHOOT = {
     **{f'config_sketch_{rank}': {'adaptive_blend_sketch_rank': rank}
        for rank in (0, 16, 32, 64)},
     **{f'config_sketch_interval_{interval}': {'adaptive_blend_sketch_interval': interval}
-       for interval in (0, 2, 4)},
+       for interval in (0, 1, 2, 4)},
     **{f'config_blend_{rate}': {'adaptive_blend_rate': rate} for rate in (0.03, 0.05, 0.07)},
     'config_overshoot_step': {'adaptive_overshoot_scope': 'step'},
     **{f'config_eigenbasis_rank_{rank}': {'adaptive_eigenbasis_rank': rank}
@@ -324,8 +324,9 @@ check to the whole blended step, alone or with the blend rate 0.03 or 0.05
 eigenbasis scales for the ``k`` longest-step eigendirections of each learned factor longer
 than ``k`` and one for the rest (``'config_eigenbasis_rank_<k>'``, 16, 32, 64 or 128, or
 0: a scale per direction, ``eval.adaptive_eigenbasis_rank``; calibrated at that rank), or
-merge a gradient into the sketches every 2 or 4 steps or at the roots' refreshes only
-(``'config_sketch_interval_<j>'``, 2, 4 or 0, ``eval.adaptive_blend_sketch_interval``);
+merge a gradient into the sketches at every step, every 2 or 4 steps or at the roots'
+refreshes only (``'config_sketch_interval_<j>'``, 1, 2, 4 or 0,
+``eval.adaptive_blend_sketch_interval``);
 after :data:`CANDIDATES` in ties."""
 OWN = 'config'
 """The candidate that keeps the config's own ``eval`` settings (always allowed; first in

@@ -311,9 +311,10 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
   for rank in (0, 16, 32, 64):
     assert choose_variant.settings_of(config, f'config_sketch_{rank}') == {
         **own, 'adaptive_blend_sketch_rank': rank}
-  # ... or merging a gradient into the sketch every few steps or at the roots' refreshes.
-  assert own['adaptive_blend_sketch_interval'] == config.eval.adaptive_blend_sketch_interval
-  for interval in (0, 2, 4):
+  # ... or merging a gradient into the sketch at every step, every few steps or at the
+  # roots' refreshes (the default).
+  assert own['adaptive_blend_sketch_interval'] == config.eval.adaptive_blend_sketch_interval == 0
+  for interval in (0, 1, 2, 4):
     assert choose_variant.settings_of(config, f'config_sketch_interval_{interval}') == {
         **own, 'adaptive_blend_sketch_interval': interval}
   # Ties: the config first, the overshoot candidates after every other one.
