@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # The GPU checks of experiments/RESULTS.md, one prepared run on a machine with one GPU.
 #
-#   bash scripts/gpu_check.sh OUTDIR [SECONDS]
+#   bash scripts/gpu_check.sh OUTDIR [SECONDS] [WORKDIR] [RESULTS]
 #
 # Runs, in order of priority, each under its own time limit and all within SECONDS (default
 # 560), writing JSON figures and one log to OUTDIR (experiments/RESULTS.md section 12):
 #   1. wall_clock.json: the MNIST MLP benchmark's held-out runs re-timed on the GPU
-#      (scripts/benchmark_wall_clock.py; needs runs/benchmark_full/mnist_mlp/metamd/
-#      divergence.npz and experiments/results/benchmark.json);
+#      (scripts/benchmark_wall_clock.py; needs WORKDIR/mnist_mlp/metamd/divergence.npz and
+#      the RESULTS it was benchmarked with: by default runs/bench_31r, the current default's
+#      benchmark run, and experiments/results/benchmark.json, whose MNIST entry is that run's;
+#      carry runs/bench_31r/mnist_mlp/metamd to the GPU machine);
+#   1a. wall_clock_elapsed.json: Adam, MetaMD and adaptive MetaMD of item 1 timed to the step
+#      where each run reaches Adam's loss (--elapsed), and runs of 1 to 100 steps
+#      (--run-lengths: what a run pays once, its early and its late steps);
 #   1b. wall_clock_blocks_128.json: item 1's adaptive MetaMD with Shampoo's statistics in
 #      blocks of at most 128 rows instead of the default's rank-64 sketch (--set
 #      adaptive_blend_block_size=128 --set adaptive_blend_sketch_rank=0; section 15), and Adam;
@@ -27,6 +32,8 @@
 set -u
 out=${1:?usage: bash scripts/gpu_check.sh OUTDIR [SECONDS]}
 budget=${2:-560}
+workdir=${3:-runs/bench_31r}
+results=${4:-experiments/results/benchmark.json}
 mkdir -p "$out"
 log="$out/gpu_check.log"
 export PYTHONUNBUFFERED=1
@@ -61,11 +68,16 @@ assert jax.default_backend() == "gpu", jax.devices()' >>"$log" 2>&1 || {
   exit 1
 }
 
-part wall_clock 220 python3 -m scripts.benchmark_wall_clock --json "$out/wall_clock.json"
-part wall_clock_blocks 100 python3 -m scripts.benchmark_wall_clock \
+wall=(--workdir "$workdir" --results "$results")
+part wall_clock 220 python3 -m scripts.benchmark_wall_clock "${wall[@]}" \
+  --json "$out/wall_clock.json"
+part wall_clock_elapsed 150 python3 -m scripts.benchmark_wall_clock "${wall[@]}" \
+  --optimizers adam,metamd,metamd_adaptive --elapsed --run-lengths 1,2,4,8,16,32,100 \
+  --json "$out/wall_clock_elapsed.json"
+part wall_clock_blocks 100 python3 -m scripts.benchmark_wall_clock "${wall[@]}" \
   --optimizers adam,metamd_adaptive --set adaptive_blend_block_size=128 \
   --set adaptive_blend_sketch_rank=0 --json "$out/wall_clock_blocks_128.json"
-part wall_clock_whole 100 python3 -m scripts.benchmark_wall_clock \
+part wall_clock_whole 100 python3 -m scripts.benchmark_wall_clock "${wall[@]}" \
   --optimizers adam,metamd_adaptive --set adaptive_blend_sketch_rank=0 --elapsed \
   --json "$out/wall_clock_whole.json"
 part roots 40 python3 -m scripts.benchmark_roots --sizes 10,256,784 --out-dir "$out"
