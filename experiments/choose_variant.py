@@ -69,7 +69,8 @@ the horizon taking Nesterov's momentum ``m`` at the step factor ``f``: 0.8 at 0.
 settings with a side of Shampoo's statistics longer than ``r`` plus its leaf's other side
 kept as a rank-``r`` frequent-directions sketch, at 16, 32 and 64, or 0: no sketch,
 the whole statistics, ``eval.adaptive_blend_sketch_rank``), ``'config_blend_<rate>'``
-(the config's own settings with the blend rate 0.03, 0.05 or 0.07 alone changed),
+(the config's own settings with the blend rate 0 (no online half), 0.03, 0.05 or 0.07
+alone changed),
 ``'config_overshoot_step'`` and ``'config_overshoot_step_blend_<rate>'`` (the config's own
 settings with the overshoot check shortening the whole blended step,
 ``eval.adaptive_overshoot_scope='step'``, at the
@@ -295,7 +296,7 @@ OVERSHOOT = {
        for rank in (0, 16, 32, 64)},
     **{f'config_sketch_interval_{interval}': {'adaptive_blend_sketch_interval': interval}
        for interval in (0, 1, 2, 4)},
-    **{f'config_blend_{rate}': {'adaptive_blend_rate': rate} for rate in (0.03, 0.05, 0.07)},
+    **{f'config_blend_{rate}': {'adaptive_blend_rate': rate} for rate in (0, 0.03, 0.05, 0.07)},
     'config_overshoot_step': {'adaptive_overshoot_scope': 'step'},
     **{f'config_eigenbasis_rank_{rank}': {'adaptive_eigenbasis_rank': rank}
        for rank in (0, 16, 32, 64, 128)},

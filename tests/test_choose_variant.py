@@ -317,6 +317,10 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
   for interval in (0, 1, 2, 4):
     assert choose_variant.settings_of(config, f'config_sketch_interval_{interval}') == {
         **own, 'adaptive_blend_sketch_interval': interval}
+  # ... or with the blend rate alone changed (0: no online half).
+  for rate in (0, 0.03, 0.05, 0.07):
+    assert choose_variant.settings_of(config, f'config_blend_{rate}') == {
+        **own, 'adaptive_blend_rate': rate}
   # Ties: the config first, the overshoot candidates after every other one.
   assert choose_variant.check_candidates(
       ['config_overshoot_0.5', 'eigen', 'config', 'config_overshoot_0.0']) == (
