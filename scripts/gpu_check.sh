@@ -30,7 +30,7 @@
 #   7. main_default/: the main job (experiments/main.py, configs/default.py), timed.
 # A part that fails or runs out of time is logged and the next one starts.
 set -u
-out=${1:?usage: bash scripts/gpu_check.sh OUTDIR [SECONDS]}
+out=${1:?usage: bash scripts/gpu_check.sh OUTDIR [SECONDS] [WORKDIR] [RESULTS]}
 budget=${2:-560}
 workdir=${3:-runs/bench_31r}
 results=${4:-experiments/results/benchmark.json}
