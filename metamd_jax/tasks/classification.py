@@ -9,6 +9,7 @@ meta-batch of task parameters gathers minibatches from one copy of the data.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -22,7 +23,7 @@ from metamd_jax.tasks.base import Task, TaskFamily
 from metamd_jax.types import PyTree
 
 __all__ = ['RUN_INDICES_LIMIT', 'ClassificationFamily', 'as_typed_key', 'epoch_batch_indices',
-           'epoch_run_indices']
+           'epoch_run_batches', 'epoch_run_indices']
 
 
 # --------------------------------------------------------------------------------------
@@ -115,6 +116,36 @@ def epoch_run_indices(
   keys = jax.vmap(lambda e: jax.random.fold_in(order_key, e))(jnp.arange(epochs, dtype=jnp.int32))
   stream = jax.vmap(lambda key: jax.random.permutation(key, n))(keys).reshape(-1)
   return stream[:steps * b].reshape(steps, b).astype(jnp.int32)
+
+
+def epoch_run_batches(
+  order_key: jax.Array, num_steps: int, num_examples: int, batch_size: int, x: jax.Array,
+  y: jax.Array, fallback: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
+  rows: jax.Array | None = None,
+) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
+  """``step -> (x, y)`` minibatches of a run of ``num_steps`` steps of
+  :func:`epoch_batch_indices`' stream, their positions drawn once
+  (:func:`epoch_run_indices`): a task's ``run_batches``.
+
+  Args:
+    order_key, num_steps, num_examples, batch_size: as :func:`epoch_run_indices`.
+    x, y: the arrays the minibatches gather rows of.
+    fallback: the task's per-step ``batch``, returned for a run of more than
+      :data:`RUN_INDICES_LIMIT` rows (its positions would take too much memory).
+    rows: maps a position to a row of ``x`` and ``y`` (a task's subset of a pool), or
+      ``None`` (the positions are the rows).
+  """
+  if num_steps * batch_size > RUN_INDICES_LIMIT:
+    return fallback
+  indices = epoch_run_indices(order_key, num_steps, num_examples, batch_size)
+  if rows is not None:
+    indices = jnp.take(rows, indices)
+
+  def batch_of_run(step: jax.Array) -> tuple[jax.Array, jax.Array]:
+    idx = indices[step]
+    return jnp.take(x, idx, axis=0), jnp.take(y, idx, axis=0)
+
+  return batch_of_run
 
 
 def _is_int(value: Any) -> bool:
@@ -335,17 +366,9 @@ class ClassificationFamily(TaskFamily):
       return jnp.take(self._train_x, idx, axis=0), jnp.take(self._train_y, idx, axis=0)
 
     def run_batches(num_steps: int):
-      if num_steps * self.batch_size > RUN_INDICES_LIMIT:
-        return batch  # the positions of so long a run would take too much memory
-      order_key = jax.random.wrap_key_data(task_params['order_key'])
-      indices = jnp.take(subset, epoch_run_indices(order_key, num_steps, self.subset_size,
-                                                   self.batch_size))
-
-      def batch_of_run(step: jax.Array) -> tuple[jax.Array, jax.Array]:
-        idx = indices[step]
-        return jnp.take(self._train_x, idx, axis=0), jnp.take(self._train_y, idx, axis=0)
-
-      return batch_of_run
+      return epoch_run_batches(jax.random.wrap_key_data(task_params['order_key']), num_steps,
+                               self.subset_size, self.batch_size, self._train_x,
+                               self._train_y, batch, rows=subset)
 
     def loss(params: PyTree, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
       x, y = batch

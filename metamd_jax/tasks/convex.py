@@ -20,9 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metamd_jax.tasks import classification
 from metamd_jax.tasks.base import Task, TaskFamily
-from metamd_jax.tasks.classification import as_typed_key, epoch_batch_indices, epoch_run_indices
+from metamd_jax.tasks.classification import as_typed_key, epoch_batch_indices, epoch_run_batches
 
 Params = dict[str, jax.Array]
 TaskParams = dict[str, jax.Array]
@@ -125,16 +124,9 @@ class _ConvexFamily(TaskFamily):
 
   def _run_batches_fn(self, task_params: TaskParams, x: jax.Array, y: jax.Array):
     def run_batches(num_steps: int):
-      if num_steps * self.batch_size > classification.RUN_INDICES_LIMIT:
-        return self._batch_fn(task_params, x, y)  # too long a run to precompute
-      order_key = jax.random.wrap_key_data(task_params['order_key'])
-      indices = epoch_run_indices(order_key, num_steps, self.num_samples, self.batch_size)
-
-      def batch_of_run(step: jax.Array) -> tuple[jax.Array, jax.Array]:
-        idx = indices[step]
-        return jnp.take(x, idx, axis=0), jnp.take(y, idx, axis=0)
-
-      return batch_of_run
+      return epoch_run_batches(jax.random.wrap_key_data(task_params['order_key']), num_steps,
+                               self.num_samples, self.batch_size, x, y,
+                               self._batch_fn(task_params, x, y))
 
     return run_batches
 
