@@ -17,7 +17,14 @@ from experiments import benchmark_targets, builders
 from metamd_jax import datasets
 from metamd_jax.tasks import ClassificationFamily
 
-HELDOUT_DATASETS = ('', 'digits28', 'mnist1d')
+HELDOUT_DATASETS = ('', 'digits28', 'mnist8', 'mnist1d')
+_HELDOUT_FITS = {
+    # held-out dataset: (what it is, the family datasets whose models it fits)
+    'digits28': ("scikit-learn's 8x8 digits resized to 28x28x1",
+                 ('mnist_subset', 'mnist_idx', 'fashion_mnist_idx')),
+    'mnist8': ('the MNIST subset resized to 8x8x1', ('digits',)),
+    'mnist1d': ('MNIST-1D from another generator', ('mnist1d',)),
+}
 ADAPTIVE = 'metamd_adaptive'
 """Adaptive MetaMD's name: the learned ``metamd`` divergence, its scale calibrated."""
 SHIFTS = tuple(name for name in builders.SHIFTS if name != 'heldout_text')
@@ -52,6 +59,13 @@ def family_config(config: ml_collections.ConfigDict, name: str) -> ml_collection
   if heldout is not None and heldout.dataset not in HELDOUT_DATASETS:
     raise ValueError(f'config.families.{name}.heldout.dataset must be one of '
                      f'{HELDOUT_DATASETS}, got {heldout.dataset!r}.')
+  if heldout is not None and heldout.dataset:
+    what, fits = _HELDOUT_FITS[heldout.dataset]
+    if family.task.dataset not in fits:
+      raise ValueError(
+          f'config.families.{name}.heldout.dataset {heldout.dataset!r} ({what}) fits the '
+          f'models of task.dataset {" or ".join(map(repr, fits))}; the family\'s '
+          f'task.dataset is {family.task.dataset!r}.')
   benchmark_targets.validate_targets(family, f'config.families.{name}')
   start = family.get('init_from_tuned_sgd', None)
   if start is not None and not isinstance(start, bool):
@@ -164,11 +178,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _digits28(split: str) -> datasets.Dataset:
-  """scikit-learn's 8x8 digits resized to 28x28x1: new data that fits an MNIST model."""
-  digits = datasets.load_dataset('digits', split=split)
-  x = jax.image.resize(jnp.asarray(digits.x), (len(digits), 28, 28, 1), 'linear')
-  return datasets.Dataset(np.asarray(x), digits.y, digits.num_classes, f'digits28:{split}')
+_RESIZED = {'digits28': ('digits', 28), 'mnist8': ('mnist_subset', 8)}
+
+
+def resized_dataset(name: str, split: str) -> datasets.Dataset:
+  """Held-out dataset ``name`` of :data:`_RESIZED`: another dataset's images resized.
+
+  ``'digits28'``: scikit-learn's 8x8 digits resized to 28x28x1, new data that fits an MNIST
+  model; ``'mnist8'``: the MNIST subset resized to 8x8x1, new data that fits a digits
+  model. Bilinear, antialiased when shrinking (``jax.image.resize``); pixel values stay
+  in [0, 1], labels and class count are the source's.
+  """
+  source, side = _RESIZED[name]
+  data = datasets.load_dataset(source, split=split)
+  shape = (len(data), side, side, data.x.shape[-1])
+  x = jax.image.resize(jnp.asarray(data.x), shape, 'linear')
+  return datasets.Dataset(np.asarray(x), data.y, data.num_classes, f'{name}:{split}')
 
 
 def heldout_family(family: ml_collections.ConfigDict) -> ClassificationFamily | None:
@@ -176,8 +201,9 @@ def heldout_family(family: ml_collections.ConfigDict) -> ClassificationFamily | 
   heldout = family.get('heldout', None)
   if heldout is None or not heldout.dataset or family.task.family != 'classification':
     return None
-  if heldout.dataset == 'digits28':
-    train, test = _digits28('train'), _digits28('test')
+  if heldout.dataset in _RESIZED:
+    train = resized_dataset(heldout.dataset, 'train')
+    test = resized_dataset(heldout.dataset, 'test')
   else:
     generator = dict(heldout.generator)
     train = datasets.load_dataset('mnist1d', split='train', **generator)

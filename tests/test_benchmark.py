@@ -13,7 +13,7 @@ import metamd_jax
 from configs import benchmark as benchmark_config
 from configs import default, digits_mlp, mnist1d_cnn, tiny
 from experiments import benchmark, benchmark_runs, benchmark_setup, benchmark_targets, builders
-from metamd_jax import evaluation
+from metamd_jax import datasets, evaluation
 from scripts import benchmark_wall_clock
 
 
@@ -430,6 +430,67 @@ def test_image_families_meta_train_as_their_configs():
     expected = module.get_config().meta.to_dict()
     family.pop('checkpoint_every'), expected.pop('checkpoint_every')
     assert family == expected, name
+
+
+def _linear_resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """Float64 bilinear resize along one axis: a triangle kernel widened by ``n_in / n_out``
+  when shrinking (antialiasing), weights normalised over the input pixels."""
+  scale = n_out / n_in
+  width = min(scale, 1.0)
+  rows = []
+  for i in range(n_out):
+    centre = (i + 0.5) / scale - 0.5
+    weights = np.maximum(0.0, 1.0 - np.abs(np.arange(n_in) - centre) * width)
+    rows.append(weights / weights.sum())
+  return np.stack(rows)
+
+
+@pytest.mark.parametrize('name,source,side', [('digits28', 'digits', 28),
+                                              ('mnist8', 'mnist_subset', 8)])
+def test_resized_heldout_datasets(name, source, side):
+  data = benchmark_setup.resized_dataset(name, 'test')
+  original = datasets.load_dataset(source, split='test')
+  assert data.name == f'{name}:test' and data.num_classes == original.num_classes == 10
+  np.testing.assert_array_equal(data.y, original.y)
+  assert data.x.shape == (len(original), side, side, 1) and data.x.dtype == np.float32
+  resize = _linear_resize_matrix(original.x.shape[1], side)
+  expected = np.einsum('ij,bjkc,lk->bilc', resize, original.x.astype(np.float64), resize)
+  np.testing.assert_allclose(data.x, expected, atol=1e-5)
+  assert 0.0 <= data.x.min() and data.x.max() <= 1.0
+
+
+def test_heldout_family_fits_the_learned_divergence():
+  config = benchmark_config.get_config()
+  datasets_by_family = {name: config.families[name].heldout.dataset
+                        for name in config.family_names}
+  assert datasets_by_family == {'mnist_mlp': 'digits28', 'mnist1d_cnn': 'mnist1d',
+                                'digits_mlp': 'mnist8', 'least_squares': ''}
+  family_cfg = benchmark_setup.family_config(config, 'digits_mlp')
+  heldout = benchmark_setup.heldout_family(family_cfg)
+  assert (heldout.train.name, heldout.test.name) == ('mnist8:train', 'mnist8:test')
+  assert heldout.subset_size == family_cfg.task.subset_size
+  train_family, _ = builders.build_families(family_cfg)
+  key = jax.random.key(0)
+  own = train_family.task(train_family.sample(key)).init()
+  new = heldout.task(heldout.sample(key)).init()
+  assert jax.tree.map(np.shape, own) == jax.tree.map(np.shape, new)
+  divergence = metamd_jax.init_divergence(own, learning_rate=0.1)
+  metamd_jax.divergence.check_structure(divergence, new)
+  assert benchmark_setup.heldout_family(
+      benchmark_setup.family_config(config, 'least_squares')) is None
+
+
+@pytest.mark.parametrize('family,dataset,message', [
+    ('digits_mlp', 'digits28', r"'digits28' .*fits the models of task\.dataset 'mnist_subset'"),
+    ('mnist_mlp', 'mnist8', r"'mnist8' .*family's task\.dataset is 'mnist_subset'"),
+    ('mnist_mlp', 'mnist1d', r"'mnist1d' .*fits the models of task\.dataset 'mnist1d'"),
+    ('digits_mlp', 'cifar10', 'must be one of'),
+])
+def test_heldout_dataset_must_fit_the_family(family, dataset, message):
+  config = benchmark_config.get_config()
+  config.families[family].heldout.dataset = dataset
+  with pytest.raises(ValueError, match=rf'config\.families\.{family}\.heldout\.dataset.*{message}'):
+    benchmark_setup.validate(config)
 
 
 @pytest.mark.parametrize('field,value,message', [
