@@ -79,6 +79,7 @@ BASELINES: dict[str, Callable[[float], optax.GradientTransformation]] = {
 SHIFTS: dict[str, str] = {
     'inputs_x2': 'inputs multiplied by 2',
     'inputs_offset': 'inputs plus 1',
+    'inputs_x255': 'inputs multiplied by 255 (pixel values left as bytes, 0 to 255)',
     'inputs_standardised': 'inputs standardised per feature over the training pool',
     'features_permuted': 'input features in a fixed random order',
     'batch_quarter': 'a quarter of the batch size',
@@ -490,6 +491,8 @@ def shifted_family(config: ml_collections.ConfigDict, family: TaskFamily,
   * ``'features_permuted'``: the input features (flattened) in the order of
     :func:`feature_permutation`, the same for every task and for the test set;
   * ``'inputs_offset'``: every input plus 1;
+  * ``'inputs_x255'``: every input times 255 (images in [0, 1] as the bytes they were read
+    from: a preprocessing step forgotten);
   * ``'batch_quarter'``: ``max(1, batch_size // 4)``;
   * ``'batch_x4'``: ``min(subset_size, 4 * batch_size)``;
   * ``'label_noise'``: each training-pool label, with probability :data:`LABEL_NOISE`,
@@ -531,6 +534,8 @@ def shifted_family(config: ml_collections.ConfigDict, family: TaskFamily,
     transform = lambda x: 2 * x  # noqa: E731
   elif shift == 'inputs_offset':
     transform = lambda x: x + 1  # noqa: E731
+  elif shift == 'inputs_x255':
+    transform = lambda x: 255 * x  # noqa: E731
   elif shift == 'inputs_standardised':
     transform = _standardise(family)
   elif shift == 'features_permuted':

@@ -294,6 +294,11 @@ def test_shifted_families_are_shifted(setup):
   np.testing.assert_array_equal(offset.train.x, family.train.x + 1)
   np.testing.assert_array_equal(offset.test.x, family.test.x + 1)
 
+  as_bytes = builders.shifted_family(config, family, 'inputs_x255')
+  np.testing.assert_allclose(as_bytes.train.x, family.train.x * 255, rtol=1e-6)
+  np.testing.assert_allclose(as_bytes.test.x, family.test.x * 255, rtol=1e-6)
+  assert as_bytes.train.x.max() == pytest.approx(255 * family.train.x.max())
+
   x4 = builders.shifted_family(config, family, 'batch_x4')
   assert x4.batch_size == min(family.subset_size, 4 * family.batch_size)
   assert x4.task(per_task[0]).batch(0)[0].shape[0] == x4.batch_size
