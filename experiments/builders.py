@@ -80,6 +80,7 @@ SHIFTS: dict[str, str] = {
     'inputs_x2': 'inputs multiplied by 2',
     'inputs_offset': 'inputs plus 1',
     'inputs_x255': 'inputs multiplied by 255 (pixel values left as bytes, 0 to 255)',
+    'inputs_div255': 'inputs divided by 255 (images in [0, 1] divided by 255 again)',
     'inputs_standardised': 'inputs standardised per feature over the training pool',
     'features_permuted': 'input features in a fixed random order',
     'batch_quarter': 'a quarter of the batch size',
@@ -493,6 +494,8 @@ def shifted_family(config: ml_collections.ConfigDict, family: TaskFamily,
   * ``'inputs_offset'``: every input plus 1;
   * ``'inputs_x255'``: every input times 255 (images in [0, 1] as the bytes they were read
     from: a preprocessing step forgotten);
+  * ``'inputs_div255'``: every input divided by 255 (images already in [0, 1] divided
+    again: a preprocessing step done twice);
   * ``'batch_quarter'``: ``max(1, batch_size // 4)``;
   * ``'batch_x4'``: ``min(subset_size, 4 * batch_size)``;
   * ``'label_noise'``: each training-pool label, with probability :data:`LABEL_NOISE`,
@@ -536,6 +539,8 @@ def shifted_family(config: ml_collections.ConfigDict, family: TaskFamily,
     transform = lambda x: x + 1  # noqa: E731
   elif shift == 'inputs_x255':
     transform = lambda x: 255 * x  # noqa: E731
+  elif shift == 'inputs_div255':
+    transform = lambda x: x / 255  # noqa: E731
   elif shift == 'inputs_standardised':
     transform = _standardise(family)
   elif shift == 'features_permuted':

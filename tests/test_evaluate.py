@@ -298,6 +298,9 @@ def test_shifted_families_are_shifted(setup):
   np.testing.assert_allclose(as_bytes.train.x, family.train.x * 255, rtol=1e-6)
   np.testing.assert_allclose(as_bytes.test.x, family.test.x * 255, rtol=1e-6)
   assert as_bytes.train.x.max() == pytest.approx(255 * family.train.x.max())
+  twice = builders.shifted_family(config, family, 'inputs_div255')
+  np.testing.assert_allclose(twice.train.x, family.train.x / 255, rtol=1e-6)
+  np.testing.assert_allclose(twice.test.x, family.test.x / 255, rtol=1e-6)
 
   x4 = builders.shifted_family(config, family, 'batch_x4')
   assert x4.batch_size == min(family.subset_size, 4 * family.batch_size)
