@@ -184,9 +184,11 @@ def get_config() -> ml_collections.ConfigDict:
   # (learned divergence, meta-train-tuned learning rate, calibrated scale) against Adam
   # re-tuned on the shift; the 10T runs and the held-out dataset are checked alike. Each
   # shift costs one Adam tuning and one run per optimiser.
-  # inputs_x255 (images left as bytes) since RESULTS.md section 34.
-  config.shifts = ('inputs_x2', 'inputs_offset', 'inputs_x255', 'inputs_standardised',
-                   'features_permuted', 'batch_quarter', 'batch_x4', 'label_noise')
+  # inputs_x255 (images left as bytes) and inputs_div255 (divided by 255 twice) since
+  # RESULTS.md sections 34 and 35.
+  config.shifts = ('inputs_x2', 'inputs_offset', 'inputs_x255', 'inputs_div255',
+                   'inputs_standardised', 'features_permuted', 'batch_quarter', 'batch_x4',
+                   'label_noise')
   # Names not in this run (a variant not in variant_names, a baseline not tuned) are
   # skipped; the reference baseline always joins (the summary asks whether it trains).
   config.robustness_optimizers = ('metamd', 'meta_sgd', 'unrolled', 'metamd_adaptive',

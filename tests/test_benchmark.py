@@ -510,9 +510,9 @@ def test_bad_robustness_config_values_name_the_field(field, value, message):
 
 def test_robustness_config():
   config = benchmark_config.get_config()
-  assert set(config.shifts) == {'inputs_x2', 'inputs_offset', 'inputs_x255', 'inputs_standardised',
-                                'features_permuted', 'batch_quarter', 'batch_x4',
-                                'label_noise'}
+  assert set(config.shifts) == {'inputs_x2', 'inputs_offset', 'inputs_x255', 'inputs_div255',
+                                'inputs_standardised', 'features_permuted', 'batch_quarter',
+                                'batch_x4', 'label_noise'}
   assert benchmark_setup.shift_names(config) == tuple(config.shifts)
   config.quick = True
   assert 1 <= len(benchmark_setup.shift_names(config)) <= 2
