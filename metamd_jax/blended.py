@@ -949,6 +949,8 @@ def scale_by_blended_mirror_descent(
     overshoot_scope: str = 'learned',
     eigenbasis_rank: int | None = None,
     sketch_interval: int = 1,
+    eigenbasis_lengthen_below: float | None = None,
+    eigenbasis_min_scale: float = 0.1,
 ) -> optax.GradientTransformation:
   """Map gradients to ``(M^{-1} g + blend_rate * K_t^{-1} g) / s_t`` (see the module doc).
 
@@ -1011,6 +1013,12 @@ def scale_by_blended_mirror_descent(
       into a sketch: 1 (every step), ``j > 1`` or 0 (at the leaf's root refreshes), each
       merge carrying the gradient mass since the last one
       (:func:`scale_by_kronecker_statistics`).
+    eigenbasis_lengthen_below: with ``eigenbasis_levels``, ``None`` (the scales start at
+      1) or ``q`` in ``(0, 1]``: a leaf whose first gradient is below ``q`` times its
+      ``reference_norm`` starts its scales, the online half's included, below 1, down to
+      ``eigenbasis_min_scale`` (longer steps than the learned ones; still a
+      non-decreasing metric: :func:`metamd_jax.eigenbasis.scale_by_eigenbasis_mirror_descent`).
+    eigenbasis_min_scale: the lowest starting scale with ``eigenbasis_lengthen_below``.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -1044,6 +1052,10 @@ def scale_by_blended_mirror_descent(
   if eigenbasis_rank is not None and eigenbasis_levels is None:
     raise ValueError(f'eigenbasis_rank={eigenbasis_rank!r} ranks the eigenbasis learned half, '
                      'which is off (eigenbasis_levels=None): pass levels or leave it None.')
+  if eigenbasis_lengthen_below is not None and eigenbasis_levels is None:
+    raise ValueError('eigenbasis_lengthen_below starts the eigenbasis scales below 1, and '
+                     'the eigenbasis learned half is off (eigenbasis_levels=None): pass '
+                     'levels or leave it None.')
   if eigenbasis_levels is None:
     learned = adaptive.scale_by_adaptive_mirror_descent(divergence, reference_norm,
                                                         decay=decay, per_leaf=per_leaf)
@@ -1052,7 +1064,8 @@ def scale_by_blended_mirror_descent(
                      'by one scale per leaf.')
   else:
     learned = eigenbasis.scale_by_eigenbasis_mirror_descent(
-        divergence, eigenbasis_levels, reference_norm, decay=decay, rank=eigenbasis_rank)
+        divergence, eigenbasis_levels, reference_norm, decay=decay, rank=eigenbasis_rank,
+        lengthen_below=eigenbasis_lengthen_below, min_scale=eigenbasis_min_scale)
   if statistics not in STATISTICS:
     raise ValueError(f'statistics must be one of {STATISTICS}, got {statistics!r}.')
   if statistics == 'kronecker':
@@ -1123,6 +1136,8 @@ def blended_metamd(
     overshoot_scope: str = 'learned',
     eigenbasis_rank: int | None = None,
     sketch_interval: int = 1,
+    eigenbasis_lengthen_below: float | None = None,
+    eigenbasis_min_scale: float = 0.1,
 ) -> optax.GradientTransformation:
   """Blended MetaMD: ``-lr (M^{-1} g + blend_rate K_t^{-1} g) / s_t``.
 
@@ -1165,6 +1180,10 @@ def blended_metamd(
       :func:`scale_by_blended_mirror_descent`).
     sketch_interval: with ``sketch_rank``, the steps between two merges into a sketch (1,
       ``j > 1``, or 0: at the root refreshes; see :func:`scale_by_kronecker_statistics`).
+    eigenbasis_lengthen_below: ``None`` or ``q``: longer first steps where a leaf's first
+      gradient is below ``q`` times its reference norm (see
+      :func:`scale_by_blended_mirror_descent`).
+    eigenbasis_min_scale: the lowest starting scale with ``eigenbasis_lengthen_below``.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -1193,6 +1212,8 @@ def blended_metamd(
                                       sketch_rank=sketch_rank,
                                       overshoot_scope=overshoot_scope,
                                       eigenbasis_rank=eigenbasis_rank,
-                                      sketch_interval=sketch_interval),
+                                      sketch_interval=sketch_interval,
+                                      eigenbasis_lengthen_below=eigenbasis_lengthen_below,
+                                      eigenbasis_min_scale=eigenbasis_min_scale),
       optax.scale_by_learning_rate(learning_rate),
   )

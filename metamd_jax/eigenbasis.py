@@ -101,6 +101,7 @@ __all__ = [
     'eigenbasis_levels',
     'eigenbasis_metamd',
     'leaf_bases',
+    'check_lengthen',
     'scale_by_eigenbasis_mirror_descent',
 ]
 
@@ -348,6 +349,31 @@ class EigenbasisState(NamedTuple):
   scale: Array
 
 
+def check_lengthen(lengthen_below: Any, min_scale: Any, reference_norm: Any
+                   ) -> tuple[float | None, float]:
+  """Validate ``lengthen_below`` and ``min_scale`` (:func:`scale_by_eigenbasis_mirror_descent`).
+
+  Raises:
+    ValueError: naming ``lengthen_below`` unless it is ``None`` or in ``(0, 1]``, or set
+      without a ``reference_norm``; naming ``min_scale`` unless it is in ``(0, 1]``.
+  """
+  def fraction(value, name):
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+        or not 0 < value <= 1):
+      raise ValueError(f'{name} must be a number in (0, 1], got {value!r}.')
+    return float(value)
+
+  min_scale = fraction(min_scale, 'min_scale')
+  if lengthen_below is None:
+    return None, min_scale
+  lengthen_below = fraction(lengthen_below, 'lengthen_below')
+  if reference_norm is None:
+    raise ValueError('lengthen_below compares each leaf\'s first gradient with its '
+                     'reference_norm; pass reference_norm (reference_gradient_norm(..., '
+                     'per_leaf=True)).')
+  return lengthen_below, min_scale
+
+
 def scale_by_eigenbasis_mirror_descent(
     divergence: PyTree,
     levels: Any,
@@ -355,8 +381,24 @@ def scale_by_eigenbasis_mirror_descent(
     *,
     decay: float = 0.9,
     rank: int | None = None,
+    lengthen_below: float | None = None,
+    min_scale: float = 0.1,
 ) -> optax.GradientTransformation:
   """Map gradients to ``U (p / r_t * H * q / k_t) V^T`` per leaf (the module docstring).
+
+  Steps longer than the learned ones (``lengthen_below``). The scales start at 1, so the
+  steps are at most MetaMD's: where a change makes the gradients far smaller than in
+  meta-training (inputs divided by 255), the learned steps are far too short. With
+  ``lengthen_below=q``, each leaf's scales instead start from its first gradient: with
+  ``rho = ||g_1||_{M^{-1}} / c`` (``c`` the leaf's ``reference_norm``), every scale of the
+  leaf (its rows and columns, and its per-leaf scale) starts at
+  ``s_0 = clip(rho / q, min_scale, 1)`` before the first step's running maximum. A leaf
+  whose first gradient is at least ``q`` times its calibrated level starts at 1, exactly
+  as without the option (so in distribution nothing changes); one with a smaller gradient
+  takes steps up to ``1 / s_0^2`` times MetaMD's (``1 / s_0`` on an elementwise leaf).
+  The scales still never decrease after the first step, so the metric is non-decreasing
+  from ``M_1 >= min_scale^2 M`` and the bound of the module docstring holds with
+  ``M_1`` for ``M``; the potential is ``min_scale^2 eps^2``-strongly convex.
 
   Args:
     divergence: a concrete divergence (its inverse factors are eigendecomposed here).
@@ -372,6 +414,10 @@ def scale_by_eigenbasis_mirror_descent(
       longer than ``k`` only its ``k`` longest-step eigendirections keep their own scales
       and the others share one (ranked sides, the module docstring: the step then costs
       one ``m x m`` product, not two).
+    lengthen_below: ``None`` (the scales start at 1) or ``q`` in ``(0, 1]``: start a
+      leaf's scales below 1 when its first gradient is below ``q`` times its reference
+      norm (above; needs ``reference_norm``).
+    min_scale: the lowest starting scale, in ``(0, 1]``, with ``lengthen_below``.
 
   Returns:
     An ``optax.GradientTransformation``; the direction has the sign of the gradient.
@@ -386,6 +432,7 @@ def scale_by_eigenbasis_mirror_descent(
   checked = check_levels(levels, bases64)
   reference_norm = adaptive.check_reference_norms(reference_norm)
   decay = adaptive.check_decay(decay)
+  lengthen_below, min_scale = check_lengthen(lengthen_below, min_scale, reference_norm)
   dtype = jnp.result_type(*jax.tree.leaves(operators))
 
   def cast(basis):
@@ -408,10 +455,25 @@ def scale_by_eigenbasis_mirror_descent(
     leaves, treedef = jax.tree.flatten(updates)
     count = optax.safe_increment(state.count)
     correction = 1 - decay ** count.astype(dtype)
-    directions, averages, scales, totals = [], [], [], []
-    for basis, op, g, average, scale, level in zip(state.bases, operators, leaves,
-                                                  state.averages, state.scales, checked):
-      h, shares = _shares(basis, op, g, dtype)
+    shared = [_shares(basis, op, g, dtype)
+              for basis, op, g in zip(state.bases, operators, leaves)]
+    squared = (jnp.stack([jnp.sum(shares[0]) for _, shares in shared]) if shared
+               else jnp.zeros((0,), dtype))
+    leaf_scale = state.scale
+    starts = [None] * len(leaves)
+    if lengthen_below is not None:
+      ratio = jnp.sqrt(squared) / jnp.asarray(reference_norm, dtype)
+      start = jnp.clip(ratio / lengthen_below, min_scale, 1.0)
+      start = jnp.where(jnp.isfinite(jnp.asarray(reference_norm, dtype)), start, 1.0)
+      start = jnp.where(state.count == 0, start, 1.0).astype(dtype)
+      leaf_scale = jnp.where(state.count == 0, start, state.scale)
+      starts = [start[i] for i in range(len(leaves))]
+    directions, averages, scales = [], [], []
+    for basis, op, g, (h, shares), average, scale, level, first in zip(
+        state.bases, operators, leaves, shared, state.averages, state.scales, checked,
+        starts):
+      if first is not None:
+        scale = tuple(jnp.where(state.count == 0, first, s) for s in scale)
       average = tuple(decay * a + (1 - decay) * x for a, x in zip(average, shares))
       scale = tuple(jnp.maximum(s, jnp.sqrt(a / correction) / jnp.asarray(c, dtype))
                     for s, a, c in zip(scale, average, level))
@@ -427,10 +489,8 @@ def scale_by_eigenbasis_mirror_descent(
       directions.append(direction.astype(g.dtype))
       averages.append(average)
       scales.append(scale)
-      totals.append(jnp.sum(shares[0]))
-    squared = jnp.stack(totals) if totals else jnp.zeros((0,), dtype)
     _, norm_average, leaf_scale = adaptive.update_scale(
-        state.count, state.norm_average, state.scale, squared,
+        state.count, state.norm_average, leaf_scale, squared,
         reference_norm=reference_norm, decay=decay)
     return treedef.unflatten(directions), EigenbasisState(
         state.bases, count, averages, scales, norm_average, leaf_scale)

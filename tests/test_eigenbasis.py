@@ -184,6 +184,101 @@ def test_steps_are_the_dense_metric_of_the_scales_which_never_decreases(x64, opt
     previous = inverse
 
 
+@pytest.mark.parametrize('options', STRUCTURES[:3])
+def test_lengthened_first_steps_are_the_dense_metric_of_the_starting_scales(x64, options):
+  """With ``lengthen_below=q``, each leaf's scales (and its per-leaf scale) start at
+  ``clip(rho / q, min_scale, 1)``, ``rho`` its first gradient's norm in the learned geometry
+  over its reference norm, then follow the running maximum: every update is ``-M_t^{-1}
+  g_t`` for ``M_t`` built in numpy from those scales, ``M_t`` never decreases, and leaves
+  with ``rho >= q`` step as without the option."""
+  params = _tree(1)
+  divergence = _divergence(options, seed=2)
+  bases, _ = eigenbasis.leaf_bases(divergence)
+  rng = np.random.default_rng(4)
+  levels = [tuple(rng.uniform(0.5, 5.0, size) for size in eigenbasis.share_sizes(b))
+            if b.inverse_values is None else (2.0,) for b in bases]
+  grads_list = [_tree(30 + t, scale=1.0 + t) for t in range(5)]
+  first = jax.tree.leaves(grads_list[0])
+  solved = jax.tree.leaves(divergence_lib.solve_metric(divergence, grads_list[0]))
+  norms = np.array([np.sqrt(np.sum(np.asarray(g) * np.asarray(m))) for g, m in
+                    zip(first, solved)])
+  # Per leaf rho = 0.01, 0.06, 3.0: starts clip(rho / 0.2, 0.1, 1) = 0.1, 0.3, 1.
+  rho = np.array([0.01, 0.06, 3.0])[:len(norms)]
+  reference = norms / rho
+  below, floor, decay = 0.2, 0.1, 0.8
+  starts = np.clip(rho / below, floor, 1.0)
+  np.testing.assert_allclose(starts, [0.1, 0.3, 1.0][:len(norms)], rtol=1e-12)
+  optimizer = eigenbasis.scale_by_eigenbasis_mirror_descent(
+      divergence, levels, reference, decay=decay, lengthen_below=below, min_scale=floor)
+  updates, states = _run(optimizer, grads_list, params)
+  plain, plain_states = _run(eigenbasis.scale_by_eigenbasis_mirror_descent(
+      divergence, levels, reference, decay=decay), grads_list, params)
+  metrics = jax.tree.leaves(divergence, is_leaf=divergence_lib.is_metric)
+  averages = [[np.zeros(np.shape(x)) for x in level] for level in levels]
+  expected = [[np.full(np.shape(x), start) for x in level]
+              for level, start in zip(levels, starts)]
+  leaf_average, leaf_scale = np.zeros(len(norms)), starts.copy()
+  previous = None
+  for t, (grads, update, state) in enumerate(zip(grads_list, updates, states), start=1):
+    squared = np.zeros(len(norms))
+    for i, (metric, g) in enumerate(zip(metrics, jax.tree.leaves(grads))):
+      g = np.asarray(g, np.float64)
+      if isinstance(metric, divergence_lib.KroneckerMetric):
+        left, right = _dense_inverse_factors(metric)
+        (p, u), (q, v) = _eigh(left, metric.left), _eigh(right, metric.right)
+        perm = tuple(metric.rows) + tuple(metric.cols)
+        gm = g.transpose(perm).reshape(len(p), len(q))
+        w = p[:, None] * (u.T @ gm @ v) ** 2 * q[None, :]
+        shares = (w.sum(1), w.sum(0))
+      else:
+        values = np.asarray(metric.scale, np.float64).ravel() ** 2 + metric.eps
+        shares = (np.sum(g.ravel() ** 2 / np.broadcast_to(values, (g.size,))),)
+      squared[i] = np.sum(shares[0])
+      for side, share in enumerate(shares):
+        averages[i][side] = decay * averages[i][side] + (1 - decay) * share
+        level = np.sqrt(averages[i][side] / (1 - decay ** t)) / levels[i][side]
+        expected[i][side] = np.maximum(expected[i][side], level)
+        np.testing.assert_allclose(state.scales[i][side], expected[i][side], rtol=1e-9)
+    leaf_average = decay * leaf_average + (1 - decay) * squared
+    leaf_scale = np.maximum(leaf_scale, np.sqrt(leaf_average / (1 - decay ** t)) / reference)
+    np.testing.assert_allclose(state.scale, leaf_scale, rtol=1e-9)
+    inverse = _inverse_metric(divergence, expected, bases)
+    np.testing.assert_allclose(flat(update), inverse @ flat(grads), rtol=1e-8, atol=1e-12)
+    if previous is not None:  # M_t - M_{t-1} >= 0
+      gap = np.linalg.eigvalsh(previous - inverse)
+      assert gap.min() >= -1e-10 * np.abs(gap).max()
+    previous = inverse
+  # The first step: longer than the learned one on the first two leaves, as without the
+  # option on the last (rho above q).
+  ours, theirs = jax.tree.leaves(updates[0]), jax.tree.leaves(plain[0])
+  assert np.linalg.norm(ours[0]) > 1.5 * np.linalg.norm(theirs[0])
+  np.testing.assert_allclose(ours[-1], theirs[-1], rtol=1e-12)
+  assert np.all(np.asarray(plain_states[0].scale) >= 1)
+
+
+def test_lengthen_arguments_are_checked():
+  divergence = _divergence(STRUCTURES[0], seed=8, dtype=jnp.float32)
+  levels = _never(divergence)
+  for value in (0, 1.5, -0.1, True, '0.1', math.nan):
+    with pytest.raises(ValueError, match='lengthen_below must be a number in'):
+      eigenbasis.scale_by_eigenbasis_mirror_descent(divergence, levels, 1.0,
+                                                    lengthen_below=value)
+    with pytest.raises(ValueError, match='min_scale must be a number in'):
+      eigenbasis.scale_by_eigenbasis_mirror_descent(divergence, levels, 1.0,
+                                                    lengthen_below=0.1, min_scale=value)
+  with pytest.raises(ValueError, match='pass reference_norm'):
+    eigenbasis.scale_by_eigenbasis_mirror_descent(divergence, levels, lengthen_below=0.1)
+  with pytest.raises(ValueError, match='eigenbasis learned half is off'):
+    metamd_jax.blended_metamd(divergence, 1.0, 0.1, eigenbasis_lengthen_below=0.1)
+  # A leaf whose reference norm is inf never adapts, and never lengthens either.
+  params = _tree(9)
+  ours, _ = _run(eigenbasis.scale_by_eigenbasis_mirror_descent(
+      divergence, levels, [math.inf] * 3, lengthen_below=1.0), [_tree(50)], params)
+  theirs, _ = _run(metamd_jax.metamd(divergence), [_tree(50)], params)
+  chex.assert_trees_all_close(ours[0], jax.tree.map(lambda x: -x, theirs[0]), rtol=2e-5,
+                              atol=1e-6)
+
+
 @pytest.mark.parametrize('rank', [None, 3])
 def test_calibrated_levels_keep_frozen_steps_on_the_calibration_tasks(rank):
   family = ScaledLeastSquares()
