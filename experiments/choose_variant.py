@@ -256,6 +256,8 @@ for _settings in CANDIDATES.values():  # no momentum unless a candidate names on
   _settings.setdefault('adaptive_restart_shrink', 0.0)
   _settings.setdefault('adaptive_restart_momentum', None)
   _settings.setdefault('adaptive_restart_step_factor', 0.5)
+  _settings.setdefault('adaptive_lengthen_below', None)
+  _settings.setdefault('adaptive_min_scale', 0.1)
 OVERSHOOT = {
     **{f'config_overshoot_{decay}': {'adaptive_overshoot': True,
                                      'adaptive_overshoot_decay': decay}
@@ -297,6 +299,9 @@ OVERSHOOT = {
     **{f'config_sketch_interval_{interval}': {'adaptive_blend_sketch_interval': interval}
        for interval in (0, 1, 2, 4)},
     **{f'config_blend_{rate}': {'adaptive_blend_rate': rate} for rate in (0, 0.03, 0.05, 0.07)},
+    **{f'config_lengthen_{below}_min_{floor}': {'adaptive_lengthen_below': below,
+                                                'adaptive_min_scale': floor}
+       for below in (0.1, 0.3) for floor in (0.01, 0.1)},
     'config_overshoot_step': {'adaptive_overshoot_scope': 'step'},
     **{f'config_eigenbasis_rank_{rank}': {'adaptive_eigenbasis_rank': rank}
        for rank in (0, 16, 32, 64, 128)},
@@ -327,7 +332,10 @@ than ``k`` and one for the rest (``'config_eigenbasis_rank_<k>'``, 16, 32, 64 or
 0: a scale per direction, ``eval.adaptive_eigenbasis_rank``; calibrated at that rank), or
 merge a gradient into the sketches at every step, every 2 or 4 steps or at the roots'
 refreshes only (``'config_sketch_interval_<j>'``, 1, 2, 4 or 0,
-``eval.adaptive_blend_sketch_interval``);
+``eval.adaptive_blend_sketch_interval``), or start a leaf's eigenbasis scales below 1,
+down to ``f``, when its first gradient is below ``q`` times its calibrated level
+(``'config_lengthen_<q>_min_<f>'``, ``eval.adaptive_lengthen_below``,
+``eval.adaptive_min_scale``);
 after :data:`CANDIDATES` in ties."""
 OWN = 'config'
 """The candidate that keeps the config's own ``eval`` settings (always allowed; first in
@@ -664,6 +672,9 @@ def format_choice(result: dict) -> str:
            + (", eval.adaptive_blend_sketch_interval="
               f"{result['adaptive_blend_sketch_interval']}"
               if result.get('adaptive_blend_sketch_interval', 1) != 1 else '')
+           + (f", eval.adaptive_lengthen_below={result['adaptive_lengthen_below']}, "
+              f"eval.adaptive_min_scale={result['adaptive_min_scale']}"
+              if result.get('adaptive_lengthen_below') is not None else '')
            + (', eval.adaptive_overshoot=True, eval.adaptive_overshoot_decay='
               f"{result['adaptive_overshoot_decay']}" if result.get('adaptive_overshoot')
               else '')

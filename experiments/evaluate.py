@@ -78,6 +78,9 @@ def calibrate(config: ml_collections.ConfigDict, divergence: PyTree, family: Tas
           'block_size': ev.get('adaptive_blend_block_size', 0),
           'sketch_rank': ev.get('adaptive_blend_sketch_rank', 0),
           'sketch_interval': ev.get('adaptive_blend_sketch_interval', 1),
+          # Used with the eigenbasis scales on the blended path only.
+          'lengthen_below': ev.get('adaptive_lengthen_below', None) if eigenbasis else None,
+          'min_scale': ev.get('adaptive_min_scale', 0.1),
           'overshoot': ev.get('adaptive_overshoot', False),
           'overshoot_decay': ev.get('adaptive_overshoot_decay', 0.5),
           # None: the roots on their schedule alone; no cap.
@@ -138,6 +141,7 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
                      'with the same config.')
   overshoot = ev.get('adaptive_overshoot', False)
   first_momentum = ev.get('adaptive_momentum', 0.0)
+  lengthen = ev.get('adaptive_lengthen_below', None)
 
   def build(blend_rate, momentum=first_momentum, step_factor=DEFAULT_STEP_FACTOR):
     if ev.adaptive_blend_rate > 0 or overshoot:
@@ -153,7 +157,9 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
           refresh_growth=ev.get('adaptive_refresh_growth', math.inf),
           overshoot_cap=ev.get('adaptive_overshoot_cap', math.inf) if overshoot else None,
           overshoot_scope=ev.get('adaptive_overshoot_scope', 'learned'),
-          eigenbasis_rank=rank if levels is not None else None)
+          eigenbasis_rank=rank if levels is not None else None,
+          eigenbasis_lengthen_below=lengthen if levels is not None else None,
+          eigenbasis_min_scale=ev.get('adaptive_min_scale', 0.1))
     elif levels is not None:
       optimizer = eigenbasis_lib.eigenbasis_metamd(divergence, levels,
                                                    decay=ev.adaptive_decay, rank=rank)

@@ -85,7 +85,9 @@ def test_compare_runs_validation_tasks_only_and_applies_the_rule(tmp_path, monke
                                       'adaptive_restart_growth': 0.0,
                                       'adaptive_restart_shrink': 0.0,
                                       'adaptive_restart_momentum': None,
-                                      'adaptive_restart_step_factor': 0.5}
+                                      'adaptive_restart_step_factor': 0.5,
+                                      'adaptive_lengthen_below': None,
+                                      'adaptive_min_scale': 0.1}
   monkeypatch.setattr(choose_variant, 'CANDIDATES', candidates)
   result = choose_variant.compare(config, tmp_path, divergence)
 
@@ -206,7 +208,8 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
         'adaptive_overshoot_scope': 'learned',
         'adaptive_restarts': False, 'adaptive_restart_growth': 0.0,
         'adaptive_restart_shrink': 0.0, 'adaptive_restart_momentum': None,
-        'adaptive_restart_step_factor': 0.5}, name
+        'adaptive_restart_step_factor': 0.5, 'adaptive_lengthen_below': None,
+        'adaptive_min_scale': 0.1}, name
   assert all(settings['adaptive_momentum'] == 0.0 for name, settings in
              choose_variant.CANDIDATES.items() if 'nesterov' not in name)
   assert choose_variant.CANDIDATES['eigen_kron_0.1_nesterov_0.5_online_0.5'] == {
@@ -321,6 +324,13 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
   for rate in (0, 0.03, 0.05, 0.07):
     assert choose_variant.settings_of(config, f'config_blend_{rate}') == {
         **own, 'adaptive_blend_rate': rate}
+  # ... or starting a leaf's eigenbasis scales below 1 after a small first gradient (the
+  # default: 0.3 and 0.1).
+  assert (own['adaptive_lengthen_below'], own['adaptive_min_scale']) == (0.3, 0.1)
+  for below in (0.1, 0.3):
+    for floor in (0.01, 0.1):
+      assert choose_variant.settings_of(config, f'config_lengthen_{below}_min_{floor}') == {
+          **own, 'adaptive_lengthen_below': below, 'adaptive_min_scale': floor}
   # Ties: the config first, the overshoot candidates after every other one.
   assert choose_variant.check_candidates(
       ['config_overshoot_0.5', 'eigen', 'config', 'config_overshoot_0.0']) == (

@@ -194,6 +194,34 @@ def test_eigenbasis_calibration_gives_levels_per_eigendirection(setup):
   optimizer = evaluate.adaptive_optimizer(config, divergence, result)
   state = optimizer.init(meta_test_family.init_params())
   assert isinstance(state[0][0].adaptive, metamd_jax.eigenbasis.EigenbasisState)
+  # eval.adaptive_lengthen_below (0.3 with 0.1 in the default): the library's blended
+  # MetaMD with those settings; a first gradient 1000 times smaller than in distribution
+  # takes longer steps than with the option off.
+  assert (config.eval.adaptive_lengthen_below, config.eval.adaptive_min_scale) == (0.3, 0.1)
+  assert result['lengthen_below'] == 0.3
+  params = meta_test_family.init_params()
+  tiny_grads = jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), params)
+
+  def first(optimizer):
+    return optimizer.update(tiny_grads, optimizer.init(params), params)[0]
+
+  ev = config.eval
+  library = metamd_jax.blended_metamd(
+      divergence, result['reference_norm'], ev.adaptive_blend_rate, decay=ev.adaptive_decay,
+      per_leaf=True, statistics=ev.adaptive_blend_statistics,
+      eigenbasis_levels=result['eigenbasis_levels'], online_power=ev.adaptive_online_power,
+      sketch_rank=ev.adaptive_blend_sketch_rank or None,
+      sketch_interval=ev.adaptive_blend_sketch_interval,
+      overshoot_decay=ev.adaptive_overshoot_decay, refresh_growth=ev.adaptive_refresh_growth,
+      overshoot_cap=ev.adaptive_overshoot_cap, eigenbasis_lengthen_below=0.3,
+      eigenbasis_min_scale=0.1)
+  ours = first(evaluate.adaptive_optimizer(config, divergence, result))
+  chex.assert_trees_all_close(ours, first(optax.chain(
+      library, metamd_jax.nesterov_momentum(ev.adaptive_momentum))), rtol=1e-5, atol=1e-9)
+  config.eval.adaptive_lengthen_below = None
+  off = first(evaluate.adaptive_optimizer(config, divergence, result))
+  assert optax.global_norm(ours) > 2 * optax.global_norm(off)
+  config.eval.adaptive_lengthen_below = 0.3
   config.eval.adaptive_blend_rate = 0.0
   # With the overshoot check (the default) blended MetaMD at rate 0 carries it.
   assert config.eval.adaptive_overshoot
@@ -347,6 +375,10 @@ def test_shifted_families_are_shifted(setup):
     ('eval.adaptive_overshoot_cap', 0.5),
     ('eval.adaptive_overshoot_cap', float('nan')),
     ('eval.adaptive_overshoot_cap', 0.0),
+    ('eval.adaptive_lengthen_below', 0.0),
+    ('eval.adaptive_lengthen_below', 1.5),
+    ('eval.adaptive_min_scale', 0.0),
+    ('eval.adaptive_min_scale', 2.0),
 ])
 def test_bad_adaptive_and_shift_values_name_the_field(field, value):
   config = tiny.get_config()
