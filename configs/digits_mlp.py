@@ -30,6 +30,9 @@ def get_config():
   # One scale per eigendirection of the learned factors (as the default): 7 of 8 checks
   # against 5 of 8 with one scale per leaf (experiments/RESULTS.md section 13).
   config.eval.adaptive_eigenbasis = True
+  # Longer first steps where a leaf's first gradient is far below its level: chosen for
+  # the MNIST MLP only (experiments/RESULTS.md section 36); not judged on this family.
+  config.eval.adaptive_lengthen_below = None
   # The overshoot check (as the default): at the blend rate 0.1, 6 of 8 checks against 4
   # of 8 without it, over the decays 0, 0.5 and 0.8 (experiments/RESULTS.md section 17;
   # 0.5 then).
