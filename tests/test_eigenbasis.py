@@ -117,6 +117,22 @@ def _leaf_inverse_metric(metric, scales, kept=(None, None)):
   return full
 
 
+def _numpy_shares(metric, g, kept=(None, None)):
+  """A leaf's shares of ``||g||^2_{M^{-1}}`` in float64: per row and column of the learned
+  eigenbasis for a Kronecker leaf (a ranked side's rest grouped), the whole sum for an
+  elementwise one."""
+  g = np.asarray(g, np.float64)
+  if isinstance(metric, divergence_lib.KroneckerMetric):
+    left, right = _dense_inverse_factors(metric)
+    (p, u), (q, v) = _eigh(left, metric.left), _eigh(right, metric.right)
+    perm = tuple(metric.rows) + tuple(metric.cols)
+    gm = g.transpose(perm).reshape(len(p), len(q))
+    w = p[:, None] * (u.T @ gm @ v) ** 2 * q[None, :]
+    return _grouped(w.sum(1), kept[0]), _grouped(w.sum(0), kept[1])
+  values = np.asarray(metric.scale, np.float64).ravel() ** 2 + metric.eps
+  return (np.sum(g.ravel() ** 2 / np.broadcast_to(values, (g.size,))),)
+
+
 def _inverse_metric(divergence, scales, bases):
   blocks = [_leaf_inverse_metric(m, s, _kept(b)) for m, s, b in zip(
       jax.tree.leaves(divergence, is_leaf=divergence_lib.is_metric), scales, bases)]
@@ -158,18 +174,7 @@ def test_steps_are_the_dense_metric_of_the_scales_which_never_decreases(x64, opt
   for t, (grads, update, state) in enumerate(zip(grads_list, updates, states), start=1):
     state = state[0]  # the chain's first transformation
     for i, (metric, g) in enumerate(zip(metrics, jax.tree.leaves(grads))):
-      g = np.asarray(g, np.float64)
-      if isinstance(metric, divergence_lib.KroneckerMetric):
-        left, right = _dense_inverse_factors(metric)
-        (p, u), (q, v) = _eigh(left, metric.left), _eigh(right, metric.right)
-        perm = tuple(metric.rows) + tuple(metric.cols)
-        gm = g.transpose(perm).reshape(len(p), len(q))
-        w = p[:, None] * (u.T @ gm @ v) ** 2 * q[None, :]
-        kept = _kept(bases[i])
-        shares = (_grouped(w.sum(1), kept[0]), _grouped(w.sum(0), kept[1]))
-      else:
-        values = np.asarray(metric.scale, np.float64).ravel() ** 2 + metric.eps
-        shares = (np.sum(g.ravel() ** 2 / np.broadcast_to(values, (g.size,))),)
+      shares = _numpy_shares(metric, g, _kept(bases[i]))
       for side, share in enumerate(shares):
         averages[i][side] = decay * averages[i][side] + (1 - decay) * share
         level = np.sqrt(averages[i][side] / (1 - decay ** t)) / levels[i][side]
@@ -222,17 +227,7 @@ def test_lengthened_first_steps_are_the_dense_metric_of_the_starting_scales(x64,
   for t, (grads, update, state) in enumerate(zip(grads_list, updates, states), start=1):
     squared = np.zeros(len(norms))
     for i, (metric, g) in enumerate(zip(metrics, jax.tree.leaves(grads))):
-      g = np.asarray(g, np.float64)
-      if isinstance(metric, divergence_lib.KroneckerMetric):
-        left, right = _dense_inverse_factors(metric)
-        (p, u), (q, v) = _eigh(left, metric.left), _eigh(right, metric.right)
-        perm = tuple(metric.rows) + tuple(metric.cols)
-        gm = g.transpose(perm).reshape(len(p), len(q))
-        w = p[:, None] * (u.T @ gm @ v) ** 2 * q[None, :]
-        shares = (w.sum(1), w.sum(0))
-      else:
-        values = np.asarray(metric.scale, np.float64).ravel() ** 2 + metric.eps
-        shares = (np.sum(g.ravel() ** 2 / np.broadcast_to(values, (g.size,))),)
+      shares = _numpy_shares(metric, g)
       squared[i] = np.sum(shares[0])
       for side, share in enumerate(shares):
         averages[i][side] = decay * averages[i][side] + (1 - decay) * share
