@@ -125,7 +125,9 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
   and with ``eval.adaptive_restart_momentum`` the epochs longer than the horizon (``L >
   1``) taking that momentum and ``eval.adaptive_restart_step_factor``; the eigenbasis
   scales (``eval.adaptive_eigenbasis``) ranked at ``eval.adaptive_eigenbasis_rank`` when
-  it is positive (the calibration's levels must have that rank);
+  it is positive (the calibration's levels must have that rank), and, on the blended path
+  with those scales, ``eval.adaptive_lengthen_below`` and ``eval.adaptive_min_scale``
+  (a leaf whose first gradient is far below its level starts its scales below 1);
   ``None`` when calibration failed or is off."""
   if adaptive is None or adaptive['reference_norm'] is None:
     return None

@@ -98,10 +98,10 @@ from metamd_jax.types import Array, PyTree
 __all__ = [
     'EigenbasisState',
     'LeafBasis',
+    'check_lengthen',
     'eigenbasis_levels',
     'eigenbasis_metamd',
     'leaf_bases',
-    'check_lengthen',
     'scale_by_eigenbasis_mirror_descent',
 ]
 
@@ -393,8 +393,8 @@ def scale_by_eigenbasis_mirror_descent(
   ``rho = ||g_1||_{M^{-1}} / c`` (``c`` the leaf's ``reference_norm``), every scale of the
   leaf (its rows and columns, and its per-leaf scale) starts at
   ``s_0 = clip(rho / q, min_scale, 1)`` before the first step's running maximum. A leaf
-  whose first gradient is at least ``q`` times its calibrated level starts at 1, exactly
-  as without the option (so in distribution nothing changes); one with a smaller gradient
+  whose first gradient is at least ``q`` times its calibrated level starts at 1 and steps
+  exactly as without the option; one with a smaller gradient
   takes steps up to ``1 / s_0^2`` times MetaMD's (``1 / s_0`` on an elementwise leaf).
   The scales still never decrease after the first step, so the metric is non-decreasing
   from ``M_1 >= min_scale^2 M`` and the bound of the module docstring holds with
