@@ -305,14 +305,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                                   'adaptive_blend_sketch_interval': 1}.get(name, 0))
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
       _fail(f'eval.{name}', value, f'must be an int >= {minimum}{zero}')
-  lengthen = evaluation.get('adaptive_lengthen_below', None)
-  for name, value in (('adaptive_lengthen_below', lengthen),
-                      ('adaptive_min_scale', evaluation.get('adaptive_min_scale', 0.1))):
-    if value is None and name == 'adaptive_lengthen_below':
-      continue
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-      _fail(f'eval.{name}', value, 'must be a number in (0, 1]'
-            + (' or None (the scales start at 1)' if name == 'adaptive_lengthen_below' else ''))
+  for name, default, allowed in (('adaptive_lengthen_below', None,
+                                  ' or None (the scales start at 1)'),
+                                 ('adaptive_min_scale', 0.1, '')):
+    value = evaluation.get(name, default)
+    if value is not None or not allowed:
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        _fail(f'eval.{name}', value, f'must be a number in (0, 1]{allowed}')
   if evaluation.get('adaptive_blend_sketch_rank', 0) and \
       evaluation.get('adaptive_blend_block_size', 0):
     _fail('eval.adaptive_blend_sketch_rank', evaluation.adaptive_blend_sketch_rank,
