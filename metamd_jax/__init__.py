@@ -33,6 +33,11 @@ from metamd_jax.eigenbasis import (
     scale_by_eigenbasis_mirror_descent,
 )
 from metamd_jax.inner_loop import AdaptiveRollout, Rollout, adaptive_rollout, rollout
+from metamd_jax.low_rank import (
+    ScaleByLowRankMirrorDescentState,
+    low_rank_metamd,
+    scale_by_low_rank_mirror_descent,
+)
 from metamd_jax.meta_train import FitResult, MetaTrainState, fit
 from metamd_jax.mirror import mirror_step
 from metamd_jax.objectives import MetaGradient, meta_gradient, unrolled_loss
@@ -65,6 +70,7 @@ __all__ = (
     'ScalarMetric',
     'ScaleByAdaptiveMirrorDescentState',
     'ScaleByBlendedMirrorDescentState',
+    'ScaleByLowRankMirrorDescentState',
     'ScaleByMirrorDescentState',
     'Task',
     'TaskFamily',
@@ -78,6 +84,7 @@ __all__ = (
     'check_structure',
     'convergence_bound',
     'doubling_restarts',
+    'low_rank_metamd',
     'eigenbasis_levels',
     'eigenbasis_metamd',
     'fit',
@@ -94,6 +101,7 @@ __all__ = (
     'scale_by_adaptive_mirror_descent',
     'scale_by_blended_mirror_descent',
     'scale_by_eigenbasis_mirror_descent',
+    'scale_by_low_rank_mirror_descent',
     'scale_by_mirror_descent',
     'strong_convexity',
     'unrolled_loss',

@@ -22,6 +22,8 @@ Usage (from the repository root)::
       --set adaptive_blend_statistics=peak_average --set adaptive_blend_rate=0.003
   python -m scripts.benchmark_wall_clock ... --horizon-multiplier 10   # runs of 10 T steps
   python -m scripts.benchmark_wall_clock ... --run-lengths 1,2,4,8,16,32,100
+  python -m scripts.benchmark_wall_clock ... --optimizers adam,metamd,metamd_rank_64 \
+      --tasks validation
 
 ``--set FIELD=VALUE`` changes one ``eval.adaptive_*`` setting of adaptive MetaMD (its blend
 and momentum; the calibrated reference norm is the stored one, which does not depend on
@@ -40,6 +42,16 @@ The seconds to Adam's loss are the steps to it times the mean seconds per step o
 early. ``--elapsed`` also times, per task, a run stopped at the step where that task
 reaches Adam's loss (compiled per step count; the median of ``--repeats`` runs):
 ``elapsed_seconds_to_reference_final_loss`` and its fraction of Adam's ``T``-step time.
+
+``metamd_rank_<r>`` and ``metamd_rank_<r>_<fill>`` (``fill`` one of
+:data:`metamd_jax.low_rank.FILLS`, ``'min'`` when left out) time frozen MetaMD with each
+dense factor longer than ``r`` at rank ``r`` plus a level (:func:`metamd_jax.low_rank_metamd`):
+the learned divergence's cheaper step on a wide layer.
+
+``--tasks validation`` runs the meta-train family's validation tasks
+(:func:`metamd_jax.evaluation.tuning_tasks`, ``eval.num_validation_tasks`` of them, as
+:mod:`experiments.choose_variant` does) instead of the held-out tasks: the figures a choice
+(such as the rank above) is made on.
 
 ``--run-lengths 1,2,4,8,16,32`` also times, per optimiser, runs of each of these step counts
 on every task (timed as the ``T``-step runs; the mean over the tasks of each task's median),
@@ -73,7 +85,7 @@ from experiments import (  # noqa: E402
     protocol,
 )
 from experiments.benchmark_setup import ADAPTIVE  # noqa: E402
-from metamd_jax import blended, evaluation  # noqa: E402
+from metamd_jax import blended, evaluation, low_rank  # noqa: E402
 from scripts import timing  # noqa: E402
 from scripts.benchmark_parallel import load_config  # noqa: E402
 
@@ -169,11 +181,31 @@ def parse_settings(pairs: list[str]) -> dict:
   return settings
 
 
+_LOW_RANK = 'metamd_rank_'
+TASKS = ('held_out', 'validation')
+
+
+def low_rank_settings(name: str) -> tuple[int, str] | None:
+  """``(rank, fill)`` of a ``metamd_rank_<r>[_<fill>]`` name, ``None`` for another name;
+  exits naming a bad rank or fill."""
+  if not name.startswith(_LOW_RANK):
+    return None
+  rank, _, fill = name[len(_LOW_RANK):].partition('_')
+  if not rank.isdigit() or int(rank) < 1:
+    _fail(f'{name!r}: the rank after {_LOW_RANK!r} must be an integer >= 1.')
+  fill = fill or 'min'
+  if fill not in low_rank.FILLS:
+    _fail(f'{name!r}: the fill must be one of {low_rank.FILLS}.')
+  return int(rank), fill
+
+
 def build_optimizer(name: str, family_cfg, stored: dict, divergence, changed=()):
   """Optimiser ``name`` as the benchmark built it (stored learning rate or calibration);
   ``changed``: the ``eval`` fields set on purpose, not checked against the stored ones."""
   if name == 'metamd':
     return metamd_jax.metamd(divergence)
+  if (settings := low_rank_settings(name)) is not None:
+    return metamd_jax.low_rank_metamd(divergence, settings[0], fill=settings[1])
   if name == ADAPTIVE:
     adaptive = stored.get('adaptive')
     for recorded, field in _CALIBRATION_FIELDS.items():
@@ -301,7 +333,7 @@ def format_table(rows: dict, reference: str, horizon: int) -> str:
 def wall_clock(config, family: str, workdir, results, optimizers=DEFAULT_OPTIMIZERS, *,
                repeats: int = 3, num_tasks: int | None = None, settings: dict | None = None,
                json_path=None, elapsed: bool = False, horizon_multiplier: int = 1,
-               run_lengths=()) -> dict:
+               run_lengths=(), tasks: str = 'held_out') -> dict:
   """Re-time the held-out runs of ``family`` from a finished benchmark (module docstring).
 
   Args:
@@ -309,10 +341,11 @@ def wall_clock(config, family: str, workdir, results, optimizers=DEFAULT_OPTIMIZ
     family: a family of ``config.families``.
     workdir: the benchmark's workdir (``<workdir>/<family>/metamd/divergence.npz``).
     results: its ``results.json``.
-    optimizers: names: ``metamd``, ``metamd_adaptive`` or baselines; the reference
-      (``config.reference``) always runs, first.
+    optimizers: names: ``metamd``, ``metamd_rank_<r>[_<fill>]``, ``metamd_adaptive`` or
+      baselines; the reference (``config.reference``) always runs, first.
     repeats: timed runs per task.
-    num_tasks: held-out tasks (default: the config's).
+    num_tasks: tasks (default: the config's ``eval.num_tasks`` held-out tasks or
+      ``eval.num_validation_tasks`` validation tasks).
     settings: ``eval.adaptive_*`` fields changed for adaptive MetaMD (``--set``).
     json_path: also write the figures there, after every optimiser.
     elapsed: also time, per task, a run stopped where it reaches the reference's loss
@@ -321,6 +354,8 @@ def wall_clock(config, family: str, workdir, results, optimizers=DEFAULT_OPTIMIZ
       ``m T``-step loss (the stored steps, which are for ``T``, are then not compared).
     run_lengths: step counts ``n >= 1``: also time runs of each (``run_length_seconds``,
       :func:`run_length_seconds`).
+    tasks: ``'held_out'`` (the benchmark's) or ``'validation'`` (the meta-train family's
+      validation tasks, where choices are made).
 
   Returns:
     ``{'family', 'horizon', 'num_tasks', 'reference', 'repeats', 'settings', 'device',
@@ -329,9 +364,12 @@ def wall_clock(config, family: str, workdir, results, optimizers=DEFAULT_OPTIMIZ
     recorded in ``errors``.
   """
   for name in optimizers:
-    if name not in ('metamd', ADAPTIVE, *builders.BASELINES):
+    if name not in ('metamd', ADAPTIVE, *builders.BASELINES) and \
+        low_rank_settings(name) is None:
       _fail(f'--optimizers names {name!r}: neither metamd, {ADAPTIVE} nor a baseline '
-            f'({", ".join(builders.BASELINES)}).')
+            f'({", ".join(builders.BASELINES)}), nor {_LOW_RANK}<r>[_<fill>].')
+  if tasks not in TASKS:
+    _fail(f'--tasks must be one of {TASKS}, got {tasks!r}.')
   settings = dict(settings or {})
   run_lengths = check_run_lengths(run_lengths)
   family_cfg = benchmark_setup.family_config(config, family)
@@ -345,20 +383,25 @@ def wall_clock(config, family: str, workdir, results, optimizers=DEFAULT_OPTIMIZ
           f'{workdir} first).')
   divergence, _ = metamd_jax.load_divergence(path)
 
-  _, test_family = builders.build_families(family_cfg)
+  train_family, test_family = builders.build_families(family_cfg)
   metamd_jax.artifact.check_compatible(divergence, test_family.init_params())
-  num_tasks = num_tasks or family_cfg.eval.num_tasks
-  tasks = evaluation.held_out_tasks(test_family, family_cfg.seed, num_tasks)
+  if tasks == 'validation':  # the meta-train family's, as experiments.choose_variant
+    test_family = train_family
+    num_tasks = num_tasks or builders.num_validation_tasks(family_cfg.eval)
+    task_batch = evaluation.tuning_tasks(train_family, family_cfg.seed, num_tasks)
+  else:
+    num_tasks = num_tasks or family_cfg.eval.num_tasks
+    task_batch = evaluation.held_out_tasks(test_family, family_cfg.seed, num_tasks)
   if isinstance(horizon_multiplier, bool) or not isinstance(horizon_multiplier, int) \
       or horizon_multiplier < 1:
     _fail(f'--horizon-multiplier must be an int >= 1, got {horizon_multiplier!r}.')
   horizon = family_cfg.meta.horizon * horizon_multiplier
   env = timing.environment()
   print(timing.describe_environment(env))
-  print(f'family {family}, {num_tasks} held-out tasks, T = {horizon}, '
+  print(f"family {family}, {num_tasks} {tasks.replace('_', '-')} tasks, T = {horizon}, "
         f'{repeats} timed runs per task', flush=True)
   payload = {'family': family, 'horizon': horizon, 'horizon_multiplier': horizon_multiplier,
-             'num_tasks': num_tasks,
+             'num_tasks': num_tasks, 'tasks': tasks,
              'reference': reference, 'repeats': repeats, 'settings': settings,
              'device': str(jax.devices()[0]), 'environment': env, 'optimizers': {},
              'errors': {}}
@@ -366,7 +409,7 @@ def wall_clock(config, family: str, workdir, results, optimizers=DEFAULT_OPTIMIZ
   for name in dict.fromkeys([reference, *optimizers]):  # the reference first
     try:
       optimizer = build_optimizer(name, family_cfg, stored, divergence, tuple(settings))
-      run, seconds, first = measure_one(optimizer, test_family, tasks, horizon, repeats)
+      run, seconds, first = measure_one(optimizer, test_family, task_batch, horizon, repeats)
     except Exception as error:  # noqa: BLE001 - an optional baseline's library can fail here
       if name == reference:
         raise
@@ -378,14 +421,15 @@ def wall_clock(config, family: str, workdir, results, optimizers=DEFAULT_OPTIMIZ
       reference_seconds = float(np.mean(seconds))
     stopped = None
     if elapsed:
-      stopped = benchmark_runs.elapsed_to(optimizer, test_family, tasks, run, target,
+      stopped = benchmark_runs.elapsed_to(optimizer, test_family, task_batch, run, target,
                                           repeats)
     payload['optimizers'][name] = row(run, seconds, first, horizon, target, reference_seconds,
                                       reference, stored['optimizers'].get(name, {})
-                                      if horizon_multiplier == 1 else {}, stopped)
+                                      if horizon_multiplier == 1 and tasks == 'held_out'
+                                      else {}, stopped)
     if run_lengths:
       payload['optimizers'][name]['run_length_seconds'] = run_length_seconds(
-          optimizer, test_family, tasks, run_lengths, repeats)
+          optimizer, test_family, task_batch, run_lengths, repeats)
     print(f'{name}: {np.mean(seconds):.4f} s for {horizon} steps (first call {first:.1f} s)',
           flush=True)
     if json_path:  # after every optimiser, so a run stopped early keeps what it measured
@@ -408,7 +452,9 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument('--optimizers', default=','.join(DEFAULT_OPTIMIZERS))
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--num-tasks', type=int, default=None,
-                      help="held-out tasks (default: the benchmark config's)")
+                      help="tasks (default: the benchmark config's)")
+  parser.add_argument('--tasks', default='held_out', choices=TASKS,
+                      help='the held-out tasks (default) or the validation tasks')
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
                       help=f'change one adaptive setting, one of {", ".join(_SETTABLE)}')
   parser.add_argument('--json', default=None, help='also write the figures here')
@@ -434,7 +480,8 @@ def main(argv: list[str] | None = None) -> dict:
                     [n for n in args.optimizers.split(',') if n], repeats=args.repeats,
                     num_tasks=args.num_tasks, settings=parse_settings(args.set),
                     json_path=args.json, elapsed=args.elapsed,
-                    horizon_multiplier=args.horizon_multiplier, run_lengths=run_lengths)
+                    horizon_multiplier=args.horizon_multiplier, run_lengths=run_lengths,
+                    tasks=args.tasks)
 
 
 if __name__ == '__main__':

@@ -152,9 +152,45 @@ def test_quick_benchmark_writes_documented_results(tmp_path, capsys, monkeypatch
   for suffix in ('loss_vs_step', 'loss_vs_time', 'beyond_horizon', 'robustness'):
     assert (tmp_path / f'tiny_{suffix}.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   _check_wall_clock(config, tmp_path, family)
+  _check_low_rank_on_validation_tasks(config, tmp_path, monkeypatch)
   _check_elapsed(config, tmp_path, monkeypatch, capsys)
   _check_longer_runs(config, tmp_path, monkeypatch)
   _check_run_lengths(config, tmp_path, monkeypatch, capsys)
+
+
+def _check_low_rank_on_validation_tasks(config, workdir, monkeypatch):
+  """``metamd_rank_<r>[_<fill>]`` times frozen MetaMD at rank ``r``, and
+  ``tasks='validation'`` runs the meta-train family's validation tasks: every row is a plain
+  run of that optimiser on those tasks, and the stored (held-out) steps are not compared."""
+  monkeypatch.setattr(benchmark_runs, 'time_runs', lambda optimizer, family, tasks, steps,
+                      repeats: np.full(jax.tree.leaves(tasks)[0].shape[0], 1e-3 * steps))
+  figures = benchmark_wall_clock.wall_clock(
+      config, 'tiny', workdir, workdir / 'results.json', ['metamd_rank_1', 'metamd_rank_2_max'],
+      repeats=1, tasks='validation')
+  family_cfg = benchmark_setup.family_config(config, 'tiny')
+  train_family, _ = builders.build_families(family_cfg)
+  num_tasks = builders.num_validation_tasks(family_cfg.eval)
+  assert figures['tasks'] == 'validation' and figures['num_tasks'] == num_tasks
+  tasks = evaluation.tuning_tasks(train_family, family_cfg.seed, num_tasks)
+  divergence, _ = metamd_jax.load_divergence(workdir / 'tiny' / 'metamd' / 'divergence.npz')
+  stored = json.loads((workdir / 'results.json').read_text())['families']['tiny']
+  plain = {'adam': optax.adam(stored['optimizers']['adam']['learning_rate']),
+           'metamd_rank_1': metamd_jax.low_rank_metamd(divergence, 1),
+           'metamd_rank_2_max': metamd_jax.low_rank_metamd(divergence, 2, fill='max')}
+  assert list(figures['optimizers']) == list(plain)
+  for name, optimizer in plain.items():
+    run = evaluation.run(optimizer, train_family, tasks, family_cfg.meta.horizon, track_every=1)
+    row = figures['optimizers'][name]
+    assert row['final_train_loss'] == pytest.approx(
+        float(np.mean(evaluation.final_train_loss(run.train_losses))), rel=1e-5), name
+    assert row['stored_steps_to_reference_final_loss'] is None, name
+  for bad, message in (('metamd_rank_0', 'integer >= 1'), ('metamd_rank_x', 'integer >= 1'),
+                       ('metamd_rank_4_median', 'fill must be one of')):
+    with pytest.raises(SystemExit, match=message):
+      benchmark_wall_clock.wall_clock(config, 'tiny', workdir, workdir / 'results.json', [bad])
+  with pytest.raises(SystemExit, match='--tasks must be one of'):
+    benchmark_wall_clock.wall_clock(config, 'tiny', workdir, workdir / 'results.json',
+                                    ['metamd'], tasks='test')
 
 
 def _check_run_lengths(config, workdir, monkeypatch, capsys):
