@@ -168,6 +168,12 @@ def get_config() -> ml_collections.ConfigDict:
   # families' configs keep it off.
   evaluation.adaptive_lengthen_below = 0.3
   evaluation.adaptive_min_scale = 0.1
+  # Frozen MetaMD at low rank (metamd_jax.low_rank_metamd; the benchmark's row
+  # 'metamd_low_rank'): each dense factor longer than frozen_rank keeps its frozen_rank
+  # longest steps exactly and gives every other direction one level, frozen_rank_fill
+  # ('min': no step longer than the learned one's). None: no such row.
+  evaluation.frozen_rank = None
+  evaluation.frozen_rank_fill = 'min'
   # The online half of the blend is divided by the learned scale to this power, in [0, 1]
   # (1: shortened as the learned half is; 0: never). Chosen with experiments.choose_variant
   # on validation tasks over 0, 0.5 and 1 (experiments/RESULTS.md section 14): 0.5.

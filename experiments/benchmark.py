@@ -19,7 +19,9 @@ resolved and checked by :mod:`experiments.benchmark_setup`):
    :func:`metamd_jax.adaptive_metamd`: the MetaMD divergence, its reference norm
    calibrated on the meta-train tuning tasks by :func:`experiments.evaluate.calibrate`,
    recorded as ``result['adaptive']``) joins as one more learned optimiser in every
-   comparison below (left out, with a warning, when the calibration diverges);
+   comparison below (left out, with a warning, when the calibration diverges); with the
+   family's ``eval.frozen_rank``, so does ``'metamd_low_rank'`` (the MetaMD divergence with
+   each longer factor at that rank plus a level, :func:`metamd_jax.low_rank_metamd`);
 3. train every optimiser on the same held-out tasks
    (:func:`metamd_jax.evaluation.held_out_tasks`) for ``T`` steps, recording the loss on
    each task's whole training set after every step; separately, each run is compiled once
@@ -88,7 +90,7 @@ from experiments import (  # noqa: E402
     protocol,
     report,
 )
-from experiments.benchmark_setup import ADAPTIVE  # noqa: E402
+from experiments.benchmark_setup import ADAPTIVE, LOW_RANK  # noqa: E402
 from metamd_jax import evaluation  # noqa: E402
 from metamd_jax.tasks import ClassificationFamily, LeastSquaresFamily  # noqa: E402
 
@@ -165,7 +167,11 @@ def benchmark_family(config: ml_collections.ConfigDict, name: str, workdir: path
     if (adaptive_metamd := evaluate.adaptive_optimizer(family_cfg, learned['metamd'],
                                                         adaptive)) is not None:
       optimizers[ADAPTIVE] = adaptive_metamd
-  learned_names = list(optimizers)  # the learned variants, then adaptive MetaMD
+  # Frozen MetaMD at low rank (eval.frozen_rank, where the family's config sets it).
+  if 'metamd' in learned and ev.get('frozen_rank', None) is not None:
+    optimizers[LOW_RANK] = metamd_jax.low_rank_metamd(learned['metamd'], ev.frozen_rank,
+                                                      fill=ev.get('frozen_rank_fill', 'min'))
+  learned_names = list(optimizers)  # the learned variants, adaptive and low-rank MetaMD
   optimizers.update({b: builders.BASELINES[b](lr) for b, lr in learning_rates.items()
                      if lr is not None})
   rates = {opt: learning_rates.get(opt) for opt in optimizers}  # None: learned

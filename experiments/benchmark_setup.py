@@ -26,6 +26,9 @@ _HELDOUT_FITS = {
     'mnist1d': ('MNIST-1D from another generator', ('mnist1d',)),
 }
 ADAPTIVE = 'metamd_adaptive'
+LOW_RANK = 'metamd_low_rank'
+"""Frozen MetaMD with each long factor at rank ``eval.frozen_rank`` plus a level
+(:func:`metamd_jax.low_rank_metamd`), where a family's config sets it: the cheaper step."""
 """Adaptive MetaMD's name: the learned ``metamd`` divergence, its scale calibrated."""
 SHIFTS = tuple(name for name in builders.SHIFTS if name != 'heldout_text')
 """The shifts of :data:`experiments.builders.SHIFTS` a classification family takes."""
@@ -132,14 +135,15 @@ def _validate_shifts(config: ml_collections.ConfigDict, field: str) -> None:
 
 def _validate_robustness_optimizers(config: ml_collections.ConfigDict) -> None:
   names = config.robustness_optimizers
-  known = (*config.variants, ADAPTIVE, *builders.BASELINES)
+  known = (*config.variants, ADAPTIVE, LOW_RANK, *builders.BASELINES)
   if isinstance(names, str) or not isinstance(names, (tuple, list)):
     raise ValueError(f'config.robustness_optimizers must be a tuple of optimiser names '
                      f'from {known}, got {names!r}.')
   for name in names:
     if name not in known:
       raise ValueError(f'config.robustness_optimizers names {name!r}, which is neither a '
-                       f'learned variant ({tuple(config.variants)}), {ADAPTIVE!r} nor a '
+                       f'learned variant ({tuple(config.variants)}), {ADAPTIVE!r}, '
+                       f'{LOW_RANK!r} nor a '
                        f'baseline ({tuple(builders.BASELINES)}).')
 
 
@@ -158,6 +162,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if name == ADAPTIVE:
       raise ValueError(f'config.variant_names names {ADAPTIVE!r}, the name of adaptive '
                        'MetaMD (the metamd variant with a calibrated scale).')
+    if name == LOW_RANK:
+      raise ValueError(f'config.variant_names names {LOW_RANK!r}, the name of the metamd '
+                       'variant at low rank (eval.frozen_rank).')
   if 'metamd' not in config.variant_names:
     raise ValueError("config.variant_names must include 'metamd'.")
   for field in ('num_tasks', 'num_tune_tasks', 'horizon_multiplier', 'timing_repeats'):

@@ -25,9 +25,10 @@ kinds of target, each checked on the mean over the held-out tasks (its key in
   reference in at least a fraction ``f`` of all checks
   (``faster_than_<baseline>_retuned_in_<f>_of_checks``, value: that fraction).
 
-Adaptive MetaMD, where the benchmark ran it, is checked against every declared target
-alike, its keys prefixed ``metamd_adaptive_`` (reported next to MetaMD's; MetaMD's are the
-family's target).
+Adaptive MetaMD and low-rank MetaMD (``metamd_low_rank``), where the benchmark ran them,
+are checked against every declared target but robustness alike, their keys prefixed
+``metamd_adaptive_`` and ``metamd_low_rank_`` (reported next to MetaMD's; MetaMD's are the
+family's target); adaptive MetaMD's robustness too.
 
 A result is ``{'value': MetaMD's figure, 'limit': the bound, 'met': bool}``; a figure that
 is missing (a baseline that diverged at every learning rate, no robustness checks) is
@@ -164,9 +165,9 @@ def evaluate_targets(targets: ml_collections.ConfigDict | None, result: dict) ->
   if not targets or 'metamd' not in result['optimizers']:
     return {}
   checked = _learned_targets(targets, result, 'metamd')
-  adaptive = 'metamd_adaptive'  # reported next to MetaMD's where the benchmark ran it
-  if adaptive in result['optimizers'] and adaptive in result['learned_vs_baselines']:
-    checked.update(_learned_targets(targets, result, adaptive))
+  for name in ('metamd_adaptive', 'metamd_low_rank'):  # next to MetaMD's where it ran
+    if name in result['optimizers'] and name in result['learned_vs_baselines']:
+      checked.update(_learned_targets(targets, result, name))
   fraction = targets.get('robust_no_divergence_and_faster_fraction', 0)
   if fraction:
     checked.update(_robustness_targets(result, fraction))

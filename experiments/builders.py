@@ -17,7 +17,7 @@ import optax
 import metamd_jax
 from experiments import kronecker_baselines
 from metamd_jax import blended as blended_lib
-from metamd_jax import datasets, models, text
+from metamd_jax import datasets, low_rank, models, text
 from metamd_jax.bound import ADJOINTS, resolve_adjoint
 from metamd_jax.linear_solve import make_solver
 from metamd_jax.objectives import OBJECTIVES
@@ -312,6 +312,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if value is not None or not allowed:
       if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
         _fail(f'eval.{name}', value, f'must be a number in (0, 1]{allowed}')
+  frozen_rank = evaluation.get('frozen_rank', None)
+  if frozen_rank is not None and (isinstance(frozen_rank, bool)
+                                  or not isinstance(frozen_rank, int) or frozen_rank < 1):
+    _fail('eval.frozen_rank', frozen_rank,
+          'must be None (no low-rank frozen MetaMD) or an int >= 1')
+  _one_of(evaluation.get('frozen_rank_fill', 'min'), 'eval.frozen_rank_fill', low_rank.FILLS)
   if evaluation.get('adaptive_blend_sketch_rank', 0) and \
       evaluation.get('adaptive_blend_block_size', 0):
     _fail('eval.adaptive_blend_sketch_rank', evaluation.adaptive_blend_sketch_rank,

@@ -43,7 +43,9 @@ early. ``--elapsed`` also times, per task, a run stopped at the step where that 
 reaches Adam's loss (compiled per step count; the median of ``--repeats`` runs):
 ``elapsed_seconds_to_reference_final_loss`` and its fraction of Adam's ``T``-step time.
 
-``metamd_rank_<r>`` and ``metamd_rank_<r>_<fill>`` (``fill`` one of
+``metamd_low_rank`` times frozen MetaMD at the config's ``eval.frozen_rank`` and
+``eval.frozen_rank_fill`` (as the benchmark runs it); ``metamd_rank_<r>`` and
+``metamd_rank_<r>_<fill>`` (``fill`` one of
 :data:`metamd_jax.low_rank.FILLS`, ``'min'`` when left out) time frozen MetaMD with each
 dense factor longer than ``r`` at rank ``r`` plus a level (:func:`metamd_jax.low_rank_metamd`):
 the learned divergence's cheaper step on a wide layer.
@@ -84,7 +86,7 @@ from experiments import (  # noqa: E402
     evaluate,
     protocol,
 )
-from experiments.benchmark_setup import ADAPTIVE  # noqa: E402
+from experiments.benchmark_setup import ADAPTIVE, LOW_RANK  # noqa: E402
 from metamd_jax import blended, evaluation, low_rank  # noqa: E402
 from scripts import timing  # noqa: E402
 from scripts.benchmark_parallel import load_config  # noqa: E402
@@ -181,18 +183,18 @@ def parse_settings(pairs: list[str]) -> dict:
   return settings
 
 
-_LOW_RANK = 'metamd_rank_'
+_RANK_PREFIX = 'metamd_rank_'
 TASKS = ('held_out', 'validation')
 
 
 def low_rank_settings(name: str) -> tuple[int, str] | None:
   """``(rank, fill)`` of a ``metamd_rank_<r>[_<fill>]`` name, ``None`` for another name;
   exits naming a bad rank or fill."""
-  if not name.startswith(_LOW_RANK):
+  if not name.startswith(_RANK_PREFIX):
     return None
-  rank, _, fill = name[len(_LOW_RANK):].partition('_')
+  rank, _, fill = name[len(_RANK_PREFIX):].partition('_')
   if not rank.isdigit() or int(rank) < 1:
-    _fail(f'{name!r}: the rank after {_LOW_RANK!r} must be an integer >= 1.')
+    _fail(f'{name!r}: the rank after {_RANK_PREFIX!r} must be an integer >= 1.')
   fill = fill or 'min'
   if fill not in low_rank.FILLS:
     _fail(f'{name!r}: the fill must be one of {low_rank.FILLS}.')
@@ -206,6 +208,12 @@ def build_optimizer(name: str, family_cfg, stored: dict, divergence, changed=())
     return metamd_jax.metamd(divergence)
   if (settings := low_rank_settings(name)) is not None:
     return metamd_jax.low_rank_metamd(divergence, settings[0], fill=settings[1])
+  if name == LOW_RANK:
+    rank = family_cfg.eval.get('frozen_rank', None)
+    if rank is None:
+      _fail(f'{LOW_RANK} needs the config\'s eval.frozen_rank (or name {_RANK_PREFIX}<r>).')
+    return metamd_jax.low_rank_metamd(divergence, rank,
+                                      fill=family_cfg.eval.get('frozen_rank_fill', 'min'))
   if name == ADAPTIVE:
     adaptive = stored.get('adaptive')
     for recorded, field in _CALIBRATION_FIELDS.items():
@@ -364,10 +372,10 @@ def wall_clock(config, family: str, workdir, results, optimizers=DEFAULT_OPTIMIZ
     recorded in ``errors``.
   """
   for name in optimizers:
-    if name not in ('metamd', ADAPTIVE, *builders.BASELINES) and \
+    if name not in ('metamd', ADAPTIVE, LOW_RANK, *builders.BASELINES) and \
         low_rank_settings(name) is None:
       _fail(f'--optimizers names {name!r}: neither metamd, {ADAPTIVE} nor a baseline '
-            f'({", ".join(builders.BASELINES)}), nor {_LOW_RANK}<r>[_<fill>].')
+            f'({", ".join(builders.BASELINES)}), nor {LOW_RANK} or {_RANK_PREFIX}<r>[_<fill>].')
   if tasks not in TASKS:
     _fail(f'--tasks must be one of {TASKS}, got {tasks!r}.')
   settings = dict(settings or {})

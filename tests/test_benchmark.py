@@ -43,6 +43,8 @@ def _tiny_benchmark_config() -> ml_collections.ConfigDict:
   config.quick_shifts = ('inputs_x2',)  # one cheap shift; the 3T check comes with it
   # Adam (the reference) joins the robustness checks anyway; SGD there is the same code.
   config.robustness_optimizers = ('metamd', 'metamd_adaptive')
+  # Frozen MetaMD at rank 2 joins as the learned row 'metamd_low_rank'.
+  family.eval.frozen_rank = 2
   return config
 
 
@@ -60,7 +62,7 @@ def test_quick_benchmark_writes_documented_results(tmp_path, capsys, monkeypatch
   assert results['settings']['num_tasks'] == 2
   family = results['families']['tiny']
   assert results['settings']['shifts'] == ['inputs_x2']
-  assert set(family['optimizers']) == {'metamd', 'metamd_adaptive', 'adam'}
+  assert set(family['optimizers']) == {'metamd', 'metamd_adaptive', 'metamd_low_rank', 'adam'}
   # Adaptive MetaMD: calibrated on the meta-train tuning tasks, a learned optimiser.
   # One level per parameter leaf (the default eval.adaptive_per_leaf); a leaf whose
   # gradients vanish has no level (infinite, null in JSON).
@@ -70,7 +72,8 @@ def test_quick_benchmark_writes_documented_results(tmp_path, capsys, monkeypatch
   assert family['optimizers']['metamd_adaptive']['reference_norm'] == norm
   assert family['adaptive']['calibration_tasks'] == 'meta-train tuning tasks'
   assert family['optimizers']['metamd_adaptive']['kind'] == 'learned'
-  assert {'metamd', 'metamd_adaptive'} <= set(family['learned_vs_baselines'])
+  assert {'metamd', 'metamd_adaptive', 'metamd_low_rank'} <= set(family['learned_vs_baselines'])
+  assert family['optimizers']['metamd_low_rank']['kind'] == 'learned'
   for name, entry in family['optimizers'].items():
     if entry['kind'] == 'baseline':
       assert entry['learning_rate'] in config.quick_learning_rates
@@ -112,15 +115,19 @@ def test_quick_benchmark_writes_documented_results(tmp_path, capsys, monkeypatch
     _finite_pair(row['baseline_wall_clock_seconds'])
   # The family declares the digits targets: T/4 steps and test accuracy; then
   # fewer_steps_than_every_baseline, one target per tuned baseline, read off the
-  # learned-vs-baselines rows; and the robustness target; adaptive MetaMD's alike.
+  # learned-vs-baselines rows; and the robustness target; adaptive MetaMD's alike, and
+  # low-rank MetaMD's but robustness (it is not among the robustness optimisers).
   assert set(family['targets']) == {
       'steps_to_adam_at_most_T_over_4', 'metamd_adaptive_steps_to_adam_at_most_T_over_4',
+      'metamd_low_rank_steps_to_adam_at_most_T_over_4',
       'test_accuracy_at_least_adam', 'metamd_adaptive_test_accuracy_at_least_adam',
+      'metamd_low_rank_test_accuracy_at_least_adam',
       'fewer_steps_than_adam', 'metamd_adaptive_fewer_steps_than_adam',
+      'metamd_low_rank_fewer_steps_than_adam',
       'no_diverged_runs_where_adam_trains', 'faster_than_adam_retuned_in_0.8_of_checks',
       'metamd_adaptive_no_diverged_runs_where_adam_trains',
       'metamd_adaptive_faster_than_adam_retuned_in_0.8_of_checks'}
-  for learned in ('metamd', 'metamd_adaptive'):
+  for learned in ('metamd', 'metamd_adaptive', 'metamd_low_rank'):
     prefix = '' if learned == 'metamd' else f'{learned}_'
     entry, adam = family['optimizers'][learned], family['optimizers']['adam']
     accuracy = family['targets'][f'{prefix}test_accuracy_at_least_adam']
@@ -129,7 +136,8 @@ def test_quick_benchmark_writes_documented_results(tmp_path, capsys, monkeypatch
     assert accuracy['met'] == (accuracy['value'] >= accuracy['limit'])
     steps = family['targets'][f'{prefix}steps_to_adam_at_most_T_over_4']
     assert steps['limit'] == family['horizon'] / 4
-  for learned, baseline in (('metamd', 'adam'), ('metamd_adaptive', 'adam')):
+  for learned, baseline in (('metamd', 'adam'), ('metamd_adaptive', 'adam'),
+                            ('metamd_low_rank', 'adam')):
     prefix = '' if learned == 'metamd' else f'{learned}_'
     target = family['targets'][f'{prefix}fewer_steps_than_{baseline}']
     row = family['learned_vs_baselines'][learned][baseline]
@@ -138,8 +146,8 @@ def test_quick_benchmark_writes_documented_results(tmp_path, capsys, monkeypatch
                              and target['limit'] is not None
                              and target['value'] < target['limit'])
   # Beyond the horizon: the learned optimisers, the reference and Adam re-tuned for 3T.
-  assert set(family['beyond_horizon']) == {'metamd', 'metamd_adaptive', 'adam',
-                                           'adam_retuned'}
+  assert set(family['beyond_horizon']) == {'metamd', 'metamd_adaptive', 'metamd_low_rank',
+                                           'adam', 'adam_retuned'}
   for entry in family['beyond_horizon'].values():
     assert entry['steps'] == 3 * family['horizon']
     _finite_pair(entry['loss_at_T'])
@@ -188,6 +196,9 @@ def _check_low_rank_on_validation_tasks(config, workdir, monkeypatch):
                        ('metamd_rank_4_median', 'fill must be one of')):
     with pytest.raises(SystemExit, match=message):
       benchmark_wall_clock.wall_clock(config, 'tiny', workdir, workdir / 'results.json', [bad])
+  family_cfg.eval.frozen_rank = None  # 'metamd_low_rank' is the config's rank
+  with pytest.raises(SystemExit, match='needs the config.s eval.frozen_rank'):
+    benchmark_wall_clock.build_optimizer('metamd_low_rank', family_cfg, stored, divergence)
   with pytest.raises(SystemExit, match='--tasks must be one of'):
     benchmark_wall_clock.wall_clock(config, 'tiny', workdir, workdir / 'results.json',
                                     ['metamd'], tasks='test')
@@ -288,9 +299,11 @@ def _check_wall_clock(config, workdir, family):
   """scripts/benchmark_wall_clock re-times the finished run: on the CPU it ran on, the
   same runs (step counts, final losses) from the stored divergence, rates and calibration."""
   figures = benchmark_wall_clock.wall_clock(
-      config, 'tiny', workdir, workdir / 'results.json', ['metamd_adaptive', 'metamd'],
-      repeats=1, json_path=workdir / 'wall_clock.json')
-  assert list(figures['optimizers']) == ['adam', 'metamd_adaptive', 'metamd']  # adam first
+      config, 'tiny', workdir, workdir / 'results.json',
+      ['metamd_adaptive', 'metamd', 'metamd_low_rank'], repeats=1,
+      json_path=workdir / 'wall_clock.json')
+  # adam first
+  assert list(figures['optimizers']) == ['adam', 'metamd_adaptive', 'metamd', 'metamd_low_rank']
   assert figures['errors'] == {} and figures['num_tasks'] == 2
   adam_seconds = figures['optimizers']['adam']['seconds_for_T_steps']
   for name, row in figures['optimizers'].items():

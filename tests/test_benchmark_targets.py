@@ -82,37 +82,37 @@ def test_the_seconds_target_takes_the_elapsed_seconds():
       'seconds_at_most_adam_seconds_over_3'] == {'value': 0.08, 'limit': 0.3 / 3, 'met': True}
 
 
-def test_adaptive_metamd_is_checked_alike_on_its_own_figures():
-  """Where the benchmark ran adaptive MetaMD, every declared target is checked on its own
-  steps, elapsed seconds, accuracy and baselines, under keys prefixed metamd_adaptive_."""
+@pytest.mark.parametrize('name', ['metamd_adaptive', 'metamd_low_rank'])
+def test_adaptive_and_low_rank_metamd_are_checked_alike_on_their_own_figures(name):
+  """Where the benchmark ran adaptive (or low-rank) MetaMD, every declared target is checked
+  on its own steps, elapsed seconds, accuracy and baselines, under keys prefixed with its
+  name."""
   targets = _targets(steps_at_most_T_over=8.0, seconds_at_most_reference_over=3.0,
                      test_accuracy_at_least_reference=True, fewer_steps_than_every_baseline=True)
   result = _result()
-  result['optimizers']['metamd_adaptive'] = {
+  result['optimizers'][name] = {
       'test_accuracy': [0.87, 0.01], 'elapsed_seconds_to_adam_final_loss': [0.2, 0.01]}
-  result['learned_vs_baselines']['metamd_adaptive'] = {
+  result['learned_vs_baselines'][name] = {
       'adam': {'steps': [20.0, 1.0], 'seconds': [0.06, 0.0], 'reached_fraction': 1.0,
                'baseline_steps': [80.0, 2.0]},
       'sgd': {'steps': [95.0, 1.0], 'seconds': [0.1, 0.0], 'reached_fraction': 1.0,
               'baseline_steps': [90.0, 2.0]}}
   checked = benchmark_targets.evaluate_targets(targets, result)
   assert {key: value for key, value in checked.items()
-          if key.startswith('metamd_adaptive_')} == {
-      'metamd_adaptive_steps_to_adam_at_most_T_over_8': {'value': 20.0, 'limit': 12.5,
-                                                         'met': False},
-      'metamd_adaptive_seconds_at_most_adam_seconds_over_3': {'value': 0.2,
-                                                              'limit': 0.3 / 3, 'met': False},
-      'metamd_adaptive_test_accuracy_at_least_adam': {'value': 0.87, 'limit': 0.88,
+          if key.startswith(f'{name}_')} == {
+      f'{name}_steps_to_adam_at_most_T_over_8': {'value': 20.0, 'limit': 12.5, 'met': False},
+      f'{name}_seconds_at_most_adam_seconds_over_3': {'value': 0.2, 'limit': 0.3 / 3,
                                                       'met': False},
-      'metamd_adaptive_fewer_steps_than_adam': {'value': 20.0, 'limit': 80.0, 'met': True},
-      'metamd_adaptive_fewer_steps_than_sgd': {'value': 95.0, 'limit': 90.0, 'met': False},
+      f'{name}_test_accuracy_at_least_adam': {'value': 0.87, 'limit': 0.88, 'met': False},
+      f'{name}_fewer_steps_than_adam': {'value': 20.0, 'limit': 80.0, 'met': True},
+      f'{name}_fewer_steps_than_sgd': {'value': 95.0, 'limit': 90.0, 'met': False},
   }
-  # MetaMD's own keys are unchanged (its figures, not the adaptive row's).
+  # MetaMD's own keys are unchanged (its figures, not this row's).
   assert checked['steps_to_adam_at_most_T_over_8'] == {'value': 10.0, 'limit': 12.5,
                                                        'met': True}
-  # Without an adaptive row in learned_vs_baselines (calibration failed): no adaptive key.
-  del result['learned_vs_baselines']['metamd_adaptive']
-  assert not any(key.startswith('metamd_adaptive_')
+  # Without its row in learned_vs_baselines (calibration failed): no key of its own.
+  del result['learned_vs_baselines'][name]
+  assert not any(key.startswith(f'{name}_')
                  for key in benchmark_targets.evaluate_targets(targets, result))
 
 
