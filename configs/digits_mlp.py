@@ -35,6 +35,7 @@ def get_config():
   # every shift and at 10T (experiments/RESULTS.md section 36): 12 of 12 checks and no
   # failed run, against 11 of 12 and 4 runs ending above their start (inputs / 255).
   config.eval.adaptive_lengthen_below = 0.1
+  config.eval.frozen_rank = None  # the MNIST MLP's low-rank row (not judged here)
   config.eval.adaptive_min_scale = 0.1
   # The overshoot check (as the default): at the blend rate 0.1, 6 of 8 checks against 4
   # of 8 without it, over the decays 0, 0.5 and 0.8 (experiments/RESULTS.md section 17;

@@ -32,6 +32,7 @@ def get_config():
   # Longer first steps where a leaf's first gradient is far below its level: chosen for
   # the MNIST MLP only (experiments/RESULTS.md section 36); not judged on this family.
   config.eval.adaptive_lengthen_below = None
+  config.eval.frozen_rank = None  # the MNIST MLP's low-rank row (not judged here)
   # No cap on the overshoot check (the default has 3): on the validation tasks, judged also
   # at 10 times the horizon, 2 of 2 checks against 1 of 2 with the cap 3 (10T lost) and a
   # lower final loss than the cap 10 (experiments/RESULTS.md section 19).

@@ -30,6 +30,7 @@ def get_config():
   # Longer first steps where a leaf's first gradient is far below its level: chosen for
   # the MNIST MLP only (experiments/RESULTS.md section 36); not judged on this family.
   config.eval.adaptive_lengthen_below = None
+  config.eval.frozen_rank = None  # the MNIST MLP's low-rank row (not judged here)
   config.eval.adaptive_blend_rate = 0.1
   config.eval.adaptive_blend_statistics = 'kronecker'
   config.eval.adaptive_momentum = 0.5  # over 0, 0.5, 0.7, 0.9 on the same validation tasks

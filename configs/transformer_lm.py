@@ -94,6 +94,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Longer first steps where a leaf's first gradient is far below its level: chosen for
   # the MNIST MLP only (experiments/RESULTS.md section 36); not judged on this family.
   ev.adaptive_lengthen_below = None
+  ev.frozen_rank = None  # the MNIST MLP's low-rank row (not judged here)
   ev.adaptive_online_power = 0.5
   # The overshoot check at the decay 0.5, its factor capped at 3 (the default's cap). On
   # the validation tasks, judged also at 10 times the horizon: 3 of 5 checks as without it
