@@ -7,10 +7,11 @@
 # 560), writing JSON figures and one log to OUTDIR (experiments/RESULTS.md section 12):
 #   1. wall_clock.json: the MNIST MLP benchmark's held-out runs re-timed on the GPU
 #      (scripts/benchmark_wall_clock.py; needs WORKDIR/mnist_mlp/metamd/divergence.npz and
-#      the RESULTS it was benchmarked with: by default runs/bench_31r, the current default's
+#      the RESULTS it was benchmarked with: by default runs/bench_38, the current default's
 #      benchmark run, and experiments/results/benchmark.json, whose MNIST entry is that run's;
-#      carry runs/bench_31r/mnist_mlp/metamd to the GPU machine);
-#   1a. wall_clock_elapsed.json: Adam, MetaMD and adaptive MetaMD of item 1 timed to the step
+#      carry runs/bench_38/mnist_mlp/metamd to the GPU machine);
+#   1a. wall_clock_elapsed.json: Adam, MetaMD, low-rank MetaMD (eval.frozen_rank) and
+#      adaptive MetaMD of item 1 timed to the step
 #      where each run reaches Adam's loss (--elapsed), and runs of 1 to 100 steps
 #      (--run-lengths: what a run pays once, its early and its late steps);
 #   1b. wall_clock_blocks_128.json: item 1's adaptive MetaMD with Shampoo's statistics in
@@ -32,7 +33,7 @@
 set -u
 out=${1:?usage: bash scripts/gpu_check.sh OUTDIR [SECONDS] [WORKDIR] [RESULTS]}
 budget=${2:-560}
-workdir=${3:-runs/bench_31r}
+workdir=${3:-runs/bench_38}
 results=${4:-experiments/results/benchmark.json}
 mkdir -p "$out"
 log="$out/gpu_check.log"
@@ -72,7 +73,8 @@ wall=(--workdir "$workdir" --results "$results")
 part wall_clock 220 python3 -m scripts.benchmark_wall_clock "${wall[@]}" \
   --json "$out/wall_clock.json"
 part wall_clock_elapsed 150 python3 -m scripts.benchmark_wall_clock "${wall[@]}" \
-  --optimizers adam,metamd,metamd_adaptive --elapsed --run-lengths 1,2,4,8,16,32,100 \
+  --optimizers adam,metamd,metamd_low_rank,metamd_adaptive --elapsed \
+  --run-lengths 1,2,4,8,16,32,100 \
   --json "$out/wall_clock_elapsed.json"
 part wall_clock_blocks 100 python3 -m scripts.benchmark_wall_clock "${wall[@]}" \
   --optimizers adam,metamd_adaptive --set adaptive_blend_block_size=128 \
