@@ -381,7 +381,7 @@ def test_shifted_families_are_shifted(setup):
     ('eval.adaptive_min_scale', 2.0),
     ('eval.frozen_rank', 0),
     ('eval.frozen_rank', True),
-    ('eval.frozen_rank', 2.5),
+    ('eval.frozen_rank', -3),
     ('eval.frozen_rank_fill', 'median'),
 ])
 def test_bad_adaptive_and_shift_values_name_the_field(field, value):
