@@ -257,7 +257,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   Baselines are tuned on meta-train tasks (:func:`metamd_jax.evaluation.tuning_tasks`);
   one whose every learning rate diverged is left out (with a warning). With
   ``eval.adaptive`` adaptive MetaMD (``'metamd_adaptive'``) joins, its reference norm
-  calibrated on the same tuning tasks (:func:`calibrate`). Every optimiser then trains
+  calibrated on the same tuning tasks (:func:`calibrate`); with ``eval.frozen_rank``,
+  frozen MetaMD at that rank (``'metamd_low_rank'``, :func:`metamd_jax.low_rank_metamd`:
+  the cheaper step on a wide layer). Every optimiser then trains
   the held-out tasks (:func:`metamd_jax.evaluation.held_out_tasks`) for
   ``eval.num_steps`` steps. Each of ``eval.shifts`` that applies to the family
   (:func:`experiments.builders.applicable_shifts`: none for the convex families) repeats
@@ -303,6 +305,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   optimizers = {'metamd': metamd_jax.metamd(divergence)}
   if (adaptive_metamd := adaptive_optimizer(config, divergence, adaptive)) is not None:
     optimizers['metamd_adaptive'] = adaptive_metamd
+  if ev.get('frozen_rank', None) is not None:
+    optimizers['metamd_low_rank'] = metamd_jax.low_rank_metamd(
+        divergence, ev.frozen_rank, fill=ev.get('frozen_rank_fill', 'min'))
   learning_rates = {name: None for name in optimizers}
   for name, lr in tuned.items():
     if lr is not None:
@@ -330,7 +335,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   if 'metamd_adaptive' in results['optimizers']:
     results['optimizers']['metamd_adaptive']['reference_norm'] = adaptive['reference_norm']
   if ev.time_steps:  # the learned optimisers and the reference, timed to the step
-    for name in dict.fromkeys(['metamd', 'metamd_adaptive', reference]):
+    for name in dict.fromkeys(['metamd', 'metamd_adaptive', 'metamd_low_rank', reference]):
       if name in curves:
         stopped = benchmark_runs.elapsed_to(optimizers[name], meta_test_family, test_tasks,
                                             curves[name], target, 1)

@@ -28,6 +28,41 @@ def _leaves_equal(a, b):
   return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+def test_low_rank_row_is_a_plain_run_of_low_rank_metamd(setup, tmp_path, monkeypatch):
+  """With ``eval.frozen_rank`` the main job has the row ``'metamd_low_rank'``: the held-out
+  runs of :func:`metamd_jax.low_rank_metamd` at that rank and fill, timed to the step like
+  the other learned rows; without it, no such row."""
+  config, meta_train_family, meta_test_family, divergence = setup
+  config = config.copy_and_resolve_references()
+  monkeypatch.setattr(builders, 'build_families',
+                      lambda _: (meta_train_family, meta_test_family))
+  monkeypatch.setattr(plots, 'plot_evaluation', lambda *args, **kwargs: None)
+  monkeypatch.setattr(benchmark_runs, 'time_runs', lambda optimizer, family, tasks, steps,
+                      repeats: np.full(jax.tree.leaves(tasks)[0].shape[0], 1e-3 * steps))
+  config.eval.baselines, config.eval.shifts, config.eval.adaptive = (), (), False
+  config.eval.time_steps, config.eval.horizon_multiplier = True, 0
+  config.eval.frozen_rank, config.eval.frozen_rank_fill = 3, 'mean'
+  # The initial divergence's factors are multiples of I (nothing to truncate): perturbed.
+  rng = np.random.default_rng(0)
+  divergence = jax.tree.map(
+      lambda x: x + 0.3 * np.abs(x).max() * rng.standard_normal(x.shape).astype(x.dtype),
+      divergence)
+  results = evaluate.evaluate(config, tmp_path, divergence)
+  assert list(results['optimizers']) == ['metamd', 'metamd_low_rank']
+  tasks = evaluation.held_out_tasks(meta_test_family, config.seed, config.eval.num_tasks)
+  plain = evaluation.run(metamd_jax.low_rank_metamd(divergence, 3, fill='mean'),
+                         meta_test_family, tasks, config.eval.num_steps,
+                         track_every=config.eval.track_every)
+  row = results['optimizers']['metamd_low_rank']
+  np.testing.assert_allclose(row['final_train_loss'][0],
+                             np.mean(evaluation.final_train_loss(plain.train_losses)), rtol=1e-5)
+  # Rank 3 truncates the tiny MLP's factors: not frozen MetaMD's run.
+  assert row['final_train_loss'][0] != results['optimizers']['metamd']['final_train_loss'][0]
+  assert 'elapsed_seconds_to_metamd_final_loss' in row and row['seconds_per_step'] > 0
+  config.eval.frozen_rank = None
+  assert 'metamd_low_rank' not in evaluate.evaluate(config, tmp_path, divergence)['optimizers']
+
+
 def test_adaptive_row_with_a_huge_reference_is_metamd(setup, tmp_path, monkeypatch):
   config, meta_train_family, meta_test_family, divergence = setup
   config = config.copy_and_resolve_references()
@@ -35,6 +70,7 @@ def test_adaptive_row_with_a_huge_reference_is_metamd(setup, tmp_path, monkeypat
                       lambda _: (meta_train_family, meta_test_family))  # loaded once
   config.eval.baselines = ()
   config.eval.shifts = ()
+  config.eval.frozen_rank = None  # the low-rank row: its own test below
   config.eval.time_steps, config.eval.horizon_multiplier = True, 2
   # The default: blended MetaMD with Shampoo's statistics and Nesterov's momentum.
   assert (config.eval.adaptive_blend_rate, config.eval.adaptive_blend_statistics,

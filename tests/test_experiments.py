@@ -55,7 +55,10 @@ def test_tiny_pipeline_writes_every_output(tmp_path):
   assert metadata['config']['meta']['horizon'] == config.meta.horizon
   config.eval.baselines = ('adam',)  # every tuned baseline is the same code path
   results = evaluate.evaluate(config, tmp_path)
-  assert set(results['optimizers']) == {'metamd', 'metamd_adaptive', 'adam'}
+  # The default config's low-rank row too (rank 64: the tiny MLP's factors are kept whole).
+  assert set(results['optimizers']) == {'metamd', 'metamd_adaptive', 'metamd_low_rank', 'adam'}
+  np.testing.assert_allclose(results['optimizers']['metamd_low_rank']['final_train_loss'],
+                             results['optimizers']['metamd']['final_train_loss'], rtol=1e-5)
   assert results['optimizers']['adam']['learning_rate'] in config.eval.learning_rates
   for name in ('results.json', 'results.md', 'loss_curves.png'):
     assert (tmp_path / name).stat().st_size > 0
