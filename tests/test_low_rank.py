@@ -172,3 +172,17 @@ def test_eigen_decomposition_once_at_init_under_jit():
   text = jax.jit(optimizer.update).lower(_grads(1, params), state, params).as_text()
   assert 'eigh' not in text.lower() and 'syevd' not in text.lower()
   assert divergence_lib.is_metric(divergence['dense'])
+
+
+@pytest.mark.parametrize('structure', ['diagonal', 'scalar'])
+def test_elementwise_divergences_are_kept_as_they_are(structure):
+  """A diagonal or scalar divergence has no factor to truncate: the optimiser is
+  :func:`metamd` at any rank."""
+  params = _params(jnp.float32)
+  divergence = randomize(metamd_jax.init_divergence(params, 0.1, structure=structure), 4,
+                         scale=0.5)
+  grads = _grads(6, params)
+  ours, theirs = metamd_jax.low_rank_metamd(divergence, 1), metamd_jax.metamd(divergence)
+  got, _ = ours.update(grads, ours.init(params), params)
+  want, _ = theirs.update(grads, theirs.init(params), params)
+  chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
