@@ -168,9 +168,9 @@ def benchmark_family(config: ml_collections.ConfigDict, name: str, workdir: path
                                                         adaptive)) is not None:
       optimizers[ADAPTIVE] = adaptive_metamd
   # Frozen MetaMD at low rank (eval.frozen_rank, where the family's config sets it).
-  if 'metamd' in learned and ev.get('frozen_rank', None) is not None:
-    optimizers[LOW_RANK] = metamd_jax.low_rank_metamd(learned['metamd'], ev.frozen_rank,
-                                                      fill=ev.get('frozen_rank_fill', 'min'))
+  if 'metamd' in learned and (
+      low_rank_metamd := evaluate.low_rank_optimizer(family_cfg, learned['metamd'])) is not None:
+    optimizers[LOW_RANK] = low_rank_metamd
   learned_names = list(optimizers)  # the learned variants, adaptive and low-rank MetaMD
   optimizers.update({b: builders.BASELINES[b](lr) for b, lr in learning_rates.items()
                      if lr is not None})

@@ -26,10 +26,10 @@ _HELDOUT_FITS = {
     'mnist1d': ('MNIST-1D from another generator', ('mnist1d',)),
 }
 ADAPTIVE = 'metamd_adaptive'
+"""Adaptive MetaMD's name: the learned ``metamd`` divergence, its scale calibrated."""
 LOW_RANK = 'metamd_low_rank'
 """Frozen MetaMD with each long factor at rank ``eval.frozen_rank`` plus a level
 (:func:`metamd_jax.low_rank_metamd`), where a family's config sets it: the cheaper step."""
-"""Adaptive MetaMD's name: the learned ``metamd`` divergence, its scale calibrated."""
 SHIFTS = tuple(name for name in builders.SHIFTS if name != 'heldout_text')
 """The shifts of :data:`experiments.builders.SHIFTS` a classification family takes."""
 

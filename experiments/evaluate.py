@@ -250,6 +250,17 @@ def _seconds_per_step(optimizer: optax.GradientTransformation, family: TaskFamil
   return float(benchmark_runs.time_runs(optimizer, family, first, num_steps, 1)[0]) / num_steps
 
 
+def low_rank_optimizer(config: ml_collections.ConfigDict, divergence: PyTree
+                       ) -> optax.GradientTransformation | None:
+  """Frozen MetaMD at ``eval.frozen_rank`` with ``eval.frozen_rank_fill``
+  (:func:`metamd_jax.low_rank_metamd`); ``None`` where the config leaves it off."""
+  rank = config.eval.get('frozen_rank', None)
+  if rank is None:
+    return None
+  return metamd_jax.low_rank_metamd(divergence, rank,
+                                    fill=config.eval.get('frozen_rank_fill', 'min'))
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
              divergence=None) -> dict:
   """Compare MetaMD with tuned baselines on held-out tasks; write table, plot, JSON.
@@ -305,9 +316,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   optimizers = {'metamd': metamd_jax.metamd(divergence)}
   if (adaptive_metamd := adaptive_optimizer(config, divergence, adaptive)) is not None:
     optimizers['metamd_adaptive'] = adaptive_metamd
-  if ev.get('frozen_rank', None) is not None:
-    optimizers['metamd_low_rank'] = metamd_jax.low_rank_metamd(
-        divergence, ev.frozen_rank, fill=ev.get('frozen_rank_fill', 'min'))
+  if (low_rank_metamd := low_rank_optimizer(config, divergence)) is not None:
+    optimizers['metamd_low_rank'] = low_rank_metamd
   learning_rates = {name: None for name in optimizers}
   for name, lr in tuned.items():
     if lr is not None:

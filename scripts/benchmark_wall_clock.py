@@ -209,11 +209,9 @@ def build_optimizer(name: str, family_cfg, stored: dict, divergence, changed=())
   if (settings := low_rank_settings(name)) is not None:
     return metamd_jax.low_rank_metamd(divergence, settings[0], fill=settings[1])
   if name == LOW_RANK:
-    rank = family_cfg.eval.get('frozen_rank', None)
-    if rank is None:
+    if (optimizer := evaluate.low_rank_optimizer(family_cfg, divergence)) is None:
       _fail(f'{LOW_RANK} needs the config\'s eval.frozen_rank (or name {_RANK_PREFIX}<r>).')
-    return metamd_jax.low_rank_metamd(divergence, rank,
-                                      fill=family_cfg.eval.get('frozen_rank_fill', 'min'))
+    return optimizer
   if name == ADAPTIVE:
     adaptive = stored.get('adaptive')
     for recorded, field in _CALIBRATION_FIELDS.items():
