@@ -347,8 +347,9 @@ def wall_clock(config, family: str, workdir, results, optimizers=DEFAULT_OPTIMIZ
     family: a family of ``config.families``.
     workdir: the benchmark's workdir (``<workdir>/<family>/metamd/divergence.npz``).
     results: its ``results.json``.
-    optimizers: names: ``metamd``, ``metamd_rank_<r>[_<fill>]``, ``metamd_adaptive`` or
-      baselines; the reference (``config.reference``) always runs, first.
+    optimizers: names: ``metamd``, ``metamd_low_rank``, ``metamd_rank_<r>[_<fill>]``,
+      ``metamd_adaptive`` or baselines; the reference (``config.reference``) always runs,
+      first.
     repeats: timed runs per task.
     num_tasks: tasks (default: the config's ``eval.num_tasks`` held-out tasks or
       ``eval.num_validation_tasks`` validation tasks).
