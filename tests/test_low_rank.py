@@ -161,14 +161,17 @@ def test_bad_arguments_are_named():
 
 
 def test_eigen_decomposition_once_at_init_under_jit():
-  """For a concrete divergence the truncated factors are constants of the jitted update: a
-  traced step contains no eigendecomposition."""
+  """For a concrete divergence the truncated factors are computed once, when ``init`` is
+  traced: neither a jitted update nor a jitted ``init`` contains an eigendecomposition."""
   divergence = _divergence()
   params = _params(jnp.float32)
   optimizer = metamd_jax.low_rank_metamd(
       jax.tree.map(lambda x: x.astype(jnp.float32), divergence), 3)
   state = optimizer.init(params)
   text = jax.jit(optimizer.update).lower(_grads(1, params), state, params).as_text()
+  assert 'eigh' not in text.lower() and 'syevd' not in text.lower()
+  # Nor a jitted init: the eigendecomposition runs once, when init is traced.
+  text = jax.jit(optimizer.init).lower(params).as_text()
   assert 'eigh' not in text.lower() and 'syevd' not in text.lower()
 
 
