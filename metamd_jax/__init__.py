@@ -32,6 +32,7 @@ from metamd_jax.eigenbasis import (
     eigenbasis_metamd,
     scale_by_eigenbasis_mirror_descent,
 )
+from metamd_jax.guarded import GuardedState, guarded_switch
 from metamd_jax.inner_loop import AdaptiveRollout, Rollout, adaptive_rollout, rollout
 from metamd_jax.low_rank import (
     ScaleByLowRankMirrorDescentState,
@@ -59,6 +60,7 @@ __all__ = (
     'DiagonalMetric',
     'EigenbasisState',
     'FitResult',
+    'GuardedState',
     'KroneckerAxes',
     'KroneckerMetric',
     'LeastSquaresFamily',
@@ -88,6 +90,7 @@ __all__ = (
     'eigenbasis_levels',
     'eigenbasis_metamd',
     'fit',
+    'guarded_switch',
     'init_divergence',
     'load_divergence',
     'meta_gradient',
