@@ -267,6 +267,13 @@ def get_config() -> ml_collections.ConfigDict:
   # (metamd_jax/accelerated.py). Needs eval.adaptive_restarts and eval.adaptive_momentum > 0.
   evaluation.adaptive_restart_momentum = ml_collections.config_dict.placeholder(float)
   evaluation.adaptive_restart_step_factor = 0.5
+  # Guarded MetaMD (metamd_jax.guarded_switch): a positive margin m runs frozen MetaMD (at
+  # eval.frozen_rank where set: the cheaper step) while its gradients, measured in its own
+  # geometry, stay within m times the calibrated levels (the reference norms above), and
+  # the adaptive optimiser above, for good, from the first step they do not, or from step
+  # adaptive_guard_steps + 1. None: the adaptive optimiser alone.
+  evaluation.adaptive_guard_margin = ml_collections.config_dict.placeholder(float)
+  evaluation.adaptive_guard_steps = ml_collections.config_dict.placeholder(int)
   # Everyday changes (classification families only; () disables): the held-out tasks again
   # with every optimiser as it is (learned metric, tuned learning rates, calibrated c),
   # against Adam re-tuned on each change. Each costs one Adam tuning and one run per

@@ -318,6 +318,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _fail('eval.frozen_rank', frozen_rank,
           'must be None (no low-rank frozen MetaMD) or an int >= 1')
   _one_of(evaluation.get('frozen_rank_fill', 'min'), 'eval.frozen_rank_fill', low_rank.FILLS)
+  guard_margin = evaluation.get('adaptive_guard_margin', None)
+  if guard_margin is not None and (isinstance(guard_margin, bool)
+                                   or not isinstance(guard_margin, (int, float))
+                                   or not 0 < guard_margin < math.inf):
+    _fail('eval.adaptive_guard_margin', guard_margin,
+          'must be None (no guard) or a positive finite number')
+  guard_steps = evaluation.get('adaptive_guard_steps', None)
+  if guard_steps is not None and (isinstance(guard_steps, bool)
+                                  or not isinstance(guard_steps, int) or guard_steps < 0):
+    _fail('eval.adaptive_guard_steps', guard_steps,
+          'must be None (no switch on the step count) or an int >= 0')
   if evaluation.get('adaptive_blend_sketch_rank', 0) and \
       evaluation.get('adaptive_blend_block_size', 0):
     _fail('eval.adaptive_blend_sketch_rank', evaluation.adaptive_blend_sketch_rank,

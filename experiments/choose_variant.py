@@ -258,6 +258,8 @@ for _settings in CANDIDATES.values():  # no momentum unless a candidate names on
   _settings.setdefault('adaptive_restart_step_factor', 0.5)
   _settings.setdefault('adaptive_lengthen_below', None)
   _settings.setdefault('adaptive_min_scale', 0.1)
+  _settings.setdefault('adaptive_guard_margin', None)
+  _settings.setdefault('adaptive_guard_steps', None)
 OVERSHOOT = {
     **{f'config_overshoot_{decay}': {'adaptive_overshoot': True,
                                      'adaptive_overshoot_decay': decay}
@@ -308,6 +310,9 @@ OVERSHOOT = {
     **{f'config_overshoot_step_blend_{rate}': {'adaptive_overshoot_scope': 'step',
                                                'adaptive_blend_rate': rate}
        for rate in (0.03, 0.05)},
+    **{f'config_guard_{margin:g}_steps_{steps}': {'adaptive_guard_margin': margin,
+                                                  'adaptive_guard_steps': steps}
+       for margin in (2.0, 3.0) for steps in (15, 20, 30, None)},
 }
 """Candidates that keep the config's own settings and add the overshoot check at a
 decay (``eval.adaptive_overshoot``, ``eval.adaptive_overshoot_decay``), or at 0.5 with
@@ -335,7 +340,11 @@ refreshes only (``'config_sketch_interval_<j>'``, 1, 2, 4 or 0,
 ``eval.adaptive_blend_sketch_interval``), or start a leaf's eigenbasis scales below 1,
 down to ``f``, when its first gradient is below ``q`` times its calibrated level
 (``'config_lengthen_<q>_min_<f>'``, ``eval.adaptive_lengthen_below``,
-``eval.adaptive_min_scale``);
+``eval.adaptive_min_scale``), or put the config's optimiser behind frozen MetaMD (at
+``eval.frozen_rank``) with :func:`metamd_jax.guarded_switch`, the frozen step until its
+gradients exceed ``m`` times the calibrated levels or until step ``k``
+(``'config_guard_<m>_steps_<k>'``, ``m`` 2 or 3, ``k`` 15, 20, 30 or ``None``: no switch
+on the step count; ``eval.adaptive_guard_margin``, ``eval.adaptive_guard_steps``);
 after :data:`CANDIDATES` in ties."""
 OWN = 'config'
 """The candidate that keeps the config's own ``eval`` settings (always allowed; first in

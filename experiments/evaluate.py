@@ -92,6 +92,8 @@ def calibrate(config: ml_collections.ConfigDict, divergence: PyTree, family: Tas
           'restart_shrink': ev.get('adaptive_restart_shrink', 0.0),
           'restart_momentum': ev.get('adaptive_restart_momentum', None),
           'restart_step_factor': ev.get('adaptive_restart_step_factor', DEFAULT_STEP_FACTOR),
+          'guard_margin': ev.get('adaptive_guard_margin', None),
+          'guard_steps': ev.get('adaptive_guard_steps', None),
           'calibration_tasks': 'meta-train tuning tasks',
           'num_calibration_tasks': ev.num_tune_tasks, 'num_steps': ev.num_steps}
 
@@ -174,13 +176,14 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
     return optimizer
 
   if not ev.get('adaptive_restarts', False):
-    return build(ev.adaptive_blend_rate)
+    return guard(config, divergence, adaptive, build(ev.adaptive_blend_rate))
   growth = ev.get('adaptive_restart_growth', 0.0)
   shrink = ev.get('adaptive_restart_shrink', 0.0)
   later_momentum = ev.get('adaptive_restart_momentum', None)
   later_step_factor = ev.get('adaptive_restart_step_factor', DEFAULT_STEP_FACTOR)
   if growth == 0 and shrink == 0 and later_momentum is None:
-    return metamd_jax.doubling_restarts(build(ev.adaptive_blend_rate), ev.num_steps)
+    return guard(config, divergence, adaptive,
+                 metamd_jax.doubling_restarts(build(ev.adaptive_blend_rate), ev.num_steps))
 
   def for_epoch(length):
     # The learned half times L**-shrink, the online half times L**growth: the whole step
@@ -196,7 +199,26 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
     return optimizer if shrink == 0 else optax.chain(optimizer,
                                                      optax.scale(length ** -shrink))
 
-  return metamd_jax.doubling_restarts(for_epoch, ev.num_steps)
+  return guard(config, divergence, adaptive,
+               metamd_jax.doubling_restarts(for_epoch, ev.num_steps))
+
+
+def guard(config: ml_collections.ConfigDict, divergence: PyTree, adaptive: dict,
+          optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+  """``optimizer`` behind frozen MetaMD (at ``eval.frozen_rank`` where set) with
+  :func:`metamd_jax.guarded_switch` when ``eval.adaptive_guard_margin`` is set: the frozen
+  step while its gradients stay within that margin of the calibrated levels (the
+  reference norms), ``optimizer`` for good from the first step they do not, or after
+  ``eval.adaptive_guard_steps`` steps; else ``optimizer`` itself."""
+  ev = config.eval
+  margin = ev.get('adaptive_guard_margin', None)
+  if margin is None:
+    return optimizer
+  fast = low_rank_optimizer(config, divergence) or metamd_jax.metamd(divergence)
+  return metamd_jax.guarded_switch(fast, optimizer, adaptive['reference_norm'],
+                                   margin=margin,
+                                   switch_after=ev.get('adaptive_guard_steps', None),
+                                   decay=ev.adaptive_decay)
 
 
 def evaluate_shift(config: ml_collections.ConfigDict, shift: str,

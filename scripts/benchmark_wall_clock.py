@@ -111,7 +111,9 @@ _CALIBRATION_FIELDS = {'blend_rate': 'adaptive_blend_rate',
                        'restart_growth': 'adaptive_restart_growth',
                        'restart_shrink': 'adaptive_restart_shrink',
                        'restart_momentum': 'adaptive_restart_momentum',
-                       'restart_step_factor': 'adaptive_restart_step_factor'}
+                       'restart_step_factor': 'adaptive_restart_step_factor',
+                       'guard_margin': 'adaptive_guard_margin',
+                       'guard_steps': 'adaptive_guard_steps'}
 # What a calibration stored before a field existed meant.
 _CALIBRATION_DEFAULTS = {'eigenbasis': False, 'eigenbasis_rank': 0, 'online_power': 1.0,
                          'max_dimension': 1024,
@@ -121,7 +123,8 @@ _CALIBRATION_DEFAULTS = {'eigenbasis': False, 'eigenbasis_rank': 0, 'online_powe
                          'refresh_growth': None, 'overshoot_cap': None,
                          'overshoot_scope': 'learned', 'restarts': False,
                          'restart_growth': 0.0, 'restart_shrink': 0.0,
-                         'restart_momentum': None, 'restart_step_factor': 0.5}
+                         'restart_momentum': None, 'restart_step_factor': 0.5,
+                         'guard_margin': None, 'guard_steps': None}
 
 
 def _fail(message: str):
@@ -152,10 +155,11 @@ _SETTABLE = ('adaptive_blend_rate', 'adaptive_blend_statistics', 'adaptive_momen
              'adaptive_overshoot_scope', 'adaptive_restarts',
              'adaptive_restart_growth', 'adaptive_restart_shrink',
              'adaptive_restart_momentum', 'adaptive_restart_step_factor',
-             'adaptive_eigenbasis_rank', 'adaptive_blend_sketch_interval')
+             'adaptive_eigenbasis_rank', 'adaptive_blend_sketch_interval',
+             'adaptive_guard_margin', 'adaptive_guard_steps')
 _INTEGER_SETTINGS = ('adaptive_blend_max_dimension', 'adaptive_blend_block_size',
                      'adaptive_blend_sketch_rank', 'adaptive_eigenbasis_rank',
-                     'adaptive_blend_sketch_interval')
+                     'adaptive_blend_sketch_interval', 'adaptive_guard_steps')
 _BOOLEANS = {'true': True, 'false': False}
 
 

@@ -187,6 +187,63 @@ def _calibrated(setup, **settings):
   return config, tasks, evaluate.calibrate(config, divergence, meta_train_family, tasks)
 
 
+def test_guard_runs_frozen_metamd_then_the_adaptive_optimizer(setup):
+  """``eval.adaptive_guard_margin`` puts the adaptive optimiser behind frozen MetaMD (at
+  ``eval.frozen_rank`` where set) with :func:`metamd_jax.guarded_switch`, levels the
+  calibrated reference norms: switching at step 1 (``eval.adaptive_guard_steps = 0``) it
+  is the adaptive optimiser's run, never switching it is the frozen one's, and a switch
+  after 3 steps is the frozen run's 3 steps then the adaptive optimiser started there."""
+  _, meta_train_family, _, divergence = setup
+  rng = np.random.default_rng(0)  # factors that are not multiples of I (rank 3 truncates)
+  divergence = jax.tree.map(
+      lambda x: x + 0.1 * np.abs(x).max() * rng.standard_normal(x.shape).astype(x.dtype),
+      divergence)
+  config, tasks, result = _calibrated(setup)
+  assert result['guard_margin'] is None and result['guard_steps'] is None
+  adaptive_alone = evaluate.adaptive_optimizer(config, divergence, result)
+  num_steps = 8
+
+  def losses(optimizer):
+    return evaluation.run(optimizer, meta_train_family, tasks, num_steps).losses
+
+  def guarded(**settings):
+    variant = config.copy_and_resolve_references()
+    variant.eval.update(settings)
+    builders.validate_config(variant)
+    optimizer = evaluate.adaptive_optimizer(variant, divergence, result)
+    state = optimizer.init(meta_train_family.init_params())
+    assert isinstance(state, metamd_jax.GuardedState)
+    return losses(optimizer)
+
+  np.testing.assert_allclose(guarded(adaptive_guard_margin=2.0, adaptive_guard_steps=0),
+                             losses(adaptive_alone), rtol=1e-5)
+  frozen = {rank: losses(metamd_jax.metamd(divergence) if rank is None
+                         else metamd_jax.low_rank_metamd(divergence, rank))
+            for rank in (None, 3)}
+  for rank in (None, 3):
+    np.testing.assert_allclose(
+        guarded(adaptive_guard_margin=1e30, frozen_rank=rank), frozen[rank], rtol=1e-5)
+    assert np.all(np.isfinite(frozen[rank])) and np.all(frozen[rank] < 5)  # a sane run
+  assert not np.allclose(frozen[None], frozen[3])
+  after_three = guarded(adaptive_guard_margin=1e30, adaptive_guard_steps=3, frozen_rank=None)
+  np.testing.assert_allclose(after_three[:, :4], frozen[None][:, :4], rtol=1e-5)
+  # By hand: frozen MetaMD's 3 steps, then the adaptive optimiser started afresh.
+  task = meta_train_family.task(jax.tree.map(lambda x: x[0], tasks))
+  batch = metamd_jax.tasks.base.batches_of(task, num_steps)
+  params = task.init()
+  frozen_optimizer = metamd_jax.metamd(divergence)
+  state = frozen_optimizer.init(params)
+  for step in range(3):
+    updates, state = frozen_optimizer.update(jax.grad(task.loss)(params, batch(step)), state)
+    params = optax.apply_updates(params, updates)
+  state = adaptive_alone.init(params)
+  for step in range(3, num_steps):
+    loss, grads = jax.value_and_grad(task.loss)(params, batch(step))
+    np.testing.assert_allclose(after_three[0, step], loss, rtol=1e-5)
+    updates, state = adaptive_alone.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+
+
 def test_per_leaf_calibration_gives_one_level_per_leaf(setup):
   _, meta_train_family, meta_test_family, divergence = setup
   config, _, result = _calibrated(setup, adaptive_per_leaf=True)
@@ -419,6 +476,10 @@ def test_shifted_families_are_shifted(setup):
     ('eval.frozen_rank', True),
     ('eval.frozen_rank', -3),
     ('eval.frozen_rank_fill', 'median'),
+    ('eval.adaptive_guard_margin', 0.0),
+    ('eval.adaptive_guard_margin', -1.0),
+    ('eval.adaptive_guard_margin', float('inf')),
+    ('eval.adaptive_guard_steps', -1),
 ])
 def test_bad_adaptive_and_shift_values_name_the_field(field, value):
   config = tiny.get_config()
