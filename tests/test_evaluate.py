@@ -190,8 +190,8 @@ def _calibrated(setup, **settings):
 def test_guard_runs_frozen_metamd_then_the_adaptive_optimizer(setup):
   """``eval.adaptive_guard_margin`` puts the adaptive optimiser behind frozen MetaMD (at
   ``eval.frozen_rank`` where set) with :func:`metamd_jax.guarded_switch`, levels the
-  calibrated reference norms: switching at step 1 (``eval.adaptive_guard_steps = 0``) it
-  is the adaptive optimiser's run, never switching it is the frozen one's, and a switch
+  calibrated reference norms: its fast step is that frozen MetaMD's; switching at step 1
+  (``eval.adaptive_guard_steps = 0``) it is the adaptive optimiser's run, and a switch
   after 3 steps is the frozen run's 3 steps then the adaptive optimiser started there."""
   _, meta_train_family, _, divergence = setup
   rng = np.random.default_rng(0)  # factors that are not multiples of I (rank 3 truncates)
@@ -203,45 +203,53 @@ def test_guard_runs_frozen_metamd_then_the_adaptive_optimizer(setup):
   adaptive_alone = evaluate.adaptive_optimizer(config, divergence, result)
   num_steps = 8
 
+  def variant(**settings):
+    changed = config.copy_and_resolve_references()
+    changed.eval.update(settings)
+    builders.validate_config(changed)
+    return changed
+
+  # Off: the optimiser itself. On: its fast step is frozen MetaMD's, at eval.frozen_rank.
+  assert evaluate.guard(config, divergence, result, adaptive_alone) is adaptive_alone
+  params = meta_train_family.init_params()
+  grads = jax.tree.map(lambda x: 0.01 * jnp.ones_like(x), params)
+  for rank in (None, 3):
+    fast = (metamd_jax.metamd(divergence) if rank is None
+            else metamd_jax.low_rank_metamd(divergence, rank))
+    guarded = evaluate.guard(variant(adaptive_guard_margin=1e30, frozen_rank=rank), divergence,
+                             result, optax.sgd(0.0))
+    got = guarded.update(grads, guarded.init(params), params)[0]
+    want = fast.update(grads, fast.init(params), params)[0]
+    chex.assert_trees_all_close(got, want, rtol=1e-6)
+  assert not _leaves_equal(
+      metamd_jax.metamd(divergence).update(grads, metamd_jax.metamd(divergence).init(params))[0],
+      metamd_jax.low_rank_metamd(divergence, 3).update(
+          grads, metamd_jax.low_rank_metamd(divergence, 3).init(params))[0])
+
   def losses(optimizer):
     return evaluation.run(optimizer, meta_train_family, tasks, num_steps).losses
 
-  def guarded(**settings):
-    variant = config.copy_and_resolve_references()
-    variant.eval.update(settings)
-    builders.validate_config(variant)
-    optimizer = evaluate.adaptive_optimizer(variant, divergence, result)
-    state = optimizer.init(meta_train_family.init_params())
-    assert isinstance(state, metamd_jax.GuardedState)
-    return losses(optimizer)
-
-  np.testing.assert_allclose(guarded(adaptive_guard_margin=2.0, adaptive_guard_steps=0),
-                             losses(adaptive_alone), rtol=1e-5)
-  frozen = {rank: losses(metamd_jax.metamd(divergence) if rank is None
-                         else metamd_jax.low_rank_metamd(divergence, rank))
-            for rank in (None, 3)}
-  for rank in (None, 3):
-    np.testing.assert_allclose(
-        guarded(adaptive_guard_margin=1e30, frozen_rank=rank), frozen[rank], rtol=1e-5)
-    assert np.all(np.isfinite(frozen[rank])) and np.all(frozen[rank] < 5)  # a sane run
-  assert not np.allclose(frozen[None], frozen[3])
-  after_three = guarded(adaptive_guard_margin=1e30, adaptive_guard_steps=3, frozen_rank=None)
-  np.testing.assert_allclose(after_three[:, :4], frozen[None][:, :4], rtol=1e-5)
-  # By hand: frozen MetaMD's 3 steps, then the adaptive optimiser started afresh.
+  first = evaluate.adaptive_optimizer(
+      variant(adaptive_guard_margin=2.0, adaptive_guard_steps=0), divergence, result)
+  assert isinstance(first.init(params), metamd_jax.GuardedState)
+  np.testing.assert_allclose(losses(first), losses(adaptive_alone), rtol=1e-5)
+  after_three = losses(evaluate.adaptive_optimizer(
+      variant(adaptive_guard_margin=1e30, adaptive_guard_steps=3, frozen_rank=3), divergence,
+      result))
+  # By hand: the low-rank frozen step 3 times, then the adaptive optimiser started afresh.
   task = meta_train_family.task(jax.tree.map(lambda x: x[0], tasks))
   batch = metamd_jax.tasks.base.batches_of(task, num_steps)
   params = task.init()
-  frozen_optimizer = metamd_jax.metamd(divergence)
-  state = frozen_optimizer.init(params)
-  for step in range(3):
-    updates, state = frozen_optimizer.update(jax.grad(task.loss)(params, batch(step)), state)
-    params = optax.apply_updates(params, updates)
-  state = adaptive_alone.init(params)
-  for step in range(3, num_steps):
+  frozen = metamd_jax.low_rank_metamd(divergence, 3)
+  state, update = frozen.init(params), jax.jit(frozen.update)
+  for step in range(num_steps):
+    if step == 3:
+      state, update = adaptive_alone.init(params), jax.jit(adaptive_alone.update)
     loss, grads = jax.value_and_grad(task.loss)(params, batch(step))
     np.testing.assert_allclose(after_three[0, step], loss, rtol=1e-5)
-    updates, state = adaptive_alone.update(grads, state, params)
+    updates, state = update(grads, state, params)
     params = optax.apply_updates(params, updates)
+  assert np.all(np.isfinite(after_three)) and np.all(after_three < 5)  # a sane run
 
 
 def test_per_leaf_calibration_gives_one_level_per_leaf(setup):
