@@ -21,7 +21,8 @@ with ``u_t`` the fast optimiser's update: for mirror descent of unit learning ra
 the adaptive optimisers' scales follow (:func:`metamd_jax.adaptive.gradient_levels`; its
 per-leaf peaks on the meta-train tuning tasks are the natural levels). A non-finite check
 switches too. The step that fires the check is already the fallback's (its state started
-at that step with :func:`optax.GradientTransformation.init` on the current parameters):
+at that step with ``fallback.init`` on the current parameters, or, where ``update`` gets no
+parameters, the state ``init`` made):
 the fast update that tripped it is discarded, so a change that makes the first learned
 step far too long never takes it.
 
