@@ -271,9 +271,12 @@ def get_config() -> ml_collections.ConfigDict:
   # eval.frozen_rank where set: the cheaper step) while its gradients, measured in its own
   # geometry, stay within m times the calibrated levels (the reference norms above), and
   # the adaptive optimiser above, for good, from the first step they do not, or from step
-  # adaptive_guard_steps + 1. None: the adaptive optimiser alone.
+  # adaptive_guard_steps + 1. None: the adaptive optimiser alone. adaptive_guard_progress p
+  # (needs both): the step count switch waits, past adaptive_guard_steps, until the moving
+  # average of the minibatch loss's relative decrease per step is below p.
   evaluation.adaptive_guard_margin = ml_collections.config_dict.placeholder(float)
   evaluation.adaptive_guard_steps = ml_collections.config_dict.placeholder(int)
+  evaluation.adaptive_guard_progress = ml_collections.config_dict.placeholder(float)
   # Everyday changes (classification families only; () disables): the held-out tasks again
   # with every optimiser as it is (learned metric, tuned learning rates, calibrated c),
   # against Adam re-tuned on each change. Each costs one Adam tuning and one run per

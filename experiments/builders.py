@@ -329,6 +329,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                                   or not isinstance(guard_steps, int) or guard_steps < 0):
     _fail('eval.adaptive_guard_steps', guard_steps,
           'must be None (no switch on the step count) or an int >= 0')
+  guard_progress = evaluation.get('adaptive_guard_progress', None)
+  if guard_progress is not None:
+    if (isinstance(guard_progress, bool) or not isinstance(guard_progress, (int, float))
+        or not 0 <= guard_progress < math.inf):
+      _fail('eval.adaptive_guard_progress', guard_progress,
+            'must be None (switch on the step count alone) or a finite number >= 0')
+    if guard_margin is None or guard_steps is None:
+      _fail('eval.adaptive_guard_progress', guard_progress,
+            'needs eval.adaptive_guard_margin and eval.adaptive_guard_steps (the steps '
+            'before progress is checked)')
   if evaluation.get('adaptive_blend_sketch_rank', 0) and \
       evaluation.get('adaptive_blend_block_size', 0):
     _fail('eval.adaptive_blend_sketch_rank', evaluation.adaptive_blend_sketch_rank,

@@ -260,6 +260,7 @@ for _settings in CANDIDATES.values():  # no momentum unless a candidate names on
   _settings.setdefault('adaptive_min_scale', 0.1)
   _settings.setdefault('adaptive_guard_margin', None)
   _settings.setdefault('adaptive_guard_steps', None)
+  _settings.setdefault('adaptive_guard_progress', None)
 OVERSHOOT = {
     **{f'config_overshoot_{decay}': {'adaptive_overshoot': True,
                                      'adaptive_overshoot_decay': decay}
@@ -313,6 +314,15 @@ OVERSHOOT = {
     **{f'config_guard_{margin:g}_steps_{steps}': {'adaptive_guard_margin': margin,
                                                   'adaptive_guard_steps': steps}
        for margin in (2.0, 3.0) for steps in (15, 20, 30, None)},
+    **{f'config_guard_2_steps_{steps}_progress_{progress}': {
+        'adaptive_guard_margin': 2.0, 'adaptive_guard_steps': steps,
+        'adaptive_guard_progress': progress}
+       for steps in (15, 20) for progress in (0.01, 0.02)},
+    'config_guard_2_steps_20_blend_0': {'adaptive_guard_margin': 2.0,
+                                        'adaptive_guard_steps': 20, 'adaptive_blend_rate': 0.0},
+    'config_guard_2_steps_20_blend_0_lengthen_off': {
+        'adaptive_guard_margin': 2.0, 'adaptive_guard_steps': 20, 'adaptive_blend_rate': 0.0,
+        'adaptive_lengthen_below': None},
 }
 """Candidates that keep the config's own settings and add the overshoot check at a
 decay (``eval.adaptive_overshoot``, ``eval.adaptive_overshoot_decay``), or at 0.5 with
@@ -344,7 +354,13 @@ down to ``f``, when its first gradient is below ``q`` times its calibrated level
 ``eval.frozen_rank``) with :func:`metamd_jax.guarded_switch`, the frozen step until its
 gradients exceed ``m`` times the calibrated levels or until step ``k``
 (``'config_guard_<m>_steps_<k>'``, ``m`` 2 or 3, ``k`` 15, 20, 30 or ``None``: no switch
-on the step count; ``eval.adaptive_guard_margin``, ``eval.adaptive_guard_steps``);
+on the step count; ``eval.adaptive_guard_margin``, ``eval.adaptive_guard_steps``), or at
+margin 2 from the first step after ``k`` (15 or 20) where the loss's averaged relative
+decrease per step is below ``p`` (0.01 or 0.02;
+``'config_guard_2_steps_<k>_progress_<p>'``, ``eval.adaptive_guard_progress``), or at
+margin 2 switching at 20 with a fallback without the online half
+(``'config_guard_2_steps_20_blend_0'``, ``eval.adaptive_blend_rate = 0``) and also without
+the longer first steps (``'..._lengthen_off'``, ``eval.adaptive_lengthen_below = None``);
 after :data:`CANDIDATES` in ties."""
 OWN = 'config'
 """The candidate that keeps the config's own ``eval`` settings (always allowed; first in

@@ -94,6 +94,7 @@ def calibrate(config: ml_collections.ConfigDict, divergence: PyTree, family: Tas
           'restart_step_factor': ev.get('adaptive_restart_step_factor', DEFAULT_STEP_FACTOR),
           'guard_margin': ev.get('adaptive_guard_margin', None),
           'guard_steps': ev.get('adaptive_guard_steps', None),
+          'guard_progress': ev.get('adaptive_guard_progress', None),
           'calibration_tasks': 'meta-train tuning tasks',
           'num_calibration_tasks': ev.num_tune_tasks, 'num_steps': ev.num_steps}
 
@@ -209,7 +210,8 @@ def guard(config: ml_collections.ConfigDict, divergence: PyTree, adaptive: dict,
   :func:`metamd_jax.guarded_switch` when ``eval.adaptive_guard_margin`` is set: the frozen
   step while its gradients stay within that margin of the calibrated levels (the
   reference norms), ``optimizer`` for good from the first step they do not, or after
-  ``eval.adaptive_guard_steps`` steps; else ``optimizer`` itself."""
+  ``eval.adaptive_guard_steps`` steps (once the loss's averaged relative decrease per step
+  is below ``eval.adaptive_guard_progress``, where set); else ``optimizer`` itself."""
   ev = config.eval
   margin = ev.get('adaptive_guard_margin', None)
   if margin is None:
@@ -218,6 +220,7 @@ def guard(config: ml_collections.ConfigDict, divergence: PyTree, adaptive: dict,
   return metamd_jax.guarded_switch(fast, optimizer, adaptive['reference_norm'],
                                    margin=margin,
                                    switch_after=ev.get('adaptive_guard_steps', None),
+                                   min_progress=ev.get('adaptive_guard_progress', None),
                                    decay=ev.adaptive_decay)
 
 

@@ -7,7 +7,8 @@ The adaptive optimisers (:func:`metamd_jax.blended_metamd` with its checks) surv
 changes but each of their steps costs several times more. :func:`guarded_switch` runs
 ``fast`` while its gradients, measured in its own geometry, stay within the levels seen on
 the meta-train tasks, and hands over to ``fallback`` for good at the first step where
-they do not (or after ``switch_after`` steps):
+they do not (or after ``switch_after`` steps, or, with ``min_progress``, at the first step
+after those whose loss has stopped falling fast enough):
 
 .. math::
 
@@ -26,6 +27,23 @@ parameters, the state ``init`` made):
 the fast update that tripped it is discarded, so a change that makes the first learned
 step far too long never takes it.
 
+The switch on progress. A step count alone is a poor switch: set from the steps a
+meta-train task needs, it hands a task that needs a few more over to ``fallback`` just
+before the end, and ``fallback`` started afresh pays its first, most expensive steps
+(experiments/RESULTS.md section 38). With ``min_progress`` ``p``, ``update`` takes the
+loss as ``value`` (``optax``'s extra arguments: ``update(grads, state, params,
+value=loss)``, the loss at the parameters the gradient was taken at) and keeps the moving
+average of its relative decrease,
+
+.. math::
+
+  w_t = \\beta w_{t-1} + (1 - \\beta) r_t, \\qquad r_t = \\frac{L_{t-1} - L_t}{|L_{t-1}|}
+  \\quad (t \\ge 2),
+
+and the step count switch fires at the first update ``t > switch_after`` with
+``w_t / (1 - beta^{t-1}) < p``: the fast steps go on while they still make progress. A
+non-finite loss switches at once.
+
 The guarantee. Let ``tau`` be the switch step (``T + 1`` if it never comes). The steps
 before ``tau`` are ``fast``'s, the steps from ``tau`` on are ``fallback``'s started
 afresh: two epochs, as in :func:`metamd_jax.doubling_restarts`, and the regret against
@@ -37,7 +55,7 @@ any comparator splits over them,
       + B_{\\mathrm{fallback}}([\\tau, T]),
 
 each optimiser's own bound on its epoch (``tau`` is a stopping time, decided by the
-gradients seen so far; each bound holds for an epoch starting anywhere). With ``fast``
+gradients and losses seen so far; each bound holds for an epoch starting anywhere). With ``fast``
 mirror descent in a frozen metric ``M``, its bound is ``1/2 D^2 tr(M) + 1/2 sum_{t <
 tau} ||g_t||^2_{M^{-1}}``, and the guard caps its gradient terms: for ``t < tau``, ``(1 -
 beta) x_t <= v_t <= (1 - beta^t) mu^2 c^2`` per leaf, so each step adds at most ``mu^2
@@ -53,7 +71,7 @@ because a conditional that passes a large state through may copy it at every ste
 MNIST MLP the guard reached Adam's loss in 0.46 of Adam's time with the fast step behind a
 second conditional, and in 0.28 without: experiments/RESULTS.md section 38).
 The state holds both optimisers' states (``fallback``'s untouched until the switch), ``L``
-floats and three scalars. Under ``jax.vmap`` (tasks batched) the conditional becomes a
+floats and five scalars. Under ``jax.vmap`` (tasks batched) the conditional becomes a
 select and both branches run; a single run (``jax.jit`` of one task, as a user trains)
 runs one.
 """
@@ -82,6 +100,10 @@ class GuardedState(NamedTuple):
     count: updates taken, int32 ``()``.
     switched: bool ``()``, whether ``fallback`` has taken over.
     switch_step: int32 ``()``, the update at which it did (0 before).
+    last_value: float32 ``()``, the loss passed to the last update (``min_progress``
+      only; 0 otherwise).
+    progress: ``w_t``, float32 ``()``, the moving average of the loss's relative
+      decrease (``min_progress`` only; 0 otherwise).
   """
 
   fast: Any
@@ -90,6 +112,8 @@ class GuardedState(NamedTuple):
   count: Array
   switched: Array
   switch_step: Array
+  last_value: Array
+  progress: Array
 
 
 def check_levels(levels: Any, num_leaves: int) -> np.ndarray:
@@ -117,6 +141,7 @@ def _positive(value: Any, name: str, meaning: str) -> float:
 def guarded_switch(fast: optax.GradientTransformation,
                    fallback: optax.GradientTransformation, levels: Any, *,
                    margin: float = 1.0, switch_after: int | None = None,
+                   min_progress: float | None = None,
                    decay: float = 0.9) -> optax.GradientTransformation:
   """Run ``fast`` until its gradients leave their levels, then ``fallback`` for good.
 
@@ -133,15 +158,23 @@ def guarded_switch(fast: optax.GradientTransformation,
       ``per_leaf=True`` on meta-train tasks.
     margin: ``mu > 0``: the check fires above ``mu c``.
     switch_after: ``None``, or ``k >= 0``: ``fallback`` takes over at update ``k + 1``
-      whatever the check (``0``: ``fallback`` alone).
+      whatever the check (``0``: ``fallback`` alone); with ``min_progress``, at the first
+      update after ``k`` whose loss's averaged relative decrease is below it.
+    min_progress: ``None`` (the step count alone), or ``p >= 0``, finite: the fast steps
+      go on past ``switch_after`` while the bias-corrected moving average of the loss's
+      relative decrease per step is at least ``p`` (e.g. ``0.02``: 2% a step). ``update``
+      then needs the loss, ``update(grads, state, params, value=loss)``, and the result
+      is an ``optax.GradientTransformationExtraArgs``; needs ``switch_after``.
     decay: ``beta`` in ``[0, 1)``, the moving average's decay (that of the levels).
 
   Returns:
-    An ``optax.GradientTransformation`` whose state is a :class:`GuardedState`.
+    An ``optax.GradientTransformation`` (``GradientTransformationExtraArgs`` with
+    ``min_progress``) whose state is a :class:`GuardedState`.
 
   Raises:
     ValueError: on bad ``levels`` (at ``init``, against the parameters' leaves),
-      ``margin``, ``switch_after`` or ``decay``.
+      ``margin``, ``switch_after``, ``min_progress`` or ``decay``; at ``update``, on a
+      missing or non-scalar ``value`` with ``min_progress``.
   """
   margin = _positive(margin, 'margin', 'the check fires above margin times the level')
   if switch_after is not None and (isinstance(switch_after, bool)
@@ -153,6 +186,17 @@ def guarded_switch(fast: optax.GradientTransformation,
       or not 0 <= decay < 1):
     raise ValueError(f'decay must be a float in [0, 1), got {decay!r}.')
   decay = float(decay)
+  if min_progress is not None:
+    if (isinstance(min_progress, bool)
+        or not isinstance(min_progress, (int, float, np.floating, np.integer))
+        or not np.isfinite(min_progress) or min_progress < 0):
+      raise ValueError(f'min_progress must be None or a finite number >= 0 (the relative '
+                       f'loss decrease per step below which the fast steps stop), got '
+                       f'{min_progress!r}.')
+    if switch_after is None:
+      raise ValueError('min_progress needs switch_after (the fast steps taken before '
+                       'their progress is checked), got switch_after=None.')
+    min_progress = float(min_progress)
   limit = np.iinfo(np.int32).max if switch_after is None else int(switch_after)
 
   def init_fn(params):
@@ -160,11 +204,33 @@ def guarded_switch(fast: optax.GradientTransformation,
     return GuardedState(fast=fast.init(params), fallback=fallback.init(params),
                         average=jnp.zeros((width,), jnp.float32),
                         count=jnp.zeros((), jnp.int32), switched=jnp.zeros((), bool),
-                        switch_step=jnp.zeros((), jnp.int32))
+                        switch_step=jnp.zeros((), jnp.int32),
+                        last_value=jnp.zeros((), jnp.float32),
+                        progress=jnp.zeros((), jnp.float32))
 
-  def update_fn(updates, state, params=None):
+  def progress_check(state, count, value):
+    """``(stop, last_value, progress)``: whether the step count switch may fire now."""
+    if min_progress is None:
+      return count > limit, state.last_value, state.progress
+    if value is None:
+      raise ValueError('guarded_switch with min_progress needs the loss: call '
+                       'update(grads, state, params, value=loss).')
+    value = jnp.asarray(value)
+    if value.shape != ():
+      raise ValueError(f'value must be the scalar loss, got shape {value.shape}.')
+    value = value.astype(jnp.float32)
+    tiny = jnp.finfo(jnp.float32).tiny
+    relative = (state.last_value - value) / jnp.maximum(jnp.abs(state.last_value), tiny)
+    progress = jnp.where(count > 1, decay * state.progress + (1 - decay) * relative, 0.0)
+    corrected = progress / (1 - decay ** jnp.maximum(count - 1, 1).astype(jnp.float32))
+    stop = ((count > limit) & (corrected < min_progress)) | ~jnp.isfinite(value)
+    return stop, value, progress
+
+  def update_fn(updates, state, params=None, value=None, **extra_args):
+    del extra_args
     c = jnp.asarray(check_levels(levels, len(jax.tree.leaves(updates))))
     count = optax.safe_increment(state.count)
+    stop, last_value, progress = progress_check(state, count, value)
     # The fast step and its check, every step (cheap): computing them after the switch
     # too keeps the fallback's state out of all but one conditional (a conditional that
     # passes a large state through copies it).
@@ -177,7 +243,7 @@ def guarded_switch(fast: optax.GradientTransformation,
     average = decay * state.average + (1 - decay) * squared
     level = jnp.sqrt(jnp.maximum(average, 0) / (1 - decay ** count.astype(jnp.float32)))
     fire = ~state.switched & (jnp.any(level > margin * c) | ~jnp.all(jnp.isfinite(level))
-                              | (count > limit))
+                              | stop)
     switched = state.switched | fire
 
     def take_over(fallback_state):
@@ -193,6 +259,10 @@ def guarded_switch(fast: optax.GradientTransformation,
     return direction, GuardedState(
         fast=jax.tree.map(keep, fast_state, state.fast), fallback=fallback_state,
         average=keep(average, state.average), count=count, switched=switched,
-        switch_step=jnp.where(fire, count, state.switch_step).astype(jnp.int32))
+        switch_step=jnp.where(fire, count, state.switch_step).astype(jnp.int32),
+        last_value=keep(last_value, state.last_value), progress=keep(progress, state.progress))
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  if min_progress is None:
+    return optax.GradientTransformation(
+        init_fn, lambda updates, state, params=None: update_fn(updates, state, params))
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

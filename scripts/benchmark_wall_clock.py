@@ -113,7 +113,8 @@ _CALIBRATION_FIELDS = {'blend_rate': 'adaptive_blend_rate',
                        'restart_momentum': 'adaptive_restart_momentum',
                        'restart_step_factor': 'adaptive_restart_step_factor',
                        'guard_margin': 'adaptive_guard_margin',
-                       'guard_steps': 'adaptive_guard_steps'}
+                       'guard_steps': 'adaptive_guard_steps',
+                       'guard_progress': 'adaptive_guard_progress'}
 # What a calibration stored before a field existed meant.
 _CALIBRATION_DEFAULTS = {'eigenbasis': False, 'eigenbasis_rank': 0, 'online_power': 1.0,
                          'max_dimension': 1024,
@@ -124,7 +125,8 @@ _CALIBRATION_DEFAULTS = {'eigenbasis': False, 'eigenbasis_rank': 0, 'online_powe
                          'overshoot_scope': 'learned', 'restarts': False,
                          'restart_growth': 0.0, 'restart_shrink': 0.0,
                          'restart_momentum': None, 'restart_step_factor': 0.5,
-                         'guard_margin': None, 'guard_steps': None}
+                         'guard_margin': None, 'guard_steps': None,
+                         'guard_progress': None}
 
 
 def _fail(message: str):
@@ -156,7 +158,7 @@ _SETTABLE = ('adaptive_blend_rate', 'adaptive_blend_statistics', 'adaptive_momen
              'adaptive_restart_growth', 'adaptive_restart_shrink',
              'adaptive_restart_momentum', 'adaptive_restart_step_factor',
              'adaptive_eigenbasis_rank', 'adaptive_blend_sketch_interval',
-             'adaptive_guard_margin', 'adaptive_guard_steps')
+             'adaptive_guard_margin', 'adaptive_guard_steps', 'adaptive_guard_progress')
 _INTEGER_SETTINGS = ('adaptive_blend_max_dimension', 'adaptive_blend_block_size',
                      'adaptive_blend_sketch_rank', 'adaptive_eigenbasis_rank',
                      'adaptive_blend_sketch_interval', 'adaptive_guard_steps')

@@ -251,6 +251,36 @@ def test_guard_runs_frozen_metamd_then_the_adaptive_optimizer(setup):
     params = optax.apply_updates(params, updates)
   assert np.all(np.isfinite(after_three)) and np.all(after_three < 5)  # a sane run
 
+  # eval.adaptive_guard_progress: the run passes each step's minibatch loss to the guard.
+  # Progress 0 past step 5: the switch waits for the first update whose averaged relative
+  # decrease of the run's own minibatch losses is negative (float64 reference from the
+  # frozen run's losses). Fallback sgd(0): from the switch the parameters stay put.
+  long_steps = num_steps + 2
+  frozen_losses = np.asarray(evaluation.run(
+      evaluate.guard(variant(adaptive_guard_margin=1e30, frozen_rank=3), divergence, result,
+                     optax.sgd(0.0)), meta_train_family, tasks, long_steps).losses)[0]
+  average, want_switch = 0.0, None
+  for t in range(2, long_steps + 1):  # update t gets the loss of step t - 1 (0-based)
+    relative = (frozen_losses[t - 2] - frozen_losses[t - 1]) / abs(frozen_losses[t - 2])
+    average = 0.9 * average + 0.1 * relative
+    if t > 5 and average / (1 - 0.9 ** (t - 1)) < 0 and want_switch is None:
+      want_switch = t
+  assert config.eval.adaptive_decay == 0.9
+  assert want_switch is not None and 6 < want_switch < long_steps  # waits; visible below
+  got = np.asarray(evaluation.run(
+      evaluate.guard(variant(adaptive_guard_margin=1e30, adaptive_guard_steps=5,
+                             adaptive_guard_progress=0.0, frozen_rank=3), divergence, result,
+                     optax.sgd(0.0)), meta_train_family, tasks, long_steps).losses)[0]
+  np.testing.assert_allclose(got[:want_switch], frozen_losses[:want_switch], rtol=1e-6)
+  assert not np.allclose(got[want_switch], frozen_losses[want_switch], rtol=1e-6)
+  # Any progress is below 1e30: the switch comes right after step 5, as without it.
+  got = np.asarray(evaluation.run(
+      evaluate.guard(variant(adaptive_guard_margin=1e30, adaptive_guard_steps=5,
+                             adaptive_guard_progress=1e30, frozen_rank=3), divergence, result,
+                     optax.sgd(0.0)), meta_train_family, tasks, long_steps).losses)[0]
+  np.testing.assert_allclose(got[:6], frozen_losses[:6], rtol=1e-6)
+  assert not np.allclose(got[6], frozen_losses[6], rtol=1e-6)
+
 
 def test_per_leaf_calibration_gives_one_level_per_leaf(setup):
   _, meta_train_family, meta_test_family, divergence = setup
@@ -488,6 +518,9 @@ def test_shifted_families_are_shifted(setup):
     ('eval.adaptive_guard_margin', -1.0),
     ('eval.adaptive_guard_margin', float('inf')),
     ('eval.adaptive_guard_steps', -1),
+    ('eval.adaptive_guard_progress', -0.1),
+    ('eval.adaptive_guard_progress', float('nan')),
+    ('eval.adaptive_guard_progress', 0.01),  # needs a margin and a step count
 ])
 def test_bad_adaptive_and_shift_values_name_the_field(field, value):
   config = tiny.get_config()

@@ -37,6 +37,40 @@ def test_train_equals_a_python_optax_loop():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_train_passes_the_loss_to_optimizers_that_take_it():
+  """The minibatch loss arrives as ``value``; a transformation typed for extra arguments
+  that refuses them (as a third-party one may) still trains, without it."""
+  task = quadratic_task()
+
+  def scale_by_loss(updates, state, params=None, value=None, **extra):
+    del params, extra
+    return jax.tree.map(lambda u: value * u, updates), state
+
+  taking = optax.chain(
+      optax.GradientTransformationExtraArgs(optax.init_empty_state, scale_by_loss),
+      optax.sgd(0.1))
+  _, losses = evaluation.train(taking, task, 4)
+  # By hand: each gradient times its minibatch loss, then sgd.
+  params, want = task.init(), []
+  for t in range(4):
+    loss, grads = jax.value_and_grad(task.loss)(params, task.batch(t))
+    params = jax.tree.map(lambda p, g, loss=loss: p - 0.1 * loss * g, params, grads)
+    want.append(loss)
+  np.testing.assert_allclose(losses, want, rtol=1e-5)
+  _, expected, _ = _python_loop(optax.sgd(0.1), task, 4)
+  assert not np.allclose(losses[1:], expected[1:], rtol=1e-3)  # the loss did scale
+
+  def refusing_update(updates, state, params=None):
+    del params
+    return updates, state
+
+  refusing = optax.chain(
+      optax.GradientTransformationExtraArgs(optax.init_empty_state, refusing_update),
+      optax.sgd(0.1))
+  _, losses = evaluation.train(refusing, task, 4)
+  np.testing.assert_allclose(losses, expected, rtol=1e-5)
+
+
 @pytest.mark.parametrize('tracked', [False, True])
 def test_runs_take_the_run_batches_of_a_task_that_has_them(tracked):
   """``train`` and ``train_tracked`` ask ``run_batches`` once for the run's length and

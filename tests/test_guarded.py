@@ -242,6 +242,10 @@ def test_low_rank_fast_and_optax_chain():
     (dict(switch_after=True), 'switch_after'),
     (dict(decay=1.0), 'decay'),
     (dict(decay=-0.1), 'decay'),
+    (dict(switch_after=3, min_progress=-0.01), 'min_progress'),
+    (dict(switch_after=3, min_progress=np.nan), 'min_progress'),
+    (dict(switch_after=3, min_progress=True), 'min_progress'),
+    (dict(min_progress=0.01), 'needs switch_after'),
 ])
 def test_bad_arguments_are_named(kwargs, match):
   args = dict(levels=[1.0, 1.0, 1.0])
@@ -250,3 +254,139 @@ def test_bad_arguments_are_named(kwargs, match):
   with pytest.raises(ValueError, match=match):
     optimizer = metamd_jax.guarded_switch(optax.sgd(0.1), optax.adam(0.1), levels, **args)
     optimizer.init(random_tree(0))
+
+
+# The switch on progress (min_progress): the loss arrives as optax's extra argument value.
+
+def _losses(rates):
+  """Losses ``L_1 = 2`` and ``L_t = L_{t-1} (1 - rates[t-2])``: relative decreases given."""
+  out = [2.0]
+  for r in rates:
+    out.append(out[-1] * (1 - r))
+  return out
+
+
+def _reference_progress(losses, decay=DECAY):
+  """float64: the bias-corrected moving average of ``(L_{t-1} - L_t) / |L_{t-1}|`` at each
+  update ``t`` (``nan`` at ``t = 1``, where there is none)."""
+  average, out = 0.0, [np.nan]
+  for t in range(2, len(losses) + 1):
+    relative = (losses[t - 2] - losses[t - 1]) / abs(losses[t - 2])
+    average = decay * average + (1 - decay) * relative
+    out.append(average / (1 - decay ** (t - 1)))
+  return np.array(out)
+
+
+def _run_with_losses(optimizer, gradients, params, losses):
+  state = optimizer.init(params)
+  updates = []
+  update = jax.jit(optimizer.update)
+  for g, loss in zip(gradients, losses):
+    u, state = update(g, state, params, value=jnp.float32(loss))
+    params = optax.apply_updates(params, u)
+    updates.append(u)
+  return updates, state
+
+
+@pytest.mark.parametrize('switch_after', [2, 4])
+def test_progress_switch_comes_where_the_float64_reference_says(switch_after):
+  """Fast progress first, then slower: the step count switch waits, past ``switch_after``,
+  for the first update whose averaged relative decrease is below ``min_progress`` (set
+  between two updates' so that another average or bias correction fires elsewhere)."""
+  divergence = random_divergence(dict(structure='kronecker'), dtype=jnp.float32)
+  gradients = _gradients()
+  params = random_tree(0)
+  c = 10 * _reference_levels(divergence, gradients).max(axis=0)  # the levels never fire
+  losses = _losses([0.3, 0.3, 0.25, 0.2, 0.1, 0.02, 0.01, 0.0, -0.05])
+  progress = _reference_progress(losses)
+  min_progress = float((progress[6] + progress[7]) / 2)
+  later = np.arange(1, NUM_STEPS + 1) > switch_after
+  want_switch = int(np.argmax(later & (progress < min_progress))) + 1
+  assert want_switch == 8  # past switch_after, and not where the step count alone says
+  fast, fallback = metamd_jax.metamd(divergence), optax.adam(0.05)
+  optimizer = metamd_jax.guarded_switch(fast, fallback, c, switch_after=switch_after,
+                                        min_progress=min_progress)
+  assert isinstance(optimizer, optax.GradientTransformationExtraArgs)
+  got, state = _run_with_losses(optimizer, gradients, params, losses)
+  assert int(state.switch_step) == want_switch
+  _assert_updates_close(got, _by_hand(fast, fallback, gradients, params, want_switch))
+  # The moving average stored is the reference's, frozen at the switch.
+  np.testing.assert_allclose(
+      float(state.progress) / (1 - DECAY ** (want_switch - 1)), progress[want_switch - 1],
+      rtol=1e-5)
+
+
+def test_progress_switch_fires_at_once_past_switch_after_when_progress_is_slow():
+  divergence = random_divergence(dict(structure='kronecker'), dtype=jnp.float32)
+  gradients = _gradients()
+  params = random_tree(0)
+  c = 10 * _reference_levels(divergence, gradients).max(axis=0)
+  losses = _losses([0.001] * (NUM_STEPS - 1))
+  optimizer = metamd_jax.guarded_switch(metamd_jax.metamd(divergence), optax.sgd(0.01), c,
+                                        switch_after=3, min_progress=0.01)
+  _, state = _run_with_losses(optimizer, gradients, params, losses)
+  assert int(state.switch_step) == 4
+
+
+def test_steady_progress_never_switches_and_is_fast_exactly():
+  divergence = random_divergence(dict(structure='kronecker'), dtype=jnp.float32)
+  gradients = _gradients()
+  params = random_tree(0)
+  c = 10 * _reference_levels(divergence, gradients).max(axis=0)
+  fast = metamd_jax.metamd(divergence)
+  optimizer = metamd_jax.guarded_switch(fast, optax.adam(0.05), c, switch_after=2,
+                                        min_progress=0.05)
+  got, state = _run_with_losses(optimizer, gradients, params,
+                                _losses([0.1] * (NUM_STEPS - 1)))
+  assert not bool(state.switched)
+  want, _ = _run(fast, gradients, params)
+  for a, b in zip(got, want):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_nan_loss_switches_at_once():
+  divergence = random_divergence(dict(structure='kronecker'), dtype=jnp.float32)
+  gradients = _gradients()
+  params = random_tree(0)
+  c = 10 * _reference_levels(divergence, gradients).max(axis=0)
+  losses = _losses([0.1] * (NUM_STEPS - 1))
+  losses[2] = np.nan
+  optimizer = metamd_jax.guarded_switch(metamd_jax.metamd(divergence), optax.sgd(0.01), c,
+                                        switch_after=5, min_progress=0.0)
+  _, state = _run_with_losses(optimizer, gradients, params, losses)
+  assert int(state.switch_step) == 3
+
+
+def test_progress_behind_optax_chain_gets_the_loss():
+  """``optax.chain`` passes the extra argument on: the switch is the reference's."""
+  divergence = random_divergence(dict(structure='kronecker'), dtype=jnp.float32)
+  gradients = _gradients()
+  params = random_tree(0)
+  c = 10 * _reference_levels(divergence, gradients).max(axis=0)
+  losses = _losses([0.3, 0.3, 0.25, 0.2, 0.1, 0.02, 0.01, 0.0, -0.05])
+  progress = _reference_progress(losses)
+  min_progress = float((progress[5] + progress[6]) / 2)
+  fast, fallback = metamd_jax.metamd(divergence), optax.adam(0.05)
+  optimizer = optax.chain(metamd_jax.guarded_switch(fast, fallback, c, switch_after=1,
+                                                    min_progress=min_progress),
+                          optax.scale(0.5))
+  got, state = _run_with_losses(optimizer, gradients, params, losses)
+  assert int(state[0].switch_step) == 7
+  inner = _by_hand(fast, fallback, gradients, params, 7)
+  _assert_updates_close(got, [jax.tree.map(lambda x: 0.5 * x, u) for u in inner])
+
+
+def test_progress_needs_the_scalar_loss():
+  optimizer = metamd_jax.guarded_switch(optax.sgd(0.1), optax.adam(0.1), 1.0,
+                                        switch_after=2, min_progress=0.01)
+  params = random_tree(0)
+  state = optimizer.init(params)
+  with pytest.raises(ValueError, match='needs the loss'):
+    optimizer.update(params, state, params)
+  with pytest.raises(ValueError, match='scalar loss'):
+    optimizer.update(params, state, params, value=jnp.ones(2))
+  # Without min_progress the loss is not needed and update takes no extra arguments.
+  plain = metamd_jax.guarded_switch(optax.sgd(0.1), optax.adam(0.1), 1.0, switch_after=2)
+  assert not isinstance(plain, optax.GradientTransformationExtraArgs)
+  plain.update(params, plain.init(params), params)
