@@ -277,6 +277,14 @@ def _reference_progress(losses, decay=DECAY):
   return np.array(out)
 
 
+def _below_the_levels():
+  """A Kronecker divergence, gradients, parameters and levels the check never reaches."""
+  divergence = random_divergence(dict(structure='kronecker'), dtype=jnp.float32)
+  gradients = _gradients()
+  return (divergence, gradients, random_tree(0),
+          10 * _reference_levels(divergence, gradients).max(axis=0))
+
+
 def _run_with_losses(optimizer, gradients, params, losses):
   state = optimizer.init(params)
   updates = []
@@ -316,23 +324,8 @@ def test_progress_switch_comes_where_the_float64_reference_says(switch_after):
       rtol=1e-5)
 
 
-def test_progress_switch_fires_at_once_past_switch_after_when_progress_is_slow():
-  divergence = random_divergence(dict(structure='kronecker'), dtype=jnp.float32)
-  gradients = _gradients()
-  params = random_tree(0)
-  c = 10 * _reference_levels(divergence, gradients).max(axis=0)
-  losses = _losses([0.001] * (NUM_STEPS - 1))
-  optimizer = metamd_jax.guarded_switch(metamd_jax.metamd(divergence), optax.sgd(0.01), c,
-                                        switch_after=3, min_progress=0.01)
-  _, state = _run_with_losses(optimizer, gradients, params, losses)
-  assert int(state.switch_step) == 4
-
-
 def test_steady_progress_never_switches_and_is_fast_exactly():
-  divergence = random_divergence(dict(structure='kronecker'), dtype=jnp.float32)
-  gradients = _gradients()
-  params = random_tree(0)
-  c = 10 * _reference_levels(divergence, gradients).max(axis=0)
+  divergence, gradients, params, c = _below_the_levels()
   fast = metamd_jax.metamd(divergence)
   optimizer = metamd_jax.guarded_switch(fast, optax.adam(0.05), c, switch_after=2,
                                         min_progress=0.05)
@@ -345,25 +338,26 @@ def test_steady_progress_never_switches_and_is_fast_exactly():
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_a_nan_loss_switches_at_once():
-  divergence = random_divergence(dict(structure='kronecker'), dtype=jnp.float32)
-  gradients = _gradients()
-  params = random_tree(0)
-  c = 10 * _reference_levels(divergence, gradients).max(axis=0)
-  losses = _losses([0.1] * (NUM_STEPS - 1))
+def _nan_at_third(losses):
   losses[2] = np.nan
+  return losses
+
+
+@pytest.mark.parametrize('losses,switch_after,min_progress,want', [
+    (_losses([0.001] * (NUM_STEPS - 1)), 3, 0.01, 4),  # slow: right after switch_after
+    (_nan_at_third(_losses([0.1] * (NUM_STEPS - 1))), 5, 0.0, 3),  # NaN: at once
+])
+def test_slow_progress_or_a_nan_loss_switches_early(losses, switch_after, min_progress, want):
+  divergence, gradients, params, c = _below_the_levels()
   optimizer = metamd_jax.guarded_switch(metamd_jax.metamd(divergence), optax.sgd(0.01), c,
-                                        switch_after=5, min_progress=0.0)
+                                        switch_after=switch_after, min_progress=min_progress)
   _, state = _run_with_losses(optimizer, gradients, params, losses)
-  assert int(state.switch_step) == 3
+  assert int(state.switch_step) == want
 
 
 def test_progress_behind_optax_chain_gets_the_loss():
   """``optax.chain`` passes the extra argument on: the switch is the reference's."""
-  divergence = random_divergence(dict(structure='kronecker'), dtype=jnp.float32)
-  gradients = _gradients()
-  params = random_tree(0)
-  c = 10 * _reference_levels(divergence, gradients).max(axis=0)
+  divergence, gradients, params, c = _below_the_levels()
   losses = _losses([0.3, 0.3, 0.25, 0.2, 0.1, 0.02, 0.01, 0.0, -0.05])
   progress = _reference_progress(losses)
   min_progress = float((progress[5] + progress[6]) / 2)
