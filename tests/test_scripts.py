@@ -14,6 +14,7 @@ import optax
 import pytest
 from conftest import FAST_COMPILE
 
+import metamd_jax
 from experiments import builders, evaluate
 from metamd_jax import artifact, blended, evaluation, models
 from metamd_jax.objectives import MetaGradient
@@ -23,6 +24,7 @@ from scripts import (
   benchmark_roots,
   benchmark_step,
   timing,
+  trace_guard,
   trace_overshoot,
 )
 from scripts.inputs import init_params
@@ -530,6 +532,57 @@ def test_trace_overshoot_names_bad_arguments(tmp_path, argv, message):
 def test_trace_overshoot_names_a_missing_divergence(tmp_path):
   with pytest.raises(FileNotFoundError, match='divergence.npz'):
     trace_overshoot.main(['--config', str(CONFIGS / 'tiny.py'), '--workdir', str(tmp_path)])
+
+
+def test_trace_guard_main(tmp_path, capsys, monkeypatch):
+  """Per task: the switch where the step count says, the loss before it the fast step's,
+  the highest loss after it and the steps to Adam's loss those of plain runs
+  (``evaluation.run`` of the guarded optimiser, ``train_tracked`` of frozen MetaMD and Adam)."""
+  config = benchmark_parallel.load_config(str(CONFIGS / 'tiny.py'))
+  family, _ = builders.build_families(config)
+  divergence = builders.build_divergence(config, family)
+  artifact.save_divergence(tmp_path / 'divergence.npz', divergence)
+  calibrations = []  # the script's own calibration, reused below
+  calibrate = evaluate.calibrate
+  monkeypatch.setattr(evaluate, 'calibrate',
+                      lambda *args: calibrations.append(calibrate(*args)) or calibrations[-1])
+  result = trace_guard.main(['--config', str(CONFIGS / 'tiny.py'), '--workdir', str(tmp_path),
+                             '--num-tasks', '2', '--steps', '10', '--margin', '1e30',
+                             '--switch-after', '3', '--adam-lr', '0.1',
+                             '--json', str(tmp_path / 'trace.json')])
+  assert '| task | switch | loss before' in capsys.readouterr().out
+  assert json.loads((tmp_path / 'trace.json').read_text()) == result
+  assert result['settings']['switch_after'] == 3 and len(result['tasks']) == 2
+
+  config.eval.adaptive_guard_margin, config.eval.adaptive_guard_steps = 1e30, 3
+  assert len(calibrations) == 1
+  guarded = evaluate.adaptive_optimizer(config, divergence, calibrations[0])
+  tasks = evaluation.tuning_tasks(family, config.seed, 2)
+  curves = evaluation.run(guarded, family, tasks, 10, track_every=1).train_losses
+  for index, row in enumerate(result['tasks']):
+    task = family.task(jax.tree.map(lambda x, i=index: x[i], tasks))
+    adam = np.asarray(evaluation.train_tracked(optax.adam(0.1), task, 10)[2])
+    fast = np.asarray(evaluation.train_tracked(metamd_jax.metamd(divergence), task, 10)[2])
+    assert row['switch'] == 4
+    np.testing.assert_allclose(row['target'], adam[-1], rtol=1e-6)
+    np.testing.assert_allclose(row['loss_before'], fast[3], rtol=1e-5)
+    np.testing.assert_allclose(row['highest_after'], np.max(curves[index, 4:9]), rtol=1e-5)
+    for key, curve in (('guarded_steps', curves[index]), ('fast_steps', fast)):
+      below = [t for t in range(1, 11) if curve[t] <= row['target']]
+      assert row[key] == (below[0] if below else None)
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--adam-lr', '0.1'], 'no guard'),
+    (['--adam-lr', '0.1', '--margin', '2', '--tasks', 'test'], '--tasks'),
+    (['--adam-lr', '0', '--margin', '2'], '--adam-lr'),
+    (['--adam-lr', '0.1', '--margin', '-1'], 'adaptive_guard_margin'),
+    (['--adam-lr', '0.1', '--margin', '2', '--set', 'no_such_field=none'], 'FIELD=VALUE'),
+])
+def test_trace_guard_names_bad_arguments(tmp_path, argv, message):
+  with pytest.raises(SystemExit, match=message):
+    trace_guard.main(['--config', str(CONFIGS / 'tiny.py'), '--workdir', str(tmp_path),
+                      *argv])
 
 
 def _stored_check(entries, reference='adam'):
