@@ -27,10 +27,9 @@ parameters, the state ``init`` made):
 the fast update that tripped it is discarded, so a change that makes the first learned
 step far too long never takes it.
 
-The switch on progress. A step count alone is a poor switch: set from the steps a
-meta-train task needs, it hands a task that needs a few more over to ``fallback`` just
-before the end, and ``fallback`` started afresh pays its first, most expensive steps
-(experiments/RESULTS.md section 38). With ``min_progress`` ``p``, ``update`` takes the
+The switch on progress. A step count set from the steps a meta-train task needs hands a
+task that needs a few more over to ``fallback`` just before the end. With
+``min_progress`` ``p``, ``update`` takes the
 loss as ``value`` (``optax``'s extra arguments: ``update(grads, state, params,
 value=loss)``, the loss at the parameters the gradient was taken at) and keeps the moving
 average of its relative decrease,
@@ -42,7 +41,10 @@ average of its relative decrease,
 
 and the step count switch fires at the first update ``t > switch_after`` with
 ``w_t / (1 - beta^{t-1}) < p``: the fast steps go on while they still make progress. A
-non-finite loss switches at once.
+non-finite loss switches at once. Measured on minibatch losses it helps little once the
+loss is near its minibatch noise, and the handover has its own cost: a ``fallback`` with
+online statistics started afresh mid-run (the adaptive default's) takes long first steps
+and jumps the loss (experiments/RESULTS.md section 39).
 
 The guarantee. Let ``tau`` be the switch step (``T + 1`` if it never comes). The steps
 before ``tau`` are ``fast``'s, the steps from ``tau`` on are ``fallback``'s started
