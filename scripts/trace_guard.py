@@ -25,7 +25,6 @@ is the config's; ``none`` sets ``None``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 
@@ -39,11 +38,10 @@ import optax  # noqa: E402
 
 import metamd_jax  # noqa: E402
 from experiments import builders, evaluate  # noqa: E402
-from experiments import meta_train as meta_train_exp  # noqa: E402
 from metamd_jax import evaluation  # noqa: E402
 from metamd_jax.tasks.base import batches_of  # noqa: E402
 from scripts.benchmark_parallel import load_config  # noqa: E402
-from scripts.trace_overshoot import apply_settings  # noqa: E402
+from scripts.trace_overshoot import apply_settings, calibrated_adaptive, report  # noqa: E402
 
 AFTER = 5  # steps from the switch in which the highest loss is reported
 TASKS = ('validation', 'held_out')
@@ -109,13 +107,8 @@ def trace(config, workdir: str | os.PathLike, which: str, num_tasks: int,
   ev = config.eval
   if ev.get('adaptive_guard_margin', None) is None:
     _fail('the config has no guard (eval.adaptive_guard_margin is None): pass --margin.')
-  train_family, test_family = builders.build_families(config)
-  divergence = meta_train_exp.learned_divergence(workdir, train_family)
-  tune_tasks = evaluation.tuning_tasks(train_family, config.seed, ev.num_tune_tasks)
-  calibration = evaluate.calibrate(config, divergence, train_family, tune_tasks)
-  guarded = evaluate.adaptive_optimizer(config, divergence, calibration)
-  if guarded is None:
-    _fail('calibration failed: the learned divergence diverges on a tuning task.')
+  (train_family, test_family), divergence, guarded = calibrated_adaptive(config, workdir,
+                                                                         'trace_guard')
   fast = evaluate.low_rank_optimizer(config, divergence) or metamd_jax.metamd(divergence)
   if which == 'validation':
     family, tasks = train_family, evaluation.tuning_tasks(train_family, config.seed,
@@ -196,10 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
                    args.steps or config.eval.num_steps, args.adam_lr)
   except ValueError as error:  # a bad config value, named by experiments.builders
     _fail(str(error))
-  print(format_trace(result))
-  if args.json:
-    pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
-  return result
+  return report(result, format_trace(result), args.json)
 
 
 if __name__ == '__main__':

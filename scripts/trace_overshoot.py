@@ -79,6 +79,21 @@ def _overshoot_state(state):
   return None
 
 
+def calibrated_adaptive(config, workdir: str | os.PathLike, script: str):
+  """``((meta-train family, meta-test family), divergence, optimizer)``: the config's
+  adaptive optimiser on ``workdir``'s learned divergence, calibrated on the meta-train
+  tuning tasks as the experiments do; exits naming ``script`` where calibration fails."""
+  families = builders.build_families(config)
+  divergence = meta_train_exp.learned_divergence(workdir, families[0])
+  tune_tasks = evaluation.tuning_tasks(families[0], config.seed, config.eval.num_tune_tasks)
+  calibration = evaluate.calibrate(config, divergence, families[0], tune_tasks)
+  optimizer = evaluate.adaptive_optimizer(config, divergence, calibration)
+  if optimizer is None:
+    raise SystemExit(f'{script}: calibration failed: the learned divergence diverges on a '
+                     'tuning task.')
+  return families, divergence, optimizer
+
+
 def trace(config, workdir: str | os.PathLike, shift: str | None, task_index: int,
           num_steps: int, every: int) -> dict:
   """Train one validation task; the whole-set loss and ``sigma`` every ``every`` steps.
@@ -97,13 +112,7 @@ def trace(config, workdir: str | os.PathLike, shift: str | None, task_index: int
   if not ev.get('adaptive_overshoot', False):
     _fail('the config has eval.adaptive_overshoot=False: no check to trace '
           '(--set adaptive_overshoot=true).')
-  family, _ = builders.build_families(config)
-  divergence = meta_train_exp.learned_divergence(workdir, family)
-  tune_tasks = evaluation.tuning_tasks(family, config.seed, ev.num_tune_tasks)
-  calibration = evaluate.calibrate(config, divergence, family, tune_tasks)
-  optimizer = evaluate.adaptive_optimizer(config, divergence, calibration)
-  if optimizer is None:
-    _fail('calibration failed: the learned divergence diverges on a tuning task.')
+  (family, _), divergence, optimizer = calibrated_adaptive(config, workdir, 'trace_overshoot')
   changed = family if shift is None else builders.shifted_family(config, family, shift,
                                                                   'meta_train')
   tasks = evaluation.tuning_tasks(changed, config.seed, task_index + 1)
@@ -146,6 +155,14 @@ def format_trace(result: dict) -> str:
   return '\n'.join(lines)
 
 
+def report(result: dict, table: str, json_path: str | None) -> dict:
+  """Print ``table``; write ``result`` as JSON to ``json_path`` where given; ``result``."""
+  print(table)
+  if json_path:
+    pathlib.Path(json_path).write_text(json.dumps(result, indent=1))
+  return result
+
+
 def main(argv: list[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--config', default='configs/default.py')
@@ -165,10 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
   apply_settings(config, args.set)
   result = trace(config, args.workdir, args.shift, args.task,
                  args.steps or config.eval.num_steps, args.every)
-  print(format_trace(result))
-  if args.json:
-    pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
-  return result
+  return report(result, format_trace(result), args.json)
 
 
 if __name__ == '__main__':

@@ -537,7 +537,7 @@ def test_trace_overshoot_names_a_missing_divergence(tmp_path):
 def test_trace_guard_main(tmp_path, capsys, monkeypatch):
   """Per task: the switch where the step count says, the loss before it the fast step's,
   the highest loss after it and the steps to Adam's loss those of plain runs
-  (``evaluation.run`` of the guarded optimiser, ``train_tracked`` of frozen MetaMD and Adam)."""
+  (``evaluation.run`` of the guarded optimiser, frozen MetaMD and Adam)."""
   config = benchmark_parallel.load_config(str(CONFIGS / 'tiny.py'))
   family, _ = builders.build_families(config)
   divergence = builders.build_divergence(config, family)
@@ -558,16 +558,18 @@ def test_trace_guard_main(tmp_path, capsys, monkeypatch):
   assert len(calibrations) == 1
   guarded = evaluate.adaptive_optimizer(config, divergence, calibrations[0])
   tasks = evaluation.tuning_tasks(family, config.seed, 2)
-  curves = evaluation.run(guarded, family, tasks, 10, track_every=1).train_losses
+  curves = {name: np.asarray(evaluation.run(optimizer, family, tasks, 10,
+                                            track_every=1).train_losses)
+            for name, optimizer in (('guarded', guarded), ('adam', optax.adam(0.1)),
+                                    ('fast', metamd_jax.metamd(divergence)))}
   for index, row in enumerate(result['tasks']):
-    task = family.task(jax.tree.map(lambda x, i=index: x[i], tasks))
-    adam = np.asarray(evaluation.train_tracked(optax.adam(0.1), task, 10)[2])
-    fast = np.asarray(evaluation.train_tracked(metamd_jax.metamd(divergence), task, 10)[2])
+    fast = curves['fast'][index]
     assert row['switch'] == 4
-    np.testing.assert_allclose(row['target'], adam[-1], rtol=1e-6)
+    np.testing.assert_allclose(row['target'], curves['adam'][index, -1], rtol=1e-6)
     np.testing.assert_allclose(row['loss_before'], fast[3], rtol=1e-5)
-    np.testing.assert_allclose(row['highest_after'], np.max(curves[index, 4:9]), rtol=1e-5)
-    for key, curve in (('guarded_steps', curves[index]), ('fast_steps', fast)):
+    np.testing.assert_allclose(row['highest_after'], np.max(curves['guarded'][index, 4:9]),
+                               rtol=1e-5)
+    for key, curve in (('guarded_steps', curves['guarded'][index]), ('fast_steps', fast)):
       below = [t for t in range(1, 11) if curve[t] <= row['target']]
       assert row[key] == (below[0] if below else None)
 
