@@ -117,7 +117,11 @@ def psgd_kron(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransforma
     Li, `Preconditioned stochastic gradient descent <https://arxiv.org/abs/1512.04202>`_,
     2015; the Kron variant of https://github.com/lixilinx/psgd_torch.
   """
-  return _import('psgd_kron').kron(learning_rate)
+  kron = _import('psgd_kron').kron(learning_rate)
+  # psgdax types its chain for optax's extra arguments, but an inner update refuses them;
+  # the runs pass the loss as one (metamd_jax.evaluation), so take the plain type.
+  return optax.GradientTransformation(
+      kron.init, lambda updates, state, params=None: kron.update(updates, state, params))
 
 
 def shampoo(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformation:

@@ -136,27 +136,6 @@ def compile_hoisted(fn: Callable, *args) -> Callable:
   return lambda: jax.tree.unflatten(out_tree, compiled(closed.consts, flat_args))
 
 
-def _update_with_loss(optimizer: optax.GradientTransformation):
-  """``(grads, state, params, loss) -> (updates, state)``: ``optimizer.update`` with the loss
-  as ``optax``'s extra argument ``value``.
-
-  A plain ``GradientTransformation`` is wrapped to ignore it. Some third-party
-  transformations are typed ``GradientTransformationExtraArgs`` but refuse extra
-  arguments (``psgdax``'s Kron inside ``optax.chain``): for those the update is traced
-  again without the loss (once, when the step is traced; nothing at run time)."""
-  with_loss = optax.with_extra_args_support(optimizer)
-
-  def update(grads, state, params, loss):
-    try:
-      return with_loss.update(grads, state, params, value=loss)
-    except TypeError as error:
-      if "unexpected keyword argument 'value'" not in str(error):
-        raise
-      return optimizer.update(grads, state, params)
-
-  return update
-
-
 def _step_fn(optimizer: optax.GradientTransformation, task: Task, num_steps: int):
   """``((params, opt_state), step) -> ((params, opt_state), minibatch loss)``, a scan body
   for the steps ``[0, num_steps)`` (their batches from :func:`metamd_jax.tasks.base.batches_of`).
@@ -164,12 +143,12 @@ def _step_fn(optimizer: optax.GradientTransformation, task: Task, num_steps: int
   The optimiser gets the minibatch loss as ``optax``'s extra argument ``value`` (used by
   :func:`metamd_jax.guarded_switch` with ``min_progress``; ignored by the others)."""
   batch = batches_of(task, num_steps)
-  update = _update_with_loss(optimizer)
+  update = optax.with_extra_args_support(optimizer).update
 
   def body(carry, step):
     params, state = carry
     loss, grads = jax.value_and_grad(task.loss)(params, batch(step))
-    updates, state = update(grads, state, params, loss)
+    updates, state = update(grads, state, params, value=loss)
     return (optax.apply_updates(params, updates), state), loss
 
   return body

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import QuadraticFamily
+from helpers import QuadraticFamily, quadratic_task
 
 from configs import tiny
 from experiments import builders, kronecker_baselines, protocol
@@ -91,6 +91,24 @@ def test_installed_package_passes_validation(name):
   config.eval.baselines = (name,)
   config.eval.reference = name  # the reference must be one of the baselines
   builders.validate_config(config)
+
+
+def test_psgd_kron_trains_in_runs_that_pass_the_loss():
+  """psgdax types its chain for extra arguments but refuses them: the baseline takes the
+  plain type, so the runs (which pass the loss as ``value``) train it as a plain loop does."""
+  assert kronecker_baselines.missing_package('psgd_kron') is None, kronecker_baselines.INSTALL
+  task = quadratic_task()
+  optimizer = kronecker_baselines.psgd_kron(0.01)
+  _, losses = evaluation.train(optimizer, task, 4)
+  kron = kronecker_baselines._import('psgd_kron').kron(0.01)
+  params, want = task.init(), []
+  state = kron.init(params)
+  for t in range(4):
+    loss, grads = jax.value_and_grad(task.loss)(params, task.batch(t))
+    updates, state = kron.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    want.append(loss)
+  np.testing.assert_allclose(losses, want, rtol=1e-5)
 
 
 def test_shampoo_tunes_on_a_digits_mlp_without_crashing_xla():

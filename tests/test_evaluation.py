@@ -38,8 +38,7 @@ def test_train_equals_a_python_optax_loop():
 
 
 def test_train_passes_the_loss_to_optimizers_that_take_it():
-  """The minibatch loss arrives as ``value``; a transformation typed for extra arguments
-  that refuses them (as a third-party one may) still trains, without it."""
+  """The minibatch loss arrives as ``value`` (optax's extra arguments)."""
   task = quadratic_task()
 
   def scale_by_loss(updates, state, params=None, value=None, **extra):
@@ -60,15 +59,6 @@ def test_train_passes_the_loss_to_optimizers_that_take_it():
   _, expected, _ = _python_loop(optax.sgd(0.1), task, 4)
   assert not np.allclose(losses[1:], expected[1:], rtol=1e-3)  # the loss did scale
 
-  def refusing_update(updates, state, params=None):
-    del params
-    return updates, state
-
-  refusing = optax.chain(
-      optax.GradientTransformationExtraArgs(optax.init_empty_state, refusing_update),
-      optax.sgd(0.1))
-  _, losses = evaluation.train(refusing, task, 4)
-  np.testing.assert_allclose(losses, expected, rtol=1e-5)
 
 
 @pytest.mark.parametrize('tracked', [False, True])
