@@ -277,6 +277,11 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.adaptive_guard_margin = ml_collections.config_dict.placeholder(float)
   evaluation.adaptive_guard_steps = ml_collections.config_dict.placeholder(int)
   evaluation.adaptive_guard_progress = ml_collections.config_dict.placeholder(float)
+  # True: the adaptive optimiser starts, at the switch, with Shampoo's statistics from the
+  # frozen steps' gradient mass (metamd_jax.blended.statistics_prior) instead of empty
+  # ones, whose first steps are of unit size. Needs the guard and Shampoo's statistics
+  # with a positive blend rate.
+  evaluation.adaptive_guard_prior = False
   # Everyday changes (classification families only; () disables): the held-out tasks again
   # with every optimiser as it is (learned metric, tuned learning rates, calibrated c),
   # against Adam re-tuned on each change. Each costs one Adam tuning and one run per

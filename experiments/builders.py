@@ -339,6 +339,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       _fail('eval.adaptive_guard_progress', guard_progress,
             'needs eval.adaptive_guard_margin and eval.adaptive_guard_steps (the steps '
             'before progress is checked)')
+  guard_prior = evaluation.get('adaptive_guard_prior', False)
+  if not isinstance(guard_prior, bool):
+    _fail('eval.adaptive_guard_prior', guard_prior, 'must be a bool')
+  if guard_prior and (guard_margin is None
+                      or evaluation.get('adaptive_blend_statistics', 'sum') != 'kronecker'
+                      or not evaluation.get('adaptive_blend_rate', 0.0)):
+    _fail('eval.adaptive_guard_prior', guard_prior,
+          "needs eval.adaptive_guard_margin (the guard), eval.adaptive_blend_statistics = "
+          "'kronecker' and a positive eval.adaptive_blend_rate (the statistics it starts)")
   if evaluation.get('adaptive_blend_sketch_rank', 0) and \
       evaluation.get('adaptive_blend_block_size', 0):
     _fail('eval.adaptive_blend_sketch_rank', evaluation.adaptive_blend_sketch_rank,

@@ -261,6 +261,7 @@ for _settings in CANDIDATES.values():  # no momentum unless a candidate names on
   _settings.setdefault('adaptive_guard_margin', None)
   _settings.setdefault('adaptive_guard_steps', None)
   _settings.setdefault('adaptive_guard_progress', None)
+  _settings.setdefault('adaptive_guard_prior', False)
 OVERSHOOT = {
     **{f'config_overshoot_{decay}': {'adaptive_overshoot': True,
                                      'adaptive_overshoot_decay': decay}
@@ -323,6 +324,11 @@ OVERSHOOT = {
     'config_guard_2_steps_20_blend_0_lengthen_off': {
         'adaptive_guard_margin': 2.0, 'adaptive_guard_steps': 20, 'adaptive_blend_rate': 0.0,
         'adaptive_lengthen_below': None},
+    'config_guard_2_steps_20_prior': {'adaptive_guard_margin': 2.0, 'adaptive_guard_steps': 20,
+                                      'adaptive_guard_prior': True},
+    'config_guard_2_steps_20_prior_lengthen_off': {
+        'adaptive_guard_margin': 2.0, 'adaptive_guard_steps': 20, 'adaptive_guard_prior': True,
+        'adaptive_lengthen_below': None},
 }
 """Candidates that keep the config's own settings and add the overshoot check at a
 decay (``eval.adaptive_overshoot``, ``eval.adaptive_overshoot_decay``), or at 0.5 with
@@ -360,8 +366,10 @@ decrease per step is below ``p`` (0.01 or 0.02;
 ``'config_guard_2_steps_<k>_progress_<p>'``, ``eval.adaptive_guard_progress``), or at
 margin 2 switching at 20 with a fallback without the online half
 (``'config_guard_2_steps_20_blend_0'``, ``eval.adaptive_blend_rate = 0``) and also without
-the longer first steps (``'..._lengthen_off'``, ``eval.adaptive_lengthen_below = None``);
-after :data:`CANDIDATES` in ties."""
+the longer first steps (``'..._lengthen_off'``, ``eval.adaptive_lengthen_below = None``),
+or with the fallback's Shampoo statistics started from the frozen steps' gradient mass
+(``'config_guard_2_steps_20_prior'``, ``eval.adaptive_guard_prior``), also without the
+longer first steps (``'..._prior_lengthen_off'``); after :data:`CANDIDATES` in ties."""
 OWN = 'config'
 """The candidate that keeps the config's own ``eval`` settings (always allowed; first in
 ties): how :mod:`experiments.sweep` scores a meta-training setting by this rule."""

@@ -95,6 +95,7 @@ def calibrate(config: ml_collections.ConfigDict, divergence: PyTree, family: Tas
           'guard_margin': ev.get('adaptive_guard_margin', None),
           'guard_steps': ev.get('adaptive_guard_steps', None),
           'guard_progress': ev.get('adaptive_guard_progress', None),
+          'guard_prior': ev.get('adaptive_guard_prior', False),
           'calibration_tasks': 'meta-train tuning tasks',
           'num_calibration_tasks': ev.num_tune_tasks, 'num_steps': ev.num_steps}
 
@@ -211,7 +212,9 @@ def guard(config: ml_collections.ConfigDict, divergence: PyTree, adaptive: dict,
   step while its gradients stay within that margin of the calibrated levels (the
   reference norms), ``optimizer`` for good from the first step they do not, or after
   ``eval.adaptive_guard_steps`` steps (once the loss's averaged relative decrease per step
-  is below ``eval.adaptive_guard_progress``, where set); else ``optimizer`` itself."""
+  is below ``eval.adaptive_guard_progress``, where set), started with Shampoo's
+  statistics from the frozen steps' gradient mass with ``eval.adaptive_guard_prior``;
+  else ``optimizer`` itself."""
   ev = config.eval
   margin = ev.get('adaptive_guard_margin', None)
   if margin is None:
@@ -221,6 +224,9 @@ def guard(config: ml_collections.ConfigDict, divergence: PyTree, adaptive: dict,
                                    margin=margin,
                                    switch_after=ev.get('adaptive_guard_steps', None),
                                    min_progress=ev.get('adaptive_guard_progress', None),
+                                   handover=(metamd_jax.statistics_prior
+                                             if ev.get('adaptive_guard_prior', False)
+                                             else None),
                                    decay=ev.adaptive_decay)
 
 

@@ -12,6 +12,7 @@ from metamd_jax.blended import (
     ScaleByBlendedMirrorDescentState,
     blended_metamd,
     scale_by_blended_mirror_descent,
+    statistics_prior,
 )
 from metamd_jax.bound import adaptive_regret_bound, regret_bound
 from metamd_jax.divergence import (
@@ -106,6 +107,7 @@ __all__ = (
     'scale_by_eigenbasis_mirror_descent',
     'scale_by_low_rank_mirror_descent',
     'scale_by_mirror_descent',
+    'statistics_prior',
     'strong_convexity',
     'unrolled_loss',
 )

@@ -213,6 +213,7 @@ __all__ = [
     'scale_by_blended_mirror_descent',
     'scale_by_factored_statistics',
     'scale_by_kronecker_statistics',
+    'statistics_prior',
 ]
 
 
@@ -536,6 +537,16 @@ def _apply_side(root: Array | sketch.SketchRoot, matrix: Array, side: str) -> Ar
   return root @ matrix if side == 'left' else matrix @ root
 
 
+def _add_statistic(old: Array, matrix: Array, side: str) -> Array:
+  """A full, diagonal or block-diagonal side statistic plus ``G G^T`` (``'left'``) or
+  ``G^T G`` (``'right'``) of ``matrix`` ``G``."""
+  if old.ndim == 1:
+    return old + jnp.sum(jnp.square(matrix), axis=1 if side == 'left' else 0)
+  if old.ndim == 3:
+    return old + _block_statistic(matrix if side == 'left' else matrix.T, *old.shape[:2])
+  return old + (matrix @ matrix.T if side == 'left' else matrix.T @ matrix)
+
+
 class KroneckerStatisticsState(NamedTuple):
   """State of :func:`scale_by_kronecker_statistics`.
 
@@ -717,13 +728,6 @@ def scale_by_kronecker_statistics(
     return new, sketch.inverse_fourth_root(vectors, values, new.escaped, other, epsilon,
                                            relative_epsilon)
 
-  def statistic(old, matrix, side):
-    if old.ndim == 1:
-      return old + jnp.sum(jnp.square(matrix), axis=1 if side == 'left' else 0)
-    if old.ndim == 3:
-      return old + _block_statistic(matrix if side == 'left' else matrix.T, *old.shape[:2])
-    return old + (matrix @ matrix.T if side == 'left' else matrix.T @ matrix)
-
   def update_fn(updates, state, params=None):
     del params
     count = optax.safe_increment(state.count)
@@ -738,7 +742,7 @@ def scale_by_kronecker_statistics(
       for old, side, news in ((left, 'left', new_lefts), (right, 'right', new_rights)):
         # A sketch is merged below, once its leaf's mass (and refresh) is known.
         news.append(old if isinstance(old, sketch.SketchState)
-                    else statistic(old, matrix, side))
+                    else _add_statistic(old, matrix, side))
 
     due = (count <= refresh_every) | ((count - 1) % refresh_every == 0)
     # Per leaf: the schedule, or (with refresh_growth) its mass grown by more than 1 + kappa.
@@ -807,6 +811,92 @@ def scale_by_kronecker_statistics(
         count=count, refreshed=refreshed.astype(jnp.float32), merged=merged)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _isotropic(statistic: Any, size: int, mean: Array) -> Any:
+  """``statistic`` plus ``mean I`` (``size x size``): full, diagonal, block diagonal (the
+  padding left at zero) or a sketch (added to its escaped mass)."""
+  if isinstance(statistic, sketch.SketchState):
+    return statistic._replace(escaped=statistic.escaped + mean.astype(statistic.escaped.dtype))
+  mean = mean.astype(statistic.dtype)
+  if statistic.ndim == 1:
+    return statistic + mean
+  if statistic.ndim == 3:
+    count, width = statistic.shape[:2]
+    diagonal = (jnp.arange(count * width) < size).astype(statistic.dtype).reshape(count, width)
+    return statistic + mean * jax.vmap(jnp.diag)(diagonal)
+  return statistic + mean * jnp.eye(size, dtype=statistic.dtype)
+
+
+def _with_prior(state: KroneckerStatisticsState, shapes: list[tuple[int, ...]],
+                masses: Array) -> KroneckerStatisticsState:
+  is_sketch = lambda x: isinstance(x, sketch.SketchState)
+  lefts, treedef = jax.tree.flatten(state.left, is_leaf=is_sketch)
+  rights = treedef.flatten_up_to(state.right)
+  if len(lefts) != len(shapes):
+    raise ValueError(f'params have {len(shapes)} leaves, the statistics {len(lefts)}.')
+  new_lefts, new_rights, merged = [], [], state.merged
+  for index, (left, right, shape) in enumerate(zip(lefts, rights, shapes)):
+    m, n = _matrix_view(shape)
+    mass = masses[index]
+    new_lefts.append(_isotropic(left, m, mass / m))
+    new_rights.append(_isotropic(right, n, mass / n))
+    if is_sketch(left) or is_sketch(right):
+      # The prior is in the sketch already: the first merge carries only the mass after it.
+      merged = merged.at[index].set(mass.astype(merged.dtype))
+  return state._replace(left=treedef.unflatten(new_lefts),
+                        right=treedef.unflatten(new_rights), merged=merged)
+
+
+def statistics_prior(state: Any, params: PyTree, masses: Any) -> Any:
+  """Start every Shampoo statistic in an optimiser's state from a past gradient mass.
+
+  Each :class:`KroneckerStatisticsState` found in ``state`` (e.g. in
+  :func:`blended_metamd`'s with ``statistics='kronecker'``, behind ``optax.chain`` or
+  :func:`metamd_jax.doubling_restarts`) gets, per ``m x n`` leaf with mass ``mu``,
+
+  .. math::
+
+    L_0 = \\frac{\\mu}{m} I_m, \\qquad R_0 = \\frac{\\mu}{n} I_n :
+
+  the statistics that gradients of total mass ``mu = sum_tau ||G_tau||_F^2`` spread evenly
+  over the leaf's entries would have left (``tr L_0 = tr R_0 = mu``; gradients of one size
+  ``gamma`` over ``t`` steps give ``mu = t m n gamma^2`` and ``K_0 = gamma sqrt(t)``, the
+  ``K`` those steps give). A diagonal side gets ``mu / m`` per entry, a block-diagonal one
+  the same on its blocks' real indices, a sketched one ``mu / m`` of escaped mass (``hat
+  L_0 = L_0``; the first merge then carries only the mass after the prior). This is the
+  handover of :func:`metamd_jax.guarded_switch`: the online half, started mid-run, takes
+  steps of the size an online half run from the start would take instead of the unit
+  first steps of empty statistics. Adding a constant to statistics that only grow keeps
+  ``K_t`` non-decreasing, so the adaptive-mirror-descent bound holds from the handover on
+  (with ``M_1`` the metric at the prior).
+
+  Args:
+    state: an optimiser state as its ``init`` returns it (statistics empty).
+    params: the parameters (their leaves' shapes give ``m`` and ``n``).
+    masses: ``mu``, one non-negative number per parameter leaf (``jax.tree.leaves``
+      order), shape ``(L,)``.
+
+  Returns:
+    ``state`` with each :class:`KroneckerStatisticsState` started from the prior; the
+    rest unchanged.
+
+  Raises:
+    ValueError: if ``masses`` is not ``(L,)``, or ``state`` holds no Shampoo statistics
+      (a prior would then be silently dropped: e.g. a diagonal online half).
+  """
+  shapes = [tuple(jnp.shape(x)) for x in jax.tree.leaves(params)]
+  masses = jnp.asarray(masses)
+  if masses.shape != (len(shapes),):
+    raise ValueError(f'masses must hold one gradient mass per parameter leaf '
+                     f'({len(shapes)}), got shape {masses.shape}.')
+  is_statistics = lambda x: isinstance(x, KroneckerStatisticsState)
+  if not any(is_statistics(x) for x in jax.tree.leaves(state, is_leaf=is_statistics)):
+    raise ValueError('statistics_prior found no Shampoo statistics (KroneckerStatisticsState) '
+                     "in the state: it applies to blended_metamd(..., statistics='kronecker') "
+                     'with a positive blend_rate.')
+  return jax.tree.map(lambda x: _with_prior(x, shapes, masses) if is_statistics(x) else x,
+                      state, is_leaf=is_statistics)
 
 
 class ScaleByBlendedMirrorDescentState(NamedTuple):

@@ -46,6 +46,14 @@ loss is near its minibatch noise, and the handover has its own cost: a ``fallbac
 online statistics started afresh mid-run (the adaptive default's) takes long first steps
 and jumps the loss (experiments/RESULTS.md section 39).
 
+The handover. ``handover`` is applied to ``fallback``'s fresh state at the switch, with
+the gradient mass of the fast steps, per leaf ``mu = sum_{t < tau} ||g_t||^2`` (one
+squared norm per leaf and step to keep). :func:`metamd_jax.blended.statistics_prior`
+starts ``fallback``'s online (Shampoo) statistics from it, as if those gradients had been
+spread evenly over each leaf's entries: its first steps are then of the size an online
+half run from the start would take, not unit steps. The statistics still never decrease
+from the switch on, so ``fallback``'s bound below holds on its epoch unchanged.
+
 The guarantee. Let ``tau`` be the switch step (``T + 1`` if it never comes). The steps
 before ``tau`` are ``fast``'s, the steps from ``tau`` on are ``fallback``'s started
 afresh: two epochs, as in :func:`metamd_jax.doubling_restarts`, and the regret against
@@ -72,7 +80,7 @@ result unused): that keeps ``fallback``'s state in one conditional only, which m
 because a conditional that passes a large state through may copy it at every step (on the
 MNIST MLP the guard reached Adam's loss in 0.46 of Adam's time with the fast step behind a
 second conditional, and in 0.28 without: experiments/RESULTS.md section 38).
-The state holds both optimisers' states (``fallback``'s untouched until the switch), ``L``
+The state holds both optimisers' states (``fallback``'s untouched until the switch), ``2 L``
 floats and five scalars. Under ``jax.vmap`` (tasks batched) the conditional becomes a
 select and both branches run; a single run (``jax.jit`` of one task, as a user trains)
 runs one.
@@ -80,6 +88,7 @@ runs one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -106,6 +115,8 @@ class GuardedState(NamedTuple):
       only; 0 otherwise).
     progress: ``w_t``, float32 ``()``, the moving average of the loss's relative
       decrease (``min_progress`` only; 0 otherwise).
+    mass: float32 ``(L,)``, per parameter leaf the gradient mass ``sum_t ||g_t||^2`` of
+      the fast steps (``handover`` only; 0 otherwise).
   """
 
   fast: Any
@@ -116,6 +127,7 @@ class GuardedState(NamedTuple):
   switch_step: Array
   last_value: Array
   progress: Array
+  mass: Array
 
 
 def check_levels(levels: Any, num_leaves: int) -> np.ndarray:
@@ -144,6 +156,7 @@ def guarded_switch(fast: optax.GradientTransformation,
                    fallback: optax.GradientTransformation, levels: Any, *,
                    margin: float = 1.0, switch_after: int | None = None,
                    min_progress: float | None = None,
+                   handover: Callable[[Any, Any, Array], Any] | None = None,
                    decay: float = 0.9) -> optax.GradientTransformation:
   """Run ``fast`` until its gradients leave their levels, then ``fallback`` for good.
 
@@ -167,6 +180,12 @@ def guarded_switch(fast: optax.GradientTransformation,
       relative decrease per step is at least ``p`` (e.g. ``0.02``: 2% a step). ``update``
       then needs the loss, ``update(grads, state, params, value=loss)``, and the result
       is an ``optax.GradientTransformationExtraArgs``; needs ``switch_after``.
+    handover: ``None`` (``fallback`` starts from its ``init``), or a function
+      ``(fallback_state, params, masses) -> fallback_state`` applied to that ``init`` at
+      the switch, with ``masses`` float32 ``(L,)``, per parameter leaf the gradient mass
+      ``sum ||g_t||^2`` of the fast steps before it: e.g.
+      :func:`metamd_jax.blended.statistics_prior`, which starts ``fallback``'s online
+      statistics from that mass instead of empty. ``update`` then needs ``params``.
     decay: ``beta`` in ``[0, 1)``, the moving average's decay (that of the levels).
 
   Returns:
@@ -175,8 +194,9 @@ def guarded_switch(fast: optax.GradientTransformation,
 
   Raises:
     ValueError: on bad ``levels`` (at ``init``, against the parameters' leaves),
-      ``margin``, ``switch_after``, ``min_progress`` or ``decay``; at ``update``, on a
-      missing or non-scalar ``value`` with ``min_progress``.
+      ``margin``, ``switch_after``, ``min_progress``, ``handover`` (not callable) or
+      ``decay``; at ``update``, on a missing or non-scalar ``value`` with
+      ``min_progress``, or missing ``params`` with ``handover``.
   """
   margin = _positive(margin, 'margin', 'the check fires above margin times the level')
   if switch_after is not None and (isinstance(switch_after, bool)
@@ -199,6 +219,9 @@ def guarded_switch(fast: optax.GradientTransformation,
       raise ValueError('min_progress needs switch_after (the fast steps taken before '
                        'their progress is checked), got switch_after=None.')
     min_progress = float(min_progress)
+  if handover is not None and not callable(handover):
+    raise ValueError(f'handover must be None or a function (fallback_state, params, '
+                     f'masses) -> fallback_state, got {handover!r}.')
   limit = np.iinfo(np.int32).max if switch_after is None else int(switch_after)
 
   def init_fn(params):
@@ -208,7 +231,8 @@ def guarded_switch(fast: optax.GradientTransformation,
                         count=jnp.zeros((), jnp.int32), switched=jnp.zeros((), bool),
                         switch_step=jnp.zeros((), jnp.int32),
                         last_value=jnp.zeros((), jnp.float32),
-                        progress=jnp.zeros((), jnp.float32))
+                        progress=jnp.zeros((), jnp.float32),
+                        mass=jnp.zeros((len(jax.tree.leaves(params)),), jnp.float32))
 
   def progress_check(state, count, value):
     """``(stop, last_value, progress)``: whether the step count switch may fire now."""
@@ -248,11 +272,26 @@ def guarded_switch(fast: optax.GradientTransformation,
                               | stop)
     switched = state.switched | fire
 
+    def started():
+      fresh = fallback.init(params)
+      return fresh if handover is None else handover(fresh, params, state.mass)
+
     def take_over(fallback_state):
       if params is not None:
-        fallback_state = jax.lax.cond(fire, lambda _: fallback.init(params),
+        fallback_state = jax.lax.cond(fire, lambda _: started(),
                                       lambda _: fallback_state, None)
       return fallback.update(updates, fallback_state, params)
+
+    if handover is not None:
+      if params is None:
+        raise ValueError('guarded_switch with handover needs the parameters: call '
+                         'update(grads, state, params).')
+      # The fast steps' gradient mass, up to the step before the switch (the switch's own
+      # gradient goes to fallback's update).
+      mass = state.mass + jnp.stack([jnp.sum(jnp.square(g.astype(jnp.float32)))
+                                     for g in jax.tree.leaves(updates)])
+    else:
+      mass = state.mass
 
     direction, fallback_state = jax.lax.cond(
         switched, take_over, lambda fallback_state: (direction, fallback_state),
@@ -262,7 +301,8 @@ def guarded_switch(fast: optax.GradientTransformation,
         fast=jax.tree.map(keep, fast_state, state.fast), fallback=fallback_state,
         average=keep(average, state.average), count=count, switched=switched,
         switch_step=jnp.where(fire, count, state.switch_step).astype(jnp.int32),
-        last_value=keep(last_value, state.last_value), progress=keep(progress, state.progress))
+        last_value=keep(last_value, state.last_value), progress=keep(progress, state.progress),
+        mass=jnp.where(switched, state.mass, mass))
 
   if min_progress is None:
     return optax.GradientTransformation(

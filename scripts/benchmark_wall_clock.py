@@ -114,7 +114,8 @@ _CALIBRATION_FIELDS = {'blend_rate': 'adaptive_blend_rate',
                        'restart_step_factor': 'adaptive_restart_step_factor',
                        'guard_margin': 'adaptive_guard_margin',
                        'guard_steps': 'adaptive_guard_steps',
-                       'guard_progress': 'adaptive_guard_progress'}
+                       'guard_progress': 'adaptive_guard_progress',
+                       'guard_prior': 'adaptive_guard_prior'}
 # What a calibration stored before a field existed meant.
 _CALIBRATION_DEFAULTS = {'eigenbasis': False, 'eigenbasis_rank': 0, 'online_power': 1.0,
                          'max_dimension': 1024,
@@ -126,7 +127,7 @@ _CALIBRATION_DEFAULTS = {'eigenbasis': False, 'eigenbasis_rank': 0, 'online_powe
                          'restart_growth': 0.0, 'restart_shrink': 0.0,
                          'restart_momentum': None, 'restart_step_factor': 0.5,
                          'guard_margin': None, 'guard_steps': None,
-                         'guard_progress': None}
+                         'guard_progress': None, 'guard_prior': False}
 
 
 def _fail(message: str):
@@ -158,7 +159,8 @@ _SETTABLE = ('adaptive_blend_rate', 'adaptive_blend_statistics', 'adaptive_momen
              'adaptive_restart_growth', 'adaptive_restart_shrink',
              'adaptive_restart_momentum', 'adaptive_restart_step_factor',
              'adaptive_eigenbasis_rank', 'adaptive_blend_sketch_interval',
-             'adaptive_guard_margin', 'adaptive_guard_steps', 'adaptive_guard_progress')
+             'adaptive_guard_margin', 'adaptive_guard_steps', 'adaptive_guard_progress',
+             'adaptive_guard_prior')
 _INTEGER_SETTINGS = ('adaptive_blend_max_dimension', 'adaptive_blend_block_size',
                      'adaptive_blend_sketch_rank', 'adaptive_eigenbasis_rank',
                      'adaptive_blend_sketch_interval', 'adaptive_guard_steps')
@@ -172,7 +174,7 @@ def parse_settings(pairs: list[str]) -> dict:
     field, sep, value = pair.partition('=')
     if not sep or field not in _SETTABLE:
       _fail(f'--set takes FIELD=VALUE with FIELD one of {_SETTABLE}, got {pair!r}.')
-    if field in ('adaptive_overshoot', 'adaptive_restarts'):
+    if field in ('adaptive_overshoot', 'adaptive_restarts', 'adaptive_guard_prior'):
       if value.lower() not in _BOOLEANS:
         _fail(f'--set {field} takes true or false, got {value!r}.')
       settings[field] = _BOOLEANS[value.lower()]

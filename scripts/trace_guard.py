@@ -136,7 +136,8 @@ def trace(config, workdir: str | os.PathLike, which: str, num_tasks: int,
           'settings': {'tasks': which, 'num_steps': num_steps, 'adam_lr': adam_lr,
                        'margin': ev.adaptive_guard_margin,
                        'switch_after': ev.get('adaptive_guard_steps', None),
-                       'min_progress': ev.get('adaptive_guard_progress', None)}}
+                       'min_progress': ev.get('adaptive_guard_progress', None),
+                       'prior': ev.get('adaptive_guard_prior', False)}}
 
 
 def format_trace(result: dict) -> str:

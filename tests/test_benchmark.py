@@ -363,7 +363,8 @@ def _check_wall_clock(config, workdir, family):
                       ('adaptive_restart_step_factor=0.2', 0.2),
                       ('adaptive_overshoot_scope=step', 'step'),
                       ('adaptive_guard_margin=2', 2.0), ('adaptive_guard_steps=20', 20),
-                      ('adaptive_guard_progress=0.02', 0.02)):
+                      ('adaptive_guard_progress=0.02', 0.02),
+                      ('adaptive_guard_prior=true', True)):
     assert benchmark_wall_clock.parse_settings([pair]) == {pair.split('=')[0]: value}
   with pytest.raises(SystemExit, match='learned'):
     benchmark_wall_clock.parse_settings(['adaptive_overshoot_scope=online'])

@@ -128,15 +128,25 @@ def _block_root(statistic, other_size, epsilon, rho, block_size):
 
 
 def _kronecker_roots(grads_list, refresh_every, epsilon, rho, max_dimension=1024,
-                     block_size=None, refresh_growth=None):
+                     block_size=None, refresh_growth=None, prior=None):
   """Per step, per leaf (``jax.tree.leaves`` order): the roots ``(A_t, B_t)`` in use,
   from the definition: ``L = sum G G^T``, ``R = sum G^T G`` (a leaf as an ``m x n``
   matrix, rows every axis but the last; a side over ``max_dimension`` keeps the diagonal,
   one over ``block_size`` its diagonal blocks), recomputed at steps ``1..k`` and
   ``1 + j k``, kept in between; with ``refresh_growth`` a leaf's are also recomputed at
   a step where ``sum ||G||^2`` exceeds ``1 + refresh_growth`` times its value at the
-  leaf's last refresh."""
+  leaf's last refresh. ``prior``: per leaf a mass ``mu``, the statistics started at
+  ``mu / m I`` and ``mu / n I`` (their diagonals on a diagonal side) and the masses at
+  ``mu``."""
   roots, current, lefts, rights, masses, refreshed = [], None, None, None, None, None
+  if prior is not None:
+    sizes = [(g.size // g.shape[-1], g.shape[-1]) if g.ndim else (1, 1)
+             for g in jax.tree.leaves(grads_list[0])]
+    start = lambda size, mu: (mu / size) * (  # noqa: E731
+        np.ones(size) if size > max_dimension else np.eye(size))
+    lefts = [start(m, mu) for (m, _), mu in zip(sizes, prior)]
+    rights = [start(n, mu) for (_, n), mu in zip(sizes, prior)]
+    masses = list(prior)
   for t, grads in enumerate(grads_list, start=1):
     matrices = [np.asarray(g, np.float64).reshape(-1, g.shape[-1] if g.ndim else 1)
                 for g in jax.tree.leaves(grads)]
@@ -215,6 +225,88 @@ def test_kronecker_statistics_equal_a_numpy_reference(x64, max_dimension, block_
   else:
     assert shapes == [((1, 1), (3, 3)), ((8, 8), (3, 3)), ((1, 1), (1, 1)), ((4, 4), (3, 3))]
   assert int(state.count) == len(grads_list)
+
+
+@pytest.mark.parametrize('max_dimension, block_size', [(1024, None), (3, None), (1024, 3)])
+def test_a_statistics_prior_starts_shampoo_from_an_isotropic_statistic(
+    x64, max_dimension, block_size):
+  """``statistics_prior`` with masses ``mu``: ``L_0 = mu / m I`` and ``R_0 = mu / n I``
+  (``tr = mu``), on whole, diagonal and blocked sides; the directions then equal the numpy
+  reference started from those statistics, refreshes on growth counting the prior's mass."""
+  grads_list = [_tree(50 + t, scale=1.5 ** t) for t in range(5)]
+  params = _tree(1)
+  prior = [20.0, 50.0, 3.0, 30.0]  # leaves b, conv, scalar, w
+  transformation = blended.scale_by_kronecker_statistics(
+      1e-6, relative_epsilon=1e-3, refresh_every=2, max_dimension=max_dimension,
+      block_size=block_size, refresh_growth=0.5)
+  state = blended.statistics_prior(transformation.init(params), params, jnp.asarray(prior))
+  for mu, left, right in zip(prior, jax.tree.leaves(state.left), jax.tree.leaves(state.right)):
+    for side in (left, right):
+      side = np.asarray(side)
+      trace = side.sum() if side.ndim == 1 else np.trace(side, axis1=-2, axis2=-1).sum()
+      np.testing.assert_allclose(trace, mu, rtol=1e-12)
+  expected = _kronecker_roots(grads_list, 2, 1e-6, 1e-3, max_dimension, block_size,
+                              refresh_growth=0.5, prior=prior)
+  without = _kronecker_roots(grads_list, 2, 1e-6, 1e-3, max_dimension, block_size,
+                             refresh_growth=0.5)
+  assert not np.allclose(_kronecker_inverse(expected[0]), _kronecker_inverse(without[0]))
+  update = jax.jit(transformation.update)
+  for t, grads in enumerate(grads_list):
+    directions, state = update(grads, state)
+    want = _kronecker_inverse(expected[t]) @ flat(grads)
+    np.testing.assert_allclose(flat(directions), want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize('sketch_interval', [1, 0])
+def test_a_statistics_prior_on_a_sketched_side_is_its_escaped_mass(x64, sketch_interval):
+  """A sketched side starts at ``hat L_0 = mu / m I`` (escaped mass ``mu / m``); a rank-2
+  gradient then fits the empty rank-3 sketch, so the first direction is the whole
+  statistic's, ``mu / m I + G G^T``. With merges at refreshes (``sketch_interval=0``) the
+  first merge carries the gradient's own mass only, not the prior's again."""
+  epsilon, rho = 1e-6, 1e-4
+  optimizer = blended.scale_by_kronecker_statistics(
+      epsilon, relative_epsilon=rho, sketch_rank=3, sketch_interval=sketch_interval)
+  params = {'w': jnp.zeros((12, 2)), 'b': jnp.zeros((2,))}
+  state = blended.statistics_prior(optimizer.init(params), params, jnp.asarray([4.0, 30.0]))
+  assert float(state.left['w'].escaped) == pytest.approx(30.0 / 12)
+  np.testing.assert_allclose(state.merged, [0.0, 30.0])  # b whole, w sketched
+  g = np.random.default_rng(3).standard_normal((12, 2))
+  b = np.ones(2)
+  directions, _ = optimizer.update({'w': jnp.asarray(g), 'b': jnp.asarray(b)}, state)
+  left = _inverse_fourth_root(30.0 / 12 * np.eye(12) + g @ g.T, 2, epsilon, rho)
+  right = _inverse_fourth_root(30.0 / 2 * np.eye(2) + g.T @ g, 12, epsilon, rho)
+  np.testing.assert_allclose(directions['w'], left @ g @ right, rtol=1e-8, atol=1e-10)
+  b_left = _inverse_fourth_root(np.array([[4.0 + 2.0]]), 2, epsilon, rho)
+  b_right = _inverse_fourth_root(4.0 / 2 * np.eye(2) + np.outer(b, b), 1, epsilon, rho)
+  np.testing.assert_allclose(directions['b'], (b_left @ b[None] @ b_right)[0], rtol=1e-8)
+
+
+def test_a_statistics_prior_reaches_the_statistics_inside_an_optimiser():
+  """Behind ``optax.chain`` and doubling restarts, the blended optimiser's Shampoo
+  statistics get the prior and nothing else changes; a state without Shampoo statistics,
+  or masses of the wrong length, are refused by name."""
+  params = _tree(1, dtype=jnp.float32)
+  blend = metamd_jax.blended_metamd(_divergence(dtype=jnp.float32), 1.0, 0.1,
+                                    statistics='kronecker')
+  optimizer = optax.chain(optax.clip(10.0), metamd_jax.doubling_restarts(blend, 5))
+  state = optimizer.init(params)
+  masses = jnp.asarray([1.0, 2.0, 3.0, 4.0])
+  started = blended.statistics_prior(state, params, masses)
+  is_statistics = lambda x: isinstance(x, blended.KroneckerStatisticsState)  # noqa: E731
+  found = [x for x in jax.tree.leaves(started, is_leaf=is_statistics) if is_statistics(x)]
+  assert len(found) == 1
+  sizes = [(1, 3), (8, 3), (1, 1), (4, 3)]  # b, conv, scalar, w as m x n
+  for (m, n), mu, left, right in zip(sizes, masses, jax.tree.leaves(found[0].left),
+                                     jax.tree.leaves(found[0].right)):
+    np.testing.assert_allclose(left, mu / m * np.eye(m), rtol=1e-6)
+    np.testing.assert_allclose(right, mu / n * np.eye(n), rtol=1e-6)
+  untouched = lambda tree: [x for x in jax.tree.leaves(tree, is_leaf=is_statistics)  # noqa: E731
+                            if not is_statistics(x)]
+  chex.assert_trees_all_equal(untouched(started), untouched(state))
+  with pytest.raises(ValueError, match='no Shampoo statistics'):
+    blended.statistics_prior(optax.adam(0.1).init(params), params, masses)
+  with pytest.raises(ValueError, match='one gradient mass per parameter leaf'):
+    blended.statistics_prior(state, params, masses[:3])
 
 
 @pytest.mark.parametrize('refresh_growth', [0.0, 0.5, 50.0])

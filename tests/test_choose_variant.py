@@ -90,7 +90,8 @@ def test_compare_runs_validation_tasks_only_and_applies_the_rule(tmp_path, monke
                                       'adaptive_min_scale': 0.1,
                                       'adaptive_guard_margin': None,
                                       'adaptive_guard_steps': None,
-                                      'adaptive_guard_progress': None}
+                                      'adaptive_guard_progress': None,
+                                      'adaptive_guard_prior': False}
   monkeypatch.setattr(choose_variant, 'CANDIDATES', candidates)
   result = choose_variant.compare(config, tmp_path, divergence)
 
@@ -213,7 +214,8 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
         'adaptive_restart_shrink': 0.0, 'adaptive_restart_momentum': None,
         'adaptive_restart_step_factor': 0.5, 'adaptive_lengthen_below': None,
         'adaptive_min_scale': 0.1, 'adaptive_guard_margin': None,
-        'adaptive_guard_steps': None, 'adaptive_guard_progress': None}, name
+        'adaptive_guard_steps': None, 'adaptive_guard_progress': None,
+        'adaptive_guard_prior': False}, name
   assert all(settings['adaptive_momentum'] == 0.0 for name, settings in
              choose_variant.CANDIDATES.items() if 'nesterov' not in name)
   assert choose_variant.CANDIDATES['eigen_kron_0.1_nesterov_0.5_online_0.5'] == {
@@ -337,7 +339,8 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
           **own, 'adaptive_lengthen_below': below, 'adaptive_min_scale': floor}
   # ... or behind frozen MetaMD with the guard (off in the default).
   assert (own['adaptive_guard_margin'], own['adaptive_guard_steps'],
-          own['adaptive_guard_progress']) == (None, None, None)
+          own['adaptive_guard_progress'], own['adaptive_guard_prior']) == (None, None, None,
+                                                                          False)
   for margin in (2, 3):
     for steps in (15, 20, 30, None):
       assert choose_variant.settings_of(config, f'config_guard_{margin}_steps_{steps}') == {
@@ -357,6 +360,13 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
   assert choose_variant.settings_of(config, 'config_guard_2_steps_20_blend_0_lengthen_off') == {
       **own, 'adaptive_guard_margin': 2.0, 'adaptive_guard_steps': 20,
       'adaptive_blend_rate': 0.0, 'adaptive_lengthen_below': None}
+  # ... with the fallback's Shampoo statistics started from the frozen steps' mass.
+  assert choose_variant.settings_of(config, 'config_guard_2_steps_20_prior') == {
+      **own, 'adaptive_guard_margin': 2.0, 'adaptive_guard_steps': 20,
+      'adaptive_guard_prior': True}
+  assert choose_variant.settings_of(config, 'config_guard_2_steps_20_prior_lengthen_off') == {
+      **own, 'adaptive_guard_margin': 2.0, 'adaptive_guard_steps': 20,
+      'adaptive_guard_prior': True, 'adaptive_lengthen_below': None}
   # Ties: the config first, the overshoot candidates after every other one.
   assert choose_variant.check_candidates(
       ['config_overshoot_0.5', 'eigen', 'config', 'config_overshoot_0.0']) == (

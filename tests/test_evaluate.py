@@ -251,6 +251,24 @@ def test_guard_runs_frozen_metamd_then_the_adaptive_optimizer(setup):
     params = optax.apply_updates(params, updates)
   assert np.all(np.isfinite(after_three)) and np.all(after_three < 5)  # a sane run
 
+  # eval.adaptive_guard_prior: the fallback starts from Shampoo's statistics with the
+  # frozen step's gradient mass (by hand: statistics_prior on the fallback's init).
+  shampoo = metamd_jax.blended.scale_by_kronecker_statistics()
+  params = meta_train_family.init_params()
+  with_prior = evaluate.guard(variant(adaptive_guard_margin=1e30, adaptive_guard_steps=1,
+                                      adaptive_guard_prior=True, frozen_rank=3),
+                              divergence, result, shampoo)
+  state = with_prior.init(params)
+  _, state = with_prior.update(grads, state, params)
+  got, state = with_prior.update(grads, state, params)
+  mass = jnp.stack([jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)])
+  want, _ = shampoo.update(grads, metamd_jax.statistics_prior(shampoo.init(params), params,
+                                                              mass), params)
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)  # entries up to about 0.1
+  empty = shampoo.update(grads, shampoo.init(params))[0]  # started empty: longer steps
+  assert not all(np.allclose(x, y, rtol=0.1) for x, y in zip(jax.tree.leaves(got),
+                                                              jax.tree.leaves(empty)))
+
   # eval.adaptive_guard_progress: the run passes each step's minibatch loss to the guard.
   # Progress 0 past step 5: the switch waits for the first update whose averaged relative
   # decrease of the run's own minibatch losses is negative (float64 reference from the
@@ -521,6 +539,7 @@ def test_shifted_families_are_shifted(setup):
     ('eval.adaptive_guard_progress', -0.1),
     ('eval.adaptive_guard_progress', float('nan')),
     ('eval.adaptive_guard_progress', 0.01),  # needs a margin and a step count
+    ('eval.adaptive_guard_prior', True),  # needs the guard and Shampoo's statistics
 ])
 def test_bad_adaptive_and_shift_values_name_the_field(field, value):
   config = tiny.get_config()

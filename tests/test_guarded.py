@@ -384,3 +384,56 @@ def test_progress_needs_the_scalar_loss():
   plain = metamd_jax.guarded_switch(optax.sgd(0.1), optax.adam(0.1), 1.0, switch_after=2)
   assert not isinstance(plain, optax.GradientTransformationExtraArgs)
   plain.update(params, plain.init(params), params)
+
+
+# The handover: fallback's fresh state, changed with the fast steps' gradient mass.
+
+@pytest.mark.parametrize('switch_after', [0, 3])
+def test_handover_gets_the_fast_steps_gradient_mass(switch_after):
+  """At the switch ``fallback`` starts from ``handover(init, params, mu)`` with ``mu``
+  per leaf the float64 sum of ``||g_t||^2`` over the fast updates before it (not the
+  switch's own gradient): with ``statistics_prior`` its Shampoo statistics start there,
+  and the updates equal ``fallback`` run by hand from that state."""
+  divergence, gradients, params, c = _below_the_levels()
+  fast = metamd_jax.metamd(divergence)
+  fallback = metamd_jax.blended.scale_by_kronecker_statistics(refresh_every=2)
+  seen = []
+
+  def handover(state, at, masses):
+    seen.append(masses)
+    return metamd_jax.statistics_prior(state, at, masses)
+
+  optimizer = metamd_jax.guarded_switch(fast, fallback, c, switch_after=switch_after,
+                                        handover=handover)
+  got, state = _run(optimizer, gradients, params)
+  assert int(state.switch_step) == switch_after + 1 and seen
+  want_mass = np.array([sum(float(np.sum(np.asarray(x, np.float64) ** 2))
+                            for x in [jax.tree.leaves(g)[leaf]
+                                      for g in gradients[:switch_after]])
+                        for leaf in range(len(jax.tree.leaves(params)))])
+  np.testing.assert_allclose(state.mass, want_mass, rtol=1e-5)
+  # By hand: fast's updates, then fallback from the prior on the parameters at the switch.
+  first, _ = _run(fast, gradients[:switch_after], params)
+  at = params
+  for u in first:
+    at = optax.apply_updates(at, u)
+  hand_state = metamd_jax.statistics_prior(fallback.init(at), at, jnp.asarray(want_mass))
+  second = []
+  for g in gradients[switch_after:]:
+    u, hand_state = fallback.update(g, hand_state, at)
+    second.append(u)
+  _assert_updates_close(got, first + second, rtol=1e-4, atol=1e-6)
+  if switch_after:  # the prior changes the steps: not fallback started empty
+    empty = _by_hand(fast, fallback, gradients, params, switch_after + 1)
+    assert not np.allclose(flat(got[switch_after]), flat(empty[switch_after]), rtol=1e-3)
+
+
+def test_handover_needs_params_and_a_function():
+  with pytest.raises(ValueError, match='handover must be None or a function'):
+    metamd_jax.guarded_switch(optax.sgd(0.1), optax.adam(0.1), 1.0, handover='prior')
+  optimizer = metamd_jax.guarded_switch(optax.sgd(0.1), optax.adam(0.1), 1.0,
+                                        handover=lambda state, params, masses: state)
+  params = random_tree(0)
+  state = optimizer.init(params)
+  with pytest.raises(ValueError, match='needs the parameters'):
+    optimizer.update(params, state)
