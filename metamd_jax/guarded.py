@@ -52,7 +52,9 @@ squared norm per leaf and step to keep). :func:`metamd_jax.blended.statistics_pr
 starts ``fallback``'s online (Shampoo) statistics from it, as if those gradients had been
 spread evenly over each leaf's entries: its first steps are then of the size an online
 half run from the start would take, not unit steps. The statistics still never decrease
-from the switch on, so ``fallback``'s bound below holds on its epoch unchanged.
+from the switch on, so ``fallback``'s bound below holds on its epoch unchanged (on the MNIST
+MLP it removes part of the jump, and more with the fallback's longer first steps off:
+experiments/RESULTS.md section 40).
 
 The guarantee. Let ``tau`` be the switch step (``T + 1`` if it never comes). The steps
 before ``tau`` are ``fast``'s, the steps from ``tau`` on are ``fallback``'s started
