@@ -15,11 +15,14 @@ Usage (from the repository root)::
   python -m scripts.trace_guard --config configs/default.py --workdir runs/bench \\
       --margin 2 --switch-after 20 --adam-lr 0.03
   python -m scripts.trace_guard ... --tasks held_out --num-tasks 5 --set adaptive_blend_rate=0
+  python -m scripts.trace_guard ... --shift features_permuted --adam-lr 0.03
 
 ``--tasks validation`` trains meta-train tuning tasks (:func:`metamd_jax.evaluation.tuning_tasks`,
 as :mod:`experiments.choose_variant` does), ``held_out`` the meta-test family's held-out
-tasks (reporting only). ``--set FIELD=VALUE`` changes one ``eval`` field first (its type
-is the config's; ``none`` sets ``None``).
+tasks (reporting only). ``--shift NAME`` trains them under one everyday change of
+:data:`experiments.builders.SHIFTS` (Adam's target then comes from the same changed tasks:
+pass the learning rate re-tuned for that change). ``--set FIELD=VALUE`` changes one
+``eval`` field first (its type is the config's; ``none`` sets ``None``).
 """
 
 from __future__ import annotations
@@ -88,7 +91,7 @@ def _guarded_runs(optimizer, family, tasks, num_steps: int):
 
 
 def trace(config, workdir: str | os.PathLike, which: str, num_tasks: int,
-          num_steps: int, adam_lr: float) -> dict:
+          num_steps: int, adam_lr: float, shift: str | None = None) -> dict:
   """Per task: the switch, the loss around it and the steps to Adam's final loss.
 
   Returns:
@@ -103,6 +106,8 @@ def trace(config, workdir: str | os.PathLike, which: str, num_tasks: int,
     _fail(f'--num-tasks and --steps must be >= 1, got {num_tasks} and {num_steps}.')
   if not adam_lr > 0:
     _fail(f'--adam-lr must be positive, got {adam_lr}.')
+  if shift is not None and shift not in builders.SHIFTS:
+    _fail(f'--shift must be one of {tuple(builders.SHIFTS)}, got {shift!r}.')
   builders.validate_config(config)
   ev = config.eval
   if ev.get('adaptive_guard_margin', None) is None:
@@ -110,12 +115,15 @@ def trace(config, workdir: str | os.PathLike, which: str, num_tasks: int,
   (train_family, test_family), divergence, guarded = calibrated_adaptive(config, workdir,
                                                                          'trace_guard')
   fast = evaluate.low_rank_optimizer(config, divergence) or metamd_jax.metamd(divergence)
-  if which == 'validation':
-    family, tasks = train_family, evaluation.tuning_tasks(train_family, config.seed,
-                                                          num_tasks)
-  else:
-    family, tasks = test_family, evaluation.held_out_tasks(test_family, config.seed,
-                                                           num_tasks)
+  family = train_family if which == 'validation' else test_family
+  if shift is not None:
+    applicable = builders.applicable_shifts(family, tuple(builders.SHIFTS))
+    if shift not in applicable:
+      _fail(f'--shift {shift!r} does not apply to this family (it takes {applicable}).')
+    family = builders.shifted_family(config, family, shift,
+                                     'meta_train' if which == 'validation' else 'meta_test')
+  tasks = (evaluation.tuning_tasks(family, config.seed, num_tasks) if which == 'validation'
+           else evaluation.held_out_tasks(family, config.seed, num_tasks))
   targets = evaluation.final_train_loss(
       evaluation.run(optax.adam(adam_lr), family, tasks, num_steps, track_every=1).train_losses)
   fast_curves = np.asarray(
@@ -133,7 +141,8 @@ def trace(config, workdir: str | os.PathLike, which: str, num_tasks: int,
         'guarded_steps': _steps_to(losses, target),
         'fast_steps': _steps_to(fast_losses, target)})
   return {'tasks': rows,
-          'settings': {'tasks': which, 'num_steps': num_steps, 'adam_lr': adam_lr,
+          'settings': {'tasks': which, 'shift': shift, 'num_steps': num_steps,
+                       'adam_lr': adam_lr,
                        'margin': ev.adaptive_guard_margin,
                        'switch_after': ev.get('adaptive_guard_steps', None),
                        'min_progress': ev.get('adaptive_guard_progress', None),
@@ -158,6 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument('--workdir', required=True, help='holds the learned divergence.npz')
   parser.add_argument('--tasks', default='validation', help=f'one of {TASKS}')
   parser.add_argument('--num-tasks', type=int, default=10)
+  parser.add_argument('--shift', default=None,
+                      help='one everyday change of experiments.builders.SHIFTS (default: none)')
   parser.add_argument('--steps', type=int, default=None, help="default: the config's T")
   parser.add_argument('--adam-lr', type=float, required=True,
                       help="Adam's learning rate for the target loss (the tuned one)")
@@ -187,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
   apply_settings(config, [pair for pair in args.set if pair not in nones])
   try:
     result = trace(config, args.workdir, args.tasks, args.num_tasks,
-                   args.steps or config.eval.num_steps, args.adam_lr)
+                   args.steps or config.eval.num_steps, args.adam_lr, args.shift)
   except ValueError as error:  # a bad config value, named by experiments.builders
     _fail(str(error))
   return report(result, format_trace(result), args.json)

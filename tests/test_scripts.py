@@ -534,10 +534,12 @@ def test_trace_overshoot_names_a_missing_divergence(tmp_path):
     trace_overshoot.main(['--config', str(CONFIGS / 'tiny.py'), '--workdir', str(tmp_path)])
 
 
-def test_trace_guard_main(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize('shift', [None, 'inputs_x2'])
+def test_trace_guard_main(tmp_path, capsys, monkeypatch, shift):
   """Per task: the switch where the step count says, the loss before it the fast step's,
   the highest loss after it and the steps to Adam's loss those of plain runs
-  (``evaluation.run`` of the guarded optimiser, frozen MetaMD and Adam)."""
+  (``evaluation.run`` of the guarded optimiser, frozen MetaMD and Adam), on the tasks
+  under ``--shift`` where given."""
   config = benchmark_parallel.load_config(str(CONFIGS / 'tiny.py'))
   family, _ = builders.build_families(config)
   divergence = builders.build_divergence(config, family)
@@ -549,10 +551,14 @@ def test_trace_guard_main(tmp_path, capsys, monkeypatch):
   result = trace_guard.main(['--config', str(CONFIGS / 'tiny.py'), '--workdir', str(tmp_path),
                              '--num-tasks', '2', '--steps', '10', '--margin', '1e30',
                              '--switch-after', '3', '--adam-lr', '0.1',
-                             '--json', str(tmp_path / 'trace.json')])
+                             '--json', str(tmp_path / 'trace.json')]
+                            + ([] if shift is None else ['--shift', shift]))
   assert '| task | switch | loss before' in capsys.readouterr().out
   assert json.loads((tmp_path / 'trace.json').read_text()) == result
   assert result['settings']['switch_after'] == 3 and len(result['tasks']) == 2
+  assert result['settings']['shift'] == shift
+  if shift is not None:
+    family = builders.shifted_family(config, family, shift, 'meta_train')
 
   config.eval.adaptive_guard_margin, config.eval.adaptive_guard_steps = 1e30, 3
   assert len(calibrations) == 1
@@ -580,6 +586,7 @@ def test_trace_guard_main(tmp_path, capsys, monkeypatch):
     (['--adam-lr', '0', '--margin', '2'], '--adam-lr'),
     (['--adam-lr', '0.1', '--margin', '-1'], 'adaptive_guard_margin'),
     (['--adam-lr', '0.1', '--margin', '2', '--set', 'no_such_field=none'], 'FIELD=VALUE'),
+    (['--adam-lr', '0.1', '--margin', '2', '--shift', 'inputs_x3'], '--shift'),
 ])
 def test_trace_guard_names_bad_arguments(tmp_path, argv, message):
   with pytest.raises(SystemExit, match=message):
