@@ -188,6 +188,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from metamd_jax import adaptive, eigenbasis, sketch, transform
@@ -866,10 +867,11 @@ def statistics_prior(state: Any, params: PyTree, masses: Any) -> Any:
   the same on its blocks' real indices, a sketched one ``mu / m`` of escaped mass (``hat
   L_0 = L_0``; the first merge then carries only the mass after the prior). This is the
   handover of :func:`metamd_jax.guarded_switch`: the online half, started mid-run, takes
-  steps of the size an online half run from the start would take instead of the unit
-  first steps of empty statistics. Adding a constant to statistics that only grow keeps
-  ``K_t`` non-decreasing, so the adaptive-mirror-descent bound holds from the handover on
-  (with ``M_1`` the metric at the prior).
+  steps scaled by the past gradients' size (as one run from the start would, though
+  spread evenly over directions) instead of the unit first steps of empty statistics.
+  Adding a constant to statistics that only grow keeps ``K_t`` non-decreasing, so the
+  adaptive-mirror-descent bound holds from the handover on (with ``M_1`` the metric at the
+  prior).
 
   Args:
     state: an optimiser state as its ``init`` returns it (statistics empty).
@@ -882,14 +884,20 @@ def statistics_prior(state: Any, params: PyTree, masses: Any) -> Any:
     rest unchanged.
 
   Raises:
-    ValueError: if ``masses`` is not ``(L,)``, or ``state`` holds no Shampoo statistics
-      (a prior would then be silently dropped: e.g. a diagonal online half).
+    ValueError: if ``masses`` is not ``(L,)``, or (where they are concrete, not traced)
+      holds a negative or non-finite number, or ``state`` holds no Shampoo statistics (a
+      prior would then be silently dropped: e.g. a diagonal online half).
   """
   shapes = [tuple(jnp.shape(x)) for x in jax.tree.leaves(params)]
   masses = jnp.asarray(masses)
   if masses.shape != (len(shapes),):
     raise ValueError(f'masses must hold one gradient mass per parameter leaf '
                      f'({len(shapes)}), got shape {masses.shape}.')
+  if not isinstance(masses, jax.core.Tracer):
+    values = np.asarray(masses, np.float64)
+    if not np.all(np.isfinite(values)) or np.any(values < 0):
+      raise ValueError(f'masses must be finite and >= 0 (sums of squared gradient norms), '
+                       f'got {values.tolist()}.')
   is_statistics = lambda x: isinstance(x, KroneckerStatisticsState)
   if not any(is_statistics(x) for x in jax.tree.leaves(state, is_leaf=is_statistics)):
     raise ValueError('statistics_prior found no Shampoo statistics (KroneckerStatisticsState) '

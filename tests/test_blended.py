@@ -307,6 +307,9 @@ def test_a_statistics_prior_reaches_the_statistics_inside_an_optimiser():
     blended.statistics_prior(optax.adam(0.1).init(params), params, masses)
   with pytest.raises(ValueError, match='one gradient mass per parameter leaf'):
     blended.statistics_prior(state, params, masses[:3])
+  for bad in (-1.0, np.nan):
+    with pytest.raises(ValueError, match='finite and >= 0'):
+      blended.statistics_prior(state, params, masses.at[0].set(bad))
 
 
 @pytest.mark.parametrize('refresh_growth', [0.0, 0.5, 50.0])
