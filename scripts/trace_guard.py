@@ -55,10 +55,9 @@ def _fail(message: str):
 
 
 def _steps_to(curve: np.ndarray, target: float) -> int | None:
-  """The first step (1-based, counted in updates) whose whole-set loss is at most
-  ``target``; ``None`` if none."""
-  reached = np.flatnonzero(curve[1:] <= target)
-  return int(reached[0]) + 1 if reached.size else None
+  """:func:`metamd_jax.evaluation.steps_to_loss` of one curve, ``None`` if never."""
+  steps = float(evaluation.steps_to_loss(curve, target))
+  return None if np.isnan(steps) else int(steps)
 
 
 def _guarded_runs(optimizer, family, tasks, num_steps: int):
