@@ -134,6 +134,7 @@ alone (experiments/RESULTS.md section 27).
 
 from __future__ import annotations
 
+import ast
 import math
 import os
 import time
@@ -369,7 +370,13 @@ margin 2 switching at 20 with a fallback without the online half
 the longer first steps (``'..._lengthen_off'``, ``eval.adaptive_lengthen_below = None``),
 or with the fallback's Shampoo statistics started from the frozen steps' gradient mass
 (``'config_guard_2_steps_20_prior'``, ``eval.adaptive_guard_prior``), also without the
-longer first steps (``'..._prior_lengthen_off'``); after :data:`CANDIDATES` in ties."""
+longer first steps (``'..._prior_lengthen_off'``); after :data:`CANDIDATES` in ties.
+
+Any other combination is the candidate ``'config:<field>=<value>[:<field>=<value>...]'``
+(:func:`parse_set`): the config's own settings with the named fields (those the
+candidates set, without ``eval.``) set to Python literals, e.g.
+``'config:adaptive_momentum=0.7'`` or ``'config:adaptive_lengthen_below=None'``; after
+the named candidates in ties, in the order given."""
 OWN = 'config'
 """The candidate that keeps the config's own ``eval`` settings (always allowed; first in
 ties): how :mod:`experiments.sweep` scores a meta-training setting by this rule."""
@@ -385,6 +392,46 @@ one's drop out (twice: well beyond the timing noise of repeated runs here, about
 TIMING_REPEATS = 3
 """Timed runs per task and step count in :data:`SECONDS` (the median is kept)."""
 RESULT = 'choose_variant'
+SET = ':'
+"""Separates a candidate's own settings in ``'config:<field>=<value>[:<field>=<value>...]'``
+(:func:`parse_set`)."""
+
+
+def parse_set(name: str) -> dict:
+  """The settings of a candidate ``'config:<field>=<value>[:...]'``: the config's own
+  settings with each named ``eval`` field (one of those the candidates set, without the
+  ``eval.`` prefix) set to a Python literal (``0.7``, ``None``, ``True``; ``inf`` for
+  infinity).
+
+  Raises:
+    ValueError: naming an entry that is not ``field=value``, a field the candidates do
+      not set, a field set twice or a value that is not a literal.
+  """
+  fields = CANDIDATES['eigen_kron_0.1_nesterov_0.5_online_0.5']
+  entries = name.split(SET)[1:]
+  if not entries or entries == ['']:
+    raise ValueError(f'candidate {name!r} sets nothing: write {OWN}{SET}<field>=<value>.')
+  settings = {}
+  for entry in entries:
+    field, equals, text = entry.partition('=')
+    if not equals or not field or not text:
+      raise ValueError(f'candidate {name!r}: {entry!r} is not <field>=<value>.')
+    if field not in fields:
+      raise ValueError(f'candidate {name!r}: unknown field {field!r}; the candidates set '
+                       f'{tuple(fields)}.')
+    if field in settings:
+      raise ValueError(f'candidate {name!r} sets {field!r} twice.')
+    if text in ('inf', '-inf'):
+      value = float(text)
+    else:
+      try:
+        value = ast.literal_eval(text)
+      except (ValueError, SyntaxError):
+        raise ValueError(f'candidate {name!r}: the value {text!r} of {field!r} is not a '
+                         'Python literal (a number, None, True, False or a quoted '
+                         'string).') from None
+    settings[field] = value
+  return settings
 
 
 def settings_of(config: ml_collections.ConfigDict, name: str) -> dict:
@@ -392,6 +439,8 @@ def settings_of(config: ml_collections.ConfigDict, name: str) -> dict:
   the fields the candidates set."""
   if name in OVERSHOOT:
     return {**settings_of(config, OWN), **OVERSHOOT[name]}
+  if name.startswith(OWN + SET):
+    return {**settings_of(config, OWN), **parse_set(name)}
   if name != OWN:
     return CANDIDATES[name]
   template = CANDIDATES['eigen_kron_0.1_nesterov_0.5_online_0.5']
@@ -556,6 +605,22 @@ def choose(scores: dict) -> str:
   return min(tied, key=lambda name: scores[name]['loss_ratio_geometric_mean'])
 
 
+def variant_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """``config`` with candidate ``name``'s ``eval`` settings, validated
+  (:func:`experiments.builders.validate_config`).
+
+  Raises:
+    ValueError: naming the candidate, when a setting has the wrong type or a bad value.
+  """
+  variant = config.copy_and_resolve_references()
+  try:
+    variant.eval.update(settings_of(config, name))
+    builders.validate_config(variant)
+  except (TypeError, ValueError) as error:
+    raise ValueError(f'candidate {name!r}: {error}') from error
+  return variant
+
+
 def check_candidates(candidates) -> tuple[str, ...]:
   """Validate candidate names (:data:`OWN`, :data:`CANDIDATES` or :data:`OVERSHOOT`
   keys, no repeats).
@@ -568,13 +633,17 @@ def check_candidates(candidates) -> tuple[str, ...]:
     raise ValueError('candidates is empty: name at least one of '
                      f'{tuple(CANDIDATES)}.')
   for name in names:
-    if name != OWN and name not in CANDIDATES and name not in OVERSHOOT:
+    if name.startswith(OWN + SET):
+      parse_set(name)
+    elif name != OWN and name not in CANDIDATES and name not in OVERSHOOT:
       raise ValueError(f'unknown candidate {name!r}; known: '
-                       f'{(OWN, *CANDIDATES, *OVERSHOOT)}.')
+                       f'{(OWN, *CANDIDATES, *OVERSHOOT)}, or '
+                       f'{OWN}{SET}<field>=<value>[{SET}...].')
   if len(set(names)) != len(names):
     raise ValueError(f'candidates names a candidate twice: {names}.')
   return tuple(name for name in (OWN, *CANDIDATES, *OVERSHOOT)  # this order: ties
-               if name in names)
+               if name in names) + tuple(name for name in names  # then as given
+                                         if name.startswith(OWN + SET))
 
 
 def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
@@ -614,10 +683,10 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   optimizers = {'metamd': metamd_jax.metamd(divergence)}
   levels = {}
   calibrations = {}
+  variants = {name: variant_config(config, name) for name in candidates}
   for name in candidates:
     settings = settings_of(config, name)
-    variant = config.copy_and_resolve_references()
-    variant.eval.update(settings)
+    variant = variants[name]
     key = (settings['adaptive_per_leaf'], settings['adaptive_eigenbasis'],
            settings['adaptive_eigenbasis_rank'])
     if key not in calibrations:  # the levels depend on these three alone
@@ -782,7 +851,8 @@ if __name__ == '__main__':
                       'results are written there.')
   config_flags.DEFINE_config_file('config', 'configs/default.py', 'Experiment config file.',
                                   lock_config=True)
-  flags.DEFINE_list('candidates', [], 'Candidates to compare (names of CANDIDATES, '
-                    'comma-separated); empty: all of them.')
+  flags.DEFINE_list('candidates', [], 'Candidates to compare (names of CANDIDATES or '
+                    'OVERSHOOT, or config:<field>=<value>[:...], comma-separated); empty: '
+                    'all of CANDIDATES.')
   flags.mark_flags_as_required(['workdir'])
   app.run(main)

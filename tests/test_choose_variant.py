@@ -9,7 +9,14 @@ import pytest
 
 from configs import default as default_config
 from configs import tiny
-from experiments import benchmark_runs, benchmark_targets, builders, choose_variant, protocol
+from experiments import (
+  benchmark_runs,
+  benchmark_targets,
+  builders,
+  choose_variant,
+  evaluate,
+  protocol,
+)
 from metamd_jax import divergence as divergence_lib
 from metamd_jax import evaluation
 
@@ -379,6 +386,61 @@ def test_candidates_are_checked_and_kept_in_their_tie_breaking_order():
     choose_variant.check_candidates(['adaptive', 'adaptive'])
   with pytest.raises(ValueError, match='empty'):
     choose_variant.check_candidates([])
+
+
+def test_config_set_candidates_are_the_configs_settings_with_the_named_fields(
+    tmp_path, monkeypatch):
+  config = tiny.get_config()
+  config.eval.adaptive_momentum = 0.5
+  own = choose_variant.settings_of(config, 'config')
+  name = 'config:adaptive_momentum=0.7:adaptive_lengthen_below=None:adaptive_refresh_growth=inf'
+  assert choose_variant.settings_of(config, name) == {
+      **own, 'adaptive_momentum': 0.7, 'adaptive_lengthen_below': None,
+      'adaptive_refresh_growth': math.inf}
+  # The same settings as a named candidate give the same candidate.
+  assert choose_variant.settings_of(
+      config, 'config:adaptive_overshoot=True:adaptive_overshoot_decay=0.8') == \
+      choose_variant.settings_of(config, 'config_overshoot_0.8')
+  # After the named candidates in ties, in the order given.
+  assert choose_variant.check_candidates(
+      ['config:adaptive_momentum=0.9', 'config_overshoot_0.8', 'config:adaptive_momentum=0.3',
+       'config']) == ('config', 'config_overshoot_0.8', 'config:adaptive_momentum=0.9',
+                      'config:adaptive_momentum=0.3')
+  for bad, match in (('config:', 'sets nothing'),
+                     ('config:adaptive_momentum', 'is not <field>=<value>'),
+                     ('config:=0.7', 'is not <field>=<value>'),
+                     ('config:momentum=0.7', "unknown field 'momentum'"),
+                     ('config:adaptive_momentum=0.7:adaptive_momentum=0.9', 'twice'),
+                     ('config:adaptive_momentum=fast', 'not a Python literal')):
+    with pytest.raises(ValueError, match=match):
+      choose_variant.check_candidates([bad])
+  variant = choose_variant.variant_config(config, 'config:adaptive_momentum=0.7')
+  assert variant.eval.adaptive_momentum == 0.7 and config.eval.adaptive_momentum == 0.5
+  with pytest.raises(ValueError, match=r"candidate 'config:adaptive_momentum=1.5'.*"
+                                       r'adaptive_momentum must be a number in \[0, 1\)'):
+    choose_variant.variant_config(config, 'config:adaptive_momentum=1.5')
+  with pytest.raises(ValueError, match=r"config:adaptive_momentum='x'.*cannot be cast"):
+    choose_variant.variant_config(config, "config:adaptive_momentum='x'")
+  # compare builds each candidate's optimiser from its own settings, and checks them all
+  # before it runs anything.
+  family, _ = builders.build_families(config)
+  divergence = builders.build_divergence(config, family)
+  with pytest.raises(ValueError, match="candidate 'config:adaptive_blend_rate=-1'"):
+    choose_variant.compare(config, tmp_path, divergence,
+                           ['config', 'config:adaptive_blend_rate=-1'])
+  built = {}
+
+  def record(variant, divergence, calibration):
+    built[variant.eval.adaptive_momentum] = variant.eval.adaptive_blend_rate
+    return None
+
+  monkeypatch.setattr(protocol, 'tune_baselines', lambda *a, **k: ({'adam': 1e-3}, None))
+  monkeypatch.setattr(evaluate, 'calibrate', lambda *a, **k: {'reference_norm': 1.0})
+  monkeypatch.setattr(evaluate, 'adaptive_optimizer', record)
+  with pytest.raises(ValueError, match='calibration failed for every candidate'):
+    choose_variant.compare(config, tmp_path, divergence,
+                           ['config', 'config:adaptive_momentum=0.7:adaptive_blend_rate=0.02'])
+  assert built == {0.5: config.eval.adaptive_blend_rate, 0.7: 0.02}
 
 
 def _one_ms_per_step(monkeypatch):
