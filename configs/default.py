@@ -186,7 +186,7 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.adaptive_online_power = 0.5
   # Shampoo's statistics only: a side of a layer longer than adaptive_blend_max_dimension
   # keeps the diagonal of its statistic, and one longer than adaptive_blend_block_size
-  # (0: no blocking) its diagonal blocks of at most that size (metamd_jax.blended:
+  # (0: no blocking) its diagonal blocks of at most that size (metamd_jax.statistics:
   # cheaper roots, the same guarantee).
   evaluation.adaptive_blend_max_dimension = 1024
   evaluation.adaptive_blend_block_size = 0
@@ -228,7 +228,7 @@ def get_config() -> ml_collections.ConfigDict:
   # checks against 8 of 9 without a cap (10T lost) and a lower final loss than 10.
   evaluation.adaptive_overshoot_cap = 3.0
   # What the check shortens: 'learned' (the learned half) or 'step' (the whole blended
-  # step, the online half too; metamd_jax.blended.OVERSHOOT_SCOPES).
+  # step, the online half too; metamd_jax.overshoot.SCOPES).
   evaluation.adaptive_overshoot_scope = 'learned'
   # Shampoo's statistics only: the roots are refreshed at each of the first 10 steps and
   # every 10th after; a layer's roots are also refreshed once its gradient mass (the sum
@@ -278,7 +278,7 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.adaptive_guard_steps = ml_collections.config_dict.placeholder(int)
   evaluation.adaptive_guard_progress = ml_collections.config_dict.placeholder(float)
   # True: the adaptive optimiser starts, at the switch, with Shampoo's statistics from the
-  # frozen steps' gradient mass (metamd_jax.blended.statistics_prior) instead of empty
+  # frozen steps' gradient mass (metamd_jax.statistics.statistics_prior) instead of empty
   # ones, whose first steps are of unit size. Needs the guard and Shampoo's statistics
   # with a positive blend rate.
   evaluation.adaptive_guard_prior = False

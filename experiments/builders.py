@@ -18,6 +18,7 @@ import metamd_jax
 from experiments import kronecker_baselines
 from metamd_jax import blended as blended_lib
 from metamd_jax import datasets, low_rank, models, text
+from metamd_jax import overshoot as overshoot_lib
 from metamd_jax.bound import ADJOINTS, resolve_adjoint
 from metamd_jax.linear_solve import make_solver
 from metamd_jax.objectives import OBJECTIVES
@@ -259,7 +260,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _fail('eval.adaptive_overshoot_cap', overshoot_cap,
           'must be a number >= 1 (the largest factor of the overshoot check) or inf (no cap)')
   _one_of(evaluation.get('adaptive_overshoot_scope', 'learned'), 'eval.adaptive_overshoot_scope',
-          blended_lib.OVERSHOOT_SCOPES)
+          overshoot_lib.SCOPES)
   restarts = evaluation.get('adaptive_restarts', False)
   if not isinstance(restarts, bool):
     _fail('eval.adaptive_restarts', restarts, 'must be True or False')

@@ -12,7 +12,6 @@ from metamd_jax.blended import (
     ScaleByBlendedMirrorDescentState,
     blended_metamd,
     scale_by_blended_mirror_descent,
-    statistics_prior,
 )
 from metamd_jax.bound import adaptive_regret_bound, regret_bound
 from metamd_jax.divergence import (
@@ -44,6 +43,7 @@ from metamd_jax.meta_train import FitResult, MetaTrainState, fit
 from metamd_jax.mirror import mirror_step
 from metamd_jax.objectives import MetaGradient, meta_gradient, unrolled_loss
 from metamd_jax.restarts import RestartState, doubling_restarts
+from metamd_jax.statistics import statistics_prior
 from metamd_jax.tasks import (
     ClassificationFamily,
     LeastSquaresFamily,

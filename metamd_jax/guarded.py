@@ -48,7 +48,7 @@ and jumps the loss (experiments/RESULTS.md section 39).
 
 The handover. ``handover`` is applied to ``fallback``'s fresh state at the switch, with
 the gradient mass of the fast steps, per leaf ``mu = sum_{t < tau} ||g_t||^2`` (one
-squared norm per leaf and step to keep). :func:`metamd_jax.blended.statistics_prior`
+squared norm per leaf and step to keep). :func:`metamd_jax.statistics.statistics_prior`
 starts ``fallback``'s online (Shampoo) statistics from it, as if those gradients had been
 spread evenly over each leaf's entries: its first steps are then of the size an online
 half run from the start would take, not unit steps. The statistics still never decrease
@@ -186,7 +186,7 @@ def guarded_switch(fast: optax.GradientTransformation,
       ``(fallback_state, params, masses) -> fallback_state`` applied to that ``init`` at
       the switch, with ``masses`` float32 ``(L,)``, per parameter leaf the gradient mass
       ``sum ||g_t||^2`` of the fast steps before it: e.g.
-      :func:`metamd_jax.blended.statistics_prior`, which starts ``fallback``'s online
+      :func:`metamd_jax.statistics.statistics_prior`, which starts ``fallback``'s online
       statistics from that mass instead of empty. ``update`` then needs ``params``.
     decay: ``beta`` in ``[0, 1)``, the moving average's decay (that of the levels).
 

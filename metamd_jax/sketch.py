@@ -35,7 +35,7 @@ holds as stated.
 
 Root. ``hat L_t`` has eigenvalues ``w_i - delta_t + rho_t`` along the ``u_i`` and
 ``rho_t`` on their complement, so, with ``k`` the other side's size (the statistic as a
-mean, as :func:`metamd_jax.blended.scale_by_kronecker_statistics` takes it) and the same
+mean, as :func:`metamd_jax.statistics.scale_by_kronecker_statistics` takes it) and the same
 damping ``lambda = epsilon + relative_epsilon * lambda_max``,
 
 .. math::
@@ -146,7 +146,7 @@ def inverse_fourth_root(vectors: Array, values: Array, escaped: Array, other_siz
     escaped: the sketch's ``rho``.
     other_size: ``k``, the other side's size: the statistic is taken as a mean.
     epsilon, relative_epsilon: the damping, as in
-      :func:`metamd_jax.blended.scale_by_kronecker_statistics`.
+      :func:`metamd_jax.statistics.scale_by_kronecker_statistics`.
   """
   means = (values + escaped) / other_size
   rest = escaped / other_size

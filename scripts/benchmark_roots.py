@@ -2,7 +2,7 @@
 
 Blended MetaMD with ``statistics='kronecker'`` (the MNIST MLP's adaptive default) refreshes
 inverse fourth roots of its Kronecker statistics with one symmetric eigendecomposition per
-factor (``metamd_jax.blended``). This script times, on whatever backend JAX runs on,
+factor (``metamd_jax.statistics``). This script times, on whatever backend JAX runs on,
 
 1. ``jax.lax.linalg.eigh`` of one ``n x n`` positive-definite matrix for each of its
    implementations the backend lowers (``default``, ``qr``, ``jacobi``), interleaved
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metamd_jax import blended
+from metamd_jax import statistics
 from scripts import benchmark_wall_clock, timing
 
 IMPLEMENTATIONS = {'default': None, 'qr': jax.lax.linalg.EighImplementation.QR,
@@ -45,14 +45,14 @@ def eigh_with(implementation):
 
 @contextlib.contextmanager
 def refresh_eigh(implementation):
-  """Swap the eigendecomposition of :mod:`metamd_jax.blended`'s root refresh."""
-  original = blended._eigh  # noqa: SLF001 - a benchmark of that private step
+  """Swap the eigendecomposition of :mod:`metamd_jax.statistics`'s root refresh."""
+  original = statistics._eigh  # noqa: SLF001 - a benchmark of that private step
   if implementation is not None:
-    blended._eigh = eigh_with(implementation)  # noqa: SLF001
+    statistics._eigh = eigh_with(implementation)  # noqa: SLF001
   try:
     yield
   finally:
-    blended._eigh = original  # noqa: SLF001
+    statistics._eigh = original  # noqa: SLF001
 
 
 def spd(n: int, seed: int = 0) -> jax.Array:

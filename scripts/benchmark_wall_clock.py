@@ -87,7 +87,7 @@ from experiments import (  # noqa: E402
     protocol,
 )
 from experiments.benchmark_setup import ADAPTIVE, LOW_RANK  # noqa: E402
-from metamd_jax import blended, evaluation, low_rank  # noqa: E402
+from metamd_jax import evaluation, low_rank, overshoot  # noqa: E402
 from scripts import timing  # noqa: E402
 from scripts.benchmark_parallel import load_config  # noqa: E402
 
@@ -179,8 +179,8 @@ def parse_settings(pairs: list[str]) -> dict:
         _fail(f'--set {field} takes true or false, got {value!r}.')
       settings[field] = _BOOLEANS[value.lower()]
       continue
-    if field == 'adaptive_overshoot_scope' and value not in blended.OVERSHOOT_SCOPES:
-      _fail(f'--set {field} takes one of {blended.OVERSHOOT_SCOPES}, got {value!r}.')
+    if field == 'adaptive_overshoot_scope' and value not in overshoot.SCOPES:
+      _fail(f'--set {field} takes one of {overshoot.SCOPES}, got {value!r}.')
     try:
       settings[field] = (value if field == 'adaptive_blend_statistics'
                          else value if field == 'adaptive_overshoot_scope'

@@ -35,7 +35,7 @@ import optax  # noqa: E402
 
 from experiments import builders, evaluate  # noqa: E402
 from experiments import meta_train as meta_train_exp  # noqa: E402
-from metamd_jax import blended, evaluation  # noqa: E402
+from metamd_jax import evaluation, overshoot  # noqa: E402
 from scripts.benchmark_parallel import load_config  # noqa: E402
 
 _BOOLEANS = {'true': True, 'false': False}
@@ -68,8 +68,8 @@ def apply_settings(config, pairs: list[str]) -> None:
 
 
 def _overshoot_state(state):
-  """The :class:`metamd_jax.blended.OvershootState` inside an optimiser state, or None."""
-  if isinstance(state, blended.OvershootState):
+  """The :class:`metamd_jax.overshoot.OvershootState` inside an optimiser state, or None."""
+  if isinstance(state, overshoot.OvershootState):
     return state
   if isinstance(state, (tuple, list)):
     for part in state:

@@ -351,7 +351,7 @@ def test_as_the_learned_half_of_blended_metamd(rank):
                                       eigenbasis_levels=levels, eigenbasis_rank=rank)
   learned = eigenbasis.scale_by_eigenbasis_mirror_descent(divergence, levels, leaf_levels,
                                                           rank=rank)
-  online = metamd_jax.blended.scale_by_factored_statistics(1e-8)
+  online = metamd_jax.statistics.scale_by_factored_statistics(1e-8)
   ours, states = _run(blended, grads_list, params)
   learned_state, online_state = learned.init(params), online.init(params)
   for grads, update, state in zip(grads_list, ours, states):

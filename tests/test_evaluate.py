@@ -253,7 +253,7 @@ def test_guard_runs_frozen_metamd_then_the_adaptive_optimizer(setup):
 
   # eval.adaptive_guard_prior: the fallback starts from Shampoo's statistics with the
   # frozen step's gradient mass (by hand: statistics_prior on the fallback's init).
-  shampoo = metamd_jax.blended.scale_by_kronecker_statistics()
+  shampoo = metamd_jax.statistics.scale_by_kronecker_statistics()
   params = meta_train_family.init_params()
   with_prior = evaluate.guard(variant(adaptive_guard_margin=1e30, adaptive_guard_steps=1,
                                       adaptive_guard_prior=True, frozen_rank=3),
@@ -377,7 +377,7 @@ def test_eigenbasis_calibration_gives_levels_per_eigendirection(setup):
   state = evaluate.adaptive_optimizer(config, divergence, result).init(
       meta_test_family.init_params())
   assert isinstance(state[0][0].adaptive, metamd_jax.eigenbasis.EigenbasisState)
-  assert isinstance(state[0][0].overshoot, metamd_jax.blended.OvershootState)
+  assert isinstance(state[0][0].overshoot, metamd_jax.overshoot.OvershootState)
   config.eval.adaptive_overshoot = False
   state = evaluate.adaptive_optimizer(config, divergence, result).init(
       meta_test_family.init_params())

@@ -396,7 +396,7 @@ def test_handover_gets_the_fast_steps_gradient_mass(switch_after):
   and the updates equal ``fallback`` run by hand from that state."""
   divergence, gradients, params, c = _below_the_levels()
   fast = metamd_jax.metamd(divergence)
-  fallback = metamd_jax.blended.scale_by_kronecker_statistics(refresh_every=2)
+  fallback = metamd_jax.statistics.scale_by_kronecker_statistics(refresh_every=2)
   seen = []
 
   def handover(state, at, masses):

@@ -16,7 +16,7 @@ from conftest import FAST_COMPILE
 
 import metamd_jax
 from experiments import builders, evaluate
-from metamd_jax import artifact, blended, evaluation, models
+from metamd_jax import artifact, evaluation, models, statistics
 from metamd_jax.objectives import MetaGradient
 from scripts import (
   benchmark_meta_gradient,
@@ -336,14 +336,14 @@ def test_benchmark_parallel_main(monkeypatch, capsys, tmp_path):
 
 def test_roots_benchmark_swaps_the_refresh_eigh_and_times_each_implementation(tmp_path):
   matrix = benchmark_roots.spd(6)
-  original = blended._eigh  # noqa: SLF001
+  original = statistics._eigh  # noqa: SLF001
   expected = np.linalg.eigvalsh(np.asarray(matrix, np.float64))
   with benchmark_roots.refresh_eigh(benchmark_roots.IMPLEMENTATIONS['qr']):
-    assert blended._eigh is not original  # noqa: SLF001
-    values, vectors = blended._eigh(matrix)  # noqa: SLF001
+    assert statistics._eigh is not original  # noqa: SLF001
+    values, vectors = statistics._eigh(matrix)  # noqa: SLF001
     np.testing.assert_allclose(values, expected, rtol=1e-4)
     np.testing.assert_allclose(vectors @ jnp.diag(values) @ vectors.T, matrix, atol=1e-4)
-  assert blended._eigh is original  # noqa: SLF001
+  assert statistics._eigh is original  # noqa: SLF001
   figures = benchmark_roots.main(['--sizes', '6', '--repeats', '2', '--out-dir', str(tmp_path)])
   eigh = figures['eigh']
   assert eigh['6/default']['median_ms'] > 0 and eigh['6/default'][

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metamd_jax import blended, sketch
+from metamd_jax import blended, sketch, statistics
 
 
 def _numpy_update(basis, escaped, columns):
@@ -116,7 +116,7 @@ def test_kronecker_statistics_with_a_sketch_against_a_numpy_reference(x64):
   direction is ``A_t G B_t`` with ``A_t`` the dense root of the numpy sketch and ``B_t``
   that of ``R`` at its last refresh, and ``K_t = A_t^{-1} ⊗ B_t^{-1}`` never decreases."""
   epsilon, relative_epsilon, refresh_every = 1e-6, 1e-4, 3
-  optimizer = blended.scale_by_kronecker_statistics(
+  optimizer = statistics.scale_by_kronecker_statistics(
       epsilon, relative_epsilon=relative_epsilon, refresh_every=refresh_every, sketch_rank=3)
   params = {'w': jnp.zeros((12, 2)), 'b': jnp.zeros((2,))}
   state = optimizer.init(params)
@@ -149,8 +149,8 @@ def test_an_exact_sketch_gives_shampoo_s_direction():
   statistic's (every root fresh at every step: ``refresh_every=1``), in float32."""
   size, width, rank = 20, 2, 4
   subspace = np.linalg.qr(np.random.default_rng(7).standard_normal((size, 2)))[0]
-  whole = blended.scale_by_kronecker_statistics(refresh_every=1)
-  sketched = blended.scale_by_kronecker_statistics(refresh_every=1, sketch_rank=rank)
+  whole = statistics.scale_by_kronecker_statistics(refresh_every=1)
+  sketched = statistics.scale_by_kronecker_statistics(refresh_every=1, sketch_rank=rank)
   params = {'w': jnp.zeros((size, width))}
   states = whole.init(params), sketched.init(params)
   for columns in _stream(8, 5, 2, width):
@@ -166,7 +166,7 @@ def test_an_exact_sketch_gives_shampoo_s_direction():
     (4, 8, 'block_size')])
 def test_bad_sketch_ranks_are_named(sketch_rank, block_size, match):
   with pytest.raises(ValueError, match=match):
-    blended.scale_by_kronecker_statistics(sketch_rank=sketch_rank, block_size=block_size)
+    statistics.scale_by_kronecker_statistics(sketch_rank=sketch_rank, block_size=block_size)
   with pytest.raises(ValueError, match=match):
     blended.blended_metamd({}, None, 0.1, statistics='kronecker', sketch_rank=sketch_rank,
                            block_size=block_size)
@@ -181,7 +181,7 @@ def test_sketch_merged_every_few_steps_against_a_numpy_reference(x64, sketch_int
   keeps the last root in between; the numpy sketch does the same by an SVD. The metric
   ``K_t`` still never decreases."""
   epsilon, relative_epsilon, refresh_every = 1e-6, 1e-4, 3
-  optimizer = blended.scale_by_kronecker_statistics(
+  optimizer = statistics.scale_by_kronecker_statistics(
       epsilon, relative_epsilon=relative_epsilon, refresh_every=refresh_every, sketch_rank=3,
       sketch_interval=sketch_interval, refresh_growth=refresh_growth)
   params = {'w': jnp.zeros((12, 2)), 'b': jnp.zeros((2,))}
@@ -227,7 +227,7 @@ def test_a_repeated_gradient_merged_every_few_steps_is_the_whole_statistic(x64,
   step ``t`` carries the mass of every step since the last, so the sketch is ``t G G^T``,
   the statistic itself, at each merge, and stays so until the next."""
   g = np.random.default_rng(10).standard_normal((12, 2))
-  optimizer = blended.scale_by_kronecker_statistics(sketch_rank=3,
+  optimizer = statistics.scale_by_kronecker_statistics(sketch_rank=3,
                                                     sketch_interval=sketch_interval)
   state = optimizer.init({'w': jnp.zeros((12, 2))})
   last = 0
@@ -242,7 +242,7 @@ def test_a_zero_gradient_merges_nothing_and_its_mass_waits(x64):
   """A merge step with a zero gradient leaves the sketch as it was and keeps the mass
   since the last merge for the next one."""
   g = np.random.default_rng(11).standard_normal((12, 2))
-  optimizer = blended.scale_by_kronecker_statistics(sketch_rank=3, sketch_interval=2)
+  optimizer = statistics.scale_by_kronecker_statistics(sketch_rank=3, sketch_interval=2)
   state = optimizer.init({'w': jnp.zeros((12, 2))})
   for grad in (g, g, 0 * g, g, g):  # merges at steps 1, 3 (zero gradient) and 5
     _, state = optimizer.update({'w': jnp.asarray(grad)}, state)
@@ -253,7 +253,7 @@ def test_a_zero_gradient_merges_nothing_and_its_mass_waits(x64):
 @pytest.mark.parametrize('sketch_interval', [-1, True, 1.5, None])
 def test_bad_sketch_intervals_are_named(sketch_interval):
   with pytest.raises(ValueError, match='sketch_interval'):
-    blended.scale_by_kronecker_statistics(sketch_rank=4, sketch_interval=sketch_interval)
+    statistics.scale_by_kronecker_statistics(sketch_rank=4, sketch_interval=sketch_interval)
   with pytest.raises(ValueError, match='sketch_interval'):
     blended.blended_metamd({}, None, 0.1, statistics='kronecker', sketch_rank=4,
                            sketch_interval=sketch_interval)
