@@ -369,7 +369,7 @@ def test_eigenbasis_calibration_gives_levels_per_eigendirection(setup):
       library, metamd_jax.nesterov_momentum(ev.adaptive_momentum))), rtol=1e-5, atol=1e-9)
   config.eval.adaptive_lengthen_below = None
   off = first(evaluate.adaptive_optimizer(config, divergence, result))
-  assert optax.global_norm(ours) > 2 * optax.global_norm(off)
+  assert optax.tree.norm(ours) > 2 * optax.tree.norm(off)
   config.eval.adaptive_lengthen_below = 0.3
   config.eval.adaptive_blend_rate = 0.0
   # With the overshoot check (the default) blended MetaMD at rate 0 carries it.
