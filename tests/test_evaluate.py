@@ -572,7 +572,7 @@ def test_adaptive_optimizer_is_blended_with_a_positive_blend_rate():
   grads = {'w': jnp.full((3, 2), 2.0), 'b': jnp.full((2,), 2.0)}
 
   def first_update(optimizer):
-    return optimizer.update(grads, optimizer.init(params), params)[0]
+    return jax.jit(optimizer.update)(grads, optimizer.init(params), params)[0]
 
   assert evaluate.adaptive_optimizer(config, divergence, None) is None
   assert evaluate.adaptive_optimizer(config, divergence, {'reference_norm': None}) is None
@@ -595,43 +595,45 @@ def test_adaptive_optimizer_is_blended_with_a_positive_blend_rate():
     changed = first_update(evaluate.adaptive_optimizer(config, divergence, calibration))
     chex.assert_trees_all_close(changed, first_update(metamd_jax.blended_metamd(
         divergence, (1.0, 1.0), 0.5, per_leaf=True, statistics='kronecker', **{option: 2})))
-    assert not np.allclose(changed['w'], whole['w']), field
+    assert not np.allclose(changed['w'], whole['w'], rtol=1e-3), field
     config.eval[field] = {'adaptive_blend_block_size': 0}.get(field, 1024)
   # eval.adaptive_blend_sketch_rank: an 8-row side (over the rank 1 plus the 2 columns)
-  # keeps a rank-1 sketch, which drops one of the gradient's two directions.
+  # keeps a rank-1 sketch. The first gradient's two directions are exact in it (the second
+  # is the escaped mass, added along every direction), so the first updates agree; the
+  # second gradient, along other directions, meets that inflated mass.
+  # (Without the overshoot check, which would act from the second step on.)
+  overshoot, config.eval.adaptive_overshoot = config.eval.adaptive_overshoot, False
   tall = {'w': jnp.ones((8, 2)), 'b': jnp.ones((2,))}
   tall_divergence = metamd_jax.init_divergence(tall, 0.1)
   tall_grads = {'w': jnp.asarray(np.random.default_rng(0).normal(size=(8, 2)), jnp.float32),
                 'b': jnp.full((2,), 2.0)}
-
-  def tall_update(optimizer):
-    return optimizer.update(tall_grads, optimizer.init(tall), tall)[0]
-
-  whole = tall_update(evaluate.adaptive_optimizer(config, tall_divergence, calibration))
-  config.eval.adaptive_blend_sketch_rank = 1
-  sketched = tall_update(evaluate.adaptive_optimizer(config, tall_divergence, calibration))
-  chex.assert_trees_all_close(sketched, tall_update(metamd_jax.blended_metamd(
-      tall_divergence, (1.0, 1.0), 0.5, per_leaf=True, statistics='kronecker',
-      sketch_rank=1)))
-  assert not np.allclose(sketched['w'], whole['w'])
-  # eval.adaptive_blend_sketch_interval: the second step's gradient merged only at step 3.
-  # (Without the overshoot check, which would act from the second step on.)
-  overshoot, config.eval.adaptive_overshoot = config.eval.adaptive_overshoot, False
   second = jax.tree.map(lambda g: -0.5 * g[::-1], tall_grads)
 
-  def second_update(optimizer):
-    state = optimizer.init(tall)
-    state = optimizer.update(tall_grads, state, tall)[1]
-    return optimizer.update(second, state, tall)[0]
+  def tall_update(optimizer):
+    return jax.jit(optimizer.update)(tall_grads, optimizer.init(tall), tall)[0]
 
-  every_step = second_update(evaluate.adaptive_optimizer(config, tall_divergence, calibration))
+  def second_update(optimizer):
+    state, update = optimizer.init(tall), jax.jit(optimizer.update)
+    state = update(tall_grads, state, tall)[1]
+    return update(second, state, tall)[0]
+
+  whole = evaluate.adaptive_optimizer(config, tall_divergence, calibration)
+  config.eval.adaptive_blend_sketch_rank = 1
+  sketched = evaluate.adaptive_optimizer(config, tall_divergence, calibration)
+  chex.assert_trees_all_close(second_update(sketched), second_update(metamd_jax.blended_metamd(
+      tall_divergence, (1.0, 1.0), 0.5, per_leaf=True, statistics='kronecker',
+      sketch_rank=1)), rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(tall_update(sketched), tall_update(whole), rtol=1e-5)
+  assert not np.allclose(second_update(sketched)['w'], second_update(whole)['w'], rtol=1e-3)
+  # eval.adaptive_blend_sketch_interval: the second step's gradient merged only at step 3.
+  every_step = second_update(sketched)
   config.eval.adaptive_blend_sketch_interval = 2
   every_other = second_update(evaluate.adaptive_optimizer(config, tall_divergence,
                                                           calibration))
   chex.assert_trees_all_close(every_other, second_update(metamd_jax.blended_metamd(
       tall_divergence, (1.0, 1.0), 0.5, per_leaf=True, statistics='kronecker',
       sketch_rank=1, sketch_interval=2)))
-  assert not np.allclose(every_other['w'], every_step['w'])
+  assert not np.allclose(every_other['w'], every_step['w'], rtol=1e-3)
   np.testing.assert_array_equal(every_other['b'], every_step['b'])  # no sketch on b
   config.eval.adaptive_blend_sketch_interval = 1
   config.eval.adaptive_overshoot = overshoot
@@ -659,9 +661,9 @@ def test_adaptive_optimizer_is_blended_with_a_positive_blend_rate():
   flipped = jax.tree.map(lambda g: -g, grads)
 
   def two_updates(optimizer):
-    state = optimizer.init(params)
-    _, state = optimizer.update(grads, state, params)
-    return optimizer.update(flipped, state, params)[0]
+    state, update = optimizer.init(params), jax.jit(optimizer.update)
+    _, state = update(grads, state, params)
+    return update(flipped, state, params)[0]
 
   for rate in (0.5, 0.0):
     config.eval.adaptive_blend_rate = rate
@@ -692,10 +694,10 @@ def test_adaptive_optimizer_is_blended_with_a_positive_blend_rate():
   config.eval.adaptive_blend_statistics = 'kronecker'
 
   def twelfth_update(optimizer):
-    state = optimizer.init(params)
+    state, update = optimizer.init(params), jax.jit(optimizer.update)  # its conds compiled once
     for _ in range(11):
-      _, state = optimizer.update(grads, state, params)
-    return optimizer.update(jax.tree.map(lambda g: 30 * g, grads), state, params)[0]
+      _, state = update(grads, state, params)
+    return update(jax.tree.map(lambda g: 30 * g, grads), state, params)[0]
 
   on_growth = {}
   for growth in (math.inf, 0.5):
@@ -705,8 +707,8 @@ def test_adaptive_optimizer_is_blended_with_a_positive_blend_rate():
     chex.assert_trees_all_close(on_growth[growth], twelfth_update(metamd_jax.blended_metamd(
         divergence, (1.0, 1.0), 0.5, per_leaf=True, statistics='kronecker',
         refresh_growth=growth)))
-  assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(on_growth[math.inf]),
-                                                    jax.tree.leaves(on_growth[0.5])))
+  assert not all(np.allclose(a, b, rtol=1e-3) for a, b in zip(
+      jax.tree.leaves(on_growth[math.inf]), jax.tree.leaves(on_growth[0.5])))
   config.eval.adaptive_refresh_growth = math.inf
   config.eval.adaptive_blend_statistics = 'sum'
   # Nesterov's momentum: the first step is (1 + beta) * step_factor times the blended one.
