@@ -57,7 +57,8 @@ def test_low_rank_row_is_a_plain_run_of_low_rank_metamd(setup, tmp_path, monkeyp
   np.testing.assert_allclose(row['final_train_loss'][0],
                              np.mean(evaluation.final_train_loss(plain.train_losses)), rtol=1e-5)
   # Rank 3 truncates the tiny MLP's factors: not frozen MetaMD's run.
-  assert row['final_train_loss'][0] != results['optimizers']['metamd']['final_train_loss'][0]
+  assert not math.isclose(row['final_train_loss'][0],
+                          results['optimizers']['metamd']['final_train_loss'][0], rel_tol=1e-3)
   assert 'elapsed_seconds_to_metamd_final_loss' in row and row['seconds_per_step'] > 0
   config.eval.frozen_rank = None
   assert 'metamd_low_rank' not in evaluate.evaluate(config, tmp_path, divergence)['optimizers']
@@ -728,12 +729,14 @@ def _restart_setup(seed):
           gradients)
 
 
-def _updates_of(optimizer, gradients, params):
+def _updates_of(optimizer, gradients, params, compiled=True):
   """The updates of ``optimizer`` along ``gradients`` from ``params``, applied as it goes;
-  the last parameters and state."""
+  the last parameters and state. ``compiled``: its update jitted (op by op, every
+  ``lax.cond`` of a restart or a refresh compiles again at each step)."""
   state, out = optimizer.init(params), []
+  update = jax.jit(optimizer.update) if compiled else optimizer.update
   for g in gradients:
-    u, state = optimizer.update(g, state, params)
+    u, state = update(g, state, params)
     params = optax.apply_updates(params, u)
     out.append(u)
   return out, params, state
@@ -856,7 +859,7 @@ def test_restart_momentum_under_jit_matches_the_eager_run():
                      adaptive_restart_step_factor=0.2)
   params, divergence, calibration, gradients = _restart_setup(seed=3)
   optimizer = evaluate.adaptive_optimizer(config, divergence, calibration)
-  eager, _, _ = _updates_of(optimizer, gradients, params)
+  eager, _, _ = _updates_of(optimizer, gradients, params, compiled=False)
 
   def body(carry, g):
     params, state = carry

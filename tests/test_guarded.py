@@ -418,9 +418,9 @@ def test_handover_gets_the_fast_steps_gradient_mass(switch_after):
   for u in first:
     at = optax.apply_updates(at, u)
   hand_state = metamd_jax.statistics_prior(fallback.init(at), at, jnp.asarray(want_mass))
-  second = []
+  second, fallback_update = [], jax.jit(fallback.update)
   for g in gradients[switch_after:]:
-    u, hand_state = fallback.update(g, hand_state, at)
+    u, hand_state = fallback_update(g, hand_state, at)
     second.append(u)
   _assert_updates_close(got, first + second, rtol=1e-4, atol=1e-6)
   if switch_after:  # the prior changes the steps: not fallback started empty

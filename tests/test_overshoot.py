@@ -201,9 +201,9 @@ def test_overshoot_cap_of_one_is_no_check_and_inf_is_no_cap():
   def run(**kwargs):
     optimizer = metamd_jax.blended_metamd(divergence, 1.0, 0.1, per_leaf=True,
                                           statistics='kronecker', **kwargs)
-    state, steps = optimizer.init(params), []
+    state, steps, update = optimizer.init(params), [], jax.jit(optimizer.update)
     for grads in grads_list:
-      updates, state = optimizer.update(grads, state, params)
+      updates, state = update(grads, state, params)
       steps.append(flat(updates))
     return np.stack(steps), state
 

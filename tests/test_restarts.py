@@ -24,12 +24,15 @@ def _params():
   return {'w': jnp.ones((3, 2)), 'b': jnp.zeros((2,))}
 
 
-def _run(optimizer, gradients, params):
-  """Updates of ``optimizer`` along ``gradients``, applying each to ``params``."""
+def _run(optimizer, gradients, params, compiled=False):
+  """Updates of ``optimizer`` along ``gradients``, applying each to ``params``; op by op,
+  or with ``compiled`` its update jitted (op by op, each ``lax.cond`` compiles at every
+  step)."""
   state = optimizer.init(params)
   out = []
+  update = jax.jit(optimizer.update) if compiled else optimizer.update
   for g in gradients:
-    updates, state = optimizer.update(g, state, params)
+    updates, state = update(g, state, params)
     params = optax.apply_updates(params, updates)
     out.append(updates)
   return out, state
@@ -53,12 +56,14 @@ def _assert_jitted_scan_is_eager(optimizer, gradients, params, rtol, atol):
 
 
 def _epochs_by_hand(inner, gradients, params, bounds):
-  """The reference: ``inner`` started afresh (``inner.init``) at every epoch bound."""
+  """The reference: ``inner`` started afresh (``inner.init``) at every epoch bound (its
+  update jitted)."""
   out = []
+  update = jax.jit(inner.update)
   for start, stop in zip(bounds[:-1], bounds[1:]):
     state = inner.init(params)
     for g in gradients[start:stop]:
-      updates, state = inner.update(g, state, params)
+      updates, state = update(g, state, params)
       params = optax.apply_updates(params, updates)
       out.append(updates)
   return out
@@ -140,12 +145,12 @@ def test_blended_metamd_with_an_epoch_blend_rate_restarts_as_by_hand():
 
   optimizer = restarts.doubling_restarts(lambda length: blended(0.1 * jnp.sqrt(length)), 2)
   gradients = _gradients(9, seed=4)
-  got, state = _run(optimizer, gradients, params)
+  got, state = _run(optimizer, gradients, params, compiled=True)
   bounds, rates = [0, 2, 4, 8, 9], [0.1, 0.1, 0.1 * np.sqrt(2), 0.1 * 2]
   want = []
   by_hand = params
   for start, stop, rate in zip(bounds[:-1], bounds[1:], rates):
-    updates, _ = _run(blended(float(rate)), gradients[start:stop], by_hand)
+    updates, _ = _run(blended(float(rate)), gradients[start:stop], by_hand, compiled=True)
     for u in updates:
       by_hand = optax.apply_updates(by_hand, u)
     want += updates
