@@ -731,8 +731,8 @@ def _restart_setup(seed):
 
 def _updates_of(optimizer, gradients, params, compiled=True):
   """The updates of ``optimizer`` along ``gradients`` from ``params``, applied as it goes;
-  the last parameters and state. ``compiled``: its update jitted (op by op, every
-  ``lax.cond`` of a restart or a refresh compiles again at each step)."""
+  the last parameters and state. ``compiled`` jits the update: op by op, every ``lax.cond``
+  of a restart or a refresh would compile again at each step."""
   state, out = optimizer.init(params), []
   update = jax.jit(optimizer.update) if compiled else optimizer.update
   for g in gradients:

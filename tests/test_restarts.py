@@ -25,9 +25,9 @@ def _params():
 
 
 def _run(optimizer, gradients, params, compiled=False):
-  """Updates of ``optimizer`` along ``gradients``, applying each to ``params``; op by op,
-  or with ``compiled`` its update jitted (op by op, each ``lax.cond`` compiles at every
-  step)."""
+  """Updates of ``optimizer`` along ``gradients``, applying each to ``params``. Op by op
+  (the reference of the jitted-scan checks), or with ``compiled`` the update jitted: each
+  ``lax.cond`` then compiles once, not again at every step."""
   state = optimizer.init(params)
   out = []
   update = jax.jit(optimizer.update) if compiled else optimizer.update
