@@ -90,7 +90,8 @@ def test_installed_package_passes_validation(name):
   config = tiny.get_config()
   config.eval.baselines = (name,)
   config.eval.reference = name  # the reference must be one of the baselines
-  builders.validate_config(config)
+  assert kronecker_baselines.missing_package(name) is None, kronecker_baselines.INSTALL
+  builders.validate_config(config)  # raises, naming the install command, when it is missing
 
 
 def test_psgd_kron_trains_in_runs_that_pass_the_loss():
