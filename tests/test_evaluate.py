@@ -621,9 +621,11 @@ def test_adaptive_optimizer_is_blended_with_a_positive_blend_rate():
   whole = evaluate.adaptive_optimizer(config, tall_divergence, calibration)
   config.eval.adaptive_blend_sketch_rank = 1
   sketched = evaluate.adaptive_optimizer(config, tall_divergence, calibration)
+  # Two compiled programs: float32 rounding on entries up to about 0.5 (atol 1e-7).
   chex.assert_trees_all_close(second_update(sketched), second_update(metamd_jax.blended_metamd(
       tall_divergence, (1.0, 1.0), 0.5, per_leaf=True, statistics='kronecker',
-      sketch_rank=1)), rtol=1e-5, atol=1e-7)
+      sketch_rank=1)), atol=1e-7)
+  # Equal up to the sketch's float32 rounding (7e-7 on entries of about 0.25).
   chex.assert_trees_all_close(tall_update(sketched), tall_update(whole), rtol=1e-5)
   assert not np.allclose(second_update(sketched)['w'], second_update(whole)['w'], rtol=1e-3)
   # eval.adaptive_blend_sketch_interval: the second step's gradient merged only at step 3.
