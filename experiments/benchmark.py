@@ -157,7 +157,7 @@ def benchmark_family(config: ml_collections.ConfigDict, name: str, workdir: path
                                                           progress)
   meta_seconds = time.perf_counter() - started - tuning_seconds
   for divergence in learned.values():
-    metamd_jax.artifact.check_compatible(divergence, test_family.init_params())
+    metamd_jax.artifact.check_compatible(divergence, test_family.param_shapes())
   optimizers = {v: metamd_jax.metamd(d) for v, d in learned.items()}
   # Adaptive MetaMD: the metamd divergence, its reference norm calibrated on the
   # meta-train tuning tasks (left out, with a warning, where frozen MetaMD diverges there).

@@ -179,7 +179,7 @@ def heldout_runs(family_cfg: ml_collections.ConfigDict, family: ClassificationFa
     whole-set loss tracked every step.
   """
   for divergence in learned.values():
-    metamd_jax.artifact.check_compatible(divergence, family.init_params())
+    metamd_jax.artifact.check_compatible(divergence, family.param_shapes())
   tasks = evaluation.held_out_tasks(family, family_cfg.seed, family_cfg.eval.num_tasks)
   curves = {opt: evaluation.run(optimizer, family, tasks, horizon, track_every=1)
             for opt, optimizer in optimizers.items()}
@@ -202,7 +202,7 @@ def sgd_divergence(family_cfg: ml_collections.ConfigDict, family: TaskFamily,
                    learning_rate: float) -> PyTree:
   """The Kronecker divergence whose mirror step is SGD with ``learning_rate``."""
   meta = family_cfg.meta
-  return metamd_jax.init_divergence(family.init_params(), float(learning_rate),
+  return metamd_jax.init_divergence(family.param_shapes(), float(learning_rate),
                                     structure='kronecker', eps=meta.eps,
                                     max_factor_size=meta.max_factor_size)
 

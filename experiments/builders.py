@@ -614,7 +614,7 @@ def shifted_family(config: ml_collections.ConfigDict, family: TaskFamily,
 def build_divergence(config: ml_collections.ConfigDict, family: TaskFamily):
   """The initial divergence (SGD with ``meta.init_learning_rate``) for the family's model."""
   meta = config.meta
-  return metamd_jax.init_divergence(family.init_params(), meta.init_learning_rate,
+  return metamd_jax.init_divergence(family.param_shapes(), meta.init_learning_rate,
                                     structure=meta.structure, eps=meta.eps,
                                     max_factor_size=meta.max_factor_size,
                                     dimension_numbers=family.dimension_numbers)

@@ -79,7 +79,7 @@ def meta_train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     if meta.select == 'best':
       print(f'selected the divergence of meta-step {int(state.best_step)}, the lowest smoothed '
             f'inner training loss ({float(state.best_score):.4g}; last {float(state.score):.4g}).')
-    metamd_jax.save_divergence(workdir / ARTIFACT, result.divergence, family.init_params(),
+    metamd_jax.save_divergence(workdir / ARTIFACT, result.divergence, family.param_shapes(),
                                config=config)
   return result
 
@@ -89,5 +89,5 @@ def learned_divergence(workdir: str | os.PathLike, family, divergence=None):
   parameters of ``family``'s model (:func:`metamd_jax.artifact.check_compatible`)."""
   if divergence is None:
     divergence, _ = metamd_jax.load_divergence(pathlib.Path(workdir) / ARTIFACT)
-  metamd_jax.artifact.check_compatible(divergence, family.init_params())
+  metamd_jax.artifact.check_compatible(divergence, family.param_shapes())
   return divergence

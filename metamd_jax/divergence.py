@@ -31,6 +31,7 @@ checks a tree of params, gradients or updates against a divergence without compu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Union
@@ -453,7 +454,9 @@ def init_divergence(
   ``M^{-1} g = lr * g`` exactly; the diagonal and scalar structures start at ``1 / lr``.
 
   Args:
-    params: the model parameters (any pytree of arrays, e.g. flax ``variables['params']``).
+    params: the model parameters (any pytree of arrays, e.g. flax ``variables['params']``),
+      or their shapes and dtypes (``jax.ShapeDtypeStruct`` leaves, e.g. from
+      ``jax.eval_shape``): only those are read.
     learning_rate: positive SGD learning rate that the initial divergence reproduces.
     structure: ``'kronecker'`` (default), ``'diagonal'`` (one scale per entry) or
       ``'scalar'`` (one scale per leaf).
@@ -498,20 +501,22 @@ def init_divergence(
   metrics = []
   for (path, leaf), axes in zip(leaves_with_path, axes_per_leaf):
     shape = tuple(np.shape(leaf))
+    # The initial values are built in numpy and transferred once: ``jnp.full`` and
+    # ``jnp.eye`` outside ``jax.jit`` would compile a program per new shape.
     if structure == 'scalar' or (structure == 'kronecker' and axes is None):
       gap = _sqrt_floor_gap(1.0 / learning_rate, eps, '1 / learning_rate')
       metrics.append(ScalarMetric(jnp.asarray(gap, dtype), shape, eps))
     elif structure == 'diagonal':
       gap = _sqrt_floor_gap(1.0 / learning_rate, eps, '1 / learning_rate')
-      metrics.append(DiagonalMetric(jnp.full(shape, gap, dtype), shape, eps))
+      metrics.append(DiagonalMetric(jnp.asarray(np.full(shape, gap), dtype), shape, eps))
     else:
       axes = _check_axes(path, shape, axes)
       gap = _sqrt_floor_gap(learning_rate ** -0.5, eps, '1 / sqrt(learning_rate)')
       m = math.prod(shape[a] for a in axes.rows)
       n = math.prod(shape[a] for a in axes.cols)
 
-      left, right = (jnp.full((d,), gap, dtype) if d > max_factor_size
-                     else gap * jnp.eye(d, dtype=dtype) for d in (m, n))
+      left, right = (jnp.asarray(np.full((d,), gap) if d > max_factor_size
+                                 else gap * np.eye(d), dtype) for d in (m, n))
       metrics.append(KroneckerMetric(left, right, shape, axes.rows, axes.cols, eps))
   return jax.tree_util.tree_unflatten(treedef, metrics)
 
@@ -610,6 +615,15 @@ def operators(divergence: PyTree, *, inverse_only: bool = False) -> PyTree:
     divergence: a divergence from :func:`init_divergence`.
     inverse_only: keep only the inverses (the factor fields are ``None``).
   """
+  return _operators(divergence, inverse_only)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _operators(divergence: PyTree, inverse_only: bool) -> PyTree:
+  # One compiled program per divergence structure: called outside ``jax.jit`` (an
+  # optimiser's ``init``, which inverts a concrete divergence once), the inversions
+  # would otherwise compile one program per operation and shape. Inside a traced
+  # function it is inlined like any jitted function.
   return jax.tree.map(lambda m: m.operator(inverse_only=inverse_only), divergence,
                       is_leaf=is_metric)
 

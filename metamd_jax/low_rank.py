@@ -28,6 +28,7 @@ they are; with ``rank`` at least every factor's size the optimiser is :func:`met
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -147,6 +148,13 @@ def low_rank_preconditioner(divergence: PyTree, rank: int, fill: str = 'min') ->
   than ``rank`` truncated (:func:`truncate_inverse`)."""
   check_rank(rank)
   check_fill(fill)
+  return _low_rank_preconditioner(divergence, rank, fill)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _low_rank_preconditioner(divergence: PyTree, rank: int, fill: str) -> PyTree:
+  # One compiled program per divergence structure, rank and fill, as
+  # metamd_jax.divergence.operators: init calls it outside jax.jit.
 
   def truncate(operator):
     if not isinstance(operator, divergence_lib.KroneckerOperator):

@@ -399,7 +399,7 @@ def wall_clock(config, family: str, workdir, results, optimizers=DEFAULT_OPTIMIZ
   divergence, _ = metamd_jax.load_divergence(path)
 
   train_family, test_family = builders.build_families(family_cfg)
-  metamd_jax.artifact.check_compatible(divergence, test_family.init_params())
+  metamd_jax.artifact.check_compatible(divergence, test_family.param_shapes())
   if tasks == 'validation':  # the meta-train family's, as experiments.choose_variant
     test_family = train_family
     num_tasks = num_tasks or builders.num_validation_tasks(family_cfg.eval)

@@ -119,6 +119,43 @@ def test_init_reproduces_sgd_learning_rate():
       np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize('options', STRUCTURE_CASES)
+def test_init_from_shapes_equals_init_from_arrays(options):
+  """``jax.ShapeDtypeStruct`` leaves (``jax.eval_shape``) give the divergence the arrays
+  give, bit for bit: only shapes and dtypes are read."""
+  params = _params()
+  shapes = jax.eval_shape(lambda: params)
+  from_arrays = metamd_jax.init_divergence(params, 0.03, **options)
+  from_shapes = metamd_jax.init_divergence(shapes, 0.03, **options)
+  assert jax.tree.structure(from_shapes) == jax.tree.structure(from_arrays)
+  for a, b in zip(jax.tree.leaves(from_shapes), jax.tree.leaves(from_arrays)):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(a, b)
+
+
+def test_operators_compile_once_per_structure_and_equal_each_metrics_own():
+  """:func:`divergence.operators` is one compiled program per divergence structure: a
+  second divergence of the same shapes reuses it, with its own values."""
+  params = _params()
+  first = randomize(metamd_jax.init_divergence(params, 0.1, max_factor_size=3), seed=1)
+  second = randomize(first, seed=2)
+  before = divergence_lib._operators._cache_size()
+  for divergence in (first, second):
+    for inverse_only in (False, True):
+      got = divergence_lib.operators(divergence, inverse_only=inverse_only)
+      metrics = jax.tree.leaves(divergence, is_leaf=divergence_lib.is_metric)
+      want = [m.operator(inverse_only=inverse_only) for m in metrics]
+      assert len(jax.tree.leaves(got, is_leaf=divergence_lib.is_operator)) == len(want)
+      for g, w in zip(jax.tree.leaves(got, is_leaf=divergence_lib.is_operator), want):
+        assert type(g) is type(w)
+        for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(w)):
+          np.testing.assert_array_equal(x, y)
+  # One program for each inverse_only, shared by both divergences.
+  assert divergence_lib._operators._cache_size() - before <= 2
+  assert not np.allclose(jax.tree.leaves(divergence_lib.preconditioner(first))[0],
+                         jax.tree.leaves(divergence_lib.preconditioner(second))[0])
+
+
 def test_large_factors_become_diagonal():
   params = {'embedding': jnp.zeros((5000, 8)), 'dense': jnp.zeros((16, 8))}
   divergence = metamd_jax.init_divergence(params, 0.1, max_factor_size=1024)

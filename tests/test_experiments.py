@@ -166,7 +166,11 @@ def test_shipped_configs_validate_and_build(name):
   builders.validate_config(config)
   meta_train_family, meta_test_family = builders.build_families(config)
   divergence = builders.build_divergence(config, meta_train_family)
-  metamd_jax.artifact.check_compatible(divergence, meta_test_family.init_params())
+  params = meta_test_family.init_params()
+  metamd_jax.artifact.check_compatible(divergence, params)
+  # The structure without running init_params: every family's shapes and dtypes.
+  for family in (meta_train_family, meta_test_family):
+    assert family.param_shapes() == jax.eval_shape(lambda: params)
   if name == 'class_split':
     assert meta_train_family is not meta_test_family
     assert meta_train_family.num_classes == meta_test_family.num_classes == 5

@@ -75,3 +75,12 @@ class TaskFamily(abc.ABC):
   def init_params(self) -> PyTree:
     """Parameters of one task, used to build a divergence with the right structure."""
     return self.task(self.sample(jax.random.key(0))).init()
+
+  def param_shapes(self) -> PyTree:
+    """:meth:`init_params` as ``jax.ShapeDtypeStruct`` leaves, traced but not run.
+
+    Enough wherever only the structure matters (:func:`metamd_jax.init_divergence`,
+    :func:`metamd_jax.artifact.check_compatible`), and far cheaper outside ``jax.jit``:
+    running :meth:`init_params` eagerly compiles each of its operations.
+    """
+    return jax.eval_shape(self.init_params)
