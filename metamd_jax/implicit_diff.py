@@ -10,6 +10,7 @@ where both products are vector-Jacobian products of ``F``: nothing is materialis
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -50,6 +51,22 @@ def root_vjp(
   return tuple(jax.tree.map(jnp.negative, vjp_args(u)))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _compiled_root_vjp(optimality_fn, solution, args, cotangent, solve):
+  # root_vjp as one program per (optimality_fn, solve) and shapes: a gradient taken
+  # outside jax.jit would otherwise run the backward pass operation by operation, each
+  # compiled on its own. Inside a traced function it is traced as part of it.
+  return root_vjp(optimality_fn, solution, args, cotangent, solve)
+
+
+def _hashable(*objects) -> bool:
+  try:
+    hash(objects)
+  except TypeError:
+    return False
+  return True
+
+
 def custom_root(optimality_fn: Callable[..., PyTree], solve: linear_solve.Solver):
   """Decorator: make ``solver_fn(*args) -> x*`` differentiable by implicit differentiation.
 
@@ -76,7 +93,8 @@ def custom_root(optimality_fn: Callable[..., PyTree], solve: linear_solve.Solver
 
     def bwd(residuals, cotangent):
       solution, args = residuals
-      grads = root_vjp(optimality_fn, solution, args, cotangent, solve)
+      vjp = _compiled_root_vjp if _hashable(optimality_fn, solve) else root_vjp
+      grads = vjp(optimality_fn, solution, args, cotangent, solve)
       # Cotangents must have the dtypes of the primal inputs.
       return tuple(jax.tree.map(lambda g, a: g.astype(jnp.result_type(a)), g, a)
                    for g, a in zip(grads, args))

@@ -9,6 +9,7 @@ of the mirror step uses them. :func:`make_solver` turns a name into a solver.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -131,7 +132,7 @@ def make_solver(solver: str | Solver = 'exact', **options) -> Solver:
     **options: options of the matrix-free solvers (e.g. ``tol``, ``maxiter``).
 
   Returns:
-    The solver.
+    The solver: the same object for the same name and (hashable) options.
 
   Raises:
     ValueError: for an unknown name, or options given to the exact solver.
@@ -144,4 +145,15 @@ def make_solver(solver: str | Solver = 'exact', **options) -> Solver:
     return exact_solver
   if solver not in _MATRIX_FREE:
     raise ValueError(f'unknown solver {solver!r}; expected one of {SOLVERS} or a callable.')
-  return _MATRIX_FREE[solver](**options)
+  key = tuple((name, type(value), value) for name, value in sorted(options.items()))
+  try:
+    # The same name and options give the same solver: a function compiled with the
+    # solver as a static argument (the implicit backward pass) is then compiled once.
+    return _matrix_free_solver(solver, key)
+  except TypeError:  # unhashable options (e.g. an array)
+    return _MATRIX_FREE[solver](**options)
+
+
+@functools.lru_cache(maxsize=64)
+def _matrix_free_solver(name: str, options: tuple) -> Solver:
+  return _MATRIX_FREE[name](**{k: v for k, _, v in options})

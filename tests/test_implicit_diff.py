@@ -56,6 +56,39 @@ def test_implicit_vjp_equals_autodiff(x64, options, solver, options_solver, rtol
                                atol=rtol * np.abs(_ravel(expected)).max())
 
 
+def test_backward_pass_is_one_program_per_solver_and_shapes(x64):
+  """Outside ``jax.jit`` the backward pass is one compiled program per solver and shapes
+  (two problems of the same shapes share it); an unhashable solver runs it operation by
+  operation instead, with the same cotangents, as plain autodiff gives."""
+
+  class Unhashable:
+    __hash__ = None
+
+    def __eq__(self, other):
+      return isinstance(other, Unhashable)
+
+    def __call__(self, matvec, b, *args):
+      return linear_solve.exact_solver(matvec, b, *args)
+
+  before = implicit_diff._compiled_root_vjp._cache_size()
+  for seed in (0, 1):
+    # Shapes no other test uses, so that this test compiles the program itself.
+    params = {k: jnp.asarray(np.random.default_rng(seed).standard_normal(s))
+              for k, s in {'w': (5, 7), 'b': (7,)}.items()}
+    divergence = well_conditioned(metamd_jax.init_divergence(params, 0.1, dtype=jnp.float64),
+                                  seed=seed + 1, noise=0.2)
+    grads, cotangent = randomize(params, seed + 2), randomize(params, seed + 3)
+    args = (divergence, params, grads)
+    _, plain_vjp = jax.vjp(_closed_form, *args)
+    expected = plain_vjp(cotangent)
+    for solver in ('exact', Unhashable()):
+      _, implicit_vjp = jax.vjp(lambda *a, s=solver: metamd_jax.mirror_step(*a, solver=s), *args)
+      for got, want in zip(implicit_vjp(cotangent), expected):
+        np.testing.assert_allclose(_ravel(got), _ravel(want), rtol=1e-9,
+                                   atol=1e-9 * np.abs(_ravel(want)).max())
+  assert implicit_diff._compiled_root_vjp._cache_size() - before == 1
+
+
 @pytest.mark.parametrize('options', STRUCTURES)
 def test_implicit_gradient_equals_finite_differences(x64, options):
   divergence, params, grads, cotangent = _problem(options, seed=5)

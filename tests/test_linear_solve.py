@@ -77,6 +77,25 @@ def test_make_solver_names_the_solvers():
     linear_solve.make_solver('cg', tol=0.0)
 
 
+def test_make_solver_gives_one_solver_per_name_and_options(x64):
+  """The same name and options give the same solver object (a static argument of the
+  compiled implicit backward pass); other options, or equal values of another type, give
+  another; unhashable options still give a working solver."""
+  cg = linear_solve.make_solver('cg', tol=1e-8, maxiter=50)
+  assert linear_solve.make_solver('cg', maxiter=50, tol=1e-8) is cg
+  assert linear_solve.make_solver('cg', tol=1e-6, maxiter=50) is not cg
+  assert linear_solve.make_solver('cg', tol=1e-8, maxiter=50.0) is not cg
+  assert linear_solve.make_solver('neumann', tol=1e-8, maxiter=50) is not cg
+  assert linear_solve.make_solver('dense') is linear_solve.make_solver('dense')
+  rng = np.random.default_rng(0)
+  a = rng.standard_normal((5, 5))
+  a = a @ a.T + 5 * np.eye(5)
+  b = rng.standard_normal(5)
+  solver = linear_solve.make_solver('cg', tol=np.asarray(1e-12))  # an array: unhashable
+  got = solver(lambda x: jnp.asarray(a) @ x, jnp.asarray(b))
+  np.testing.assert_allclose(got, np.linalg.solve(a, b), rtol=1e-9)
+
+
 @pytest.mark.parametrize('structure', ['kronecker', 'diagonal', 'scalar'])
 def test_exact_solver_is_the_dense_inverse_metric(x64, structure):
   params = {'w': jnp.zeros((4, 3)), 'b': jnp.zeros(3)}
