@@ -135,7 +135,8 @@ def test_init_from_shapes_equals_init_from_arrays(options):
 
 def test_operators_compile_once_per_structure_and_equal_each_metrics_own():
   """:func:`divergence.operators` is one compiled program per divergence structure: a
-  second divergence of the same shapes reuses it, with its own values."""
+  second divergence of the same shapes reuses it, with its own values, each metric's own
+  :meth:`operator` computed operation by operation."""
   params = _params()
   first = randomize(metamd_jax.init_divergence(params, 0.1, max_factor_size=3), seed=1)
   second = randomize(first, seed=2)
@@ -149,7 +150,9 @@ def test_operators_compile_once_per_structure_and_equal_each_metrics_own():
       for g, w in zip(jax.tree.leaves(got, is_leaf=divergence_lib.is_operator), want):
         assert type(g) is type(w)
         for x, y in zip(jax.tree.leaves(g), jax.tree.leaves(w)):
-          np.testing.assert_array_equal(x, y)
+          # Equal to float32 rounding: one compiled program may round otherwise than
+          # operation by operation (bit for bit on these shapes on the 2-core CPU).
+          np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
   # One program for each inverse_only, shared by both divergences.
   assert divergence_lib._operators._cache_size() - before <= 2
   assert not np.allclose(jax.tree.leaves(divergence_lib.preconditioner(first))[0],
