@@ -623,7 +623,7 @@ def _operators(divergence: PyTree, inverse_only: bool) -> PyTree:
   # One compiled program per divergence structure: called outside ``jax.jit`` (an
   # optimiser's ``init``, which inverts a concrete divergence once), the inversions
   # would otherwise compile one program per operation and shape. Inside a traced
-  # function it is inlined like any jitted function.
+  # function it is traced as part of it.
   return jax.tree.map(lambda m: m.operator(inverse_only=inverse_only), divergence,
                       is_leaf=is_metric)
 
