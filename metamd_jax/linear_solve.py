@@ -145,13 +145,15 @@ def make_solver(solver: str | Solver = 'exact', **options) -> Solver:
     return exact_solver
   if solver not in _MATRIX_FREE:
     raise ValueError(f'unknown solver {solver!r}; expected one of {SOLVERS} or a callable.')
+  # The same name and options give the same solver: a function compiled with the solver
+  # as a static argument (the implicit backward pass) is then compiled once. Options of
+  # another type are another key; unhashable options (e.g. an array) are not cached.
   key = tuple((name, type(value), value) for name, value in sorted(options.items()))
   try:
-    # The same name and options give the same solver: a function compiled with the
-    # solver as a static argument (the implicit backward pass) is then compiled once.
-    return _matrix_free_solver(solver, key)
-  except TypeError:  # unhashable options (e.g. an array)
+    hash(key)
+  except TypeError:
     return _MATRIX_FREE[solver](**options)
+  return _matrix_free_solver(solver, key)
 
 
 @functools.lru_cache(maxsize=64)
