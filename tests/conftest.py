@@ -32,6 +32,14 @@ jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
+def pytest_collection_modifyitems(config, items):
+  """Tests marked ``heavy`` first, the rest in their order. The workers split the tests
+  in two and then take from each other's queue end: with the long tests first, what is
+  left at the end is short tests, and neither worker waits long for the other."""
+  del config
+  items.sort(key=lambda item: item.get_closest_marker('heavy') is None)
+
+
 def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
   shutil.rmtree(_COMPILATION_CACHE, ignore_errors=True)

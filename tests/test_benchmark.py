@@ -53,6 +53,7 @@ def _finite_pair(value):
   assert all(isinstance(v, float) and math.isfinite(v) for v in value), value
 
 
+@pytest.mark.heavy
 def test_quick_benchmark_writes_documented_results(tmp_path, capsys, monkeypatch):
   config = _tiny_benchmark_config()
   benchmark.benchmark(config, tmp_path, progress=False)

@@ -61,6 +61,7 @@ def test_rule_diverged_runs_then_faster_checks_then_loss_ratio():
   assert choose_variant.score(lenient, 'a', 'adam')['diverged_runs'] == 0
 
 
+@pytest.mark.heavy
 def test_compare_runs_validation_tasks_only_and_applies_the_rule(tmp_path, monkeypatch):
   config = tiny.get_config()
   config.eval.shifts = ('inputs_x2',)

@@ -188,6 +188,7 @@ def _calibrated(setup, **settings):
   return config, tasks, evaluate.calibrate(config, divergence, meta_train_family, tasks)
 
 
+@pytest.mark.heavy
 def test_guard_runs_frozen_metamd_then_the_adaptive_optimizer(setup):
   """``eval.adaptive_guard_margin`` puts the adaptive optimiser behind frozen MetaMD (at
   ``eval.frozen_rank`` where set) with :func:`metamd_jax.guarded_switch`, levels the
@@ -1023,6 +1024,7 @@ def test_heldout_text_is_for_language_models_only():
     builders.validate_config(config)
 
 
+@pytest.mark.heavy
 def test_language_model_evaluation_end_to_end(tmp_path):
   # The divergence as meta-training starts it (the transformer's meta-gradient is covered
   # by tests/test_scripts.py and meta-training by the classification pipeline tests).

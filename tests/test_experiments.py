@@ -40,6 +40,7 @@ def _launch(workdir, *overrides, mode='meta_train', devices=1, kill_at=None):
                           env=env)
 
 
+@pytest.mark.heavy
 def test_tiny_pipeline_writes_every_output(tmp_path):
   config = tiny.get_config()
   result = meta_train.meta_train(config, tmp_path, progress=False)
@@ -118,6 +119,7 @@ def test_command_line_rejects_a_bad_value_at_start(tmp_path):
   assert not (tmp_path / 'run' / 'metrics.jsonl').exists()
 
 
+@pytest.mark.heavy
 def test_resume_after_sigkill_redoes_the_same_meta_steps(tmp_path):
   """A real ``kill -9`` mid-run of the main job, with tasks sharded over two devices.
 

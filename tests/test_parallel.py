@@ -59,6 +59,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.heavy
 def test_two_processes_equal_one_process_with_four_devices(tmp_path):
   # In float64, so that equality holds to 1e-12 whatever the order of the reductions
   # (float32 runs the same code; sharded float32 meta-training is the kill/resume test's).

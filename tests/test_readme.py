@@ -11,6 +11,7 @@ import sys
 import jax
 import numpy as np
 import optax
+import pytest
 from helpers import KILL_AT_META_STEP
 
 import metamd_jax
@@ -67,6 +68,7 @@ def _finish(process, timeout=300):
   return process.returncode, stderr.decode()[-3000:]
 
 
+@pytest.mark.heavy
 def test_readme_meta_training_example_resumes_after_sigkill(tmp_path):
   example = tmp_path / 'example.py'
   example.write_text(_example('meta_train.fit('))

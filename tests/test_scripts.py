@@ -448,6 +448,7 @@ def test_meta_gradient_functions_name_their_adjoints(monkeypatch):
   assert tuple(only) == ('rollout', 'statistics', 'implicit')
 
 
+@pytest.mark.heavy
 def test_benchmark_meta_gradient_main_transformer(tmp_path, capsys):
   path = tmp_path / 'meta_gradient.json'
   benchmark_meta_gradient.main([
@@ -474,6 +475,7 @@ def test_benchmark_meta_gradient_main_transformer(tmp_path, capsys):
   assert values == pytest.approx([values[0]] * 3, rel=1e-4)
 
 
+@pytest.mark.heavy
 def test_trace_overshoot_main(tmp_path, capsys):
   """The trace equals a plain loop of the config's adaptive optimiser on the same
   validation task: the whole-set losses every 2 steps and the check's final factors;
@@ -535,6 +537,7 @@ def test_trace_overshoot_names_a_missing_divergence(tmp_path):
     trace_overshoot.main(['--config', str(CONFIGS / 'tiny.py'), '--workdir', str(tmp_path)])
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize('shift', [None, 'inputs_x2'])
 def test_trace_guard_main(tmp_path, capsys, monkeypatch, shift):
   """Per task: the switch where the step count says, the loss before it the fast step's,

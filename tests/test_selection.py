@@ -4,12 +4,14 @@ import json
 
 import numpy as np
 import optax
+import pytest
 
 from configs import tiny
 from experiments import builders, report, selection
 from metamd_jax import evaluation
 
 
+@pytest.mark.heavy
 def test_compare_reports_initial_best_and_last(tmp_path):
   config = tiny.get_config()  # the meta-step of the tiny pipeline test: compiled once
   result = selection.compare(config, tmp_path)

@@ -11,6 +11,7 @@ from experiments import benchmark_runs, builders, choose_variant, sweep
 from metamd_jax import evaluation
 
 
+@pytest.mark.heavy
 def test_sweep_scores_validation_tasks_and_chooses_the_best(tmp_path, monkeypatch):
   config = tiny.get_config()  # meta.eps = 0.01: the meta-step of the tiny pipeline tests
   config.eval.num_validation_tasks = 3  # not eval.num_tasks (2, the held-out tasks)
@@ -67,6 +68,7 @@ def test_values_are_checked():
     sweep.with_value(tiny.get_config(), 'meta.eps', -1.0)
 
 
+@pytest.mark.heavy
 def test_robustness_rule_scores_the_configs_adaptive_metamd_under_the_shifts(tmp_path,
                                                                             monkeypatch):
   """``rule='robustness'``: each value's adaptive MetaMD (the config's own settings) under
