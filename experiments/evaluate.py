@@ -15,7 +15,6 @@ import pathlib
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -25,11 +24,47 @@ import metamd_jax
 from experiments import benchmark_runs, builders, plots, protocol, report
 from experiments import meta_train as meta_train_exp
 from metamd_jax import adaptive as adaptive_lib
+from metamd_jax import calibrated as calibrated_lib
 from metamd_jax import eigenbasis as eigenbasis_lib
 from metamd_jax import evaluation, parallel
-from metamd_jax.accelerated import DEFAULT_STEP_FACTOR
 from metamd_jax.tasks.base import TaskFamily
 from metamd_jax.types import PyTree
+
+# The calibration record's settings (metamd_jax.calibrated) and the eval fields they come
+# from; a field the config lacks takes the record's default (metamd_jax.calibrated.DEFAULTS).
+CALIBRATION_FIELDS = {
+    'decay': 'adaptive_decay', 'per_leaf': 'adaptive_per_leaf',
+    'eigenbasis': 'adaptive_eigenbasis', 'eigenbasis_rank': 'adaptive_eigenbasis_rank',
+    'blend_rate': 'adaptive_blend_rate', 'blend_statistics': 'adaptive_blend_statistics',
+    'momentum': 'adaptive_momentum', 'online_power': 'adaptive_online_power',
+    'max_dimension': 'adaptive_blend_max_dimension',
+    'block_size': 'adaptive_blend_block_size', 'sketch_rank': 'adaptive_blend_sketch_rank',
+    'sketch_interval': 'adaptive_blend_sketch_interval',
+    'lengthen_below': 'adaptive_lengthen_below', 'min_scale': 'adaptive_min_scale',
+    'overshoot': 'adaptive_overshoot', 'overshoot_decay': 'adaptive_overshoot_decay',
+    'refresh_growth': 'adaptive_refresh_growth', 'overshoot_cap': 'adaptive_overshoot_cap',
+    'overshoot_scope': 'adaptive_overshoot_scope', 'restarts': 'adaptive_restarts',
+    'restart_growth': 'adaptive_restart_growth', 'restart_shrink': 'adaptive_restart_shrink',
+    'restart_momentum': 'adaptive_restart_momentum',
+    'restart_step_factor': 'adaptive_restart_step_factor',
+    'guard_margin': 'adaptive_guard_margin', 'guard_steps': 'adaptive_guard_steps',
+    'guard_progress': 'adaptive_guard_progress', 'guard_prior': 'adaptive_guard_prior',
+    'frozen_rank': 'frozen_rank', 'frozen_rank_fill': 'frozen_rank_fill',
+}
+
+
+def settings(config: ml_collections.ConfigDict) -> dict:
+  """The adaptive optimiser's run-time settings in ``config.eval``, as a calibration
+  records them (:data:`CALIBRATION_FIELDS`; an infinite float as ``None``, and
+  ``lengthen_below`` only with the eigenbasis scales), with ``num_steps``: the horizon
+  the levels are calibrated over and the restarts' first epoch."""
+  ev = config.eval
+  record = {name: as_recorded(ev.get(field, calibrated_lib.DEFAULTS.get(name)))
+            for name, field in CALIBRATION_FIELDS.items()}
+  if not record['eigenbasis']:
+    record['lengthen_below'] = None  # used with the eigenbasis scales only
+  record['num_steps'] = ev.num_steps
+  return record
 
 
 def calibrate(config: ml_collections.ConfigDict, divergence: PyTree, family: TaskFamily,
@@ -41,11 +76,13 @@ def calibrate(config: ml_collections.ConfigDict, divergence: PyTree, family: Tas
   never the held-out tasks) over ``eval.num_steps`` steps.
 
   Returns:
-    ``{'reference_norm', 'decay', 'eigenbasis', 'eigenbasis_levels', 'quantile',
-    'per_leaf', 'calibration_tasks', 'num_steps', ...}``; ``reference_norm`` is one
-    level, or one per parameter leaf with ``eval.adaptive_per_leaf``, and ``None`` (logged
-    as a warning) when the frozen divergence diverges on a calibration task: adaptive
-    MetaMD is then left out. With ``eval.adaptive_eigenbasis``, ``eigenbasis_levels`` are
+    The calibration record (:mod:`metamd_jax.calibrated`: what
+    :func:`metamd_jax.calibrated_metamd` builds the optimiser from): ``{'reference_norm',
+    'eigenbasis_levels', 'quantile', 'calibration_tasks', 'num_calibration_tasks',
+    'divergence_digest', **settings(config)}``; ``reference_norm`` is one level, or one
+    per parameter leaf with ``eval.adaptive_per_leaf``, and ``None`` (logged as a warning)
+    when the frozen divergence diverges on a calibration task: adaptive MetaMD is then
+    left out. With ``eval.adaptive_eigenbasis``, ``eigenbasis_levels`` are
     :func:`metamd_jax.eigenbasis.eigenbasis_levels` on the same tasks, at the rank
     ``eval.adaptive_eigenbasis_rank`` (0: none), as JSON-able lists (else ``None``).
   """
@@ -57,47 +94,19 @@ def calibrate(config: ml_collections.ConfigDict, divergence: PyTree, family: Tas
   except ValueError as error:
     logging.warning('adaptive MetaMD left out: %s', error)
     reference = None
-  eigenbasis = ev.get('adaptive_eigenbasis', False)
-  eigenbasis_rank = ev.get('adaptive_eigenbasis_rank', 0)
+  record = settings(config)
   levels = None
-  if eigenbasis and reference is not None:
+  if record['eigenbasis'] and reference is not None:
     levels = [[np.asarray(x).tolist() for x in leaf] for leaf in
               eigenbasis_lib.eigenbasis_levels(divergence, family, tune_tasks, ev.num_steps,
                                                quantile=ev.adaptive_quantile,
                                                decay=ev.adaptive_decay,
-                                               rank=eigenbasis_rank or None)]
-  return {'reference_norm': reference, 'decay': ev.adaptive_decay,
-          'eigenbasis': eigenbasis, 'eigenbasis_levels': levels,
-          'eigenbasis_rank': eigenbasis_rank,
-          'quantile': ev.adaptive_quantile, 'per_leaf': ev.adaptive_per_leaf,
-          'blend_rate': ev.adaptive_blend_rate,
-          'blend_statistics': ev.adaptive_blend_statistics,
-          'momentum': ev.get('adaptive_momentum', 0.0),
-          'online_power': ev.get('adaptive_online_power', 1.0),
-          'max_dimension': ev.get('adaptive_blend_max_dimension', 1024),
-          'block_size': ev.get('adaptive_blend_block_size', 0),
-          'sketch_rank': ev.get('adaptive_blend_sketch_rank', 0),
-          'sketch_interval': ev.get('adaptive_blend_sketch_interval', 1),
-          # Used with the eigenbasis scales on the blended path only.
-          'lengthen_below': ev.get('adaptive_lengthen_below', None) if eigenbasis else None,
-          'min_scale': ev.get('adaptive_min_scale', 0.1),
-          'overshoot': ev.get('adaptive_overshoot', False),
-          'overshoot_decay': ev.get('adaptive_overshoot_decay', 0.5),
-          # None: the roots on their schedule alone; no cap.
-          'refresh_growth': as_recorded(ev.get('adaptive_refresh_growth', math.inf)),
-          'overshoot_cap': as_recorded(ev.get('adaptive_overshoot_cap', math.inf)),
-          'overshoot_scope': ev.get('adaptive_overshoot_scope', 'learned'),
-          'restarts': ev.get('adaptive_restarts', False),
-          'restart_growth': ev.get('adaptive_restart_growth', 0.0),
-          'restart_shrink': ev.get('adaptive_restart_shrink', 0.0),
-          'restart_momentum': ev.get('adaptive_restart_momentum', None),
-          'restart_step_factor': ev.get('adaptive_restart_step_factor', DEFAULT_STEP_FACTOR),
-          'guard_margin': ev.get('adaptive_guard_margin', None),
-          'guard_steps': ev.get('adaptive_guard_steps', None),
-          'guard_progress': ev.get('adaptive_guard_progress', None),
-          'guard_prior': ev.get('adaptive_guard_prior', False),
+                                               rank=record['eigenbasis_rank'] or None)]
+  return {'reference_norm': reference, 'eigenbasis_levels': levels, **record,
+          'quantile': ev.adaptive_quantile,
           'calibration_tasks': 'meta-train tuning tasks',
-          'num_calibration_tasks': ev.num_tune_tasks, 'num_steps': ev.num_steps}
+          'num_calibration_tasks': ev.num_tune_tasks,
+          'divergence_digest': calibrated_lib.divergence_digest(divergence)}
 
 
 def as_recorded(value):
@@ -108,7 +117,10 @@ def as_recorded(value):
 
 def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
                        adaptive: dict | None):
-  """Adaptive MetaMD with the levels of :func:`calibrate`, blended MetaMD
+  """The adaptive optimiser with the levels of :func:`calibrate` and the run-time settings
+  of ``config`` (:func:`settings`, which take precedence over those ``adaptive`` records:
+  a candidate of :mod:`experiments.choose_variant` changes them on one calibration), built
+  by :func:`metamd_jax.calibrated_metamd`: blended MetaMD
   (:func:`metamd_jax.blended_metamd`, its online half divided by the learned scale to the
   power ``eval.adaptive_online_power``; with Shampoo's statistics, sides over
   ``eval.adaptive_blend_max_dimension`` diagonal, over ``eval.adaptive_blend_block_size``
@@ -131,78 +143,21 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
   scales (``eval.adaptive_eigenbasis``) ranked at ``eval.adaptive_eigenbasis_rank`` when
   it is positive (the calibration's levels must have that rank), and, on the blended path
   with those scales, ``eval.adaptive_lengthen_below`` and ``eval.adaptive_min_scale``
-  (a leaf whose first gradient is far below its level starts its scales below 1);
+  (a leaf whose first gradient is far below its level starts its scales below 1); behind
+  the guard (:func:`guard`) with ``eval.adaptive_guard_margin``;
   ``None`` when calibration failed or is off."""
   if adaptive is None or adaptive['reference_norm'] is None:
     return None
-  ev = config.eval
-  levels = adaptive.get('eigenbasis_levels') if ev.get('adaptive_eigenbasis', False) else None
-  if ev.get('adaptive_eigenbasis', False) and levels is None:
+  record = settings(config)
+  if record['eigenbasis'] and adaptive.get('eigenbasis_levels') is None:
     raise ValueError('eval.adaptive_eigenbasis is set but the calibration has no '
                      'eigenbasis levels: calibrate with the same config.')
-  rank = ev.get('adaptive_eigenbasis_rank', 0) or None
-  if levels is not None and adaptive.get('eigenbasis_rank', 0) != (rank or 0):
-    raise ValueError(f'eval.adaptive_eigenbasis_rank is {rank or 0} but the calibration\'s '
+  rank = record['eigenbasis_rank'] or 0
+  if record['eigenbasis'] and adaptive.get('eigenbasis_rank', 0) != rank:
+    raise ValueError(f'eval.adaptive_eigenbasis_rank is {rank} but the calibration\'s '
                      f'levels have the rank {adaptive.get("eigenbasis_rank", 0)}: calibrate '
                      'with the same config.')
-  overshoot = ev.get('adaptive_overshoot', False)
-  first_momentum = ev.get('adaptive_momentum', 0.0)
-  lengthen = ev.get('adaptive_lengthen_below', None)
-
-  def build(blend_rate, momentum=first_momentum, step_factor=DEFAULT_STEP_FACTOR):
-    if ev.adaptive_blend_rate > 0 or overshoot:
-      optimizer = metamd_jax.blended_metamd(
-          divergence, adaptive['reference_norm'], blend_rate, decay=ev.adaptive_decay,
-          per_leaf=ev.adaptive_per_leaf, statistics=ev.adaptive_blend_statistics,
-          eigenbasis_levels=levels, online_power=ev.get('adaptive_online_power', 1.0),
-          max_dimension=ev.get('adaptive_blend_max_dimension', 1024),
-          block_size=ev.get('adaptive_blend_block_size', 0) or None,
-          sketch_rank=ev.get('adaptive_blend_sketch_rank', 0) or None,
-          sketch_interval=ev.get('adaptive_blend_sketch_interval', 1),
-          overshoot_decay=ev.get('adaptive_overshoot_decay', 0.5) if overshoot else None,
-          refresh_growth=ev.get('adaptive_refresh_growth', math.inf),
-          overshoot_cap=ev.get('adaptive_overshoot_cap', math.inf) if overshoot else None,
-          overshoot_scope=ev.get('adaptive_overshoot_scope', 'learned'),
-          eigenbasis_rank=rank if levels is not None else None,
-          eigenbasis_lengthen_below=lengthen if levels is not None else None,
-          eigenbasis_min_scale=ev.get('adaptive_min_scale', 0.1))
-    elif levels is not None:
-      optimizer = eigenbasis_lib.eigenbasis_metamd(divergence, levels,
-                                                   decay=ev.adaptive_decay, rank=rank)
-    else:
-      optimizer = metamd_jax.adaptive_metamd(divergence, adaptive['reference_norm'],
-                                             decay=ev.adaptive_decay,
-                                             per_leaf=ev.adaptive_per_leaf)
-    if first_momentum > 0:
-      optimizer = optax.chain(optimizer, metamd_jax.nesterov_momentum(momentum, step_factor))
-    return optimizer
-
-  if not ev.get('adaptive_restarts', False):
-    return guard(config, divergence, adaptive, build(ev.adaptive_blend_rate))
-  growth = ev.get('adaptive_restart_growth', 0.0)
-  shrink = ev.get('adaptive_restart_shrink', 0.0)
-  later_momentum = ev.get('adaptive_restart_momentum', None)
-  later_step_factor = ev.get('adaptive_restart_step_factor', DEFAULT_STEP_FACTOR)
-  if growth == 0 and shrink == 0 and later_momentum is None:
-    return guard(config, divergence, adaptive,
-                 metamd_jax.doubling_restarts(build(ev.adaptive_blend_rate), ev.num_steps))
-
-  def for_epoch(length):
-    # The learned half times L**-shrink, the online half times L**growth: the whole step
-    # times L**-shrink, the blend rate times L**(growth + shrink). Epochs longer than the
-    # horizon (L > 1) may take their own momentum and step factor.
-    momentum, step_factor = first_momentum, DEFAULT_STEP_FACTOR
-    if later_momentum is not None:
-      longer = length > 1
-      momentum = jnp.where(longer, later_momentum, momentum)
-      step_factor = jnp.where(longer, later_step_factor, step_factor)
-    optimizer = build(ev.adaptive_blend_rate * length ** (growth + shrink), momentum,
-                      step_factor)
-    return optimizer if shrink == 0 else optax.chain(optimizer,
-                                                     optax.scale(length ** -shrink))
-
-  return guard(config, divergence, adaptive,
-               metamd_jax.doubling_restarts(for_epoch, ev.num_steps))
+  return metamd_jax.calibrated_metamd(divergence, {**adaptive, **record})
 
 
 def guard(config: ml_collections.ConfigDict, divergence: PyTree, adaptive: dict,
@@ -214,20 +169,8 @@ def guard(config: ml_collections.ConfigDict, divergence: PyTree, adaptive: dict,
   ``eval.adaptive_guard_steps`` steps (once the loss's averaged relative decrease per step
   is below ``eval.adaptive_guard_progress``, where set), started with Shampoo's
   statistics from the frozen steps' gradient mass with ``eval.adaptive_guard_prior``;
-  else ``optimizer`` itself."""
-  ev = config.eval
-  margin = ev.get('adaptive_guard_margin', None)
-  if margin is None:
-    return optimizer
-  fast = low_rank_optimizer(config, divergence) or metamd_jax.metamd(divergence)
-  return metamd_jax.guarded_switch(fast, optimizer, adaptive['reference_norm'],
-                                   margin=margin,
-                                   switch_after=ev.get('adaptive_guard_steps', None),
-                                   min_progress=ev.get('adaptive_guard_progress', None),
-                                   handover=(metamd_jax.statistics_prior
-                                             if ev.get('adaptive_guard_prior', False)
-                                             else None),
-                                   decay=ev.adaptive_decay)
+  else ``optimizer`` itself (:func:`metamd_jax.calibrated.guard`)."""
+  return calibrated_lib.guard(divergence, {**adaptive, **settings(config)}, optimizer)
 
 
 def evaluate_shift(config: ml_collections.ConfigDict, shift: str,

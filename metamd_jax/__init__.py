@@ -14,6 +14,7 @@ from metamd_jax.blended import (
     scale_by_blended_mirror_descent,
 )
 from metamd_jax.bound import adaptive_regret_bound, regret_bound
+from metamd_jax.calibrated import calibrated_metamd, load_calibration, load_optimizer
 from metamd_jax.divergence import (
     DiagonalMetric,
     KroneckerAxes,
@@ -83,6 +84,7 @@ __all__ = (
     'adaptive_rollout',
     'blended_metamd',
     'bregman_divergence',
+    'calibrated_metamd',
     'check_divergence',
     'check_structure',
     'convergence_bound',
@@ -93,7 +95,9 @@ __all__ = (
     'fit',
     'guarded_switch',
     'init_divergence',
+    'load_calibration',
     'load_divergence',
+    'load_optimizer',
     'meta_gradient',
     'metamd',
     'mirror_step',

@@ -87,47 +87,14 @@ from experiments import (  # noqa: E402
     protocol,
 )
 from experiments.benchmark_setup import ADAPTIVE, LOW_RANK  # noqa: E402
-from metamd_jax import evaluation, low_rank, overshoot  # noqa: E402
+from metamd_jax import calibrated, evaluation, low_rank, overshoot  # noqa: E402
 from scripts import timing  # noqa: E402
 from scripts.benchmark_parallel import load_config  # noqa: E402
 
 DEFAULT_OPTIMIZERS = ('metamd', ADAPTIVE, 'adam', 'sgd', 'muon', 'psgd_kron', 'shampoo')
-_CALIBRATION_FIELDS = {'blend_rate': 'adaptive_blend_rate',
-                       'blend_statistics': 'adaptive_blend_statistics',
-                       'decay': 'adaptive_decay', 'per_leaf': 'adaptive_per_leaf',
-                       'momentum': 'adaptive_momentum', 'eigenbasis': 'adaptive_eigenbasis',
-                       'eigenbasis_rank': 'adaptive_eigenbasis_rank',
-                       'online_power': 'adaptive_online_power',
-                       'max_dimension': 'adaptive_blend_max_dimension',
-                       'block_size': 'adaptive_blend_block_size',
-                       'sketch_rank': 'adaptive_blend_sketch_rank',
-                       'sketch_interval': 'adaptive_blend_sketch_interval',
-                       'overshoot': 'adaptive_overshoot',
-                       'overshoot_decay': 'adaptive_overshoot_decay',
-                       'refresh_growth': 'adaptive_refresh_growth',
-                       'overshoot_cap': 'adaptive_overshoot_cap',
-                       'overshoot_scope': 'adaptive_overshoot_scope',
-                       'restarts': 'adaptive_restarts',
-                       'restart_growth': 'adaptive_restart_growth',
-                       'restart_shrink': 'adaptive_restart_shrink',
-                       'restart_momentum': 'adaptive_restart_momentum',
-                       'restart_step_factor': 'adaptive_restart_step_factor',
-                       'guard_margin': 'adaptive_guard_margin',
-                       'guard_steps': 'adaptive_guard_steps',
-                       'guard_progress': 'adaptive_guard_progress',
-                       'guard_prior': 'adaptive_guard_prior'}
-# What a calibration stored before a field existed meant.
-_CALIBRATION_DEFAULTS = {'eigenbasis': False, 'eigenbasis_rank': 0, 'online_power': 1.0,
-                         'max_dimension': 1024,
-                         'block_size': 0, 'sketch_rank': 0, 'sketch_interval': 1,
-                         'overshoot': False,
-                         'overshoot_decay': 0.5,
-                         'refresh_growth': None, 'overshoot_cap': None,
-                         'overshoot_scope': 'learned', 'restarts': False,
-                         'restart_growth': 0.0, 'restart_shrink': 0.0,
-                         'restart_momentum': None, 'restart_step_factor': 0.5,
-                         'guard_margin': None, 'guard_steps': None,
-                         'guard_progress': None, 'guard_prior': False}
+# Recorded only since the guard's fast step could be low rank; a record without them was
+# not made with the guard.
+_UNRECORDED_BEFORE = ('frozen_rank', 'frozen_rank_fill')
 
 
 def _fail(message: str):
@@ -222,13 +189,14 @@ def build_optimizer(name: str, family_cfg, stored: dict, divergence, changed=())
     return optimizer
   if name == ADAPTIVE:
     adaptive = stored.get('adaptive')
-    for recorded, field in _CALIBRATION_FIELDS.items():
-      if (adaptive is not None and field not in changed
-          and adaptive.get(recorded, _CALIBRATION_DEFAULTS.get(recorded))
-          != evaluate.as_recorded(family_cfg.eval.get(field,
-                                                      _CALIBRATION_DEFAULTS.get(recorded)))):
+    configured = evaluate.settings(family_cfg)
+    for recorded, field in evaluate.CALIBRATION_FIELDS.items():
+      if (adaptive is None or field in changed
+          or (recorded in _UNRECORDED_BEFORE and recorded not in adaptive)):
+        continue
+      if adaptive.get(recorded, calibrated.DEFAULTS.get(recorded)) != configured[recorded]:
         _fail(f'the stored calibration has {recorded}={adaptive.get(recorded)!r} but the '
-              f'config has eval.{field}={family_cfg.eval[field]!r}: rerun the benchmark '
+              f'config has eval.{field}={configured[recorded]!r}: rerun the benchmark '
               'or pass the config it ran with.')
     optimizer = evaluate.adaptive_optimizer(family_cfg, divergence, adaptive)
     if optimizer is None:

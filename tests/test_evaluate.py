@@ -178,9 +178,11 @@ def test_calibration_failure_leaves_the_adaptive_row_out(setup, monkeypatch):
   assert result['reference_norm'] is None
 
 
-def _calibrated(setup, **settings):
-  """The config with ``eval`` settings changed, one tuning task and its calibration."""
-  config, meta_train_family, _, divergence = setup
+def _calibrated(setup, divergence=None, **settings):
+  """The config with ``eval`` settings changed, one tuning task and its calibration (for
+  ``divergence``, by default the setup's)."""
+  config, meta_train_family, _, learned = setup
+  divergence = learned if divergence is None else divergence
   config = config.copy_and_resolve_references()
   config.eval.update(settings)
   builders.validate_config(config)
@@ -200,7 +202,7 @@ def test_guard_runs_frozen_metamd_then_the_adaptive_optimizer(setup):
   divergence = jax.tree.map(
       lambda x: x + 0.1 * np.abs(x).max() * rng.standard_normal(x.shape).astype(x.dtype),
       divergence)
-  config, tasks, result = _calibrated(setup)
+  config, tasks, result = _calibrated(setup, divergence)
   assert result['guard_margin'] is None and result['guard_steps'] is None
   adaptive_alone = evaluate.adaptive_optimizer(config, divergence, result)
   num_steps = 8

@@ -17,6 +17,7 @@ from helpers import KILL_AT_META_STEP
 import metamd_jax
 from configs import tiny
 from experiments import builders, evaluate, meta_train
+from metamd_jax import evaluation
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -64,6 +65,18 @@ def test_tiny_pipeline_writes_every_output(tmp_path):
   for name in ('results.json', 'results.md', 'loss_curves.png'):
     assert (tmp_path / name).stat().st_size > 0
   assert (tmp_path / 'loss_curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  # The workdir's learned optimiser, loaded as a user would, is the adaptive row it reports:
+  # the same whole-set losses on the held-out tasks.
+  written = json.loads((tmp_path / 'results.json').read_text())
+  assert written['adaptive']['divergence_digest'] == (
+      metamd_jax.calibrated.divergence_digest(loaded))
+  _, meta_test_family = builders.build_families(config)
+  ev = config.eval
+  rerun = evaluation.run(metamd_jax.load_optimizer(tmp_path), meta_test_family,
+                         evaluation.held_out_tasks(meta_test_family, config.seed, ev.num_tasks),
+                         ev.num_steps, track_every=ev.track_every)
+  np.testing.assert_allclose(evaluation.curve_stats(rerun.train_losses)[0],
+                             written['optimizers']['metamd_adaptive']['mean_curve'], rtol=1e-5)
 
 
 def test_select_writes_the_best_or_the_last_divergence(tmp_path):

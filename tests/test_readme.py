@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from helpers import KILL_AT_META_STEP
+from helpers import KILL_AT_META_STEP, well_conditioned
 
 import metamd_jax
 from metamd_jax import evaluation, meta_train
@@ -38,6 +38,46 @@ def test_readme_optax_example_runs():
   expected = optax.apply_updates(initial, updates)
   for a, b in zip(jax.tree.leaves(namespace['params']), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_readme_load_optimizer_example_runs(tmp_path, monkeypatch):
+  """The README's training step with a workdir's learned optimiser: ``load_optimizer``
+  reads a workdir (written here: a divergence and a calibration record), and the jitted
+  steps match the record's optimiser stepped by hand."""
+  params = {'dense': {'kernel': 0.1 * jax.random.normal(jax.random.key(0), (6, 3)),
+                      'bias': jax.numpy.zeros(3)}}
+  divergence = well_conditioned(metamd_jax.init_divergence(params, 0.1), seed=2, noise=0.2)
+  record = {'reference_norm': [0.05, 0.05], 'decay': 0.9, 'per_leaf': True,
+            'blend_rate': 0.1, 'blend_statistics': 'kronecker', 'momentum': 0.5,
+            'restarts': True, 'num_steps': 3,
+            'divergence_digest': metamd_jax.calibrated.divergence_digest(divergence)}
+  workdir = tmp_path / 'runs' / 'default'
+  workdir.mkdir(parents=True)
+  metamd_jax.save_divergence(workdir / 'divergence.npz', divergence, params)
+  (workdir / 'results.json').write_text(json.dumps({'adaptive': record}))
+  monkeypatch.chdir(tmp_path)
+  x = jax.random.normal(jax.random.key(1), (16, 6))
+  y = x @ jax.random.normal(jax.random.key(2), (6, 3))
+
+  def loss_fn(p, batch):
+    inputs, targets = batch
+    return jax.numpy.mean((inputs @ p['dense']['kernel'] + p['dense']['bias'] - targets) ** 2)
+
+  namespace = {'loss_fn': loss_fn}
+  exec(compile(_example("load_optimizer('runs/default')"), str(README), 'exec'),  # noqa: S102
+       namespace)
+  optimizer, train_step = namespace['optimizer'], namespace['train_step']
+  by_hand = metamd_jax.calibrated_metamd(divergence, record)
+  ours, state = params, optimizer.init(params)
+  theirs, hand_state = params, by_hand.init(params)
+  for step in range(7):  # past two restarts
+    batch = (x[2 * step:2 * step + 8], y[2 * step:2 * step + 8])
+    ours, state = train_step(ours, state, batch)
+    updates, hand_state = by_hand.update(jax.grad(loss_fn)(theirs, batch), hand_state, theirs)
+    theirs = optax.apply_updates(theirs, updates)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=f'step {step}')
+  assert loss_fn(ours, (x, y)) < loss_fn(params, (x, y))
 
 
 # Runs the README's meta-training example in a fresh process (which kills itself at
@@ -114,7 +154,7 @@ def test_public_api_covers_what_the_readme_uses():
   text = README.read_text()
   used = set(re.findall(r'metamd_jax\.([A-Za-z_]\w*)', text))
   modules = {'meta_train', 'evaluation', 'tasks', 'parallel', 'artifact', 'divergence',
-             'models', 'text'}
+             'models', 'text', 'calibrated'}
   missing = sorted(n for n in used - modules if n not in metamd_jax.__all__)
   assert not missing, f'README uses metamd_jax.{missing} outside __all__'
   used_from_meta_train = set(re.findall(r'meta_train\.([A-Za-z_]\w*)', text))

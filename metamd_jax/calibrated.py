@@ -1,0 +1,318 @@
+"""The learned optimiser as it was meta-tested: a divergence plus its recorded calibration.
+
+Meta-testing calibrates adaptive MetaMD on meta-train tasks (the gradient levels of
+:func:`metamd_jax.reference_gradient_norm` and, with the eigenbasis scales,
+:func:`metamd_jax.eigenbasis_levels`) and records those levels together with every
+run-time setting the optimiser was built with: the ``'adaptive'`` entry of a main job's
+``results.json`` (and of each family in a benchmark's). :func:`calibrated_metamd` builds
+the same optax transformation from such a record, so that the optimiser a table reports is
+the one a training loop gets:
+
+* blended MetaMD (:func:`metamd_jax.blended_metamd`) when ``blend_rate > 0`` or with the
+  overshoot check, else eigenbasis MetaMD (with ``eigenbasis``) or adaptive MetaMD;
+* then Nesterov's momentum (:func:`metamd_jax.nesterov_momentum`) when ``momentum > 0``;
+* with ``restarts``, the doubling trick (:func:`metamd_jax.doubling_restarts`) after
+  ``num_steps`` updates (the horizon the levels were calibrated over), ``2 num_steps``, ...,
+  each epoch ``L`` horizons long taking the blend rate times ``L**(restart_growth +
+  restart_shrink)``, the whole step times ``L**-restart_shrink`` and, with
+  ``restart_momentum``, that momentum at ``restart_step_factor`` once ``L > 1``;
+* with ``guard_margin``, all of it behind frozen MetaMD (at ``frozen_rank`` where set) with
+  :func:`metamd_jax.guarded_switch`.
+
+Every part keeps a non-decreasing metric (or restarts it, epoch by epoch), so the
+adaptive-mirror-descent regret bound of each part holds for the whole
+(``experiments/RESULTS.md`` states it). :func:`load_optimizer` reads a main job's workdir
+(``divergence.npz`` and ``results.json``) and checks that the calibration was made for that
+divergence (:func:`divergence_digest`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from metamd_jax import (
+  accelerated,
+  adaptive,
+  artifact,
+  blended,
+  eigenbasis,
+  guarded,
+  low_rank,
+  restarts,
+  statistics,
+  transform,
+)
+from metamd_jax.types import PyTree
+
+PathLike = str | os.PathLike
+
+# Every setting a record must hold.
+REQUIRED = ('reference_norm', 'decay', 'per_leaf', 'blend_rate', 'blend_statistics',
+            'num_steps')
+# What a record made before a setting existed meant.
+DEFAULTS = {
+    'eigenbasis': False, 'eigenbasis_levels': None, 'eigenbasis_rank': 0,
+    'momentum': 0.0, 'online_power': 1.0, 'max_dimension': 1024, 'block_size': 0,
+    'sketch_rank': 0, 'sketch_interval': 1, 'lengthen_below': None, 'min_scale': 0.1,
+    'overshoot': False, 'overshoot_decay': 0.5, 'refresh_growth': None,
+    'overshoot_cap': None, 'overshoot_scope': 'learned', 'restarts': False,
+    'restart_growth': 0.0, 'restart_shrink': 0.0, 'restart_momentum': None,
+    'restart_step_factor': accelerated.DEFAULT_STEP_FACTOR, 'guard_margin': None,
+    'guard_steps': None, 'guard_progress': None, 'guard_prior': False,
+    'frozen_rank': None, 'frozen_rank_fill': 'min', 'divergence_digest': None,
+}
+# Recorded about the calibration, not used to build the optimiser.
+DESCRIPTIVE = ('quantile', 'calibration_tasks', 'num_calibration_tasks')
+
+
+def divergence_digest(divergence: PyTree) -> str:
+  """A SHA-256 digest of a divergence's leaves (shapes, dtypes and values, in tree order).
+
+  Two divergences with the same structure and bit-identical meta-parameters have the same
+  digest; :func:`metamd_jax.save_divergence` and :func:`metamd_jax.load_divergence` keep it.
+  """
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(divergence):
+    value = np.asarray(leaf)
+    digest.update(f'{value.dtype.str}{value.shape}'.encode())
+    digest.update(np.ascontiguousarray(value).tobytes())
+  return digest.hexdigest()
+
+
+def _infinite_where_null(levels: Any) -> Any:
+  """``levels`` (nested lists) with each ``None`` entry as ``inf``: JSON writes an
+  infinite level (a leaf or direction that never adapts) as ``null``."""
+  if isinstance(levels, (list, tuple)):
+    return [math.inf if x is None else _infinite_where_null(x) for x in levels]
+  return levels
+
+
+def check_calibration(calibration: Mapping[str, Any]) -> dict:
+  """The record with every setting present (:data:`DEFAULTS` where it has none).
+
+  A ``None`` among the levels (``reference_norm`` per leaf, ``eigenbasis_levels``) is an
+  infinite level, as JSON writes it; ``reference_norm`` itself ``None`` is a failed
+  calibration.
+
+  Raises:
+    TypeError: if ``calibration`` is not a mapping.
+    ValueError: naming the fields missing from :data:`REQUIRED` or unknown to this
+      library, or when ``reference_norm`` is ``None`` (the calibration failed: frozen
+      MetaMD diverged on a calibration task, so there are no levels to adapt from), or
+      ``eigenbasis`` is set without ``eigenbasis_levels``.
+  """
+  if not isinstance(calibration, Mapping):
+    raise TypeError(f'a calibration is a mapping (the \'adaptive\' entry of a results.json), '
+                    f'got {type(calibration).__name__}.')
+  missing = [name for name in REQUIRED if name not in calibration]
+  if missing:
+    raise ValueError(f'the calibration has no {", ".join(missing)}: pass the \'adaptive\' '
+                     'entry of a results.json.')
+  unknown = sorted(set(calibration) - set(REQUIRED) - set(DEFAULTS) - set(DESCRIPTIVE))
+  if unknown:
+    raise ValueError(f'unknown calibration fields {unknown} (a record of a newer version, '
+                     'or a misspelt setting).')
+  if calibration['reference_norm'] is None:
+    raise ValueError('the calibration has no reference_norm: frozen MetaMD diverged on a '
+                     'calibration task, so adaptive MetaMD was left out of that run.')
+  record = {**DEFAULTS, **calibration}
+  for name in ('reference_norm', 'eigenbasis_levels'):
+    record[name] = _infinite_where_null(record[name])
+  if record['eigenbasis'] and record['eigenbasis_levels'] is None:
+    raise ValueError('the calibration sets eigenbasis but has no eigenbasis_levels.')
+  return record
+
+
+def _learned(divergence: PyTree, record: dict, blend_rate, momentum, step_factor
+             ) -> optax.GradientTransformation:
+  """One epoch's optimiser: blended, eigenbasis or adaptive MetaMD, then the momentum."""
+  levels = record['eigenbasis_levels'] if record['eigenbasis'] else None
+  rank = record['eigenbasis_rank'] or None
+  if record['blend_rate'] > 0 or record['overshoot']:
+    optimizer = blended.blended_metamd(
+        divergence, record['reference_norm'], blend_rate, decay=record['decay'],
+        per_leaf=record['per_leaf'], statistics=record['blend_statistics'],
+        eigenbasis_levels=levels, online_power=record['online_power'],
+        max_dimension=record['max_dimension'], block_size=record['block_size'] or None,
+        sketch_rank=record['sketch_rank'] or None,
+        sketch_interval=record['sketch_interval'],
+        overshoot_decay=record['overshoot_decay'] if record['overshoot'] else None,
+        refresh_growth=record['refresh_growth'],
+        overshoot_cap=record['overshoot_cap'] if record['overshoot'] else None,
+        overshoot_scope=record['overshoot_scope'],
+        eigenbasis_rank=rank if levels is not None else None,
+        eigenbasis_lengthen_below=record['lengthen_below'] if levels is not None else None,
+        eigenbasis_min_scale=record['min_scale'])
+  elif levels is not None:
+    optimizer = eigenbasis.eigenbasis_metamd(divergence, levels, decay=record['decay'],
+                                             rank=rank)
+  else:
+    optimizer = adaptive.adaptive_metamd(divergence, record['reference_norm'],
+                                         decay=record['decay'], per_leaf=record['per_leaf'])
+  if record['momentum'] > 0:
+    optimizer = optax.chain(optimizer, accelerated.nesterov_momentum(momentum, step_factor))
+  return optimizer
+
+
+def calibrated_metamd(divergence: PyTree, calibration: Mapping[str, Any]
+                      ) -> optax.GradientTransformation:
+  """The optimiser a calibration record describes (module docstring), for ``divergence``.
+
+  Args:
+    divergence: the learned divergence the record was calibrated for (e.g. from
+      :func:`metamd_jax.load_divergence`).
+    calibration: the record: the ``'adaptive'`` entry of a ``results.json``
+      (:func:`load_calibration`), or a mapping with the fields of :data:`REQUIRED` and any
+      of :data:`DEFAULTS`.
+
+  Returns:
+    An optax ``GradientTransformation``; its ``update`` needs ``params`` with the
+    restarts (and the guard's handover), as :func:`metamd_jax.doubling_restarts` does.
+
+  Raises:
+    ValueError: from :func:`check_calibration`, or when ``calibration`` records a
+      ``divergence_digest`` that is not ``divergence``'s (calibrated for another divergence;
+      not checked for a traced divergence); the building blocks' own errors for a bad
+      setting.
+  """
+  record = check_calibration(calibration)
+  concrete = not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(divergence))
+  if (record['divergence_digest'] is not None and concrete
+      and record['divergence_digest'] != divergence_digest(divergence)):
+    raise ValueError('the calibration was made for another divergence (its '
+                     'divergence_digest differs): calibrate again for this one.')
+  first_momentum = record['momentum']
+  step_factor = accelerated.DEFAULT_STEP_FACTOR
+  growth, shrink = record['restart_growth'], record['restart_shrink']
+  later_momentum = record['restart_momentum']
+  if not record['restarts']:
+    optimizer = _learned(divergence, record, record['blend_rate'], first_momentum,
+                         step_factor)
+  elif growth == 0 and shrink == 0 and later_momentum is None:
+    optimizer = restarts.doubling_restarts(
+        _learned(divergence, record, record['blend_rate'], first_momentum, step_factor),
+        record['num_steps'])
+  else:
+    def for_epoch(length):
+      # The learned half times L**-shrink, the online half times L**growth: the whole step
+      # times L**-shrink, the blend rate times L**(growth + shrink). Epochs longer than
+      # the horizon (L > 1) may take their own momentum and step factor.
+      momentum, factor = first_momentum, step_factor
+      if later_momentum is not None:
+        longer = length > 1
+        momentum = jnp.where(longer, later_momentum, momentum)
+        factor = jnp.where(longer, record['restart_step_factor'], factor)
+      epoch = _learned(divergence, record, record['blend_rate'] * length ** (growth + shrink),
+                       momentum, factor)
+      return epoch if shrink == 0 else optax.chain(epoch, optax.scale(length ** -shrink))
+
+    optimizer = restarts.doubling_restarts(for_epoch, record['num_steps'])
+  return guard(divergence, record, optimizer)
+
+
+def guard(divergence: PyTree, calibration: Mapping[str, Any],
+          optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+  """``optimizer`` behind frozen MetaMD, as the record's guard settings say.
+
+  With ``guard_margin`` set, :func:`metamd_jax.guarded_switch` runs frozen MetaMD (at
+  ``frozen_rank`` with ``frozen_rank_fill`` where set, :func:`metamd_jax.low_rank_metamd`)
+  while its gradients stay within that margin of the ``reference_norm`` levels, and
+  ``optimizer`` for good from the first step they do not, or after ``guard_steps`` steps
+  (once the loss's averaged relative decrease per step is below ``guard_progress``, where
+  set), its Shampoo statistics started from the frozen steps' gradient mass with
+  ``guard_prior``; without it, ``optimizer`` itself.
+  """
+  record = check_calibration(calibration)
+  if record['guard_margin'] is None:
+    return optimizer
+  fast = (low_rank.low_rank_metamd(divergence, record['frozen_rank'],
+                                   fill=record['frozen_rank_fill'])
+          if record['frozen_rank'] is not None else transform.metamd(divergence))
+  return guarded.guarded_switch(
+      fast, optimizer, record['reference_norm'], margin=record['guard_margin'],
+      switch_after=record['guard_steps'], min_progress=record['guard_progress'],
+      handover=statistics.statistics_prior if record['guard_prior'] else None,
+      decay=record['decay'])
+
+
+def load_calibration(path: PathLike, family: str | None = None) -> dict:
+  """The calibration record in a ``results.json``.
+
+  Args:
+    path: a main job's ``results.json`` (its ``'adaptive'`` entry), or a benchmark's with
+      ``family`` (``results['families'][family]['adaptive']``).
+    family: the benchmark family's name; ``None`` for a main job's results.
+
+  Raises:
+    FileNotFoundError: if ``path`` is not a file.
+    ValueError: naming ``path`` when it is not JSON, has no such family (naming those it
+      has) or no calibration (adaptive MetaMD off or left out in that run), or from
+      :func:`check_calibration`.
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f'no results file at {path}.')
+  try:
+    results = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise ValueError(f'{path} is not a JSON results file ({error}).') from error
+  if not isinstance(results, Mapping):
+    raise ValueError(f'{path} holds no results object.')
+  if family is not None:
+    families = results.get('families')
+    if not isinstance(families, Mapping) or family not in families:
+      have = sorted(families) if isinstance(families, Mapping) else []
+      raise ValueError(f'{path} has no family {family!r} (it has {have}).')
+    results = families[family]
+  elif 'families' in results and 'adaptive' not in results:
+    raise ValueError(f'{path} is a benchmark\'s results: name one of its families '
+                     f'{sorted(results["families"])}.')
+  calibration = results.get('adaptive')
+  if calibration is None:
+    raise ValueError(f'{path} has no calibration: adaptive MetaMD was off (eval.adaptive) '
+                     'or left out in that run.')
+  try:
+    return check_calibration(calibration)
+  except (TypeError, ValueError) as error:
+    raise ValueError(f'{path}: {error}') from error
+
+
+def load_optimizer(workdir: PathLike) -> optax.GradientTransformation:
+  """The learned optimiser of a main job's workdir, as its ``results.json`` reports it.
+
+  Reads ``workdir/divergence.npz`` (:func:`metamd_jax.load_divergence`) and the calibration
+  in ``workdir/results.json`` (:func:`load_calibration`), and builds
+  :func:`calibrated_metamd`: the ``metamd_adaptive`` row of the job's tables. Its ``init``
+  checks that the parameters fit the divergence.
+
+  Raises:
+    FileNotFoundError: naming the missing file.
+    ValueError: from :func:`load_calibration` and :func:`calibrated_metamd`, e.g. when the
+      divergence was meta-trained again after the calibration (the digests differ).
+  """
+  workdir = pathlib.Path(workdir)
+  divergence, _ = artifact.load_divergence(workdir / 'divergence.npz')
+  results = workdir / 'results.json'
+  if not results.is_file():
+    raise FileNotFoundError(f'no results.json in {workdir}: run the job\'s evaluation '
+                            '(--mode evaluate) to calibrate the learned optimiser.')
+  calibration = load_calibration(results)
+  try:
+    return calibrated_metamd(divergence, calibration)
+  except ValueError as error:
+    raise ValueError(f'{results}: {error}') from error
+
+
+__all__ = ('DEFAULTS', 'DESCRIPTIVE', 'REQUIRED', 'calibrated_metamd', 'check_calibration',
+           'divergence_digest', 'guard', 'load_calibration', 'load_optimizer')

@@ -1,0 +1,267 @@
+"""The learned optimiser rebuilt from its calibration record (:mod:`metamd_jax.calibrated`).
+
+The reference for every record is the same optimiser composed by hand from the public
+building blocks (:func:`metamd_jax.blended_metamd`, :func:`metamd_jax.nesterov_momentum`,
+:func:`metamd_jax.doubling_restarts`, :func:`metamd_jax.guarded_switch`, ...), run on the
+same gradients.
+"""
+
+import json
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import ScaledLeastSquares, well_conditioned
+
+import metamd_jax
+from metamd_jax import calibrated
+from metamd_jax import divergence as divergence_lib
+
+NUM_STEPS = 9  # with a horizon of 2: epochs of 2, 2, 4 and 8 steps (the 4th begins at 8)
+# Blended MetaMD with Shampoo's statistics refreshes its roots at every step of an epoch's
+# first 10 (refresh_every), so its case runs a horizon of 12 for 16 steps: the roots'
+# growth rule decides at steps 10 and 11, and the second epoch begins at 12.
+BLENDED_HORIZON, BLENDED_STEPS = 12, 16
+
+
+@pytest.fixture(scope='module')
+def setup():
+  """A learned-looking divergence for the bias (4,) and weight (8, 4) of a least-squares
+  family, and its levels calibrated on two of its tasks."""
+  family = ScaledLeastSquares()
+  unit = well_conditioned(metamd_jax.init_divergence(family.init_params(), 1.0), seed=1,
+                          noise=0.3)
+  divergence = divergence_lib.scale_steps(unit, 0.05)
+  tasks = family.sample_batch(jax.random.key(1), 2)
+  reference = metamd_jax.reference_gradient_norm(divergence, family, tasks, 10,
+                                                 per_leaf=True)
+  levels = [[np.asarray(x).tolist() for x in leaf]
+            for leaf in metamd_jax.eigenbasis_levels(divergence, family, tasks, 10)]
+  # Levels below the calibrated ones, so that the scales grow within the test's run.
+  reference = [0.3 * float(r) for r in reference]
+  levels = [[[0.3 * v for v in side] for side in leaf] for leaf in levels]
+  return family, divergence, reference, levels
+
+
+def _record(reference, **settings):
+  return {'reference_norm': reference, 'decay': 0.9, 'per_leaf': True, 'blend_rate': 0.0,
+          'blend_statistics': 'sum', 'num_steps': 2, **settings}
+
+
+def _updates(optimizer, params, num_steps=NUM_STEPS):
+  """``num_steps`` updates on fixed random gradients, the parameters moving with them."""
+  state = optimizer.init(params)
+  out = []
+  for step in range(num_steps):
+    keys = jax.random.split(jax.random.key(100 + step), len(jax.tree.leaves(params)))
+    grads = jax.tree.unflatten(jax.tree.structure(params), [
+        jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, jax.tree.leaves(params))])
+    updates, state = optimizer.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    out.append(updates)
+  return out
+
+
+def _cases(divergence, reference, levels):
+  """(record, the same optimiser by hand) for each path of the builder."""
+  blended = dict(eigenbasis=True, eigenbasis_levels=levels, blend_rate=0.1,
+                 blend_statistics='kronecker', momentum=0.5, online_power=0.5,
+                 overshoot=True, overshoot_decay=0.5, overshoot_cap=1.5,
+                 refresh_growth=0.05, lengthen_below=0.3, min_scale=0.2, restarts=True,
+                 sketch_rank=2, sketch_interval=0,
+                 num_steps=BLENDED_HORIZON)
+
+  # Levels far above the first gradients: with lengthen_below, the first steps are longer.
+  high = [100 * r for r in reference]
+
+  def blended_by_hand(rate, momentum=0.5, factor=0.5):
+    return optax.chain(
+        metamd_jax.blended_metamd(
+            divergence, high, rate, decay=0.9, per_leaf=True, statistics='kronecker',
+            eigenbasis_levels=levels, online_power=0.5, overshoot_decay=0.5,
+            overshoot_cap=1.5, refresh_growth=0.05, eigenbasis_lengthen_below=0.3,
+            eigenbasis_min_scale=0.2, sketch_rank=2, sketch_interval=0),
+        metamd_jax.nesterov_momentum(momentum, factor))
+
+  def per_epoch(length):
+    longer = length > 1
+    inner = optax.chain(
+        metamd_jax.blended_metamd(divergence, reference, 0.05 * length ** 1.0, decay=0.9,
+                                  per_leaf=True, statistics='sum'),
+        metamd_jax.nesterov_momentum(jnp.where(longer, 0.9, 0.5),
+                                     jnp.where(longer, 0.2, 0.5)))
+    return optax.chain(inner, optax.scale(length ** -0.5))
+
+  adaptive = metamd_jax.adaptive_metamd(divergence, reference, decay=0.9, per_leaf=True)
+  return {
+      'adaptive': (_record(reference), adaptive),
+      'eigenbasis': (_record(reference, eigenbasis=True, eigenbasis_levels=levels),
+                     metamd_jax.eigenbasis_metamd(divergence, levels, decay=0.9)),
+      'momentum': (_record(reference, momentum=0.5),
+                   optax.chain(adaptive, metamd_jax.nesterov_momentum(0.5))),
+      'blended_restarts': (_record(high, **blended),
+                           metamd_jax.doubling_restarts(blended_by_hand(0.1),
+                                                        BLENDED_HORIZON)),
+      'restarts_per_epoch': (
+          _record(reference, blend_rate=0.05, momentum=0.5, restarts=True,
+                  restart_growth=0.5, restart_shrink=0.5, restart_momentum=0.9,
+                  restart_step_factor=0.2),
+          metamd_jax.doubling_restarts(per_epoch, 2)),
+      'guard': (_record(reference, guard_margin=1e30, guard_steps=3),
+                metamd_jax.guarded_switch(metamd_jax.metamd(divergence), adaptive,
+                                          reference, margin=1e30, switch_after=3)),
+      'guard_low_rank': (_record(reference, guard_margin=1e30, guard_steps=3, frozen_rank=2,
+                                 frozen_rank_fill='mean'),
+                         metamd_jax.guarded_switch(
+                             metamd_jax.low_rank_metamd(divergence, 2, fill='mean'),
+                             adaptive, reference, margin=1e30, switch_after=3)),
+  }
+
+
+@pytest.mark.parametrize('case', ['adaptive', 'eigenbasis', 'momentum', 'blended_restarts',
+                                  'restarts_per_epoch', 'guard', 'guard_low_rank'])
+def test_calibrated_metamd_is_the_optimiser_composed_by_hand(setup, case):
+  family, divergence, reference, levels = setup
+  record, by_hand = _cases(divergence, reference, levels)[case]
+  params = family.init_params()
+  num_steps = BLENDED_STEPS if case == 'blended_restarts' else NUM_STEPS
+  ours = _updates(metamd_jax.calibrated_metamd(divergence, record), params, num_steps)
+  theirs = _updates(by_hand, params, num_steps)
+  for step, (a, b) in enumerate(zip(ours, theirs)):
+    chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-9, custom_message=f'step {step}')
+  # The run is not trivial: the steps move, and not all alike.
+  sizes = [float(optax.tree.norm(u)) for u in ours]
+  assert all(np.isfinite(sizes)) and min(sizes) > 0 and np.ptp(sizes) > 1e-3 * max(sizes)
+
+
+def test_settings_change_the_optimiser(setup):
+  """A mutation check of the test above: leaving one setting out changes the updates."""
+  family, divergence, reference, levels = setup
+  params = family.init_params()
+  cases = _cases(divergence, reference, levels)
+  record, _ = cases['restarts_per_epoch']
+  base = _updates(metamd_jax.calibrated_metamd(divergence, record), params)
+  for field in ('restart_growth', 'restart_shrink', 'restart_momentum', 'momentum',
+                'blend_rate'):
+    changed = {**record, field: calibrated.DEFAULTS.get(field, 0.0)}
+    other = _updates(metamd_jax.calibrated_metamd(divergence, changed), params)
+    assert not all(np.allclose(a, b, rtol=1e-4) for a, b in
+                   zip(jax.tree.leaves(base), jax.tree.leaves(other))), field
+
+
+def _results(tmp_path, divergence, params, record, **extra):
+  metamd_jax.save_divergence(tmp_path / 'divergence.npz', divergence, params)
+  (tmp_path / 'results.json').write_text(json.dumps({'reference': 'adam', 'adaptive': record,
+                                                     **extra}))
+  return tmp_path / 'results.json'
+
+
+def test_a_workdir_loads_the_optimiser_its_results_report(setup, tmp_path):
+  """``load_optimizer`` reads the artifact and the record of ``results.json`` (JSON: an
+  infinite level is ``null``) and builds the same optimiser as the record in memory."""
+  family, divergence, reference, levels = setup
+  # The weight never adapts (an infinite level), nor the bias along its last direction.
+  finite_levels = levels
+  levels = [[levels[0][0][:-1] + [math.inf], levels[0][1]], levels[1]]
+  record = _record([reference[0], math.inf], eigenbasis=True, eigenbasis_levels=levels,
+                   momentum=0.5, restarts=True, quantile=1.0,
+                   calibration_tasks='meta-train tuning tasks', num_calibration_tasks=2,
+                   divergence_digest=calibrated.divergence_digest(divergence))
+  stored = {**record, 'reference_norm': [reference[0], None],
+            'eigenbasis_levels': [[levels[0][0][:-1] + [None], levels[0][1]], levels[1]]}
+  params = family.init_params()
+  path = _results(tmp_path, divergence, params, stored)
+  loaded = calibrated.load_calibration(path)
+  assert loaded == {**calibrated.DEFAULTS, **record}  # null read back as inf
+  ours = _updates(metamd_jax.load_optimizer(tmp_path), params)
+  theirs = _updates(metamd_jax.calibrated_metamd(divergence, record), params)
+  for a, b in zip(ours, theirs):
+    chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-9)
+  # The infinite levels matter: finite ones there give other updates.
+  finite = _updates(metamd_jax.calibrated_metamd(divergence, {
+      **record, 'reference_norm': reference, 'eigenbasis_levels': finite_levels}), params)
+  assert not all(np.allclose(a, b, rtol=1e-4) for a, b in
+                 zip(jax.tree.leaves(ours), jax.tree.leaves(finite)))
+  # Parameters that do not fit the divergence: a clear error at init.
+  with pytest.raises(ValueError):
+    metamd_jax.load_optimizer(tmp_path).init({'w': jnp.zeros((3, 3))})
+
+
+def test_the_digest_ties_a_calibration_to_its_divergence(setup, tmp_path):
+  family, divergence, reference, _ = setup
+  params = family.init_params()
+  digest = calibrated.divergence_digest(divergence)
+  assert len(digest) == 64
+  # Saving and loading keeps it; any change of a meta-parameter does not.
+  metamd_jax.save_divergence(tmp_path / 'd.npz', divergence, params)
+  assert calibrated.divergence_digest(metamd_jax.load_divergence(tmp_path / 'd.npz')[0]) == digest
+  other = divergence_lib.scale_steps(divergence, 1.0 + 1e-6)
+  assert calibrated.divergence_digest(other) != digest
+  record = _record(reference, divergence_digest=digest)
+  metamd_jax.calibrated_metamd(divergence, record)  # its own divergence: fine
+  with pytest.raises(ValueError, match='calibration was made for another divergence'):
+    metamd_jax.calibrated_metamd(other, record)
+  # A workdir whose divergence was meta-trained again after the calibration.
+  _results(tmp_path, other, params, record)
+  with pytest.raises(ValueError, match=r'results\.json: the calibration was made for another'):
+    metamd_jax.load_optimizer(tmp_path)
+  # A record without a digest (made before it was recorded) is taken as it is.
+  metamd_jax.calibrated_metamd(other, _record(reference))
+
+
+@pytest.mark.parametrize('change,message', [
+    ({'decay': None}, 'the calibration has no decay'),
+    ({'num_steps': None, 'blend_rate': None}, 'the calibration has no blend_rate, num_steps'),
+    ({'blend_rte': 0.1}, r"unknown calibration fields \['blend_rte'\]"),
+    ({'reference_norm': 'none'}, 'has no reference_norm: frozen MetaMD diverged'),
+    ({'eigenbasis': True}, 'sets eigenbasis but has no eigenbasis_levels'),
+])
+def test_a_bad_record_is_named(setup, change, message):
+  _, divergence, reference, _ = setup
+  record = _record(reference)
+  for field, value in change.items():
+    if value is None:
+      del record[field]
+    else:
+      record[field] = None if value == 'none' else value
+  with pytest.raises(ValueError, match=message):
+    metamd_jax.calibrated_metamd(divergence, record)
+  with pytest.raises(TypeError, match='a calibration is a mapping'):
+    calibrated.check_calibration([('decay', 0.9)])
+
+
+def test_results_files_are_checked(setup, tmp_path):
+  family, divergence, reference, _ = setup
+  params = family.init_params()
+  with pytest.raises(FileNotFoundError, match='no results file'):
+    metamd_jax.load_calibration(tmp_path / 'results.json')
+  with pytest.raises(FileNotFoundError, match='no divergence artifact'):
+    metamd_jax.load_optimizer(tmp_path)
+  metamd_jax.save_divergence(tmp_path / 'divergence.npz', divergence, params)
+  with pytest.raises(FileNotFoundError, match='no results.json in'):
+    metamd_jax.load_optimizer(tmp_path)
+  path = tmp_path / 'results.json'
+  path.write_text('{"adaptive": ')
+  with pytest.raises(ValueError, match='is not a JSON results file'):
+    metamd_jax.load_calibration(path)
+  path.write_text(json.dumps({'reference': 'adam', 'adaptive': None}))
+  with pytest.raises(ValueError, match='has no calibration: adaptive MetaMD was off'):
+    metamd_jax.load_optimizer(tmp_path)
+  path.write_text(json.dumps({'adaptive': {**_record(reference), 'decay': None,
+                                           'blend_rte': 1}}))
+  with pytest.raises(ValueError, match=r'results\.json: unknown calibration fields'):
+    metamd_jax.load_calibration(path)
+  # A benchmark's results: one calibration per family.
+  record = _record(reference)
+  path.write_text(json.dumps({'families': {'digits_mlp': {'adaptive': record}}}))
+  with pytest.raises(ValueError, match=r"benchmark's results: name one of its families "
+                                       r"\['digits_mlp'\]"):
+    metamd_jax.load_calibration(path)
+  with pytest.raises(ValueError, match=r"has no family 'cnn' \(it has \['digits_mlp'\]\)"):
+    metamd_jax.load_calibration(path, family='cnn')
+  assert metamd_jax.load_calibration(path, family='digits_mlp') == {**calibrated.DEFAULTS,
+                                                                      **record}
