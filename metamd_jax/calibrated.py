@@ -288,13 +288,21 @@ def load_calibration(path: PathLike, family: str | None = None) -> dict:
     raise ValueError(f'{path}: {error}') from error
 
 
-def load_optimizer(workdir: PathLike) -> optax.GradientTransformation:
-  """The learned optimiser of a main job's workdir, as its ``results.json`` reports it.
+def load_optimizer(workdir: PathLike, family: str | None = None
+                   ) -> optax.GradientTransformation:
+  """The learned optimiser of a job's workdir, as its ``results.json`` reports it.
 
-  Reads ``workdir/divergence.npz`` (:func:`metamd_jax.load_divergence`) and the calibration
-  in ``workdir/results.json`` (:func:`load_calibration`), and builds
+  Reads the divergence (:func:`metamd_jax.load_divergence`) and the calibration in
+  ``workdir/results.json`` (:func:`load_calibration`), and builds
   :func:`calibrated_metamd`: the ``metamd_adaptive`` row of the job's tables. Its ``init``
   checks that the parameters fit the divergence.
+
+  Args:
+    workdir: a main job's workdir (``divergence.npz``, ``results.json``), or a
+      benchmark's with ``family``.
+    family: a benchmark family's name: its calibration (``results['families'][family]``)
+      and the divergence it was made for, that of the family's ``metamd`` variant
+      (``workdir/<family>/metamd/divergence.npz``).
 
   Raises:
     FileNotFoundError: naming the missing file.
@@ -302,12 +310,14 @@ def load_optimizer(workdir: PathLike) -> optax.GradientTransformation:
       divergence was meta-trained again after the calibration (the digests differ).
   """
   workdir = pathlib.Path(workdir)
-  divergence, _ = artifact.load_divergence(workdir / 'divergence.npz')
+  stored = (workdir / 'divergence.npz' if family is None
+            else workdir / family / 'metamd' / 'divergence.npz')
+  divergence, _ = artifact.load_divergence(stored)
   results = workdir / 'results.json'
   if not results.is_file():
     raise FileNotFoundError(f'no results.json in {workdir}: run the job\'s evaluation '
                             '(--mode evaluate) to calibrate the learned optimiser.')
-  calibration = load_calibration(results)
+  calibration = load_calibration(results, family)
   try:
     return calibrated_metamd(divergence, calibration)
   except ValueError as error:

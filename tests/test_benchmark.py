@@ -111,6 +111,14 @@ def test_quick_benchmark_writes_documented_results(tmp_path, capsys, monkeypatch
   for variant, info in family['meta_training'].items():
     assert info['num_meta_steps'] >= 1, variant
     assert (tmp_path / 'tiny' / variant / 'divergence.npz').exists()
+  # The adaptive row's optimiser loads from the workdir: the family's calibration holds the
+  # digest of the divergence it was made for, the metamd variant's artifact.
+  divergence, _ = metamd_jax.load_divergence(tmp_path / 'tiny' / 'metamd' / 'divergence.npz')
+  assert family['adaptive']['divergence_digest'] == (
+      metamd_jax.calibrated.divergence_digest(divergence))
+  loaded = metamd_jax.load_calibration(tmp_path / 'results.json', family='tiny')
+  assert loaded['reference_norm'] == [math.inf if c is None else c for c in norm]
+  metamd_jax.load_optimizer(tmp_path, family='tiny')
   for row in family['learned_vs_baselines']['metamd'].values():
     _finite_pair(row['baseline_final_train_loss'])
     _finite_pair(row['baseline_wall_clock_seconds'])

@@ -265,3 +265,27 @@ def test_results_files_are_checked(setup, tmp_path):
     metamd_jax.load_calibration(path, family='cnn')
   assert metamd_jax.load_calibration(path, family='digits_mlp') == {**calibrated.DEFAULTS,
                                                                       **record}
+
+
+def test_a_benchmark_workdir_loads_a_familys_optimiser(setup, tmp_path):
+  """With ``family``: the family's calibration in the benchmark's ``results.json`` and the
+  divergence it was made for, that of the family's ``metamd`` variant."""
+  family, divergence, reference, _ = setup
+  params = family.init_params()
+  other = divergence_lib.scale_steps(divergence, 2.0)  # another variant's divergence
+  for variant, learned in (('metamd', divergence), ('metamd_unrolled', other)):
+    (tmp_path / 'least_squares' / variant).mkdir(parents=True)
+    metamd_jax.save_divergence(tmp_path / 'least_squares' / variant / 'divergence.npz',
+                               learned, params)
+  record = _record(reference, momentum=0.5,
+                   divergence_digest=calibrated.divergence_digest(divergence))
+  (tmp_path / 'results.json').write_text(json.dumps(
+      {'families': {'least_squares': {'adaptive': record}}}))
+  ours = _updates(metamd_jax.load_optimizer(tmp_path, family='least_squares'), params)
+  theirs = _updates(metamd_jax.calibrated_metamd(divergence, record), params)
+  for a, b in zip(ours, theirs):
+    chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-9)
+  with pytest.raises(FileNotFoundError, match='no divergence artifact'):
+    metamd_jax.load_optimizer(tmp_path, family='digits_mlp')
+  with pytest.raises(FileNotFoundError, match='no divergence artifact'):
+    metamd_jax.load_optimizer(tmp_path)  # a main job's layout: no divergence.npz at the top
