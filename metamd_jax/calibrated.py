@@ -19,11 +19,11 @@ the one a training loop gets:
 * with ``guard_margin``, all of it behind frozen MetaMD (at ``frozen_rank`` where set) with
   :func:`metamd_jax.guarded_switch`.
 
-Every part keeps a non-decreasing metric (or restarts it, epoch by epoch), so the
-adaptive-mirror-descent regret bound of each part holds for the whole
-(``experiments/RESULTS.md`` states it). :func:`load_optimizer` reads a main job's workdir
-(``divergence.npz`` and ``results.json``) and checks that the calibration was made for that
-divergence (:func:`divergence_digest`).
+Nothing is added to the parts, so each keeps its own guarantee (the modules state them):
+a non-decreasing metric, the momentum at a step factor of at most 1/2, the restarts and
+the guard's switch epoch by epoch. :func:`load_optimizer` reads a job's workdir (a main
+job's ``divergence.npz`` and ``results.json``, or a benchmark family's) and checks that the
+calibration was made for that divergence (:func:`divergence_digest`).
 """
 
 from __future__ import annotations
@@ -74,6 +74,10 @@ DEFAULTS = {
 }
 # Recorded about the calibration, not used to build the optimiser.
 DESCRIPTIVE = ('quantile', 'calibration_tasks', 'num_calibration_tasks')
+# Settings checked here (the building blocks check the others): real numbers and flags.
+_NUMBERS = ('decay', 'blend_rate', 'momentum', 'restart_growth', 'restart_shrink',
+            'restart_step_factor')
+_FLAGS = ('per_leaf', 'eigenbasis', 'overshoot', 'restarts', 'guard_prior')
 
 
 def divergence_digest(divergence: PyTree) -> str:
@@ -108,7 +112,8 @@ def check_calibration(calibration: Mapping[str, Any]) -> dict:
   Raises:
     TypeError: if ``calibration`` is not a mapping.
     ValueError: naming the fields missing from :data:`REQUIRED` or unknown to this
-      library, or when ``reference_norm`` is ``None`` (the calibration failed: frozen
+      library, a number, flag or ``num_steps`` of the wrong kind, or when
+      ``reference_norm`` is ``None`` (the calibration failed: frozen
       MetaMD diverged on a calibration task, so there are no levels to adapt from), or
       ``eigenbasis`` is set without ``eigenbasis_levels``.
   """
@@ -127,6 +132,18 @@ def check_calibration(calibration: Mapping[str, Any]) -> dict:
     raise ValueError('the calibration has no reference_norm: frozen MetaMD diverged on a '
                      'calibration task, so adaptive MetaMD was left out of that run.')
   record = {**DEFAULTS, **calibration}
+  for name in _NUMBERS:
+    value = record[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
+        value):
+      raise ValueError(f'the calibration\'s {name} must be a finite number, got {value!r}.')
+  for name in _FLAGS:
+    if not isinstance(record[name], bool):
+      raise ValueError(f'the calibration\'s {name} must be True or False, got '
+                       f'{record[name]!r}.')
+  steps = record['num_steps']
+  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    raise ValueError(f'the calibration\'s num_steps must be an integer >= 1, got {steps!r}.')
   for name in ('reference_norm', 'eigenbasis_levels'):
     record[name] = _infinite_where_null(record[name])
   if record['eigenbasis'] and record['eigenbasis_levels'] is None:

@@ -219,6 +219,12 @@ def test_the_digest_ties_a_calibration_to_its_divergence(setup, tmp_path):
     ({'blend_rte': 0.1}, r"unknown calibration fields \['blend_rte'\]"),
     ({'reference_norm': 'none'}, 'has no reference_norm: frozen MetaMD diverged'),
     ({'eigenbasis': True}, 'sets eigenbasis but has no eigenbasis_levels'),
+    ({'momentum': '0.5'}, "momentum must be a finite number, got '0.5'"),
+    ({'blend_rate': math.nan}, 'blend_rate must be a finite number, got nan'),
+    ({'decay': True}, 'decay must be a finite number, got True'),
+    ({'restarts': 'yes'}, "restarts must be True or False, got 'yes'"),
+    ({'num_steps': 0}, 'num_steps must be an integer >= 1, got 0'),
+    ({'num_steps': 100.0}, 'num_steps must be an integer >= 1, got 100.0'),
 ])
 def test_a_bad_record_is_named(setup, change, message):
   _, divergence, reference, _ = setup
