@@ -54,13 +54,13 @@ def _record(reference, **settings):
 
 def _updates(optimizer, params, num_steps=NUM_STEPS):
   """``num_steps`` updates on fixed random gradients, the parameters moving with them."""
-  state = optimizer.init(params)
+  state, update = optimizer.init(params), jax.jit(optimizer.update)
   out = []
   for step in range(num_steps):
     keys = jax.random.split(jax.random.key(100 + step), len(jax.tree.leaves(params)))
     grads = jax.tree.unflatten(jax.tree.structure(params), [
         jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, jax.tree.leaves(params))])
-    updates, state = optimizer.update(grads, state, params)
+    updates, state = update(grads, state, params)
     params = optax.apply_updates(params, updates)
     out.append(updates)
   return out
