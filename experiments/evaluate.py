@@ -356,5 +356,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   report.write_json(workdir / 'results.json', results)
   (workdir / 'results.md').write_text(table + '\n')
   print(table)
+  if 'metamd_adaptive' in results['optimizers']:
+    print(f"\nThe metamd_adaptive row's optimiser, for a training loop of your own: "
+          f"metamd_jax.load_optimizer({str(workdir)!r})")
   plots.plot_evaluation(results, workdir / 'loss_curves.png', title=report.title(config))
   return results

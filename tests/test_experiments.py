@@ -42,7 +42,7 @@ def _launch(workdir, *overrides, mode='meta_train', devices=1, kill_at=None):
 
 
 @pytest.mark.heavy
-def test_tiny_pipeline_writes_every_output(tmp_path):
+def test_tiny_pipeline_writes_every_output(tmp_path, capsys):
   config = tiny.get_config()
   result = meta_train.meta_train(config, tmp_path, progress=False)
   divergence = result.divergence
@@ -65,8 +65,9 @@ def test_tiny_pipeline_writes_every_output(tmp_path):
   for name in ('results.json', 'results.md', 'loss_curves.png'):
     assert (tmp_path / name).stat().st_size > 0
   assert (tmp_path / 'loss_curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-  # The workdir's learned optimiser, loaded as a user would, is the adaptive row it reports:
-  # the same whole-set losses on the held-out tasks.
+  # The workdir's learned optimiser, loaded as a user would (the job prints how), is the
+  # adaptive row it reports: the same whole-set losses on the held-out tasks.
+  assert f'metamd_jax.load_optimizer({str(tmp_path)!r})' in capsys.readouterr().out
   written = json.loads((tmp_path / 'results.json').read_text())
   assert written['adaptive']['divergence_digest'] == (
       metamd_jax.calibrated.divergence_digest(loaded))
