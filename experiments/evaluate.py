@@ -144,7 +144,7 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
   it is positive (the calibration's levels must have that rank), and, on the blended path
   with those scales, ``eval.adaptive_lengthen_below`` and ``eval.adaptive_min_scale``
   (a leaf whose first gradient is far below its level starts its scales below 1); behind
-  the guard (:func:`guard`) with ``eval.adaptive_guard_margin``;
+  the guard (:func:`metamd_jax.calibrated.guard`) with ``eval.adaptive_guard_margin``;
   ``None`` when calibration failed or is off."""
   if adaptive is None or adaptive['reference_norm'] is None:
     return None
@@ -158,19 +158,6 @@ def adaptive_optimizer(config: ml_collections.ConfigDict, divergence: PyTree,
                      f'levels have the rank {adaptive.get("eigenbasis_rank", 0)}: calibrate '
                      'with the same config.')
   return metamd_jax.calibrated_metamd(divergence, {**adaptive, **record})
-
-
-def guard(config: ml_collections.ConfigDict, divergence: PyTree, adaptive: dict,
-          optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
-  """``optimizer`` behind frozen MetaMD (at ``eval.frozen_rank`` where set) with
-  :func:`metamd_jax.guarded_switch` when ``eval.adaptive_guard_margin`` is set: the frozen
-  step while its gradients stay within that margin of the calibrated levels (the
-  reference norms), ``optimizer`` for good from the first step they do not, or after
-  ``eval.adaptive_guard_steps`` steps (once the loss's averaged relative decrease per step
-  is below ``eval.adaptive_guard_progress``, where set), started with Shampoo's
-  statistics from the frozen steps' gradient mass with ``eval.adaptive_guard_prior``;
-  else ``optimizer`` itself (:func:`metamd_jax.calibrated.guard`)."""
-  return calibrated_lib.guard(divergence, {**adaptive, **settings(config)}, optimizer)
 
 
 def evaluate_shift(config: ml_collections.ConfigDict, shift: str,

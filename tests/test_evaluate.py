@@ -190,6 +190,14 @@ def _calibrated(setup, divergence=None, **settings):
   return config, tasks, evaluate.calibrate(config, divergence, meta_train_family, tasks)
 
 
+def _guard(config, divergence, calibration, optimizer):
+  """``optimizer`` behind the guard the config's settings describe, with ``calibration``'s
+  levels (:func:`metamd_jax.calibrated.guard`, as :func:`evaluate.adaptive_optimizer`
+  applies it)."""
+  return metamd_jax.calibrated.guard(divergence, {**calibration, **evaluate.settings(config)},
+                                     optimizer)
+
+
 @pytest.mark.heavy
 def test_guard_runs_frozen_metamd_then_the_adaptive_optimizer(setup):
   """``eval.adaptive_guard_margin`` puts the adaptive optimiser behind frozen MetaMD (at
@@ -214,13 +222,13 @@ def test_guard_runs_frozen_metamd_then_the_adaptive_optimizer(setup):
     return changed
 
   # Off: the optimiser itself. On: its fast step is frozen MetaMD's, at eval.frozen_rank.
-  assert evaluate.guard(config, divergence, result, adaptive_alone) is adaptive_alone
+  assert _guard(config, divergence, result, adaptive_alone) is adaptive_alone
   params = meta_train_family.init_params()
   grads = jax.tree.map(lambda x: 0.01 * jnp.ones_like(x), params)
   for rank in (None, 3):
     fast = (metamd_jax.metamd(divergence) if rank is None
             else metamd_jax.low_rank_metamd(divergence, rank))
-    guarded = evaluate.guard(variant(adaptive_guard_margin=1e30, frozen_rank=rank), divergence,
+    guarded = _guard(variant(adaptive_guard_margin=1e30, frozen_rank=rank), divergence,
                              result, optax.sgd(0.0))
     got = guarded.update(grads, guarded.init(params), params)[0]
     want = fast.update(grads, fast.init(params), params)[0]
@@ -259,7 +267,7 @@ def test_guard_runs_frozen_metamd_then_the_adaptive_optimizer(setup):
   # frozen step's gradient mass (by hand: statistics_prior on the fallback's init).
   shampoo = metamd_jax.statistics.scale_by_kronecker_statistics()
   params = meta_train_family.init_params()
-  with_prior = evaluate.guard(variant(adaptive_guard_margin=1e30, adaptive_guard_steps=1,
+  with_prior = _guard(variant(adaptive_guard_margin=1e30, adaptive_guard_steps=1,
                                       adaptive_guard_prior=True, frozen_rank=3),
                               divergence, result, shampoo)
   state = with_prior.init(params)
@@ -279,7 +287,7 @@ def test_guard_runs_frozen_metamd_then_the_adaptive_optimizer(setup):
   # frozen run's losses). Fallback sgd(0): from the switch the parameters stay put.
   long_steps = num_steps + 2
   frozen_losses = np.asarray(evaluation.run(
-      evaluate.guard(variant(adaptive_guard_margin=1e30, frozen_rank=3), divergence, result,
+      _guard(variant(adaptive_guard_margin=1e30, frozen_rank=3), divergence, result,
                      optax.sgd(0.0)), meta_train_family, tasks, long_steps).losses)[0]
   average, want_switch = 0.0, None
   for t in range(2, long_steps + 1):  # update t gets the loss of step t - 1 (0-based)
@@ -290,14 +298,14 @@ def test_guard_runs_frozen_metamd_then_the_adaptive_optimizer(setup):
   assert config.eval.adaptive_decay == 0.9
   assert want_switch is not None and 6 < want_switch < long_steps  # waits; visible below
   got = np.asarray(evaluation.run(
-      evaluate.guard(variant(adaptive_guard_margin=1e30, adaptive_guard_steps=5,
+      _guard(variant(adaptive_guard_margin=1e30, adaptive_guard_steps=5,
                              adaptive_guard_progress=0.0, frozen_rank=3), divergence, result,
                      optax.sgd(0.0)), meta_train_family, tasks, long_steps).losses)[0]
   np.testing.assert_allclose(got[:want_switch], frozen_losses[:want_switch], rtol=1e-6)
   assert not np.allclose(got[want_switch], frozen_losses[want_switch], rtol=1e-6)
   # Any progress is below 1e30: the switch comes right after step 5, as without it.
   got = np.asarray(evaluation.run(
-      evaluate.guard(variant(adaptive_guard_margin=1e30, adaptive_guard_steps=5,
+      _guard(variant(adaptive_guard_margin=1e30, adaptive_guard_steps=5,
                              adaptive_guard_progress=1e30, frozen_rank=3), divergence, result,
                      optax.sgd(0.0)), meta_train_family, tasks, long_steps).losses)[0]
   np.testing.assert_allclose(got[:6], frozen_losses[:6], rtol=1e-6)
