@@ -468,6 +468,13 @@ def gradient_levels(divergence: PyTree, task: Task, num_steps: int, *, decay: fl
   Returns:
     ``(T,)`` levels in the metric's dtype; ``(T, L)`` with ``per_leaf``.
   """
+  return _frozen_run(divergence, task, num_steps, decay=decay, params=params,
+                     per_leaf=per_leaf)[1]
+
+
+def _frozen_run(divergence: PyTree, task: Task, num_steps: int, *, decay: float,
+                params: PyTree | None, per_leaf: bool) -> tuple[PyTree, Array]:
+  """:func:`gradient_levels`'s run: ``(final parameters, levels)``."""
   decay = check_decay(decay)
   init_params = task.init() if params is None else params
   divergence_lib.check_structure(divergence, init_params)
@@ -489,13 +496,15 @@ def gradient_levels(divergence: PyTree, task: Task, num_steps: int, *, decay: fl
     return (params, count, norm_average), level
 
   carry = (init_params, jnp.zeros((), jnp.int32), jnp.zeros(shape, dtype))
-  _, levels = jax.lax.scan(body, carry, jnp.arange(num_steps, dtype=jnp.int32))
-  return levels
+  (final_params, _, _), levels = jax.lax.scan(body, carry,
+                                              jnp.arange(num_steps, dtype=jnp.int32))
+  return final_params, levels
 
 
 def reference_gradient_norm(divergence: PyTree, family: TaskFamily, task_params: PyTree,
                             num_steps: int, *, quantile: float = 1.0,
-                            decay: float = 0.9, per_leaf: bool = False
+                            decay: float = 0.9, per_leaf: bool = False,
+                            require_training: bool = False
                             ) -> float | tuple[float, ...]:
   """The in-distribution gradient level ``c`` of a divergence, from meta-training tasks.
 
@@ -521,14 +530,18 @@ def reference_gradient_norm(divergence: PyTree, family: TaskFamily, task_params:
     per_leaf: calibrate every leaf's level ``c^l`` alike (the quantile over tasks of each
       leaf's peak), for ``adaptive_metamd(..., per_leaf=True)``. A leaf whose gradient is
       zero on every calibration task gets ``inf`` (it never adapts).
+    require_training: also require every calibration run to train its task: the loss on
+      the task's first batch ends below where it started (in the same compiled runs). The
+      peaks of a run that does not train only grow with its divergence: no reference.
 
   Returns:
     ``c``, a positive Python float; with ``per_leaf``, a tuple of one per leaf in
     ``jax.tree.leaves`` order of the parameters.
 
   Raises:
-    ValueError: on a bad ``quantile`` or ``num_steps``, or if a calibration run is not
-      finite (the frozen divergence diverges on its own meta-training tasks).
+    ValueError: on a bad ``quantile`` or ``num_steps``, if a calibration run is not
+      finite (the frozen divergence diverges on its own meta-training tasks), or, with
+      ``require_training``, ends at or above its initial loss.
   """
   if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1:
     raise ValueError(f'num_steps must be a positive integer, got {num_steps}.')
@@ -539,18 +552,34 @@ def reference_gradient_norm(divergence: PyTree, family: TaskFamily, task_params:
   if not isinstance(per_leaf, bool):
     raise TypeError(f'per_leaf must be True or False, got {per_leaf!r}.')
 
+  if not isinstance(require_training, bool):
+    raise TypeError(f'require_training must be True or False, got {require_training!r}.')
+
   @jax.jit
   def peaks(divergence, task_params):
-    return jax.vmap(lambda tp: jnp.max(gradient_levels(
-        divergence, family.task(tp), int(num_steps), decay=decay, per_leaf=per_leaf),
-        axis=0))(task_params)
+    def one(tp):
+      task = family.task(tp)
+      init = task.init()
+      final, levels = _frozen_run(divergence, task, int(num_steps), decay=decay,
+                                  params=init, per_leaf=per_leaf)
+      first = task.batch(0)
+      return jnp.max(levels, axis=0), task.loss(init, first), task.loss(final, first)
 
-  values = np.asarray(peaks(divergence, task_params), np.float64)
+    return jax.vmap(one)(task_params)
+
+  values, start, end = (np.asarray(x, np.float64) for x in peaks(divergence, task_params))
   bad = int(np.sum(~np.all(np.isfinite(values.reshape(len(values), -1)), axis=1)))
   if bad:
     raise ValueError(
         f'the frozen divergence diverges on {bad} of {len(values)} calibration tasks; '
         'the in-distribution gradient level is undefined (calibrate on tasks it trains).')
+  above = int(np.sum(~(end < start)))  # NaN included
+  if require_training and above:
+    raise ValueError(
+        f'frozen MetaMD ends at or above its initial loss (on the task\'s first batch) on '
+        f'{above} of {len(values)} calibration tasks after {num_steps} steps: the gradient '
+        'levels of a run that does not train are no reference (calibrate a divergence that '
+        'trains these tasks).')
   if per_leaf:
     levels = np.quantile(values, quantile, axis=0)
     if not np.any(levels > 0):

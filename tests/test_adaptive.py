@@ -532,6 +532,41 @@ def test_reference_gradient_norm_is_the_peak_level_over_tasks():
     metamd_jax.reference_gradient_norm(divergence, family, task_params, 5, quantile=1.5)
 
 
+def test_require_training_rejects_runs_that_end_above_their_start():
+  """With ``require_training`` the levels are those of runs that train: the same value
+  where each run's first-batch loss falls (checked here against the runs themselves), an
+  error where a finite run ends above it."""
+  family = ScaledLeastSquares()
+  unit = well_conditioned(metamd_jax.init_divergence(family.init_params(), 1.0), seed=1,
+                          noise=0.3)
+  task_params = family.sample_batch(jax.random.key(1), 3)
+
+  def first_batch_losses(divergence, num_steps):
+    out = []
+    for i in range(3):
+      task = family.task(jax.tree.map(lambda x, i=i: x[i], task_params))
+      final, _ = metamd_jax.evaluation.train(metamd_jax.metamd(divergence), task, num_steps)
+      out.append((float(task.loss(task.init(), task.batch(0))),
+                  float(task.loss(final, task.batch(0)))))
+    return np.array(out)
+
+  trains = divergence_lib.scale_steps(unit, 0.05)
+  losses = first_batch_losses(trains, 10)
+  assert np.all(losses[:, 1] < losses[:, 0])
+  assert metamd_jax.reference_gradient_norm(trains, family, task_params, 10,
+                                            require_training=True) == (
+      metamd_jax.reference_gradient_norm(trains, family, task_params, 10))
+  grows = divergence_lib.scale_steps(unit, 1.0)
+  losses = first_batch_losses(grows, 10)
+  above = int(np.sum(losses[:, 1] >= losses[:, 0]))
+  assert above >= 1 and np.all(np.isfinite(losses))
+  assert math.isfinite(metamd_jax.reference_gradient_norm(grows, family, task_params, 10))
+  with pytest.raises(ValueError, match=f'initial loss .* on {above} of 3 calibration tasks'):
+    metamd_jax.reference_gradient_norm(grows, family, task_params, 10, require_training=True)
+  with pytest.raises(TypeError, match='require_training'):
+    metamd_jax.reference_gradient_norm(trains, family, task_params, 10, require_training=1)
+
+
 def test_adaptive_step_survives_an_input_scale_where_frozen_metamd_diverges():
   """A divergence stable at input scale 1 diverges at scale 3 (curvature x 9); calibrated
   on scale-1 meta-training tasks only, the adaptive optimiser trains on a held-out task
