@@ -14,7 +14,13 @@ from metamd_jax.blended import (
     scale_by_blended_mirror_descent,
 )
 from metamd_jax.bound import adaptive_regret_bound, regret_bound
-from metamd_jax.calibrated import calibrated_metamd, load_calibration, load_optimizer
+from metamd_jax.calibrated import (
+    calibrate,
+    calibrated_metamd,
+    load_calibration,
+    load_optimizer,
+    save_calibration,
+)
 from metamd_jax.divergence import (
     DiagonalMetric,
     KroneckerAxes,
@@ -84,6 +90,7 @@ __all__ = (
     'adaptive_rollout',
     'blended_metamd',
     'bregman_divergence',
+    'calibrate',
     'calibrated_metamd',
     'check_divergence',
     'check_structure',
@@ -105,6 +112,7 @@ __all__ = (
     'reference_gradient_norm',
     'regret_bound',
     'rollout',
+    'save_calibration',
     'save_divergence',
     'scale_by_adaptive_mirror_descent',
     'scale_by_blended_mirror_descent',

@@ -24,6 +24,11 @@ a non-decreasing metric, the momentum at a step factor of at most 1/2, the resta
 the guard's switch epoch by epoch. :func:`load_optimizer` reads a job's workdir (a main
 job's ``divergence.npz`` and ``results.json``, or a benchmark family's) and checks that the
 calibration was made for that divergence (:func:`divergence_digest`).
+
+For a divergence meta-trained from Python (:func:`metamd_jax.fit`), :func:`calibrate` makes
+the record on meta-train tasks, with :data:`RECOMMENDED` settings unless told otherwise,
+and :func:`save_calibration` writes it where :func:`load_calibration` and
+:func:`load_optimizer` read it.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from metamd_jax import (
   statistics,
   transform,
 )
+from metamd_jax.tasks.base import TaskFamily
 from metamd_jax.types import PyTree
 
 PathLike = str | os.PathLike
@@ -74,6 +80,31 @@ DEFAULTS = {
 }
 # Recorded about the calibration, not used to build the optimiser.
 DESCRIPTIVE = ('quantile', 'calibration_tasks', 'num_calibration_tasks')
+# The run-time settings of the main job's default (``configs/default.py``, the MNIST MLP
+# family; each chosen on that family's validation tasks, ``experiments/RESULTS.md``):
+# what :func:`calibrate` records unless told otherwise. Another family's best settings may
+# differ (the transformer's config takes Nesterov's momentum 0.7 and other blends).
+RECOMMENDED = {
+    'decay': 0.9, 'per_leaf': True, 'eigenbasis': True, 'eigenbasis_rank': 0,
+    'blend_rate': 0.1, 'blend_statistics': 'kronecker', 'momentum': 0.5,
+    'online_power': 0.5, 'max_dimension': 1024, 'block_size': 0, 'sketch_rank': 64,
+    'sketch_interval': 0, 'lengthen_below': 0.3, 'min_scale': 0.1, 'overshoot': True,
+    'overshoot_decay': 0.5, 'refresh_growth': 0.1, 'overshoot_cap': 3.0,
+    'overshoot_scope': 'learned', 'restarts': True, 'restart_growth': 0.0,
+    'restart_shrink': 0.0, 'restart_momentum': None, 'restart_step_factor': 0.5,
+    'guard_margin': None, 'guard_steps': None, 'guard_progress': None,
+    'guard_prior': False, 'frozen_rank': 64, 'frozen_rank_fill': 'min',
+}
+# Where save_calibration writes in a workdir of one's own, and load_optimizer reads when the
+# workdir has no results.json.
+CALIBRATION_FILE = 'calibration.json'
+# The fields calibrate computes (not settings).
+_COMPUTED = ('reference_norm', 'eigenbasis_levels', 'num_steps', 'divergence_digest')
+
+
+class CalibrationError(ValueError):
+  """No levels: the frozen divergence does not train a calibration task (a run is not
+  finite), or every calibration gradient is zero."""
 # Settings checked here (the building blocks check the others): real numbers and flags.
 _NUMBERS = ('decay', 'blend_rate', 'momentum', 'restart_growth', 'restart_shrink',
             'restart_step_factor')
@@ -132,6 +163,17 @@ def check_calibration(calibration: Mapping[str, Any]) -> dict:
     raise ValueError('the calibration has no reference_norm: frozen MetaMD diverged on a '
                      'calibration task, so adaptive MetaMD was left out of that run.')
   record = {**DEFAULTS, **calibration}
+  _check_settings(record)
+  for name in ('reference_norm', 'eigenbasis_levels'):
+    record[name] = _infinite_where_null(record[name])
+    _check_levels(name, record[name])
+  if record['eigenbasis'] and record['eigenbasis_levels'] is None:
+    raise ValueError('the calibration sets eigenbasis but has no eigenbasis_levels.')
+  return record
+
+
+def _check_settings(record: Mapping[str, Any]) -> None:
+  """The numbers, flags and ``num_steps`` of a full record are of the right kind."""
   for name in _NUMBERS:
     value = record[name]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
@@ -144,11 +186,24 @@ def check_calibration(calibration: Mapping[str, Any]) -> dict:
   steps = record['num_steps']
   if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
     raise ValueError(f'the calibration\'s num_steps must be an integer >= 1, got {steps!r}.')
-  for name in ('reference_norm', 'eigenbasis_levels'):
-    record[name] = _infinite_where_null(record[name])
-  if record['eigenbasis'] and record['eigenbasis_levels'] is None:
-    raise ValueError('the calibration sets eigenbasis but has no eigenbasis_levels.')
-  return record
+
+
+def _check_levels(name: str, levels: Any) -> None:
+  """Every concrete level is positive or infinite (not zero, negative or NaN)."""
+  if levels is None or isinstance(levels, jax.core.Tracer):
+    return
+  if isinstance(levels, (list, tuple)):
+    for x in levels:
+      _check_levels(name, x)
+    return
+  try:
+    values = np.asarray(levels, np.float64).ravel()
+  except (TypeError, ValueError) as error:
+    raise ValueError(f'the calibration\'s {name} holds {levels!r}, not a number.') from error
+  bad = values[~(values > 0)]
+  if bad.size:
+    raise ValueError(f'the calibration\'s {name} holds the level {float(bad[0])!r}: levels '
+                     'are positive, or infinite (null in JSON) where they never adapt.')
 
 
 def _learned(divergence: PyTree, record: dict, blend_rate, momentum, step_factor
@@ -263,6 +318,126 @@ def guard(divergence: PyTree, calibration: Mapping[str, Any],
       decay=record['decay'])
 
 
+def calibrate(divergence: PyTree, family: TaskFamily, task_params: PyTree, num_steps: int,
+              settings: Mapping[str, Any] | None = None, *, quantile: float = 1.0) -> dict:
+  """The calibration record of a learned divergence, made on meta-train tasks.
+
+  Runs the frozen divergence on each task of ``task_params`` for ``num_steps`` steps and
+  records its gradient levels: :func:`metamd_jax.reference_gradient_norm` (one per leaf
+  with ``per_leaf``; each run must train its task, ``require_training``) and, with
+  ``eigenbasis``, :func:`metamd_jax.eigenbasis_levels` (at ``eigenbasis_rank``), together
+  with the run-time settings. :func:`calibrated_metamd`
+  builds the learned optimiser from the record; :func:`save_calibration` writes it.
+
+  Args:
+    divergence: the learned divergence (e.g. ``metamd_jax.fit(...).divergence``).
+    family: its meta-training task family.
+    task_params: stacked task parameters of the calibration tasks: meta-train tasks
+      (e.g. :func:`metamd_jax.evaluation.tuning_tasks`), never the held-out ones.
+    num_steps: the horizon of the calibration runs, and the first epoch of the
+      ``restarts``: the length of the runs the optimiser is for (meta-training's horizon,
+      or meta-testing's).
+    settings: run-time settings that replace :data:`RECOMMENDED`'s (any of its fields).
+    quantile: in ``[0, 1]``; the quantile over the tasks of each level's peak. ``1``:
+      the optimiser takes exactly frozen MetaMD's steps on every calibration task, and
+      adapts only to gradients beyond anything seen there.
+
+  Returns:
+    The record: ``{'reference_norm', 'eigenbasis_levels', **settings, 'num_steps',
+    'quantile', 'num_calibration_tasks', 'divergence_digest'}``; an infinite level (a leaf
+    or direction whose gradient is zero on every calibration task) is ``inf``.
+
+  Raises:
+    ValueError: before any run, naming an unknown setting, a computed field passed as a
+      setting, a setting of the wrong kind, a bad ``num_steps`` or ``quantile``; after the
+      runs, the building blocks' errors for settings that do not fit together (e.g.
+      ``eigenbasis`` without ``per_leaf``).
+    CalibrationError: (a ``ValueError``) if the frozen divergence does not train a
+      calibration task (the run diverges, or ends at or above its initial loss on the
+      task's first batch), or every calibration gradient is zero: there are no levels.
+  """
+  settings = {} if settings is None else settings
+  if not isinstance(settings, Mapping):
+    raise TypeError(f'settings is a mapping of RECOMMENDED\'s fields, got '
+                    f'{type(settings).__name__}.')
+  computed = sorted(set(settings) & set(_COMPUTED))
+  if computed:
+    raise ValueError(f'{computed} are computed by calibrate, not settings.')
+  unknown = sorted(set(settings) - set(RECOMMENDED))
+  if unknown:
+    raise ValueError(f'unknown settings {unknown}; the settings are {sorted(RECOMMENDED)}.')
+  if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) or not (
+      0 <= quantile <= 1):
+    raise ValueError(f'quantile must be a number in [0, 1], got {quantile!r}.')
+  if isinstance(num_steps, np.integer):
+    num_steps = int(num_steps)
+  record = {**RECOMMENDED, **settings}
+  if not record['eigenbasis']:
+    record['lengthen_below'] = None  # used with the eigenbasis scales only
+  record['num_steps'] = num_steps
+  _check_settings(record)
+  adaptive.check_decay(record['decay'])
+  try:
+    reference = adaptive.reference_gradient_norm(
+        divergence, family, task_params, num_steps, quantile=quantile, decay=record['decay'],
+        per_leaf=record['per_leaf'], require_training=True)
+    levels = None
+    if record['eigenbasis']:
+      levels = [[np.asarray(x).tolist() for x in leaf] for leaf in eigenbasis.eigenbasis_levels(
+          divergence, family, task_params, num_steps, quantile=quantile,
+          decay=record['decay'], rank=record['eigenbasis_rank'] or None)]
+  except ValueError as error:  # the arguments were checked above: the runs themselves
+    raise CalibrationError(str(error)) from error
+  num_tasks = int(np.shape(jax.tree.leaves(task_params)[0])[0])
+  record = {'reference_norm': reference, 'eigenbasis_levels': levels, **record,
+            'quantile': quantile, 'num_calibration_tasks': num_tasks,
+            'divergence_digest': divergence_digest(divergence)}
+  calibrated_metamd(divergence, record)  # the settings fit together
+  return record
+
+
+def _as_json(value: Any) -> Any:
+  """``value`` as standard JSON data: tuples and arrays as lists, numpy scalars as Python
+  numbers, an infinite float as ``None`` (JSON has no infinity)."""
+  if isinstance(value, Mapping):
+    return {str(k): _as_json(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple, np.ndarray)):
+    return [_as_json(v) for v in value]
+  if isinstance(value, np.generic):
+    value = value.item()
+  if isinstance(value, float) and math.isinf(value):
+    return None
+  return value
+
+
+def save_calibration(path: PathLike, calibration: Mapping[str, Any]) -> pathlib.Path:
+  """Write a calibration record (e.g. :func:`calibrate`'s) as JSON, with every setting.
+
+  The file has a ``results.json``'s layout (``{'adaptive': record}``), so
+  :func:`load_calibration` reads it, and :func:`load_optimizer` reads a workdir's
+  ``calibration.json`` (:data:`CALIBRATION_FILE`) next to its ``divergence.npz``. An
+  infinite level is written as ``null``. The file is replaced whole (written aside, then
+  renamed).
+
+  Returns:
+    The path written.
+
+  Raises:
+    ValueError: from :func:`check_calibration` (a level that is NaN, zero or negative among
+      them), or if ``path`` is a directory.
+  """
+  record = check_calibration(calibration)
+  path = pathlib.Path(path)
+  if path.is_dir():
+    raise ValueError(f'{path} is a directory: name the file, e.g. {path / CALIBRATION_FILE}.')
+  text = json.dumps({'adaptive': _as_json(record)}, indent=1, allow_nan=False)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  aside = path.with_name(f'.{path.name}.writing')
+  aside.write_text(text)
+  os.replace(aside, path)
+  return path
+
+
 def load_calibration(path: PathLike, family: str | None = None) -> dict:
   """The calibration record in a ``results.json``.
 
@@ -311,12 +486,13 @@ def load_optimizer(workdir: PathLike, family: str | None = None
 
   Reads the divergence (:func:`metamd_jax.load_divergence`) and the calibration in
   ``workdir/results.json`` (:func:`load_calibration`), and builds
-  :func:`calibrated_metamd`: the ``metamd_adaptive`` row of the job's tables. Its ``init``
-  checks that the parameters fit the divergence.
+  :func:`calibrated_metamd`: the ``metamd_adaptive`` row of the job's tables. A workdir
+  without ``results.json`` may hold ``calibration.json`` instead (:func:`save_calibration`).
+  Its ``init`` checks that the parameters fit the divergence.
 
   Args:
-    workdir: a main job's workdir (``divergence.npz``, ``results.json``), or a
-      benchmark's with ``family``.
+    workdir: a main job's workdir (``divergence.npz``, ``results.json``), a benchmark's
+      with ``family``, or one's own (``divergence.npz``, ``calibration.json``).
     family: a benchmark family's name: its calibration (``results['families'][family]``)
       and the divergence it was made for, that of the family's ``metamd`` variant
       (``workdir/<family>/metamd/divergence.npz``).
@@ -324,16 +500,24 @@ def load_optimizer(workdir: PathLike, family: str | None = None
   Raises:
     FileNotFoundError: naming the missing file.
     ValueError: from :func:`load_calibration` and :func:`calibrated_metamd`, e.g. when the
-      divergence was meta-trained again after the calibration (the digests differ).
+      divergence was meta-trained again after the calibration (the digests differ), or
+      when the workdir holds both ``results.json`` and ``calibration.json`` (two
+      calibrations: load the one meant with :func:`load_calibration`).
   """
   workdir = pathlib.Path(workdir)
   stored = (workdir / 'divergence.npz' if family is None
             else workdir / family / 'metamd' / 'divergence.npz')
   divergence, _ = artifact.load_divergence(stored)
-  results = workdir / 'results.json'
+  results, own = workdir / 'results.json', workdir / CALIBRATION_FILE
+  if family is None and results.is_file() and own.is_file():
+    raise ValueError(f'{workdir} holds two calibrations, results.json and {CALIBRATION_FILE}: '
+                     'pass the one meant to load_calibration and calibrated_metamd.')
+  if family is None and not results.is_file() and own.is_file():
+    results = own
   if not results.is_file():
     raise FileNotFoundError(f'no results.json in {workdir}: run the job\'s evaluation '
-                            '(--mode evaluate) to calibrate the learned optimiser.')
+                            '(--mode evaluate) to calibrate the learned optimiser, or save a '
+                            f'calibration there as {CALIBRATION_FILE} (save_calibration).')
   calibration = load_calibration(results, family)
   try:
     return calibrated_metamd(divergence, calibration)
@@ -341,5 +525,7 @@ def load_optimizer(workdir: PathLike, family: str | None = None
     raise ValueError(f'{results}: {error}') from error
 
 
-__all__ = ('DEFAULTS', 'DESCRIPTIVE', 'REQUIRED', 'calibrated_metamd', 'check_calibration',
-           'divergence_digest', 'guard', 'load_calibration', 'load_optimizer')
+__all__ = ('CALIBRATION_FILE', 'DEFAULTS', 'DESCRIPTIVE', 'RECOMMENDED', 'REQUIRED',
+           'CalibrationError', 'calibrate', 'calibrated_metamd', 'check_calibration',
+           'divergence_digest', 'guard', 'load_calibration', 'load_optimizer',
+           'save_calibration')

@@ -295,3 +295,179 @@ def test_a_benchmark_workdir_loads_a_familys_optimiser(setup, tmp_path):
     metamd_jax.load_optimizer(tmp_path, family='digits_mlp')
   with pytest.raises(FileNotFoundError, match='no divergence artifact'):
     metamd_jax.load_optimizer(tmp_path)  # a main job's layout: no divergence.npz at the top
+
+
+# ---------------------------------------------------------------------------
+# Calibrating a divergence from Python, and saving the record.
+# ---------------------------------------------------------------------------
+
+
+def test_recommended_settings_are_the_main_jobs_default():
+  """``RECOMMENDED`` is what the main job's default config records, field for field."""
+  from configs import default
+  from experiments import evaluate
+
+  recorded = evaluate.settings(default.get_config())
+  assert recorded.pop('num_steps') == default.get_config().eval.num_steps
+  assert calibrated.RECOMMENDED == recorded
+
+
+def test_calibrate_records_the_levels_and_settings_it_was_given(setup):
+  """The record's levels are the building blocks' on the same tasks; its settings are
+  ``RECOMMENDED`` with the given ones in their place."""
+  family, divergence, _, _ = setup
+  tasks = family.sample_batch(jax.random.key(1), 2)
+  record = metamd_jax.calibrate(divergence, family, tasks, 10)
+  assert record['reference_norm'] == metamd_jax.reference_gradient_norm(
+      divergence, family, tasks, 10, per_leaf=True)
+  expected = metamd_jax.eigenbasis_levels(divergence, family, tasks, 10)
+  assert len(record['eigenbasis_levels']) == len(expected)
+  for ours, theirs in zip(record['eigenbasis_levels'], expected):
+    for a, b in zip(ours, theirs):
+      np.testing.assert_array_equal(np.asarray(a), b)
+  assert {k: record[k] for k in calibrated.RECOMMENDED} == calibrated.RECOMMENDED
+  assert (record['num_steps'], record['quantile'], record['num_calibration_tasks']) == (
+      10, 1.0, 2)
+  assert record['divergence_digest'] == calibrated.divergence_digest(divergence)
+  assert calibrated.check_calibration(record)  # a valid record, as it is
+
+  # Another quantile, one level for all leaves, no eigenbasis scales.
+  other = metamd_jax.calibrate(divergence, family, tasks, np.int64(6),
+                               {'per_leaf': False, 'eigenbasis': False, 'momentum': 0.3},
+                               quantile=0.5)
+  assert other['reference_norm'] == metamd_jax.reference_gradient_norm(
+      divergence, family, tasks, 6, quantile=0.5)
+  assert other['eigenbasis_levels'] is None and other['lengthen_below'] is None
+  assert (other['momentum'], other['per_leaf'], other['num_steps']) == (0.3, False, 6)
+  assert type(other['num_steps']) is int
+
+
+def test_calibrated_levels_take_frozen_steps_on_the_calibration_tasks(setup):
+  """With quantile 1, the learned half never adapts on its own calibration tasks: the
+  optimiser without momentum, online half, check, restarts or longer first steps is
+  frozen MetaMD there (and not on a calibration with levels a tenth as high)."""
+  family, divergence, _, _ = setup
+  tasks = family.sample_batch(jax.random.key(1), 2)
+  plain = {'blend_rate': 0.0, 'overshoot': False, 'momentum': 0.0, 'restarts': False,
+           'lengthen_below': None}
+  record = metamd_jax.calibrate(divergence, family, tasks, 10, plain)
+  frozen = metamd_jax.evaluation.run(metamd_jax.metamd(divergence), family, tasks, 10)
+  ours = metamd_jax.evaluation.run(metamd_jax.calibrated_metamd(divergence, record), family,
+                                   tasks, 10)
+  np.testing.assert_allclose(ours.losses, frozen.losses, rtol=1e-5, atol=1e-7)
+  low = {**record, 'reference_norm': [0.1 * c for c in record['reference_norm']],
+         'eigenbasis_levels': [[[0.1 * v for v in side] for side in leaf]
+                               for leaf in record['eigenbasis_levels']]}
+  slower = metamd_jax.evaluation.run(metamd_jax.calibrated_metamd(divergence, low), family,
+                                     tasks, 10)
+  assert not np.allclose(slower.losses, frozen.losses, rtol=1e-3)
+
+
+@pytest.mark.parametrize('arguments,error,message', [
+    (dict(settings={'blend': 0.1}), ValueError, 'unknown settings'),
+    (dict(settings={'reference_norm': 1.0}), ValueError, 'computed by calibrate'),
+    (dict(settings={'num_steps': 5}), ValueError, 'computed by calibrate'),
+    (dict(settings={'momentum': 'high'}), ValueError, 'momentum must be a finite number'),
+    (dict(settings={'restarts': 1}), ValueError, 'restarts must be True or False'),
+    (dict(settings={'decay': 1.0}), ValueError, 'decay'),
+    (dict(settings=[('momentum', 0.5)]), TypeError, 'settings is a mapping'),
+    (dict(num_steps=0), ValueError, 'num_steps'),
+    (dict(num_steps=2.5), ValueError, 'num_steps'),
+    (dict(quantile=1.5), ValueError, 'quantile'),
+    (dict(quantile=None), ValueError, 'quantile'),
+])
+def test_calibrate_names_bad_input_before_any_run(setup, monkeypatch, arguments, error,
+                                                  message):
+  family, divergence, _, _ = setup
+
+  def no_run(*args, **kwargs):
+    raise AssertionError('a calibration run started')
+
+  monkeypatch.setattr(metamd_jax.adaptive, 'reference_gradient_norm', no_run)
+  monkeypatch.setattr(metamd_jax.eigenbasis, 'eigenbasis_levels', no_run)
+  arguments = {'num_steps': 4, **arguments}
+  with pytest.raises(error, match=message):
+    metamd_jax.calibrate(divergence, family, family.sample_batch(jax.random.key(1), 2),
+                         **arguments)
+
+
+def test_calibrate_without_levels_is_a_calibration_error(setup):
+  """A divergence whose frozen steps diverge, or end above their start, on a calibration
+  task has no levels; settings that do not fit together are named after the runs."""
+  family, divergence, _, _ = setup
+  tasks = family.sample_batch(jax.random.key(1), 2)
+  too_long = divergence_lib.scale_steps(divergence, 1e4)  # 0.05 -> 500: not finite
+  with pytest.raises(calibrated.CalibrationError, match='diverges on 2 of 2'):
+    metamd_jax.calibrate(too_long, family, tasks, 10)
+  # Steps 20 times the setup's: every run grows and stays finite. Its peaks are levels
+  # (reference_gradient_norm takes them), but of runs that do not train.
+  growing = divergence_lib.scale_steps(divergence, 20.0)
+  assert all(math.isfinite(c) for c in metamd_jax.reference_gradient_norm(
+      growing, family, tasks, 10, per_leaf=True))
+  with pytest.raises(calibrated.CalibrationError, match='initial loss .* on 2 of 2'):
+    metamd_jax.calibrate(growing, family, tasks, 10)
+  assert issubclass(calibrated.CalibrationError, ValueError)
+  with pytest.raises(ValueError, match='needs per_leaf=True'):
+    metamd_jax.calibrate(divergence, family, tasks, 4, {'per_leaf': False})
+
+
+def test_a_saved_calibration_loads_back_and_builds_the_same_optimiser(setup, tmp_path):
+  """``save_calibration`` writes standard JSON (an infinite level as ``null``, every
+  setting); ``load_calibration`` reads it back; ``load_optimizer`` reads a workdir of one's
+  own (``divergence.npz`` and ``calibration.json``)."""
+  family, divergence, _, _ = setup
+  tasks = family.sample_batch(jax.random.key(1), 2)
+  record = metamd_jax.calibrate(divergence, family, tasks, 4, {'blend_rate': 0.05})
+  record['reference_norm'] = (record['reference_norm'][0], math.inf)  # the weight: never
+  workdir = tmp_path / 'runs' / 'mine'
+  path = metamd_jax.save_calibration(workdir / calibrated.CALIBRATION_FILE, record)
+  assert path == workdir / 'calibration.json' and sorted(p.name for p in workdir.iterdir()) == [
+      'calibration.json']  # nothing left aside
+
+  def no_constants(name):
+    raise AssertionError(f'{name} is not standard JSON')
+
+  stored = json.loads(path.read_text(), parse_constant=no_constants)['adaptive']
+  assert stored['reference_norm'][1] is None
+  assert set(stored) == set(calibrated.check_calibration(record))  # every setting written
+  loaded = metamd_jax.load_calibration(path)
+  assert loaded == calibrated.check_calibration(record)
+  assert loaded['reference_norm'][1] == math.inf
+
+  params = family.init_params()
+  metamd_jax.save_divergence(workdir / 'divergence.npz', divergence, params)
+  ours = _updates(metamd_jax.load_optimizer(workdir), params, num_steps=6)
+  theirs = _updates(metamd_jax.calibrated_metamd(divergence, record), params, num_steps=6)
+  for a, b in zip(ours, theirs):
+    chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-9)
+
+  # Saving again replaces the file whole; a job's results.json beside it is ambiguous.
+  metamd_jax.save_calibration(path, {**record, 'momentum': 0.2})
+  assert metamd_jax.load_calibration(path)['momentum'] == 0.2
+  (workdir / 'results.json').write_text(json.dumps({'adaptive': stored}))
+  with pytest.raises(ValueError, match='two calibrations'):
+    metamd_jax.load_optimizer(workdir)
+  (workdir / 'results.json').unlink()
+  path.unlink()
+  with pytest.raises(FileNotFoundError, match='calibration.json'):
+    metamd_jax.load_optimizer(workdir)
+
+
+@pytest.mark.parametrize('change,error,message', [
+    ({'reference_norm': [float('nan'), 1.0]}, ValueError, 'level nan'),
+    ({'reference_norm': [0.0, 1.0]}, ValueError, 'level 0.0'),
+    ({'eigenbasis': True, 'eigenbasis_levels': [[[1.0, -2.0]]]}, ValueError, 'level -2.0'),
+    ({'reference_norm': None}, ValueError, 'no reference_norm'),
+    ({'blend_rat': 0.1}, ValueError, 'unknown calibration fields'),
+])
+def test_a_bad_record_is_not_saved(tmp_path, change, error, message):
+  record = {**_record([0.5, 1.0]), **change}
+  path = tmp_path / 'calibration.json'
+  with pytest.raises(error, match=message):
+    metamd_jax.save_calibration(path, record)
+  assert not path.exists()
+
+
+def test_save_calibration_names_a_directory(tmp_path):
+  with pytest.raises(ValueError, match='is a directory'):
+    metamd_jax.save_calibration(tmp_path, _record([0.5, 1.0]))
