@@ -19,7 +19,7 @@ resolved and checked by :mod:`experiments.benchmark_setup`):
    :func:`metamd_jax.adaptive_metamd`: the MetaMD divergence, its reference norm
    calibrated on the meta-train tuning tasks by :func:`experiments.evaluate.calibrate`,
    recorded as ``result['adaptive']``) joins as one more learned optimiser in every
-   comparison below (left out, with a warning, when the calibration diverges); with the
+   comparison below (left out, with a warning, when the calibration fails); with the
    family's ``eval.frozen_rank``, so does ``'metamd_low_rank'`` (the MetaMD divergence with
    each longer factor at that rank plus a level, :func:`metamd_jax.low_rank_metamd`);
 3. train every optimiser on the same held-out tasks
@@ -160,7 +160,8 @@ def benchmark_family(config: ml_collections.ConfigDict, name: str, workdir: path
     metamd_jax.artifact.check_compatible(divergence, test_family.param_shapes())
   optimizers = {v: metamd_jax.metamd(d) for v, d in learned.items()}
   # Adaptive MetaMD: the metamd divergence, its reference norm calibrated on the
-  # meta-train tuning tasks (left out, with a warning, where frozen MetaMD diverges there).
+  # meta-train tuning tasks (left out, with a warning, where frozen MetaMD does not train
+  # them: metamd_jax.calibrate).
   adaptive = None
   if 'metamd' in learned and ev.adaptive:
     adaptive = evaluate.calibrate(family_cfg, learned['metamd'], train_family, tune_tasks)

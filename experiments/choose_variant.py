@@ -667,7 +667,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
 
   Raises:
     ValueError: when the reference diverges at every learning rate, or when calibration
-      fails for every candidate (the frozen divergence diverges on a tuning task).
+      fails for every candidate (frozen MetaMD does not train a tuning task).
   """
   candidates = check_candidates(CANDIDATES if candidates is None else candidates)
   builders.validate_config(config)
@@ -696,8 +696,9 @@ def compare(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     if optimizer is not None:
       optimizers[name], levels[name] = optimizer, calibration['reference_norm']
   if not levels:
-    raise ValueError('calibration failed for every candidate: the learned divergence '
-                     'diverges on a meta-train tuning task.')
+    raise ValueError('calibration failed for every candidate: frozen MetaMD does not '
+                     'train a meta-train tuning task (it diverges or ends at or above its '
+                     'initial loss).')
   learning_rates = {name: None for name in optimizers}
   optimizers[ev.reference] = builders.BASELINES[ev.reference](tuned[ev.reference])
   learning_rates[ev.reference] = tuned[ev.reference]

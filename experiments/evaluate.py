@@ -16,16 +16,13 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 
 import metamd_jax
 from experiments import benchmark_runs, builders, plots, protocol, report
 from experiments import meta_train as meta_train_exp
-from metamd_jax import adaptive as adaptive_lib
 from metamd_jax import calibrated as calibrated_lib
-from metamd_jax import eigenbasis as eigenbasis_lib
 from metamd_jax import evaluation, parallel
 from metamd_jax.tasks.base import TaskFamily
 from metamd_jax.types import PyTree
@@ -69,44 +66,38 @@ def settings(config: ml_collections.ConfigDict) -> dict:
 
 def calibrate(config: ml_collections.ConfigDict, divergence: PyTree, family: TaskFamily,
               tune_tasks: PyTree) -> dict:
-  """The adaptive optimiser's reference norm, from the meta-train tuning tasks.
+  """The adaptive optimiser's calibration, from the meta-train tuning tasks.
 
-  :func:`metamd_jax.adaptive.reference_gradient_norm` of the frozen divergence on
-  ``tune_tasks`` (:func:`metamd_jax.evaluation.tuning_tasks` of the meta-train family:
-  never the held-out tasks) over ``eval.num_steps`` steps.
+  :func:`metamd_jax.calibrate` of the frozen divergence on ``tune_tasks``
+  (:func:`metamd_jax.evaluation.tuning_tasks` of the meta-train family: never the held-out
+  tasks) over ``eval.num_steps`` steps, with the config's settings (:func:`settings`) and
+  ``eval.adaptive_quantile``.
 
   Returns:
     The calibration record (:mod:`metamd_jax.calibrated`: what
     :func:`metamd_jax.calibrated_metamd` builds the optimiser from): ``{'reference_norm',
-    'eigenbasis_levels', 'quantile', 'calibration_tasks', 'num_calibration_tasks',
-    'divergence_digest', **settings(config)}``; ``reference_norm`` is one level, or one
+    'eigenbasis_levels', **settings(config), 'quantile', 'calibration_tasks',
+    'num_calibration_tasks', 'divergence_digest'}``; ``reference_norm`` is one level, or one
     per parameter leaf with ``eval.adaptive_per_leaf``, and ``None`` (logged as a warning)
-    when the frozen divergence diverges on a calibration task: adaptive MetaMD is then
-    left out. With ``eval.adaptive_eigenbasis``, ``eigenbasis_levels`` are
+    when frozen MetaMD does not train a calibration task (it diverges or ends at or above
+    its initial loss, :class:`metamd_jax.calibrated.CalibrationError`): adaptive MetaMD is
+    then left out. With ``eval.adaptive_eigenbasis``, ``eigenbasis_levels`` are
     :func:`metamd_jax.eigenbasis.eigenbasis_levels` on the same tasks, at the rank
     ``eval.adaptive_eigenbasis_rank`` (0: none), as JSON-able lists (else ``None``).
   """
   ev = config.eval
-  try:
-    reference = adaptive_lib.reference_gradient_norm(
-        divergence, family, tune_tasks, ev.num_steps, quantile=ev.adaptive_quantile,
-        decay=ev.adaptive_decay, per_leaf=ev.adaptive_per_leaf)
-  except ValueError as error:
-    logging.warning('adaptive MetaMD left out: %s', error)
-    reference = None
   record = settings(config)
-  levels = None
-  if record['eigenbasis'] and reference is not None:
-    levels = [[np.asarray(x).tolist() for x in leaf] for leaf in
-              eigenbasis_lib.eigenbasis_levels(divergence, family, tune_tasks, ev.num_steps,
-                                               quantile=ev.adaptive_quantile,
-                                               decay=ev.adaptive_decay,
-                                               rank=record['eigenbasis_rank'] or None)]
-  return {'reference_norm': reference, 'eigenbasis_levels': levels, **record,
-          'quantile': ev.adaptive_quantile,
-          'calibration_tasks': 'meta-train tuning tasks',
-          'num_calibration_tasks': ev.num_tune_tasks,
-          'divergence_digest': calibrated_lib.divergence_digest(divergence)}
+  try:
+    calibration = calibrated_lib.calibrate(
+        divergence, family, tune_tasks, record.pop('num_steps'), record,
+        quantile=ev.adaptive_quantile)
+  except calibrated_lib.CalibrationError as error:
+    logging.warning('adaptive MetaMD left out: %s', error)
+    calibration = {'reference_norm': None, 'eigenbasis_levels': None, **settings(config),
+                   'quantile': ev.adaptive_quantile,
+                   'num_calibration_tasks': ev.num_tune_tasks,
+                   'divergence_digest': calibrated_lib.divergence_digest(divergence)}
+  return {**calibration, 'calibration_tasks': 'meta-train tuning tasks'}
 
 
 def as_recorded(value):

@@ -89,8 +89,8 @@ def calibrated_adaptive(config, workdir: str | os.PathLike, script: str):
   calibration = evaluate.calibrate(config, divergence, families[0], tune_tasks)
   optimizer = evaluate.adaptive_optimizer(config, divergence, calibration)
   if optimizer is None:
-    raise SystemExit(f'{script}: calibration failed: the learned divergence diverges on a '
-                     'tuning task.')
+    raise SystemExit(f'{script}: calibration failed: frozen MetaMD does not train a '
+                     'tuning task (it diverges or ends at or above its initial loss).')
   return families, divergence, optimizer
 
 

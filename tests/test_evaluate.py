@@ -83,8 +83,10 @@ def test_adaptive_row_with_a_huge_reference_is_metamd(setup, tmp_path, monkeypat
   config.eval.adaptive_overshoot_cap = math.inf  # recorded as None too
   calls = []
 
-  def reference(div, family, task_params, num_steps, *, quantile, decay, per_leaf):
+  def reference(div, family, task_params, num_steps, *, quantile, decay, per_leaf,
+                require_training):
     assert per_leaf is True  # the default: one scale per leaf (a level for all, here)
+    assert require_training is True  # levels of runs that train their tasks only
     calls.append((family, task_params, num_steps, quantile, decay))
     return 1e30  # never adapts: s_t = 1
 
@@ -176,6 +178,20 @@ def test_calibration_failure_leaves_the_adaptive_row_out(setup, monkeypatch):
   tasks = evaluation.tuning_tasks(meta_train_family, config.seed, 1)
   result = evaluate.calibrate(config, divergence, meta_train_family, tasks)
   assert result['reference_norm'] is None
+
+
+def test_a_divergence_that_does_not_train_its_tuning_tasks_is_not_calibrated(setup, caplog):
+  """Frozen steps 100 times the learned ones end above their start on the tuning task
+  (finite or not): no levels, the adaptive row left out with a warning naming why."""
+  config, meta_train_family, _, divergence = setup
+  tasks = evaluation.tuning_tasks(meta_train_family, config.seed, 1)
+  assert evaluate.calibrate(config, divergence, meta_train_family, tasks)[
+      'reference_norm'] is not None
+  too_long = metamd_jax.divergence.scale_steps(divergence, 100.0)
+  result = evaluate.calibrate(config, too_long, meta_train_family, tasks)
+  assert result['reference_norm'] is None and result['eigenbasis_levels'] is None
+  assert 'adaptive MetaMD left out: frozen MetaMD' in caplog.text
+  assert evaluate.adaptive_optimizer(config, too_long, result) is None
 
 
 def _calibrated(setup, divergence=None, **settings):

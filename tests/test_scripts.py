@@ -481,7 +481,7 @@ def test_trace_overshoot_main(tmp_path, capsys):
   validation task: the whole-set losses every 2 steps and the check's final factors;
   the factors start at 1, never decrease and stop at the cap set on the command line."""
   config = benchmark_parallel.load_config(str(CONFIGS / 'tiny.py'))
-  config.meta.init_learning_rate = 3.0  # long learned steps: the check shortens them
+  config.meta.init_learning_rate = 1.0  # long learned steps: the check shortens them
   family, _ = builders.build_families(config)
   divergence = builders.build_divergence(config, family)
   artifact.save_divergence(tmp_path / 'divergence.npz', divergence)
