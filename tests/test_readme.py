@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -78,6 +79,36 @@ def test_readme_load_optimizer_example_runs(tmp_path, monkeypatch):
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=f'step {step}')
   assert loss_fn(ours, (x, y)) < loss_fn(params, (x, y))
+
+
+def test_readme_calibration_example_runs(tmp_path, monkeypatch):
+  """The README's calibration of a family's divergence from Python: the record holds the
+  divergence's levels on the family's tuning tasks, and the optimiser loaded from the
+  workdir trains held-out tasks as the record's optimiser in memory does."""
+  namespace = {'__name__': 'readme_family'}
+  family_code = _example('meta_train.fit(').split('family = Regression()')[0]
+  exec(compile(family_code, str(README), 'exec'), namespace)  # noqa: S102
+  family = namespace['Regression']()
+  params = family.init_params()
+  divergence = metamd_jax.init_divergence(params, 0.02)  # fit's start: it trains the tasks
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / 'runs' / 'regression').mkdir(parents=True)  # fit's workdir
+  metamd_jax.save_divergence('runs/regression/divergence.npz', divergence, params)
+  namespace.update(family=family, result=types.SimpleNamespace(divergence=divergence))
+  exec(compile(_example('metamd_jax.calibrate('), str(README), 'exec'),  # noqa: S102
+       namespace)
+  calibration = namespace['calibration']
+  tasks = evaluation.tuning_tasks(family, 0, 3)
+  assert calibration['reference_norm'] == metamd_jax.reference_gradient_norm(
+      divergence, family, tasks, 20, per_leaf=True)
+  assert calibration['num_steps'] == 20 and calibration['num_calibration_tasks'] == 3
+  assert (tmp_path / 'runs' / 'regression' / 'calibration.json').is_file()
+  held_out = evaluation.held_out_tasks(family, 0, 2)
+  ours = evaluation.run(namespace['optimizer'], family, held_out, 30).losses
+  theirs = evaluation.run(metamd_jax.calibrated_metamd(divergence, calibration), family,
+                          held_out, 30).losses
+  np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+  assert np.all(ours[:, -1] < 0.5 * ours[:, 0])
 
 
 # Runs the README's meta-training example in a fresh process (which kills itself at
