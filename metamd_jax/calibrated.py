@@ -58,6 +58,7 @@ from metamd_jax import (
   statistics,
   transform,
 )
+from metamd_jax import divergence as divergence_lib
 from metamd_jax.tasks.base import TaskFamily
 from metamd_jax.types import PyTree
 
@@ -101,14 +102,15 @@ CALIBRATION_FILE = 'calibration.json'
 # The fields calibrate computes (not settings).
 _COMPUTED = ('reference_norm', 'eigenbasis_levels', 'num_steps', 'divergence_digest')
 
-
-class CalibrationError(ValueError):
-  """No levels: the frozen divergence does not train a calibration task (a run is not
-  finite), or every calibration gradient is zero."""
 # Settings checked here (the building blocks check the others): real numbers and flags.
 _NUMBERS = ('decay', 'blend_rate', 'momentum', 'restart_growth', 'restart_shrink',
             'restart_step_factor')
 _FLAGS = ('per_leaf', 'eigenbasis', 'overshoot', 'restarts', 'guard_prior')
+
+
+class CalibrationError(ValueError):
+  """No levels: frozen MetaMD does not train a calibration task (the run diverges, or ends
+  at or above its initial loss), or every calibration gradient is zero."""
 
 
 def divergence_digest(divergence: PyTree) -> str:
@@ -143,10 +145,10 @@ def check_calibration(calibration: Mapping[str, Any]) -> dict:
   Raises:
     TypeError: if ``calibration`` is not a mapping.
     ValueError: naming the fields missing from :data:`REQUIRED` or unknown to this
-      library, a number, flag or ``num_steps`` of the wrong kind, or when
-      ``reference_norm`` is ``None`` (the calibration failed: frozen
-      MetaMD diverged on a calibration task, so there are no levels to adapt from), or
-      ``eigenbasis`` is set without ``eigenbasis_levels``.
+      library, a number, flag or ``num_steps`` of the wrong kind, a level that is NaN,
+      zero or negative, or when ``reference_norm`` is ``None`` (the calibration failed:
+      frozen MetaMD did not train a calibration task, so there are no levels to adapt
+      from), or ``eigenbasis`` is set without ``eigenbasis_levels``.
   """
   if not isinstance(calibration, Mapping):
     raise TypeError(f'a calibration is a mapping (the \'adaptive\' entry of a results.json), '
@@ -160,7 +162,7 @@ def check_calibration(calibration: Mapping[str, Any]) -> dict:
     raise ValueError(f'unknown calibration fields {unknown} (a record of a newer version, '
                      'or a misspelt setting).')
   if calibration['reference_norm'] is None:
-    raise ValueError('the calibration has no reference_norm: frozen MetaMD diverged on a '
+    raise ValueError('the calibration has no reference_norm: frozen MetaMD did not train a '
                      'calibration task, so adaptive MetaMD was left out of that run.')
   record = {**DEFAULTS, **calibration}
   _check_settings(record)
@@ -349,7 +351,8 @@ def calibrate(divergence: PyTree, family: TaskFamily, task_params: PyTree, num_s
 
   Raises:
     ValueError: before any run, naming an unknown setting, a computed field passed as a
-      setting, a setting of the wrong kind, a bad ``num_steps`` or ``quantile``; after the
+      setting, a setting of the wrong kind, a bad ``num_steps`` or ``quantile``, or a
+      divergence that does not fit the family's parameters; after the
       runs, the building blocks' errors for settings that do not fit together (e.g.
       ``eigenbasis`` without ``per_leaf``).
     CalibrationError: (a ``ValueError``) if the frozen divergence does not train a
@@ -377,6 +380,7 @@ def calibrate(divergence: PyTree, family: TaskFamily, task_params: PyTree, num_s
   record['num_steps'] = num_steps
   _check_settings(record)
   adaptive.check_decay(record['decay'])
+  divergence_lib.check_structure(divergence, family.param_shapes())
   try:
     reference = adaptive.reference_gradient_norm(
         divergence, family, task_params, num_steps, quantile=quantile, decay=record['decay'],

@@ -217,7 +217,7 @@ def test_the_digest_ties_a_calibration_to_its_divergence(setup, tmp_path):
     ({'decay': None}, 'the calibration has no decay'),
     ({'num_steps': None, 'blend_rate': None}, 'the calibration has no blend_rate, num_steps'),
     ({'blend_rte': 0.1}, r"unknown calibration fields \['blend_rte'\]"),
-    ({'reference_norm': 'none'}, 'has no reference_norm: frozen MetaMD diverged'),
+    ({'reference_norm': 'none'}, 'has no reference_norm: frozen MetaMD did not train'),
     ({'eigenbasis': True}, 'sets eigenbasis but has no eigenbasis_levels'),
     ({'momentum': '0.5'}, "momentum must be a finite number, got '0.5'"),
     ({'blend_rate': math.nan}, 'blend_rate must be a finite number, got nan'),
@@ -389,6 +389,16 @@ def test_calibrate_names_bad_input_before_any_run(setup, monkeypatch, arguments,
   with pytest.raises(error, match=message):
     metamd_jax.calibrate(divergence, family, family.sample_batch(jax.random.key(1), 2),
                          **arguments)
+
+
+def test_calibrate_names_a_divergence_of_other_parameters_before_any_run(setup, monkeypatch):
+  family, _, _, _ = setup
+  monkeypatch.setattr(metamd_jax.adaptive, 'reference_gradient_norm',
+                      lambda *a, **k: pytest.fail('a calibration run started'))
+  other = metamd_jax.init_divergence({'w': jnp.zeros((3, 3))}, 0.1)
+  with pytest.raises(ValueError, match='w') as error:
+    metamd_jax.calibrate(other, family, family.sample_batch(jax.random.key(1), 2), 4)
+  assert not isinstance(error.value, calibrated.CalibrationError)
 
 
 def test_calibrate_without_levels_is_a_calibration_error(setup):
