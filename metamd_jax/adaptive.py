@@ -504,7 +504,7 @@ def _frozen_run(divergence: PyTree, task: Task, num_steps: int, *, decay: float,
 def reference_gradient_norm(divergence: PyTree, family: TaskFamily, task_params: PyTree,
                             num_steps: int, *, quantile: float = 1.0,
                             decay: float = 0.9, per_leaf: bool = False,
-                            require_training: bool = False
+                            require_training: bool = True
                             ) -> float | tuple[float, ...]:
   """The in-distribution gradient level ``c`` of a divergence, from meta-training tasks.
 
@@ -530,9 +530,10 @@ def reference_gradient_norm(divergence: PyTree, family: TaskFamily, task_params:
     per_leaf: calibrate every leaf's level ``c^l`` alike (the quantile over tasks of each
       leaf's peak), for ``adaptive_metamd(..., per_leaf=True)``. A leaf whose gradient is
       zero on every calibration task gets ``inf`` (it never adapts).
-    require_training: also require every calibration run to train its task: the loss on
-      the task's first batch ends below where it started (in the same compiled runs). The
+    require_training: require every calibration run to train its task: the loss on the
+      task's first batch ends below where it started (in the same compiled runs). The
       peaks of a run that does not train only grow with its divergence: no reference.
+      ``False``: the levels of any finite runs.
 
   Returns:
     ``c``, a positive Python float; with ``per_leaf``, a tuple of one per leaf in
@@ -541,7 +542,7 @@ def reference_gradient_norm(divergence: PyTree, family: TaskFamily, task_params:
   Raises:
     ValueError: on a bad ``quantile`` or ``num_steps``, if a calibration run is not
       finite (the frozen divergence diverges on its own meta-training tasks), or, with
-      ``require_training``, ends at or above its initial loss.
+      ``require_training`` (the default), ends at or above its initial loss.
   """
   if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1:
     raise ValueError(f'num_steps must be a positive integer, got {num_steps}.')

@@ -533,9 +533,9 @@ def test_reference_gradient_norm_is_the_peak_level_over_tasks():
 
 
 def test_require_training_rejects_runs_that_end_above_their_start():
-  """With ``require_training`` the levels are those of runs that train: the same value
-  where each run's first-batch loss falls (checked here against the runs themselves), an
-  error where a finite run ends above it."""
+  """With ``require_training`` (the default) the levels are those of runs that train: the
+  same value where each run's first-batch loss falls (checked here against the runs
+  themselves), an error where a finite run ends above it."""
   family = ScaledLeastSquares()
   unit = well_conditioned(metamd_jax.init_divergence(family.init_params(), 1.0), seed=1,
                           noise=0.3)
@@ -553,16 +553,17 @@ def test_require_training_rejects_runs_that_end_above_their_start():
   trains = divergence_lib.scale_steps(unit, 0.05)
   losses = first_batch_losses(trains, 10)
   assert np.all(losses[:, 1] < losses[:, 0])
-  assert metamd_jax.reference_gradient_norm(trains, family, task_params, 10,
-                                            require_training=True) == (
-      metamd_jax.reference_gradient_norm(trains, family, task_params, 10))
+  assert metamd_jax.reference_gradient_norm(trains, family, task_params, 10) == (
+      metamd_jax.reference_gradient_norm(trains, family, task_params, 10,
+                                         require_training=False))
   grows = divergence_lib.scale_steps(unit, 1.0)
   losses = first_batch_losses(grows, 10)
   above = int(np.sum(losses[:, 1] >= losses[:, 0]))
   assert above >= 1 and np.all(np.isfinite(losses))
-  assert math.isfinite(metamd_jax.reference_gradient_norm(grows, family, task_params, 10))
+  assert math.isfinite(metamd_jax.reference_gradient_norm(grows, family, task_params, 10,
+                                                         require_training=False))
   with pytest.raises(ValueError, match=f'initial loss .* on {above} of 3 calibration tasks'):
-    metamd_jax.reference_gradient_norm(grows, family, task_params, 10, require_training=True)
+    metamd_jax.reference_gradient_norm(grows, family, task_params, 10)  # the default
   with pytest.raises(TypeError, match='require_training'):
     metamd_jax.reference_gradient_norm(trains, family, task_params, 10, require_training=1)
 

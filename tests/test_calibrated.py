@@ -413,7 +413,7 @@ def test_calibrate_without_levels_is_a_calibration_error(setup):
   # (reference_gradient_norm takes them), but of runs that do not train.
   growing = divergence_lib.scale_steps(divergence, 20.0)
   assert all(math.isfinite(c) for c in metamd_jax.reference_gradient_norm(
-      growing, family, tasks, 10, per_leaf=True))
+      growing, family, tasks, 10, per_leaf=True, require_training=False))
   with pytest.raises(calibrated.CalibrationError, match='initial loss .* on 2 of 2'):
     metamd_jax.calibrate(growing, family, tasks, 10)
   assert issubclass(calibrated.CalibrationError, ValueError)
