@@ -531,7 +531,8 @@ def eigenbasis_metamd(divergence: PyTree, levels: Any,
 
 def eigenbasis_levels(divergence: PyTree, family: TaskFamily, task_params: PyTree,
                       num_steps: int, *, quantile: float = 1.0, decay: float = 0.9,
-                      rank: int | None = None) -> list[tuple[np.ndarray, ...]]:
+                      rank: int | None = None, require_training: bool = True
+                      ) -> list[tuple[np.ndarray, ...]]:
   """The in-distribution levels of every eigendirection, from meta-training tasks.
 
   Runs the frozen divergence for ``num_steps`` on each task of ``task_params``, tracks
@@ -541,19 +542,23 @@ def eigenbasis_levels(divergence: PyTree, family: TaskFamily, task_params: PyTre
   MetaMD's steps on every calibration task. A share that is zero on every task gets
   ``inf`` (never adapts). ``rank``: the ranked sides' shares
   (:func:`scale_by_eigenbasis_mirror_descent`), to calibrate an optimiser with that rank.
+  ``require_training``: every run must lower its task's loss on the first batch, as
+  :func:`metamd_jax.reference_gradient_norm` requires (``False``: any finite runs).
 
   Returns:
     Per leaf ``(rows (m,), columns (n,))`` (Kronecker; ``rank + 1`` on a ranked side) or
     ``(level,)``, float64 numpy.
 
   Raises:
-    ValueError: on a bad ``num_steps`` or ``quantile``, or a calibration run that is not
-      finite.
+    ValueError: on a bad ``num_steps`` or ``quantile``, a calibration run that is not
+      finite, or, with ``require_training``, one that ends at or above its initial loss.
   """
   if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1:
     raise ValueError(f'num_steps must be a positive integer, got {num_steps}.')
   if not 0 <= quantile <= 1:
     raise ValueError(f'quantile must be in [0, 1], got {quantile}.')
+  if not isinstance(require_training, bool):
+    raise TypeError(f'require_training must be True or False, got {require_training!r}.')
   decay = adaptive.check_decay(decay)
   bases64, operators = leaf_bases(divergence, rank)
   # The operators as the divergence's tree: the frozen steps below (no second inversion).
@@ -589,10 +594,11 @@ def eigenbasis_levels(divergence: PyTree, family: TaskFamily, task_params: PyTre
       return (params, count, new_averages, new_peaks), None
 
     carry = (params, jnp.zeros((), jnp.int32), zeros, zeros)
-    (_, _, _, peaks), _ = jax.lax.scan(body, carry, jnp.arange(int(num_steps)))
-    return peaks
+    (final, _, _, peaks), _ = jax.lax.scan(body, carry, jnp.arange(int(num_steps)))
+    first = task.batch(0)
+    return peaks, task.loss(params, first), task.loss(final, first)
 
-  peaks = jax.jit(jax.vmap(one))(task_params)
+  peaks, start, end = jax.jit(jax.vmap(one))(task_params)
   levels, bad = [], 0
   for leaf in peaks:
     arrays = []
@@ -605,4 +611,11 @@ def eigenbasis_levels(divergence: PyTree, family: TaskFamily, task_params: PyTre
   if bad:
     raise ValueError(f'the frozen divergence diverges on {bad} calibration task(s); the '
                      'in-distribution levels are undefined (calibrate on tasks it trains).')
+  above = int(np.sum(~(np.asarray(end) < np.asarray(start))))  # NaN included
+  if require_training and above:
+    raise ValueError(
+        f'frozen MetaMD ends at or above its initial loss (on the task\'s first batch) on '
+        f'{above} of {len(start)} calibration tasks after {num_steps} steps: the levels of a '
+        'run that does not train are no reference (calibrate a divergence that trains these '
+        'tasks).')
   return levels

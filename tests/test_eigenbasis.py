@@ -319,6 +319,27 @@ def test_calibrated_levels_keep_frozen_steps_on_the_calibration_tasks(rank):
     eigenbasis.eigenbasis_levels(unit, family, task_params, 100)
 
 
+def test_levels_of_runs_that_do_not_train_are_refused():
+  """Steps 20 times too long: finite runs that end above their start (as
+  ``reference_gradient_norm`` finds on the same runs); their levels only without
+  ``require_training``."""
+  family = ScaledLeastSquares()
+  unit = well_conditioned(metamd_jax.init_divergence(family.init_params(), 1.0), seed=1,
+                          noise=0.3)
+  task_params = family.sample_batch(jax.random.key(1), 2)
+  grows = divergence_lib.scale_steps(unit, 1.0)
+  with pytest.raises(ValueError, match='initial loss .* on 2 of 2') as error:
+    eigenbasis.eigenbasis_levels(grows, family, task_params, 10)
+  with pytest.raises(ValueError, match='initial loss .* on 2 of 2') as theirs:
+    metamd_jax.reference_gradient_norm(grows, family, task_params, 10)
+  assert 'diverges' not in str(error.value) and 'diverges' not in str(theirs.value)
+  levels = eigenbasis.eigenbasis_levels(grows, family, task_params, 10,
+                                        require_training=False)
+  assert all(np.all(np.isfinite(x)) for leaf in levels for x in leaf)
+  with pytest.raises(TypeError, match='require_training'):
+    eigenbasis.eigenbasis_levels(grows, family, task_params, 10, require_training='no')
+
+
 def test_under_vmap_equals_one_task_at_a_time():
   divergence = _divergence(STRUCTURES[0], seed=4, dtype=jnp.float32)
   bases, _ = eigenbasis.leaf_bases(divergence)
