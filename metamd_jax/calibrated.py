@@ -84,7 +84,7 @@ DESCRIPTIVE = ('quantile', 'calibration_tasks', 'num_calibration_tasks')
 # The run-time settings of the main job's default (``configs/default.py``, the MNIST MLP
 # family; each chosen on that family's validation tasks, ``experiments/RESULTS.md``):
 # what :func:`calibrate` records unless told otherwise. Another family's best settings may
-# differ (the transformer's config takes Nesterov's momentum 0.7 and other blends).
+# differ (the transformer's config takes Nesterov's momentum 0.7 and the blend rate 0.01).
 RECOMMENDED = {
     'decay': 0.9, 'per_leaf': True, 'eigenbasis': True, 'eigenbasis_rank': 0,
     'blend_rate': 0.1, 'blend_statistics': 'kronecker', 'momentum': 0.5,
@@ -405,6 +405,10 @@ def _as_json(value: Any) -> Any:
   numbers, an infinite float as ``None`` (JSON has no infinity)."""
   if isinstance(value, Mapping):
     return {str(k): _as_json(v) for k, v in value.items()}
+  if isinstance(value, jax.Array):
+    value = np.asarray(value)
+  if isinstance(value, np.ndarray) and value.ndim == 0:
+    value = value.item()
   if isinstance(value, (list, tuple, np.ndarray)):
     return [_as_json(v) for v in value]
   if isinstance(value, np.generic):
@@ -443,11 +447,12 @@ def save_calibration(path: PathLike, calibration: Mapping[str, Any]) -> pathlib.
 
 
 def load_calibration(path: PathLike, family: str | None = None) -> dict:
-  """The calibration record in a ``results.json``.
+  """The calibration record in a ``results.json`` or a saved calibration.
 
   Args:
-    path: a main job's ``results.json`` (its ``'adaptive'`` entry), or a benchmark's with
-      ``family`` (``results['families'][family]['adaptive']``).
+    path: a main job's ``results.json`` (its ``'adaptive'`` entry), a benchmark's with
+      ``family`` (``results['families'][family]['adaptive']``), or a file
+      :func:`save_calibration` wrote.
     family: the benchmark family's name; ``None`` for a main job's results.
 
   Raises:

@@ -451,9 +451,15 @@ def test_a_saved_calibration_loads_back_and_builds_the_same_optimiser(setup, tmp
   for a, b in zip(ours, theirs):
     chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-9)
 
-  # Saving again replaces the file whole; a job's results.json beside it is ambiguous.
-  metamd_jax.save_calibration(path, {**record, 'momentum': 0.2})
-  assert metamd_jax.load_calibration(path)['momentum'] == 0.2
+  # Saving again replaces the file whole (levels as arrays, numpy or jax, are written as
+  # numbers); a job's results.json beside it is ambiguous.
+  metamd_jax.save_calibration(path, {**record, 'momentum': 0.2, 'reference_norm': jnp.asarray(
+      [record['reference_norm'][0], 1.0]), 'eigenbasis_levels': [
+          [np.asarray(side) for side in leaf] for leaf in record['eigenbasis_levels']]})
+  again = metamd_jax.load_calibration(path)
+  assert again['momentum'] == 0.2 and again['eigenbasis_levels'] == loaded['eigenbasis_levels']
+  np.testing.assert_allclose(again['reference_norm'], [record['reference_norm'][0], 1.0],
+                             rtol=1e-6)
   (workdir / 'results.json').write_text(json.dumps({'adaptive': stored}))
   with pytest.raises(ValueError, match='two calibrations'):
     metamd_jax.load_optimizer(workdir)
