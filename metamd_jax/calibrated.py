@@ -351,8 +351,9 @@ def calibrate(divergence: PyTree, family: TaskFamily, task_params: PyTree, num_s
 
   Raises:
     ValueError: before any run, naming an unknown setting, a computed field passed as a
-      setting, a setting of the wrong kind, a bad ``num_steps`` or ``quantile``, or a
-      divergence that does not fit the family's parameters; after the
+      setting, a setting of the wrong kind, a bad ``num_steps`` or ``quantile``, a
+      divergence that does not fit the family's parameters, or ``task_params`` that are
+      not stacked tasks (:meth:`TaskFamily.count_tasks`); after the
       runs, the building blocks' errors for settings that do not fit together (e.g.
       ``eigenbasis`` without ``per_leaf``).
     CalibrationError: (a ``ValueError``) if the frozen divergence does not train a
@@ -381,6 +382,7 @@ def calibrate(divergence: PyTree, family: TaskFamily, task_params: PyTree, num_s
   _check_settings(record)
   adaptive.check_decay(record['decay'])
   divergence_lib.check_structure(divergence, family.param_shapes())
+  num_tasks = family.count_tasks(task_params)
   try:
     reference = adaptive.reference_gradient_norm(
         divergence, family, task_params, num_steps, quantile=quantile, decay=record['decay'],
@@ -392,7 +394,6 @@ def calibrate(divergence: PyTree, family: TaskFamily, task_params: PyTree, num_s
           decay=record['decay'], rank=record['eigenbasis_rank'] or None)]
   except ValueError as error:  # the arguments were checked above: the runs themselves
     raise CalibrationError(str(error)) from error
-  num_tasks = int(np.shape(jax.tree.leaves(task_params)[0])[0])
   record = {'reference_norm': reference, 'eigenbasis_levels': levels, **record,
             'quantile': quantile, 'num_calibration_tasks': num_tasks,
             'divergence_digest': divergence_digest(divergence)}

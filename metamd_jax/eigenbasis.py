@@ -559,6 +559,7 @@ def eigenbasis_levels(divergence: PyTree, family: TaskFamily, task_params: PyTre
     raise ValueError(f'quantile must be in [0, 1], got {quantile}.')
   if not isinstance(require_training, bool):
     raise TypeError(f'require_training must be True or False, got {require_training!r}.')
+  family.count_tasks(task_params)  # stacked tasks, else a clear error
   decay = adaptive.check_decay(decay)
   bases64, operators = leaf_bases(divergence, rank)
   # The operators as the divergence's tree: the frozen steps below (no second inversion).

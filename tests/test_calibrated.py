@@ -375,6 +375,7 @@ def test_calibrated_levels_take_frozen_steps_on_the_calibration_tasks(setup):
     (dict(num_steps=2.5), ValueError, 'num_steps'),
     (dict(quantile=1.5), ValueError, 'quantile'),
     (dict(quantile=None), ValueError, 'quantile'),
+    (dict(task_params='one task'), ValueError, r"task_params\['key'\] has the shape \(2,\)"),
 ])
 def test_calibrate_names_bad_input_before_any_run(setup, monkeypatch, arguments, error,
                                                   message):
@@ -385,10 +386,12 @@ def test_calibrate_names_bad_input_before_any_run(setup, monkeypatch, arguments,
 
   monkeypatch.setattr(metamd_jax.adaptive, 'reference_gradient_norm', no_run)
   monkeypatch.setattr(metamd_jax.eigenbasis, 'eigenbasis_levels', no_run)
-  arguments = {'num_steps': 4, **arguments}
+  tasks = family.sample_batch(jax.random.key(1), 2)
+  if arguments.get('task_params') == 'one task':
+    arguments['task_params'] = family.sample(jax.random.key(1))  # not stacked
+  arguments = {'num_steps': 4, 'task_params': tasks, **arguments}
   with pytest.raises(error, match=message):
-    metamd_jax.calibrate(divergence, family, family.sample_batch(jax.random.key(1), 2),
-                         **arguments)
+    metamd_jax.calibrate(divergence, family, **arguments)
 
 
 def test_calibrate_names_a_divergence_of_other_parameters_before_any_run(setup, monkeypatch):

@@ -53,6 +53,24 @@ def test_sample_is_deterministic_and_differs_across_keys(digits):
   assert not np.array_equal(a['init_key'], a['order_key'])
 
 
+def test_count_tasks_takes_stacked_task_parameters_only(digits):
+  """``count_tasks``: the leading axis of ``sample_batch``'s layout; one task's parameters
+  (not stacked), a ragged stack or another tree are named."""
+  family = _family(digits)
+  stacked = family.sample_batch(jax.random.key(0), 3)
+  assert family.count_tasks(stacked) == 3
+  assert family.count_tasks(evaluation.tuning_tasks(family, 0, 2)) == 2
+  with pytest.raises(ValueError, match=r"task_params\['init_key'\] has the shape \(2,\)"):
+    family.count_tasks(family.sample(jax.random.key(0)))
+  ragged = {**stacked, 'subset': stacked['subset'][:2]}
+  with pytest.raises(ValueError, match=r'different numbers of tasks: \[2, 3\]'):
+    family.count_tasks(ragged)
+  with pytest.raises(ValueError, match='tree'):
+    family.count_tasks({'subset': stacked['subset']})
+  with pytest.raises(ValueError, match='no task'):
+    family.count_tasks(family.sample_batch(jax.random.key(0), 0))
+
+
 def test_subset_is_unique_and_within_pool(digits):
   family = _family(digits, subset_size=300)
   pool = len(digits[0])

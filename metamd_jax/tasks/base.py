@@ -72,6 +72,35 @@ class TaskFamily(abc.ABC):
     """Stacked task parameters of ``num_tasks`` random tasks."""
     return jax.vmap(self.sample)(jax.random.split(key, num_tasks))
 
+  def count_tasks(self, task_params: PyTree) -> int:
+    """How many tasks stacked task parameters hold (:meth:`sample_batch`'s layout).
+
+    Raises:
+      ValueError: if ``task_params`` has another tree than :meth:`sample`'s, or naming a
+        leaf that is not one task's leaf with a leading axis (e.g. one task's parameters,
+        not stacked), or leaves whose leading axes differ.
+    """
+    one = jax.eval_shape(self.sample, jax.random.key(0))
+    if jax.tree.structure(task_params) != jax.tree.structure(one):
+      raise ValueError(f'task_params have the tree {jax.tree.structure(task_params)}, not '
+                       f'that of the family\'s task parameters {jax.tree.structure(one)}.')
+    sizes = set()
+    for (path, leaf), single in zip(jax.tree_util.tree_leaves_with_path(task_params),
+                                    jax.tree.leaves(one)):
+      shape = tuple(getattr(leaf, 'shape', ()))
+      if len(shape) != len(single.shape) + 1 or shape[1:] != tuple(single.shape):
+        raise ValueError(
+            f'task_params{jax.tree_util.keystr(path)} has the shape {shape}; stacked tasks '
+            f'have (num_tasks,) + {tuple(single.shape)} (sample_batch, or '
+            'metamd_jax.evaluation.tuning_tasks, stacks them).')
+      sizes.add(shape[0])
+    if len(sizes) > 1:
+      raise ValueError(f'task_params leaves stack different numbers of tasks: {sorted(sizes)}.')
+    count = sizes.pop() if sizes else 0
+    if count < 1:
+      raise ValueError('task_params hold no task.')
+    return count
+
   def init_params(self) -> PyTree:
     """Parameters of one task, used to build a divergence with the right structure."""
     return self.task(self.sample(jax.random.key(0))).init()
