@@ -230,7 +230,12 @@ def run(optimizer: optax.GradientTransformation, family: TaskFamily, task_params
   steps (:func:`train_tracked`) into ``Curves.train_losses``. ``extra_metrics``, a
   traceable ``(task_params, final_params) -> {name: scalar}`` of one task, adds metrics
   next to ``task.evaluate``'s, computed in the same compiled program.
+
+  Raises:
+    ValueError: if ``task_params`` are not stacked tasks of ``family``
+      (:meth:`metamd_jax.TaskFamily.count_tasks`).
   """
+  family.count_tasks(task_params)
 
   def one(tp):
     task = family.task(tp)

@@ -170,6 +170,9 @@ def test_run_tracks_the_training_loss_of_every_task():
     _, _, tracked = evaluation.train_tracked(optax.sgd(0.1), task, 8, 4)
     np.testing.assert_allclose(curves.train_losses[i], tracked, rtol=1e-6)
   assert evaluation.run(optax.sgd(0.1), family, tasks, 8).train_losses is None
+  # One task's parameters, not stacked: named before anything runs.
+  with pytest.raises(ValueError, match='stacked tasks have'):
+    evaluation.run(optax.sgd(0.1), family, family.sample(jax.random.key(1)), 8)
 
 
 def test_train_tracked_rejects_bad_arguments():
