@@ -96,6 +96,31 @@ RECOMMENDED = {
     'guard_margin': None, 'guard_steps': None, 'guard_progress': None,
     'guard_prior': False, 'frozen_rank': 64, 'frozen_rank_fill': 'min',
 }
+# The run-time settings of each shipped family's config (``configs/<name>.py``; ``mnist_mlp``
+# is ``configs/default.py``, RECOMMENDED), as chosen or kept on that family's validation
+# tasks (the configs' comments and ``experiments/RESULTS.md`` say which and where): a start
+# for a family of one's own near one of them, e.g. ``calibrate(...,
+# settings=PRESETS['transformer_lm'])``.
+PRESETS = {
+    'mnist_mlp': RECOMMENDED,
+    'digits_mlp': {
+        **RECOMMENDED, 'blend_rate': 0.3, 'sketch_rank': 0, 'sketch_interval': 1,
+        'lengthen_below': 0.1, 'overshoot_decay': 0.8, 'refresh_growth': 0.0,
+        'overshoot_cap': 10.0, 'frozen_rank': None},
+    'mnist1d_cnn': {
+        **RECOMMENDED, 'online_power': 0.0, 'sketch_rank': 0, 'sketch_interval': 1,
+        'lengthen_below': None, 'overshoot': False, 'refresh_growth': 0.3,
+        'restart_shrink': 0.5, 'restart_momentum': 0.9, 'restart_step_factor': 0.1,
+        'frozen_rank': None},
+    'transformer_lm': {
+        **RECOMMENDED, 'blend_rate': 0.01, 'momentum': 0.7, 'sketch_rank': 0,
+        'sketch_interval': 1, 'lengthen_below': 0.1, 'refresh_growth': None,
+        'restart_growth': 0.25, 'restart_shrink': 0.5, 'restart_momentum': 0.9,
+        'restart_step_factor': 0.2, 'frozen_rank': None},
+    'least_squares': {
+        **RECOMMENDED, 'lengthen_below': None, 'overshoot_cap': None, 'restarts': False,
+        'frozen_rank': None},
+}
 # Where save_calibration writes in a workdir of one's own, and load_optimizer reads when the
 # workdir has no results.json.
 CALIBRATION_FILE = 'calibration.json'
@@ -339,7 +364,8 @@ def calibrate(divergence: PyTree, family: TaskFamily, task_params: PyTree, num_s
     num_steps: the horizon of the calibration runs, and the first epoch of the
       ``restarts``: the length of the runs the optimiser is for (meta-training's horizon,
       or meta-testing's).
-    settings: run-time settings that replace :data:`RECOMMENDED`'s (any of its fields).
+    settings: run-time settings that replace :data:`RECOMMENDED`'s (any of its fields;
+      e.g. one of :data:`PRESETS`, another shipped family's).
     quantile: in ``[0, 1]``; the quantile over the tasks of each level's peak. ``1``:
       the optimiser takes exactly frozen MetaMD's steps on every calibration task, and
       adapts only to gradients beyond anything seen there.
@@ -535,7 +561,8 @@ def load_optimizer(workdir: PathLike, family: str | None = None
     raise ValueError(f'{results}: {error}') from error
 
 
-__all__ = ('CALIBRATION_FILE', 'DEFAULTS', 'DESCRIPTIVE', 'RECOMMENDED', 'REQUIRED',
+__all__ = ('CALIBRATION_FILE', 'DEFAULTS', 'DESCRIPTIVE', 'PRESETS', 'RECOMMENDED',
+           'REQUIRED',
            'CalibrationError', 'calibrate', 'calibrated_metamd', 'check_calibration',
            'divergence_digest', 'guard', 'load_calibration', 'load_optimizer',
            'save_calibration')

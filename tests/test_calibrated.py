@@ -312,6 +312,37 @@ def test_recommended_settings_are_the_main_jobs_default():
   assert calibrated.RECOMMENDED == recorded
 
 
+@pytest.mark.parametrize('family,config_name', [
+    ('mnist_mlp', 'default'), ('digits_mlp', 'digits_mlp'), ('mnist1d_cnn', 'mnist1d_cnn'),
+    ('transformer_lm', 'transformer_lm'), ('least_squares', 'least_squares')])
+def test_each_preset_is_its_shipped_configs_settings(setup, family, config_name):
+  """``PRESETS[family]`` is what that family's config records (and the benchmark's entry
+  for the family, where it has one), field for field; ``calibrate`` takes it."""
+  import importlib
+
+  from configs import benchmark
+  from experiments import evaluate
+
+  config = importlib.import_module(f'configs.{config_name}').get_config()
+  recorded = evaluate.settings(config)
+  recorded.pop('num_steps')
+  assert calibrated.PRESETS[family] == recorded
+  families = benchmark.get_config().families
+  if family in families:
+    in_benchmark = evaluate.settings(families[family])
+    in_benchmark.pop('num_steps')
+    assert calibrated.PRESETS[family] == in_benchmark
+  assert set(calibrated.PRESETS) == {'mnist_mlp', 'digits_mlp', 'mnist1d_cnn',
+                                     'transformer_lm', 'least_squares'}
+  least_squares, divergence, _, _ = setup
+  tasks = least_squares.sample_batch(jax.random.key(1), 2)
+  record = metamd_jax.calibrate(divergence, least_squares, tasks, 4, calibrated.PRESETS[family])
+  expected = dict(calibrated.PRESETS[family])
+  if not expected['eigenbasis']:
+    expected['lengthen_below'] = None
+  assert {k: record[k] for k in expected} == expected
+
+
 def test_calibrate_records_the_levels_and_settings_it_was_given(setup):
   """The record's levels are the building blocks' on the same tasks; its settings are
   ``RECOMMENDED`` with the given ones in their place."""
