@@ -84,6 +84,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.typing import ArrayLike
 
 from metamd_jax import divergence as divergence_lib
 from metamd_jax import transform, tree_utils
@@ -501,6 +502,23 @@ def _frozen_run(divergence: PyTree, task: Task, num_steps: int, *, decay: float,
   return final_params, levels
 
 
+def check_runs_train(start: ArrayLike, end: ArrayLike, num_steps: int) -> None:
+  """Each calibration run's loss on its task's first batch ends below where it started.
+
+  Raises:
+    ValueError: naming how many of the runs end at or above their initial loss (NaN
+      included): the levels of a run that does not train are no reference.
+  """
+  start, end = np.asarray(start, np.float64), np.asarray(end, np.float64)
+  above = int(np.sum(~(end < start)))
+  if above:
+    raise ValueError(
+        f'frozen MetaMD ends at or above its initial loss (on the task\'s first batch) on '
+        f'{above} of {start.size} calibration tasks after {num_steps} steps: the levels of a '
+        'run that does not train are no reference (calibrate a divergence that trains these '
+        'tasks).')
+
+
 def reference_gradient_norm(divergence: PyTree, family: TaskFamily, task_params: PyTree,
                             num_steps: int, *, quantile: float = 1.0,
                             decay: float = 0.9, per_leaf: bool = False,
@@ -575,13 +593,8 @@ def reference_gradient_norm(divergence: PyTree, family: TaskFamily, task_params:
     raise ValueError(
         f'the frozen divergence diverges on {bad} of {len(values)} calibration tasks; '
         'the in-distribution gradient level is undefined (calibrate on tasks it trains).')
-  above = int(np.sum(~(end < start)))  # NaN included
-  if require_training and above:
-    raise ValueError(
-        f'frozen MetaMD ends at or above its initial loss (on the task\'s first batch) on '
-        f'{above} of {len(values)} calibration tasks after {num_steps} steps: the gradient '
-        'levels of a run that does not train are no reference (calibrate a divergence that '
-        'trains these tasks).')
+  if require_training:
+    check_runs_train(start, end, num_steps)
   if per_leaf:
     levels = np.quantile(values, quantile, axis=0)
     if not np.any(levels > 0):

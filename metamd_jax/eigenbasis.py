@@ -612,11 +612,6 @@ def eigenbasis_levels(divergence: PyTree, family: TaskFamily, task_params: PyTre
   if bad:
     raise ValueError(f'the frozen divergence diverges on {bad} calibration task(s); the '
                      'in-distribution levels are undefined (calibrate on tasks it trains).')
-  above = int(np.sum(~(np.asarray(end) < np.asarray(start))))  # NaN included
-  if require_training and above:
-    raise ValueError(
-        f'frozen MetaMD ends at or above its initial loss (on the task\'s first batch) on '
-        f'{above} of {len(start)} calibration tasks after {num_steps} steps: the levels of a '
-        'run that does not train are no reference (calibrate a divergence that trains these '
-        'tasks).')
+  if require_training:
+    adaptive.check_runs_train(start, end, num_steps)
   return levels
