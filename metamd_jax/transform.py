@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 from metamd_jax import divergence as divergence_lib
@@ -66,14 +69,27 @@ def scale_by_mirror_descent(divergence: PyTree) -> optax.GradientTransformation:
 
 
 def check_learning_rate(learning_rate: optax.ScalarOrSchedule) -> None:
-  """Raise ``ValueError`` unless ``learning_rate`` is a schedule or a positive finite number
-  (a traced value, e.g. under ``optax.inject_hyperparams``, is the caller's to check)."""
-  if callable(learning_rate):
+  """Raise unless ``learning_rate`` is a schedule or one positive finite number (a traced
+  value, e.g. under ``optax.inject_hyperparams``, is the caller's to check).
+
+  Raises:
+    TypeError: for anything but a callable or a real scalar (``None``, a bool, a string,
+      an array of several values): ``optax.scale_by_learning_rate(None)`` would be the
+      identity, a step up the gradient.
+    ValueError: for a scalar that is zero, negative or not finite.
+  """
+  if callable(learning_rate) or isinstance(learning_rate, jax.core.Tracer):
     return
-  try:
-    value = float(learning_rate)
-  except TypeError:
-    return
+  if isinstance(learning_rate, (np.ndarray, np.generic, jax.Array)):
+    dtype = np.asarray(learning_rate).dtype
+    scalar = np.ndim(learning_rate) == 0 and (jnp.issubdtype(dtype, jnp.floating)
+                                              or jnp.issubdtype(dtype, jnp.integer))
+  else:
+    scalar = isinstance(learning_rate, numbers.Real) and not isinstance(learning_rate, bool)
+  if not scalar:
+    raise TypeError(f'learning_rate must be a positive float or an optax schedule, got '
+                    f'{learning_rate!r}.')
+  value = float(learning_rate)
   if not (math.isfinite(value) and value > 0):
     raise ValueError(f'learning_rate must be positive and finite, got {learning_rate}.')
 

@@ -184,6 +184,34 @@ def test_metamd_rejects_bad_learning_rate(learning_rate):
     metamd_jax.metamd(divergence, learning_rate)
 
 
+_FACTORIES = {
+    'metamd': lambda d, lr: metamd_jax.metamd(d, lr),
+    'adaptive': lambda d, lr: metamd_jax.adaptive_metamd(d, 1.0, lr),
+    'blended': lambda d, lr: metamd_jax.blended_metamd(d, 1.0, 0.1, lr),
+    'eigenbasis': lambda d, lr: metamd_jax.eigenbasis_metamd(
+        d, [(np.ones(2), np.ones(2))], lr),
+    'low_rank': lambda d, lr: metamd_jax.low_rank_metamd(d, 1, lr),
+    'accelerated': lambda d, lr: metamd_jax.accelerated_metamd(d, 0.5, lr),
+}
+
+
+@pytest.mark.parametrize('name', sorted(_FACTORIES))
+@pytest.mark.parametrize('learning_rate', [None, True, '0.1', np.array([0.1, 0.1]), 1j])
+def test_every_optimiser_rejects_a_learning_rate_that_is_not_a_scalar(name, learning_rate):
+  """``optax.scale_by_learning_rate(None)`` is the identity: ``None`` would step up the
+  gradient. Anything but a real scalar or a schedule is named when the optimiser is built."""
+  divergence = metamd_jax.init_divergence({'w': jnp.ones((2, 2))}, 0.1)
+  with pytest.raises(TypeError, match='learning_rate must be a positive float'):
+    _FACTORIES[name](divergence, learning_rate)
+  # The same factory with a positive scalar, a 0-d array or a schedule steps down the
+  # gradient.
+  for good in (0.5, jnp.asarray(0.5), optax.constant_schedule(0.5)):
+    optimizer = _FACTORIES[name](divergence, good)
+    params = {'w': jnp.ones((2, 2))}
+    updates, _ = optimizer.update({'w': jnp.ones((2, 2))}, optimizer.init(params), params)
+    assert (np.asarray(updates['w']) < 0).all(), (name, good)
+
+
 def test_state_keeps_only_the_inverse_factors():
   """The state holds P and Q (one array per meta-parameter, of its shape), not L and R."""
   params, _ = _model_and_batch('cnn')
