@@ -16,9 +16,8 @@ import optax
 
 import metamd_jax
 from experiments import kronecker_baselines
-from metamd_jax import blended as blended_lib
-from metamd_jax import datasets, low_rank, models, text
-from metamd_jax import overshoot as overshoot_lib
+from metamd_jax import calibrated as calibrated_lib
+from metamd_jax import datasets, models, text
 from metamd_jax.bound import ADJOINTS, resolve_adjoint
 from metamd_jax.linear_solve import make_solver
 from metamd_jax.objectives import OBJECTIVES
@@ -30,6 +29,27 @@ from metamd_jax.tasks import (
     TaskFamily,
 )
 
+# The calibration record's settings (metamd_jax.calibrated) and the eval fields they come
+# from; a field the config lacks takes the record's default (metamd_jax.calibrated.DEFAULTS).
+CALIBRATION_FIELDS = {
+    'decay': 'adaptive_decay', 'per_leaf': 'adaptive_per_leaf',
+    'eigenbasis': 'adaptive_eigenbasis', 'eigenbasis_rank': 'adaptive_eigenbasis_rank',
+    'blend_rate': 'adaptive_blend_rate', 'blend_statistics': 'adaptive_blend_statistics',
+    'momentum': 'adaptive_momentum', 'online_power': 'adaptive_online_power',
+    'max_dimension': 'adaptive_blend_max_dimension',
+    'block_size': 'adaptive_blend_block_size', 'sketch_rank': 'adaptive_blend_sketch_rank',
+    'sketch_interval': 'adaptive_blend_sketch_interval',
+    'lengthen_below': 'adaptive_lengthen_below', 'min_scale': 'adaptive_min_scale',
+    'overshoot': 'adaptive_overshoot', 'overshoot_decay': 'adaptive_overshoot_decay',
+    'refresh_growth': 'adaptive_refresh_growth', 'overshoot_cap': 'adaptive_overshoot_cap',
+    'overshoot_scope': 'adaptive_overshoot_scope', 'restarts': 'adaptive_restarts',
+    'restart_growth': 'adaptive_restart_growth', 'restart_shrink': 'adaptive_restart_shrink',
+    'restart_momentum': 'adaptive_restart_momentum',
+    'restart_step_factor': 'adaptive_restart_step_factor',
+    'guard_margin': 'adaptive_guard_margin', 'guard_steps': 'adaptive_guard_steps',
+    'guard_progress': 'adaptive_guard_progress', 'guard_prior': 'adaptive_guard_prior',
+    'frozen_rank': 'frozen_rank', 'frozen_rank_fill': 'frozen_rank_fill',
+}
 FAMILIES = ('classification', 'least_squares', 'logistic_regression', 'language_model')
 MODELS = ('mlp', 'cnn', 'resnet')  # classification; language models are transformers
 SOLVERS = ('exact', 'cg', 'neumann', 'dense')
@@ -213,74 +233,26 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _fail('eval.learning_rates', evaluation.learning_rates, 'must be non-empty and positive')
   if not isinstance(evaluation.adaptive, bool):
     _fail('eval.adaptive', evaluation.adaptive, 'must be True or False')
-  decay = evaluation.adaptive_decay
-  if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
-    _fail('eval.adaptive_decay', decay, 'must be a number in [0, 1)')
-  if not isinstance(evaluation.adaptive_per_leaf, bool):
-    _fail('eval.adaptive_per_leaf', evaluation.adaptive_per_leaf, 'must be True or False')
+  # Each run-time setting's range: the calibration record's rules (metamd_jax.calibrated),
+  # then what a config's settings need of each other.
+  for name, field in CALIBRATION_FIELDS.items():
+    value = evaluation.get(field, calibrated_lib.DEFAULTS.get(name))
+    requirement = calibrated_lib.setting_requirement(name, value)
+    if requirement is not None:
+      _fail(f'eval.{field}', value, requirement)
   eigenbasis = evaluation.get('adaptive_eigenbasis', False)
-  if not isinstance(eigenbasis, bool):
-    _fail('eval.adaptive_eigenbasis', eigenbasis, 'must be True or False')
   if eigenbasis and not evaluation.adaptive_per_leaf:
     _fail('eval.adaptive_eigenbasis', eigenbasis, 'needs eval.adaptive_per_leaf=True')
-  eigenbasis_rank = evaluation.get('adaptive_eigenbasis_rank', 0)
-  if isinstance(eigenbasis_rank, bool) or not isinstance(eigenbasis_rank, int) \
-      or eigenbasis_rank < 0:
-    _fail('eval.adaptive_eigenbasis_rank', eigenbasis_rank,
-          'must be an int >= 0 (0: a scale per eigendirection)')
-  blend_rate = evaluation.adaptive_blend_rate
-  if isinstance(blend_rate, bool) or not isinstance(blend_rate, (int, float)) \
-      or not (math.isfinite(blend_rate) and blend_rate >= 0):
-    _fail('eval.adaptive_blend_rate', blend_rate, 'must be a finite number >= 0')
-  _one_of(evaluation.adaptive_blend_statistics, 'eval.adaptive_blend_statistics',
-          blended_lib.STATISTICS)
-  momentum = evaluation.get('adaptive_momentum', 0.0)
-  if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) \
-      or not (math.isfinite(momentum) and 0 <= momentum < 1):
-    _fail('eval.adaptive_momentum', momentum, 'must be a number in [0, 1)')
-  online_power = evaluation.get('adaptive_online_power', 1.0)
-  if isinstance(online_power, bool) or not isinstance(online_power, (int, float)) \
-      or not 0 <= online_power <= 1:
-    _fail('eval.adaptive_online_power', online_power, 'must be a number in [0, 1]')
-  overshoot = evaluation.get('adaptive_overshoot', False)
-  if not isinstance(overshoot, bool):
-    _fail('eval.adaptive_overshoot', overshoot, 'must be True or False')
-  overshoot_decay = evaluation.get('adaptive_overshoot_decay', 0.5)
-  if isinstance(overshoot_decay, bool) or not isinstance(overshoot_decay, (int, float)) \
-      or not 0 <= overshoot_decay < 1:
-    _fail('eval.adaptive_overshoot_decay', overshoot_decay, 'must be a number in [0, 1)')
-  refresh_growth = evaluation.get('adaptive_refresh_growth', math.inf)
-  if isinstance(refresh_growth, bool) or not isinstance(refresh_growth, (int, float)) \
-      or not refresh_growth >= 0:
-    _fail('eval.adaptive_refresh_growth', refresh_growth,
-          'must be a number >= 0 (0: every step) or inf (the schedule alone)')
-  overshoot_cap = evaluation.get('adaptive_overshoot_cap', math.inf)
-  if isinstance(overshoot_cap, bool) or not isinstance(overshoot_cap, (int, float)) \
-      or not overshoot_cap >= 1:
-    _fail('eval.adaptive_overshoot_cap', overshoot_cap,
-          'must be a number >= 1 (the largest factor of the overshoot check) or inf (no cap)')
-  _one_of(evaluation.get('adaptive_overshoot_scope', 'learned'), 'eval.adaptive_overshoot_scope',
-          overshoot_lib.SCOPES)
   restarts = evaluation.get('adaptive_restarts', False)
-  if not isinstance(restarts, bool):
-    _fail('eval.adaptive_restarts', restarts, 'must be True or False')
   for name, meaning in (('adaptive_restart_growth', 'the online half'),
                         ('adaptive_restart_shrink', 'the learned half')):
     power = evaluation.get(name, 0.0)
-    if isinstance(power, bool) or not isinstance(power, (int, float)) \
-        or not 0 <= power < math.inf:
-      _fail(f'eval.{name}', power,
-            f'must be a finite number >= 0 (0: {meaning} the same in every epoch)')
     if power > 0 and not restarts:
       _fail(f'eval.{name}', power,
             f'needs eval.adaptive_restarts = True ({meaning} changes from one restarted '
             'epoch to the next)')
   later_momentum = evaluation.get('adaptive_restart_momentum', None)
   if later_momentum is not None:
-    if isinstance(later_momentum, bool) or not isinstance(later_momentum, (int, float)) \
-        or not 0 <= later_momentum < 1:
-      _fail('eval.adaptive_restart_momentum', later_momentum,
-            'must be None (eval.adaptive_momentum in every epoch) or a number in [0, 1)')
     if not restarts:
       _fail('eval.adaptive_restart_momentum', later_momentum,
             'needs eval.adaptive_restarts = True (the momentum of the restarted epochs '
@@ -290,59 +262,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             'needs eval.adaptive_momentum > 0 (the first epochs\' momentum, which the '
             'later epochs replace)')
   later_step_factor = evaluation.get('adaptive_restart_step_factor', 0.5)
-  if isinstance(later_step_factor, bool) or not isinstance(later_step_factor, (int, float)) \
-      or not 0 < later_step_factor < math.inf:
-    _fail('eval.adaptive_restart_step_factor', later_step_factor,
-          'must be a positive finite number')
   if later_momentum is None and later_step_factor != 0.5:
     _fail('eval.adaptive_restart_step_factor', later_step_factor,
           'needs eval.adaptive_restart_momentum (the factor goes with that momentum)')
-  for name, minimum, zero in (('adaptive_blend_max_dimension', 1, ''),
-                              ('adaptive_blend_block_size', 0, ' (0: no blocking)'),
-                              ('adaptive_blend_sketch_rank', 0, ' (0: no sketch)'),
-                              ('adaptive_blend_sketch_interval', 0,
-                               " (1: every step; 0: at the leaf's root refreshes)")):
-    value = evaluation.get(name, {'adaptive_blend_max_dimension': 1024,
-                                  'adaptive_blend_sketch_interval': 1}.get(name, 0))
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-      _fail(f'eval.{name}', value, f'must be an int >= {minimum}{zero}')
-  for name, default, allowed in (('adaptive_lengthen_below', None,
-                                  ' or None (the scales start at 1)'),
-                                 ('adaptive_min_scale', 0.1, '')):
-    value = evaluation.get(name, default)
-    if value is not None or not allowed:
-      if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        _fail(f'eval.{name}', value, f'must be a number in (0, 1]{allowed}')
-  frozen_rank = evaluation.get('frozen_rank', None)
-  if frozen_rank is not None and (isinstance(frozen_rank, bool)
-                                  or not isinstance(frozen_rank, int) or frozen_rank < 1):
-    _fail('eval.frozen_rank', frozen_rank,
-          'must be None (no low-rank frozen MetaMD) or an int >= 1')
-  _one_of(evaluation.get('frozen_rank_fill', 'min'), 'eval.frozen_rank_fill', low_rank.FILLS)
   guard_margin = evaluation.get('adaptive_guard_margin', None)
-  if guard_margin is not None and (isinstance(guard_margin, bool)
-                                   or not isinstance(guard_margin, (int, float))
-                                   or not 0 < guard_margin < math.inf):
-    _fail('eval.adaptive_guard_margin', guard_margin,
-          'must be None (no guard) or a positive finite number')
-  guard_steps = evaluation.get('adaptive_guard_steps', None)
-  if guard_steps is not None and (isinstance(guard_steps, bool)
-                                  or not isinstance(guard_steps, int) or guard_steps < 0):
-    _fail('eval.adaptive_guard_steps', guard_steps,
-          'must be None (no switch on the step count) or an int >= 0')
   guard_progress = evaluation.get('adaptive_guard_progress', None)
-  if guard_progress is not None:
-    if (isinstance(guard_progress, bool) or not isinstance(guard_progress, (int, float))
-        or not 0 <= guard_progress < math.inf):
-      _fail('eval.adaptive_guard_progress', guard_progress,
-            'must be None (switch on the step count alone) or a finite number >= 0')
-    if guard_margin is None or guard_steps is None:
-      _fail('eval.adaptive_guard_progress', guard_progress,
-            'needs eval.adaptive_guard_margin and eval.adaptive_guard_steps (the steps '
-            'before progress is checked)')
+  if guard_progress is not None and (
+      guard_margin is None or evaluation.get('adaptive_guard_steps', None) is None):
+    _fail('eval.adaptive_guard_progress', guard_progress,
+          'needs eval.adaptive_guard_margin and eval.adaptive_guard_steps (the steps '
+          'before progress is checked)')
   guard_prior = evaluation.get('adaptive_guard_prior', False)
-  if not isinstance(guard_prior, bool):
-    _fail('eval.adaptive_guard_prior', guard_prior, 'must be a bool')
   if guard_prior and (guard_margin is None
                       or evaluation.get('adaptive_blend_statistics', 'sum') != 'kronecker'
                       or not evaluation.get('adaptive_blend_rate', 0.0)):

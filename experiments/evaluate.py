@@ -27,37 +27,15 @@ from metamd_jax import evaluation, parallel
 from metamd_jax.tasks.base import TaskFamily
 from metamd_jax.types import PyTree
 
-# The calibration record's settings (metamd_jax.calibrated) and the eval fields they come
-# from; a field the config lacks takes the record's default (metamd_jax.calibrated.DEFAULTS).
-CALIBRATION_FIELDS = {
-    'decay': 'adaptive_decay', 'per_leaf': 'adaptive_per_leaf',
-    'eigenbasis': 'adaptive_eigenbasis', 'eigenbasis_rank': 'adaptive_eigenbasis_rank',
-    'blend_rate': 'adaptive_blend_rate', 'blend_statistics': 'adaptive_blend_statistics',
-    'momentum': 'adaptive_momentum', 'online_power': 'adaptive_online_power',
-    'max_dimension': 'adaptive_blend_max_dimension',
-    'block_size': 'adaptive_blend_block_size', 'sketch_rank': 'adaptive_blend_sketch_rank',
-    'sketch_interval': 'adaptive_blend_sketch_interval',
-    'lengthen_below': 'adaptive_lengthen_below', 'min_scale': 'adaptive_min_scale',
-    'overshoot': 'adaptive_overshoot', 'overshoot_decay': 'adaptive_overshoot_decay',
-    'refresh_growth': 'adaptive_refresh_growth', 'overshoot_cap': 'adaptive_overshoot_cap',
-    'overshoot_scope': 'adaptive_overshoot_scope', 'restarts': 'adaptive_restarts',
-    'restart_growth': 'adaptive_restart_growth', 'restart_shrink': 'adaptive_restart_shrink',
-    'restart_momentum': 'adaptive_restart_momentum',
-    'restart_step_factor': 'adaptive_restart_step_factor',
-    'guard_margin': 'adaptive_guard_margin', 'guard_steps': 'adaptive_guard_steps',
-    'guard_progress': 'adaptive_guard_progress', 'guard_prior': 'adaptive_guard_prior',
-    'frozen_rank': 'frozen_rank', 'frozen_rank_fill': 'frozen_rank_fill',
-}
-
 
 def settings(config: ml_collections.ConfigDict) -> dict:
   """The adaptive optimiser's run-time settings in ``config.eval``, as a calibration
-  records them (:data:`CALIBRATION_FIELDS`; an infinite float as ``None``, and
-  ``lengthen_below`` only with the eigenbasis scales), with ``num_steps``: the horizon
-  the levels are calibrated over and the restarts' first epoch."""
+  records them (:data:`experiments.builders.CALIBRATION_FIELDS`; an infinite float as
+  ``None``, and ``lengthen_below`` only with the eigenbasis scales), with ``num_steps``:
+  the horizon the levels are calibrated over and the restarts' first epoch."""
   ev = config.eval
   record = {name: as_recorded(ev.get(field, calibrated_lib.DEFAULTS.get(name)))
-            for name, field in CALIBRATION_FIELDS.items()}
+            for name, field in builders.CALIBRATION_FIELDS.items()}
   if not record['eigenbasis']:
     record['lengthen_below'] = None  # used with the eigenbasis scales only
   record['num_steps'] = ev.num_steps

@@ -54,6 +54,7 @@ from metamd_jax import (
   eigenbasis,
   guarded,
   low_rank,
+  overshoot,
   restarts,
   statistics,
   transform,
@@ -127,10 +128,90 @@ CALIBRATION_FILE = 'calibration.json'
 # The fields calibrate computes (not settings).
 _COMPUTED = ('reference_norm', 'eigenbasis_levels', 'num_steps', 'divergence_digest')
 
-# Settings checked here (the building blocks check the others): real numbers and flags.
-_NUMBERS = ('decay', 'blend_rate', 'momentum', 'restart_growth', 'restart_shrink',
-            'restart_step_factor')
-_FLAGS = ('per_leaf', 'eigenbasis', 'overshoot', 'restarts', 'guard_prior')
+
+
+def _real(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _count(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _in(low: float, high: float, *, low_open: bool = False, high_open: bool = False):
+  """A real number between ``low`` and ``high`` (each end closed unless said open)."""
+  return lambda v: _real(v) and (low < v if low_open else low <= v) and (
+      v < high if high_open else v <= high)
+
+
+def _or_none(rule):
+  return lambda v: v is None or rule(v)
+
+
+_FLAG = (lambda v: isinstance(v, bool), 'must be True or False')
+# Every run-time setting's admissible values, and the requirement a bad value is named
+# with: one table for a record (check_calibration, calibrate) and for a config's eval
+# fields (experiments.builders.validate_config). ``None`` or ``inf`` where a setting may be
+# off or unbounded (a record writes ``inf`` as ``None``).
+SETTING_RULES = {
+    'decay': (_in(0, 1, high_open=True), 'must be a number in [0, 1)'),
+    'per_leaf': _FLAG,
+    'eigenbasis': _FLAG,
+    'eigenbasis_rank': (lambda v: _count(v) and v >= 0,
+                        'must be an int >= 0 (0: a scale per eigendirection)'),
+    'blend_rate': (_in(0, math.inf, high_open=True), 'must be a finite number >= 0'),
+    'blend_statistics': (lambda v: v in blended.STATISTICS,
+                         f'must be one of {blended.STATISTICS}'),
+    'momentum': (_in(0, 1, high_open=True), 'must be a number in [0, 1)'),
+    'online_power': (_in(0, 1), 'must be a number in [0, 1]'),
+    'max_dimension': (lambda v: _count(v) and v >= 1, 'must be an int >= 1'),
+    'block_size': (lambda v: _count(v) and v >= 0, 'must be an int >= 0 (0: no blocking)'),
+    'sketch_rank': (lambda v: _count(v) and v >= 0, 'must be an int >= 0 (0: no sketch)'),
+    'sketch_interval': (lambda v: _count(v) and v >= 0,
+                        "must be an int >= 0 (1: every step; 0: at the leaf's root refreshes)"),
+    'lengthen_below': (_or_none(_in(0, 1, low_open=True)),
+                       'must be a number in (0, 1] or None (the scales start at 1)'),
+    'min_scale': (_in(0, 1, low_open=True), 'must be a number in (0, 1]'),
+    'overshoot': _FLAG,
+    'overshoot_decay': (_in(0, 1, high_open=True), 'must be a number in [0, 1)'),
+    'refresh_growth': (_or_none(_in(0, math.inf)),
+                       'must be a number >= 0 (0: every step) or inf (the schedule alone)'),
+    'overshoot_cap': (_or_none(_in(1, math.inf)),
+                      'must be a number >= 1 (the largest factor of the overshoot check) or '
+                      'inf (no cap)'),
+    'overshoot_scope': (lambda v: v in overshoot.SCOPES, f'must be one of {overshoot.SCOPES}'),
+    'restarts': _FLAG,
+    'restart_growth': (_in(0, math.inf, high_open=True),
+                       'must be a finite number >= 0 (0: the online half the same in every '
+                       'epoch)'),
+    'restart_shrink': (_in(0, math.inf, high_open=True),
+                       'must be a finite number >= 0 (0: the learned half the same in every '
+                       'epoch)'),
+    'restart_momentum': (_or_none(_in(0, 1, high_open=True)),
+                         'must be None (the momentum in every epoch) or a number in [0, 1)'),
+    'restart_step_factor': (_in(0, math.inf, low_open=True, high_open=True),
+                            'must be a positive finite number'),
+    'guard_margin': (_or_none(_in(0, math.inf, low_open=True, high_open=True)),
+                     'must be None (no guard) or a positive finite number'),
+    'guard_steps': (lambda v: v is None or (_count(v) and v >= 0),
+                    'must be None (no switch on the step count) or an int >= 0'),
+    'guard_progress': (_or_none(_in(0, math.inf, high_open=True)),
+                       'must be None (switch on the step count alone) or a finite number >= 0'),
+    'guard_prior': _FLAG,
+    'frozen_rank': (lambda v: v is None or (_count(v) and v >= 1),
+                    'must be None (no low-rank frozen MetaMD) or an int >= 1'),
+    'frozen_rank_fill': (lambda v: v in low_rank.FILLS, f'must be one of {low_rank.FILLS}'),
+}
+
+
+def setting_requirement(name: str, value: Any) -> str | None:
+  """``None`` where ``value`` is admissible for the run-time setting ``name``
+  (:data:`SETTING_RULES`), else the requirement it breaks."""
+  admissible, requirement = SETTING_RULES[name]
+  try:
+    return None if admissible(value) else requirement
+  except TypeError:  # e.g. an unhashable value tested for membership
+    return requirement
 
 
 class CalibrationError(ValueError):
@@ -170,7 +251,8 @@ def check_calibration(calibration: Mapping[str, Any]) -> dict:
   Raises:
     TypeError: if ``calibration`` is not a mapping.
     ValueError: naming the fields missing from :data:`REQUIRED` or unknown to this
-      library, a number, flag or ``num_steps`` of the wrong kind, a level that is NaN,
+      library, a setting outside its range (:data:`SETTING_RULES`), a bad ``num_steps``,
+      a level that is NaN,
       zero or negative, or when ``reference_norm`` is ``None`` (the calibration failed:
       frozen MetaMD did not train a calibration task, so there are no levels to adapt
       from), or ``eigenbasis`` is set without ``eigenbasis_levels``.
@@ -200,16 +282,11 @@ def check_calibration(calibration: Mapping[str, Any]) -> dict:
 
 
 def _check_settings(record: Mapping[str, Any]) -> None:
-  """The numbers, flags and ``num_steps`` of a full record are of the right kind."""
-  for name in _NUMBERS:
-    value = record[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
-        value):
-      raise ValueError(f'the calibration\'s {name} must be a finite number, got {value!r}.')
-  for name in _FLAGS:
-    if not isinstance(record[name], bool):
-      raise ValueError(f'the calibration\'s {name} must be True or False, got '
-                       f'{record[name]!r}.')
+  """Every run-time setting and ``num_steps`` of a full record is admissible."""
+  for name in SETTING_RULES:
+    requirement = setting_requirement(name, record[name])
+    if requirement is not None:
+      raise ValueError(f'the calibration\'s {name} {requirement}, got {record[name]!r}.')
   steps = record['num_steps']
   if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
     raise ValueError(f'the calibration\'s num_steps must be an integer >= 1, got {steps!r}.')

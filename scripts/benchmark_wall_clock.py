@@ -190,7 +190,7 @@ def build_optimizer(name: str, family_cfg, stored: dict, divergence, changed=())
   if name == ADAPTIVE:
     adaptive = stored.get('adaptive')
     configured = evaluate.settings(family_cfg)
-    for recorded, field in evaluate.CALIBRATION_FIELDS.items():
+    for recorded, field in builders.CALIBRATION_FIELDS.items():
       if (adaptive is None or field in changed
           or (recorded in _UNRECORDED_BEFORE and recorded not in adaptive)):
         continue

@@ -3,12 +3,14 @@
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from conftest import FAST_COMPILE
@@ -123,6 +125,40 @@ def test_bad_config_values_name_the_field(field, value):
   config[section][name] = value
   with pytest.raises(ValueError, match=rf'config\.{field}'):
     builders.validate_config(config)
+
+
+# One inadmissible value per run-time setting of the adaptive optimiser.
+_BAD_SETTINGS = {
+    'decay': 1.0, 'per_leaf': 1, 'eigenbasis': 'yes', 'eigenbasis_rank': -1,
+    'blend_rate': -0.1, 'blend_statistics': 'bogus', 'momentum': -1.0, 'online_power': 1.5,
+    'max_dimension': 0, 'block_size': -1, 'sketch_rank': -3, 'sketch_interval': 2.0,
+    'lengthen_below': 0.0, 'min_scale': 1.5, 'overshoot': None, 'overshoot_decay': 1.0,
+    'refresh_growth': -0.1, 'overshoot_cap': 0.5, 'overshoot_scope': 'online',
+    'restarts': 0, 'restart_growth': float('inf'), 'restart_shrink': -1.0,
+    'restart_momentum': 1.0, 'restart_step_factor': -1.0, 'guard_margin': 0.0,
+    'guard_steps': -1, 'guard_progress': -0.5, 'guard_prior': 'no', 'frozen_rank': 0,
+    'frozen_rank_fill': 'median',
+}
+
+
+@pytest.mark.parametrize('name', sorted(_BAD_SETTINGS))
+def test_a_run_time_setting_is_checked_alike_in_a_config_and_in_a_record(name):
+  """A config's eval field and a calibration record's setting follow one rule
+  (``metamd_jax.calibrated.SETTING_RULES``): the same bad value is named by both."""
+  assert set(_BAD_SETTINGS) == set(metamd_jax.calibrated.SETTING_RULES)
+  bad = _BAD_SETTINGS[name]
+  field = builders.CALIBRATION_FIELDS[name]
+  config = ml_collections.ConfigDict(tiny.get_config().to_dict(), type_safe=False)
+  builders.validate_config(config)
+  config.eval[field] = bad
+  got = re.escape(repr(bad))
+  with pytest.raises(ValueError, match=rf'config\.eval\.{field} must .*, got {got}'):
+    builders.validate_config(config)
+  record = {**metamd_jax.calibrated.RECOMMENDED, 'reference_norm': [1.0],
+            'eigenbasis_levels': [[[1.0], [1.0]]], 'num_steps': 10}
+  metamd_jax.calibrated.check_calibration(record)
+  with pytest.raises(ValueError, match=rf"calibration's {name} must .*, got {got}"):
+    metamd_jax.calibrated.check_calibration({**record, name: bad})
 
 
 def test_command_line_rejects_a_bad_value_at_start(tmp_path):
