@@ -467,9 +467,10 @@ def init_divergence(
     dimension_numbers: how n-D leaves are viewed as matrices: ``None`` (all axes but the
       last are rows), one :class:`KroneckerAxes` for every leaf, a pytree of them (or
       ``None``) with the params' structure, or a callable ``(path, leaf) -> axes``.
-    dtype: float dtype of the meta-parameters; ``None`` (default) takes it from the
-      params with :func:`params_dtype` (float64 params give float64 meta-parameters, so
-      a float64 mirror step is exact to float64 precision; anything else gives float32).
+    dtype: float32 or float64, the dtype of the meta-parameters; ``None`` (default) takes
+      it from the params with :func:`params_dtype` (float64 params give float64
+      meta-parameters, so a float64 mirror step is exact to float64 precision; anything
+      else gives float32).
 
   Returns:
     The divergence: a pytree with the params' structure whose leaves are metrics.
@@ -495,7 +496,7 @@ def init_divergence(
   if max_factor_size < 1:
     raise ValueError(f'max_factor_size must be >= 1, got {max_factor_size}.')
 
-  dtype = params_dtype(params) if dtype is None else jnp.dtype(dtype)
+  dtype = params_dtype(params) if dtype is None else check_dtype(dtype)
   leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
   axes_per_leaf = _resolve_axes(dimension_numbers, params)
   metrics = []
@@ -535,17 +536,42 @@ def _metric_nodes(divergence: PyTree) -> list[tuple[tuple, Any]]:
   return nodes
 
 
-def check_divergence(divergence: PyTree) -> None:
-  """Raise ``ValueError`` if any concrete meta-parameter is NaN or infinite.
+def check_dtype(dtype: Any, name: str = 'dtype') -> jnp.dtype:
+  """``dtype`` as a ``jnp.dtype`` if it is float32 or float64, the precisions a
+  divergence's Cholesky factorisations and inverses run in.
 
-  Traced values (inside ``jit``) cannot be inspected and are skipped.
+  Raises:
+    ValueError: naming ``dtype`` otherwise (an integer dtype would truncate the factors,
+      a half-precision one has no Cholesky factorisation).
+  """
+  try:
+    dtype = jnp.dtype(dtype)
+  except TypeError as error:
+    raise ValueError(f'{name} must be float32 or float64, got {dtype!r}.') from error
+  if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+    raise ValueError(f'{name} must be float32 or float64, got {dtype}.')
+  return dtype
+
+
+def check_divergence(divergence: PyTree) -> None:
+  """Raise ``ValueError`` if any meta-parameter is not of a float dtype, or any concrete
+  one is NaN or infinite.
+
+  Traced values (inside ``jit``) cannot be inspected for their values and are only
+  checked for their dtype.
 
   Raises:
     TypeError: if ``divergence`` is not a pytree of metrics (or of their operators).
-    ValueError: naming the leaf whose meta-parameters are not finite.
+    ValueError: naming the leaf whose meta-parameters are not floats (an integer factor
+      truncates the metric) or not finite.
   """
   for path, metric in _metric_nodes(divergence):
     for field_path, value in jax.tree_util.tree_flatten_with_path(metric)[0]:
+      dtype = getattr(value, 'dtype', None)
+      if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f'divergence leaf {jax.tree_util.keystr(path)}{jax.tree_util.keystr(field_path)} '
+            f'must be a float array, got {dtype or type(value).__name__}.')
       if isinstance(value, jax.core.Tracer):
         continue
       if not np.all(np.isfinite(np.asarray(value))):

@@ -49,10 +49,10 @@ def _mlp_params():
 def _divergence(params, structure, seed=1, dtype=jnp.float32):
   if structure == 'kronecker':
     divergence = metamd_jax.init_divergence(params, 0.1, structure=structure, max_factor_size=4,
-                                            dimension_numbers=_conv_axes, dtype=dtype)
+                                            dimension_numbers=_conv_axes)
   else:
-    divergence = metamd_jax.init_divergence(params, 0.1, structure=structure, dtype=dtype)
-  return randomize(divergence, seed)
+    divergence = metamd_jax.init_divergence(params, 0.1, structure=structure)
+  return randomize(divergence, seed, dtype=dtype)
 
 
 def _metrics(divergence):
@@ -364,6 +364,19 @@ def test_load_arrays_inconsistent_with_metadata(tmp_path):
   metadata['leaves'][leaf]['arrays']['left']['shape'] = [3, 3]
   path = _write(tmp_path / 'bad_meta.npz', arrays, metadata)
   with pytest.raises(ValueError, match=re.escape("['w']") + '.*left factor has shape'):
+    artifact.load_divergence(path)
+
+
+def test_load_rejects_integer_factors(tmp_path):
+  """A file whose factors are integers (metadata and arrays agreeing) is named on load:
+  the metric would be truncated."""
+  arrays, metadata = _saved(tmp_path)
+  for leaf in metadata['leaves']:
+    for entry in leaf['arrays'].values():
+      arrays[entry['name']] = arrays[entry['name']].astype(np.int32)
+      entry['dtype'] = 'int32'
+  path = _write(tmp_path / 'int.npz', arrays, metadata)
+  with pytest.raises(ValueError, match=re.escape(str(path)) + '.*must be a float array, got int32'):
     artifact.load_divergence(path)
 
 

@@ -173,6 +173,26 @@ def test_init_rejects_bad_learning_rate(learning_rate):
     metamd_jax.init_divergence(_params(), learning_rate)
 
 
+@pytest.mark.parametrize('dtype', [jnp.int32, jnp.float16, jnp.bfloat16, jnp.complex64, 'x'])
+def test_init_rejects_a_dtype_that_is_not_float32_or_float64(dtype):
+  """An integer dtype would truncate the factors (a step ten times too long at lr 0.1);
+  a half-precision one has no Cholesky factorisation."""
+  with pytest.raises(ValueError, match='dtype must be float32 or float64'):
+    metamd_jax.init_divergence(_params(), 0.1, dtype=dtype)
+
+
+@pytest.mark.parametrize('dtype', [jnp.int32, jnp.bool_])
+def test_a_divergence_that_is_not_of_floats_is_named_before_any_computation(dtype):
+  """Integer factors (e.g. a hand-made file) would truncate the metric: named by every
+  use, naming the leaf."""
+  divergence = jax.tree.map(lambda x: x.astype(dtype), metamd_jax.init_divergence(_params(), 0.1))
+  with pytest.raises(ValueError, match=r"divergence leaf \[.*\]\.\w+ must be a float array, "
+                                       rf'got {jnp.dtype(dtype)}'):
+    metamd_jax.metamd(divergence)
+  with pytest.raises(ValueError, match='must be a float array'):
+    metamd_jax.mirror_step(divergence, _params(), _params())
+
+
 def test_init_rejects_learning_rate_beyond_the_floor():
   with pytest.raises(ValueError, match='eps'):
     metamd_jax.init_divergence(_params(), 1e8, eps=1e-3)
