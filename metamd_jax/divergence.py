@@ -682,8 +682,14 @@ def bregman_divergence(divergence: PyTree, x: PyTree, y: PyTree) -> Array:
 
   Returns:
     The non-negative scalar ``B(x, y)``.
+
+  Raises:
+    ValueError: naming the leaf where ``x`` or ``y`` does not have the params' structure
+      and shapes (a leaf that would broadcast against another is not taken).
   """
   check_divergence(divergence)
+  check_structure(divergence, x, name='x')
+  check_structure(divergence, y, name='y')
   diff = jax.tree.map(lambda a, b: jnp.asarray(a) - jnp.asarray(b), x, y)
 
   def leaf_term(metric, d):

@@ -81,6 +81,17 @@ def test_bregman_is_positive_for_random_pairs(x64):
     assert float(value) > 0
 
 
+def test_bregman_names_a_point_of_other_shapes():
+  """A ``(3,)`` leaf where the params have ``(5, 3)`` would broadcast in ``x - y``."""
+  divergence = metamd_jax.init_divergence(_params(), 0.1)
+  short = {**_params(1), 'dense': jnp.zeros(3)}
+  for x, y, name in ((short, _params(2), 'x'), (_params(2), short, 'y')):
+    with pytest.raises(ValueError, match=rf"{name}.*\['dense'\].*\(3,\)"):
+      metamd_jax.bregman_divergence(divergence, x, y)
+  with pytest.raises(ValueError, match='y'):
+    metamd_jax.bregman_divergence(divergence, _params(1), {'dense': _params(2)['dense']})
+
+
 @pytest.mark.parametrize('case', ['random', 'huge', 'tiny', 'zero', 'rank_one', 'negative'])
 def test_eigenvalue_floor_holds(x64, case):
   params = _params()
