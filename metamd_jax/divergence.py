@@ -380,16 +380,28 @@ def _resolve_axes(dimension_numbers: DimensionNumbers, params: PyTree) -> list:
   if callable(dimension_numbers):
     axes = [dimension_numbers(path, jax.ShapeDtypeStruct(np.shape(leaf), jnp.result_type(leaf)))
             for path, leaf in leaves_with_path]
-    return [a if a is not None else default_axes(np.shape(leaf))
-            for a, (_, leaf) in zip(axes, leaves_with_path)]
-  # A pytree with the params' structure whose leaves are KroneckerAxes or None.
-  axes = jax.tree_util.tree_flatten(
-      dimension_numbers, is_leaf=lambda x: x is None or isinstance(x, KroneckerAxes))[0]
-  if len(axes) != len(leaves_with_path):
-    raise ValueError(
-        f'dimension_numbers has {len(axes)} entries but params have '
-        f'{len(leaves_with_path)} leaves; give one KroneckerAxes (or None for the '
-        'default) per leaf, or a callable (path, leaf) -> KroneckerAxes | None.')
+  else:
+    # A pytree with the params' structure whose leaves are KroneckerAxes or None: matched
+    # by key, so its containers and keys must be the params' own.
+    is_axes = lambda x: x is None or isinstance(x, KroneckerAxes)  # noqa: E731
+    axes_with_path, axes_def = jax.tree_util.tree_flatten_with_path(dimension_numbers,
+                                                                    is_leaf=is_axes)
+    params_def = jax.tree_util.tree_structure(params)
+    if axes_def != params_def:
+      keystr = jax.tree_util.keystr
+      params_paths = {keystr(path) for path, _ in leaves_with_path}
+      axes_paths = {keystr(path) for path, _ in axes_with_path}
+      raise ValueError(
+          'dimension_numbers must have the params\' structure (one KroneckerAxes, or None '
+          'for the default, per leaf, under the same keys and containers), or be one '
+          'KroneckerAxes or a callable (path, leaf) -> KroneckerAxes | None; params leaves '
+          f'without an entry: {sorted(params_paths - axes_paths)}, entries that are not '
+          f'params leaves: {sorted(axes_paths - params_paths)} (params: {params_def}).')
+    axes = [a for _, a in axes_with_path]
+  for a, (path, _) in zip(axes, leaves_with_path):
+    if not (a is None or isinstance(a, KroneckerAxes)):
+      raise TypeError(f'dimension_numbers gives {a!r} for leaf {jax.tree_util.keystr(path)}: '
+                      'a KroneckerAxes(rows, cols) or None (the default).')
   return [a if a is not None else default_axes(np.shape(leaf))
           for a, (_, leaf) in zip(axes, leaves_with_path)]
 

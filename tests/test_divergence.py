@@ -2,6 +2,7 @@
 
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -218,6 +219,27 @@ def test_init_rejects_bad_options():
         dimension_numbers=metamd_jax.KroneckerAxes(rows=(0,), cols=(1,)))
   with pytest.raises(ValueError, match='eps'):
     metamd_jax.init_divergence(_params(), 0.1, eps=0.0)
+
+
+def test_dimension_numbers_as_a_pytree_are_matched_by_key():
+  """A pytree of axes goes with the params' leaves by key (a dict's insertion order does
+  not matter); other keys, another container, or a plain tuple for an axes are named."""
+  params = {'attn': jnp.ones((4, 2, 3)), 'dense': jnp.ones((4, 6))}
+  axes = metamd_jax.KroneckerAxes((0,), (1, 2))
+  want = metamd_jax.init_divergence(params, 0.1, dimension_numbers=lambda path, leaf: (
+      axes if leaf.ndim == 3 else None))
+  assert want['attn'].left.shape == (4, 4) and want['attn'].right.shape == (6, 6)
+  for dimension_numbers in ({'attn': axes, 'dense': None}, {'dense': None, 'attn': axes}):
+    got = metamd_jax.init_divergence(params, 0.1, dimension_numbers=dimension_numbers)
+    chex.assert_trees_all_equal(got, want)
+  with pytest.raises(ValueError, match=r"without an entry: \[\"\['attn'\]\"\], "
+                                       r"entries that are not params leaves: \[\"\['atn'\]\""):
+    metamd_jax.init_divergence(params, 0.1, dimension_numbers={'atn': axes, 'dense': None})
+  with pytest.raises(ValueError, match="must have the params' structure"):
+    metamd_jax.init_divergence(params, 0.1, dimension_numbers=[axes, None])
+  with pytest.raises(TypeError, match=r"gives \(\(0,\), \(1, 2\)\) for leaf \['attn'\]"):
+    metamd_jax.init_divergence(params, 0.1, dimension_numbers=lambda path, leaf: (
+        ((0,), (1, 2)) if leaf.ndim == 3 else None))
 
 
 def test_mismatched_shapes_name_the_leaf_and_both_shapes():
