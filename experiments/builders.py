@@ -162,6 +162,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if task.family == 'classification':
     _one_of(task.dataset, 'task.dataset', datasets.DATASETS)
     _one_of(task.model, 'task.model', MODELS)
+    field = 'hidden_sizes' if task.model == 'mlp' else 'channels'
+    sizes = task.get(field)
+    if isinstance(sizes, str) or not isinstance(sizes, (tuple, list)) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes) or (
+            task.model == 'resnet' and not sizes):
+      _fail(f'task.{field}', sizes, f'must be a tuple of positive ints (the {task.model}\'s '
+            f'{"widths" if task.model == "mlp" else "channels"}'
+            f'{", at least one" if task.model == "resnet" else ""})')
     if task.subset_size is not None:
       _positive_int(config, 'task.subset_size')
     if task.eval_dataset:

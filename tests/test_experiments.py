@@ -118,6 +118,8 @@ def test_select_writes_the_best_or_the_last_divergence(tmp_path):
     ('meta.score_decay', 1.0),
     ('eval.baselines', ('sgd', 'lion')),
     ('eval.adaptive_overshoot_scope', 'online'),
+    ('task.hidden_sizes', (0,)),
+    ('task.hidden_sizes', (8, -1)),
 ])
 def test_bad_config_values_name_the_field(field, value):
   config = tiny.get_config()
@@ -159,6 +161,21 @@ def test_a_run_time_setting_is_checked_alike_in_a_config_and_in_a_record(name):
   metamd_jax.calibrated.check_calibration(record)
   with pytest.raises(ValueError, match=rf"calibration's {name} must .*, got {got}"):
     metamd_jax.calibrated.check_calibration({**record, name: bad})
+
+
+@pytest.mark.parametrize('model,sizes', [('cnn', (8, 0)), ('cnn', ('8',)), ('resnet', ()),
+                                         ('mlp', 'wide'), ('mlp', (True,))])
+def test_bad_model_sizes_are_named(model, sizes):
+  """Before: a zero width divided by zero in the model's initialisation, a negative one
+  failed in XLA's shape checks."""
+  config = ml_collections.ConfigDict(tiny.get_config().to_dict(), type_safe=False)
+  config.task.model = model
+  config.task['hidden_sizes' if model == 'mlp' else 'channels'] = sizes
+  with pytest.raises(ValueError, match=r'config\.task\.(hidden_sizes|channels) must be a tuple '
+                                       'of positive ints'):
+    builders.validate_config(config)
+  config.task['hidden_sizes' if model == 'mlp' else 'channels'] = (4,)
+  builders.validate_config(config)
 
 
 def test_command_line_rejects_a_bad_value_at_start(tmp_path):
