@@ -88,7 +88,7 @@ from jax.typing import ArrayLike
 
 from metamd_jax import divergence as divergence_lib
 from metamd_jax import transform, tree_utils
-from metamd_jax.tasks.base import Task, TaskFamily, batches_of
+from metamd_jax.tasks.base import Task, TaskFamily, batches_of, check_num_steps
 from metamd_jax.types import Array, PyTree
 
 __all__ = [
@@ -562,8 +562,7 @@ def reference_gradient_norm(divergence: PyTree, family: TaskFamily, task_params:
       finite (the frozen divergence diverges on its own meta-training tasks), or, with
       ``require_training`` (the default), ends at or above its initial loss.
   """
-  if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1:
-    raise ValueError(f'num_steps must be a positive integer, got {num_steps}.')
+  num_steps = check_num_steps(num_steps)
   if not 0 <= quantile <= 1:
     raise ValueError(f'quantile must be in [0, 1], got {quantile}.')
   decay = check_decay(decay)

@@ -111,7 +111,8 @@ def step_term(operators: PyTree, params: PyTree, grads: PyTree, *, solver='exact
 
   Differentiated w.r.t. ``operators`` through the mirror step's implicit VJP
   (:func:`metamd_jax.mirror.operator_step`), which works for any divergence and adjoint
-  solver.
+  solver. A term of a run: the shapes are checked once by the run (or
+  :func:`regret_bound`), not at every step.
 
   Args:
     operators: the materialised metrics (:func:`metamd_jax.divergence.operators`).
@@ -126,7 +127,8 @@ def step_term(operators: PyTree, params: PyTree, grads: PyTree, *, solver='exact
   params = jax.lax.stop_gradient(params)
   grads = jax.lax.stop_gradient(grads)
   new_params = mirror.operator_step(operators, params, grads, solver=solver, **solver_options)
-  return divergence_lib.bregman_divergence(operators, params, new_params), new_params
+  return (divergence_lib.bregman_divergence(operators, params, new_params, check_shapes=False),
+          new_params)
 
 
 def _half_dual_norm(operators: PyTree, grads: PyTree) -> tuple[Array, PyTree]:
@@ -160,10 +162,12 @@ def distance_term(operators: PyTree, final_params: PyTree, init_params: PyTree) 
   """``B(stop_gradient(theta*), theta_1)``: the comparator is held constant.
 
   ``operators`` may also be a divergence (see
-  :func:`metamd_jax.divergence.bregman_divergence`).
+  :func:`metamd_jax.divergence.bregman_divergence`). A term of a run: the shapes are
+  checked once by the run (or :func:`regret_bound`).
   """
   return divergence_lib.bregman_divergence(
-      operators, jax.lax.stop_gradient(final_params), jax.lax.stop_gradient(init_params))
+      operators, jax.lax.stop_gradient(final_params), jax.lax.stop_gradient(init_params),
+      check_shapes=False)
 
 
 def from_terms(distance: Array, step_terms: Array, num_steps: int) -> Array:
@@ -171,9 +175,19 @@ def from_terms(distance: Array, step_terms: Array, num_steps: int) -> Array:
   return (distance + step_terms) / num_steps
 
 
-def _trajectory_length(params_sequence: PyTree, grads_sequence: PyTree) -> int:
-  """``T`` of a stored trajectory: ``T`` gradients and ``T + 1`` iterates, else an error."""
+def _trajectory_length(divergence: PyTree, params_sequence: PyTree,
+                       grads_sequence: PyTree) -> int:
+  """``T`` of a stored trajectory: ``T`` gradients and ``T + 1`` iterates, each of the
+  divergence's structure and shapes, else an error."""
+  for name, sequence in (('params_sequence', params_sequence),
+                         ('grads_sequence', grads_sequence)):
+    divergence_lib.check_structure(
+        divergence, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+                                 sequence), name=f'{name} (per step)')
   num_steps = jax.tree.leaves(grads_sequence)[0].shape[0]
+  if num_steps < 1:
+    raise ValueError('grads_sequence holds no gradient (T = 0): the bound averages over '
+                     'T >= 1 steps.')
   lengths = {x.shape[0] for x in jax.tree.leaves(params_sequence)}
   if lengths != {num_steps + 1}:
     raise ValueError(f'params_sequence must hold T + 1 = {num_steps + 1} iterates for '
@@ -205,7 +219,7 @@ def regret_bound(divergence: PyTree, params_sequence: PyTree, grads_sequence: Py
   Returns:
     The scalar bound.
   """
-  num_steps = _trajectory_length(params_sequence, grads_sequence)
+  num_steps = _trajectory_length(divergence, params_sequence, grads_sequence)
   operators = divergence_lib.operators(divergence)
   first = jax.tree.map(lambda x: x[0], params_sequence)
   final = jax.tree.map(lambda x: x[-1], params_sequence)
@@ -399,7 +413,7 @@ def adaptive_regret_bound(divergence: PyTree, params_sequence: PyTree, grads_seq
     The scalar bound.
   """
   adjoint = resolve_adjoint(adjoint, solver, **solver_options)
-  num_steps = _trajectory_length(params_sequence, grads_sequence)
+  num_steps = _trajectory_length(divergence, params_sequence, grads_sequence)
   if jnp.shape(scales) != (num_steps,):
     raise ValueError(f'scales must have shape (T,) = ({num_steps},), got {jnp.shape(scales)}.')
   scales = jax.lax.stop_gradient(jnp.asarray(scales))

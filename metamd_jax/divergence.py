@@ -684,13 +684,16 @@ def precondition(inverse: PyTree, tree: PyTree) -> PyTree:
                                 is_leaf=is_operator, name='updates')
 
 
-def bregman_divergence(divergence: PyTree, x: PyTree, y: PyTree) -> Array:
+def bregman_divergence(divergence: PyTree, x: PyTree, y: PyTree, *,
+                       check_shapes: bool = True) -> Array:
   """``B(x, y) = 1/2 <x - y, M (x - y)>`` summed over leaves (a scalar).
 
   Args:
     divergence: the divergence (from :func:`init_divergence`) or its :func:`operators`.
     x: first point, with the params' structure.
     y: second point, with the params' structure.
+    check_shapes: check ``x`` and ``y`` against the divergence's structure and shapes;
+      ``False`` where the caller has (the bound's terms at every step of a run).
 
   Returns:
     The non-negative scalar ``B(x, y)``.
@@ -700,8 +703,9 @@ def bregman_divergence(divergence: PyTree, x: PyTree, y: PyTree) -> Array:
       and shapes (a leaf that would broadcast against another is not taken).
   """
   check_divergence(divergence)
-  check_structure(divergence, x, name='x')
-  check_structure(divergence, y, name='y')
+  if check_shapes:
+    check_structure(divergence, x, name='x')
+    check_structure(divergence, y, name='y')
   diff = jax.tree.map(lambda a, b: jnp.asarray(a) - jnp.asarray(b), x, y)
 
   def leaf_term(metric, d):
@@ -737,7 +741,10 @@ def strong_convexity(divergence: PyTree) -> tuple[Array, float]:
   eigendecomposition, for reporting); ``floor`` is the lower bound that holds by
   construction for any meta-parameters (``eps**2`` for Kronecker factors).
   """
-  metrics = jax.tree.leaves(divergence, is_leaf=is_metric)
+  check_divergence(divergence)
+  metrics = [metric for _, metric in _metric_nodes(divergence)]
+  if not all(is_metric(m) for m in metrics):
+    raise TypeError('strong_convexity takes a divergence of metrics, not its operators.')
   sigma = jnp.min(jnp.stack([m.min_eigenvalue() for m in metrics]))
   return sigma, min(m.floor() for m in metrics)
 
@@ -748,7 +755,18 @@ def convergence_bound(divergence: PyTree, distance: float, gradient_bound: float
 
   ``B(theta*, theta_1) / T + G^2 / (2 sigma)`` with ``B(theta*, theta_1)`` bounded by
   ``lambda_max(M) D^2 / 2`` for ``||theta* - theta_1|| <= D`` and ``E||g||^2 <= G^2``.
+
+  Raises:
+    ValueError: unless ``distance`` and ``gradient_bound`` are finite and >= 0 and
+      ``num_steps`` is positive and finite (a horizon of 0 or below bounds nothing).
   """
+  for name, value, low in (('distance', distance, 0), ('gradient_bound', gradient_bound, 0)):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not (
+        math.isfinite(value) and value >= low):
+      raise ValueError(f'{name} must be a finite number >= 0, got {value!r}.')
+  if isinstance(num_steps, bool) or not isinstance(num_steps, (int, float, np.number)) or not (
+      math.isfinite(num_steps) and num_steps > 0):
+    raise ValueError(f'num_steps must be a positive number, got {num_steps!r}.')
   metrics = jax.tree.leaves(divergence, is_leaf=is_metric)
   sigma, _ = strong_convexity(divergence)
   lam_max = jnp.max(jnp.stack([_max_eigenvalue(m) for m in metrics]))

@@ -92,7 +92,7 @@ import optax
 
 from metamd_jax import adaptive, transform
 from metamd_jax import divergence as divergence_lib
-from metamd_jax.tasks.base import TaskFamily, batches_of
+from metamd_jax.tasks.base import TaskFamily, batches_of, check_num_steps
 from metamd_jax.types import Array, PyTree
 
 __all__ = [
@@ -553,8 +553,7 @@ def eigenbasis_levels(divergence: PyTree, family: TaskFamily, task_params: PyTre
     ValueError: on a bad ``num_steps`` or ``quantile``, a calibration run that is not
       finite, or, with ``require_training``, one that ends at or above its initial loss.
   """
-  if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1:
-    raise ValueError(f'num_steps must be a positive integer, got {num_steps}.')
+  num_steps = check_num_steps(num_steps)
   if not 0 <= quantile <= 1:
     raise ValueError(f'quantile must be in [0, 1], got {quantile}.')
   if not isinstance(require_training, bool):

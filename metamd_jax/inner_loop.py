@@ -35,7 +35,7 @@ from metamd_jax import adaptive
 from metamd_jax import bound as bound_lib
 from metamd_jax import divergence as divergence_lib
 from metamd_jax.bound import ADJOINTS
-from metamd_jax.tasks.base import Task, batches_of
+from metamd_jax.tasks.base import Task, batches_of, check_num_steps
 from metamd_jax.types import Array, PyTree
 
 __all__ = ['ADJOINTS', 'AdaptiveRollout', 'Rollout', 'adaptive_rollout', 'rollout']
@@ -102,8 +102,7 @@ def rollout(
   Returns:
     A :class:`Rollout`.
   """
-  if int(num_steps) != num_steps or num_steps < 1:
-    raise ValueError(f'num_steps must be a positive integer, got {num_steps}.')
+  num_steps = check_num_steps(num_steps)
   adjoint = bound_lib.resolve_adjoint(adjoint, solver, **solver_options)
   init_params = task.init() if params is None else params
   divergence_lib.check_divergence(divergence)
@@ -211,8 +210,7 @@ def adaptive_rollout(
   Returns:
     An :class:`AdaptiveRollout`.
   """
-  if int(num_steps) != num_steps or num_steps < 1:
-    raise ValueError(f'num_steps must be a positive integer, got {num_steps}.')
+  num_steps = check_num_steps(num_steps)
   adjoint = bound_lib.resolve_adjoint(adjoint, solver, **solver_options)
   reference_norm = adaptive.check_reference_norm(reference_norm)
   decay = adaptive.check_decay(decay)

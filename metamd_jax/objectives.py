@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from metamd_jax import bound, inner_loop, mirror
-from metamd_jax.tasks.base import Task, batches_of
+from metamd_jax.tasks.base import Task, batches_of, check_num_steps
 from metamd_jax.types import Array, PyTree
 
 OBJECTIVES = ('bound', 'unrolled', 'adaptive_bound')
@@ -31,7 +31,11 @@ def unrolled_loss(divergence: PyTree, task: Task, num_steps: int, *,
 
   Returns:
     ``(final_loss, losses)`` with ``losses`` the ``(T,)`` training losses on the way.
+
+  Raises:
+    ValueError: if ``num_steps`` is not a positive integer.
   """
+  num_steps = check_num_steps(num_steps)
   init_params = task.init() if params is None else params
 
   batch = batches_of(task, num_steps)  # steps 0 .. T - 1; the final loss takes batch T
@@ -87,6 +91,7 @@ def meta_gradient(divergence: PyTree, task: Task, num_steps: int, *,
     A :class:`MetaGradient`.
   """
   adjoint = bound.resolve_adjoint(adjoint, solver)
+  num_steps = check_num_steps(num_steps)
   if objective != 'adaptive_bound' and reference_norm is not None:
     raise ValueError(f"reference_norm is an option of objective='adaptive_bound', not of "
                      f'{objective!r}.')

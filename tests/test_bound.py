@@ -141,6 +141,14 @@ def test_regret_bound_rejects_a_trajectory_of_the_wrong_length(x64):
   short = jax.tree.map(lambda x: x[:-1], params_seq)
   with pytest.raises(ValueError, match=r'T \+ 1 = 4 iterates for T = 3 gradients'):
     bound.regret_bound(divergence, short, grads_seq)
+  # Iterates or gradients of other shapes are named, per step.
+  wide = jax.tree.map(lambda x: jnp.concatenate([x, x], axis=-1), grads_seq)
+  with pytest.raises(ValueError, match=r'grads_sequence \(per step\) leaf .* has shape'):
+    bound.regret_bound(divergence, params_seq, wide)
+  # No gradient at all: the average over T = 0 steps was NaN.
+  empty = jax.tree.map(lambda x: x[:0], grads_seq)
+  with pytest.raises(ValueError, match=r'no gradient \(T = 0\)'):
+    bound.regret_bound(divergence, jax.tree.map(lambda x: x[:1], params_seq), empty)
 
 
 # ---------------------------------------------------------------------------

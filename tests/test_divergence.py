@@ -293,6 +293,30 @@ def test_convergence_bound_matches_the_closed_form(x64):
                              rtol=1e-10)
 
 
+@pytest.mark.parametrize('arguments,message', [
+    (dict(num_steps=0), 'num_steps must be a positive number, got 0'),
+    (dict(num_steps=-5), 'num_steps must be a positive number, got -5'),
+    (dict(num_steps=True), 'num_steps must be a positive number, got True'),
+    (dict(distance=-1.0), 'distance must be a finite number >= 0'),
+    (dict(gradient_bound=float('nan')), 'gradient_bound must be a finite number >= 0'),
+])
+def test_convergence_bound_names_a_bad_argument(arguments, message):
+  """With ``num_steps = -5`` the bound was negative, a "guarantee" below zero."""
+  divergence = metamd_jax.init_divergence({'w': jnp.zeros((3, 2))}, 0.25)
+  with pytest.raises(ValueError, match=message):
+    metamd_jax.convergence_bound(divergence, **{
+        'distance': 2.0, 'gradient_bound': 3.0, 'num_steps': 10, **arguments})
+
+
+def test_strong_convexity_names_params_and_non_finite_factors():
+  params = {'w': jnp.zeros((3, 2))}
+  with pytest.raises(TypeError):
+    metamd_jax.strong_convexity(params)
+  nan = jax.tree.map(lambda x: x * jnp.nan, metamd_jax.init_divergence(params, 0.25))
+  with pytest.raises(ValueError, match=r"\['w'\].*non-finite"):
+    metamd_jax.strong_convexity(nan)
+
+
 # ---------------------------------------------------------------------------
 # check_structure: structure and shapes, nothing computed.
 # ---------------------------------------------------------------------------

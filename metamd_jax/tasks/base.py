@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 
 from metamd_jax.types import PyTree
 
@@ -36,6 +37,24 @@ class Task:
   batch: Callable[[jax.Array], Batch]
   evaluate: Callable[[PyTree], dict] | None = None
   run_batches: Callable[[int], Callable[[jax.Array], Batch]] | None = None
+
+
+def check_num_steps(num_steps: Any, name: str = 'num_steps') -> int:
+  """``num_steps`` as an ``int`` if it is a whole number >= 1 (``3`` or ``3.0``; not a bool,
+  a string or a fraction).
+
+  Raises:
+    ValueError: naming ``name`` and the value otherwise.
+  """
+  try:
+    whole = (not isinstance(num_steps, (bool, np.bool_, str, bytes))
+             and np.ndim(num_steps) == 0 and float(num_steps).is_integer()
+             and num_steps >= 1)
+  except (TypeError, ValueError):  # None, a container, a traced value
+    whole = False
+  if not whole:
+    raise ValueError(f'{name} must be a positive integer, got {num_steps!r}.')
+  return int(num_steps)
 
 
 def batches_of(task: Task, num_steps: int) -> Callable[[jax.Array], Batch]:
