@@ -572,6 +572,7 @@ def reference_gradient_norm(divergence: PyTree, family: TaskFamily, task_params:
 
   if not isinstance(require_training, bool):
     raise TypeError(f'require_training must be True or False, got {require_training!r}.')
+  divergence_lib.check_divergence(divergence)  # a non-finite factor named, not a "diverged" run
   family.count_tasks(task_params)  # stacked tasks, else a clear error
 
   @jax.jit

@@ -300,10 +300,11 @@ def _check_levels(name: str, levels: Any) -> None:
     for x in levels:
       _check_levels(name, x)
     return
-  try:
-    values = np.asarray(levels, np.float64).ravel()
-  except (TypeError, ValueError) as error:
-    raise ValueError(f'the calibration\'s {name} holds {levels!r}, not a number.') from error
+  dtype = np.asarray(levels).dtype
+  if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+    # a string, a bool, an object: not a level
+    raise ValueError(f'the calibration\'s {name} holds {levels!r}, not a number.')
+  values = np.asarray(levels, np.float64).ravel()
   bad = values[~(values > 0)]
   if bad.size:
     raise ValueError(f'the calibration\'s {name} holds the level {float(bad[0])!r}: levels '
@@ -454,10 +455,10 @@ def calibrate(divergence: PyTree, family: TaskFamily, task_params: PyTree, num_s
 
   Raises:
     ValueError: before any run, naming an unknown setting, a computed field passed as a
-      setting, a setting of the wrong kind, a bad ``num_steps`` or ``quantile``, a
-      divergence that does not fit the family's parameters, or ``task_params`` that are
-      not stacked tasks (:meth:`TaskFamily.count_tasks`); after the
-      runs, the building blocks' errors for settings that do not fit together (e.g.
+      setting, a setting outside its range, a bad ``num_steps`` or ``quantile``, a
+      divergence with a non-finite factor or that does not fit the family's parameters,
+      or ``task_params`` that are not stacked tasks (:meth:`TaskFamily.count_tasks`);
+      after the runs, the building blocks' errors for settings that do not fit together (e.g.
       ``eigenbasis`` without ``per_leaf``).
     CalibrationError: (a ``ValueError``) if the frozen divergence does not train a
       calibration task (the run diverges, or ends at or above its initial loss on the
@@ -484,6 +485,7 @@ def calibrate(divergence: PyTree, family: TaskFamily, task_params: PyTree, num_s
   record['num_steps'] = num_steps
   _check_settings(record)
   adaptive.check_decay(record['decay'])
+  divergence_lib.check_divergence(divergence)
   divergence_lib.check_structure(divergence, family.param_shapes())
   num_tasks = family.count_tasks(task_params)
   try:

@@ -300,10 +300,10 @@ def check_levels(levels: Any, bases: list[LeafBasis]) -> list[tuple[np.ndarray, 
   Raises:
     ValueError: naming the leaf, on a wrong count, shape or a value that is not positive.
   """
-  if levels is None or len(levels) != len(bases):
-    raise ValueError(f'levels must hold one entry per parameter leaf ({len(bases)}), got '
-                     f'{None if levels is None else len(levels)}; calibrate with '
-                     'eigenbasis_levels.')
+  if not isinstance(levels, (list, tuple)) or len(levels) != len(bases):
+    got = len(levels) if isinstance(levels, (list, tuple)) else repr(levels)
+    raise ValueError(f'levels must be a list with one entry per parameter leaf '
+                     f'({len(bases)}), got {got}; calibrate with eigenbasis_levels.')
   checked = []
   for i, (level, basis) in enumerate(zip(levels, bases)):
     if basis.inverse_values is None:

@@ -133,17 +133,19 @@ class GuardedState(NamedTuple):
 
 
 def check_levels(levels: Any, num_leaves: int) -> np.ndarray:
-  """``levels`` as float32 ``(num_leaves,)`` or ``(1,)``: positive and finite.
+  """``levels`` as float32 ``(num_leaves,)`` or ``(1,)``: positive, or ``inf`` for a leaf
+  that never fires the check (a leaf whose calibration gradients were all zero, as the
+  adaptive optimisers' levels have it).
 
   Raises:
-    ValueError: naming ``levels`` on a wrong length, a non-positive, NaN or infinite one.
+    ValueError: naming ``levels`` on a wrong length, a zero, negative or NaN one.
   """
   values = np.atleast_1d(np.asarray(levels, np.float64))
   if values.ndim != 1 or values.shape[0] not in (1, num_leaves):
     raise ValueError(f'levels must be one number or one per parameter leaf ({num_leaves}), '
                      f'got shape {np.shape(levels)}.')
-  if not np.all(np.isfinite(values)) or not np.all(values > 0):
-    raise ValueError(f'levels must be positive and finite, got {values.tolist()}.')
+  if not np.all(values > 0):
+    raise ValueError(f'levels must be positive (or inf: never fire), got {values.tolist()}.')
   return values.astype(np.float32)
 
 
@@ -172,7 +174,7 @@ def guarded_switch(fast: optax.GradientTransformation,
       gets ``params``.
     levels: ``c``, one positive number or one per parameter leaf (``jax.tree.leaves``
       order): e.g. :func:`metamd_jax.adaptive.reference_gradient_norm` with
-      ``per_leaf=True`` on meta-train tasks.
+      ``per_leaf=True`` on meta-train tasks; ``inf`` where a leaf never fires the check.
     margin: ``mu > 0``: the check fires above ``mu c``.
     switch_after: ``None``, or ``k >= 0``: ``fallback`` takes over at update ``k + 1``
       whatever the check (``0``: ``fallback`` alone); with ``min_progress``, at the first

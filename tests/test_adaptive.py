@@ -504,6 +504,10 @@ def test_reference_gradient_norm_is_the_peak_level_over_tasks():
   task_params = family.sample_batch(jax.random.key(1), 5)
   with pytest.raises(ValueError, match='diverges on 5 of 5 calibration tasks'):
     metamd_jax.reference_gradient_norm(unit, family, task_params, 100)  # steps ~ 1: diverge
+  # A NaN factor is named as such, not as runs that diverge.
+  with pytest.raises(ValueError, match='non-finite meta-parameters'):
+    metamd_jax.reference_gradient_norm(jax.tree.map(lambda x: x * jnp.nan, unit), family,
+                                       task_params, 100)
   divergence = divergence_lib.scale_steps(unit, 0.05)
   metric = dense_block_metric(divergence)
   decay, num_steps = 0.9, 20

@@ -231,6 +231,8 @@ def test_the_digest_ties_a_calibration_to_its_divergence(setup, tmp_path):
     ({'blend_statistics': 'bogus'}, "blend_statistics must be one of .*, got 'bogus'"),
     ({'min_scale': 0}, r'min_scale must be a number in \(0, 1\], got 0'),
     ({'overshoot_cap': 0.5}, 'overshoot_cap must be a number >= 1'),
+    ({'reference_norm': ['1.0', '2']}, "reference_norm holds '1.0', not a number"),
+    ({'reference_norm': [True, True]}, 'reference_norm holds True, not a number'),
     ({'num_steps': 0}, 'num_steps must be an integer >= 1, got 0'),
     ({'num_steps': 100.0}, 'num_steps must be an integer >= 1, got 100.0'),
 ])
@@ -417,10 +419,14 @@ def test_calibrated_levels_take_frozen_steps_on_the_calibration_tasks(setup):
     (dict(quantile=1.5), ValueError, 'quantile'),
     (dict(quantile=None), ValueError, 'quantile'),
     (dict(task_params='one task'), ValueError, r"task_params\['key'\] has the shape \(2,\)"),
+    # Before, a NaN factor was reported as the divergence diverging on every task.
+    (dict(divergence='nan'), ValueError, 'non-finite meta-parameters'),
 ])
 def test_calibrate_names_bad_input_before_any_run(setup, monkeypatch, arguments, error,
                                                   message):
   family, divergence, _, _ = setup
+  if arguments.pop('divergence', None) == 'nan':
+    divergence = jax.tree.map(lambda x: x * jnp.nan, divergence)
 
   def no_run(*args, **kwargs):
     raise AssertionError('a calibration run started')

@@ -69,6 +69,9 @@ def test_count_tasks_takes_stacked_task_parameters_only(digits):
     family.count_tasks({'subset': stacked['subset']})
   with pytest.raises(ValueError, match='no task'):
     family.count_tasks(family.sample_batch(jax.random.key(0), 0))
+  for bad in (-1, 2.0, True):  # before, -1 failed in XLA's shape checks
+    with pytest.raises(ValueError, match=f'num_tasks must be an int >= 0, got {bad!r}'):
+      family.sample_batch(jax.random.key(0), bad)
 
 
 def test_subset_is_unique_and_within_pool(digits):

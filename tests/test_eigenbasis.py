@@ -401,6 +401,8 @@ def test_bad_levels_and_a_traced_divergence_are_named():
     eigenbasis.eigenbasis_metamd(divergence, levels[:-1])
   with pytest.raises(ValueError, match='one entry per parameter leaf'):
     eigenbasis.eigenbasis_metamd(divergence, None)
+  with pytest.raises(ValueError, match=r'a list with one entry per parameter leaf .*got 1\.0'):
+    eigenbasis.eigenbasis_metamd(divergence, 1.0)  # before: "float has no len()"
   kronecker = next(i for i, x in enumerate(levels) if len(x) == 2)
   bad = list(levels)
   bad[kronecker] = (levels[kronecker][0][:-1], levels[kronecker][1])

@@ -111,6 +111,32 @@ def test_never_switches_below_the_levels_and_is_fast_exactly():
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_an_infinite_level_never_fires_and_the_others_still_do():
+  """A leaf whose calibration gradients were all zero has an infinite level (JSON's
+  null): it never fires the check; the switch comes from the other leaves, at the step
+  the dense reference gives for them alone."""
+  divergence = random_divergence(dict(structure='kronecker'), dtype=jnp.float32)
+  gradients = _gradients()
+  params = random_tree(0)
+  levels = _reference_levels(divergence, gradients)
+  c = (levels[4] + levels[5]) / 2
+  first = _first_above(levels, c)
+  # The leaf that fires first is given an infinite level: the switch moves to the first
+  # step at which another leaf is above its level.
+  leaf = int(np.argmax(levels[first - 1] > c))
+  c[leaf] = np.inf
+  want_switch = _first_above(np.delete(levels, leaf, axis=1), np.delete(c, leaf))
+  assert want_switch is not None and want_switch != first
+  fast, fallback = metamd_jax.metamd(divergence), optax.adam(0.05)
+  got, state = _run(metamd_jax.guarded_switch(fast, fallback, c), gradients, params)
+  assert int(state.switch_step) == want_switch
+  _assert_updates_close(got, _by_hand(fast, fallback, gradients, params, want_switch))
+  # Every level infinite: frozen MetaMD's steps throughout.
+  got, state = _run(metamd_jax.guarded_switch(fast, fallback, np.full(c.shape, np.inf)),
+                    gradients, params)
+  assert not bool(state.switched)
+
+
 def test_one_level_for_all_checks_the_sum_over_leaves():
   divergence = random_divergence(dict(structure='kronecker'), dtype=jnp.float32)
   gradients = _gradients()
@@ -232,8 +258,9 @@ def test_low_rank_fast_and_optax_chain():
 
 @pytest.mark.parametrize('kwargs,match', [
     (dict(levels=[1.0, 2.0]), 'one per parameter leaf'),
-    (dict(levels=[1.0, 0.0, 1.0]), 'positive and finite'),
-    (dict(levels=[1.0, np.nan, 1.0]), 'positive and finite'),
+    (dict(levels=[1.0, 0.0, 1.0]), r'levels must be positive \(or inf'),
+    (dict(levels=[1.0, np.nan, 1.0]), r'levels must be positive \(or inf'),
+    (dict(levels=[1.0, -np.inf, 1.0]), r'levels must be positive \(or inf'),
     (dict(margin=0.0), 'margin'),
     (dict(margin=np.inf), 'margin'),
     (dict(margin=True), 'margin'),

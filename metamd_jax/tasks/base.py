@@ -88,7 +88,14 @@ class TaskFamily(abc.ABC):
     """The task with these task parameters."""
 
   def sample_batch(self, key: jax.Array, num_tasks: int) -> PyTree:
-    """Stacked task parameters of ``num_tasks`` random tasks."""
+    """Stacked task parameters of ``num_tasks`` random tasks.
+
+    Raises:
+      ValueError: if ``num_tasks`` is not an integer >= 0 (0: an empty stack).
+    """
+    if isinstance(num_tasks, (bool, np.bool_)) or not isinstance(
+        num_tasks, (int, np.integer)) or num_tasks < 0:
+      raise ValueError(f'num_tasks must be an int >= 0, got {num_tasks!r}.')
     return jax.vmap(self.sample)(jax.random.split(key, num_tasks))
 
   def count_tasks(self, task_params: PyTree) -> int:
