@@ -112,6 +112,11 @@ def validation_run(optimizer, family: TaskFamily, task_params: PyTree, num_steps
                         extra_metrics=validation_accuracy)
 
 
+def _workdir_name(field: str, value: float) -> str:
+  """The folder of one value's meta-training in a sweep's workdir."""
+  return f'{field}={value:g}'
+
+
 def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, field: str,
           values: list[float], *, rule: str = 'accuracy', progress: bool = True) -> dict:
   """Meta-train one config per value of ``field``; compare them on validation tasks.
@@ -133,6 +138,10 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, field: 
     raise ValueError(f'rule must be one of {RULES}, got {rule!r}.')
   workdir = pathlib.Path(workdir)
   configs = {value: with_value(config, field, value) for value in values}  # all checked first
+  names = [_workdir_name(field, value) for value in values]
+  if len(set(names)) != len(names):
+    raise ValueError(f'values {list(values)} of {field} name the same workdirs {names}: '
+                     'give values that differ in 6 significant digits.')
   ev = config.eval
   family, _ = builders.build_families(config)
   num_tasks = builders.num_validation_tasks(ev)
@@ -146,7 +155,7 @@ def sweep(config: ml_collections.ConfigDict, workdir: str | os.PathLike, field: 
     target = evaluation.final_train_loss(curves.train_losses)
   rows = {}
   for value, value_config in configs.items():
-    value_workdir = workdir / f'{field}={value:g}'
+    value_workdir = workdir / _workdir_name(field, value)
     result = meta_train_exp.meta_train(value_config, value_workdir, progress=progress)
     curves = validation_run(metamd_jax.metamd(result.divergence), family, tasks, ev.num_steps)
     row = {'final_train_loss': report.pair(evaluation.final_train_loss(curves.train_losses)),

@@ -33,7 +33,6 @@ and :func:`save_calibration` writes it where :func:`load_calibration` and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -219,18 +218,8 @@ class CalibrationError(ValueError):
   at or above its initial loss), or every calibration gradient is zero."""
 
 
-def divergence_digest(divergence: PyTree) -> str:
-  """A SHA-256 digest of a divergence's leaves (shapes, dtypes and values, in tree order).
-
-  Two divergences with the same structure and bit-identical meta-parameters have the same
-  digest; :func:`metamd_jax.save_divergence` and :func:`metamd_jax.load_divergence` keep it.
-  """
-  digest = hashlib.sha256()
-  for leaf in jax.tree.leaves(divergence):
-    value = np.asarray(leaf)
-    digest.update(f'{value.dtype.str}{value.shape}'.encode())
-    digest.update(np.ascontiguousarray(value).tobytes())
-  return digest.hexdigest()
+# A calibration names the divergence it was made for by this digest.
+divergence_digest = divergence_lib.digest
 
 
 def _infinite_where_null(levels: Any) -> Any:

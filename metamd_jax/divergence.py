@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Union
@@ -590,6 +591,20 @@ def check_divergence(divergence: PyTree) -> None:
         raise ValueError(
             f'divergence leaf {jax.tree_util.keystr(path)}{jax.tree_util.keystr(field_path)} '
             'has non-finite meta-parameters (NaN or inf).')
+
+
+def digest(divergence: PyTree) -> str:
+  """A SHA-256 digest of a divergence's leaves (shapes, dtypes and values, in tree order).
+
+  Two divergences with the same structure and bit-identical meta-parameters have the same
+  digest; :func:`metamd_jax.save_divergence` and :func:`metamd_jax.load_divergence` keep it.
+  """
+  sha = hashlib.sha256()
+  for leaf in jax.tree.leaves(divergence):
+    value = np.asarray(leaf)
+    sha.update(f'{value.dtype.str}{value.shape}'.encode())
+    sha.update(np.ascontiguousarray(value).tobytes())
+  return sha.hexdigest()
 
 
 def check_structure(divergence: PyTree, tree: PyTree, name: str = 'params') -> None:

@@ -19,11 +19,12 @@ stopping on training data only; no validation set is involved.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import time
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -241,6 +242,57 @@ class FitResult(NamedTuple):
   resumed_from: int | None
 
 
+# What a run's checkpoints were written by (``workdir/checkpoints/run.json``): a resumed
+# run must be the same run.
+RUN_FILE = 'run.json'
+
+
+def _flatten(tree: Any, prefix: str = '') -> dict:
+  if isinstance(tree, dict):
+    out = {}
+    for name, value in tree.items():
+      out.update(_flatten(value, f'{prefix}{name}.'))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def check_resumed_run(directory: str | os.PathLike, description: Mapping[str, Any]) -> None:
+  """Raise unless ``description`` is the run that wrote the checkpoints in ``directory``.
+
+  ``description`` (JSON data) is compared with the ``run.json`` the run wrote at its start;
+  checkpoints without one (an earlier version's) are not checked.
+
+  Raises:
+    ValueError: naming each entry that differs, with both values.
+  """
+  path = pathlib.Path(directory) / RUN_FILE
+  if not path.exists():
+    return
+  try:
+    stored = json.loads(path.read_text())
+  except json.JSONDecodeError as error:
+    raise ValueError(f'{path} is not JSON ({error}); it records the run that wrote these '
+                     'checkpoints: use a new workdir.') from error
+  now = json.loads(json.dumps(description))
+  stored_flat, now_flat = _flatten(stored), _flatten(now)
+  differ = sorted(k for k in set(stored_flat) | set(now_flat)
+                  if stored_flat.get(k, '<absent>') != now_flat.get(k, '<absent>'))
+  if differ:
+    shown = '; '.join(f'{k}: {stored_flat.get(k, "<absent>")!r} then, '
+                      f'{now_flat.get(k, "<absent>")!r} now' for k in differ[:8])
+    more = f' (and {len(differ) - 8} more)' if len(differ) > 8 else ''
+    raise ValueError(f'the checkpoints in {directory} were written by another run: {shown}'
+                     f'{more}. Resume with the arguments they were written with, or use a new '
+                     'workdir.')
+
+
+def _write_run(directory: pathlib.Path, description: Mapping[str, Any]) -> None:
+  directory.mkdir(parents=True, exist_ok=True)
+  temporary = directory / f'.{RUN_FILE}.tmp'
+  temporary.write_text(json.dumps(description, indent=1, sort_keys=True) + '\n')
+  os.replace(temporary, directory / RUN_FILE)
+
+
 def _check_int(name: str, value, minimum: int) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
     raise ValueError(f'{name} must be an integer >= {minimum}, got {value!r}.')
@@ -268,6 +320,7 @@ def fit(
     num_devices: int = 0,
     callback: Callable[[dict], None] | None = None,
     progress: bool = False,
+    run_info: Mapping[str, Any] | None = None,
 ) -> FitResult:
   """Meta-train ``divergence`` on ``family``: the whole loop, resumable and sharded.
 
@@ -277,8 +330,13 @@ def fit(
   must divide evenly over all of them), and records its metrics. With a ``workdir``,
   orbax checkpoints (state and history) are written every ``checkpoint_every`` meta-steps
   and at the end, and a call on a workdir that has checkpoints resumes from the latest:
-  the result is bit for bit that of an uninterrupted run. Nothing else is written: the
-  caller saves the artifact (:func:`metamd_jax.save_divergence`) and logs the history.
+  the result is bit for bit that of an uninterrupted run. The first call also writes
+  ``workdir/checkpoints/run.json``, what defines the run: the arguments below but
+  ``num_meta_steps``, ``checkpoint_every``, ``select``, ``num_devices``, ``callback`` and
+  ``progress``, the initial divergence's digest, the family's type and ``run_info``; a
+  resuming call with other values is an error naming them (``num_meta_steps`` may grow:
+  the run goes on). Nothing else is written: the caller saves the artifact
+  (:func:`metamd_jax.save_divergence`) and logs the history.
 
   Args:
     family: the task family to meta-train on.
@@ -303,9 +361,16 @@ def fit(
     callback: called with each new metric record (on every process; write shared files
       only where :func:`metamd_jax.parallel.is_writer`).
     progress: show a progress bar (on the writing process).
+    run_info: JSON data for what the other arguments cannot say (e.g. the meta-optimiser's
+      settings, or a config's task and meta sections): recorded in ``run.json`` and
+      compared on resume.
 
   Returns:
     A :class:`FitResult`.
+
+  Raises:
+    ValueError: on bad arguments, or when resuming checkpoints that another run wrote
+      (:func:`check_resumed_run`) or that are beyond ``num_meta_steps``.
 
   Examples:
     >>> import optax, metamd_jax
@@ -339,9 +404,24 @@ def fit(
   resumed_from = None
   checkpointer = None
   if workdir is not None:
+    description = {
+        'family': type(family).__name__, 'initial_divergence': divergence_lib.digest(divergence),
+        'key': np.asarray(jax.random.key_data(key) if jnp.issubdtype(
+            key.dtype, jax.dtypes.prng_key) else key).tolist(), 'horizon': horizon,
+        'meta_batch_size': meta_batch_size, 'objective': objective, 'adjoint': adjoint,
+        'solver': solver, 'solver_options': solver_options or {}, 'backoff': backoff,
+        'score_decay': score_decay, 'run_info': run_info}
     checkpointer = checkpoint.Checkpointer(pathlib.Path(workdir) / 'checkpoints',
                                            every=checkpoint_every)
-    if checkpointer.latest_step() is not None:
+    if checkpointer.latest_step() is None:
+      if parallel.is_writer():
+        _write_run(pathlib.Path(checkpointer.directory), description)
+    else:
+      try:
+        check_resumed_run(checkpointer.directory, description)
+      except ValueError:
+        checkpointer.close()
+        raise
       try:
         state, history = checkpointer.restore(state)
       except ValueError as error:
@@ -354,6 +434,11 @@ def fit(
       if len(history) != resumed_from:
         raise ValueError(f'the checkpoint of meta-step {resumed_from} in '
                          f'{checkpointer.directory} holds {len(history)} metric records.')
+      if resumed_from > num_meta_steps:
+        checkpointer.close()
+        raise ValueError(f'the checkpoints in {checkpointer.directory} are at meta-step '
+                         f'{resumed_from}, beyond num_meta_steps = {num_meta_steps}: resume '
+                         'with at least as many meta-steps, or use a new workdir.')
   start = int(state.step)
 
   writer = parallel.is_writer()

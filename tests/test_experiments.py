@@ -106,6 +106,43 @@ def test_select_writes_the_best_or_the_last_divergence(tmp_path):
       np.testing.assert_array_equal(b, c)
 
 
+def test_a_workdir_resumes_only_its_own_run_and_a_log_cut_short(tmp_path):
+  """Resuming a workdir with another meta-training setting is named before any meta-step;
+  an evaluation setting, the data's folder or more meta-steps are not. A metrics line cut
+  short by a kill is dropped; a damaged earlier one is named. A workdir whose checkpoints
+  are gone but whose artifact is there is not overwritten."""
+  config = tiny.get_config()
+  config.meta.num_meta_steps = 1
+  meta_train.meta_train(config, tmp_path, progress=False)
+  log = tmp_path / meta_train.METRICS
+  changed = config.copy_and_resolve_references()
+  changed.meta.learning_rate = 0.5
+  with pytest.raises(ValueError, match=r'run_info\.meta\.learning_rate: 0\.1 then, 0\.5 now'):
+    meta_train.meta_train(changed, tmp_path, progress=False)
+  assert len(log.read_text().splitlines()) == 1
+  log.write_text(log.read_text() + '{"step": 2, "meta_lo')  # a kill mid-write
+  config.meta.num_meta_steps = 2
+  config.eval.num_tasks = 3
+  config.task.data_dir = str(tmp_path)
+  result = meta_train.meta_train(config, tmp_path, progress=False)
+  assert result.resumed_from == 1
+  assert [json.loads(line) for line in log.read_text().splitlines()] == result.history
+  log.write_text('{"step": 1\n' + log.read_text())  # damaged before the last line
+  config.meta.num_meta_steps = 3
+  with pytest.raises(ValueError, match=f'{re.escape(str(log))} line 1 is not a metric record'):
+    meta_train.meta_train(config, tmp_path, progress=False)
+  shutil.rmtree(tmp_path / 'checkpoints')
+  with pytest.raises(ValueError, match='holds the divergence.npz of a run whose checkpoints'):
+    meta_train.meta_train(config, tmp_path, progress=False)
+
+
+def test_an_empty_workdir_is_refused_at_start(tmp_path):
+  process = _launch('', mode='meta_train')
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode != 0 and b'--workdir is empty' in stderr
+  assert not (ROOT / meta_train.METRICS).exists() and not (ROOT / 'checkpoints').exists()
+
+
 @pytest.mark.parametrize('field,value', [
     ('task.family', 'vision'),
     ('task.dataset', 'imagenet'),

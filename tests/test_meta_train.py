@@ -276,5 +276,42 @@ def test_fit_rejects_a_checkpoint_of_another_structure(tmp_path):
   divergence = metamd_jax.init_divergence(family.init_params(), 0.2)
   _fit(family, divergence, optax.adam(0.05), num_meta_steps=1, workdir=tmp_path)
   other = metamd_jax.init_divergence(family.init_params(), 0.2, structure='diagonal')
+  with pytest.raises(ValueError, match='written by another run: initial_divergence'):
+    _fit(family, other, optax.adam(0.05), num_meta_steps=2, workdir=tmp_path)
+  # Checkpoints without the run's description (an earlier version's): the restore's own
+  # structure check names the mismatch.
+  (tmp_path / 'checkpoints' / meta_train.RUN_FILE).unlink()
   with pytest.raises(ValueError, match='does not match this meta-training state'):
     _fit(family, other, optax.adam(0.05), num_meta_steps=2, workdir=tmp_path)
+
+
+def test_fit_resumes_only_the_run_that_wrote_the_checkpoints(tmp_path):
+  """A resumed call with another horizon, key, objective or run_info would continue a run
+  with other meta-steps than its first ones: named, with both values. The meta-step count
+  may grow (the run goes on) and the selection change (it only picks from the state);
+  fewer meta-steps than the checkpoints hold is an error."""
+  family = QuadraticFamily()
+  divergence = metamd_jax.init_divergence(family.init_params(), 0.2)
+  first = _fit(family, divergence, optax.adam(0.05), num_meta_steps=2, workdir=tmp_path,
+               run_info={'optimizer': 'adam', 'learning_rate': 0.05})
+  for change, message in ((dict(horizon=7), 'horizon: 5 then, 7 now'),
+                          (dict(key=jax.random.key(2)), r'key: \[0, 1\] then, \[0, 2\] now'),
+                          (dict(objective='unrolled'), "objective: 'bound' then, 'unrolled' now"),
+                          (dict(run_info={'optimizer': 'adam', 'learning_rate': 0.5}),
+                           r'run_info\.learning_rate: 0\.05 then, 0\.5 now'),
+                          (dict(run_info=None), r"run_info: '<absent>' then, None now; "
+                                                r"run_info\.learning_rate: 0\.05 then, "
+                                                "'<absent>' now")):
+    options = {'num_meta_steps': 3, 'workdir': tmp_path,
+               'run_info': {'optimizer': 'adam', 'learning_rate': 0.05}, **change}
+    with pytest.raises(ValueError, match=f'written by another run: {message}'):
+      _fit(family, divergence, optax.adam(0.05), **options)
+  with pytest.raises(ValueError, match='at meta-step 2, beyond num_meta_steps = 1'):
+    _fit(family, divergence, optax.adam(0.05), num_meta_steps=1, workdir=tmp_path,
+         run_info={'optimizer': 'adam', 'learning_rate': 0.05})
+  resumed = _fit(family, divergence, optax.adam(0.05), num_meta_steps=3, workdir=tmp_path,
+                 select='last', run_info={'optimizer': 'adam', 'learning_rate': 0.05})
+  assert resumed.resumed_from == 2 and resumed.history[:2] == first.history
+  straight = _fit(family, divergence, optax.adam(0.05), num_meta_steps=3,
+                  workdir=tmp_path / 'straight')
+  _assert_trees_equal(resumed.state, straight.state)

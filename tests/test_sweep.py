@@ -112,6 +112,9 @@ def test_robustness_rule_scores_the_configs_adaptive_metamd_under_the_shifts(tmp
   assert own.keys() == choose_variant.CANDIDATES['eigen_kron_0.1_nesterov_0.5'].keys()
   with pytest.raises(ValueError, match='rule must be one of'):
     sweep.sweep(config, tmp_path, 'meta.eps', [0.1], rule='speed')
+  # Two values with one workdir would resume one value's run as the other's.
+  with pytest.raises(ValueError, match=r"name the same workdirs \['meta.eps=0.1', 'meta.eps=0.1'\]"):
+    sweep.sweep(config, tmp_path, 'meta.eps', [0.1, 0.1000001])
 
 
 def test_frozen_table_follows_the_configs_reference(tmp_path):
