@@ -113,7 +113,8 @@ def test_robustness_rule_scores_the_configs_adaptive_metamd_under_the_shifts(tmp
   with pytest.raises(ValueError, match='rule must be one of'):
     sweep.sweep(config, tmp_path, 'meta.eps', [0.1], rule='speed')
   # Two values with one workdir would resume one value's run as the other's.
-  with pytest.raises(ValueError, match=r"name the same workdirs \['meta.eps=0.1', 'meta.eps=0.1'\]"):
+  with pytest.raises(ValueError,
+                     match=r"name the same workdirs \['meta.eps=0.1', 'meta.eps=0.1'\]"):
     sweep.sweep(config, tmp_path, 'meta.eps', [0.1, 0.1000001])
 
 
