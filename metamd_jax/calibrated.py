@@ -128,7 +128,6 @@ CALIBRATION_FILE = 'calibration.json'
 _COMPUTED = ('reference_norm', 'eigenbasis_levels', 'num_steps', 'divergence_digest')
 
 
-
 def _real(value: Any) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -241,10 +240,9 @@ def check_calibration(calibration: Mapping[str, Any]) -> dict:
     TypeError: if ``calibration`` is not a mapping.
     ValueError: naming the fields missing from :data:`REQUIRED` or unknown to this
       library, a setting outside its range (:data:`SETTING_RULES`), a bad ``num_steps``,
-      a level that is NaN,
-      zero or negative, or when ``reference_norm`` is ``None`` (the calibration failed:
-      frozen MetaMD did not train a calibration task, so there are no levels to adapt
-      from), or ``eigenbasis`` is set without ``eigenbasis_levels``.
+      a level that is NaN, zero or negative, or when ``reference_norm`` is ``None`` (the
+      calibration failed: frozen MetaMD did not train a calibration task, so there are no
+      levels to adapt from), or ``eigenbasis`` is set without ``eigenbasis_levels``.
   """
   if not isinstance(calibration, Mapping):
     raise TypeError(f'a calibration is a mapping (the \'adaptive\' entry of a results.json), '

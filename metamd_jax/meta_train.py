@@ -273,7 +273,7 @@ def check_resumed_run(directory: str | os.PathLike, description: Mapping[str, An
   except json.JSONDecodeError as error:
     raise ValueError(f'{path} is not JSON ({error}); it records the run that wrote these '
                      'checkpoints: use a new workdir.') from error
-  now = json.loads(json.dumps(description))
+  now = json.loads(json.dumps(description, default=repr))  # as _write_run writes it
   stored_flat, now_flat = _flatten(stored), _flatten(now)
   differ = sorted(k for k in set(stored_flat) | set(now_flat)
                   if stored_flat.get(k, '<absent>') != now_flat.get(k, '<absent>'))
@@ -289,7 +289,10 @@ def check_resumed_run(directory: str | os.PathLike, description: Mapping[str, An
 def _write_run(directory: pathlib.Path, description: Mapping[str, Any]) -> None:
   directory.mkdir(parents=True, exist_ok=True)
   temporary = directory / f'.{RUN_FILE}.tmp'
-  temporary.write_text(json.dumps(description, indent=1, sort_keys=True) + '\n')
+  # A value JSON has no form for (e.g. an array among solver_options) is written as its
+  # repr: compared as that.
+  temporary.write_text(json.dumps(description, indent=1, sort_keys=True, default=repr)
+                       + '\n')
   os.replace(temporary, directory / RUN_FILE)
 
 
