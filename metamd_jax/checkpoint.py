@@ -66,6 +66,31 @@ class Checkpointer:
                                       history=ocp.args.JsonRestore()))
     return restored.state, list(restored.history)
 
+  def restore_intact(self, like: PyTree) -> tuple[PyTree, list[dict], list[tuple[int, str]]]:
+    """The latest checkpoint that restores: ``(state, history, skipped)``, with
+    ``skipped`` the later checkpoints that did not (``(step, error)``, latest first: a
+    damaged or half-written folder), so a run resumes from the one before.
+
+    Raises:
+      FileNotFoundError: if there is no checkpoint.
+      ValueError: if none restores, with the latest one's error (e.g. checkpoints of
+        another meta-training state, or of an older version).
+    """
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    if not steps:
+      raise FileNotFoundError(f'no checkpoint in {self.directory}.')
+    skipped = []
+    for step in steps:
+      try:
+        state, history = self.restore(like, step)
+      except Exception as error:  # noqa: BLE001 (orbax and tensorstore raise plain Exception)
+        skipped.append((step, f'{type(error).__name__}: {str(error).splitlines()[0][:300]}'))
+        continue
+      return state, history, skipped
+    first = skipped[0][1]
+    raise ValueError(f'no checkpoint in {self.directory} restores (steps '
+                     f'{[step for step, _ in skipped]}); the latest: {first}')
+
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()

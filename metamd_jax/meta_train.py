@@ -23,6 +23,7 @@ import json
 import os
 import pathlib
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -426,13 +427,18 @@ def fit(
         checkpointer.close()
         raise
       try:
-        state, history = checkpointer.restore(state)
+        state, history, skipped = checkpointer.restore_intact(state)
       except ValueError as error:
         checkpointer.close()
         raise ValueError(
             f'the checkpoint in {checkpointer.directory} does not match this meta-training '
-            'state (another model, divergence structure or meta-optimiser?); resume with the '
-            f'arguments it was written with or use a new workdir. Details: {error}') from error
+            'state (another model, divergence structure or meta-optimiser?) or is damaged; '
+            'resume with the arguments it was written with or use a new workdir. Details: '
+            f'{error}') from error
+      for step, error in skipped:
+        warnings.warn(f'the checkpoint of meta-step {step} in {checkpointer.directory} does '
+                      f'not restore ({error}); resuming from an earlier one.', RuntimeWarning,
+                      stacklevel=2)
       resumed_from = int(state.step)
       if len(history) != resumed_from:
         raise ValueError(f'the checkpoint of meta-step {resumed_from} in '

@@ -1,5 +1,7 @@
 """The meta-step against per-task meta-gradients and optax's own update."""
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -283,6 +285,30 @@ def test_fit_rejects_a_checkpoint_of_another_structure(tmp_path):
   (tmp_path / 'checkpoints' / meta_train.RUN_FILE).unlink()
   with pytest.raises(ValueError, match='does not match this meta-training state'):
     _fit(family, other, optax.adam(0.05), num_meta_steps=2, workdir=tmp_path)
+
+
+@pytest.mark.parametrize('damage', ['no_state', 'truncated_metadata'])
+def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(tmp_path, damage):
+  """A latest checkpoint that does not restore (a folder half written, a file cut short)
+  is named in a warning and the run resumes from the previous one: the same run as one
+  made straight through."""
+  family = QuadraticFamily()
+  divergence = metamd_jax.init_divergence(family.init_params(), 0.2)
+  _fit(family, divergence, optax.adam(0.05), num_meta_steps=3, workdir=tmp_path,
+       checkpoint_every=1)
+  latest = tmp_path / 'checkpoints' / '3'
+  if damage == 'no_state':
+    shutil.rmtree(latest / 'state')
+  else:
+    metadata = latest / 'state' / '_METADATA'
+    metadata.write_bytes(metadata.read_bytes()[:len(metadata.read_bytes()) // 2])
+  with pytest.warns(RuntimeWarning, match='checkpoint of meta-step 3 .* does not restore'):
+    resumed = _fit(family, divergence, optax.adam(0.05), num_meta_steps=4, workdir=tmp_path,
+                   checkpoint_every=1)
+  assert resumed.resumed_from == 2
+  straight = _fit(family, divergence, optax.adam(0.05), num_meta_steps=4)
+  _assert_trees_equal(resumed.state, straight.state)
+  assert _without_seconds(resumed.history) == _without_seconds(straight.history)
 
 
 def test_fit_resumes_only_the_run_that_wrote_the_checkpoints(tmp_path):
