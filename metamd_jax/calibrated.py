@@ -555,6 +555,9 @@ def load_calibration(path: PathLike, family: str | None = None) -> dict:
       :func:`check_calibration`.
   """
   path = pathlib.Path(path)
+  if path.is_dir():
+    raise FileNotFoundError(f'{path} is a directory: pass its results.json or '
+                            f'{CALIBRATION_FILE} (load_optimizer takes a workdir).')
   if not path.is_file():
     raise FileNotFoundError(f'no results file at {path}.')
   try:

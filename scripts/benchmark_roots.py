@@ -96,13 +96,23 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument('--out-dir', default=None,
                       help='write roots.json (and wall_clock_<implementation>.json) here')
   args = parser.parse_args(argv)
+  try:
+    sizes = [int(s) for s in args.sizes.split(',') if s]
+  except ValueError:
+    sizes = []
+  if not sizes or min(sizes) < 1:
+    parser.error(f'--sizes takes matrix sizes >= 1 like 10,256,784, got {args.sizes!r}.')
+  if args.repeats < 1:
+    parser.error(f'--repeats must be >= 1, got {args.repeats}.')
+  if args.wall_clock_tasks is not None and args.wall_clock_tasks < 1:
+    parser.error(f'--wall-clock-tasks must be >= 1, got {args.wall_clock_tasks}.')
   out = pathlib.Path(args.out_dir) if args.out_dir else None
   if out:
     out.mkdir(parents=True, exist_ok=True)
   env = timing.environment()
   print(timing.describe_environment(env))
   payload = {'environment': env,
-             'eigh': time_eigh([int(s) for s in args.sizes.split(',') if s], args.repeats)}
+             'eigh': time_eigh(sizes, args.repeats)}
   if out:
     timing.write_json(out / 'roots.json', payload)
   if args.wall_clock:

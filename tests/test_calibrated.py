@@ -255,6 +255,8 @@ def test_results_files_are_checked(setup, tmp_path):
   params = family.init_params()
   with pytest.raises(FileNotFoundError, match='no results file'):
     metamd_jax.load_calibration(tmp_path / 'results.json')
+  with pytest.raises(FileNotFoundError, match='is a directory: pass its results.json'):
+    metamd_jax.load_calibration(tmp_path)
   with pytest.raises(FileNotFoundError, match='no divergence artifact'):
     metamd_jax.load_optimizer(tmp_path)
   metamd_jax.save_divergence(tmp_path / 'divergence.npz', divergence, params)

@@ -353,6 +353,9 @@ def test_roots_benchmark_swaps_the_refresh_eigh_and_times_each_implementation(tm
   # The CPU lowers no Jacobi eigendecomposition: recorded, not fatal.
   assert 'error' in eigh['6/jacobi'] or eigh['6/jacobi']['median_ms'] > 0
   assert json.loads((tmp_path / 'roots.json').read_text())['eigh'].keys() == eigh.keys()
+  for bad in (['--sizes', '0'], ['--sizes', 'ten'], ['--repeats', '0']):
+    with pytest.raises(SystemExit):
+      benchmark_roots.main(bad)
 
 
 def test_gpu_check_stops_at_once_without_a_gpu(tmp_path):
