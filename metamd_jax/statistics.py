@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from metamd_jax import adaptive, sketch
+from metamd_jax import adaptive, sketch, tree_utils
 from metamd_jax.types import Array, PyTree
 
 __all__ = [
@@ -184,8 +184,9 @@ def scale_by_factored_statistics(epsilon: float = 1e-8, *, statistics: str = 'su
     pairs = [_row_and_column(jnp.zeros(jnp.shape(x), accumulator_dtype(x))) for x in leaves]
     rows = treedef.unflatten([r for r, _ in pairs])
     columns = treedef.unflatten([c for _, c in pairs])
-    return FactoredStatisticsState(rows=rows, columns=columns, row_peaks=rows,
-                                   column_peaks=columns, count=jnp.zeros((), jnp.int32))
+    return tree_utils.unaliased(FactoredStatisticsState(
+        rows=rows, columns=columns, row_peaks=rows, column_peaks=columns,
+        count=jnp.zeros((), jnp.int32)))
 
   def update_fn(updates, state, params=None):
     del params
@@ -499,13 +500,13 @@ def scale_by_kronecker_statistics(
       sides.append((zeros(m, n, accumulator_dtype(x)), zeros(n, m, accumulator_dtype(x))))
     left = treedef.unflatten([s[0] for s in sides])
     right = treedef.unflatten([s[1] for s in sides])
-    return KroneckerStatisticsState(
+    return tree_utils.unaliased(KroneckerStatisticsState(
         left=left, right=right,
         left_root=treedef.unflatten([zero_root(s[0]) for s in sides]),
         right_root=treedef.unflatten([zero_root(s[1]) for s in sides]),
         count=jnp.zeros((), jnp.int32), refreshed=jnp.zeros((len(leaves),), jnp.float32),
         merged=jnp.zeros((len(leaves),), jnp.result_type(
-            jnp.float32, *[accumulator_dtype(x) for x in leaves])))
+            jnp.float32, *[accumulator_dtype(x) for x in leaves]))))
 
   def merge(old, matrix, side):
     """The sketch with ``matrix``'s columns (``G``, or ``G^T`` on a right side) merged, and

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from metamd_jax.types import PyTree
@@ -91,3 +92,20 @@ def map_metrics(
     else:
       outputs.append(fn(node, *leaves))
   return jax.tree_util.tree_unflatten(treedef, outputs)
+
+
+def unaliased(tree: PyTree) -> PyTree:
+  """``tree`` with every concrete array that appears in it more than once copied, so that
+  each leaf has its own buffer: a state passed to ``jax.jit(..., donate_argnums=...)`` may
+  not hold one buffer twice (an optimiser's ``init`` that starts two fields at the same
+  zeros would otherwise fail at its first donated step)."""
+  seen = set()
+
+  def one(x):
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+      if id(x) in seen:
+        return jnp.copy(x)
+      seen.add(id(x))
+    return x
+
+  return jax.tree.map(one, tree)

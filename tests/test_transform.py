@@ -212,6 +212,19 @@ def test_every_optimiser_rejects_a_learning_rate_that_is_not_a_scalar(name):
     assert (np.asarray(updates['w']) < 0).all(), (name, good)
 
 
+@pytest.mark.parametrize('name', sorted(_FACTORIES) + ['blended_kronecker'])
+def test_every_optimisers_state_holds_each_buffer_once(name):
+  """A state passed to ``jax.jit(..., donate_argnums=...)`` may not hold one buffer twice."""
+  params = {'w': jnp.ones((2, 2))}
+  divergence = metamd_jax.init_divergence(params, 0.1)
+  if name == 'blended_kronecker':
+    optimizer = metamd_jax.blended_metamd(divergence, 1.0, 0.1, statistics='kronecker')
+  else:
+    optimizer = _FACTORIES[name](divergence, 0.5)
+  leaves = jax.tree.leaves(optimizer.init(params))
+  assert len({id(x) for x in leaves}) == len(leaves), name
+
+
 def test_state_keeps_only_the_inverse_factors():
   """The state holds P and Q (one array per meta-parameter, of its shape), not L and R."""
   params, _ = _model_and_batch('cnn')
