@@ -257,7 +257,7 @@ def _inverse_fourth_root(statistic: Array, other_size: int, epsilon: float,
   if statistic.ndim == 2:
     values, vectors = _eigh(jax.lax.stop_gradient(mean))
     values = jnp.maximum(values, 0)
-    floor = epsilon + relative_epsilon * jnp.max(values)
+    floor = epsilon + relative_epsilon * jnp.max(values, initial=0)  # 0 x 0: a zero-size leaf
     return (vectors * (values + floor) ** -0.25) @ vectors.T
   floor = epsilon + relative_epsilon * jnp.max(mean, initial=0)
   return (mean + floor) ** -0.25

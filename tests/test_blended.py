@@ -314,3 +314,25 @@ def test_kronecker_half_keeps_the_parameter_dtype_and_accumulates_in_float32():
   assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state[0].statistics[:4]))
   assert all(bool(jnp.all(jnp.isfinite(u.astype(jnp.float32)))) for u in jax.tree.leaves(updates))
+
+
+@pytest.mark.parametrize('statistics', ['sum', 'kronecker'])
+def test_a_zero_size_leaf_leaves_the_others_updates_as_they_are(statistics):
+  """A ``(0, 5)`` leaf: its update is empty and every other leaf's is the one it gets
+  without it (before, Shampoo's statistics failed on the empty leaf's maximum)."""
+  params = {'dense': jnp.ones((7, 3)), 'empty': jnp.zeros((0, 5))}
+  grads = jax.tree.map(lambda x: jnp.full(x.shape, 0.1), params)
+  dense = {'dense': params['dense']}
+
+  def updates(params, grads):
+    optimizer = metamd_jax.blended_metamd(metamd_jax.init_divergence(params, 0.1), 1.0, 0.1,
+                                          statistics=statistics)
+    state = optimizer.init(params)
+    for _ in range(3):
+      out, state = optimizer.update(grads, state, params)
+    return out
+
+  got = updates(params, grads)
+  assert got['empty'].shape == (0, 5)
+  np.testing.assert_array_equal(got['dense'], updates(dense, {'dense': grads['dense']})['dense'])
+
