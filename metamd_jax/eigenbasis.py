@@ -177,8 +177,14 @@ def leaf_bases(divergence: PyTree, rank: int | None = None
   with ``rank``, the full (not diagonal) factors longer than ``rank`` are ranked sides."""
   divergence_lib.check_divergence(divergence)
   rank = check_rank(rank)
-  operators = jax.tree.leaves(divergence_lib.preconditioner(divergence),
-                              is_leaf=divergence_lib.is_operator)
+  if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(divergence)):
+    inverse = divergence_lib.preconditioner(divergence)  # _eigh names the traced factors
+  else:
+    # A concrete divergence, also when the optimiser is built inside a traced function:
+    # its inverses are computed now, not traced into that function.
+    with jax.ensure_compile_time_eval():
+      inverse = divergence_lib.preconditioner(divergence)
+  operators = jax.tree.leaves(inverse, is_leaf=divergence_lib.is_operator)
   bases = []
   for op in operators:
     if isinstance(op, divergence_lib.KroneckerOperator):

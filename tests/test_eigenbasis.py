@@ -425,6 +425,16 @@ def test_bad_levels_and_a_traced_divergence_are_named():
   chex.assert_trees_all_close(ours[0], theirs[0], rtol=2e-5, atol=1e-6)
   with pytest.raises(TypeError, match='concrete divergence'):
     jax.jit(lambda d: eigenbasis.eigenbasis_metamd(d, levels).init(params))(divergence)
+  # A concrete divergence closed over, the optimiser built inside the traced function: its
+  # eigendecompositions are made then (before, "needs a concrete divergence").
+  finite = [tuple(np.ones_like(x) for x in leaf) for leaf in levels]
+
+  def first_update(p):
+    optimizer = eigenbasis.eigenbasis_metamd(divergence, finite)
+    return optimizer.update(_tree(50), optimizer.init(p), p)[0]
+
+  chex.assert_trees_all_close(jax.jit(first_update)(params), first_update(params),
+                              rtol=1e-6, atol=1e-7)
   with pytest.raises(ValueError, match='decay'):
     eigenbasis.eigenbasis_metamd(divergence, levels, decay=1.0)
   for rank in (0, -1, 2.0, True, '2'):
