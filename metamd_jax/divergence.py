@@ -332,7 +332,7 @@ for _cls, _data, _meta in (
      ['shape', 'rows', 'cols']),
     (ElementwiseOperator, ['values', 'inverse_values'], ['shape']),
 ):
-  jax.tree_util.register_dataclass(_cls, data_fields=_data, meta_fields=_meta)
+  tree_utils.register_dataclass(_cls, data_fields=_data, meta_fields=_meta)
 
 Metric = Union[KroneckerMetric, DiagonalMetric, ScalarMetric]
 Operator = Union[KroneckerOperator, ElementwiseOperator]

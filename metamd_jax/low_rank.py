@@ -105,11 +105,11 @@ class LowRankKroneckerOperator:
     return divergence_lib.from_matrix(out, self.shape, self.rows, self.cols)
 
 
-jax.tree_util.register_dataclass(LowRankInverse, data_fields=['basis', 'gains', 'level'],
-                                 meta_fields=[])
-jax.tree_util.register_dataclass(LowRankKroneckerOperator,
-                                 data_fields=['left_inverse', 'right_inverse'],
-                                 meta_fields=['shape', 'rows', 'cols'])
+tree_utils.register_dataclass(LowRankInverse, data_fields=['basis', 'gains', 'level'],
+                              meta_fields=[])
+tree_utils.register_dataclass(LowRankKroneckerOperator,
+                              data_fields=['left_inverse', 'right_inverse'],
+                              meta_fields=['shape', 'rows', 'cols'])
 
 
 def _is_operator(x) -> bool:

@@ -1,13 +1,16 @@
-"""Pairing a divergence (a pytree of per-leaf metrics) with trees of arrays."""
+"""Trees: a divergence (a pytree of per-leaf metrics) paired with trees of arrays, the
+library's dataclasses registered as pytrees, states with each buffer once."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+from flax import serialization
 
 from metamd_jax.types import PyTree
 
@@ -109,3 +112,22 @@ def unaliased(tree: PyTree) -> PyTree:
     return x
 
   return jax.tree.map(one, tree)
+
+
+def register_dataclass(cls: type, data_fields: list[str], meta_fields: list[str]) -> None:
+  """Register a frozen dataclass of the library (a metric, an operator) as a JAX pytree
+  (``data_fields`` the leaves, ``meta_fields`` static) and with flax's serialization, so
+  that an optimiser state holding it is saved like optax's own (``flax.serialization``,
+  a flax ``TrainState``)."""
+  jax.tree_util.register_dataclass(cls, data_fields=data_fields, meta_fields=meta_fields)
+
+  def to_state_dict(value):
+    return {name: serialization.to_state_dict(getattr(value, name)) for name in data_fields}
+
+  def from_state_dict(target, state):
+    return dataclasses.replace(target, **{
+        name: serialization.from_state_dict(getattr(target, name), state[name], name=name)
+        for name in data_fields})
+
+  serialization.register_serialization_state(cls, to_state_dict, from_state_dict)
+
