@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from metamd_jax import adaptive
+from metamd_jax import adaptive, tree_utils
 from metamd_jax.types import Array, PyTree
 
 __all__ = [
@@ -106,12 +106,10 @@ def _leaf_dots(a: PyTree, b: PyTree) -> Array:
 
 def init(params: PyTree) -> OvershootState:
   """The check's state before the first step: no last direction, ``sigma = 1``."""
-  def zeros():
-    return jnp.zeros((len(jax.tree.leaves(params)),), jnp.float32)
-
-  # Each field its own buffer: a donated state may not hold one twice.
-  return OvershootState(previous=jax.tree.map(jnp.zeros_like, params), slope=zeros(),
-                        after=zeros(), before=zeros(), scale=jnp.ones_like(zeros()))
+  zeros = jnp.zeros((len(jax.tree.leaves(params)),), jnp.float32)
+  return tree_utils.unaliased(OvershootState(
+      previous=jax.tree.map(jnp.zeros_like, params), slope=zeros, after=zeros, before=zeros,
+      scale=jnp.ones_like(zeros)))
 
 
 def check(grads: PyTree, direction: PyTree, state: OvershootState,
